@@ -1,0 +1,14 @@
+"""Pure-PyTorch numerical kernels for the linear-time mixers (LT2, looped_models.md section 6).
+
+Standalone functions with no dependency on the rest of megaloop; the mixer modules wrap them.
+- gated_delta: the gated delta rule (Gated DeltaNet), recurrent reference + chunkwise form.
+- short_conv: the causal depthwise short convolution GDN applies to q/k/v.
+- sparse_attention: sliding-window attention and DeepSeek-style top-k sparse attention (DSA).
+"""
+from megaloop.ops.gated_delta import gated_delta_rule, gated_delta_rule_chunked, gated_delta_rule_recurrent
+
+__all__ = [
+    "gated_delta_rule",
+    "gated_delta_rule_chunked",
+    "gated_delta_rule_recurrent",
+]
