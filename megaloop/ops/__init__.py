@@ -6,8 +6,11 @@ Standalone functions with no dependency on the rest of megaloop; the mixer modul
 - sparse_attention: sliding-window attention and DeepSeek-style top-k sparse attention (DSA).
 """
 from megaloop.ops.gated_delta import gated_delta_rule, gated_delta_rule_chunked, gated_delta_rule_recurrent
+from megaloop.ops.short_conv import causal_depthwise_conv1d, causal_depthwise_conv1d_step
 
 __all__ = [
+    "causal_depthwise_conv1d",
+    "causal_depthwise_conv1d_step",
     "gated_delta_rule",
     "gated_delta_rule_chunked",
     "gated_delta_rule_recurrent",
