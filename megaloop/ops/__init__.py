@@ -7,6 +7,15 @@ Standalone functions with no dependency on the rest of megaloop; the mixer modul
 """
 from megaloop.ops.gated_delta import gated_delta_rule, gated_delta_rule_chunked, gated_delta_rule_recurrent
 from megaloop.ops.short_conv import causal_depthwise_conv1d, causal_depthwise_conv1d_step
+from megaloop.ops.sparse_attention import (
+    indexer_kl_loss,
+    lightning_indexer_scores,
+    lightning_indexer_topk,
+    select_topk_keys,
+    sliding_window_attention,
+    sparse_attention_from_indices,
+    topk_sparse_attention,
+)
 
 __all__ = [
     "causal_depthwise_conv1d",
@@ -14,4 +23,11 @@ __all__ = [
     "gated_delta_rule",
     "gated_delta_rule_chunked",
     "gated_delta_rule_recurrent",
+    "indexer_kl_loss",
+    "lightning_indexer_scores",
+    "lightning_indexer_topk",
+    "select_topk_keys",
+    "sliding_window_attention",
+    "sparse_attention_from_indices",
+    "topk_sparse_attention",
 ]

@@ -1,0 +1,190 @@
+"""Sliding-window and DeepSeek-style top-k sparse attention against masked dense references."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megaloop.ops.sparse_attention import (
+    causal_attention_dense,
+    indexer_kl_loss,
+    lightning_indexer_scores,
+    lightning_indexer_topk,
+    masked_attention_dense,
+    select_topk_keys,
+    sliding_window_attention,
+    sliding_window_attention_dense,
+    topk_sparse_attention,
+)
+
+F64 = torch.float64
+
+
+def make_qkv(B=2, H=4, Hkv=2, T=19, D=8, seed=0, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=gen, dtype=dtype)
+    k = torch.randn(B, Hkv, T, D, generator=gen, dtype=dtype)
+    v = torch.randn(B, Hkv, T, D, generator=gen, dtype=dtype)
+    return q, k, v
+
+
+def make_indexer_inputs(B=2, T=19, Hi=3, Di=4, seed=1, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    q_idx = torch.randn(B, T, Hi, Di, generator=gen, dtype=dtype)
+    k_idx = torch.randn(B, T, Di, generator=gen, dtype=dtype)
+    w = torch.randn(B, T, Hi, generator=gen, dtype=dtype)
+    return q_idx, k_idx, w
+
+
+def value_and_grads(fn, q, k, v):
+    q, k, v = (x.clone().requires_grad_(True) for x in (q, k, v))
+    out = fn(q, k, v)
+    gen = torch.Generator().manual_seed(7)
+    (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def assert_all_close(actual, expected, atol=1e-12):
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=0, atol=atol)
+
+
+def test_dense_references_agree_with_sdpa():
+    q, k, v = make_qkv()
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(causal_attention_dense(q, k, v), expected, rtol=0, atol=1e-12)
+    # A band that covers everything is causal attention.
+    torch.testing.assert_close(sliding_window_attention_dense(q, k, v, window=19), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("window", [1, 2, 4, 5, 18, 19, 40])
+def test_sliding_window_matches_masked_dense(window):
+    q, k, v = make_qkv(T=19, seed=window)
+    actual = value_and_grads(lambda q, k, v: sliding_window_attention(q, k, v, window), q, k, v)
+    expected = value_and_grads(lambda q, k, v: sliding_window_attention_dense(q, k, v, window), q, k, v)
+    assert_all_close(actual, expected)
+
+
+def test_sliding_window_sees_exactly_the_window():
+    q, k, v = make_qkv(B=1, H=1, Hkv=1, T=12)
+    v = v.clone().requires_grad_(True)
+    out = sliding_window_attention(q, k, v, window=4)
+    (grad,) = torch.autograd.grad(out[0, 0, 9].sum(), v)
+    assert (grad[0, 0].abs().sum(-1) > 0).nonzero().flatten().tolist() == [6, 7, 8, 9]
+
+
+@pytest.mark.parametrize("layers,window", [(3, 3), (2, 5), (4, 2)])
+def test_stacked_sliding_window_receptive_field(layers, window):
+    # x -> x + swa(x, x, x) applied `layers` times: each layer reaches window - 1 further back,
+    # so output t depends on inputs t - layers (window - 1) .. t and on nothing else.
+    T, D = 24, 6
+    gen = torch.Generator().manual_seed(layers * 10 + window)
+    x = torch.randn(1, 1, T, D, generator=gen, dtype=F64, requires_grad=True)
+    h = x
+    for _ in range(layers):
+        h = h + sliding_window_attention(h, h, h, window)
+    reach = layers * (window - 1)
+    for t in (T - 1, reach + 2, 3):
+        (grad,) = torch.autograd.grad(h[0, 0, t].sum(), x, retain_graph=True)
+        depends_on = (grad[0, 0].abs().sum(-1) > 0).nonzero().flatten().tolist()
+        assert depends_on == list(range(max(0, t - reach), t + 1)), (t, depends_on)
+
+
+def test_indexer_scores_match_formula():
+    q_idx, k_idx, w = make_indexer_inputs(B=1, T=7)
+    scores = lightning_indexer_scores(q_idx, k_idx, w, query_block_size=3)
+    for t in range(7):
+        for s in range(7):
+            if s > t:
+                assert scores[0, t, s] == float("-inf")
+            else:
+                expected = (w[0, t] * (q_idx[0, t] @ k_idx[0, s]).relu()).sum()
+                torch.testing.assert_close(scores[0, t, s], expected, rtol=0, atol=1e-12)
+
+
+def test_blocked_topk_equals_full_topk():
+    q_idx, k_idx, w = make_indexer_inputs(T=23)
+    indices, valid = select_topk_keys(lightning_indexer_scores(q_idx, k_idx, w), topk=6)
+    blocked_indices, blocked_valid = lightning_indexer_topk(q_idx, k_idx, w, topk=6, query_block_size=5)
+    assert torch.equal(valid, blocked_valid)
+    # Compare the selected sets (topk order among ties of -inf slots is unspecified).
+    selected = torch.where(valid, indices, -1).sort(-1).values
+    blocked_selected = torch.where(blocked_valid, blocked_indices, -1).sort(-1).values
+    assert torch.equal(selected, blocked_selected)
+    # Early queries have fewer than 6 causal keys: all of them are selected.
+    assert valid[:, :5].sum(-1).tolist() == [[1, 2, 3, 4, 5]] * 2
+    assert valid[:, 5:].all()
+
+
+@pytest.mark.parametrize("topk", [19, 100])
+def test_dsa_with_topk_at_least_T_is_dense_causal(topk):
+    q, k, v = make_qkv(T=19)
+    index_scores = lightning_indexer_scores(*make_indexer_inputs(T=19))
+    actual = value_and_grads(lambda q, k, v: topk_sparse_attention(q, k, v, index_scores, topk), q, k, v)
+    expected = value_and_grads(causal_attention_dense, q, k, v)
+    assert_all_close(actual, expected)
+
+
+def test_dsa_attends_to_exactly_the_selected_keys():
+    q, k, v = make_qkv(T=19)
+    index_scores = lightning_indexer_scores(*make_indexer_inputs(T=19))
+    indices, valid = select_topk_keys(index_scores, topk=5)
+    # Invalid slots are routed to a spare column 19 that is dropped afterwards.
+    selected = torch.zeros(2, 19, 20, dtype=torch.bool)
+    selected.scatter_(-1, torch.where(valid, indices, 19), True)
+    selected = selected[..., :19]
+    assert selected.sum(-1).max() == 5 and not selected.triu(1).any()
+    actual = value_and_grads(lambda q, k, v: topk_sparse_attention(q, k, v, index_scores, 5), q, k, v)
+    expected = value_and_grads(lambda q, k, v: masked_attention_dense(q, k, v, selected), q, k, v)
+    assert_all_close(actual, expected)
+
+
+def test_dsa_is_causal():
+    T, t_changed = 16, 11
+    q, k, v = make_qkv(T=T)
+    q_idx, k_idx, w = make_indexer_inputs(T=T)
+
+    def run(q, k, v, q_idx, k_idx, w):
+        return topk_sparse_attention(q, k, v, lightning_indexer_scores(q_idx, k_idx, w), topk=4)
+
+    before = run(q, k, v, q_idx, k_idx, w)
+    perturbed = [x.clone() for x in (q, k, v)] + [x.clone() for x in (q_idx, k_idx, w)]
+    for x in perturbed[:3]:
+        x[:, :, t_changed] += 10.0          # (B, H, T, D) layout
+    for x in perturbed[3:]:
+        x[:, t_changed] += 10.0             # (B, T, ...) layout
+    after = run(*perturbed)
+    assert torch.equal(before[:, :, :t_changed], after[:, :, :t_changed])
+    assert not torch.allclose(before[:, :, t_changed:], after[:, :, t_changed:])
+
+
+def test_indexer_kl_loss():
+    q, k, _ = make_qkv(T=10)
+    q_idx, k_idx, w = make_indexer_inputs(T=10)
+    q_idx.requires_grad_(True)
+    q.requires_grad_(True)
+    loss = indexer_kl_loss(lightning_indexer_scores(q_idx, k_idx, w), q, k)
+    assert loss > 0
+    loss.backward()
+    assert q_idx.grad.abs().sum() > 0   # trains the indexer...
+    assert q.grad is None               # ...and never the main attention
+
+    # The loss vanishes when the indexer reproduces the head-averaged attention distribution.
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    logits = torch.einsum("bhgtd,bhsd->bhgts", q.detach().view(2, 2, 2, 10, 8), k).reshape(2, 4, 10, 10) / 8 ** 0.5
+    target = logits.masked_fill(~causal, float("-inf")).softmax(-1).mean(1)
+    perfect = target.log().masked_fill(~causal, float("-inf"))
+    torch.testing.assert_close(indexer_kl_loss(perfect, q, k), torch.tensor(0.0, dtype=F64), rtol=0, atol=1e-12)
+
+    # Sparse stage: both distributions live on the selected set; the target is the head-average
+    # of each head's softmax over that set (what the sparse main attention computes).
+    index_scores = lightning_indexer_scores(q_idx.detach(), k_idx, w)
+    indices, valid = select_topk_keys(index_scores, topk=3)
+    sparse_loss = indexer_kl_loss(index_scores, q, k, indices=indices, valid=valid)
+    expected = 0.0
+    for b in range(2):
+        for t in range(10):
+            keys = indices[b, t][valid[b, t]]
+            p = logits[b, :, t, keys].softmax(-1).mean(0)
+            log_r = index_scores[b, t, keys].log_softmax(-1)
+            expected += (p * (p.log() - log_r)).sum()
+    torch.testing.assert_close(sparse_loss, expected / 20, rtol=0, atol=1e-12)
+    assert sparse_loss > 0
