@@ -1,0 +1,1 @@
+"""megaloop's data pipeline: tokenizers, Megatron-compatible indexed datasets, sampling and blending."""

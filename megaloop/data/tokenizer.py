@@ -1,0 +1,124 @@
+"""Tokenizers: one small interface over sentencepiece, plus a byte-level tokenizer that needs no model file.
+
+Every tokenizer exposes encode / decode / vocab_size / eod_id / pad_id, and encode_batch, which the
+preprocessing workers use because sentencepiece encodes a list of strings in one C++ call.
+"""
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+
+class Tokenizer:
+    """The interface the rest of megaloop relies on."""
+
+    vocab_size: int
+    eod_id: int  # appended after every document (--append-eod); separates documents in a packed sample
+    pad_id: int
+
+    def encode(self, text: str) -> List[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return [self.encode(t) for t in texts]
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255, then eod (256) and pad (257). Lossless and needs no model file."""
+
+    def __init__(self):
+        self.vocab_size = 258
+        self.eod_id = 256
+        self.pad_id = 257
+
+    def encode(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> List[np.ndarray]:
+        # numpy views of the bytes: much faster than Python int lists for the preprocessing workers.
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        data = bytes(int(i) for i in ids if 0 <= int(i) < 256)  # special ids have no text
+        return data.decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A trained sentencepiece model (see tools/train_tokenizer.py).
+
+    The end-of-document id is the model's eos piece, or a piece named "<eod>" when the model has no
+    eos. The pad id is the model's pad piece, or "<pad>", else the eod id (padding is always masked
+    out of the loss, so reusing eod is harmless).
+    """
+
+    def __init__(self, model_path: str, num_threads: int = 1):
+        import sentencepiece
+
+        self.model_path = model_path
+        # One thread per process by default: the preprocessing CLI gets its parallelism from --workers.
+        self.num_threads = num_threads
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"cannot load sentencepiece model {model_path!r}: {e}") from e
+        self.vocab_size = self.sp.get_piece_size()
+        self.eod_id = self._find_special(self.sp.eos_id(), "<eod>")
+        if self.eod_id is None:
+            raise ValueError(f"sentencepiece model {model_path!r} has neither an eos piece nor an '<eod>' piece; "
+                             f"retrain it with tools/train_tokenizer.py, which adds both eod and pad")
+        pad = self._find_special(self.sp.pad_id(), "<pad>")
+        self.pad_id = self.eod_id if pad is None else pad
+
+    def _find_special(self, builtin_id: int, piece: str) -> Optional[int]:
+        if builtin_id >= 0:
+            return builtin_id
+        piece_id = self.sp.piece_to_id(piece)
+        # piece_to_id answers unk_id for a piece it does not know.
+        if piece_id != self.sp.unk_id() and self.sp.id_to_piece(piece_id) == piece:
+            return piece_id
+        return None
+
+    def encode(self, text: str) -> List[int]:
+        return self.sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return self.sp.encode(list(texts), out_type=int, num_threads=self.num_threads)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def __getstate__(self):
+        # The C++ processor does not pickle; workers reload the model file.
+        return {"model_path": self.model_path, "num_threads": self.num_threads}
+
+    def __setstate__(self, state):
+        self.__init__(state["model_path"], state["num_threads"])
+
+
+# Megatron-LM and GPT-NeoX spell the tokenizer types differently; accept the spellings users know.
+_TOKENIZER_ALIASES = {
+    "byte": "byte",
+    "bytetokenizer": "byte",
+    "bytelevel": "byte",
+    "sentencepiece": "sentencepiece",
+    "sentencepiecetokenizer": "sentencepiece",
+    "gptsentencepiecetokenizer": "sentencepiece",
+    "llama2tokenizer": "sentencepiece",
+    "spm": "sentencepiece",
+}
+
+
+def build_tokenizer(kind: str, model_path: Optional[str] = None, num_threads: int = 1) -> Tokenizer:
+    """Factory: kind is "byte" or "sentencepiece" (Megatron's names such as SentencePieceTokenizer work too)."""
+    normalized = _TOKENIZER_ALIASES.get(kind.lower().replace("-", "").replace("_", ""))
+    if normalized is None:
+        raise ValueError(f"unknown tokenizer type {kind!r}; use 'byte' or 'sentencepiece'")
+    if normalized == "byte":
+        if model_path:
+            raise ValueError("the byte tokenizer takes no model file; drop --tokenizer-model")
+        return ByteTokenizer()
+    if not model_path:
+        raise ValueError(f"tokenizer type {kind!r} needs a model file (--tokenizer-model)")
+    return SentencePieceTokenizer(model_path, num_threads=num_threads)
