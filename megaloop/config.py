@@ -1,0 +1,427 @@
+"""One typed configuration for a megaloop run, loaded from YAML with `section.key=value` overrides.
+
+The config is a tree of dataclasses. `load_config` reads the YAML file, applies command-line overrides,
+converts every value to the field's declared type and validates the whole tree up front, so a bad
+config fails before any process group or model is built, with a message that names the fields.
+Nothing here is global: the returned object is passed explicitly to whatever needs it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value, key or combination that cannot work. The message names the fields."""
+
+
+ARCHITECTURES = ("recurrent", "flt", "lt_i", "lt_ia", "flt_res")
+FLT_FAMILY = ("flt", "lt_i", "lt_ia", "flt_res")
+INJECTIONS = ("none", "add", "concat_adapter", "parcae")
+
+
+@dataclass
+class ModelConfig:
+    # --- vocabulary and embedding ---
+    vocab_size: int = 258
+    # Megatron's make-vocab-size-divisible-by: the embedding is padded so that every TP rank gets an
+    # equal, aligned slice. Padded rows never receive a real token.
+    pad_vocab_multiple: int = 64
+    tie_embeddings: bool = True
+    embed_norm: bool = True  # nanochat-style norm(e): the stream starts from a unit-RMS embedding
+    max_seq_len: int = 256
+
+    # --- layer shape ---
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: = n_heads (no grouping)
+    head_dim: Optional[int] = None  # None: d_model // n_heads
+    ffn_hidden: Optional[int] = None  # None: 4*d (relu2) or 8/3*d rounded up to 64 (swiglu)
+    mlp: str = "swiglu"  # swiglu | relu2
+    norm_style: str = "pre"  # pre | sandwich (Ouro, Huginn: norm before and after each sub-layer)
+    norm_eps: float = 1e-6
+    norm_scale: bool = True  # learned RMSNorm scale, or parameter-free
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    logit_softcap: Optional[float] = None
+    zero_init_out: bool = False  # zero-init attention/MLP output projections
+    init_std: float = 0.02
+    dropout: float = 0.0
+    # token mixer of each looped layer: one name for all, or a comma list / "N:M" ratio (see mixers.py)
+    mixer: str = "attn"
+
+    # --- prelude -> looped block x R -> coda ---
+    n_prelude: int = 0
+    n_loop: int = 2
+    n_coda: int = 0
+    loops: int = 4  # default R at forward time; any R >= 1 can be passed to model(tokens, loops=R)
+    max_loops: int = 64  # size of per-loop parameter tables (gates); larger R reuses the last row
+
+    # --- how loops connect ---
+    arch: str = "recurrent"  # recurrent | flt | lt_i | lt_ia | flt_res
+    injection: str = "none"  # none | add | concat_adapter | parcae (recurrent arch only)
+    recall: str = "standard"  # standard (block input) | internal (inside the block)
+    internal_recall_site: str = "pre_mlp"  # pre_attn | pre_mlp
+    internal_recall_layers: str = "first"  # first | all  (which looped layers receive the recall)
+    normalization: str = "outer"  # outer: state = norm(block output) between loops | inner
+    state_init: str = "embed"  # embed | zeros | noise  (Huginn/Parcae start from noise)
+    share_outer_final_norm: bool = False  # Ouro: the final norm is applied every step and fed back
+    parcae_init_decay: float = math.sqrt(0.2)  # exp(-Delta) at init: Abar = 0.447
+
+    # --- gates ---
+    exit_gate: bool = False  # Ouro's learned exit gate lambda(t) = sigmoid(w.h(t) + b)
+    loop_residual_gate: bool = False  # LT2: h(t) <- h(t) + rho(t) * h(t-1), rho zero-init
+    attn_output_gate: bool = False  # LT2: attention output * sigmoid(W_g x), W_g zero-init
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.mlp == "swiglu":
+            return 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return 4 * self.d_model
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return m * math.ceil(self.vocab_size / m) if m > 1 else self.vocab_size
+
+
+@dataclass
+class LoopScheduleConfig:
+    """How many loops each training micro-batch runs, and through how many gradients flow."""
+
+    sampling: str = "fixed"  # fixed | poisson (Parcae) | lognormal_poisson (Huginn)
+    mean: float = 4.0  # the fixed R, or the mean of the sampled R
+    sigma: float = 0.5  # LogNormal spread (Huginn)
+    min: int = 1
+    max: int = 32  # sampled R is clipped to [min, max]
+    backprop_loops: Optional[int] = None  # gradients through the last k loops only; None = all
+    loss: str = "last"  # last | mean | last_third | exit_weighted (Ouro stage I)
+    exit_entropy_weight: float = 0.05  # beta of Ouro's entropy regulariser
+
+
+@dataclass
+class DataConfig:
+    # Megatron-style weighted list: [path] or [w1, path1, w2, path2, ...] (paths without .bin/.idx)
+    data_path: list = field(default_factory=list)
+    split: str = "969,30,1"
+    seq_len: int = 128
+    tokenizer_type: str = "byte"  # byte | sentencepiece
+    tokenizer_model: Optional[str] = None
+    cache_dir: Optional[str] = None  # index cache; None: next to the data
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    steps: int = 100
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    lr_schedule: str = "cosine"  # cosine | wsd | constant
+    wsd_decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    activation_checkpointing: str = "none"  # none | loop | layer
+    log_interval: int = 10
+    eval_interval: int = 0
+    eval_iters: int = 4
+    save_interval: int = 0
+    output_dir: str = "runs/default"
+    load: Optional[str] = None
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    zero_stage: int = 0
+    sequence_parallel: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loop: LoopScheduleConfig = field(default_factory=LoopScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: YAML -> dict -> dataclasses, with type conversion and near-miss suggestions.
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _convert(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML / command-line value to the declared field type, or fail naming the field."""
+    origin = typing.get_origin(annotation)
+    if origin is Union:  # Optional[X]
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        return _convert(value, args[0], where)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if annotation is list or origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [value]
+        if not isinstance(value, list):
+            value = [value]
+        return value
+    return value
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{path}'{_suggest(key, fields)}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value or {}, path)
+        else:
+            kwargs[key] = _convert(value, annotation, path)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like section.key=value")
+    dotted, raw = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node_cls, node = Config, tree
+    for i, key in enumerate(keys):
+        fields = {f.name: f for f in dataclasses.fields(node_cls)}
+        hints = typing.get_type_hints(node_cls)
+        prefix = ".".join(keys[:i])
+        if key not in fields:
+            place = f"'{prefix}'" if prefix else "the top level"
+            raise ConfigError(f"override '{override}': unknown key '{key}' in {place}{_suggest(key, fields)}")
+        if i == len(keys) - 1:
+            if dataclasses.is_dataclass(hints[key]):
+                raise ConfigError(f"override '{override}': '{dotted}' is a section; set one of its keys")
+            node[key] = yaml.safe_load(raw) if raw.strip() else ""
+        else:
+            if not dataclasses.is_dataclass(hints[key]):
+                raise ConfigError(f"override '{override}': '{'.'.join(keys[:i + 1])}' is not a section")
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+            node_cls = hints[key]
+
+
+def config_from_dict(data: dict, overrides: Optional[list] = None) -> Config:
+    tree = dict(data or {})
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    for override in overrides or []:
+        _apply_override(tree, override)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list] = None) -> Config:
+    """Read a YAML config (or defaults when path is None), apply overrides, validate, return it."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    return config_from_dict(data, overrides)
+
+
+def save_config(cfg: Config, path: Union[str, Path]) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: every impossible value or combination fails here, naming the fields.
+
+
+def _choice(value, options, name):
+    if value not in options:
+        raise ConfigError(f"{name}={value!r} is not one of {list(options)}{_suggest(str(value), options)}")
+
+
+def _positive(value, name, allow_zero=False):
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    m, lp, t, p = cfg.model, cfg.loop, cfg.train, cfg.parallel
+    for name in ("vocab_size", "d_model", "n_heads", "n_loop", "loops", "max_loops", "max_seq_len"):
+        _positive(getattr(m, name), f"model.{name}")
+    for name in ("n_prelude", "n_coda"):
+        _positive(getattr(m, name), f"model.{name}", allow_zero=True)
+    _choice(m.mlp, ("swiglu", "relu2"), "model.mlp")
+    _choice(m.norm_style, ("pre", "sandwich"), "model.norm_style")
+    _choice(m.arch, ARCHITECTURES, "model.arch")
+    _choice(m.injection, INJECTIONS, "model.injection")
+    _choice(m.recall, ("standard", "internal"), "model.recall")
+    _choice(m.internal_recall_site, ("pre_attn", "pre_mlp"), "model.internal_recall_site")
+    _choice(m.internal_recall_layers, ("first", "all"), "model.internal_recall_layers")
+    _choice(m.normalization, ("inner", "outer"), "model.normalization")
+    _choice(m.state_init, ("embed", "zeros", "noise"), "model.state_init")
+    if m.n_kv_heads is not None:
+        _positive(m.n_kv_heads, "model.n_kv_heads")
+        if m.n_heads % m.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
+    if m.head_dim is None and m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+                          f"set model.head_dim explicitly")
+    if m.attn_head_dim % 2:
+        raise ConfigError(f"head dim {m.attn_head_dim} must be even for RoPE (model.d_model/model.n_heads)")
+    if m.logit_softcap is not None and m.logit_softcap <= 0:
+        raise ConfigError(f"model.logit_softcap must be > 0 or null, got {m.logit_softcap}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if not 0.0 < m.parcae_init_decay < 1.0:
+        raise ConfigError(f"model.parcae_init_decay must be in (0, 1), got {m.parcae_init_decay}")
+    if m.loops > m.max_loops and m.loop_residual_gate:
+        raise ConfigError(f"model.loops={m.loops} exceeds model.max_loops={m.max_loops} (per-loop gate table)")
+    # Combinations that do not apply to the chosen architecture.
+    if m.arch in FLT_FAMILY:
+        if m.injection != "none":
+            raise ConfigError(
+                f"model.injection={m.injection!r} does not apply to model.arch={m.arch!r}: the FLT family "
+                f"injects the previous loop itself (attention/residual injection); use injection: none")
+        if m.recall != "standard":
+            raise ConfigError(f"model.recall={m.recall!r} does not apply to model.arch={m.arch!r}")
+        if m.normalization != "outer":
+            raise ConfigError(f"model.arch={m.arch!r} always carries h(k) = norm(x(k)); "
+                              f"model.normalization must be 'outer'")
+        if m.state_init != "embed":
+            raise ConfigError(f"model.state_init={m.state_init!r} does not apply to model.arch={m.arch!r} "
+                              f"(every loop restarts from norm(e))")
+    if m.recall == "internal" and m.injection not in ("add",):
+        raise ConfigError(f"model.recall='internal' adds e inside the block; it needs model.injection='add' "
+                          f"(got {m.injection!r})")
+    if m.injection == "parcae" and m.normalization == "outer":
+        raise ConfigError("model.injection='parcae' is a stable linear recurrence on an un-normalised state; "
+                          "set model.normalization='inner'")
+    if m.share_outer_final_norm and m.normalization != "outer":
+        raise ConfigError("model.share_outer_final_norm needs model.normalization='outer'")
+    if m.share_outer_final_norm and m.n_coda:
+        raise ConfigError("model.share_outer_final_norm (Ouro) feeds the final norm back into the loop; "
+                          f"it needs model.n_coda=0, got {m.n_coda}")
+    # Loop schedule.
+    _choice(lp.sampling, ("fixed", "poisson", "lognormal_poisson"), "loop.sampling")
+    _choice(lp.loss, ("last", "mean", "last_third", "exit_weighted"), "loop.loss")
+    if lp.mean < 1:
+        raise ConfigError(f"loop.mean must be >= 1, got {lp.mean}")
+    if lp.sampling == "fixed" and not float(lp.mean).is_integer():
+        raise ConfigError(f"loop.sampling='fixed' needs an integer loop.mean, got {lp.mean}")
+    if not 1 <= lp.min <= lp.max:
+        raise ConfigError(f"need 1 <= loop.min <= loop.max, got loop.min={lp.min}, loop.max={lp.max}")
+    if lp.backprop_loops is not None and lp.backprop_loops < 1:
+        raise ConfigError(f"loop.backprop_loops must be >= 1 or null, got {lp.backprop_loops}")
+    if lp.loss == "exit_weighted" and not m.exit_gate:
+        raise ConfigError("loop.loss='exit_weighted' needs model.exit_gate=true")
+    if m.loop_residual_gate and lp.max > m.max_loops:
+        raise ConfigError(f"loop.max={lp.max} exceeds model.max_loops={m.max_loops} (per-loop gate table)")
+    if cfg.data.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _choice(cfg.data.tokenizer_type, ("byte", "sentencepiece"), "data.tokenizer_type")
+    if cfg.data.tokenizer_type == "sentencepiece" and not cfg.data.tokenizer_model:
+        raise ConfigError("data.tokenizer_type='sentencepiece' needs data.tokenizer_model")
+    # Training.
+    _choice(t.lr_schedule, ("cosine", "wsd", "constant"), "train.lr_schedule")
+    _choice(t.precision, ("fp32", "bf16", "fp16"), "train.precision")
+    _choice(t.activation_checkpointing, ("none", "loop", "layer"), "train.activation_checkpointing")
+    for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval"):
+        _positive(getattr(t, name), f"train.{name}")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        raise ConfigError(f"need 0 <= train.min_lr <= train.lr and train.lr > 0, got lr={t.lr}, min_lr={t.min_lr}")
+    # Parallel layout (the TP / PP / ZeRO code adds its own divisibility checks on top of these).
+    for name in ("tensor_parallel", "pipeline_parallel"):
+        _positive(getattr(p, name), f"parallel.{name}")
+    _choice(p.zero_stage, (0, 1, 2, 3), "parallel.zero_stage")
+    tp = p.tensor_parallel
+    if tp > 1:
+        if m.n_heads % tp:
+            raise ConfigError(f"parallel.tensor_parallel={tp} does not divide model.n_heads={m.n_heads}")
+        if m.kv_heads % tp and tp % m.kv_heads:
+            raise ConfigError(f"parallel.tensor_parallel={tp} and model.n_kv_heads={m.kv_heads}: one must "
+                              f"divide the other (kv heads are split, or replicated when fewer than TP ranks)")
+        if m.ffn_dim % tp:
+            raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the MLP hidden size {m.ffn_dim}")
+        if m.padded_vocab_size % tp:
+            raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the padded vocabulary "
+                              f"{m.padded_vocab_size}; set model.pad_vocab_multiple to a multiple of {tp}")
+    if p.pipeline_parallel > 1 and p.zero_stage > 1:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pipeline_parallel="
+                          f"{p.pipeline_parallel}: DeepSpeed's pipeline engine supports ZeRO 0 and 1 only. "
+                          f"Use zero_stage 1 with pipeline parallelism, or pipeline_parallel 1 for ZeRO 2/3")

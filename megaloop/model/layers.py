@@ -1,0 +1,155 @@
+"""The building blocks every architecture shares: RMSNorm, RoPE, the MLPs and the transformer layer.
+
+All linear maps are plain `nn.Linear` with conventional names (wq/wk/wv/wo, w1/w2/w3). Tensor
+parallelism is applied afterwards by `megaloop.parallel` swapping these modules for column/row
+parallel ones; the code here derives head counts from tensor shapes, so it runs unchanged on a
+shard.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megaloop.config import ModelConfig
+
+
+def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Parameter-free RMSNorm, computed in fp32 for stability."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6, scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = rms_norm(x, self.eps)
+        return y * self.weight if self.weight is not None else y
+
+
+def rope_cache(seq_len: int, head_dim: int, theta: float, device=None, offset: int = 0):
+    """cos/sin of shape (seq_len, head_dim/2) for positions offset..offset+seq_len-1."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    pos = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, T, H, D) by position; halves layout (as Llama's HF port)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d].float(), x[..., d:].float()
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query softmax attention, the default token mixer.
+
+    `q_input` lets the query come from another stream than keys/values: the Fully Looped
+    Transformer's attention injection (Q from the previous loop's output, K/V from the current
+    stream). Causality is unchanged: query t still only sees keys <= t.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.attn_head_dim
+        self.head_dim = hd
+        self.wq = nn.Linear(d, cfg.n_heads * hd, bias=False)
+        self.wk = nn.Linear(d, cfg.kv_heads * hd, bias=False)
+        self.wv = nn.Linear(d, cfg.kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.wo.is_output_projection = True  # zero-init target; see init_weights
+        self.q_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_scale) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps, cfg.norm_scale) if cfg.qk_norm else None
+        # LT2's zero-init sigmoid output gate (gate = 0.5 at init, learned per channel).
+        self.gate = nn.Linear(d, cfg.n_heads * hd, bias=False) if cfg.attn_output_gate else None
+        if self.gate is not None:
+            self.gate.zero_init = True
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, rope, q_input: Optional[torch.Tensor] = None, cache=None):
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q = self.wq(x if q_input is None else q_input).view(B, T, -1, hd)
+        k = self.wk(x).view(B, T, -1, hd)
+        v = self.wv(x).view(B, T, -1, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1],
+            dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x))
+        return self.wo(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f = cfg.d_model, cfg.ffn_dim
+        self.kind = cfg.mlp
+        self.w1 = nn.Linear(d, f, bias=False)  # gate (swiglu) or the only up-projection (relu2)
+        self.w3 = nn.Linear(d, f, bias=False) if cfg.mlp == "swiglu" else None  # up
+        self.w2 = nn.Linear(f, d, bias=False)  # down
+        self.w2.is_output_projection = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            h = F.silu(self.w1(x)) * self.w3(x)
+        else:  # ReLU^2 (Parcae, modded-nanoGPT)
+            h = F.relu(self.w1(x)).square()
+        return self.w2(h)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm or sandwich-norm residual layer: x + mixer(norm(x)), then x + mlp(norm(x)).
+
+    Hooks for the looped architectures, all optional:
+      q_source  - stream the attention query comes from (FLT attention injection); it is
+                  normalised with this layer's own attention norm, like the keys.
+      recall    - the input embedding added into the residual stream before the attention or
+                  the MLP (internal recall).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, mixer: Optional[nn.Module] = None):
+        super().__init__()
+        from megaloop.model.mixers import build_mixer  # mixers import this module
+
+        eps, scale = cfg.norm_eps, cfg.norm_scale
+        self.layer_idx = layer_idx
+        self.attn_norm = RMSNorm(cfg.d_model, eps, scale)
+        self.mixer = mixer if mixer is not None else build_mixer("attn", cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps, scale)
+        self.mlp = MLP(cfg)
+        self.sandwich = cfg.norm_style == "sandwich"
+        if self.sandwich:
+            self.attn_post_norm = RMSNorm(cfg.d_model, eps, scale)
+            self.mlp_post_norm = RMSNorm(cfg.d_model, eps, scale)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def forward(self, x, rope, q_source=None, recall=None, recall_site="pre_mlp", cache=None):
+        if recall is not None and recall_site == "pre_attn":
+            x = x + recall
+        h = self.attn_norm(x)
+        q_in = self.attn_norm(q_source) if q_source is not None else None
+        a = self.mixer(h, rope, q_input=q_in, cache=cache)
+        if self.sandwich:
+            a = self.attn_post_norm(a)
+        x = x + self.dropout(a)
+        if recall is not None and recall_site == "pre_mlp":
+            x = x + recall
+        m = self.mlp(self.mlp_norm(x))
+        if self.sandwich:
+            m = self.mlp_post_norm(m)
+        return x + self.dropout(m)

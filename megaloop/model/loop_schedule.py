@@ -1,0 +1,41 @@
+"""How many loop iterations a training micro-batch runs.
+
+Every rank of a parallel job (all TP ranks, every pipeline stage, the recompute pass of activation
+checkpointing) must agree on R for a micro-batch. So R is a pure function of
+(seed, step, micro-batch index), drawn from a private generator, never from the global RNG.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from megaloop.config import LoopScheduleConfig
+
+
+@dataclass(frozen=True)
+class LoopCount:
+    total: int  # iterations run
+    grad: int  # the last `grad` iterations carry gradients; the first total-grad run under no_grad
+
+
+def sample_loops(cfg: LoopScheduleConfig, seed: int, step: int, micro_batch: int = 0) -> LoopCount:
+    if cfg.sampling == "fixed":
+        total = int(cfg.mean)
+    else:
+        rng = np.random.Generator(np.random.PCG64([seed, step, micro_batch, 0x100B]))
+        if cfg.sampling == "poisson":  # Parcae: T ~ max(1, Poisson(mu))
+            total = int(rng.poisson(cfg.mean))
+        else:  # Huginn: tau ~ LogNormal(ln(mean) - s^2/2, s), r = Poisson(tau) + 1
+            tau = rng.lognormal(math.log(cfg.mean) - cfg.sigma ** 2 / 2, cfg.sigma)
+            total = int(rng.poisson(tau)) + 1
+    total = min(max(total, cfg.min), cfg.max)
+    grad = total if cfg.backprop_loops is None else min(total, cfg.backprop_loops)
+    return LoopCount(total, grad)
+
+
+def expected_loops(cfg: LoopScheduleConfig, seed: int = 0, n: int = 4096) -> float:
+    """Monte-Carlo mean of R under the schedule (for FLOP accounting and logging)."""
+    return float(np.mean([sample_loops(cfg, seed, s).total for s in range(n)]))

@@ -1,0 +1,184 @@
+"""The shared looped block: n_loop layers whose weights are reused for R iterations.
+
+This module is the unit that pipeline parallelism keeps whole on one stage, and the unit whose
+iterations activation checkpointing recomputes one at a time. It takes the injected signal e
+(embedding after the prelude) and returns the loop output plus, on request, every loop's output
+and per-loop diagnostics.
+
+Two families share the layers:
+  recurrent  s(t) = Block(inject(s(t-1), e)); outer normalisation carries norm(x(t)) between loops
+             (baseline LT, add / concat-adapter / Parcae injection, internal recall, Ouro).
+  FLT family every loop restarts the stream from e; the previous loop's h = norm(x) reaches every
+             layer (flt: as attention queries; lt_ia: queries of layer 0 only; flt_res: x = norm(x + h)
+             before every layer; lt_i: the stream starts from norm(e + h)).
+The raw output x(t) of the last loop leaves the block un-normalised (the LM's final norm follows), so
+with R = 1 every architecture reduces to the plain transformer x -> layers -> final norm -> head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from megaloop.config import ModelConfig
+from megaloop.model.injection import ParcaeInjection, build_injection
+from megaloop.model.layers import RMSNorm, TransformerLayer, rms_norm
+from megaloop.model.mixers import build_mixer, mixer_pattern
+
+
+@dataclass
+class BlockOutput:
+    out: torch.Tensor  # the last loop's output, (B, T, d)
+    per_loop: Optional[List[torch.Tensor]] = None  # outputs of the loops that carry gradients
+    diagnostics: Optional[dict] = None  # name -> tensor of shape (R,), detached
+
+
+class LoopedBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        names = mixer_pattern(cfg.mixer, cfg.n_loop)
+        self.layers = nn.ModuleList(
+            TransformerLayer(cfg, i, build_mixer(n, cfg, i)) for i, n in enumerate(names))
+        self.arch = cfg.arch
+        self.injection = build_injection(cfg) if cfg.arch == "recurrent" else None
+        self.internal_recall = cfg.recall == "internal"
+        self.outer = cfg.normalization == "outer"
+        # Ouro: the LM's final norm is applied after every loop (including the last) and fed back;
+        # the LM then skips its own final norm. Otherwise the outer norm is a separate module.
+        self.outer_is_final = cfg.share_outer_final_norm
+        self.outer_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_scale) if self.outer else None
+        # LT2's per-loop residual gate h(t) <- h(t) + rho(t) * h(t-1), zero-init.
+        self.rho = nn.Parameter(torch.zeros(cfg.max_loops, cfg.d_model)) if cfg.loop_residual_gate else None
+        if self.rho is not None:
+            self.rho.no_weight_decay = True
+            self.rho.zero_init = True
+        # Parcae's W_C between the loop and the coda (identity at init: the coda first sees h(T)).
+        self.out_proj = None
+        if cfg.injection == "parcae":
+            self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+            self.out_proj.weight.no_weight_decay = True
+            self.out_proj.keep_init = True
+            with torch.no_grad():
+                self.out_proj.weight.copy_(torch.eye(cfg.d_model))
+        self.activation_checkpointing = "none"  # none | loop | layer; set by the training setup
+        self.eps = cfg.norm_eps
+
+    # ------------------------------------------------------------------------------------------
+    def initial_state(self, e: torch.Tensor) -> torch.Tensor:
+        init = self.cfg.state_init
+        if init == "embed":
+            return e
+        if init == "zeros":
+            return torch.zeros_like(e)
+        # Huginn / Parcae: a truncated-normal random start (std = init_std, cut at 3 std). Under TP the
+        # model-parallel RNG tracker makes this draw identical on all TP ranks.
+        return nn.init.trunc_normal_(torch.empty_like(e), std=self.cfg.init_std,
+                                     a=-3 * self.cfg.init_std, b=3 * self.cfg.init_std)
+
+    def _run_layers(self, x, rope, q_source=None, h_prev=None, recall=None, cache=None):
+        cfg = self.cfg
+        per_layer_ckpt = self.activation_checkpointing == "layer" and torch.is_grad_enabled()
+        for i, layer in enumerate(self.layers):
+            q_src = None
+            if h_prev is not None:
+                if self.arch == "flt" or (self.arch == "lt_ia" and i == 0):
+                    q_src = h_prev
+                elif self.arch == "flt_res":
+                    x = rms_norm(x + h_prev, self.eps)
+            rec = recall if (recall is not None and (i == 0 or cfg.internal_recall_layers == "all")) else None
+            layer_cache = cache.setdefault(i, {}) if cache is not None else None
+            if per_layer_ckpt:
+                x = checkpoint(layer, x, rope, q_src, rec, cfg.internal_recall_site, layer_cache,
+                               use_reentrant=False)
+            else:
+                x = layer(x, rope, q_source=q_src, recall=rec, recall_site=cfg.internal_recall_site,
+                          cache=layer_cache)
+        return x
+
+    def step(self, t: int, s: torch.Tensor, e: torch.Tensor, rope, cache=None) -> torch.Tensor:
+        """One loop iteration: returns the raw (un-normalised) output x(t) from state s = h(t-1).
+
+        For t == 0 in the FLT family there is no previous loop (h(0) = none)."""
+        if self.arch == "recurrent":
+            recall = e if self.internal_recall else None
+            if self.injection is None or self.internal_recall:
+                u = s
+            else:
+                u = self.injection(s, e)
+            x = self._run_layers(u, rope, recall=recall, cache=cache)
+        else:
+            h_prev = s if t > 0 else None
+            x0 = e
+            if self.arch == "lt_i" and h_prev is not None:
+                x0 = rms_norm(e + h_prev, self.eps)
+            x = self._run_layers(x0, rope, h_prev=h_prev, cache=cache)
+        if self.rho is not None:
+            x = x + self.rho[min(t, self.rho.shape[0] - 1)].type_as(x) * s
+        return x
+
+    def carry(self, x: torch.Tensor, final_norm: Optional[nn.Module]) -> torch.Tensor:
+        """The state fed to the next loop from the raw output x(t)."""
+        if not self.outer:
+            return x
+        norm = final_norm if self.outer_is_final else self.outer_norm
+        return norm(x)
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, e: torch.Tensor, rope, loops: int, grad_loops: Optional[int] = None,
+                collect: bool = False, diagnostics: bool = False, final_norm: Optional[nn.Module] = None,
+                cache: Optional[dict] = None) -> BlockOutput:
+        """Run `loops` iterations; gradients flow through the last `grad_loops` of them only.
+
+        final_norm: the LM's final norm, needed only when it is shared with the loop (Ouro).
+        collect:    also return the output of every loop that carries gradients (per-loop losses,
+                    exit gates). For Ouro those outputs are already final-normed.
+        """
+        if loops < 1:
+            raise ValueError(f"loops must be >= 1, got {loops}")
+        grad_loops = loops if grad_loops is None else max(1, min(grad_loops, loops))
+        no_grad_loops = loops - grad_loops
+        if self.arch == "recurrent":
+            s = self.initial_state(e)
+        else:
+            s = e  # unused at t = 0
+        per_loop = [] if collect else None
+        diag = {"residual_norm": [], "state_norm": [], "state_delta": []} if diagnostics else None
+        per_loop_ckpt = self.activation_checkpointing == "loop"
+
+        for t in range(loops):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= no_grad_loops):
+                if per_loop_ckpt and torch.is_grad_enabled():
+                    # Keep only this loop's input state; recompute the loop in backward. Non-reentrant,
+                    # so it composes with the pipeline engine's partial backward.
+                    x = checkpoint(self.step, t, s, e, rope, cache, use_reentrant=False)
+                else:
+                    x = self.step(t, s, e, rope, cache)
+                last = t == loops - 1
+                # The last raw output leaves the block un-normalised unless the norm is shared with
+                # the LM's final norm (Ouro), in which case it was always part of the loop.
+                s_next = self.carry(x, final_norm) if (not last or self.outer_is_final) else x
+            if collect and t >= no_grad_loops:
+                per_loop.append(s_next if self.outer_is_final else x)
+            if diag is not None:
+                with torch.no_grad():
+                    h_new = self.carry(x, final_norm)
+                    diag["residual_norm"].append(x.detach().float().norm(dim=-1).mean())
+                    diag["state_norm"].append(h_new.detach().float().norm(dim=-1).mean())
+                    prev = s if (self.arch == "recurrent" or t > 0) else torch.zeros_like(s)
+                    diag["state_delta"].append((h_new.detach().float() - prev.detach().float()).norm(dim=-1).mean())
+            s = s_next
+
+        out = s
+        if self.out_proj is not None:
+            out = self.out_proj(out)
+            if per_loop is not None:
+                per_loop = [self.out_proj(p) for p in per_loop]
+        if diag is not None:
+            diag = {k: torch.stack(v) for k, v in diag.items()}
+            if isinstance(self.injection, ParcaeInjection):
+                diag["injection_spectral_norm"] = self.injection.spectral_norm().detach().reshape(1)
+        return BlockOutput(out, per_loop, diag)

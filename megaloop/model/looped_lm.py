@@ -1,0 +1,146 @@
+"""The looped language model: embedding -> prelude -> looped block x R -> coda -> final norm -> head.
+
+`model(tokens, loops=R)` runs any R >= 1, whatever R it was trained with. The model is plain
+PyTorch; tensor and pipeline parallelism are applied to it from outside (`megaloop.parallel`), which
+is why the pieces are exposed as three stages: `embed` (+ prelude), `block`, and `head` (+ coda).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from megaloop.config import ModelConfig
+from megaloop.model.layers import RMSNorm, TransformerLayer, rope_cache
+from megaloop.model.looped_block import LoopedBlock
+from megaloop.model import loop_losses
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (B, T, vocab): last loop's, or the exit-selected loop's per token
+    loss: Optional[torch.Tensor] = None
+    loops: int = 0  # iterations run
+    per_loop_logits: Optional[list] = None  # when a per-loop loss or an exit needed them
+    exit_probs: Optional[torch.Tensor] = None  # (R, B, T), Ouro exit distribution
+    exit_loops: Optional[torch.Tensor] = None  # (B, T) loop index (1-based) each token exited at
+    diagnostics: Optional[dict] = None
+
+
+class LoopedLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, loss: str = "last", exit_entropy_weight: float = 0.05):
+        super().__init__()
+        self.cfg = cfg
+        self.loss_mode = loss
+        self.exit_entropy_weight = exit_entropy_weight
+        d = cfg.d_model
+        self.embedding = nn.Embedding(cfg.padded_vocab_size, d)
+        self.embed_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_scale) if cfg.embed_norm else None
+        self.prelude = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.n_prelude))
+        self.block = LoopedBlock(cfg)
+        self.coda = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.n_coda))
+        self.final_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_scale)
+        self.head = nn.Linear(d, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embedding.weight
+        self.exit_gate = nn.Linear(d, 1) if cfg.exit_gate else None
+        # Per-token cross-entropy over the (unpadded) vocabulary; tensor parallelism swaps in the
+        # vocab-parallel version, which never materialises full-vocabulary logits on one rank.
+        self.token_loss_fn = loop_losses.token_cross_entropy
+        self.init_weights()
+
+    # ------------------------------------------------------------------------------------------
+    def init_weights(self):
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if getattr(module, "keep_init", False):
+                    continue
+                if getattr(module, "zero_init", False) or (
+                        self.cfg.zero_init_out and getattr(module, "is_output_projection", False)):
+                    nn.init.zeros_(module.weight)
+                else:
+                    nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # --- the three stages ---------------------------------------------------------------------
+    def rope(self, seq_len: int, device):
+        return rope_cache(seq_len, self.cfg.attn_head_dim, self.cfg.rope_theta, device)
+
+    def embed(self, tokens: torch.Tensor, rope) -> torch.Tensor:
+        """Token ids -> the injected signal e (embedding, its norm, then the prelude)."""
+        e = self.embedding(tokens)
+        if self.embed_norm is not None:
+            e = self.embed_norm(e)
+        for layer in self.prelude:
+            e = layer(e, rope)
+        return e
+
+    def head_logits(self, x: torch.Tensor, rope) -> torch.Tensor:
+        """A loop output -> logits over the real (unpadded) vocabulary."""
+        for layer in self.coda:
+            x = layer(x, rope)
+        if not self.block.outer_is_final:  # Ouro: the block already applied the (shared) final norm
+            x = self.final_norm(x)
+        logits = self.head(x)
+        cap = self.cfg.logit_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits[..., : self.cfg.vocab_size]
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                loops: Optional[int] = None, grad_loops: Optional[int] = None,
+                return_diagnostics: bool = False, exit: Optional[str] = None,
+                exit_threshold: Optional[float] = None) -> LMOutput:
+        """tokens: (B, T) ids. labels: (B, T) targets (negative = ignored); gives `.loss`.
+
+        loops:      R for this call (default: the config's `model.loops`).
+        grad_loops: gradients through the last k loops only (the first R-k run under no_grad).
+        exit:       None, "q_exit" (Ouro, threshold = cumulative exit probability) or "kl"
+                    (Huginn's convergence exit, threshold = KL between successive loops).
+        """
+        cfg = self.cfg
+        loops = cfg.loops if loops is None else int(loops)
+        if tokens.shape[1] > cfg.max_seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len={cfg.max_seq_len}")
+        rope = self.rope(tokens.shape[1], tokens.device)
+        e = self.embed(tokens, rope)
+        need_per_loop = exit is not None or (labels is not None and self.loss_mode != "last")
+        block_out = self.block(e, rope, loops, grad_loops, collect=need_per_loop,
+                               diagnostics=return_diagnostics, final_norm=self.final_norm)
+        out = LMOutput(logits=None, loops=loops, diagnostics=block_out.diagnostics)
+
+        if not need_per_loop:
+            out.logits = self.head_logits(block_out.out, rope)
+            if labels is not None:
+                out.loss = loop_losses.mean_token_loss(self.token_loss_fn(out.logits, labels), labels)
+            return out
+
+        per_loop = [self.head_logits(x, rope) for x in block_out.per_loop]
+        out.per_loop_logits = per_loop
+        out.logits = per_loop[-1]
+        if self.exit_gate is not None:
+            # Over the loops that have outputs here (all of them unless truncated backprop is on).
+            lambdas = [torch.sigmoid(self.exit_gate(x).squeeze(-1).float()) for x in block_out.per_loop]
+            out.exit_probs = loop_losses.exit_distribution(torch.stack(lambdas))
+        if exit is not None:
+            out.logits, out.exit_loops = loop_losses.select_exit(per_loop, exit, exit_threshold, out.exit_probs)
+            out.exit_loops = out.exit_loops + (loops - len(per_loop))
+        if labels is not None:
+            out.loss = loop_losses.loop_loss(self.loss_mode, per_loop, labels, self.token_loss_fn,
+                                             out.exit_probs, self.exit_entropy_weight)
+        return out
+
+
+def build_model(config) -> LoopedLM:
+    """Build the model from a full `Config` (loss settings from its loop schedule) or a `ModelConfig`."""
+    if isinstance(config, ModelConfig):
+        return LoopedLM(config)
+    return LoopedLM(config.model, loss=config.loop.loss, exit_entropy_weight=config.loop.exit_entropy_weight)
