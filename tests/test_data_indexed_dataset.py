@@ -175,3 +175,21 @@ def test_pickle_passes_the_path_not_the_data(tmp_path):
     blob = pickle.dumps(ds)
     assert len(blob) < 500
     assert pickle.loads(blob).get(3).tolist() == DOCS[3]
+
+
+def test_merge_datasets_tool_keeps_document_boundaries(tmp_path):
+    from tools.merge_datasets import main as merge_main
+
+    (tmp_path / "shards").mkdir()
+    write_megatron_reference(str(tmp_path / "shards" / "s0"), [[1, 2], [3]], np.uint16, 8)
+    with IndexedDatasetWriter(str(tmp_path / "shards" / "s1"), np.uint16) as writer:
+        writer.add_document([4, 5, 6], sequence_lengths=[1, 2])
+    write_megatron_reference(str(tmp_path / "shards" / "s2"), [[70000]], np.int32, 4)
+    assert merge_main(["--input", str(tmp_path / "shards"), "--output-prefix", str(tmp_path / "all")]) == 0
+    ds = IndexedDataset(str(tmp_path / "all"))
+    assert ds.dtype == np.int32
+    assert [ds.get_document(d).tolist() for d in range(ds.num_documents)] == [[1, 2], [3], [4, 5, 6], [70000]]
+    assert ds.doc_idx.tolist() == [0, 1, 2, 4, 5]
+    assert merge_main(["--datasets", str(tmp_path / "shards" / "s0"), str(tmp_path / "missing"),
+                       "--output-prefix", str(tmp_path / "x")]) == 1
+    assert not (tmp_path / "x.bin").exists()

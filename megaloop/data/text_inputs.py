@@ -15,7 +15,12 @@ TEXT_SUFFIXES = (".txt", ".txt.gz")
 
 
 class BadRecord(ValueError):
-    """A record that cannot become a document; the message says why."""
+    """A record that cannot become a document: category groups the report, detail adds specifics."""
+
+    def __init__(self, category: str, detail: str = ""):
+        super().__init__(f"{category}: {detail}" if detail else category)
+        self.category = category
+        self.detail = detail
 
 
 def expand_inputs(patterns: Sequence[str]) -> List[str]:
@@ -61,7 +66,7 @@ def parse_record(line: bytes, fmt: str, keys: Sequence[str]) -> Tuple[str, ...]:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BadRecord(f"invalid UTF-8 at byte {e.start}") from None
+        raise BadRecord("invalid UTF-8", f"byte {e.start} of the line") from None
     if fmt == "text":
         text = text.rstrip("\r\n")
         if not text.strip():
@@ -70,16 +75,16 @@ def parse_record(line: bytes, fmt: str, keys: Sequence[str]) -> Tuple[str, ...]:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadRecord(f"malformed json: {e.msg} at column {e.colno}") from None
+        raise BadRecord("malformed json", f"{e.msg} at column {e.colno}") from None
     if not isinstance(record, dict):
-        raise BadRecord(f"json value is a {type(record).__name__}, not an object")
+        raise BadRecord("json value is not an object", f"found a {type(record).__name__}")
     texts = []
     for key in keys:
         if key not in record:
             raise BadRecord(f"missing key {key!r}")
         value = record[key]
         if not isinstance(value, str):
-            raise BadRecord(f"key {key!r} holds a {type(value).__name__}, not a string")
+            raise BadRecord(f"key {key!r} is not a string", f"found a {type(value).__name__}")
         if not value.strip():
             raise BadRecord(f"empty document under key {key!r}")
         texts.append(value)

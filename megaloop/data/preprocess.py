@@ -1,0 +1,395 @@
+"""Raw text -> Megatron-compatible .bin/.idx, tokenized by a pool of worker processes.
+
+How the work is split, and why it is fast:
+  * The main process only cuts the input into work units of about `chunk_bytes`: for a plain file a
+    byte range ending on a newline (the worker reads the range itself, so no text is pickled), for a
+    gzip file a block of decompressed lines, for `text_documents="file"` a whole file.
+  * Each worker parses its lines, encodes all documents of the unit with one batched tokenizer call,
+    and returns flat numpy arrays (tokens, lengths) in the output dtype: a few bytes per token.
+  * Pool.imap keeps the units in input order, so the output order is the input order for any
+    number of workers, and the main process appends each unit to the writers as it arrives.
+
+Bad records (malformed json, missing key, non-string value, invalid UTF-8, empty document) are
+skipped, counted and reported with file and line; with strict=True the first one is an error. Output
+goes to temporary names and is renamed into place only after the last unit, so an interrupted or
+failed run leaves no file that looks valid.
+"""
+import dataclasses
+import itertools
+import multiprocessing
+import os
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from megaloop.data.indexed_dataset import IndexedDatasetWriter, token_dtype_for_vocab
+from megaloop.data.text_inputs import BadRecord, input_format, is_blank, is_gzip, open_binary, parse_record
+from megaloop.data.tokenizer import Tokenizer, build_tokenizer
+
+
+@dataclasses.dataclass
+class PreprocessConfig:
+    input_files: List[str]
+    output_prefix: str
+    tokenizer_type: str = "byte"
+    tokenizer_model: Optional[str] = None
+    json_keys: Sequence[str] = ("text",)
+    append_eod: bool = False
+    workers: int = 1
+    strict: bool = False
+    text_documents: str = "line"  # .txt inputs: one document per "line" or per "file"
+    chunk_bytes: int = 1 << 20  # work unit size: small enough to balance workers, large enough to batch
+    log_interval: int = 10000  # documents between progress lines when stderr is not a terminal
+    report_examples: int = 5  # file:line examples printed per kind of skipped record
+    show_progress: bool = True
+
+
+class PreprocessError(ValueError):
+    """A bad record under strict=True, or an input that yields no document at all."""
+
+
+@dataclasses.dataclass
+class SkippedRecord:
+    path: str
+    line: int  # 1-based; 0 when the whole file is the record
+    category: str
+    detail: str
+
+    def where(self) -> str:
+        return f"{self.path}:{self.line}" if self.line else self.path
+
+    def __str__(self):
+        return f"{self.where()}: {self.category}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclasses.dataclass
+class PreprocessSummary:
+    output_paths: Dict[str, str]  # json key -> dataset path prefix
+    documents: int = 0
+    tokens: Dict[str, int] = dataclasses.field(default_factory=dict)  # per json key
+    blank_lines: int = 0
+    skipped: Counter = dataclasses.field(default_factory=Counter)  # category -> count
+    skipped_examples: Dict[str, List[SkippedRecord]] = dataclasses.field(default_factory=lambda: defaultdict(list))
+    seconds: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens.values())
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def report(self) -> str:
+        rate = self.total_tokens / max(self.seconds, 1e-9)
+        lines = [f"done in {self.seconds:.1f}s: {self.documents:,} documents, {self.total_tokens:,} tokens "
+                 f"({rate / 1e6:.2f} M tokens/s, {self.documents / max(self.seconds, 1e-9):,.0f} docs/s)"]
+        for key, prefix in self.output_paths.items():
+            lines.append(f"  {key!r}: {self.tokens.get(key, 0):,} tokens -> {prefix}.bin/.idx")
+        if self.total_skipped:
+            lines.append(f"skipped {self.total_skipped:,} records:")
+            for category, count in self.skipped.most_common():
+                lines.append(f"  {count:,} x {category}")
+                for example in self.skipped_examples[category]:
+                    lines.append(f"      {example}")
+        else:
+            lines.append("skipped 0 records")
+        if self.blank_lines:
+            lines.append(f"ignored {self.blank_lines:,} blank lines")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Work units, cut by the main process
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class WorkUnit:
+    path: str
+    fmt: str  # "jsonl" | "text" | "text-file"
+    start: int = 0  # byte range of a plain file
+    end: int = 0
+    data: Optional[bytes] = None  # decompressed lines of a gzip file
+
+
+def _plain_file_units(path: str, fmt: str, chunk_bytes: int) -> Iterator[WorkUnit]:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        start = 0
+        while start < size:
+            f.seek(min(start + chunk_bytes, size))
+            f.readline()  # move the cut to just after the next newline, so no line is split
+            end = min(f.tell(), size)
+            yield WorkUnit(path, fmt, start, end)
+            start = end
+
+
+def _gzip_file_units(path: str, fmt: str, chunk_bytes: int) -> Iterator[WorkUnit]:
+    with open_binary(path) as f:
+        carry = b""
+        while True:
+            block = f.read(chunk_bytes)
+            if not block:
+                break
+            block = carry + block
+            cut = block.rfind(b"\n") + 1
+            if cut == 0:  # one line longer than the block: keep reading
+                carry = block
+                continue
+            carry = block[cut:]
+            yield WorkUnit(path, fmt, data=block[:cut])
+        if carry:
+            yield WorkUnit(path, fmt, data=carry)
+
+
+def iter_work_units(paths: Sequence[str], text_documents: str, chunk_bytes: int) -> Iterator[WorkUnit]:
+    for path in paths:
+        fmt = input_format(path)
+        if fmt == "text" and text_documents == "file":
+            yield WorkUnit(path, "text-file")
+        elif is_gzip(path):
+            yield from _gzip_file_units(path, fmt, chunk_bytes)
+        else:
+            yield from _plain_file_units(path, fmt, chunk_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class UnitResult:
+    path: str
+    num_lines: int
+    num_documents: int
+    tokens: List[np.ndarray]  # per json key: all documents of the unit, concatenated
+    lengths: List[np.ndarray]  # per json key: tokens per document
+    skipped: List[Tuple[int, str, str]]  # (1-based line within the unit or 0 for a whole file, category, detail)
+    blank_lines: int
+    input_bytes: int
+
+
+_worker = {}  # per-process state set by _init_worker: the tokenizer is loaded once per process
+
+
+def _init_worker(tokenizer_type, tokenizer_model, json_keys, append_eod, dtype):
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
+    _worker.update(tokenizer=tokenizer, json_keys=list(json_keys), append_eod=append_eod, dtype=np.dtype(dtype))
+
+
+def _flatten(encoded, dtype: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
+    """Concatenate per-document token lists (or arrays) into one array of dtype, plus their lengths."""
+    lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
+    total = int(lengths.sum())
+    if encoded and isinstance(encoded[0], np.ndarray):
+        flat = np.concatenate(encoded) if total else np.zeros(0, dtype=np.int64)
+    else:
+        flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=total)
+    if flat.size and (flat.min() < 0 or flat.max() > np.iinfo(dtype).max):
+        raise ValueError(f"tokenizer produced ids outside {dtype}'s range")  # never wrap ids silently
+    return flat.astype(dtype), lengths
+
+
+def _read_unit(unit: WorkUnit) -> bytes:
+    if unit.data is not None:
+        return unit.data
+    if unit.fmt == "text-file":
+        with open_binary(unit.path) as f:  # gzip or plain
+            return f.read()
+    with open(unit.path, "rb") as f:
+        f.seek(unit.start)
+        return f.read(unit.end - unit.start)
+
+
+def _parse_unit(unit: WorkUnit, data: bytes, keys: List[str]):
+    """(lines, texts per document, line number per document, skipped records, blank line count)."""
+    texts: List[Tuple[str, ...]] = []
+    line_numbers: List[int] = []
+    skipped: List[Tuple[int, str, str]] = []
+    blank = 0
+    if unit.fmt == "text-file":
+        lines = [data]
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            skipped.append((0, "invalid UTF-8", f"byte {e.start} of the file"))
+        else:
+            if text.strip():
+                texts.append((text,))
+                line_numbers.append(0)
+            else:
+                skipped.append((0, "empty document", ""))
+        return lines, texts, line_numbers, skipped, blank
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the nothing after the final newline
+    for line_no, line in enumerate(lines, start=1):
+        if is_blank(line):
+            blank += 1
+            continue
+        try:
+            texts.append(parse_record(line, unit.fmt, keys))
+            line_numbers.append(line_no)
+        except BadRecord as e:
+            skipped.append((line_no, e.category, e.detail))
+    return lines, texts, line_numbers, skipped, blank
+
+
+def tokenize_unit(unit: WorkUnit) -> UnitResult:
+    tokenizer: Tokenizer = _worker["tokenizer"]
+    keys: List[str] = _worker["json_keys"]
+    data = _read_unit(unit)
+    lines, texts, line_numbers, skipped, blank = _parse_unit(unit, data, keys)
+    per_key = [_flatten(tokenizer.encode_batch([t[k] for t in texts]), _worker["dtype"]) for k in range(len(keys))]
+    # A document that tokenizes to nothing is an empty document: drop it from every key, so the
+    # datasets of all keys stay aligned document for document.
+    empty = np.zeros(len(texts), dtype=bool)
+    for _, lengths in per_key:
+        empty |= lengths == 0
+    if empty.any():
+        for i in np.flatnonzero(empty):
+            skipped.append((line_numbers[i], "empty document", "no tokens after tokenization"))
+        skipped.sort()
+        per_key = [_drop_documents(tokens, lengths, ~empty) for tokens, lengths in per_key]
+    if _worker["append_eod"]:
+        per_key = [_append_eod(tokens, lengths, tokenizer.eod_id) for tokens, lengths in per_key]
+    return UnitResult(
+        path=unit.path,
+        num_lines=len(lines),
+        num_documents=int((~empty).sum()),
+        tokens=[tokens for tokens, _ in per_key],
+        lengths=[lengths for _, lengths in per_key],
+        skipped=skipped,
+        blank_lines=blank,
+        input_bytes=len(data),
+    )
+
+
+def _drop_documents(tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray):
+    owner = np.repeat(np.arange(lengths.size), lengths)
+    return tokens[keep[owner]], lengths[keep]
+
+
+def _append_eod(tokens: np.ndarray, lengths: np.ndarray, eod_id: int):
+    return np.insert(tokens, np.cumsum(lengths), np.array(eod_id, dtype=tokens.dtype)), lengths + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Main process
+# ---------------------------------------------------------------------------------------------
+class _Progress:
+    """A tqdm bar on a terminal; plain log lines every log_interval documents otherwise (cluster logs)."""
+
+    def __init__(self, total_bytes: int, log_interval: int, enabled: bool):
+        self.start = time.time()
+        self.docs = self.tokens = self.bytes = 0
+        self.log_interval = max(1, log_interval)
+        self.next_log = self.log_interval
+        self.bar = None
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr)
+
+    def update(self, docs: int, tokens: int, nbytes: int):
+        self.docs += docs
+        self.tokens += tokens
+        self.bytes += nbytes
+        elapsed = max(time.time() - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            self.bar.set_postfix_str(f"{self.docs / elapsed:,.0f} docs/s, {self.tokens / elapsed / 1e6:.2f} M tok/s",
+                                     refresh=False)
+        elif self.enabled and self.docs >= self.next_log:
+            self.next_log = (self.docs // self.log_interval + 1) * self.log_interval
+            print(f"processed {self.docs:,} documents, {self.tokens:,} tokens "
+                  f"({self.docs / elapsed:,.0f} docs/s, {self.tokens / elapsed / 1e6:.2f} M tokens/s, "
+                  f"{self.bytes / elapsed / 1e6:.1f} MB/s)", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def output_prefix_for_key(output_prefix: str, key: str) -> str:
+    return f"{output_prefix}_{key}_document"  # Megatron-LM's naming
+
+
+def preprocess(config: PreprocessConfig) -> PreprocessSummary:
+    """Tokenize config.input_files into one dataset per json key; returns what happened."""
+    if config.text_documents not in ("line", "file"):
+        raise ValueError(f"text_documents must be 'line' or 'file', got {config.text_documents!r}")
+    if not config.input_files:
+        raise ValueError("no input files")
+    if config.workers < 1:
+        raise ValueError(f"workers must be at least 1, got {config.workers}")
+    start = time.time()
+    keys = list(config.json_keys)
+    formats = {input_format(p) for p in config.input_files}
+    if "text" in formats and len(keys) != 1:
+        raise ValueError(f"text inputs hold one document per {config.text_documents}, so they take exactly one "
+                         f"json key (it names the output); got {keys}")
+    tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)  # fail fast, before forking
+    dtype = token_dtype_for_vocab(tokenizer.vocab_size)
+    outputs = {key: output_prefix_for_key(config.output_prefix, key) for key in keys}
+    summary = PreprocessSummary(output_paths=outputs, tokens={key: 0 for key in keys})
+    total_bytes = sum(os.path.getsize(p) for p in config.input_files)
+    lines_before: Dict[str, int] = defaultdict(int)  # lines of each file already seen, for line numbers
+
+    # fork is cheap and safe here (no threads yet); fall back to spawn where fork does not exist.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = multiprocessing.get_context(method).Pool(
+        config.workers, initializer=_init_worker,
+        initargs=(config.tokenizer_type, config.tokenizer_model, keys, config.append_eod, dtype))
+    writers = {key: IndexedDatasetWriter(prefix, dtype) for key, prefix in outputs.items()}
+    progress = _Progress(total_bytes, config.log_interval, config.show_progress)
+    # Pool.imap reads its input eagerly; this bounds the units in flight (gzip units carry data).
+    in_flight = threading.Semaphore(4 * config.workers)
+    stopping = threading.Event()  # lets the pool's feeder thread exit if we stop early
+
+    def bounded_units():
+        for unit in iter_work_units(config.input_files, config.text_documents, config.chunk_bytes):
+            while not in_flight.acquire(timeout=0.1):
+                if stopping.is_set():
+                    return
+            yield unit
+
+    try:
+        for result in pool.imap(tokenize_unit, bounded_units()):
+            in_flight.release()
+            for line_no, category, detail in result.skipped:
+                line = lines_before[result.path] + line_no if line_no else 0
+                record = SkippedRecord(result.path, line, category, detail)
+                if config.strict:
+                    raise PreprocessError(f"{record} (strict mode: fix the input, or drop --strict to skip "
+                                          f"and report bad records)")
+                summary.skipped[category] += 1
+                if len(summary.skipped_examples[category]) < config.report_examples:
+                    summary.skipped_examples[category].append(record)
+            lines_before[result.path] += result.num_lines
+            for key, tokens, lengths in zip(keys, result.tokens, result.lengths):
+                writers[key].add_documents(tokens, lengths)
+                summary.tokens[key] += int(tokens.size)
+            summary.documents += result.num_documents
+            summary.blank_lines += result.blank_lines
+            progress.update(result.num_documents, sum(int(t.size) for t in result.tokens), result.input_bytes)
+        pool.close()
+        if summary.documents == 0:
+            raise PreprocessError(f"no valid document in {len(config.input_files)} input files "
+                                  f"({summary.total_skipped} records skipped); nothing written")
+        for writer in writers.values():
+            writer.finalize()
+    except BaseException:
+        stopping.set()
+        pool.terminate()
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        progress.close()
+        pool.join()
+    summary.seconds = time.time() - start
+    return summary

@@ -1,0 +1,173 @@
+"""tools/preprocess_data.py and megaloop.data.preprocess: round trips, input kinds, bad-input reports."""
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+from megaloop.data.indexed_dataset import IndexedDataset
+from megaloop.data.preprocess import PreprocessConfig, PreprocessError, preprocess
+from tools.preprocess_data import main as preprocess_main
+
+TEXTS = ["hello world", "second document\nwith two lines", "ünïcödé ✓", "x" * 5000, "last one"]
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def byte_docs(prefix):
+    ds = IndexedDataset(prefix)
+    return [bytes(ds.get(i).tolist()) for i in range(len(ds))]
+
+
+def test_round_trip_text_to_tokens_to_reader(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS])
+    summary = preprocess(PreprocessConfig(input_files=[str(tmp_path / "a.jsonl")],
+                                          output_prefix=str(tmp_path / "out"), append_eod=True,
+                                          chunk_bytes=64, show_progress=False))  # tiny units: many of them
+    prefix = str(tmp_path / "out_text_document")
+    ds = IndexedDataset(prefix)
+    assert ds.dtype == np.uint16 and len(ds) == len(TEXTS) and ds.num_documents == len(TEXTS)
+    for i, text in enumerate(TEXTS):
+        tokens = ds.get(i).tolist()
+        assert tokens[-1] == 256  # eod
+        assert bytes(tokens[:-1]).decode("utf-8") == text
+    assert summary.documents == len(TEXTS) and summary.total_skipped == 0
+    assert summary.total_tokens == sum(len(t.encode()) + 1 for t in TEXTS)
+
+
+def test_workers_and_input_kinds_give_identical_output(tmp_path):
+    """1 or 2 workers, plain or gzip, one file or a glob of two: the same bytes in input order."""
+    records = [{"text": f"doc {i} " + "abc " * (i % 7), "meta": f"m{i}"} for i in range(200)]
+    write_jsonl(tmp_path / "all.jsonl", records)
+    write_jsonl(tmp_path / "part1.jsonl", records[:120])
+    with gzip.open(tmp_path / "part2.jsonl.gz", "wt", encoding="utf-8") as f:
+        for r in records[120:]:
+            f.write(json.dumps(r) + "\n")
+    outputs = []
+    for name, inputs, workers in [("one", ["all.jsonl"], 1), ("two", ["all.jsonl"], 2),
+                                  ("glob", ["part*"], 2)]:
+        code = preprocess_main(["--input", *[str(tmp_path / p) for p in inputs], "--jsonl-keys", "text", "meta",
+                                "--output-prefix", str(tmp_path / name), "--tokenizer-type", "byte",
+                                "--workers", str(workers), "--chunk-bytes", "500", "--quiet"])
+        assert code == 0
+        outputs.append([open(tmp_path / f"{name}_{key}_document{ext}", "rb").read()
+                        for key in ("text", "meta") for ext in (".bin", ".idx")])
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert byte_docs(str(tmp_path / "one_meta_document"))[7] == b"m7"
+
+
+def test_text_inputs_by_line_and_by_file(tmp_path):
+    (tmp_path / "a.txt").write_text("first line\n\nsecond line\n")
+    with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
+        f.write("gz line\n")
+    inputs = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt.gz")]
+    summary = preprocess(PreprocessConfig(inputs, str(tmp_path / "lines"), show_progress=False))
+    assert byte_docs(str(tmp_path / "lines_text_document")) == [b"first line", b"second line", b"gz line"]
+    assert summary.blank_lines == 1
+    preprocess(PreprocessConfig(inputs, str(tmp_path / "files"), text_documents="file", show_progress=False))
+    assert byte_docs(str(tmp_path / "files_text_document")) == [b"first line\n\nsecond line\n", b"gz line\n"]
+
+
+def test_sentencepiece_preprocessing_matches_direct_encoding(tmp_path):
+    from tools.train_tokenizer import main as train_main
+
+    texts = [f"the quick brown fox {i} jumps over the lazy dog {i * 7}" for i in range(300)]
+    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
+    train_main(["--input", str(tmp_path / "c.jsonl"), "--model-prefix", str(tmp_path / "spm"),
+                "--vocab-size", "300", "--num-threads", "1"])
+    model = str(tmp_path / "spm.model")
+    preprocess(PreprocessConfig([str(tmp_path / "c.jsonl")], str(tmp_path / "sp"), tokenizer_type="sentencepiece",
+                                tokenizer_model=model, append_eod=True, workers=2, chunk_bytes=1000,
+                                show_progress=False))
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=model)
+    ds = IndexedDataset(str(tmp_path / "sp_text_document"))
+    assert [ds.get(i).tolist() for i in range(len(ds))] == [sp.encode(t) + [sp.eos_id()] for t in texts]
+
+
+BAD_LINES = [
+    (json.dumps({"text": "good one"}).encode(), None),
+    (b'{"text": "broken', "malformed json"),
+    (json.dumps({"body": "no text key"}).encode(), "missing key 'text'"),
+    (json.dumps({"text": 42}).encode(), "key 'text' is not a string"),
+    (b'{"text": "bad \xff byte"}', "invalid UTF-8"),
+    (json.dumps({"text": "   "}).encode(), "empty document under key 'text'"),
+    (json.dumps(["a", "list"]).encode(), "json value is not an object"),
+    (json.dumps({"text": "good two"}).encode(), None),
+]
+
+
+def write_bad_file(path):
+    with open(path, "wb") as f:
+        for line, _ in BAD_LINES:
+            f.write(line + b"\n")
+
+
+def test_bad_records_are_counted_and_reported_with_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    write_bad_file(path)
+    summary = preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), chunk_bytes=40,
+                                          workers=2, show_progress=False))
+    assert byte_docs(str(tmp_path / "out_text_document")) == [b"good one", b"good two"]
+    expected = {category: line_no for line_no, (_, category) in enumerate(BAD_LINES, start=1) if category}
+    assert dict(summary.skipped) == {category: 1 for category in expected}
+    for category, line_no in expected.items():
+        (example,) = summary.skipped_examples[category]
+        assert (example.path, example.line) == (str(path), line_no)
+    report = summary.report()
+    assert "skipped 6 records" in report and f"{path}:2: malformed json" in report
+
+
+@pytest.mark.parametrize("line_no", [i for i, (_, c) in enumerate(BAD_LINES, start=1) if c])
+def test_strict_mode_turns_each_bad_record_into_an_error_and_writes_nothing(tmp_path, line_no):
+    line, category = BAD_LINES[line_no - 1]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n' + line + b"\n")
+    with pytest.raises(PreprocessError, match=f"{path}:2: {category}"):
+        preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), strict=True, show_progress=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_failed_run_keeps_previous_output_and_leaves_no_temporaries(tmp_path, capsys):
+    good = tmp_path / "good.jsonl"
+    write_jsonl(good, [{"text": "keep me"}])
+    assert preprocess_main(["--input", str(good), "--output-prefix", str(tmp_path / "out"),
+                            "--tokenizer-type", "byte", "--quiet"]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    bad = tmp_path / "bad.jsonl"
+    write_bad_file(bad)
+    assert preprocess_main(["--input", str(bad), "--output-prefix", str(tmp_path / "out"),
+                            "--tokenizer-type", "byte", "--strict", "--quiet"]) == 1
+    assert f"{bad}:2: malformed json" in capsys.readouterr().err
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "bad.jsonl"}
+    assert after == before
+
+
+def test_input_that_yields_nothing_is_an_error(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text('{"text": ""}\n\n')
+    with pytest.raises(PreprocessError, match="no valid document"):
+        preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), show_progress=False))
+    assert os.listdir(tmp_path) == ["empty.jsonl"]
+
+
+def test_cli_reports_summary_and_rejects_unsupported_flags(tmp_path, capsys):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "abc"}, {"text": 1}])
+    assert preprocess_main(["--input", str(tmp_path / "*.jsonl"), "--output-prefix", str(tmp_path / "o"),
+                            "--tokenizer-type", "byte", "--append-eod", "--quiet", "--partitions", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "1 documents, 4 tokens" in err and "1 x key 'text' is not a string" in err
+    assert preprocess_main(["--input", str(tmp_path / "nothing*.jsonl"), "--output-prefix", "x",
+                            "--tokenizer-type", "byte"]) == 1
+    assert "matches no file" in capsys.readouterr().err
+    assert preprocess_main(["--input", str(tmp_path / "a.jsonl"), "--output-prefix", "x",
+                            "--tokenizer-type", "byte", "--split-sentences"]) == 2
+    assert preprocess_main(["--input", str(tmp_path / "a.jsonl"), "--output-prefix", "x",
+                            "--tokenizer-type", "byte", "--vocab-size", "50000"]) == 1
+    assert "does not match" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""Tokenize raw text into Megatron-LM-compatible {output-prefix}_{key}_document.bin/.idx.
+
+Flags follow Megatron-LM's tools/preprocess_data.py (GPT-NeoX's --jsonl-keys works too):
+
+    python tools/preprocess_data.py --input 'data/*.jsonl.gz' --json-keys text \\
+        --output-prefix data/corpus --tokenizer-type sentencepiece --tokenizer-model spm.model \\
+        --append-eod --workers 16
+
+Inputs: .jsonl/.json (one JSON object per line), .txt (one document per line, or per file with
+--text-documents file), each optionally gzipped. Bad records are skipped and reported with file and
+line (--strict makes the first one an error). Outputs appear only when complete.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megaloop.data.preprocess import PreprocessConfig, PreprocessError, preprocess  # noqa: E402
+from megaloop.data.text_inputs import expand_inputs  # noqa: E402
+from megaloop.data.tokenizer import build_tokenizer  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("input data")
+    group.add_argument("--input", nargs="+", required=True,
+                       help="input files: paths, globs or comma-separated lists (.jsonl, .jsonl.gz, .txt, .txt.gz)")
+    group.add_argument("--json-keys", "--jsonl-keys", dest="json_keys", nargs="+", default=["text"],
+                       help="keys to extract from each json object; one output dataset per key")
+    group.add_argument("--text-documents", choices=["line", "file"], default="line",
+                       help=".txt inputs: one document per line (default) or per file")
+    group.add_argument("--split-sentences", action="store_true", help="not supported (documents are kept whole)")
+    group.add_argument("--keep-newlines", action="store_true",
+                       help="accepted for compatibility: newlines are always kept, since sentences are never split")
+    group.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer-type", required=True,
+                       help="'sentencepiece' (also SentencePieceTokenizer, GPTSentencePieceTokenizer) or 'byte'")
+    group.add_argument("--tokenizer-model", default=None, help="sentencepiece .model file")
+    group.add_argument("--vocab-size", type=int, default=None,
+                       help="optional check: the tokenizer must have exactly this vocabulary size")
+    group.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
+
+    group = parser.add_argument_group("output data")
+    group.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx")
+    group.add_argument("--dataset-impl", default="mmap", choices=["mmap"], help="only Megatron's mmap format")
+
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    group.add_argument("--partitions", type=int, default=1,
+                       help="accepted for compatibility; all inputs stream through one ordered pool of --workers "
+                            "processes, which already uses every worker, so inputs are not partitioned")
+    group.add_argument("--log-interval", type=int, default=10000,
+                       help="documents between progress lines when stderr is not a terminal")
+    group.add_argument("--chunk-bytes", type=int, default=1 << 20, help="input bytes per work unit")
+    group.add_argument("--quiet", action="store_true", help="no progress output, only the summary")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.split_sentences:
+        print("error: --split-sentences is not supported; megaloop keeps each document as one sequence",
+              file=sys.stderr)
+        return 2
+    if args.partitions < 1:
+        print("error: --partitions must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        if args.vocab_size is not None:
+            actual = build_tokenizer(args.tokenizer_type, args.tokenizer_model).vocab_size
+            if actual != args.vocab_size:
+                raise ValueError(f"--vocab-size {args.vocab_size} does not match the tokenizer's {actual}")
+        config = PreprocessConfig(
+            input_files=expand_inputs(args.input),
+            output_prefix=args.output_prefix,
+            tokenizer_type=args.tokenizer_type,
+            tokenizer_model=args.tokenizer_model,
+            json_keys=args.json_keys,
+            append_eod=args.append_eod,
+            workers=args.workers,
+            strict=args.strict,
+            text_documents=args.text_documents,
+            chunk_bytes=args.chunk_bytes,
+            log_interval=args.log_interval,
+            show_progress=not args.quiet,
+        )
+        print(f"tokenizing {len(config.input_files)} files with {args.workers} workers", file=sys.stderr)
+        summary = preprocess(config)
+    except (PreprocessError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary.report(), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
