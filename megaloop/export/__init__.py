@@ -1,0 +1,6 @@
+"""Export megaloop models to the Hugging Face format (see hf_export.py)."""
+from megaloop.export.hf_export import (ExportError, check_state_dict, export_hf, hf_config, load_checkpoint,
+                                       load_exported, load_merged_state_dict, register_hf)
+
+__all__ = ["ExportError", "check_state_dict", "export_hf", "hf_config", "load_checkpoint", "load_exported",
+           "load_merged_state_dict", "register_hf"]

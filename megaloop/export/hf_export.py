@@ -1,0 +1,450 @@
+"""Export a megaloop model to a Hugging Face folder (remote-code format).
+
+The seam between checkpoints and the exporter:
+
+    state_dict, config, tokenizer = load_checkpoint(checkpoint_dir, step)   # reads + merges shards
+    export_hf(state_dict, config, tokenizer, output_dir)                    # validates + writes
+
+`export_hf` takes an already-merged, full (unsharded) state dict with megaloop's own parameter names
+(what `LoopedLM.state_dict()` returns on one process). `load_merged_state_dict` is where a
+DeepSpeed TP x PP checkpoint gets merged; today it reads plain `torch.save`d state dicts only.
+
+The written folder:
+    config.json                   MegaloopConfig + auto_map (AutoConfig, AutoModelForCausalLM)
+    configuration_megaloop.py     \
+    modeling_megaloop.py           } copied from megaloop/export/hf_template; import only torch/transformers
+    tokenization_megaloop.py      /
+    model.safetensors             the weights (the tied head is stored once, as embedding.weight)
+    tokenizer_config.json (+ tokenizer.model for sentencepiece), special_tokens_map.json
+    generation_config.json
+    README.md                     what the folder is and how to load it
+Everything is written to a temporary directory next to `output_dir` and renamed into place at the
+end, so a failed export never leaves a partial folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+
+from megaloop.config import Config, ConfigError, ModelConfig, config_from_dict
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "hf_template"
+TEMPLATE_FILES = ("configuration_megaloop.py", "modeling_megaloop.py", "tokenization_megaloop.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_megaloop.MegaloopConfig",
+    "AutoModelForCausalLM": "modeling_megaloop.MegaloopForCausalLM",
+}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+class ExportError(ValueError):
+    """The input cannot be exported as asked; the message says what is wrong. Nothing was written."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def _model_config(config: Union[Config, ModelConfig, dict]) -> ModelConfig:
+    if isinstance(config, Config):
+        return config.model
+    if isinstance(config, ModelConfig):
+        return config
+    if isinstance(config, dict):  # a saved Config tree or a bare model section
+        tree = config if "model" in config else {"model": config}
+        return config_from_dict({"model": tree["model"]}).model
+    raise ExportError(f"model_config must be a megaloop Config or ModelConfig, got {type(config).__name__}")
+
+
+def hf_config_dict(mc: ModelConfig, noise_init: str = "seeded", noise_seed: int = 0,
+                   exit_strategy: Optional[str] = None, exit_threshold: Optional[float] = None) -> Dict[str, Any]:
+    """MegaloopConfig keyword arguments for a megaloop ModelConfig (derived sizes made explicit)."""
+    return dict(
+        vocab_size=mc.vocab_size, padded_vocab_size=mc.padded_vocab_size, tie_word_embeddings=mc.tie_embeddings,
+        embed_norm=mc.embed_norm, max_seq_len=mc.max_seq_len, d_model=mc.d_model, n_heads=mc.n_heads,
+        n_kv_heads=mc.kv_heads, head_dim=mc.attn_head_dim, ffn_hidden=mc.ffn_dim, mlp=mc.mlp,
+        norm_style=mc.norm_style, norm_eps=mc.norm_eps, norm_scale=mc.norm_scale, qk_norm=mc.qk_norm,
+        rope_theta=mc.rope_theta, logit_softcap=mc.logit_softcap, init_std=mc.init_std, mixer=mc.mixer,
+        n_prelude=mc.n_prelude, n_loop=mc.n_loop, n_coda=mc.n_coda, num_loops=mc.loops, max_loops=mc.max_loops,
+        arch=mc.arch, injection=mc.injection, recall=mc.recall, internal_recall_site=mc.internal_recall_site,
+        internal_recall_layers=mc.internal_recall_layers, normalization=mc.normalization,
+        state_init=mc.state_init, share_outer_final_norm=mc.share_outer_final_norm, exit_gate=mc.exit_gate,
+        loop_residual_gate=mc.loop_residual_gate, attn_output_gate=mc.attn_output_gate,
+        noise_init=noise_init, noise_seed=noise_seed, exit_strategy=exit_strategy, exit_threshold=exit_threshold,
+    )
+
+
+def hf_config(mc: ModelConfig, **kwargs):
+    from megaloop.export.hf_template.configuration_megaloop import MegaloopConfig
+
+    return MegaloopConfig(**hf_config_dict(mc, **kwargs))
+
+
+# ------------------------------------------------------------------------------------------------
+# State dict validation
+
+
+def expected_shapes(mc: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """Every key of LoopedLM(mc).state_dict() and its shape (built on the meta device: no memory)."""
+    from megaloop.model import LoopedLM
+
+    with torch.device("meta"):
+        model = LoopedLM(mc)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_state_dict(state_dict: Dict[str, torch.Tensor], mc: ModelConfig) -> None:
+    """Raise ExportError naming every missing, unexpected, mis-shaped or non-finite entry."""
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise ExportError("the state dict is empty or not a dict")
+    expected = expected_shapes(mc)
+    optional = {"head.weight"} if mc.tie_embeddings else set()
+    problems = []
+    missing = sorted(k for k in expected if k not in state_dict and k not in optional)
+    extra = sorted(k for k in state_dict if k not in expected)
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected key(s): {', '.join(extra[:12])}{' ...' if len(extra) > 12 else ''}")
+    for k, shape in expected.items():
+        v = state_dict.get(k)
+        if v is None:
+            continue
+        if not torch.is_tensor(v):
+            problems.append(f"{k}: not a tensor ({type(v).__name__})")
+        elif tuple(v.shape) != shape:
+            problems.append(f"{k}: shape {tuple(v.shape)}, the config needs {shape} (a shard not merged, or a "
+                            f"checkpoint from another config?)")
+        elif not v.is_floating_point():
+            problems.append(f"{k}: dtype {v.dtype}, expected a floating-point tensor")
+        elif not bool(torch.isfinite(v).all()):
+            problems.append(f"{k}: contains NaN or inf")
+    if mc.tie_embeddings and not problems and "head.weight" in state_dict:
+        if not torch.equal(state_dict["head.weight"], state_dict["embedding.weight"]):
+            problems.append("head.weight differs from embedding.weight, but model.tie_embeddings=true")
+    if problems:
+        raise ExportError("the state dict does not match the model config:\n  - " + "\n  - ".join(problems))
+
+
+def _check_exportable(mc: ModelConfig) -> None:
+    from megaloop.export.hf_template.modeling_megaloop import MIXERS
+
+    names = {s.strip() for s in mc.mixer.split(",") if s.strip()}
+    unknown = sorted(names - set(MIXERS))
+    if unknown:
+        raise ExportError(f"model.mixer={mc.mixer!r}: the Hugging Face modeling file has no implementation of "
+                          f"{unknown} yet (it has {sorted(MIXERS)}); add the mixer to "
+                          f"megaloop/export/hf_template/modeling_megaloop.py (MIXERS) first")
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def tokenizer_info(tokenizer_spec) -> Optional[Dict[str, Any]]:
+    """Normalise a tokenizer spec: a megaloop Tokenizer, {"type": "byte"|"sentencepiece", "model": path},
+    a DataConfig / Config (tokenizer_type, tokenizer_model) or None (no tokenizer is written)."""
+    if tokenizer_spec is None:
+        return None
+    from megaloop.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, build_tokenizer
+
+    if isinstance(tokenizer_spec, Config):
+        tokenizer_spec = tokenizer_spec.data
+    if hasattr(tokenizer_spec, "tokenizer_type"):
+        tokenizer_spec = {"type": tokenizer_spec.tokenizer_type, "model": tokenizer_spec.tokenizer_model}
+    if isinstance(tokenizer_spec, dict):
+        try:
+            tokenizer_spec = build_tokenizer(tokenizer_spec.get("type", "byte"), tokenizer_spec.get("model"))
+        except (ValueError, OSError) as e:
+            raise ExportError(f"tokenizer: {e}") from e
+    if isinstance(tokenizer_spec, ByteTokenizer):
+        return {"type": "byte", "tokenizer": tokenizer_spec}
+    if isinstance(tokenizer_spec, SentencePieceTokenizer):
+        return {"type": "sentencepiece", "tokenizer": tokenizer_spec, "model": tokenizer_spec.model_path}
+    raise ExportError(f"unsupported tokenizer spec {tokenizer_spec!r}")
+
+
+def _write_tokenizer(info: Dict[str, Any], out: Path, mc: ModelConfig) -> Dict[str, Any]:
+    tok = info["tokenizer"]
+    if tok.vocab_size > mc.vocab_size:
+        raise ExportError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={mc.vocab_size}")
+    if info["type"] == "byte":
+        eos, pad = "<eod>", "<pad>"
+        cfg = {"tokenizer_class": "MegaloopByteTokenizer",
+               "auto_map": {"AutoTokenizer": ["tokenization_megaloop.MegaloopByteTokenizer", None]}}
+    else:
+        shutil.copyfile(info["model"], out / "tokenizer.model")
+        eos, pad = tok.sp.id_to_piece(tok.eod_id), tok.sp.id_to_piece(tok.pad_id)
+        cfg = {"tokenizer_class": "MegaloopSentencePieceTokenizer",
+               "auto_map": {"AutoTokenizer": ["tokenization_megaloop.MegaloopSentencePieceTokenizer", None]},
+               "unk_token": tok.sp.id_to_piece(tok.sp.unk_id()) if tok.sp.unk_id() >= 0 else None}
+    cfg.update({"eos_token": eos, "pad_token": pad, "add_bos_token": False, "add_eos_token": False,
+                "clean_up_tokenization_spaces": False, "model_max_length": mc.max_seq_len})
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps({"eos_token": eos, "pad_token": pad}, indent=2) + "\n")
+    return {"eos_token_id": tok.eod_id, "pad_token_id": tok.pad_id}
+
+
+# ------------------------------------------------------------------------------------------------
+# Export
+
+
+def _readme(mc: ModelConfig, hf_cfg: dict) -> str:
+    return f"""# megaloop looped language model
+
+Exported by megaloop (`tools/export_hf.py`). Architecture: arch={mc.arch}, injection={mc.injection},
+normalization={mc.normalization}, {mc.n_prelude} prelude / {mc.n_loop} looped / {mc.n_coda} coda layers,
+d_model={mc.d_model}, trained with R={mc.loops} loops.
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained(PATH, trust_remote_code=True)
+ids = tok("Hello", return_tensors="pt").input_ids
+out = model.generate(ids, max_new_tokens=32, num_loops={mc.loops})    # any num_loops >= 1
+logits = model(ids, num_loops=8).logits
+exited = model(ids, exit_strategy="kl", exit_threshold=1e-3)          # .exit_loops per token
+```
+Loops: `num_loops` (default {mc.loops}) is a config field and a forward/generate argument.
+Exits: `exit_strategy` = "q_exit" (needs the exit gate; exit_gate={mc.exit_gate}) or "kl".
+Noise state init (state_init={mc.state_init}): `noise_init`={hf_cfg['noise_init']!r} — "seeded" is
+deterministic (a fixed draw per position from `noise_seed`), "global_rng" is megaloop's own draw
+(seed torch first), "zeros" starts from zeros.
+"""
+
+
+def export_hf(full_state_dict: Dict[str, torch.Tensor], model_config, tokenizer_spec, output_dir,
+              *, dtype: str = "float32", overwrite: bool = False, noise_init: str = "seeded", noise_seed: int = 0,
+              generation: Optional[Dict[str, Any]] = None, verify: bool = True) -> Path:
+    """Write a Hugging Face folder for a megaloop model; returns its path.
+
+    full_state_dict: merged (unsharded) megaloop state dict, megaloop parameter names.
+    model_config:    megaloop Config or ModelConfig (or its dict form).
+    tokenizer_spec:  see tokenizer_info (None: no tokenizer files).
+    dtype:           weight dtype in model.safetensors (float32 | bfloat16 | float16).
+    noise_init/noise_seed: how the exported model draws a `noise` initial state (see MegaloopConfig).
+    generation:      overrides for generation_config.json (do_sample, temperature, top_p, max_new_tokens).
+    verify:          before renaming into place, load the written folder with the exported classes and
+                     compare its logits with megaloop's on a short input at 1 and R loops.
+    Raises ExportError (nothing written) on bad input.
+    """
+    from safetensors.torch import save_file
+
+    mc = _model_config(model_config)
+    out_dir = Path(output_dir).resolve()
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    if dtype not in _DTYPES:
+        raise ExportError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    _check_exportable(mc)
+    check_state_dict(full_state_dict, mc)
+    tok_info = tokenizer_info(tokenizer_spec)
+    hf_kwargs = hf_config_dict(mc, noise_init=noise_init, noise_seed=noise_seed)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        from megaloop.export.hf_template.configuration_megaloop import MegaloopConfig
+
+        special = _write_tokenizer(tok_info, tmp, mc) if tok_info else {}
+        cfg = MegaloopConfig(**hf_kwargs, **special)
+        cfg.architectures = ["MegaloopForCausalLM"]
+        cfg.auto_map = dict(AUTO_MAP)
+        cfg.megaloop_model_config = dataclasses.asdict(mc)
+        cfg.save_pretrained(tmp)
+        for name in TEMPLATE_FILES:
+            shutil.copyfile(TEMPLATE_DIR / name, tmp / name)
+
+        target = _DTYPES[dtype]
+        tensors = {}
+        for k, v in full_state_dict.items():
+            if k == "head.weight" and mc.tie_embeddings:
+                continue  # stored once, as embedding.weight
+            tensors[k] = v.detach().to("cpu", target).contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "exporter": "megaloop"})
+
+        from transformers import GenerationConfig
+
+        gen = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 128}
+        gen.update(generation or {})
+        gen.update({k: v for k, v in special.items() if v is not None})
+        GenerationConfig(**gen).save_pretrained(tmp)
+        (tmp / "README.md").write_text(_readme(mc, hf_kwargs))
+
+        if verify:
+            verify_export(tmp, full_state_dict, mc)
+
+        if out_dir.exists():  # overwrite: swap atomically-ish, then drop the old folder
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.rename(out_dir, old / "x")
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_exported(path, **config_overrides):
+    """Load an exported folder with megaloop's copy of the classes (no remote code), eval mode."""
+    from megaloop.export.hf_template.configuration_megaloop import MegaloopConfig
+    from megaloop.export.hf_template.modeling_megaloop import MegaloopForCausalLM
+
+    cfg = MegaloopConfig.from_pretrained(path, **config_overrides)
+    return MegaloopForCausalLM.from_pretrained(path, config=cfg).eval()
+
+
+def verify_export(folder, state_dict, mc: ModelConfig, atol: float = 1e-4) -> None:
+    """Compare the written folder's logits with megaloop's (float32, short input, 1 and R loops)."""
+    from megaloop.model import LoopedLM
+
+    ref = LoopedLM(mc).eval()
+    ref.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=not mc.tie_embeddings)
+    hf = load_exported(folder, noise_init="global_rng").float()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, mc.vocab_size, (1, min(16, mc.max_seq_len)), generator=g)
+    rng = torch.get_rng_state()
+    try:
+        with torch.no_grad():
+            for loops in sorted({1, mc.loops}):
+                torch.manual_seed(0)
+                a = ref(ids, loops=loops).logits
+                torch.manual_seed(0)
+                b = hf(ids, num_loops=loops, use_cache=False).logits.float()
+                err = (a - b).abs().max().item()
+                if not err <= atol * max(1.0, a.abs().max().item()):
+                    raise ExportError(f"verification failed: exported logits differ from megaloop's by {err:.3g} "
+                                      f"at {loops} loops (the export was not written)")
+    finally:
+        torch.set_rng_state(rng)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint seam
+
+
+_PLAIN_NAMES = ("model.pt", "model.pth", "pytorch_model.bin", "consolidated.pt", "state_dict.pt")
+
+
+def _is_deepspeed_layout(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    if (path / "latest").is_file() or any(path.glob("global_step*")):
+        return True
+    return any(path.glob("mp_rank_*_model_states.pt")) or any(path.glob("layer_*-model_*-model_states.pt"))
+
+
+def _plain_file(checkpoint: Path, step: Optional[int]) -> Path:
+    if checkpoint.is_file():
+        if step is not None:
+            raise ExportError(f"--step {step} was given but {checkpoint} is a single file")
+        return checkpoint
+    if not checkpoint.is_dir():
+        raise ExportError(f"checkpoint {checkpoint} does not exist")
+    base = checkpoint
+    if step is not None:
+        for name in (f"step_{step}", f"step{step}", f"iter_{step:07d}"):
+            if (checkpoint / name).is_dir():
+                base = checkpoint / name
+                break
+        else:
+            raise ExportError(f"no step {step} in {checkpoint} (looked for step_{step}/, iter_{step:07d}/)")
+    for name in _PLAIN_NAMES:
+        if (base / name).is_file():
+            return base / name
+    raise ExportError(f"no model state dict in {base} (looked for {', '.join(_PLAIN_NAMES)})")
+
+
+def load_merged_state_dict(checkpoint_dir, step: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """The full megaloop state dict of a checkpoint, merged across tensor/pipeline-parallel shards.
+
+    Supported today: a plain `torch.save`d state dict (or a dict holding it under "model" /
+    "state_dict" / "module"), given as a file or a directory with model.pt (or step_N/model.pt).
+    DeepSpeed layouts (latest, global_stepN/, mp_rank_XX_model_states.pt, layer_XX-model_YY-...) raise
+    NotImplementedError until megaloop/training's checkpoint format exists.
+    """
+    path = Path(checkpoint_dir)
+    if _is_deepspeed_layout(path):
+        raise NotImplementedError(
+            f"{path} is a DeepSpeed checkpoint. Merging TP x PP shards is not implemented yet: it needs the "
+            f"layout written by megaloop/training (which file holds which pipeline stage's layers, the name "
+            f"mapping from the pipeline modules to LoopedLM names, and the split dimension of each TP-sharded "
+            f"parameter from megaloop/parallel). Fill in megaloop.export.hf_export.load_merged_state_dict; the "
+            f"exporter itself takes the merged dict.")
+    obj = torch.load(_plain_file(path, step), map_location="cpu", weights_only=False)
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "module"):
+            if isinstance(obj.get(key), dict) and obj[key] and all(torch.is_tensor(v) for v in obj[key].values()):
+                return dict(obj[key])
+        if obj and all(torch.is_tensor(v) for v in obj.values()):
+            return dict(obj)
+    raise ExportError(f"{path}: not a state dict (a dict of tensors, or one under 'model'/'state_dict')")
+
+
+def load_checkpoint_config(checkpoint_dir, step: Optional[int] = None) -> Config:
+    """The run config of a checkpoint: a 'config' entry in the saved file, else config.yaml next to it
+    (or in its parent directory)."""
+    from megaloop.config import load_config
+
+    path = Path(checkpoint_dir)
+    if _is_deepspeed_layout(path):
+        load_merged_state_dict(path, step)  # raises the NotImplementedError that names the missing piece
+    f = _plain_file(path, step)
+    obj = torch.load(f, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
+        try:
+            return config_from_dict(obj["config"])
+        except ConfigError as e:
+            raise ExportError(f"{f}: its saved config is invalid: {e}") from e
+    for d in (f.parent, f.parent.parent):
+        for name in ("config.yaml", "config.yml"):
+            if (d / name).is_file():
+                return load_config(d / name)
+    raise ExportError(f"no config for {f}: save it in the checkpoint under 'config' or as config.yaml beside it")
+
+
+def load_checkpoint(checkpoint_dir, step: Optional[int] = None):
+    """(merged state dict, Config, tokenizer spec) of a checkpoint: the inputs of export_hf."""
+    cfg = load_checkpoint_config(checkpoint_dir, step)
+    sd = load_merged_state_dict(checkpoint_dir, step)
+    return sd, cfg, cfg.data
+
+
+def save_plain_checkpoint(model, config: Config, path) -> Path:
+    """torch.save a single-process model + config in the plain format load_checkpoint reads (tests, demos)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "config": config.to_dict()}, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration
+
+
+def register_hf() -> None:
+    """Register MegaloopConfig / MegaloopForCausalLM with the transformers Auto classes, so an exported
+    folder loads without trust_remote_code where megaloop is installed. Idempotent."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megaloop.export.hf_template.configuration_megaloop import MegaloopConfig
+    from megaloop.export.hf_template.modeling_megaloop import MegaloopForCausalLM
+
+    try:
+        AutoConfig.register("megaloop", MegaloopConfig)
+    except ValueError:
+        pass  # already registered
+    try:
+        AutoModelForCausalLM.register(MegaloopConfig, MegaloopForCausalLM)
+    except ValueError:
+        pass
