@@ -54,8 +54,19 @@ class ModelConfig:
     zero_init_out: bool = False  # zero-init attention/MLP output projections
     init_std: float = 0.02
     dropout: float = 0.0
-    # token mixer of each looped layer: one name for all, or a comma list / "N:M" ratio (see mixers.py)
+    # Token mixer of each looped layer (megaloop/model/mixers.py): one name for all ("attn", "gdn",
+    # "swa", "dsa"), a comma list tiled along depth ("gdn,gdn,gdn,attn"), or a ratio "N:M" = N layers
+    # of `linear_mixer` per M softmax-attention layers, spread along depth.
     mixer: str = "attn"
+    linear_mixer: str = "gdn"
+    conv_size: int = 4  # GDN's causal short convolution on q, k, v
+    gdn_expand_v: float = 1.0  # GDN value head dim = head_dim * expand_v
+    gdn_chunk_size: int = 64
+    window: int = 64  # sliding-window attention ("swa"): query t sees keys (t - window, t]
+    dsa_topk: int = 64  # DeepSeek sparse attention ("dsa"): keys kept per query
+    dsa_index_heads: int = 4
+    dsa_index_dim: int = 32
+    dsa_indexer_loss_coef: float = 0.01  # weight of the indexer's KL-to-dense-attention loss
 
     # --- prelude -> looped block x R -> coda ---
     n_prelude: int = 0
@@ -152,6 +163,19 @@ class TrainConfig:
     save_interval: int = 0
     output_dir: str = "runs/default"
     load: Optional[str] = None
+    # --- added by the training engine (issue 5) ---
+    auto_resume: bool = True  # resume from the latest complete checkpoint in output_dir
+    keep_checkpoints: int = 0  # keep only the newest N complete checkpoints; 0 = keep all
+    eval_loops: Optional[int] = None  # R used for validation; None: model.loops
+    loss_scale: float = 0.0  # fp16 only: 0 = dynamic loss scaling, > 0 = static scale
+    initial_scale_power: int = 16  # fp16 dynamic loss scaling starts at 2**this
+    peak_flops: Optional[float] = None  # peak FLOP/s of ONE device, for the achieved-FLOP/s share
+    dist_timeout: float = 600.0  # seconds: a collective waiting longer (dead rank) fails the run
+    tensorboard: bool = True
+    partition_activations: bool = False  # DeepSpeed: split checkpointed activations across TP ranks
+    cpu_checkpointing: bool = False  # DeepSpeed: offload checkpointed activations to CPU
+    sample_tokens: int = 0  # after training, greedily generate this many tokens (TP = 1 only)
+    sample_prompt: str = "The "
 
 
 @dataclass
@@ -160,6 +184,9 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     zero_stage: int = 0
     sequence_parallel: bool = False
+    # how pipeline stages are balanced: loop_weighted (layers weighted by FLOPs, the looped block by
+    # its loop count) | uniform (layer count) | parameters (DeepSpeed's default; wrong for a looped block)
+    pipeline_partition: str = "loop_weighted"
 
 
 @dataclass
@@ -268,7 +295,8 @@ def _apply_override(tree: dict, override: str) -> None:
         if i == len(keys) - 1:
             if dataclasses.is_dataclass(hints[key]):
                 raise ConfigError(f"override '{override}': '{dotted}' is a section; set one of its keys")
-            node[key] = yaml.safe_load(raw) if raw.strip() else ""
+            # Strings stay verbatim (YAML would read "4:1" as the base-60 integer 241).
+            node[key] = raw if hints[key] is str else (yaml.safe_load(raw) if raw.strip() else "")
         else:
             if not dataclasses.is_dataclass(hints[key]):
                 raise ConfigError(f"override '{override}': '{'.'.join(keys[:i + 1])}' is not a section")
@@ -350,6 +378,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if not 0.0 < m.parcae_init_decay < 1.0:
         raise ConfigError(f"model.parcae_init_decay must be in (0, 1), got {m.parcae_init_decay}")
+    for name in ("conv_size", "gdn_chunk_size", "window", "dsa_topk", "dsa_index_heads", "dsa_index_dim"):
+        _positive(getattr(m, name), f"model.{name}")
+    if m.gdn_expand_v <= 0 or not float(m.attn_head_dim * m.gdn_expand_v).is_integer():
+        raise ConfigError(f"model.gdn_expand_v={m.gdn_expand_v} must be > 0 and give an integer value head dim "
+                          f"(head dim {m.attn_head_dim})")
     if m.loops > m.max_loops and m.loop_residual_gate:
         raise ConfigError(f"model.loops={m.loops} exceeds model.max_loops={m.max_loops} (per-loop gate table)")
     # Combinations that do not apply to the chosen architecture.
@@ -377,6 +410,11 @@ def validate(cfg: Config) -> None:
     if m.share_outer_final_norm and m.n_coda:
         raise ConfigError("model.share_outer_final_norm (Ouro) feeds the final norm back into the loop; "
                           f"it needs model.n_coda=0, got {m.n_coda}")
+    if isinstance(m.mixer, str) and m.mixer.strip().isdigit():
+        raise ConfigError(f"model.mixer={m.mixer!r} looks like a number: quote ratios in YAML (mixer: \"4:1\"), "
+                          f"which YAML 1.1 otherwise reads as a base-60 integer")
+    from megaloop.model.mixers import mixer_pattern  # the registry lives with the model code
+    mixer_pattern(m.mixer, m.n_loop, m.linear_mixer)
     # Loop schedule.
     _choice(lp.sampling, ("fixed", "poisson", "lognormal_poisson"), "loop.sampling")
     _choice(lp.loss, ("last", "mean", "last_third", "exit_weighted"), "loop.loss")
@@ -421,6 +459,33 @@ def validate(cfg: Config) -> None:
         if m.padded_vocab_size % tp:
             raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the padded vocabulary "
                               f"{m.padded_vocab_size}; set model.pad_vocab_multiple to a multiple of {tp}")
+    _choice(p.pipeline_partition, ("loop_weighted", "uniform", "parameters"), "parallel.pipeline_partition")
+    if t.eval_loops is not None:
+        _positive(t.eval_loops, "train.eval_loops")
+    for name in ("eval_interval", "save_interval", "keep_checkpoints", "sample_tokens"):
+        _positive(getattr(t, name), f"train.{name}", allow_zero=True)
+    if t.eval_interval and t.eval_iters < 1:
+        raise ConfigError(f"train.eval_interval={t.eval_interval} needs train.eval_iters >= 1")
+    if t.dist_timeout <= 0:
+        raise ConfigError(f"train.dist_timeout must be > 0 seconds, got {t.dist_timeout}")
+    if t.peak_flops is not None and t.peak_flops <= 0:
+        raise ConfigError(f"train.peak_flops must be > 0 or null, got {t.peak_flops}")
+    if t.loss_scale < 0:
+        raise ConfigError(f"train.loss_scale must be >= 0 (0 = dynamic), got {t.loss_scale}")
+    if t.loss_scale and t.precision != "fp16":
+        raise ConfigError(f"train.loss_scale={t.loss_scale} applies to fp16 only (train.precision={t.precision!r})")
+    if t.partition_activations and p.tensor_parallel == 1:
+        raise ConfigError("train.partition_activations splits checkpointed activations across tensor-parallel "
+                          "ranks; it needs parallel.tensor_parallel > 1")
+    if (t.partition_activations or t.cpu_checkpointing) and t.activation_checkpointing == "none":
+        raise ConfigError("train.partition_activations / train.cpu_checkpointing need "
+                          "train.activation_checkpointing 'loop' or 'layer'")
+    max_stages = 3 + m.n_prelude + m.n_coda
+    if p.pipeline_parallel > max_stages:
+        raise ConfigError(f"parallel.pipeline_parallel={p.pipeline_parallel}: the looped block is one indivisible "
+                          f"pipeline layer, so this model (model.n_prelude={m.n_prelude}, model.n_coda={m.n_coda}) "
+                          f"splits into at most {max_stages} stages (embedding | prelude layers | looped block | "
+                          f"coda layers | head)")
     if p.pipeline_parallel > 1 and p.zero_stage > 1:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pipeline_parallel="
                           f"{p.pipeline_parallel}: DeepSpeed's pipeline engine supports ZeRO 0 and 1 only. "

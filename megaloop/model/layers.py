@@ -85,13 +85,18 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1],
-            dropout_p=self.dropout if self.training else 0.0)
+        y = self.attend(q, k, v, x=x, q_input=q_input)
         y = y.transpose(1, 2).reshape(B, T, -1)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x))
         return self.wo(y)
+
+    def attend(self, q, k, v, x=None, q_input=None):
+        """(B, H, T, D) queries, (B, Hkv, T, D) keys/values -> (B, H, T, D). Sparse variants override
+        this; x and q_input are the (normalised) streams, for mixers that score keys themselves."""
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1],
+            dropout_p=self.dropout if self.training else 0.0)
 
 
 class MLP(nn.Module):

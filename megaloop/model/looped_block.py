@@ -40,7 +40,7 @@ class LoopedBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        names = mixer_pattern(cfg.mixer, cfg.n_loop)
+        names = mixer_pattern(cfg.mixer, cfg.n_loop, cfg.linear_mixer)
         self.layers = nn.ModuleList(
             TransformerLayer(cfg, i, build_mixer(n, cfg, i)) for i, n in enumerate(names))
         self.arch = cfg.arch

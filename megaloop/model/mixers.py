@@ -30,12 +30,22 @@ def build_mixer(name: str, cfg: ModelConfig, layer_idx: int = 0):
     return MIXERS[name](cfg, layer_idx)
 
 
-def mixer_pattern(spec: str, n_layers: int) -> List[str]:
+def mixer_pattern(spec: str, n_layers: int, linear_mixer: str = "gdn") -> List[str]:
     """Mixer name for each of n_layers layers.
 
-    `spec` is one name ("attn"), or a comma list ("gdn,gdn,gdn,attn") that is repeated along depth;
-    its length must divide n_layers so the pattern tiles the block exactly.
+    `spec` is one name ("attn"), a comma list ("gdn,gdn,gdn,attn") repeated along depth (its length
+    must divide n_layers so the pattern tiles the block exactly), or a ratio "N:M": N layers of
+    `linear_mixer` then M softmax-attention layers, repeated (LT2's "4:1" hybrid puts one full
+    attention layer after every four linear ones).
     """
+    if ":" in spec:
+        try:
+            n_lin, n_attn = (int(v) for v in spec.split(":"))
+        except ValueError:
+            raise ConfigError(f"model.mixer ratio {spec!r} must look like 'N:M' with integers") from None
+        if n_lin < 0 or n_attn < 0 or n_lin + n_attn == 0:
+            raise ConfigError(f"model.mixer ratio {spec!r} needs non-negative counts, not both zero")
+        spec = ",".join([linear_mixer] * n_lin + ["attn"] * n_attn)
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
         raise ConfigError("model.mixer is empty")
@@ -50,7 +60,13 @@ def mixer_pattern(spec: str, n_layers: int) -> List[str]:
 
 def _register_builtin():
     from megaloop.model.layers import Attention
+    from megaloop.model.gated_deltanet import GatedDeltaNet
+    from megaloop.model.sparse_attention import DeepSeekSparseAttention, SlidingWindowAttention
+
     MIXERS.setdefault("attn", Attention)
+    MIXERS.setdefault("gdn", GatedDeltaNet)
+    MIXERS.setdefault("swa", SlidingWindowAttention)
+    MIXERS.setdefault("dsa", DeepSeekSparseAttention)
 
 
 _register_builtin()

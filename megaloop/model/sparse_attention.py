@@ -1,0 +1,81 @@
+"""Sparse softmax-attention mixers: sliding window ("swa") and DeepSeek-style sparse attention ("dsa").
+
+Both keep the projections, RoPE, QK-norm and output gate of `Attention` and only change which keys a
+query sees (`attend`), using the kernels in megaloop.ops.sparse_attention.
+
+DSA: a light indexer scores every causal (query, key) pair,
+    I(t, s) = sum_j w(t, j) * ReLU(q_I(t, j) . k_I(s)),
+and each query attends to its top-k keys, the selection shared by all heads. The selection is not
+differentiable; the indexer learns from DeepSeek's auxiliary loss, the KL between the (detached)
+main attention distribution and softmax(I) over the selected keys, weighted by
+`model.dsa_indexer_loss_coef`. That loss reaches the indexer through `AuxLossInjector`, which adds its
+gradient in backward without changing the forward output (Megatron's MoE aux-loss mechanism), so the
+training loop needs no extra plumbing. The indexer has no RoPE here (DeepSeek applies RoPE to part
+of its dims): a simplification worth revisiting at scale.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from megaloop.config import ModelConfig
+from megaloop.model.layers import Attention
+from megaloop.ops import (indexer_kl_loss, lightning_indexer_scores, lightning_indexer_topk,
+                          select_topk_keys, sliding_window_attention, sparse_attention_from_indices)
+
+
+class AuxLossInjector(torch.autograd.Function):
+    """Identity on `output` in forward; in backward, also sends gradient `coef` into `aux_loss`."""
+
+    @staticmethod
+    def forward(ctx, output, aux_loss, coef: float):
+        ctx.save_for_backward(aux_loss)
+        ctx.coef = coef
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_output, torch.full_like(aux_loss, ctx.coef), None
+
+
+class SlidingWindowAttention(Attention):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+        super().__init__(cfg, layer_idx)
+        self.window = cfg.window
+
+    def attend(self, q, k, v, x=None, q_input=None):
+        return sliding_window_attention(q, k, v, self.window)
+
+
+class DeepSeekSparseAttention(Attention):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+        super().__init__(cfg, layer_idx)
+        d, hi, di = cfg.d_model, cfg.dsa_index_heads, cfg.dsa_index_dim
+        self.topk = cfg.dsa_topk
+        self.index_heads, self.index_dim = hi, di
+        self.loss_coef = cfg.dsa_indexer_loss_coef
+        # The indexer is small and replicated under TP: every rank must select the same keys.
+        self.wq_index = nn.Linear(d, hi * di, bias=False)
+        self.wk_index = nn.Linear(d, di, bias=False)
+        self.w_index = nn.Linear(d, hi, bias=False)
+
+    def index_inputs(self, x, q_input=None):
+        B, T, _ = x.shape
+        qx = x if q_input is None else q_input
+        q_idx = self.wq_index(qx).view(B, T, self.index_heads, self.index_dim)
+        k_idx = self.wk_index(x)
+        w = self.w_index(qx) / self.index_heads ** 0.5
+        return q_idx, k_idx, w
+
+    def attend(self, q, k, v, x=None, q_input=None):
+        q_idx, k_idx, w = self.index_inputs(x, q_input)
+        train_indexer = self.training and torch.is_grad_enabled() and self.loss_coef > 0
+        if not train_indexer:
+            indices, valid = lightning_indexer_topk(q_idx, k_idx, w, self.topk)
+            return sparse_attention_from_indices(q, k, v, indices, valid)
+        scores = lightning_indexer_scores(q_idx, k_idx, w)  # (B, T, T), O(T^2) as in DeepSeek's training
+        indices, valid = select_topk_keys(scores, self.topk)
+        y = sparse_attention_from_indices(q, k, v, indices, valid)
+        aux = indexer_kl_loss(scores, q, k, indices=indices, valid=valid)
+        return AuxLossInjector.apply(y, aux, self.loss_coef)
