@@ -72,7 +72,8 @@ def hf_config_dict(mc: ModelConfig, noise_init: str = "seeded", noise_seed: int 
         embed_norm=mc.embed_norm, max_seq_len=mc.max_seq_len, d_model=mc.d_model, n_heads=mc.n_heads,
         n_kv_heads=mc.kv_heads, head_dim=mc.attn_head_dim, ffn_hidden=mc.ffn_dim, mlp=mc.mlp,
         norm_style=mc.norm_style, norm_eps=mc.norm_eps, norm_scale=mc.norm_scale, qk_norm=mc.qk_norm,
-        rope_theta=mc.rope_theta, logit_softcap=mc.logit_softcap, init_std=mc.init_std, mixer=mc.mixer,
+        rope_theta=mc.rope_theta, logit_softcap=mc.logit_softcap, init_std=mc.init_std,
+        mixer=",".join(loop_mixers(mc)),
         n_prelude=mc.n_prelude, n_loop=mc.n_loop, n_coda=mc.n_coda, num_loops=mc.loops, max_loops=mc.max_loops,
         arch=mc.arch, injection=mc.injection, recall=mc.recall, internal_recall_site=mc.internal_recall_site,
         internal_recall_layers=mc.internal_recall_layers, normalization=mc.normalization,
@@ -134,15 +135,31 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor], mc: ModelConfig) -> No
         raise ExportError("the state dict does not match the model config:\n  - " + "\n  - ".join(problems))
 
 
+def loop_mixers(mc: ModelConfig) -> list:
+    """The token mixer of each looped layer, resolved by megaloop's own pattern rules (comma lists,
+    "N:M" ratios)."""
+    from megaloop.model.mixers import mixer_pattern
+
+    if hasattr(mc, "linear_mixer"):
+        return mixer_pattern(mc.mixer, mc.n_loop, mc.linear_mixer)
+    return mixer_pattern(mc.mixer, mc.n_loop)
+
+
+def unsupported_mixers(mc: ModelConfig) -> list:
+    """Mixers of this config that the Hugging Face modeling file does not implement (yet)."""
+    from megaloop.export.hf_template.modeling_megaloop import MIXERS
+
+    return sorted(set(loop_mixers(mc)) - set(MIXERS))
+
+
 def _check_exportable(mc: ModelConfig) -> None:
     from megaloop.export.hf_template.modeling_megaloop import MIXERS
 
-    names = {s.strip() for s in mc.mixer.split(",") if s.strip()}
-    unknown = sorted(names - set(MIXERS))
+    unknown = unsupported_mixers(mc)
     if unknown:
         raise ExportError(f"model.mixer={mc.mixer!r}: the Hugging Face modeling file has no implementation of "
-                          f"{unknown} yet (it has {sorted(MIXERS)}); add the mixer to "
-                          f"megaloop/export/hf_template/modeling_megaloop.py (MIXERS) first")
+                          f"the token mixer(s) {unknown} yet (it has {sorted(MIXERS)}); add them to MIXERS in "
+                          f"megaloop/export/hf_template/modeling_megaloop.py first. Nothing was written.")
 
 
 # ------------------------------------------------------------------------------------------------

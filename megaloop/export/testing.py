@@ -30,3 +30,14 @@ def perturbed_model(cfg, seed: int = 0, scale: float = 0.05):
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale)
     return model
+
+
+def hf_exportable(path) -> bool:
+    """Whether the HF modeling file implements every token mixer of this tiny config."""
+    from megaloop.export.hf_export import unsupported_mixers
+
+    return not unsupported_mixers(tiny_config(path).model)
+
+
+EXPORTABLE_CONFIGS = [p for p in TINY_CONFIGS if hf_exportable(p)]
+UNEXPORTABLE_CONFIGS = [p for p in TINY_CONFIGS if not hf_exportable(p)]
