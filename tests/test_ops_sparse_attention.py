@@ -118,12 +118,13 @@ def test_blocked_topk_equals_full_topk():
 def test_dsa_with_topk_at_least_T_is_dense_causal(topk):
     q, k, v = make_qkv(T=19)
     index_scores = lightning_indexer_scores(*make_indexer_inputs(T=19))
-    actual = value_and_grads(lambda q, k, v: topk_sparse_attention(q, k, v, index_scores, topk), q, k, v)
+    actual = value_and_grads(lambda q, k, v: topk_sparse_attention(q, k, v, index_scores, topk, query_block_size=8), q, k, v)
     expected = value_and_grads(causal_attention_dense, q, k, v)
     assert_all_close(actual, expected)
 
 
-def test_dsa_attends_to_exactly_the_selected_keys():
+@pytest.mark.parametrize("query_block_size,recompute", [(64, True), (4, True), (5, False)])
+def test_dsa_attends_to_exactly_the_selected_keys(query_block_size, recompute):
     q, k, v = make_qkv(T=19)
     index_scores = lightning_indexer_scores(*make_indexer_inputs(T=19))
     indices, valid = select_topk_keys(index_scores, topk=5)
@@ -132,7 +133,10 @@ def test_dsa_attends_to_exactly_the_selected_keys():
     selected.scatter_(-1, torch.where(valid, indices, 19), True)
     selected = selected[..., :19]
     assert selected.sum(-1).max() == 5 and not selected.triu(1).any()
-    actual = value_and_grads(lambda q, k, v: topk_sparse_attention(q, k, v, index_scores, 5), q, k, v)
+    actual = value_and_grads(
+        lambda q, k, v: topk_sparse_attention(q, k, v, index_scores, 5, query_block_size=query_block_size, recompute=recompute),
+        q, k, v,
+    )
     expected = value_and_grads(lambda q, k, v: masked_attention_dense(q, k, v, selected), q, k, v)
     assert_all_close(actual, expected)
 

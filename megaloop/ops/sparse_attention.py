@@ -9,7 +9,8 @@ KV heads are never materialised H/Hkv times: queries are viewed as (B, Hkv, grou
 - DSA (DeepSeek-V3.2): a light "lightning indexer" scores every causal (t, s) pair,
       I(t, s) = sum_j w(t, j) * ReLU(q_I(t, j) . k_I(s)),
   each query keeps its top-k keys (one selection shared by all heads) and attends to those only.
-  The indexer is O(T^2) but cheap (few heads, small dim, no softmax); the attention is O(T * topk).
+  The indexer is O(T^2) but cheap (few heads, small dim, no softmax); the attention is O(T * topk),
+  computed in query blocks over gathered keys, recomputed in backward (activation checkpointing).
   The top-k selection is not differentiable: no gradient reaches the indexer through the main
   attention. DeepSeek trains the indexer with a separate loss, KL(main attention || softmax(I))
   on detached main-attention probabilities; `indexer_kl_loss` implements it.
@@ -21,6 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "causal_attention_dense",
@@ -194,6 +196,32 @@ def lightning_indexer_topk(
     return torch.cat(indices, dim=1), torch.cat(valid, dim=1)
 
 
+def _gather_keys(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """x: (B, Hkv, T, D), indices: (B, Tq, K) -> x[b, h, indices[b, t, k]] as (B, Hkv, Tq, K, D).
+
+    An index_select over flattened (batch, head, time) rows: its backward is an index_add into a
+    (B Hkv T, D) buffer, so no (Tq, T)-sized gradient is ever formed. The result is contiguous
+    with (B, Hkv, Tq) leading, ready for a batched matmul per query.
+    """
+    B, Hkv, T, D = x.shape
+    Tq, K = indices.shape[1:]
+    row_offsets = (torch.arange(B * Hkv, device=x.device) * T).view(B, Hkv, 1, 1)
+    rows = (indices[:, None] + row_offsets).reshape(-1)
+    return x.reshape(B * Hkv * T, D).index_select(0, rows).view(B, Hkv, Tq, K, D)
+
+
+def _sparse_attention_block(q_block, k, v, indices, valid, scale: float) -> torch.Tensor:
+    B, H, Tq, D = q_block.shape
+    Hkv = k.shape[1]
+    k_selected = _gather_keys(k, indices)                                    # (B, Hkv, Tq, K, D)
+    v_selected = _gather_keys(v, indices)
+    qg = q_block.reshape(B, Hkv, H // Hkv, Tq, D).transpose(2, 3)           # (B, Hkv, Tq, G, D)
+    scores = (qg @ k_selected.transpose(-1, -2)) * scale                     # (B, Hkv, Tq, G, K)
+    probs = scores.masked_fill(~valid[:, None, :, None, :], float("-inf")).softmax(dim=-1)
+    out = probs @ v_selected                                                 # (B, Hkv, Tq, G, Dv)
+    return out.transpose(2, 3).reshape(B, H, Tq, v.shape[-1])
+
+
 def sparse_attention_from_indices(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -201,26 +229,32 @@ def sparse_attention_from_indices(
     indices: torch.Tensor,
     valid: torch.Tensor,
     scale: Optional[float] = None,
+    query_block_size: int = 64,
+    recompute: bool = True,
 ) -> torch.Tensor:
-    """Each query t attends to the keys indices[b, t, :] where valid (shared by all heads).
+    """Each query t attends to the keys indices[b, t, :] where valid[b, t, :] (shared by all heads).
 
-    The selected keys/values are gathered into (B, T, K, Hkv, D): O(T * K) memory. The gather is
-    an index_select over flattened (batch, time) rows, whose backward is an index_add into a
-    (B * T, ...) buffer, so the backward stays O(T * K) too.
+    Memory: the selected keys/values of a block of queries are gathered into
+    (B, Hkv, blk, K, D) buffers, so the transient working set is O(blk * K * D) per kv head.
+    With recompute=True (default) each block runs under activation checkpointing: autograd keeps
+    only the inputs and the (B, T, K) selection, and the backward gathers again. Without it,
+    the gathered keys/values of every block stay alive until backward: O(T * K * D) per kv head,
+    K * D / T times a dense attention's saved scores.
     """
     scale = _default_scale(q, scale)
-    B, H, T, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    K = indices.shape[-1]
-    rows = (indices + torch.arange(B, device=q.device)[:, None, None] * T).reshape(-1)      # (B T K)
-    k_sel = k.transpose(1, 2).reshape(B * T, Hkv * D).index_select(0, rows).view(B, T, K, Hkv, D)
-    v_sel = v.transpose(1, 2).reshape(B * T, Hkv * Dv).index_select(0, rows).view(B, T, K, Hkv, Dv)
-
-    qg = q.view(B, Hkv, H // Hkv, T, D)
-    scores = torch.einsum("bhgtd,btkhd->bhgtk", qg, k_sel) * scale
-    probs = scores.masked_fill(~valid[:, None, None], float("-inf")).softmax(dim=-1)
-    out = torch.einsum("bhgtk,btkhd->bhgtd", probs, v_sel)
-    return out.reshape(B, H, T, Dv)
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"number of query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+    T = q.shape[2]
+    needs_graph = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    blocks = []
+    for t0 in range(0, T, query_block_size):
+        block_args = (q[:, :, t0:t0 + query_block_size], k, v,
+                      indices[:, t0:t0 + query_block_size], valid[:, t0:t0 + query_block_size], scale)
+        if recompute and needs_graph:
+            blocks.append(checkpoint(_sparse_attention_block, *block_args, use_reentrant=False))
+        else:
+            blocks.append(_sparse_attention_block(*block_args))
+    return torch.cat(blocks, dim=2)
 
 
 def topk_sparse_attention(
@@ -230,11 +264,14 @@ def topk_sparse_attention(
     index_scores: torch.Tensor,
     topk: int,
     scale: Optional[float] = None,
+    query_block_size: int = 64,
+    recompute: bool = True,
 ) -> torch.Tensor:
     """DSA: each query attends to its top-k causal keys under index_scores (B, T, T), the selection
-    shared by all heads. With topk >= T this is dense causal attention."""
+    shared by all heads. With topk >= T this is dense causal attention. No gradient flows to
+    index_scores (see `indexer_kl_loss`)."""
     indices, valid = select_topk_keys(index_scores, topk)
-    return sparse_attention_from_indices(q, k, v, indices, valid, scale)
+    return sparse_attention_from_indices(q, k, v, indices, valid, scale, query_block_size, recompute)
 
 
 def indexer_kl_loss(

@@ -1,0 +1,209 @@
+"""Forward+backward cost of the sequence-mixer kernels versus sequence length.
+
+    .venv/bin/python benchmarks/bench_mixers_ops.py [--lengths 512 1024 2048 4096 8192]
+
+Mixers (B=1, H=4, D=32 by default, float32, on CPU or whatever device --device names):
+  softmax  F.scaled_dot_product_attention(is_causal=True)          O(T^2) time
+  gdn      megaloop.ops.gated_delta_rule_chunked (chunk 64)          O(T) time
+  swa      megaloop.ops.sliding_window_attention (window 256)        O(T w)
+  dsa      lightning indexer top-k (no grad) + top-k sparse attention (topk 256)
+           O(T^2) indexer (Hi=4, Di=16, cheap per pair) + O(T k) attention
+  dsa-attn the DSA attention alone, given the selected indices
+
+What is measured, per (mixer, T), in fresh subprocesses so allocations do not leak between runs:
+  time      best (minimum) wall-clock of `reps` forward+backward passes after one warm-up pass,
+            backward seeded with ones, 1 intra-op thread by default (--threads): robust to other
+            jobs sharing the machine, which only ever add time. The median is printed beside it.
+  saved MB  bytes autograd keeps for backward (torch.autograd.graph.saved_tensors_hooks,
+            deduplicated by storage, the inputs themselves excluded): the activation memory
+            a training step holds per layer. DSA's attention runs under activation
+            checkpointing, whose own saved references (the (T, topk) selection) this hook does
+            not see: ~T*topk*9 bytes, 18 MB at T=8192, topk=256.
+  peak MB   growth of the process's peak RSS (getrusage ru_maxrss) over the first
+            forward+backward pass (after a small warm-up run), in a separate process where
+            glibc mmaps every allocation >= 64 KiB (MALLOC_MMAP_THRESHOLD_) so freed buffers
+            really leave RSS (not used for timing: it page-faults on every allocation). Includes transient
+            buffers and allocator overhead; approximate (page granularity, ~1 MB noise).
+Note: on CPU, SDPA runs a flash-attention style kernel, so softmax attention's *memory* is
+already O(T); what grows quadratically for it is time.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+MIXERS = ["softmax", "gdn", "swa", "dsa", "dsa-attn"]
+
+
+def build(mixer: str, T: int, args):
+    """Inputs (leaves requiring grad) and a forward function for one mixer at length T."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from megaloop.ops.gated_delta import gated_delta_rule_chunked
+    from megaloop.ops.sparse_attention import (
+        lightning_indexer_topk,
+        sliding_window_attention,
+        sparse_attention_from_indices,
+    )
+
+    torch.manual_seed(0)
+    device, B, H, D = args.device, 1, args.heads, args.head_dim
+    dtype = torch.float32
+
+    if mixer == "gdn":
+        q = F.normalize(torch.randn(B, T, H, D, device=device, dtype=dtype), dim=-1)
+        k = F.normalize(torch.randn(B, T, H, D, device=device, dtype=dtype), dim=-1)
+        v = torch.randn(B, T, H, D, device=device, dtype=dtype)
+        g = -F.softplus(torch.randn(B, T, H, device=device, dtype=dtype))
+        beta = torch.rand(B, T, H, device=device, dtype=dtype)
+        inputs = [q, k, v, g, beta]
+
+        def forward(q, k, v, g, beta):
+            return gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=args.chunk_size)[0]
+    else:
+        inputs = [torch.randn(B, H, T, D, device=device, dtype=dtype) for _ in range(3)]
+        if mixer == "softmax":
+            def forward(q, k, v):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif mixer == "swa":
+            def forward(q, k, v):
+                return sliding_window_attention(q, k, v, args.window)
+        else:
+            Hi, Di = args.indexer_heads, args.indexer_dim
+            q_idx = torch.randn(B, T, Hi, Di, device=device, dtype=dtype)
+            k_idx = torch.randn(B, T, Di, device=device, dtype=dtype)
+            w = torch.randn(B, T, Hi, device=device, dtype=dtype)
+            if mixer == "dsa":
+                def forward(q, k, v):
+                    indices, valid = lightning_indexer_topk(q_idx, k_idx, w, args.topk)
+                    return sparse_attention_from_indices(q, k, v, indices, valid)
+            else:  # dsa-attn: selection precomputed, outside the timed region
+                indices, valid = lightning_indexer_topk(q_idx, k_idx, w, args.topk)
+
+                def forward(q, k, v):
+                    return sparse_attention_from_indices(q, k, v, indices, valid)
+
+    return forward, [x.requires_grad_(True) for x in inputs]
+
+
+def run_worker(mixer: str, T: int, args) -> dict:
+    import torch
+
+    def forward_backward(forward, leaves):
+        for x in leaves:
+            x.grad = None
+        out = forward(*leaves)
+        out.backward(torch.ones_like(out))
+
+    # One small run first: thread pools, kernel dispatch tables and allocator arenas are set up
+    # there, so the peak-RSS growth below is the length-T run's own memory.
+    forward_backward(*build(mixer, 256, args))
+    forward, leaves = build(mixer, T, args)
+
+    if args.measure == "memory":
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        forward_backward(forward, leaves)
+        rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+        # Saved-for-backward bytes, on a separate forward whose graph is then dropped.
+        input_storages = {x.untyped_storage().data_ptr() for x in leaves}
+        saved = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in input_storages:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = forward(*leaves)
+        del out
+        return {"saved_mb": sum(saved.values()) / 2**20, "peak_mb": (rss_after - rss_before) / 1024}
+
+    forward_backward(forward, leaves)  # warm-up
+    times = []
+    for _ in range(args.reps):
+        start = time.perf_counter()
+        forward_backward(forward, leaves)
+        times.append(time.perf_counter() - start)
+    # The minimum, not the median: on a shared machine interference only ever adds time.
+    return {"time_ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--mixers", nargs="+", default=MIXERS, choices=MIXERS)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--topk", type=int, default=256)
+    parser.add_argument("--indexer-heads", type=int, default=4)
+    parser.add_argument("--indexer-dim", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--worker", nargs=2, metavar=("MIXER", "T"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=["time", "memory"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        result = run_worker(args.worker[0], int(args.worker[1]), args)
+        print(json.dumps(result))
+        return
+
+    # Memory runs make glibc mmap (and on free, unmap) every allocation >= 64 KiB so that RSS
+    # follows the live bytes; that costs a page fault per allocation, so timing runs separately.
+    memory_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
+    forwarded = sys.argv[1:]
+
+    def worker(mixer, T, measure, env):
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), *forwarded, "--worker", mixer, str(T), "--measure", measure],
+            env=env, capture_output=True, text=True, check=True,
+        )
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    results = {}
+    import torch
+
+    print(f"B=1 H={args.heads} D={args.head_dim} float32 on {args.device}, torch {torch.__version__}, "
+          f"{args.threads or torch.get_num_threads()} threads; fwd+bwd, best of {args.reps}; "
+          f"gdn chunk {args.chunk_size}, swa window {args.window}, dsa topk {args.topk} "
+          f"(indexer {args.indexer_heads} heads x {args.indexer_dim})")
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
+    print(f"{'mixer':>9} {'T':>6} {'time ms':>9} {'median':>9} {'saved MB':>9} {'peak MB':>8}")
+    for T in args.lengths:
+        for mixer in args.mixers:
+            r = {**worker(mixer, T, "time", os.environ), **worker(mixer, T, "memory", memory_env)}
+            results[mixer, T] = r
+            print(f"{mixer:>9} {T:>6} {r['time_ms']:>9.1f} {r['median_ms']:>9.1f} {r['saved_mb']:>9.1f} {r['peak_mb']:>8.1f}", flush=True)
+
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+    if "softmax" in args.mixers:
+        print("\nspeed-up over softmax (softmax best time / mixer best time):")
+        print(f"{'mixer':>9} " + " ".join(f"{T:>7}" for T in args.lengths) + "   crossover")
+        for mixer in args.mixers:
+            if mixer == "softmax":
+                continue
+            ratios = [results["softmax", T]["time_ms"] / results[mixer, T]["time_ms"] for T in args.lengths]
+            faster = [T for T, r in zip(args.lengths, ratios) if r > 1.0]
+            # Crossover: first measured length from which the mixer stays faster.
+            crossover = next((T for i, T in enumerate(args.lengths) if all(r > 1.0 for r in ratios[i:])), None)
+            where = f"T >= {crossover}" if crossover else ("not within range" if not faster else "unstable")
+            print(f"{mixer:>9} " + " ".join(f"{r:>7.2f}" for r in ratios) + f"   {where}")
+
+
+if __name__ == "__main__":
+    main()
