@@ -1,0 +1,119 @@
+"""Training batches: the data pipeline's datasets and resumable sampler, plus the loop count R of each
+micro-batch.
+
+A micro-batch is `((tokens, loops), labels)`: DeepSpeed's pipeline engine feeds element 0 to the first
+stage and element 1 to the loss on the last stage. `loops` is a long tensor [R_total, R_grad] drawn by
+`sample_loops(loop_cfg, seed, step, g)` where g = m * dp_size + dp_rank is the index of the micro-batch
+within the global batch of optimizer step `step` (m = gradient-accumulation index). It is drawn where
+the data enters, is a pure function of its position in the run (so a resumed run draws the same R), and
+travels with the activations to the stage that holds the looped block: every stage and every TP rank
+of a replica agrees on R, and activation checkpointing's recompute cannot change it. Integer tensors
+cross pipeline stages without gradients (DeepSpeed skips them in the backward send).
+
+Data-parallel 2 with one micro-batch per step and data-parallel 1 with two accumulated micro-batches
+read the same samples with the same R: both cut the global batch into chunks g = 0, 1, ... in order.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megaloop.config import Config
+from megaloop.model.loop_schedule import sample_loops
+
+
+def build_split_datasets(cfg: Config, num_train: int, num_valid: int, tokenizer=None) -> dict:
+    from megaloop.data import build_datasets
+    if not cfg.data.data_path:
+        raise ValueError("data.data_path is empty: point it at a preprocessed dataset prefix "
+                         "(see tools/preprocess_data.py), e.g. data.data_path=[data/demo_text_document]")
+    num = {"train": int(num_train)}
+    if num_valid:
+        num["valid"] = int(num_valid)
+    return build_datasets(cfg.data.data_path, split=cfg.data.split, seq_len=cfg.data.seq_len,
+                          num_samples=num, seed=cfg.train.seed, cache_dir=cfg.data.cache_dir,
+                          tokenizer=tokenizer)
+
+
+def _as_batch(dataset, indices) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(dataset[int(i)], dtype=np.int64) for i in indices]))
+
+
+class TrainBatches:
+    """Iterator over this rank's training micro-batches, starting after `consumed_samples`.
+
+    Wraps the data pipeline's PretrainingSampler (the same global sample order as Megatron-LM) and adds
+    the loop count. In a pipeline, the first and the last stage each own one of these and draw the same
+    sequence; middle stages never read data."""
+
+    def __init__(self, dataset, cfg: Config, dp_rank: int, dp_size: int, consumed_samples: int = 0):
+        from megaloop.data import PretrainingSampler
+        t = cfg.train
+        self.dataset, self.cfg = dataset, cfg
+        self.mbs, self.gas, self.dp_rank, self.dp_size = t.micro_batch_size, t.grad_accum_steps, dp_rank, dp_size
+        global_batch = self.mbs * self.gas * dp_size
+        if consumed_samples % global_batch:
+            raise ValueError(f"consumed_samples={consumed_samples} is not a multiple of the global batch "
+                             f"{global_batch}: the run was resumed with another batch layout")
+        self.sampler = PretrainingSampler(len(dataset), consumed_samples, self.mbs, dp_rank, dp_size)
+        self._it = iter(self.sampler)
+        self._micro = consumed_samples // (self.mbs * dp_size)  # global micro-batch counter
+
+    def __iter__(self):
+        return self
+
+    def loops_for(self, step: int, m: int) -> torch.Tensor:
+        g = m * self.dp_size + self.dp_rank
+        lc = sample_loops(self.cfg.loop, self.cfg.train.seed, step, g)
+        return torch.tensor([lc.total, lc.grad], dtype=torch.long)
+
+    def __next__(self):
+        indices = next(self._it)
+        step, m = divmod(self._micro, self.gas)
+        self._micro += 1
+        sample = _as_batch(self.dataset, indices)
+        return (sample[:, :-1].contiguous(), self.loops_for(step, m)), sample[:, 1:].contiguous()
+
+
+class EvalBatches:
+    """The first `iters` micro-batches of this rank's share of the validation split, every time (so
+    validation losses are comparable across the run), with a fixed R."""
+
+    def __init__(self, dataset, cfg: Config, dp_rank: int, dp_size: int, iters: int, loops: int):
+        self.dataset, self.mbs, self.dp_rank, self.dp_size = dataset, cfg.train.micro_batch_size, dp_rank, dp_size
+        self.iters, self.loops = iters, loops
+        self.reset()
+
+    def reset(self):
+        self._k = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._k >= self.iters:
+            raise StopIteration
+        start = (self._k * self.dp_size + self.dp_rank) * self.mbs
+        self._k += 1
+        n = len(self.dataset)
+        sample = _as_batch(self.dataset, [(start + b) % n for b in range(self.mbs)])
+        loops = torch.tensor([self.loops, self.loops], dtype=torch.long)
+        return (sample[:, :-1].contiguous(), loops), sample[:, 1:].contiguous()
+
+
+def samples_needed(cfg: Config, dp_size: int) -> tuple:
+    t = cfg.train
+    global_batch = t.micro_batch_size * t.grad_accum_steps * dp_size
+    valid = t.eval_iters * t.micro_batch_size * dp_size if t.eval_interval else 0
+    return t.steps * global_batch, valid
+
+
+def tokenizer_reference(cfg: Config) -> dict:
+    return {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model}
+
+
+def build_tokenizer_for(cfg: Config) -> Optional[object]:
+    from megaloop.data import build_tokenizer
+    return build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)

@@ -1,0 +1,75 @@
+"""Process-group setup and the parallel layout (DP x PP x TP) of a training run.
+
+Everything goes through `deepspeed.comm` and `deepspeed.accelerator`: the same code runs with gloo on
+CPU (`DS_ACCELERATOR=cpu`) and with NCCL on CUDA clusters. `python pretrain_looped.py` without the
+launcher gets a one-rank world (RANK/WORLD_SIZE/MASTER_* filled in here).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fill_single_rank_env() -> None:
+    """A run started with plain `python`: a world of one rank."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        os.environ.setdefault("LOCAL_RANK", "0")
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """Initialise deepspeed.comm with the accelerator's backend and a bounded timeout.
+
+    The timeout bounds how long a collective waits for a rank that died: the survivors fail with an
+    error instead of hanging (the deepspeed launcher then kills the remaining siblings)."""
+    import deepspeed
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if dist.is_initialized():
+        return
+    _fill_single_rank_env()
+    acc = get_accelerator()
+    backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=float(timeout_s)),
+                               verbose=False)
+    if acc.device_name() != "cpu":
+        acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def build_state(parallel_cfg):
+    """The (pipe, data, tensor) grid: megaloop.parallel.topology's ParallelState (DeepSpeed's
+    PipeModelDataParallelTopology + PipelineParallelGrid, also used as DeepSpeed's `mpu`)."""
+    from megaloop.parallel.topology import build_parallel_state
+    return build_parallel_state(parallel_cfg)
+
+
+def is_logging_rank(state) -> bool:
+    """Last pipeline stage (it holds the loss), data-parallel rank 0, tensor-parallel rank 0."""
+    return state.is_last_stage and state.dp_rank == 0 and state.tp_rank == 0
+
+
+def barrier() -> None:
+    import deepspeed.comm as dist
+    dist.barrier()
+
+
+def all_reduce_max_flag(flag: bool) -> bool:
+    """True on every rank when any rank says True (signals, NaN)."""
+    import deepspeed.comm as dist
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -1,0 +1,77 @@
+"""AdamW with weight-decay groups, and the learning-rate schedules (warmup + cosine, warmup-stable-decay).
+
+No weight decay for: 1-D parameters (norm scales, biases, per-channel vectors), anything named *bias,
+and every parameter the model marks with `p.no_weight_decay = True` (Parcae's A_log, dt_bias, B, W_C;
+LT2's rho). DeepSpeed's FusedAdam needs CUDA; torch.optim.AdamW runs everywhere and is handed to
+deepspeed.initialize as an optimizer object (ZeRO accepts it with `zero_allow_untested_optimizer`)."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+
+from megaloop.config import TrainConfig
+
+
+def is_no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    return bool(getattr(p, "no_weight_decay", False)) or p.ndim < 2 or name.endswith("bias")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if is_no_decay(name, p) else decay).append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay, "name": "decay"})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, t.weight_decay)
+    for g in groups:
+        g.pop("name")
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=False)
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based)."""
+    if t.warmup_steps > 0 and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    total = max(1, t.steps - t.warmup_steps)
+    done = min(step - t.warmup_steps, total)
+    if t.lr_schedule == "cosine":
+        return t.min_lr + (t.lr - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * done / total))
+    # wsd: warmup, stable at lr, then a linear decay to min_lr over the last wsd_decay_fraction of steps.
+    decay_steps = max(1, int(round(t.wsd_decay_fraction * t.steps)))
+    decay_start = t.steps - decay_steps
+    if step < decay_start:
+        return t.lr
+    frac = min(1.0, (step - decay_start + 1) / decay_steps)
+    return t.lr + (t.min_lr - t.lr) * frac
+
+
+class _Multiplier:
+    """Picklable lr_lambda (LambdaLR keeps callable objects in its state_dict)."""
+
+    _KEYS = ("lr", "min_lr", "warmup_steps", "lr_schedule", "steps", "wsd_decay_fraction")
+
+    def __init__(self, t: TrainConfig):
+        # primitives only, so the scheduler state loads under torch.load(weights_only=True)
+        self.params = {k: getattr(t, k) for k in self._KEYS}
+
+    def __call__(self, step: int) -> float:
+        t = SimpleNamespace(**self.params)
+        return lr_at(step, t) / t.lr
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Multiplier(t))

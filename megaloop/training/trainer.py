@@ -1,0 +1,531 @@
+"""The pretraining run: `deepspeed pretrain_looped.py --config PATH [section.key=value ...]`.
+
+One code path for every layout: PP = 1 uses `deepspeed.initialize` on the LoopedLM itself (ZeRO 0-3);
+PP > 1 wraps the model into a `deepspeed.pipe.PipelineModule` (megaloop.parallel.pipeline) and trains
+with the pipeline engine (ZeRO 0-1). The loop count R of every micro-batch comes with the data
+(megaloop.training.data), so all stages / TP ranks agree and a resumed run redraws the same R.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+from megaloop.config import Config, ConfigError, load_config, save_config
+from megaloop.training import checkpoint as ckpt
+from megaloop.training.data import (EvalBatches, TrainBatches, build_split_datasets, build_tokenizer_for,
+                                    samples_needed, tokenizer_reference)
+from megaloop.training.distributed import all_reduce_max_flag, build_state, init_distributed, is_logging_rank
+from megaloop.training.ds_config import build_ds_config, check_supported
+from megaloop.training.flops import train_flops_per_token
+from megaloop.training.optim import build_optimizer, build_scheduler
+from megaloop.training.run_logging import RunLogger, fmt_bytes, memory_bytes
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+EXIT_NONFINITE = 3
+
+
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Pretrain a looped LM with DeepSpeed",
+                                 epilog="overrides: section.key=value, e.g. train.steps=200 parallel.zero_stage=1")
+    ap.add_argument("--config", required=False, default=None, help="YAML config")
+    ap.add_argument("--load", default=None, help="checkpoint root or tag directory to resume from")
+    ap.add_argument("--no-auto-resume", action="store_true", help="ignore checkpoints in the output directory")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="section.key=value")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if args.load:
+        cfg.train.load = args.load
+    if args.no_auto_resume:
+        cfg.train.auto_resume = False
+    try:
+        result = Trainer(cfg).run()
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except TrainingError as exc:
+        print(f"training stopped: {exc}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
+    return 0 if result.get("ok", True) else 1
+
+
+# ----------------------------------------------------------------------------------------------
+def _fault(kind: str) -> Optional[List[str]]:
+    """Test-only fault injection: MEGALOOP_FAULT=kind:arg[:arg]."""
+    spec = os.environ.get("MEGALOOP_FAULT", "")
+    if not spec.startswith(kind + ":"):
+        return None
+    return spec.split(":")[1:]
+
+
+class _StopFlag:
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self.signum = signum
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    # ------------------------------------------------------------------------------------------
+    def setup(self):
+        import deepspeed
+        import deepspeed.comm as dist
+        from deepspeed.accelerator import get_accelerator
+
+        cfg, t, p = self.cfg, self.cfg.train, self.cfg.parallel
+        init_distributed(t.dist_timeout)
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+        acc = get_accelerator()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        check_supported(cfg, self.world, acc.device_name(),
+                        fp16_supported=acc.is_fp16_supported(), bf16_supported=acc.is_bf16_supported())
+        self.state = build_state(p)
+        st = self.state
+        self.pp, self.dp = st.pp_size, st.dp_size
+        self.log_rank = is_logging_rank(st)
+        self.out_dir = t.output_dir
+        self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
+        if self.rank == 0:
+            os.makedirs(self.ckpt_root, exist_ok=True)
+            save_config(cfg, os.path.join(self.out_dir, "config.yaml"))
+        self.logger = RunLogger(self.out_dir, self.log_rank, t.tensorboard)
+        self.logger.console(f"world {self.world}: pp {st.pp_size} x dp {st.dp_size} x tp {st.tp_size}, "
+                            f"zero {p.zero_stage}, {t.precision}, accelerator {acc.device_name()}, "
+                            f"activation checkpointing {t.activation_checkpointing}")
+
+        # Data (rank 0 builds the index caches first, the others then read them).
+        self.tokenizer = build_tokenizer_for(cfg)
+        n_train, n_valid = samples_needed(cfg, self.dp)
+        if self.rank == 0:
+            datasets = build_split_datasets(cfg, n_train, n_valid, self.tokenizer)
+        dist.barrier()
+        if self.rank != 0:
+            datasets = build_split_datasets(cfg, n_train, n_valid, self.tokenizer)
+        self.train_ds, self.valid_ds = datasets["train"], datasets.get("valid")
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} ids but model.vocab_size="
+                              f"{cfg.model.vocab_size}")
+
+        # Model: identical initial weights on every rank (seeded), whatever the layout.
+        prepare = self._tensor_parallel_hook()
+
+        def build_lm():
+            from megaloop.model import build_model
+            torch.manual_seed(t.seed)
+            return build_model(cfg)
+
+        if self.pp > 1:
+            from megaloop.parallel.pipeline import build_pipeline_module
+            module = build_pipeline_module(cfg, build_lm, st.topology, t.activation_checkpointing, prepare)
+        else:
+            module = build_lm()
+            module.block.activation_checkpointing = t.activation_checkpointing
+            if prepare is not None:
+                prepare(module)
+        # Per-rank RNG (dropout, Huginn's noise start) after init: differs across data-parallel
+        # replicas, identical across TP ranks and stages of one replica.
+        torch.manual_seed(t.seed + 100003 * (st.dp_rank + 1))
+
+        optimizer = build_optimizer(module, t)
+        scheduler = build_scheduler(optimizer, t)
+        # DeepSpeed clips fp32 / ZeRO-0 gradients without recording the norm: clip ourselves there.
+        self.self_clip = p.zero_stage == 0 and t.precision == "fp32"
+        self._last_norm = None
+        if self.self_clip and t.grad_clip > 0:
+            optimizer.register_step_pre_hook(self._clip_hook)
+        ds_config = build_ds_config(cfg, self.dp, clip_in_engine=not self.self_clip)
+        mpu = st.grid if (st.tp_size > 1 and self.pp == 1) else None
+        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=ds_config, mpu=mpu)
+        self.module = module
+        self.model_params = sum(p.numel() for p in module.parameters())
+
+    def _tensor_parallel_hook(self):
+        if self.state.tp_size == 1:
+            return None
+        try:
+            from megaloop.parallel.apply_tp import apply_tensor_parallel
+        except ImportError as exc:
+            raise ConfigError(f"parallel.tensor_parallel={self.state.tp_size} needs megaloop.parallel.apply_tp "
+                              f"(not available: {exc}); use tensor_parallel 1") from None
+        state = self.state
+        return lambda lm: apply_tensor_parallel(lm, state)
+
+    # ------------------------------------------------------------------------------------------
+    def _clip_hook(self, optimizer, args, kwargs):
+        """Pre-clip global grad norm over this replica (all pipeline stages / TP ranks; the tied
+        embedding counted once), then clip. Gradients are already averaged over data parallel."""
+        import deepspeed.comm as dist
+        params, seen = [], set()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        sq = torch.zeros(1, dtype=torch.float64)
+        for p in params:
+            if self.pp > 1 and self._is_tied_duplicate(p):
+                continue
+            if self.state.tp_size > 1 and self.state.tp_rank > 0 and not getattr(p, "tensor_model_parallel", False):
+                continue  # replicated across TP ranks: count on TP rank 0 only
+            sq += p.grad.detach().double().pow(2).sum()
+        if self.pp > 1 or self.state.tp_size > 1:
+            dist.all_reduce(sq, group=self.state.mp_group)
+        norm = float(sq.sqrt())
+        self._last_norm = norm
+        clip = self.cfg.train.grad_clip
+        if math.isfinite(norm) and norm > clip:
+            scale = clip / (norm + 1e-6)
+            for p in params:
+                p.grad.detach().mul_(scale)
+
+    def _is_tied_duplicate(self, p) -> bool:
+        """The tied embedding lives on the first and the last stage with identical (all-reduced)
+        gradients: count it on the first of its stages only."""
+        if not hasattr(self, "_tied_dups"):
+            self._tied_dups = set()
+            mod = self.module
+            for key, tied in getattr(mod, "tied_modules", {}).items():
+                ranks = mod.tied_comms[key]["ranks"] if key in getattr(mod, "tied_comms", {}) else []
+                if ranks and self.rank != min(ranks):
+                    for q in tied.parameters():
+                        self._tied_dups.add(id(q))
+        return id(p) in self._tied_dups
+
+    def grad_norm(self) -> Optional[float]:
+        if self.self_clip:
+            return self._last_norm
+        n = self.engine.get_global_grad_norm()
+        return None if n is None else float(n)
+
+    def loss_scale(self) -> Optional[float]:
+        if self.cfg.train.precision != "fp16":
+            return None
+        opt = self.engine.optimizer
+        for name in ("cur_scale", "loss_scale"):
+            v = getattr(opt, name, None)
+            if isinstance(v, (int, float, torch.Tensor)):
+                return float(v)
+        return None
+
+    # ------------------------------------------------------------------------------------------
+    def resume(self) -> dict:
+        t = self.cfg.train
+        found = None
+        if t.load:
+            found = ckpt.find_checkpoint(t.load)
+            if found is None:
+                raise ConfigError(f"--load {t.load}: no complete checkpoint there")
+        elif t.auto_resume:
+            found = ckpt.find_checkpoint(self.ckpt_root)
+        if found is None:
+            return {"step": 0, "consumed_samples": 0}
+        root, tag = found
+        client = ckpt.load(self.engine, root, tag, self.rank)
+        self.last_good = os.path.join(root, tag)
+        self.logger.console(f"resumed from {self.last_good} at step {client.get('step')}")
+        return client
+
+    def save(self, step: int, consumed: int) -> str:
+        t = self.cfg.train
+        client = {"step": step, "consumed_samples": consumed, "config": self.cfg.to_dict(),
+                  "tokenizer": tokenizer_reference(self.cfg), "loop_sampling": {"seed": t.seed, "step": step},
+                  "megaloop_format": 1}
+        hook = None
+        fault = _fault("die_in_save")
+        if fault and int(fault[0]) == step:
+            def hook(tag):
+                os._exit(17)
+        tag = ckpt.save(self.engine, self.ckpt_root, step, client, self.rank, t.keep_checkpoints, hook)
+        self.last_good = os.path.join(self.ckpt_root, tag)
+        self.logger.console(f"saved checkpoint {self.last_good}")
+        return self.last_good
+
+    # ------------------------------------------------------------------------------------------
+    def _looped_layer(self):
+        if self.pp > 1:
+            from megaloop.parallel.pipeline import looped_layer
+            return looped_layer(self.module)
+        return None
+
+    def train_step(self, batches: TrainBatches, step: int, want_diag: bool):
+        """One optimizer step. Returns (loss averaged over the global batch, R list, diagnostics|None)."""
+        import deepspeed.comm as dist
+        t = self.cfg.train
+        if self.pp > 1:
+            layer = self._looped_layer()
+            if layer is not None:
+                layer.want_diagnostics = want_diag
+                layer.last_diagnostics = None
+            rs = []
+            it = _Recording(batches, rs)
+            loss = self.engine.train_batch(data_iter=it)
+            diag = layer.last_diagnostics if layer is not None else None
+            if layer is not None:
+                layer.want_diagnostics = False
+            return float(loss), rs, diag
+        losses, rs, diag = [], [], None
+        for m in range(t.grad_accum_steps):
+            (tokens, loops), labels = next(batches)
+            total, grad = int(loops[0]), int(loops[1])
+            rs.append(total)
+            device = self.engine.device
+            out = self.engine(tokens.to(device), labels=labels.to(device), loops=total, grad_loops=grad,
+                              return_diagnostics=want_diag and m == t.grad_accum_steps - 1)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            losses.append(out.loss.detach().float())
+            if out.diagnostics is not None:
+                diag = out.diagnostics
+        loss = torch.stack(losses).mean().cpu()
+        if self.dp > 1:
+            dist.all_reduce(loss, group=self.state.dp_group)
+            loss = loss / self.dp
+        return float(loss), rs, diag
+
+    def evaluate(self) -> Optional[float]:
+        import deepspeed.comm as dist
+        t = self.cfg.train
+        if self.valid_ds is None:
+            return None
+        loops = t.eval_loops or self.cfg.model.loops
+        batches = EvalBatches(self.valid_ds, self.cfg, self.state.dp_rank, self.dp, t.eval_iters, loops)
+        if self.pp > 1:
+            loss = self.engine.eval_batch(batches, num_micro_batches=t.eval_iters)
+            self.engine.train()
+            return float(loss)
+        self.engine.eval()
+        total = torch.zeros(1)
+        with torch.no_grad():
+            for (tokens, lp), labels in batches:
+                out = self.engine(tokens.to(self.engine.device), labels=labels.to(self.engine.device),
+                                  loops=int(lp[0]))
+                total += out.loss.float().cpu()
+        self.engine.train()
+        total /= t.eval_iters
+        if self.dp > 1:
+            dist.all_reduce(total, group=self.state.dp_group)
+            total /= self.dp
+        return float(total)
+
+    def _gather_stats(self, diag, rs) -> dict:
+        """Collective at log steps: per-loop diagnostics from the stage holding the looped block, and
+        every rank's memory, to the logging rank."""
+        import deepspeed.comm as dist
+        K = max(self.cfg.loop.max, self.cfg.model.loops, self.cfg.train.eval_loops or 1)
+        keys = ("residual_norm", "state_norm", "state_delta")
+        vec = torch.zeros(1 + 3 * K + self.world, dtype=torch.float64)
+        holds_block = self.pp == 1 or self._looped_layer() is not None
+        if diag is not None and holds_block and self.state.dp_rank == 0 and self.state.tp_rank == 0:
+            n = int(diag["residual_norm"].numel())
+            vec[0] = n
+            for i, k in enumerate(keys):
+                vec[1 + i * K: 1 + i * K + min(n, K)] = diag[k][:K].double()
+        vec[1 + 3 * K + self.rank] = memory_bytes()
+        dist.all_reduce(vec)
+        n = int(vec[0])
+        out = {"memory": vec[1 + 3 * K:].tolist()}
+        if n:
+            out["diag"] = {k: vec[1 + i * K: 1 + i * K + min(n, K)].tolist() for i, k in enumerate(keys)}
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.setup()
+        cfg, t = self.cfg, self.cfg.train
+        self.last_good = None
+        client = self.resume()
+        step = int(client.get("step", 0))
+        consumed = int(client.get("consumed_samples", 0))
+        global_batch = t.micro_batch_size * t.grad_accum_steps * self.dp
+        batches = TrainBatches(self.train_ds, cfg, self.state.dp_rank, self.dp, consumed)
+        stop = _StopFlag()
+        stop.install()
+        tokens_per_step = global_batch * cfg.data.seq_len
+        interval_t0, interval_tokens, interval_flops = time.time(), 0, 0.0
+        losses, ok = [], True
+        try:
+            while step < t.steps:
+                die = _fault("die_at_step")
+                if die and int(die[0]) == step and int(die[1]) == self.rank:
+                    os._exit(13)
+                want_diag = (step + 1) % t.log_interval == 0
+                skipped_before = getattr(self.engine, "skipped_steps", 0)
+                loss, rs, diag = self.train_step(batches, step, want_diag)
+                nan = _fault("nan_at_step")
+                if nan and int(nan[0]) == step:
+                    loss = float("nan")
+                skipped = getattr(self.engine, "skipped_steps", 0) > skipped_before
+                step += 1
+                consumed += global_batch
+                losses.append(loss)
+                r_mean = sum(rs) / max(1, len(rs))
+                if self.log_rank:
+                    grads = min(r_mean, cfg.loop.backprop_loops or r_mean)
+                    interval_flops += tokens_per_step * train_flops_per_token(cfg, r_mean, grads, cfg.data.seq_len)
+                interval_tokens += tokens_per_step
+                row = {"step": step, "loss": loss, "lr": self.engine.get_lr()[0], "R": rs,
+                       "grad_norm": self.grad_norm(), "loss_scale": self.loss_scale(), "skipped": skipped}
+                self.logger.record(row)
+                # Agree on stopping (signal on any rank) and on a non-finite loss, every step.
+                nonfinite = not math.isfinite(loss)
+                flags = torch.tensor([1.0 if stop.signum is not None else 0.0, 1.0 if nonfinite else 0.0])
+                import deepspeed.comm as dist
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                if flags[1] > 0:
+                    if cfg.train.precision == "fp16" and skipped:
+                        self.logger.console(f"step {step}: non-finite loss, step skipped by fp16 loss scaling "
+                                            f"(scale now {self.loss_scale()})")
+                    else:
+                        raise TrainingError(
+                            f"non-finite loss ({loss}) at step {step}; last good checkpoint: "
+                            f"{self.last_good or 'none (no checkpoint saved yet)'}")
+                if want_diag:
+                    stats = self._gather_stats(diag, rs)
+                    elapsed = time.time() - interval_t0
+                    self._log(step, row, stats, interval_tokens / elapsed, interval_flops / elapsed, r_mean)
+                    interval_t0, interval_tokens, interval_flops = time.time(), 0, 0.0
+                if t.eval_interval and step % t.eval_interval == 0:
+                    vl = self.evaluate()
+                    if vl is not None:
+                        self.logger.console(f"step {step} | validation loss {vl:.4f} (R={t.eval_loops or cfg.model.loops})")
+                        self.logger.scalars(step, {"loss": vl}, prefix="valid/")
+                        self.logger.record({"step": step, "valid_loss": vl})
+                if flags[0] > 0:
+                    self.save(step, consumed)
+                    self.logger.console(f"stopped by signal at step {step}; checkpoint saved")
+                    return {"ok": True, "losses": losses, "step": step, "stopped": True}
+                if t.save_interval and step % t.save_interval == 0 and step < t.steps:
+                    self.save(step, consumed)
+            if t.save_interval or t.steps > 0:
+                if self.last_good is None or not self.last_good.endswith(ckpt.tag_for(step)):
+                    self.save(step, consumed)
+            if t.sample_tokens:
+                self.sample()
+        finally:
+            stop.restore()
+            self.logger.close()
+        return {"ok": ok, "losses": losses, "step": step}
+
+    def _log(self, step, row, stats, tok_s, flop_s, r_mean):
+        t = self.cfg.train
+        share = (flop_s / self.world / t.peak_flops) if t.peak_flops else None
+        mem = stats["memory"]
+        scalars = {"loss": row["loss"], "lr": row["lr"], "grad_norm": row["grad_norm"],
+                   "loss_scale": row["loss_scale"], "tokens_per_s": tok_s, "flops_per_s": flop_s,
+                   "flops_per_s_per_device": flop_s / self.world, "peak_flops_share": share,
+                   "loops_R": r_mean, "memory_max_bytes": max(mem)}
+        self.logger.scalars(step, scalars)
+        for r, m in enumerate(mem):
+            self.logger.scalars(step, {f"rank{r}": m}, prefix="memory/")
+        diag = stats.get("diag")
+        if diag:
+            for k, vals in diag.items():
+                for i, v in enumerate(vals):
+                    self.logger.scalars(step, {f"{k}/loop{i + 1:02d}": v}, prefix="loops/")
+        gn = row["grad_norm"]
+        parts = [f"step {step}/{t.steps}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}",
+                 f"gnorm {gn:.3f}" if gn is not None else "gnorm -", f"R {r_mean:g}",
+                 f"tok/s {tok_s:,.0f}", f"FLOP/s {flop_s:.3g}" + (f" ({100 * share:.1f}% of peak)" if share else ""),
+                 f"mem max {fmt_bytes(max(mem))}"]
+        if row["loss_scale"] is not None:
+            parts.append(f"scale {row['loss_scale']:g}")
+        if diag:
+            parts.append("|x(k)| " + " ".join(f"{v:.1f}" for v in diag["residual_norm"]))
+        self.logger.console(" | ".join(parts))
+
+    # ------------------------------------------------------------------------------------------
+    def sample(self):
+        """Greedy continuation of train.sample_prompt with the trained weights (gathered to rank 0)."""
+        import torch.distributed as tdist
+        cfg = self.cfg
+        if self.state.tp_size > 1 or cfg.parallel.zero_stage == 3:
+            self.logger.console("sample skipped: needs tensor_parallel 1 and zero_stage < 3")
+            return
+        if self.pp > 1:
+            from megaloop.parallel.pipeline import full_state_dict_of_stage
+            mine = full_state_dict_of_stage(self.module) if self.state.dp_rank == 0 else {}
+            mine = {k: v.detach().float().cpu() for k, v in mine.items()}
+            gathered = [None] * self.world if self.rank == 0 else None
+            tdist.gather_object(mine, gathered, dst=0)
+            if self.rank != 0:
+                return
+            sd = {}
+            for part in gathered:
+                sd.update(part)
+        else:
+            if self.rank != 0:
+                return
+            sd = {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
+        from megaloop.model import build_model
+        lm = build_model(cfg)
+        missing, unexpected = lm.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not (k == "head.weight" and cfg.model.tie_embeddings)]
+        if missing:
+            print(f"[megaloop] sample: missing weights {missing[:4]}...", flush=True)
+        lm.eval()
+        ids = self.tokenizer.encode(cfg.train.sample_prompt)
+        loops = cfg.train.eval_loops or cfg.model.loops
+        with torch.no_grad():
+            for _ in range(cfg.train.sample_tokens):
+                window = torch.tensor([ids[-cfg.data.seq_len:]])
+                logits = lm(window, loops=loops).logits[0, -1]
+                ids.append(int(logits.argmax()))
+        text = self.tokenizer.decode(ids)
+        print(f"[megaloop] sample (R={loops}): {text!r}", flush=True)
+        with open(os.path.join(self.out_dir, "sample.txt"), "w") as f:
+            f.write(text + "\n")
+
+
+class _Recording:
+    """Passes batches through, recording each micro-batch's R (for the logs)."""
+
+    def __init__(self, it, rs: list):
+        self.it, self.rs = it, rs
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        self.rs.append(int(batch[0][1][0]))
+        return batch
