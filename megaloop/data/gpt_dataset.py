@@ -179,15 +179,20 @@ class GPTDataset:
         i = int(self.shuffle_index[idx])
         first_pos, first_offset = (int(v) for v in self.sample_index[i])
         last_pos, last_offset = (int(v) for v in self.sample_index[i + 1])
-        get, docs = self.indexed_dataset.get, self.document_index
-        if first_pos == last_pos:
-            tokens = get(int(docs[first_pos]), first_offset, last_offset - first_offset + 1)
-        else:
-            parts = [get(int(docs[first_pos]), first_offset)]
-            parts.extend(get(int(docs[p])) for p in range(first_pos + 1, last_pos))
-            parts.append(get(int(docs[last_pos]), 0, last_offset + 1))
-            tokens = np.concatenate(parts)
-        return tokens.astype(np.int64)
+        data = self.indexed_dataset
+        docs = self.document_index[first_pos:last_pos + 1]
+        starts = data._token_offsets[docs]  # first token of each document in .bin
+        lengths = data.sequence_lengths[docs].astype(np.int64)
+        starts[0] += first_offset
+        lengths[0] -= first_offset
+        lengths[-1] = last_offset + 1 - (first_offset if len(docs) == 1 else 0)
+        if len(docs) == 1:
+            return data.tokens[starts[0]:starts[0] + lengths[0]].astype(np.int64)
+        # One gather over all the pieces instead of a Python loop of slices: position k of the sample
+        # reads token starts[piece] + (k - first position of that piece).
+        piece_starts = np.cumsum(lengths) - lengths
+        positions = np.repeat(starts - piece_starts, lengths) + np.arange(int(lengths.sum()))
+        return data.tokens[positions].astype(np.int64)
 
     def __repr__(self):
         return (f"GPTDataset({self.name}, {self.indexed_dataset.path_prefix}, documents={self.document_range}, "

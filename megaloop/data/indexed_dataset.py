@@ -289,7 +289,8 @@ class IndexedDataset:
             self._fail(self.bin_path, f"{bin_size - needed} bytes beyond the last sequence the index describes; "
                                       f"this .bin and {self.idx_path} do not belong together")
         # np.memmap cannot map an empty file; an empty dataset is legal.
-        self.tokens = (np.memmap(self.bin_path, dtype=self.dtype, mode="r") if bin_size
+        # A plain ndarray view of the map: slicing it skips np.memmap's per-slice Python overhead.
+        self.tokens = (np.memmap(self.bin_path, dtype=self.dtype, mode="r").view(np.ndarray) if bin_size
                        else np.zeros(0, dtype=self.dtype))
         self._token_offsets = self.sequence_pointers // itemsize
 
