@@ -1,0 +1,171 @@
+"""Validation perplexity as a function of test-time loops, and of the exit strategies.
+
+    python tools/eval_loops.py --model runs/demo/model.pt --data data/demo_text_document --out-dir evals/demo
+    python tools/eval_loops.py --model exports/demo --text val.txt --loops 1-12 --exits kl:1e-3 q_exit:0.5
+
+--model: a checkpoint or an exported HF folder. Data: --data, a megaloop indexed dataset prefix (the
+validation documents of --split are used, as training splits them), or --text, a raw UTF-8 file.
+Token windows of --seq-len (+1 for the labels), non-overlapping, at most --max-windows.
+Writes a table to stdout, OUT/eval_loops.csv and OUT/eval_loops.png (if matplotlib is installed).
+--loops defaults to 1 .. 2x the trained loop count; each exit (strategy:threshold) is evaluated at the
+largest loop count and reports the average number of loops used.
+"""
+import argparse
+import csv
+import math
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def load_eval_tokens(lm, data=None, text=None, split="969,30,1", max_tokens=1 << 20):
+    """The one place that reads evaluation data: a 1-D int64 numpy array of token ids."""
+    import numpy as np
+
+    if (data is None) == (text is None):
+        raise ValueError("give exactly one of --data (indexed dataset prefix) or --text (raw text file)")
+    if text is not None:
+        ids = lm.encode(Path(text).read_text(encoding="utf-8"))
+        return np.asarray(ids[:max_tokens], dtype=np.int64)
+    from megaloop.data.gpt_dataset import parse_split
+    from megaloop.data.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(data)
+    start, end = parse_split(split, ds.num_documents)[1]  # the validation range
+    if start == end:
+        print(f"note: split {split!r} leaves no validation documents in {data}; using all documents",
+              file=sys.stderr)
+        start, end = 0, ds.num_documents
+    chunks, total = [], 0
+    for d in range(start, end):
+        doc = np.asarray(ds.get_document(d), dtype=np.int64)
+        chunks.append(doc)
+        total += doc.size
+        if total >= max_tokens:
+            break
+    return np.concatenate(chunks)[:max_tokens] if chunks else np.zeros(0, dtype=np.int64)
+
+
+def windows(tokens, seq_len, max_windows, batch_size):
+    import torch
+
+    n = min(max_windows, (len(tokens) - 1) // seq_len)
+    if n < 1:
+        raise ValueError(f"only {len(tokens)} tokens: not enough for one window of {seq_len}+1")
+    t = torch.as_tensor(tokens[: n * seq_len + 1])
+    x = torch.stack([t[i * seq_len: (i + 1) * seq_len] for i in range(n)])
+    y = torch.stack([t[i * seq_len + 1: (i + 1) * seq_len + 1] for i in range(n)])
+    return list(zip(x.split(batch_size), y.split(batch_size)))
+
+
+def evaluate(lm, batches, loops, exit=None, threshold=None):
+    """(mean NLL per token, average loops used)."""
+    import torch
+    import torch.nn.functional as F
+
+    from megaloop.generation import forward_logits
+
+    nll, count, loop_sum = 0.0, 0, 0.0
+    with torch.no_grad():
+        for x, y in batches:
+            torch.manual_seed(0)  # a fixed draw for a megaloop model's noise initial state
+            logits, exit_loops = forward_logits(lm, x, loops, exit, threshold)
+            nll += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            count += y.numel()
+            loop_sum += float(exit_loops.float().sum()) if exit_loops is not None else loops * y.numel()
+    return nll / count, loop_sum / count
+
+
+def parse_loops(spec, train_loops):
+    if spec is None:
+        return list(range(1, 2 * train_loops + 1))
+    out = []
+    for part in spec.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            out.extend(range(int(a), int(b) + 1))
+        else:
+            out.append(int(part))
+    return sorted(set(out))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--data", default=None, help="indexed dataset path prefix (without .bin/.idx)")
+    p.add_argument("--text", default=None, help="raw text file")
+    p.add_argument("--split", default="969,30,1")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the model's max_seq_len")
+    p.add_argument("--max-windows", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--loops", default=None, help="e.g. 1-8 or 1,2,4,8 (default 1 .. 2x trained)")
+    p.add_argument("--exits", nargs="*", default=["kl:1e-3"],
+                   help="strategy:threshold items, e.g. kl:1e-3 q_exit:0.5 (q_exit only with an exit gate)")
+    p.add_argument("--out-dir", default="eval_loops_out")
+    args = p.parse_args(argv)
+
+    from megaloop.generation import load_lm
+
+    lm = load_lm(args.model, args.step)
+    seq_len = min(args.seq_len or lm.max_seq_len, lm.max_seq_len)
+    tokens = load_eval_tokens(lm, args.data, args.text, args.split, max_tokens=args.max_windows * seq_len + 1)
+    batches = windows(tokens, seq_len, args.max_windows, args.batch_size)
+    loop_counts = parse_loops(args.loops, lm.train_loops)
+    rows = []
+    for r in loop_counts:
+        nll, used = evaluate(lm, batches, r)
+        rows.append({"mode": "fixed", "threshold": "", "loops": r, "avg_loops": used, "nll": nll,
+                     "ppl": math.exp(nll)})
+    r_max = max(loop_counts)
+    for item in args.exits or []:
+        strategy, _, thr = item.partition(":")
+        if strategy == "q_exit" and not lm.has_exit_gate:
+            print(f"skipping {item}: the model has no exit gate", file=sys.stderr)
+            continue
+        threshold = float(thr) if thr else None
+        nll, used = evaluate(lm, batches, r_max, strategy, threshold)
+        rows.append({"mode": strategy, "threshold": thr, "loops": r_max, "avg_loops": used, "nll": nll,
+                     "ppl": math.exp(nll)})
+
+    n_tok = sum(y.numel() for _, y in batches)
+    print(f"{lm.kind} model trained with R={lm.train_loops}; {n_tok} tokens in {len(batches)} batches")
+    print(f"{'mode':>8} {'threshold':>9} {'loops':>5} {'avg_loops':>9} {'nll':>8} {'ppl':>10}")
+    for row in rows:
+        print(f"{row['mode']:>8} {row['threshold']:>9} {row['loops']:>5} {row['avg_loops']:>9.2f} "
+              f"{row['nll']:>8.4f} {row['ppl']:>10.3f}")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "eval_loops.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["mode", "threshold", "loops", "avg_loops", "nll", "ppl"])
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out / 'eval_loops.csv'}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the PNG plot (pip install matplotlib to get it)")
+        return 0
+    fig, ax = plt.subplots(figsize=(6, 4))
+    fixed = [r for r in rows if r["mode"] == "fixed"]
+    ax.plot([r["loops"] for r in fixed], [r["ppl"] for r in fixed], "o-", label="fixed loops")
+    for r in rows:
+        if r["mode"] != "fixed":
+            ax.plot([r["avg_loops"]], [r["ppl"]], "s", label=f"{r['mode']} {r['threshold']} (avg loops)")
+    ax.axvline(lm.train_loops, color="gray", ls="--", lw=1, label="trained R")
+    ax.set_xlabel("loops at test time")
+    ax.set_ylabel("validation perplexity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "eval_loops.png", dpi=120)
+    print(f"wrote {out / 'eval_loops.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Export a megaloop checkpoint to a Hugging Face folder (config.json with auto_map, self-contained
+configuration/modeling/tokenization files, model.safetensors, tokenizer, generation_config.json).
+
+    python tools/export_hf.py --checkpoint runs/demo --output exports/demo [--step N]
+    python -c "from transformers import AutoModelForCausalLM as M; \
+               M.from_pretrained('exports/demo', trust_remote_code=True)"
+
+The checkpoint is read through megaloop.export.load_checkpoint (plain torch.save'd state dicts today;
+DeepSpeed TP x PP layouts once the checkpoint format exists). Bad or mismatched weights fail with a
+message naming the keys, and nothing is written.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or directory")
+    p.add_argument("--output", required=True, help="folder to write (must not exist unless --overwrite)")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--noise-init", default="seeded", choices=["seeded", "global_rng", "zeros"],
+                   help="how the exported model draws a `noise` initial state (see README in the folder)")
+    p.add_argument("--noise-seed", type=int, default=0)
+    p.add_argument("--tokenizer-model", default=None, help="override the sentencepiece model path of the run")
+    p.add_argument("--no-verify", action="store_true", help="skip the logits check against megaloop")
+    args = p.parse_args(argv)
+
+    from megaloop.export import ExportError, export_hf, load_checkpoint
+
+    try:
+        state_dict, cfg, data_cfg = load_checkpoint(args.checkpoint, args.step)
+        tok = {"type": data_cfg.tokenizer_type, "model": args.tokenizer_model or data_cfg.tokenizer_model}
+        out = export_hf(state_dict, cfg, tok, args.output, dtype=args.dtype, overwrite=args.overwrite,
+                        noise_init=args.noise_init, noise_seed=args.noise_seed, verify=not args.no_verify)
+    except (ExportError, NotImplementedError) as e:
+        print(f"export failed: {e}", file=sys.stderr)
+        return 1
+    print(f"exported to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
