@@ -62,7 +62,7 @@ def wrap_megaloop(model, tokenizer=None) -> LoadedLM:
 
 def wrap_hf(model, tokenizer=None) -> LoadedLM:
     cfg = model.config
-    enc = (lambda s: tokenizer(s)["input_ids"]) if tokenizer is not None else (lambda s: list(s.encode("utf-8")))
+    enc = (lambda s: tokenizer(s, verbose=False)["input_ids"]) if tokenizer is not None else (lambda s: list(s.encode("utf-8")))
     dec = (lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)) if tokenizer is not None else \
         (lambda ids: bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace"))
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else getattr(cfg, "eos_token_id", None)

@@ -110,3 +110,17 @@ def test_checkpoint_seam_plain_and_deepspeed(tmp_path, lt):
         load_merged_state_dict(ds, 10)
     with pytest.raises(NotImplementedError, match="DeepSpeed"):
         load_checkpoint(ds)
+
+
+def test_export_tool(tmp_path, lt, capsys):
+    from tools.export_hf import main
+
+    cfg, _ = lt
+    save_plain_checkpoint(perturbed_model(cfg), cfg, tmp_path / "run" / "step_5" / "model.pt")
+    assert main(["--checkpoint", str(tmp_path / "run"), "--step", "5", "--output", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert main(["--checkpoint", str(tmp_path / "run"), "--step", "5", "--output", str(tmp_path / "out")]) == 1
+    assert "already exists" in capsys.readouterr().err
+    (tmp_path / "ds" / "global_step1").mkdir(parents=True)
+    assert main(["--checkpoint", str(tmp_path / "ds"), "--output", str(tmp_path / "out2")]) == 1
+    assert "DeepSpeed" in capsys.readouterr().err and not (tmp_path / "out2").exists()

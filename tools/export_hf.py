@@ -2,6 +2,7 @@
 configuration/modeling/tokenization files, model.safetensors, tokenizer, generation_config.json).
 
     python tools/export_hf.py --checkpoint runs/demo --output exports/demo [--step N]
+    python tools/export_hf.py --checkpoint runs/demo --output exports/demo-llama --format llama --loops 4
     python -c "from transformers import AutoModelForCausalLM as M; \
                M.from_pretrained('exports/demo', trust_remote_code=True)"
 
@@ -28,6 +29,10 @@ def main(argv=None):
     p.add_argument("--noise-seed", type=int, default=0)
     p.add_argument("--tokenizer-model", default=None, help="override the sentencepiece model path of the run")
     p.add_argument("--no-verify", action="store_true", help="skip the logits check against megaloop")
+    p.add_argument("--format", choices=["megaloop", "llama"], default="megaloop",
+                   help="megaloop: remote-code folder (every architecture); llama: unrolled LlamaForCausalLM, "
+                        "no remote code, fixed --loops, only for plain loops of standard layers")
+    p.add_argument("--loops", type=int, default=None, help="--format llama: loops to unroll (default: trained R)")
     args = p.parse_args(argv)
 
     from megaloop.export import ExportError, export_hf, load_checkpoint
@@ -35,8 +40,14 @@ def main(argv=None):
     try:
         state_dict, cfg, data_cfg = load_checkpoint(args.checkpoint, args.step)
         tok = {"type": data_cfg.tokenizer_type, "model": args.tokenizer_model or data_cfg.tokenizer_model}
-        out = export_hf(state_dict, cfg, tok, args.output, dtype=args.dtype, overwrite=args.overwrite,
-                        noise_init=args.noise_init, noise_seed=args.noise_seed, verify=not args.no_verify)
+        if args.format == "llama":
+            from megaloop.export.llama_export import export_llama
+
+            out = export_llama(state_dict, cfg, tok, args.output, loops=args.loops, dtype=args.dtype,
+                               overwrite=args.overwrite)
+        else:
+            out = export_hf(state_dict, cfg, tok, args.output, dtype=args.dtype, overwrite=args.overwrite,
+                            noise_init=args.noise_init, noise_seed=args.noise_seed, verify=not args.no_verify)
     except (ExportError, NotImplementedError) as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 1
