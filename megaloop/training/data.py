@@ -3,15 +3,21 @@ micro-batch.
 
 A micro-batch is `((tokens, loops), labels)`: DeepSpeed's pipeline engine feeds element 0 to the first
 stage and element 1 to the loss on the last stage. `loops` is a long tensor [R_total, R_grad] drawn by
-`sample_loops(loop_cfg, seed, step, g)` where g = m * dp_size + dp_rank is the index of the micro-batch
-within the global batch of optimizer step `step` (m = gradient-accumulation index). It is drawn where
-the data enters, is a pure function of its position in the run (so a resumed run draws the same R), and
-travels with the activations to the stage that holds the looped block: every stage and every TP rank
-of a replica agrees on R, and activation checkpointing's recompute cannot change it. Integer tensors
-cross pipeline stages without gradients (DeepSpeed skips them in the backward send).
+`sample_loops(loop_cfg, seed, step, m)` for optimizer step `step` and gradient-accumulation index m. It
+is drawn where the data enters, is a pure function of its position in the run (so a resumed run draws
+the same R), and travels with the activations to the stage that holds the looped block: every stage
+and every TP rank of a replica agrees on R, and activation checkpointing's recompute cannot change it.
+Integer tensors cross pipeline stages without gradients (DeepSpeed skips them in the backward send).
 
-Data-parallel 2 with one micro-batch per step and data-parallel 1 with two accumulated micro-batches
-read the same samples with the same R: both cut the global batch into chunks g = 0, 1, ... in order.
+All data-parallel replicas run the same R for micro-batch m (R does not depend on the DP rank):
+  - bucketed gradient reduction (DeepSpeed's DP all-reduce, ZeRO 1/2 reduce-scatter) needs the same
+    set of parameters to have gradients on every rank, and which parameters are used depends on R
+    (e.g. the outer norm between loops is unused when R = 1): different R per rank deadlocks or
+    corrupts the collective;
+  - a synchronous step waits for the slowest replica, so equal R keeps the replicas in lock-step.
+Consequence: data parallel 2 and one rank with 2 accumulated micro-batches read the same samples in
+the same order, and with a fixed R they compute the same update; with a sampled R they draw different
+(equally distributed) loop counts.
 """
 from __future__ import annotations
 
@@ -65,8 +71,7 @@ class TrainBatches:
         return self
 
     def loops_for(self, step: int, m: int) -> torch.Tensor:
-        g = m * self.dp_size + self.dp_rank
-        lc = sample_loops(self.cfg.loop, self.cfg.train.seed, step, g)
+        lc = sample_loops(self.cfg.loop, self.cfg.train.seed, step, m)
         return torch.tensor([lc.total, lc.grad], dtype=torch.long)
 
     def __next__(self):
