@@ -83,3 +83,26 @@ def test_registered_classes_need_no_remote_code(tmp_path):
     assert type(AutoConfig.from_pretrained(out)).__module__ == "megaloop.export.hf_template.configuration_megaloop"
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
     assert type(model) is MegaloopForCausalLM
+
+
+def test_template_files_import_only_torch_and_transformers():
+    import ast
+    from pathlib import Path
+
+    from megaloop.export.hf_export import TEMPLATE_DIR, TEMPLATE_FILES
+
+    allowed = {"torch", "transformers", "math", "dataclasses", "typing", "os", "shutil", "__future__",
+               "sentencepiece"}  # sentencepiece: tokenizer file only, imported lazily
+    for name in TEMPLATE_FILES:
+        src = (Path(TEMPLATE_DIR) / name).read_text()
+        assert ".cuda(" not in src and "torch.cuda" not in src
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.Import):
+                roots = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                roots = {(node.module or "").split(".")[0]} if node.level == 0 else set()
+            else:
+                continue
+            assert roots <= allowed, (name, roots)
+            if "sentencepiece" in roots:
+                assert name == "tokenization_megaloop.py"
