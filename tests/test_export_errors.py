@@ -110,6 +110,12 @@ def test_checkpoint_seam_plain_and_deepspeed(tmp_path, lt):
         load_merged_state_dict(ds, 10)
     with pytest.raises(NotImplementedError, match="DeepSpeed"):
         load_checkpoint(ds)
+    tagged = tmp_path / "tagged" / "step_00000010"  # megaloop/training's layout, interrupted before `latest`
+    tagged.mkdir(parents=True)
+    (tagged / "mp_rank_00_model_states.pt").write_bytes(b"")
+    for p in (tagged.parent, tagged):
+        with pytest.raises(NotImplementedError, match="megaloop/training/checkpoint.py"):
+            load_merged_state_dict(p)
 
 
 def test_export_tool(tmp_path, lt, capsys):

@@ -358,7 +358,9 @@ def _is_deepspeed_layout(path: Path) -> bool:
         return False
     if (path / "latest").is_file() or any(path.glob("global_step*")):
         return True
-    return any(path.glob("mp_rank_*_model_states.pt")) or any(path.glob("layer_*-model_*-model_states.pt"))
+    patterns = ("mp_rank_*_model_states.pt", "layer_*-model_*-model_states.pt", "megaloop_complete.json",
+                "*/mp_rank_*_model_states.pt", "*/layer_*-model_*-model_states.pt", "*/megaloop_complete.json")
+    return any(any(path.glob(p)) for p in patterns)
 
 
 def _plain_file(checkpoint: Path, step: Optional[int]) -> Path:
@@ -394,8 +396,8 @@ def load_merged_state_dict(checkpoint_dir, step: Optional[int] = None) -> Dict[s
     if _is_deepspeed_layout(path):
         raise NotImplementedError(
             f"{path} is a DeepSpeed checkpoint. Merging TP x PP shards is not implemented yet: it needs the "
-            f"layout written by megaloop/training (which file holds which pipeline stage's layers, the name "
-            f"mapping from the pipeline modules to LoopedLM names, and the split dimension of each TP-sharded "
+            f"layout written by megaloop/training/checkpoint.py (tags step_NNNNNNNN/, `latest`, the completeness "
+            f"marker), which file holds which pipeline stage's layers, the name mapping from the pipeline modules to LoopedLM names, and the split dimension of each TP-sharded "
             f"parameter from megaloop/parallel). Fill in megaloop.export.hf_export.load_merged_state_dict; the "
             f"exporter itself takes the merged dict.")
     obj = torch.load(_plain_file(path, step), map_location="cpu", weights_only=False)
