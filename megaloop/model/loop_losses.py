@@ -57,8 +57,14 @@ def loop_loss(mode: str, per_loop_logits: List[torch.Tensor], labels: torch.Tens
     return torch.stack(losses).mean()
 
 
+def successive_kl(stacked: torch.Tensor) -> torch.Tensor:
+    """(R, B, T, V) per-loop logits -> (R-1, B, T) KL(p_t || p_{t-1}) of the next-token distributions."""
+    logp = F.log_softmax(stacked.float(), dim=-1)
+    return (logp[1:].exp() * (logp[1:] - logp[:-1])).sum(-1)
+
+
 def select_exit(per_loop_logits: List[torch.Tensor], strategy: str, threshold: Optional[float],
-                exit_probs: Optional[torch.Tensor] = None):
+                exit_probs: Optional[torch.Tensor] = None, kl_fn=successive_kl):
     """Per token, pick the loop at which it exits and return (logits, exit_loop (1-based, (B, T))).
 
     q_exit: first t whose cumulative exit probability reaches `threshold` (Ouro's Q-exit).
@@ -79,8 +85,7 @@ def select_exit(per_loop_logits: List[torch.Tensor], strategy: str, threshold: O
         reached = torch.cumsum(exit_probs, dim=0) >= q
     elif strategy == "kl":
         eps = 1e-3 if threshold is None else threshold
-        logp = F.log_softmax(stacked.float(), dim=-1)
-        kl = (logp[1:].exp() * (logp[1:] - logp[:-1])).sum(-1)  # KL(p_t || p_{t-1}), (R-1, B, T)
+        kl = kl_fn(stacked)  # KL(p_t || p_{t-1}), (R-1, B, T); vocab-parallel under TP
         reached = torch.cat([torch.zeros_like(kl[:1], dtype=torch.bool), kl < eps], dim=0)
     reached[-1] = True
     exit_idx = reached.float().argmax(dim=0)  # first True, (B, T)

@@ -49,6 +49,8 @@ class LoopedLM(nn.Module):
         # Per-token cross-entropy over the (unpadded) vocabulary; tensor parallelism swaps in the
         # vocab-parallel version, which never materialises full-vocabulary logits on one rank.
         self.token_loss_fn = loop_losses.token_cross_entropy
+        # KL between successive loops' next-token distributions (Huginn's exit); TP swaps it too.
+        self.successive_kl_fn = loop_losses.successive_kl
         self.init_weights()
 
     # ------------------------------------------------------------------------------------------
@@ -92,19 +94,26 @@ class LoopedLM(nn.Module):
         cap = self.cfg.logit_softcap
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)
+        return self.real_vocab_logits(logits)
+
+    def real_vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Drop the padded vocabulary columns. Tensor parallelism replaces this (per instance) by masking
+        the padded columns of its vocab shard to the lowest value, which keeps shards equal-sized."""
         return logits[..., : self.cfg.vocab_size]
 
     # ------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 loops: Optional[int] = None, grad_loops: Optional[int] = None,
                 return_diagnostics: bool = False, exit: Optional[str] = None,
-                exit_threshold: Optional[float] = None) -> LMOutput:
+                exit_threshold: Optional[float] = None,
+                noise_generator: Optional[torch.Generator] = None) -> LMOutput:
         """tokens: (B, T) ids. labels: (B, T) targets (negative = ignored); gives `.loss`.
 
         loops:      R for this call (default: the config's `model.loops`).
         grad_loops: gradients through the last k loops only (the first R-k run under no_grad).
         exit:       None, "q_exit" (Ouro, threshold = cumulative exit probability) or "kl"
                     (Huginn's convergence exit, threshold = KL between successive loops).
+        noise_generator: RNG for a random initial loop state (model.state_init=noise).
         """
         cfg = self.cfg
         loops = cfg.loops if loops is None else int(loops)
@@ -114,7 +123,8 @@ class LoopedLM(nn.Module):
         e = self.embed(tokens, rope)
         need_per_loop = exit is not None or (labels is not None and self.loss_mode != "last")
         block_out = self.block(e, rope, loops, grad_loops, collect=need_per_loop,
-                               diagnostics=return_diagnostics, final_norm=self.final_norm)
+                               diagnostics=return_diagnostics, final_norm=self.final_norm,
+                               generator=noise_generator)
         out = LMOutput(logits=None, loops=loops, diagnostics=block_out.diagnostics)
 
         if not need_per_loop:
@@ -131,7 +141,8 @@ class LoopedLM(nn.Module):
             lambdas = [torch.sigmoid(self.exit_gate(x).squeeze(-1).float()) for x in block_out.per_loop]
             out.exit_probs = loop_losses.exit_distribution(torch.stack(lambdas))
         if exit is not None:
-            out.logits, out.exit_loops = loop_losses.select_exit(per_loop, exit, exit_threshold, out.exit_probs)
+            out.logits, out.exit_loops = loop_losses.select_exit(per_loop, exit, exit_threshold, out.exit_probs,
+                                                                 kl_fn=self.successive_kl_fn)
             out.exit_loops = out.exit_loops + (loops - len(per_loop))
         if labels is not None:
             out.loss = loop_losses.loop_loss(self.loss_mode, per_loop, labels, self.token_loss_fn,

@@ -1,0 +1,589 @@
+"""The "parallelize" step: turn an initialised one-process LoopedLM into this rank's TP shard, in place.
+
+    model = build_model(cfg)                      # same seed on every rank: same full weights
+    state = build_parallel_state(cfg.parallel)
+    apply_tensor_parallel(model, state)           # swaps modules, keeps this rank's shard
+    ...
+    loss.backward(); finalize_tp_grads(model)     # once per optimizer step, before clipping/step
+
+Nothing in the model code is rewritten: its linear maps are swapped for column/row-parallel ones,
+the embedding and LM head for vocab-parallel ones, and Megatron's `f` operator is attached as a
+forward pre-hook at the entry of each sharded sub-layer (torchtitan's "PrepareModuleInput"), so that
+one `f` serves every projection that reads the same input. Per transformer layer and per loop
+iteration this gives exactly Megatron's communication: forward one all-reduce after the attention
+output projection and one after the MLP down projection (`g`), backward one all-reduce of the
+attention input gradient and one of the MLP input gradient (`f`). The loop adds nothing: everything
+between layers (injection, outer norm, gates, exit gate) is replicated and computed identically on
+every TP rank. FLT's attention injection feeds the previous loop's stream to the same column-parallel
+wq; its `f` is fused with the key/value stream's into the same single backward all-reduce.
+
+PARTITION CONVENTION (also `tp_partition_info(model)`, `partition_info_for(cfg, tp)`,
+`merge_tp_shards`, `shard_state_dict`). Names are those of the one-process model's state_dict; rank
+r of tp holds the r-th contiguous block along `dim`:
+
+  dim 0, column-parallel (output features, by whole heads):
+      *.mixer.wq.weight, *.mixer.gate.weight (attention output gate)       heads  H/tp per rank
+      *.mixer.wk.weight, *.mixer.wv.weight                                 kv heads KV/tp per rank, or,
+            when KV < tp, kv-replicated: rank r holds kv head r // (tp/KV) (the kv head its q heads
+            use); Partition.replicas = tp/KV and merging takes ranks 0, tp/KV, 2*tp/KV, ...
+      *.mlp.w1.weight, *.mlp.w3.weight                                     ffn/tp per rank
+      GDN (mixer "gdn"): wq, wk, wv, w_gate, w_a, w_b (.weight), q_conv, k_conv, v_conv, A_log, dt_bias
+  dim 1, row-parallel (input features):
+      *.mixer.wo.weight, *.mlp.w2.weight
+  dim 0, vocab-parallel (rows of the padded vocabulary, padded_vocab/tp per rank):
+      embedding.weight, head.weight (the same tensor when tied)
+  replicated (identical on every rank; take rank 0): everything else -- norms, QK-norm and GDN's
+      out_norm_weight (their gradients are partial sums, summed by finalize_tp_grads), block.rho,
+      block.out_proj (Parcae W_C), block.injection.* (A_log, dt_bias, B, concat adapter), exit_gate,
+      DSA's indexer (wq_index, wk_index, w_index).
+The vocabulary padding (model.pad_vocab_multiple) does not depend on tp, so full tensors have the same
+shape whatever TP degree wrote them.
+
+Why the concat adapter is replicated, not sharded: W [s; e] maps the replicated state to the
+replicated state between loop iterations. Sharding it (column or row) would need its own all-gather
+or all-reduce every loop iteration, i.e. communication added by the loop; replicated, it costs 2d^2
+parameters per rank and no communication. Parcae's B and W_C (d x d) likewise.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn as nn
+
+from megaloop.parallel.comm import TPComm, copy_to_tp, gather_from_sp, reduce_scatter_to_sp
+from megaloop.parallel.cross_entropy import (VocabParallelCrossEntropy, VocabParallelSuccessiveKL,
+                                             gather_vocab_logits)
+from megaloop.parallel.random import RNGTracker
+from megaloop.parallel.tensor_parallel import (REPLICATED, ColumnParallelLinear, Partition, RowParallelLinear,
+                                               VocabParallelEmbedding, partition_of, tag)
+
+
+class TensorParallelError(ValueError):
+    """The model cannot be split over this many TP ranks; the message names the numbers."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate_tensor_parallel(cfg, tp: int, seq_len: Optional[int] = None, sequence_parallel: bool = False) -> None:
+    """Refuse a TP degree that does not divide what it must, naming the numbers."""
+    if tp == 1:
+        return
+    problems = []
+    if cfg.n_heads % tp:
+        problems.append(f"model.n_heads={cfg.n_heads} is not divisible by tensor_parallel={tp}")
+    kv = cfg.kv_heads
+    if kv % tp and tp % kv:
+        problems.append(f"model.n_kv_heads={kv} and tensor_parallel={tp}: one must divide the other (kv heads "
+                        f"are split when n_kv_heads >= tp, replicated when fewer)")
+    if cfg.ffn_dim % tp:
+        problems.append(f"the MLP hidden size {cfg.ffn_dim} (model.ffn_hidden, or derived from model.d_model="
+                        f"{cfg.d_model}) is not divisible by tensor_parallel={tp}")
+    V, Vp = cfg.vocab_size, cfg.padded_vocab_size
+    if Vp % tp:
+        m = cfg.pad_vocab_multiple
+        good = m * tp // math.gcd(m, tp)
+        problems.append(f"the padded vocabulary {Vp} (model.vocab_size={V} padded to a multiple of "
+                        f"model.pad_vocab_multiple={m}) is not divisible by tensor_parallel={tp}; "
+                        f"set model.pad_vocab_multiple={good}")
+    if sequence_parallel and seq_len is not None and seq_len % tp:
+        problems.append(f"sequence length {seq_len} is not divisible by tensor_parallel={tp} (sequence parallel)")
+    if problems:
+        raise TensorParallelError("cannot apply tensor parallelism: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _shard_param(module: nn.Module, name: str, dim: int, index: slice, partition: Partition) -> None:
+    old = getattr(module, name)
+    new = nn.Parameter(old.data.narrow(dim, index.start, index.stop - index.start).detach().clone(),
+                       requires_grad=old.requires_grad)
+    for attr in ("no_weight_decay", "zero_init", "keep_init"):
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    setattr(module, name, tag(new, partition))
+
+
+def _block(rank: int, n: int, size: int) -> slice:
+    return slice(rank * n * size, (rank + 1) * n * size)
+
+
+def _install_input_copy(module: nn.Module, comm: TPComm, names=(("x", 0), ("q_input", 2)),
+                        tracker: Optional[RNGTracker] = None, fork: bool = False) -> None:
+    """Megatron's f at the entry of a sharded sub-layer: its tensor inputs (x and, for FLT, q_input;
+    given as (keyword, position) of the mixer signature `forward(x, rope, q_input=None, cache=None)`)
+    pass through one fused copy_to_tp. With `fork`, the sub-layer runs on the model-parallel RNG
+    stream (dropout inside sharded heads differs across TP ranks)."""
+
+    def pre_hook(mod, args, kwargs):
+        args = list(args)
+        slots = []  # (where, key) of tensors that go through f
+        for key, pos in names:
+            if pos < len(args):
+                if torch.is_tensor(args[pos]):
+                    slots.append(("a", pos))
+            elif torch.is_tensor(kwargs.get(key)):
+                slots.append(("k", key))
+        xs = [args[k] if w == "a" else kwargs[k] for w, k in slots]
+        ys = copy_to_tp(comm, *xs) if xs else ()
+        if len(xs) == 1:
+            ys = (ys,)
+        for (w, k), y in zip(slots, ys):
+            if w == "a":
+                args[k] = y
+            else:
+                kwargs[k] = y
+        if fork:
+            ctx = tracker.fork()
+            ctx.__enter__()
+            mod._tp_rng_ctx = ctx
+        return tuple(args), kwargs
+
+    module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    if fork:
+        def post_hook(mod, args, output):
+            ctx = mod.__dict__.pop("_tp_rng_ctx", None)
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+            return output
+        module.register_forward_hook(post_hook, always_call=True)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+def _replicated_branch(module: nn.Module, tp: int) -> None:
+    """A replicated module fed from inside a sharded region (after f): every rank computes the same
+    input gradient, which f's all-reduce would then count tp times. Scale it by 1/tp on the way in."""
+    def pre_hook(mod, args):
+        return tuple(_ScaleGrad.apply(a, 1.0 / tp) if torch.is_tensor(a) and a.requires_grad else a for a in args)
+    module.register_forward_pre_hook(pre_hook)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-module plans (mixers are pluggable: a new mixer registers its plan here)
+
+TP_PLANS: Dict[type, Callable] = {}
+
+
+def register_tp_plan(cls: type):
+    """Decorator: `fn(module, comm, cfg, ctx)` shards a mixer of class `cls` (and its subclasses)."""
+    def wrap(fn):
+        TP_PLANS[cls] = fn
+        return fn
+    return wrap
+
+
+def _plan_for(module: nn.Module):
+    for klass in type(module).__mro__:
+        if klass in TP_PLANS:
+            return TP_PLANS[klass]
+    return None
+
+
+def _shard_attention(attn: nn.Module, comm: TPComm, cfg, ctx: dict) -> None:
+    tp, r = comm.size, comm.rank
+    hd = attn.head_dim
+    H, KV = attn.wq.out_features // hd, attn.wk.out_features // hd
+    if H % tp:
+        raise TensorParallelError(f"attention has {H} heads, not divisible by tensor_parallel={tp}")
+    nq = H // tp
+    q_rows = _block(r, nq, hd)
+    attn.wq = ColumnParallelLinear.from_linear(attn.wq, comm, q_rows, copy_input=False)
+    if attn.gate is not None:
+        attn.gate = ColumnParallelLinear.from_linear(attn.gate, comm, q_rows, copy_input=False)
+    if KV % tp == 0:
+        kv_rows, part = _block(r, KV // tp, hd), Partition(0, "column", KV * hd)
+    elif tp % KV == 0:
+        replicas = tp // KV
+        kv_rows, part = _block(r // replicas, 1, hd), Partition(0, "kv_replicated", KV * hd, replicas)
+    else:
+        raise TensorParallelError(f"attention has {KV} kv heads and tensor_parallel={tp}: one must divide the other")
+    attn.wk = ColumnParallelLinear.from_linear(attn.wk, comm, kv_rows, partition=part, copy_input=False)
+    attn.wv = ColumnParallelLinear.from_linear(attn.wv, comm, kv_rows, partition=part, copy_input=False)
+    attn.wo = RowParallelLinear.from_linear(attn.wo, comm, q_rows, sequence_parallel=ctx["sp"])
+    for norm in (attn.q_norm, attn.k_norm):
+        if norm is not None and norm.weight is not None:
+            tag(norm.weight, Partition(None, "replicated_partial_grad"))
+    dropout = getattr(attn, "dropout", 0.0)
+    _install_entry(attn, comm, ctx, fork=isinstance(dropout, float) and dropout > 0)
+
+
+def _install_entry(module: nn.Module, comm: TPComm, ctx: dict, fork: bool = False) -> None:
+    if ctx["sp"]:
+        _install_sp_entry(module, comm, ctx, fork)
+    else:
+        _install_input_copy(module, comm, tracker=ctx["tracker"], fork=fork)
+
+
+def _shard_gdn(gdn: nn.Module, comm: TPComm, cfg, ctx: dict) -> None:
+    tp, r = comm.size, comm.rank
+    H = gdn.w_a.out_features
+    dk, dv = gdn.head_k_dim, gdn.head_v_dim
+    if H % tp:
+        raise TensorParallelError(f"Gated DeltaNet has {H} heads, not divisible by tensor_parallel={tp}")
+    h = H // tp
+    for name, size in (("wq", dk), ("wk", dk), ("wv", dv), ("w_gate", dv), ("w_a", 1), ("w_b", 1)):
+        setattr(gdn, name, ColumnParallelLinear.from_linear(getattr(gdn, name), comm, _block(r, h, size),
+                                                            copy_input=False))
+    for name, size in (("q_conv", dk), ("k_conv", dk), ("v_conv", dv), ("A_log", 1), ("dt_bias", 1)):
+        _shard_param(gdn, name, 0, _block(r, h, size), Partition(0, "column", H * size))
+    tag(gdn.out_norm_weight, Partition(None, "replicated_partial_grad"))
+    gdn.wo = RowParallelLinear.from_linear(gdn.wo, comm, _block(r, h, dv), sequence_parallel=ctx["sp"])
+    _install_entry(gdn, comm, ctx)
+
+
+def _shard_dsa(attn: nn.Module, comm: TPComm, cfg, ctx: dict) -> None:
+    # The indexer is replicated (every rank must select the same keys) and fed from inside the
+    # sharded region; its aux loss target averages the attention distribution over ALL heads.
+    _shard_attention(attn, comm, cfg, ctx)
+    for lin in (attn.wq_index, attn.wk_index, attn.w_index):
+        _replicated_branch(lin, comm.size)
+    attn.attend = _TPSparseAttend(attn, comm)
+
+
+class _TPSparseAttend:
+    """DeepSeekSparseAttention.attend under TP: the indexer's KL target is the head-average of the
+    main attention distribution over all heads (one extra forward all-reduce of B*T*topk values per
+    DSA layer and iteration, when the indexer trains; none at inference)."""
+
+    def __init__(self, attn: nn.Module, comm: TPComm):
+        self.attn, self.comm = attn, comm
+
+    def __call__(self, q, k, v, x=None, q_input=None):
+        from megaloop.model.sparse_attention import AuxLossInjector
+        from megaloop.ops import (lightning_indexer_topk, select_topk_keys, lightning_indexer_scores,
+                                  sparse_attention_from_indices)
+        attn = self.attn
+        q_idx, k_idx, w = attn.index_inputs(x, q_input)
+        train_indexer = attn.training and torch.is_grad_enabled() and attn.loss_coef > 0
+        if not train_indexer:
+            indices, valid = lightning_indexer_topk(q_idx, k_idx, w, attn.topk)
+            return sparse_attention_from_indices(q, k, v, indices, valid)
+        scores = lightning_indexer_scores(q_idx, k_idx, w)
+        indices, valid = select_topk_keys(scores, attn.topk)
+        y = sparse_attention_from_indices(q, k, v, indices, valid)
+        aux = _tp_indexer_kl_loss(scores, q, k, indices, valid, self.comm)
+        return AuxLossInjector.apply(y, aux, attn.loss_coef)
+
+
+def _tp_indexer_kl_loss(index_scores, q, k, indices, valid, comm: TPComm):
+    """megaloop.ops.indexer_kl_loss (sparse stage) with the head-average taken over all TP ranks."""
+    B, H, T, D = q.shape
+    scale = D ** -0.5
+    with torch.no_grad():
+        Hkv = k.shape[1]
+        qg = q.detach().reshape(B, Hkv, H // Hkv, T, D)
+        logits = torch.einsum("bhgtd,bhsd->bhgts", qg, k.detach()).reshape(B, H, T, T) * scale
+        logits = logits.gather(-1, indices[:, None].expand(B, H, T, indices.shape[-1]))
+        target = logits.masked_fill(~valid[:, None], float("-inf")).softmax(-1).sum(dim=1)
+        target = comm.all_reduce(target, phase="forward") / (H * comm.size)
+        log_target = target.clamp_min(torch.finfo(target.dtype).tiny).log()
+    scores = index_scores.gather(-1, indices)
+    log_pred = scores.masked_fill(~valid, float("-inf")).log_softmax(-1)
+    kl_terms = torch.where(valid, target * (log_target - log_pred.masked_fill(~valid, 0.0)), 0.0)
+    return kl_terms.sum(-1).mean()
+
+
+def _shard_mlp(mlp: nn.Module, comm: TPComm, cfg, ctx: dict) -> None:
+    f = mlp.w1.out_features
+    if f % comm.size:
+        raise TensorParallelError(f"MLP hidden size {f} is not divisible by tensor_parallel={comm.size}")
+    mlp.w1 = ColumnParallelLinear.from_linear(mlp.w1, comm, copy_input=False)
+    if mlp.w3 is not None:
+        mlp.w3 = ColumnParallelLinear.from_linear(mlp.w3, comm, copy_input=False)
+    mlp.w2 = RowParallelLinear.from_linear(mlp.w2, comm, sequence_parallel=ctx["sp"])
+    _install_entry(mlp, comm, ctx)
+
+
+def _register_builtin_plans() -> None:
+    from megaloop.model.layers import MLP, Attention
+    TP_PLANS.setdefault(Attention, _shard_attention)  # also SlidingWindowAttention (subclass)
+    TP_PLANS.setdefault(MLP, _shard_mlp)
+    try:
+        from megaloop.model.gated_deltanet import GatedDeltaNet
+        TP_PLANS.setdefault(GatedDeltaNet, _shard_gdn)
+    except ImportError:  # pragma: no cover - older model code
+        pass
+    try:
+        from megaloop.model.sparse_attention import DeepSeekSparseAttention
+        TP_PLANS.setdefault(DeepSeekSparseAttention, _shard_dsa)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence parallelism (entry of a sub-layer: all-gather the sequence instead of f)
+
+
+def _install_sp_entry(module: nn.Module, comm: TPComm, ctx: dict, fork: bool) -> None:
+    raise TensorParallelError("sequence parallelism is not implemented yet; set parallel.sequence_parallel=false")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model-level step
+
+
+class MaskPaddedVocab:
+    """`model.real_vocab_logits` under TP: the padded vocabulary columns of this rank's shard get the
+    dtype's lowest value (zero probability), instead of being sliced off (shards stay equal-sized)."""
+
+    def __init__(self, vocab_start: int, vocab_size: int):
+        self.vocab_start, self.vocab_size = int(vocab_start), int(vocab_size)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        end = self.vocab_start + logits.shape[-1]
+        if end <= self.vocab_size:
+            return logits
+        cols = torch.arange(self.vocab_start, end, device=logits.device) >= self.vocab_size
+        return logits.masked_fill(cols, torch.finfo(logits.dtype).min)
+
+
+class _BroadcastInitialState:
+    """block.initial_state with the random draw broadcast from TP rank 0 (robust even if the TP ranks'
+    generators were seeded differently; one broadcast of B*T*d values per forward, outside the loop)."""
+
+    def __init__(self, block: nn.Module, comm: TPComm):
+        self.orig = type(block).initial_state.__get__(block)
+        self.comm = comm
+
+    def __call__(self, e: torch.Tensor) -> torch.Tensor:
+        s = self.orig(e)
+        if s is e or self.comm.size == 1:
+            return s
+        with torch.no_grad():
+            return self.comm.broadcast(s.contiguous(), 0)
+
+
+def _transformer_layers(model: nn.Module):
+    from megaloop.model.layers import TransformerLayer
+    return [m for m in model.modules() if isinstance(m, TransformerLayer)]
+
+
+def _replicated_checksum(model: nn.Module) -> torch.Tensor:
+    vals = [p.detach().double().sum() + (p.detach().double() * 1.000001).abs().sum() * 1e-3
+            for p in model.parameters() if not partition_of(p).sharded]
+    return torch.stack(vals) if vals else torch.zeros(1, dtype=torch.float64)
+
+
+def apply_tensor_parallel(model: nn.Module, state_or_group, *, sequence_parallel: Optional[bool] = None,
+                          initial_state_sync: str = "rng", check_replicas: bool = True,
+                          force: bool = False) -> nn.Module:
+    """Shard `model` (a LoopedLM built identically on every rank) over the TP group, in place; returns it.
+
+    state_or_group:     a ParallelState, a torch ProcessGroup, a TPComm, or None (one process).
+    sequence_parallel:  Megatron sequence parallelism (default: the state's flag). Not implemented yet.
+    initial_state_sync: "rng" (default): the Parcae/Huginn noise start is drawn from the default
+                        generator, which stays in step on all TP ranks (dropout inside sharded heads runs
+                        on a forked stream); equals the one-process draw. "broadcast": draw on TP rank
+                        0 and broadcast (one extra collective per forward; robust to mis-seeding).
+    check_replicas:     verify (one tiny all-gather) that the replicated parameters agree on all TP ranks.
+    force:              shard even when tp == 1 (a no-communication run through the same code).
+    """
+    comm = TPComm.coerce(state_or_group)
+    sp = bool(getattr(state_or_group, "sequence_parallel", False)) if sequence_parallel is None else sequence_parallel
+    if comm.size == 1 and not force:
+        model.tp_comm = comm
+        return model
+    if getattr(model, "tp_comm", None) is not None and getattr(model.tp_comm, "size", 1) > 1:
+        raise TensorParallelError("apply_tensor_parallel was already applied to this model")
+    cfg = model.cfg
+    validate_tensor_parallel(cfg, comm.size, sequence_parallel=sp)
+    if sp:
+        _install_sp_entry(model, comm, {}, False)  # raises until implemented
+    if initial_state_sync not in ("rng", "broadcast"):
+        raise ValueError(f"initial_state_sync must be 'rng' or 'broadcast', got {initial_state_sync!r}")
+    _register_builtin_plans()
+    tracker = RNGTracker(tp_rank=comm.rank)
+    ctx = {"sp": sp, "tracker": tracker}
+
+    # 1. Layers: mixer + MLP of every transformer layer (prelude, looped block, coda).
+    for layer in _transformer_layers(model):
+        for name in ("mixer", "mlp"):
+            sub = getattr(layer, name)
+            plan = _plan_for(sub)
+            if plan is None:
+                raise TensorParallelError(
+                    f"{type(sub).__name__} (layer {layer.layer_idx} {name}) has no tensor-parallel plan; "
+                    f"register one with megaloop.parallel.apply_tp.register_tp_plan({type(sub).__name__})")
+            plan(sub, comm, cfg, ctx)
+
+    # 2. Vocabulary: embedding rows, LM head rows (tied: the same tensor), loss and exits.
+    tied = model.head.weight is model.embedding.weight
+    model.embedding = VocabParallelEmbedding.from_embedding(model.embedding, comm)
+    start, end = model.embedding.vocab_start, model.embedding.vocab_end
+    if tied:
+        head = ColumnParallelLinear(model.head.in_features, end - start, comm, copy_input=True,
+                                    weight=model.embedding.weight,
+                                    partition=Partition(0, "vocab", cfg.padded_vocab_size))
+    else:
+        head = ColumnParallelLinear.from_linear(model.head, comm, slice(start, end), copy_input=True,
+                                                partition=Partition(0, "vocab", cfg.padded_vocab_size))
+    model.head = head
+    model.real_vocab_logits = MaskPaddedVocab(start, cfg.vocab_size)
+    model.token_loss_fn = VocabParallelCrossEntropy(comm, start)
+    model.successive_kl_fn = VocabParallelSuccessiveKL(comm)
+
+    # 3. The loop: nothing to shard; the random initial state must agree on the TP ranks.
+    if initial_state_sync == "broadcast":
+        model.block.initial_state = _BroadcastInitialState(model.block, comm)
+
+    model.tp_comm = comm
+    model.tp_rng_tracker = tracker
+    model.tp_vocab_range = (start, end)
+    if check_replicas and _dist_ready():
+        check_replicated_parameters(model)
+    return model
+
+
+def _dist_ready() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+def check_replicated_parameters(model: nn.Module) -> None:
+    """Raise if a replicated parameter differs across TP ranks (the ranks did not build the model from
+    the same seed, or a replicated gradient was not synchronised)."""
+    comm: TPComm = model.tp_comm
+    if comm.size == 1:
+        return
+    mine = _replicated_checksum(model)
+    every = comm.all_gather(mine[None], dim=0)
+    if not torch.equal(every.min(0).values, every.max(0).values):
+        names = [n for n, p in model.named_parameters() if not partition_of(p).sharded]
+        bad = [names[i] for i in torch.nonzero(every.min(0).values != every.max(0).values).flatten().tolist()]
+        raise TensorParallelError(f"replicated parameters differ across the {comm.size} tensor-parallel ranks: "
+                                  f"{bad[:8]}{' ...' if len(bad) > 8 else ''}; build the model with the same seed "
+                                  f"on every rank before apply_tensor_parallel")
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients
+
+
+def finalize_tp_grads(model: nn.Module) -> int:
+    """Sum the gradients that are partial per TP rank, in ONE all-reduce; call once per optimizer step
+    after the last backward (before clipping). Returns the number of elements reduced.
+
+    - replicated parameters used inside sharded heads (QK-norm, GDN's output norm): each rank's
+      gradient covers its own heads only -> summed over the TP group;
+    - kv-replicated wk/wv (n_kv_heads < tp): the ranks sharing a kv head each hold the gradient from
+      their own q heads -> summed over those ranks (each rank contributes to a slot per kv head).
+    Every other replicated parameter gets identical, complete gradients on every rank already.
+    """
+    comm: Optional[TPComm] = getattr(model, "tp_comm", None)
+    if comm is None or comm.size == 1:
+        return 0
+    bufs, finish = [], []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        part = partition_of(p)
+        if part.kind == "replicated_partial_grad":
+            bufs.append(p.grad)
+            finish.append((p, None))
+        elif part.kind == "kv_replicated":
+            slots = comm.size // part.replicas  # = number of kv shards
+            buf = torch.zeros((slots,) + tuple(p.grad.shape), dtype=p.grad.dtype, device=p.grad.device)
+            buf[comm.rank // part.replicas] = p.grad
+            bufs.append(buf)
+            finish.append((p, comm.rank // part.replicas))
+    if not bufs:
+        return 0
+    reduced = comm.all_reduce_many(bufs, phase="other")
+    for (p, slot), r in zip(finish, reduced):
+        p.grad.copy_(r if slot is None else r[slot])
+    return sum(b.numel() for b in bufs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gathering and merging shards
+
+
+def tp_partition_info(model: nn.Module) -> Dict[str, Partition]:
+    """state_dict name -> Partition, for every tensor of the model's state_dict (tied names included)."""
+    return {name: partition_of(t) for name, t in model.state_dict(keep_vars=True).items()}
+
+
+def _gather(t: torch.Tensor, part: Partition, comm: TPComm) -> torch.Tensor:
+    if not part.sharded or comm.size == 1:
+        return t.detach().clone()
+    shards = comm.all_gather(t.detach().contiguous()[None], dim=0)  # (tp, ...)
+    keep = shards[:: part.replicas]
+    return torch.cat(list(keep), dim=part.dim)
+
+
+def gather_full_state_dict(model: nn.Module, comm: Optional[TPComm] = None) -> Dict[str, torch.Tensor]:
+    """The one-process model's state_dict (same names and shapes), gathered from the TP shards.
+    Collective: call on every TP rank."""
+    comm = comm or getattr(model, "tp_comm", None) or TPComm(None, 0, 1)
+    return {name: _gather(t, partition_of(t), comm) for name, t in model.state_dict(keep_vars=True).items()}
+
+
+def gather_full_grads(model: nn.Module, comm: Optional[TPComm] = None) -> Dict[str, Optional[torch.Tensor]]:
+    """name -> full gradient (as named_parameters of the one-process model). Collective."""
+    comm = comm or getattr(model, "tp_comm", None) or TPComm(None, 0, 1)
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = None if p.grad is None else _gather(p.grad, partition_of(p), comm)
+    return out
+
+
+def gather_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """Local vocab-shard logits -> (..., vocab_size) over the real vocabulary (tests, evaluation)."""
+    comm = getattr(model, "tp_comm", None)
+    if comm is None or comm.size == 1:
+        return logits[..., : model.cfg.vocab_size]
+    return gather_vocab_logits(logits, comm, model.cfg.vocab_size)
+
+
+def partition_info_for(cfg, tp: int) -> Dict[str, Partition]:
+    """The partition map of a config at a TP degree, with no process group and no memory (meta
+    tensors): what an offline checkpoint converter needs."""
+    from megaloop.model import LoopedLM
+    with torch.device("meta"):
+        model = LoopedLM(cfg)
+    apply_tensor_parallel(model, TPComm(None, 0, tp), check_replicas=False, force=True)
+    return tp_partition_info(model)
+
+
+def merge_tp_shards(shards: List[Dict[str, torch.Tensor]], info: Dict[str, Partition]) -> Dict[str, torch.Tensor]:
+    """Merge per-TP-rank state dicts (rank order) into the one-process state_dict (offline, no
+    communication). `info` from `partition_info_for(cfg, tp)` or `tp_partition_info(model)`."""
+    out = {}
+    for name, t0 in shards[0].items():
+        part = info.get(name, REPLICATED)
+        if not part.sharded:
+            out[name] = t0.clone()
+        else:
+            out[name] = torch.cat([shards[r][name] for r in range(0, len(shards), part.replicas)], dim=part.dim)
+    return out
+
+
+def shard_state_dict(full: Dict[str, torch.Tensor], info: Dict[str, Partition], tp_rank: int, tp: int
+                     ) -> Dict[str, torch.Tensor]:
+    """The inverse of merge_tp_shards: rank tp_rank's state dict from a one-process state dict."""
+    out = {}
+    for name, t in full.items():
+        part = info.get(name, REPLICATED)
+        if not part.sharded:
+            out[name] = t.clone()
+            continue
+        n_shards = tp // part.replicas
+        size = t.shape[part.dim] // n_shards
+        out[name] = t.narrow(part.dim, (tp_rank // part.replicas) * size, size).clone()
+    return out
