@@ -83,6 +83,8 @@ class ModelConfig:
     internal_recall_layers: str = "first"  # first | all  (which looped layers receive the recall)
     normalization: str = "outer"  # outer: state = norm(block output) between loops | inner
     state_init: str = "embed"  # embed | zeros | noise  (Huginn/Parcae start from noise)
+    # std of the truncated-normal noise start; None = init_std (Parcae). Huginn: sqrt(2/5) (= sigma*sqrt(d)).
+    state_init_std: Optional[float] = None
     share_outer_final_norm: bool = False  # Ouro: the final norm is applied every step and fed back
     parcae_init_decay: float = math.sqrt(0.2)  # exp(-Delta) at init: Abar = 0.447
 

@@ -57,7 +57,7 @@ def test_seeded_noise_is_deterministic_and_matches_megaloop_given_the_same_noise
         b = hf(x, num_loops=4, use_cache=False).logits
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # independent of the global RNG
         positions = torch.arange(x.shape[1])[None].expand_as(x)
-        monkeypatch.setattr(model.block, "initial_state", lambda e: hf.noise_for_positions(positions, e))
+        monkeypatch.setattr(model.block, "initial_state", lambda e, generator=None: hf.noise_for_positions(positions, e))
         torch.testing.assert_close(a, model(x, loops=4).logits, rtol=0, atol=1e-5)
         # row-independent: a row's logits do not depend on the rest of the batch
         torch.testing.assert_close(hf(x[1:], num_loops=4, use_cache=False).logits, a[1:], rtol=0, atol=1e-5)

@@ -62,7 +62,7 @@ def test_exported_folder_loads_without_megaloop(tmp_path):
     with torch.no_grad():
         for R in (1, 3):
             positions = torch.arange(ids.shape[1])[None]
-            model.block.initial_state = lambda e: hf.noise_for_positions(positions, e)
+            model.block.initial_state = lambda e, generator=None: hf.noise_for_positions(positions, e)
             torch.testing.assert_close(torch.tensor(res["logits"][str(R)]), model(ids, loops=R).logits,
                                        rtol=0, atol=1e-5)
         gen = hf.generate(ids, max_new_tokens=5, do_sample=False, num_loops=3)

@@ -68,16 +68,16 @@ class LoopedBlock(nn.Module):
         self.eps = cfg.norm_eps
 
     # ------------------------------------------------------------------------------------------
-    def initial_state(self, e: torch.Tensor) -> torch.Tensor:
+    def initial_state(self, e: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         init = self.cfg.state_init
         if init == "embed":
             return e
         if init == "zeros":
             return torch.zeros_like(e)
-        # Huginn / Parcae: a truncated-normal random start (std = init_std, cut at 3 std). Under TP the
-        # model-parallel RNG tracker makes this draw identical on all TP ranks.
-        return nn.init.trunc_normal_(torch.empty_like(e), std=self.cfg.init_std,
-                                     a=-3 * self.cfg.init_std, b=3 * self.cfg.init_std)
+        # Huginn / Parcae: a truncated-normal random start (cut at 3 std). Under TP the model-parallel
+        # RNG tracker makes this draw identical on all TP ranks; `generator` makes it reproducible.
+        std = self.cfg.state_init_std or self.cfg.init_std
+        return nn.init.trunc_normal_(torch.empty_like(e), std=std, a=-3 * std, b=3 * std, generator=generator)
 
     def _run_layers(self, x, rope, q_source=None, h_prev=None, recall=None, cache=None):
         cfg = self.cfg
@@ -116,7 +116,7 @@ class LoopedBlock(nn.Module):
             if self.arch == "lt_i" and h_prev is not None:
                 x0 = rms_norm(e + h_prev, self.eps)
             x = self._run_layers(x0, rope, h_prev=h_prev, cache=cache)
-        if self.rho is not None:
+        if self.rho is not None and (self.arch == "recurrent" or t > 0):  # FLT family: h(0) = none
             x = x + self.rho[min(t, self.rho.shape[0] - 1)].type_as(x) * s
         return x
 
@@ -130,10 +130,11 @@ class LoopedBlock(nn.Module):
     # ------------------------------------------------------------------------------------------
     def forward(self, e: torch.Tensor, rope, loops: int, grad_loops: Optional[int] = None,
                 collect: bool = False, diagnostics: bool = False, final_norm: Optional[nn.Module] = None,
-                cache: Optional[dict] = None) -> BlockOutput:
+                cache: Optional[dict] = None, generator: Optional[torch.Generator] = None) -> BlockOutput:
         """Run `loops` iterations; gradients flow through the last `grad_loops` of them only.
 
         final_norm: the LM's final norm, needed only when it is shared with the loop (Ouro).
+        generator:  RNG for the random initial state (state_init=noise); default: torch's global one.
         collect:    also return the output of every loop that carries gradients (per-loop losses,
                     exit gates). For Ouro those outputs are already final-normed.
         """
@@ -142,7 +143,7 @@ class LoopedBlock(nn.Module):
         grad_loops = loops if grad_loops is None else max(1, min(grad_loops, loops))
         no_grad_loops = loops - grad_loops
         if self.arch == "recurrent":
-            s = self.initial_state(e)
+            s = self.initial_state(e, generator)
         else:
             s = e  # unused at t = 0
         per_loop = [] if collect else None
