@@ -19,8 +19,9 @@ What is measured, per (mixer, T), in fresh subprocesses so allocations do not le
             a training step holds per layer. DSA's attention runs under activation
             checkpointing, whose own saved references (the (T, topk) selection) this hook does
             not see: ~T*topk*9 bytes, 18 MB at T=8192, topk=256.
-  peak MB   growth of the process's peak RSS (getrusage ru_maxrss) over the first
-            forward+backward pass (after a small warm-up run), in a separate process where
+  peak MB   peak RSS during one forward+backward pass minus RSS before it (the kernel's
+            high-water mark VmHWM, reset through /proc/self/clear_refs; ru_maxrss growth where
+            that is unavailable), after a small warm-up run, in a separate process where
             glibc mmaps every allocation >= 64 KiB (MALLOC_MMAP_THRESHOLD_) so freed buffers
             really leave RSS (not used for timing: it page-faults on every allocation). Includes transient
             buffers and allocator overhead; approximate (page granularity, ~1 MB noise).
@@ -37,6 +38,24 @@ import sys
 import time
 
 MIXERS = ["softmax", "gdn", "swa", "dsa", "dsa-attn"]
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def build(mixer: str, T: int, args):
@@ -67,10 +86,11 @@ def build(mixer: str, T: int, args):
         def forward(q, k, v, g, beta):
             return gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=args.chunk_size)[0]
     else:
-        inputs = [torch.randn(B, H, T, D, device=device, dtype=dtype) for _ in range(3)]
+        Hkv = args.kv_heads or H
+        inputs = [torch.randn(B, h, T, D, device=device, dtype=dtype) for h in (H, Hkv, Hkv)]
         if mixer == "softmax":
             def forward(q, k, v):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         elif mixer == "swa":
             def forward(q, k, v):
                 return sliding_window_attention(q, k, v, args.window)
@@ -107,9 +127,14 @@ def run_worker(mixer: str, T: int, args) -> dict:
     forward, leaves = build(mixer, T, args)
 
     if args.measure == "memory":
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        forward_backward(forward, leaves)
-        rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if _reset_peak_rss():  # peak of this pass alone, whatever ran before (e.g. building inputs)
+            rss_before = _rss_kib("VmRSS")
+            forward_backward(forward, leaves)
+            rss_after = _rss_kib("VmHWM")
+        else:  # growth of the process's lifetime peak: a lower bound if set-up peaked higher
+            rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+            forward_backward(forward, leaves)
+            rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
         # Saved-for-backward bytes, on a separate forward whose graph is then dropped.
         input_storages = {x.untyped_storage().data_ptr() for x in leaves}
@@ -142,6 +167,7 @@ def main():
     parser.add_argument("--mixers", nargs="+", default=MIXERS, choices=MIXERS)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=0, help="kv heads of the attention mixers (0: = heads)")
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--topk", type=int, default=256)
@@ -178,7 +204,7 @@ def main():
     results = {}
     import torch
 
-    print(f"B=1 H={args.heads} D={args.head_dim} float32 on {args.device}, torch {torch.__version__}, "
+    print(f"B=1 H={args.heads} Hkv={args.kv_heads or args.heads} D={args.head_dim} float32 on {args.device}, torch {torch.__version__}, "
           f"{args.threads or torch.get_num_threads()} threads; fwd+bwd, best of {args.reps}; "
           f"gdn chunk {args.chunk_size}, swa window {args.window}, dsa topk {args.topk} "
           f"(indexer {args.indexer_heads} heads x {args.indexer_dim})")
