@@ -11,6 +11,7 @@ dataset of --documents documents.
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -26,11 +27,15 @@ from megaloop.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter  
 
 
 def run_tool(args):
+    """(wall seconds, CPU seconds of the process and all its workers) of one tool run."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.time()
     proc = subprocess.run([sys.executable] + args, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr}")
-    return time.time() - start, proc.stderr
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return time.time() - start, cpu
 
 
 def bench_preprocess(workdir, vocab_size, sentence_sample, workers_list, repeats, results):
@@ -48,11 +53,15 @@ def bench_preprocess(workdir, vocab_size, sentence_sample, workers_list, repeats
           f"trained on {'all' if not sentence_sample else sentence_sample} lines", flush=True)
 
     def measure(name, args, out):
-        seconds, _ = run_tool(args)
+        # Wall time is the figure that matters, but on a shared machine it depends on the neighbours;
+        # CPU seconds (all processes) per token do not, so both are reported.
+        seconds, cpu = run_tool(args)
         tokens = int(IndexedDataset(out).sequence_lengths.sum(dtype=np.int64))
         results.setdefault(f"{name}_Mtok_s", []).append(round(tokens / seconds / 1e6, 3))
-        print(f"{name:34s}: {tokens:,} tokens in {seconds:.2f}s whole process = {tokens / seconds / 1e6:.2f} M "
-              f"tokens/s ({corpus_mb / seconds:.1f} MB/s)", flush=True)
+        results.setdefault(f"{name}_cpu_s", []).append(round(cpu, 2))
+        print(f"{name:30s}: {tokens:,} tokens in {seconds:5.2f}s whole process = {tokens / seconds / 1e6:5.2f} M "
+              f"tokens/s ({corpus_mb / seconds:4.1f} MB/s); {cpu:5.2f} CPU-s in all processes "
+              f"(load average {os.getloadavg()[0]:.1f})", flush=True)
 
     def ours(tokenizer, workers):
         out = os.path.join(workdir, f"out_{tokenizer}_{workers}")

@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import multiprocessing
 import os
+import resource
 import sys
 import threading
 import time
@@ -75,6 +76,8 @@ class PreprocessSummary:
     skipped: Counter = dataclasses.field(default_factory=Counter)  # category -> count
     skipped_examples: Dict[str, List[SkippedRecord]] = dataclasses.field(default_factory=lambda: defaultdict(list))
     seconds: float = 0.0
+    main_process_cpu_seconds: float = 0.0  # reading, dispatching, writing: small, so workers set the pace
+    worker_cpu_seconds: float = 0.0
 
     @property
     def total_tokens(self) -> int:
@@ -87,7 +90,9 @@ class PreprocessSummary:
     def report(self) -> str:
         rate = self.total_tokens / max(self.seconds, 1e-9)
         lines = [f"done in {self.seconds:.1f}s: {self.documents:,} documents, {self.total_tokens:,} tokens "
-                 f"({rate / 1e6:.2f} M tokens/s, {self.documents / max(self.seconds, 1e-9):,.0f} docs/s)"]
+                 f"({rate / 1e6:.2f} M tokens/s, {self.documents / max(self.seconds, 1e-9):,.0f} docs/s); CPU "
+                 f"seconds: {self.worker_cpu_seconds:.1f} in workers, {self.main_process_cpu_seconds:.1f} in the "
+                 f"main process"]
         for key, prefix in self.output_paths.items():
             lines.append(f"  {key!r}: {self.tokens.get(key, 0):,} tokens -> {prefix}.bin/.idx")
         if self.total_skipped:
@@ -169,6 +174,7 @@ class UnitResult:
     skipped: List[Tuple[int, str, str]]  # (1-based line within the unit or 0 for a whole file, category, detail)
     blank_lines: int
     input_bytes: int
+    cpu_seconds: float
 
 
 _worker = {}  # per-process state set by _init_worker: the tokenizer is loaded once per process
@@ -238,6 +244,7 @@ def _parse_unit(unit: WorkUnit, data: bytes, keys: List[str]):
 
 
 def tokenize_unit(unit: WorkUnit) -> UnitResult:
+    cpu_start = time.process_time()
     tokenizer: Tokenizer = _worker["tokenizer"]
     keys: List[str] = _worker["json_keys"]
     data = _read_unit(unit)
@@ -264,6 +271,7 @@ def tokenize_unit(unit: WorkUnit) -> UnitResult:
         skipped=skipped,
         blank_lines=blank,
         input_bytes=len(data),
+        cpu_seconds=time.process_time() - cpu_start,
     )
 
 
@@ -327,6 +335,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     if config.workers < 1:
         raise ValueError(f"workers must be at least 1, got {config.workers}")
     start = time.time()
+    cpu_start = resource.getrusage(resource.RUSAGE_SELF)
     keys = list(config.json_keys)
     formats = {input_format(p) for p in config.input_files}
     if "text" in formats and len(keys) != 1:
@@ -338,6 +347,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     summary = PreprocessSummary(output_paths=outputs, tokens={key: 0 for key in keys})
     total_bytes = sum(os.path.getsize(p) for p in config.input_files)
     lines_before: Dict[str, int] = defaultdict(int)  # lines of each file already seen, for line numbers
+    worker_cpu: List[float] = []
 
     # fork is cheap and safe here (no threads yet); fall back to spawn where fork does not exist.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
@@ -375,6 +385,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
                 summary.tokens[key] += int(tokens.size)
             summary.documents += result.num_documents
             summary.blank_lines += result.blank_lines
+            worker_cpu.append(result.cpu_seconds)
             progress.update(result.num_documents, sum(int(t.size) for t in result.tokens), result.input_bytes)
         pool.close()
         if summary.documents == 0:
@@ -392,4 +403,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
         progress.close()
         pool.join()
     summary.seconds = time.time() - start
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    summary.main_process_cpu_seconds = (own.ru_utime - cpu_start.ru_utime) + (own.ru_stime - cpu_start.ru_stime)
+    summary.worker_cpu_seconds = sum(worker_cpu)
     return summary
