@@ -110,7 +110,8 @@ def gated_delta_rule_chunked(
         S_C      = e^{G_C} S_0 + sum_j e^{G_C - G_j} k_j u_j^T
 
     Only the state hand-off between chunks is sequential (a Python loop over T / C chunks).
-    Cost: O(T C (Dk + Dv) + T Dk Dv) time, O(T C) extra memory per head.
+    Cost per head: O(T C (Dk + Dv) + T Dk Dv) time; O(T C) memory for the intra-chunk matrices
+    plus the T / C chunk-boundary states (Dk x Dv each) that autograd keeps for backward.
 
     T need not be a multiple of chunk_size: the tail is padded with k = v = q = 0, g = 0, beta = 0,
     which leaves the state untouched (alpha = 1, nothing written).
