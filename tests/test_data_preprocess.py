@@ -171,3 +171,23 @@ def test_cli_reports_summary_and_rejects_unsupported_flags(tmp_path, capsys):
     assert preprocess_main(["--input", str(tmp_path / "a.jsonl"), "--output-prefix", "x",
                             "--tokenizer-type", "byte", "--vocab-size", "50000"]) == 1
     assert "does not match" in capsys.readouterr().err
+
+
+def test_interrupted_run_leaves_no_file_that_looks_valid(tmp_path, monkeypatch):
+    from megaloop.data import preprocess as preprocess_module
+
+    write_jsonl(tmp_path / "a.jsonl", [{"text": f"document {i}"} for i in range(100)])
+    calls = []
+    original = preprocess_module.IndexedDatasetWriter.add_documents
+
+    def interrupt_on_third_unit(self, tokens, lengths):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C, or SIGTERM turned into SystemExit by the CLI
+        return original(self, tokens, lengths)
+
+    monkeypatch.setattr(preprocess_module.IndexedDatasetWriter, "add_documents", interrupt_on_third_unit)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(PreprocessConfig([str(tmp_path / "a.jsonl")], str(tmp_path / "out"), workers=2, chunk_bytes=100,
+                                    show_progress=False))
+    assert os.listdir(tmp_path) == ["a.jsonl"]

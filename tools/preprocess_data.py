@@ -12,6 +12,7 @@ line (--strict makes the first one an error). Outputs appear only when complete.
 """
 import argparse
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # A scheduler's SIGTERM unwinds like Ctrl-C, so the temporary outputs are removed on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.split_sentences:
         print("error: --split-sentences is not supported; megaloop keeps each document as one sequence",
               file=sys.stderr)
