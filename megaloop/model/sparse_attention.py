@@ -7,7 +7,8 @@ DSA: a light indexer scores every causal (query, key) pair,
     I(t, s) = sum_j w(t, j) * ReLU(q_I(t, j) . k_I(s)),
 and each query attends to its top-k keys, the selection shared by all heads. The selection is not
 differentiable; the indexer learns from DeepSeek's auxiliary loss, the KL between the (detached)
-main attention distribution and softmax(I) over the selected keys, weighted by
+main attention distribution and softmax(I) over the selected keys (its inputs detached from the
+main stream), weighted by
 `model.dsa_indexer_loss_coef`. That loss reaches the indexer through `AuxLossInjector`, which adds its
 gradient in backward without changing the forward output (Megatron's MoE aux-loss mechanism), so the
 training loop needs no extra plumbing. The indexer has no RoPE here (DeepSeek applies RoPE to part
@@ -61,8 +62,11 @@ class DeepSeekSparseAttention(Attention):
         self.w_index = nn.Linear(d, hi, bias=False)
 
     def index_inputs(self, x, q_input=None):
+        # Detached, as in DeepSeek-V3.2: the indexer is optimised separately, by its own KL loss only,
+        # and sends no gradient into the main model's stream.
+        x = x.detach()
         B, T, _ = x.shape
-        qx = x if q_input is None else q_input
+        qx = x if q_input is None else q_input.detach()
         q_idx = self.wq_index(qx).view(B, T, self.index_heads, self.index_dim)
         k_idx = self.wk_index(x)
         w = self.w_index(qx) / self.index_heads ** 0.5
