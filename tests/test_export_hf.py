@@ -102,5 +102,5 @@ def test_unknown_mixer_is_refused_clearly():
     from megaloop.export.hf_template.configuration_megaloop import MegaloopConfig
     from megaloop.export.hf_template.modeling_megaloop import MegaloopForCausalLM
 
-    with pytest.raises(ValueError, match="token mixer 'gdn'.*does not implement"):
-        MegaloopForCausalLM(MegaloopConfig(mixer="gdn,attn"))
+    with pytest.raises(ValueError, match="token mixer 'mamba'.*does not implement"):
+        MegaloopForCausalLM(MegaloopConfig(mixer="mamba,attn"))

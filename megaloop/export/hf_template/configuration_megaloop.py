@@ -5,6 +5,12 @@ n_heads, n_loop, arch, injection, ...) with the derived sizes already resolved (
 ffn_hidden and padded_vocab_size are always explicit here), plus the standard Hugging Face aliases
 (hidden_size, num_attention_heads, max_position_embeddings, num_hidden_layers) that tools read.
 
+Token mixers of the looped layers (megaloop/model/mixers.py): `mixer` is one name, a comma list tiling
+the n_loop layers, or an "N:M" ratio (N `linear_mixer` layers then M "attn" layers). Names: "attn"
+(softmax attention), "gdn" (Gated DeltaNet: conv_size, gdn_expand_v, gdn_chunk_size), "swa" (sliding
+window attention: window), "dsa" (DeepSeek sparse attention: dsa_topk, dsa_index_heads, dsa_index_dim).
+The exporter writes the resolved comma list.
+
 Inference-only fields (not in megaloop's ModelConfig):
   num_loops       default number of loop iterations R (megaloop's `loops`); forward/generate take
                   `num_loops=` to override it per call.
@@ -65,6 +71,14 @@ class MegaloopConfig(_BaseConfig):
         logit_softcap=None,
         init_std=0.02,
         mixer="attn",
+        linear_mixer="gdn",
+        conv_size=4,
+        gdn_expand_v=1.0,
+        gdn_chunk_size=64,
+        window=64,
+        dsa_topk=64,
+        dsa_index_heads=4,
+        dsa_index_dim=32,
         n_prelude=0,
         n_loop=2,
         n_coda=0,
@@ -77,6 +91,7 @@ class MegaloopConfig(_BaseConfig):
         internal_recall_layers="first",
         normalization="outer",
         state_init="embed",
+        state_init_std=None,
         share_outer_final_norm=False,
         exit_gate=False,
         loop_residual_gate=False,
@@ -109,6 +124,14 @@ class MegaloopConfig(_BaseConfig):
         self.logit_softcap = logit_softcap
         self.init_std = init_std
         self.mixer = mixer
+        self.linear_mixer = linear_mixer
+        self.conv_size = conv_size
+        self.gdn_expand_v = gdn_expand_v
+        self.gdn_chunk_size = gdn_chunk_size
+        self.window = window
+        self.dsa_topk = dsa_topk
+        self.dsa_index_heads = dsa_index_heads
+        self.dsa_index_dim = dsa_index_dim
         self.n_prelude = n_prelude
         self.n_loop = n_loop
         self.n_coda = n_coda
@@ -121,6 +144,7 @@ class MegaloopConfig(_BaseConfig):
         self.internal_recall_layers = internal_recall_layers
         self.normalization = normalization
         self.state_init = state_init
+        self.state_init_std = state_init_std
         self.share_outer_final_norm = share_outer_final_norm
         self.exit_gate = exit_gate
         self.loop_residual_gate = loop_residual_gate
@@ -157,6 +181,12 @@ class MegaloopConfig(_BaseConfig):
         choice("exit_kv", ("copy", "compute"))
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"MegaloopConfig: n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        for name in ("conv_size", "gdn_chunk_size", "window", "dsa_topk", "dsa_index_heads", "dsa_index_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"MegaloopConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.gdn_expand_v <= 0 or not float(self.head_dim * self.gdn_expand_v).is_integer():
+            raise ValueError(f"MegaloopConfig.gdn_expand_v={self.gdn_expand_v} must be > 0 and give an integer "
+                             f"value head dim (head_dim={self.head_dim})")
         if self.num_loops < 1:
             raise ValueError(f"MegaloopConfig.num_loops must be >= 1, got {self.num_loops}")
         if self.exit_strategy == "q_exit" and not self.exit_gate:

@@ -16,6 +16,9 @@ architecture of the megaloop family with megaloop's parameter names, so a megalo
   layers          pre-norm or sandwich norm, RoPE, GQA, optional QK-norm, SwiGLU or ReLU^2, LT2's
                   zero-init sigmoid attention output gate; LT2's per-loop residual gate rho;
                   logit soft-cap; tied or untied head; Ouro exit gate.
+  token mixers    of the looped layers (config.mixer: one name, a comma list, or an "N:M" ratio):
+                  attn (softmax), gdn (Gated DeltaNet, LT2), swa (sliding window), dsa (DeepSeek
+                  sparse attention: lightning indexer + top-k keys).
 
 Usage:
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
@@ -30,9 +33,12 @@ in the same step), while keys/values come from the current loop's stream, which 
 per-(loop, layer) slots hold. A cache is tied to the number of loops (and exit mode) it was filled
 with; continuing it with another R is refused.
 
-Token mixers are looked up by name in MIXERS ("attn" only for now); a config naming another mixer is
-refused with a clear message. A new mixer (e.g. Gated DeltaNet) implements the MegaloopAttention call
-signature and keeps its per-(loop, layer) state in the cache slot dict it receives.
+Token mixers are looked up by name in MIXERS; a config naming another mixer is refused with a clear
+message. Each keeps its per-(loop, layer) state in the cache slot dict it receives: attn keys/values;
+swa the newest window-1 keys/values; dsa keys/values and the indexer keys; gdn the recurrent state
+(B, H, Dk, Dv) and the short-conv states of q, k, v (the last conv_size-1 inputs). As megaloop runs each
+loop's GDN scan from a zero state over that loop's stream, a (loop, layer) slot continues exactly
+that scan: cached decoding equals the full forward.
 
 Noise state init: see MegaloopConfig.noise_init (default "seeded": deterministic).
 """
@@ -101,12 +107,39 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class AttnContext:
-    """What every mixer call of one forward shares: rotary tables and the attention mask."""
+    """What every mixer call of one forward shares: rotary tables, the attention mask, and where the
+    new tokens sit (past = cached positions before them; key_valid = which positions are real tokens)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     mask: Optional[torch.Tensor]  # bool (B, 1, T, past + T), True = attend; None = plain causal
     causal: bool  # use is_causal (no cache, no padding): bit-identical to megaloop's path
+    past: int = 0
+    key_valid: Optional[torch.Tensor] = None  # bool (B, past + T), False = left padding; None = no padding
+
+    def allowed(self, T: int, L: int, device) -> torch.Tensor:
+        """Bool (B or 1, T, L): query past + i may read key position past + T - L + j (causal, real keys;
+        a padding query reads itself so that no row is empty). L <= past + T: the newest L keys."""
+        q_pos = torch.arange(self.past, self.past + T, device=device)[:, None]
+        k_pos = torch.arange(self.past + T - L, self.past + T, device=device)[None, :]
+        allowed = (k_pos <= q_pos)[None]
+        if self.key_valid is not None:
+            allowed = (allowed & self.key_valid[:, -L:].to(device)[:, None, :]) | (k_pos == q_pos)[None]
+        return allowed
+
+    def token_valid(self, T: int) -> Optional[torch.Tensor]:
+        """Bool (B, T): which of the T new tokens are real (None: all of them)."""
+        return None if self.key_valid is None else self.key_valid[:, -T:]
+
+
+def _concat_slot(slot: Optional[dict], name: str, new: torch.Tensor, dim: int) -> torch.Tensor:
+    """Cached positions of `name` followed by the new ones; the slot keeps the result."""
+    if slot is None:
+        return new
+    if name in slot:
+        new = torch.cat([slot[name], new], dim=dim)
+    slot[name] = new
+    return new
 
 
 class MegaloopAttention(nn.Module):
@@ -114,7 +147,10 @@ class MegaloopAttention(nn.Module):
 
     q_input: the normalised stream the queries come from (FLT attention injection), else x.
     slot:    this (segment, loop, layer)'s cache dict ({"k", "v"} of earlier positions), or None.
+    Sparse variants (SWA, DSA) override `attend`, which sees the cached keys too.
     """
+
+    kv_names = ("k", "v")  # the per-position tensors of a slot, time on dim 2 (extend_slot)
 
     def __init__(self, config: MegaloopConfig, layer_idx: int = 0):
         super().__init__()
@@ -138,37 +174,307 @@ class MegaloopAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if slot is not None:
-            if "k" in slot:
-                k = torch.cat([slot["k"], k], dim=2)
-                v = torch.cat([slot["v"], v], dim=2)
-            slot["k"], slot["v"] = k, v
-        if k.shape[1] != q.shape[1]:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if ctx.mask is None and (ctx.causal or T == 1):
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=ctx.causal and T > 1)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
+        y = self.attend(q, k, v, x, q_input, ctx, slot)
         y = y.transpose(1, 2).reshape(B, T, -1)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x))
         return self.wo(y)
 
     @staticmethod
-    def extend_slot(dst: dict, src: dict, n_new: int):
+    def _repeat_kv(q, k, v):
+        if k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return k, v
+
+    def attend(self, q, k, v, x, q_input, ctx: AttnContext, slot):
+        """New queries (B, H, T, D) and keys/values (B, Hkv, T, D) -> (B, H, T, D)."""
+        T = q.shape[2]
+        k, v = _concat_slot(slot, "k", k, 2), _concat_slot(slot, "v", v, 2)
+        k, v = self._repeat_kv(q, k, v)
+        if ctx.mask is None and (ctx.causal or T == 1):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=ctx.causal and T > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask)
+
+    def extend_slot(self, dst: dict, src: dict, n_new: int):
         """Give `dst` (a skipped loop's slot) the newest n_new positions of `src` (exit_kv='copy')."""
+        for name in self.kv_names:
+            dim = 2 if src[name].dim() == 4 else 1  # k, v (B, H, S, D); DSA's indexer keys (B, S, Di)
+            new = src[name].narrow(dim, src[name].shape[dim] - n_new, n_new)
+            dst[name] = torch.cat([dst[name], new], dim=dim) if name in dst else new
+
+
+class MegaloopSlidingWindowAttention(MegaloopAttention):
+    """"swa": query t reads the keys (t - window, t] (megaloop/model/sparse_attention.py). The cache
+    keeps only the newest window - 1 keys/values per (loop, layer): O(window) memory however long
+    the generation."""
+
+    def __init__(self, config: MegaloopConfig, layer_idx: int = 0):
+        super().__init__(config, layer_idx)
+        self.window = int(config.window)
+
+    def attend(self, q, k, v, x, q_input, ctx: AttnContext, slot):
+        T = q.shape[2]
+        if slot is not None and "k" in slot:
+            k, v = torch.cat([slot["k"], k], dim=2), torch.cat([slot["v"], v], dim=2)
+        if slot is not None:
+            start = max(0, k.shape[2] - (self.window - 1))
+            slot["k"], slot["v"] = k[:, :, start:], v[:, :, start:]
+        L = k.shape[2]
+        k, v = self._repeat_kv(q, k, v)
+        if ctx.causal and L == T and self.window >= T:  # the band covers the causal triangle
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        allowed = ctx.allowed(T, L, q.device)
+        q_pos = torch.arange(ctx.past, ctx.past + T, device=q.device)[:, None]
+        k_pos = torch.arange(ctx.past + T - L, ctx.past + T, device=q.device)[None, :]
+        allowed = allowed & (k_pos > q_pos - self.window)[None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+
+    def extend_slot(self, dst: dict, src: dict, n_new: int):
+        super().extend_slot(dst, src, n_new)
         for name in ("k", "v"):
-            new = src[name][:, :, -n_new:]
-            dst[name] = torch.cat([dst[name], new], dim=2) if name in dst else new
+            dst[name] = dst[name][:, :, max(0, dst[name].shape[2] - (self.window - 1)):]
 
 
-# Token mixers by name. Gated DeltaNet and sparse attention are added here when megaloop has them.
-MIXERS = {"attn": MegaloopAttention}
+class MegaloopSparseAttention(MegaloopAttention):
+    """"dsa", DeepSeek sparse attention (megaloop/model/sparse_attention.py): a lightning indexer
+    I(t, s) = sum_j w(t, j) ReLU(q_I(t, j) . k_I(s)) scores every causal key, each query attends to
+    its top-k keys (one selection for all heads). The cache keeps keys/values and the indexer keys
+    ("ki", (B, S, Di)) per (loop, layer); a new query is scored against every cached indexer key."""
+
+    kv_names = ("k", "v", "ki")
+
+    def __init__(self, config: MegaloopConfig, layer_idx: int = 0):
+        super().__init__(config, layer_idx)
+        d, hi, di = config.d_model, config.dsa_index_heads, config.dsa_index_dim
+        self.topk = int(config.dsa_topk)
+        self.index_heads, self.index_dim = hi, di
+        self.wq_index = nn.Linear(d, hi * di, bias=False)
+        self.wk_index = nn.Linear(d, di, bias=False)
+        self.w_index = nn.Linear(d, hi, bias=False)
+
+    def select(self, x, q_input, ctx: AttnContext, slot) -> torch.Tensor:
+        """Bool (B, T, S): the keys each new query attends to."""
+        B, T, _ = x.shape
+        qx = x if q_input is None else q_input
+        q_idx = self.wq_index(qx).view(B, T, self.index_heads, self.index_dim)
+        k_idx = _concat_slot(slot, "ki", self.wk_index(x), 1)
+        w = self.w_index(qx) / self.index_heads ** 0.5
+        S = k_idx.shape[1]
+        dots = torch.einsum("btjd,bsd->btjs", q_idx, k_idx).relu()
+        scores = torch.einsum("btjs,btj->bts", dots, w)
+        allowed = ctx.allowed(T, S, x.device)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        # Top-k with ties broken towards the earlier key (a stable sort): the ReLU makes exact ties (score
+        # 0.0) common, and torch.topk breaks them differently for rows of different lengths, which would
+        # make a cached decode step disagree with the full forward.
+        indices = scores.sort(dim=-1, descending=True, stable=True).indices[..., :min(self.topk, S)]
+        valid = allowed.expand(B, T, S).gather(-1, indices)
+        # Every row keeps at least its own position (causal; a padding query is allowed itself only).
+        return torch.zeros(B, T, S, dtype=torch.bool, device=x.device).scatter(-1, indices, valid)
+
+    def attend(self, q, k, v, x, q_input, ctx: AttnContext, slot):
+        selected = self.select(x, q_input, ctx, slot)
+        k, v = _concat_slot(slot, "k", k, 2), _concat_slot(slot, "v", v, 2)
+        k, v = self._repeat_kv(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=selected[:, None])
 
 
-def mixer_pattern(spec: str, n_layers: int) -> List[str]:
-    names = [s.strip() for s in str(spec).split(",") if s.strip()]
+# ------------------------------------------------------------------------------------------------
+# Gated DeltaNet (megaloop/model/gated_deltanet.py; kernels from megaloop/ops/{short_conv,gated_delta}.py)
+
+
+def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: Optional[torch.Tensor] = None):
+    """x (B, T, C), weight (C, W), initial_state (B, C, W-1) = the W-1 previous inputs (None: zeros).
+    Returns y (B, T, C) and the final state (B, C, W-1)."""
+    B, T, C = x.shape
+    W = weight.shape[1]
+    if initial_state is None:
+        initial_state = x.new_zeros(B, C, W - 1)
+    history = torch.cat([initial_state.to(x.dtype), x.transpose(1, 2)], dim=2)  # (B, C, W-1+T)
+    y = F.conv1d(history, weight.unsqueeze(1), None, groups=C)
+    return y.transpose(1, 2), history[:, :, history.shape[2] - (W - 1):]
+
+
+def _gdn_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=None, scale=None):
+    """Token-by-token gated delta rule (decode). q, k (B, T, H, Dk); v (B, T, H, Dv); g, beta (B, T, H);
+    state (B, H, Dk, Dv):  S_t = e^{g_t} (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = scale S_t^T q_t."""
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    scale = 1.0 / math.sqrt(Dk) if scale is None else scale
+    out_dtype = v.dtype
+    dtype = _gdn_compute_dtype(q.dtype)
+    q, k, v, g, beta = (t.to(dtype) for t in (q, k, v, g, beta))
+    state = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(dtype)
+    outputs = []
+    for t in range(T):
+        k_t, q_t = k[:, t], q[:, t]
+        state = state * g[:, t].exp()[..., None, None]
+        stored = torch.einsum("bhkv,bhk->bhv", state, k_t)
+        correction = beta[:, t, :, None] * (v[:, t] - stored)
+        state = state + k_t[..., :, None] * correction[..., None, :]
+        outputs.append(torch.einsum("bhkv,bhk->bhv", state, q_t) * scale)
+    o = torch.stack(outputs, dim=1) if T > 0 else v.new_zeros(B, 0, H, Dv)
+    return o.to(out_dtype), state
+
+
+def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, scale=None, chunk_size: int = 64):
+    """Chunkwise-parallel gated delta rule (prefill), equal to the recurrent form (UT transform per chunk,
+    sequential state hand-off between chunks). Same shapes as gated_delta_rule_recurrent."""
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    scale = 1.0 / math.sqrt(Dk) if scale is None else scale
+    out_dtype = v.dtype
+    dtype = _gdn_compute_dtype(q.dtype)
+    state = q.new_zeros(B, H, Dk, Dv, dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    if T == 0:
+        return v.new_zeros(B, 0, H, Dv), state
+    C = chunk_size
+    N = (T + C - 1) // C
+    pad = N * C - T
+
+    def to_chunks(x):
+        x = x.to(dtype).transpose(1, 2)
+        if pad:
+            x = torch.cat([x, x.new_zeros(x.shape[0], x.shape[1], pad, *x.shape[3:])], dim=2)
+        return x.reshape(B, H, N, C, *x.shape[3:])
+
+    q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))
+    log_decay = g.cumsum(dim=-1)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    pair_log_decay = log_decay[..., :, None] - log_decay[..., None, :]
+    decay_mask = pair_log_decay.masked_fill(~causal, 0.0).exp() * causal
+    k_beta = k * beta[..., None]
+    strictly_lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
+    A = (k_beta @ k.transpose(-1, -2)) * decay_mask * strictly_lower
+    eye = torch.eye(C, dtype=dtype, device=q.device)
+    rhs = torch.cat([v * beta[..., None], k_beta * log_decay.exp()[..., None]], dim=-1)
+    solved = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
+    u_from_values, w = solved[..., :Dv], solved[..., Dv:]
+    intra_attention = (q @ k.transpose(-1, -2)) * decay_mask * scale
+    q_decayed = q * (log_decay.exp()[..., None] * scale)
+    chunk_log_decay = log_decay[..., -1:]
+    k_to_chunk_end = k * (chunk_log_decay - log_decay).exp()[..., None]
+    chunk_decay = chunk_log_decay.exp()[..., None]
+    outputs = []
+    for n in range(N):
+        u = u_from_values[:, :, n] - w[:, :, n] @ state
+        outputs.append(q_decayed[:, :, n] @ state + intra_attention[:, :, n] @ u)
+        state = chunk_decay[:, :, n] * state + k_to_chunk_end[:, :, n].transpose(-1, -2) @ u
+    o = torch.stack(outputs, dim=2).reshape(B, H, N * C, Dv)[:, :, :T]
+    return o.transpose(1, 2).to(out_dtype), state
+
+
+class MegaloopGatedDeltaNet(nn.Module):
+    """"gdn", Gated DeltaNet (LT2's linear-time mixer):
+
+        q, k, v = SiLU(short_conv(W_q x)), SiLU(short_conv(W_k x)), SiLU(short_conv(W_v x)); q, k L2-normed
+        g = -exp(A_log) softplus(W_a x + dt_bias), beta = sigmoid(W_b x)
+        o = gated delta rule(q, k, v, g, beta);  y = W_o(RMSNorm_head(o) * out_norm_weight * SiLU(W_gate x))
+
+    Each loop runs its scan from a zero state over that loop's stream, so with a cache every (loop, layer)
+    slot keeps its own recurrent state "state" (B, H, Dk, Dv) and the short-conv states "conv_q",
+    "conv_k", "conv_v" (B, C, W-1): the last W-1 conv inputs. With FLT's attention injection the query
+    stream is W_q(q_input), whose conv has its own state. Prefill uses the chunked form, decode steps
+    the recurrent update. Left padding: padded tokens enter the conv as zeros and do not touch the state.
+    """
+
+    state_names = ("state", "conv_q", "conv_k", "conv_v")
+
+    def __init__(self, config: MegaloopConfig, layer_idx: int = 0):
+        super().__init__()
+        d, H = config.d_model, config.n_heads
+        self.head_k_dim = config.head_dim
+        self.head_v_dim = int(config.head_dim * config.gdn_expand_v)
+        self.chunk_size = int(config.gdn_chunk_size)
+        self.eps = config.norm_eps
+        self.wq = nn.Linear(d, H * self.head_k_dim, bias=False)
+        self.wk = nn.Linear(d, H * self.head_k_dim, bias=False)
+        self.wv = nn.Linear(d, H * self.head_v_dim, bias=False)
+        self.w_a = nn.Linear(d, H, bias=False)
+        self.w_b = nn.Linear(d, H, bias=False)
+        self.w_gate = nn.Linear(d, H * self.head_v_dim, bias=False)
+        self.wo = nn.Linear(H * self.head_v_dim, d, bias=False)
+        W = int(config.conv_size)
+        self.q_conv = nn.Parameter(torch.zeros(H * self.head_k_dim, W))
+        self.k_conv = nn.Parameter(torch.zeros(H * self.head_k_dim, W))
+        self.v_conv = nn.Parameter(torch.zeros(H * self.head_v_dim, W))
+        self.A_log = nn.Parameter(torch.zeros(H))
+        self.dt_bias = nn.Parameter(torch.zeros(H))
+        self.out_norm_weight = nn.Parameter(torch.ones(self.head_v_dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """megaloop's init of the non-Linear parameters (conv like nn.Conv1d, Mamba-2 decay)."""
+        bound = 1.0 / math.sqrt(self.q_conv.shape[1])
+        for p in (self.q_conv, self.k_conv, self.v_conv):
+            p.uniform_(-bound, bound)
+        H = self.A_log.shape[0]
+        self.A_log.copy_(torch.log(torch.empty(H).uniform_(1, 16)))
+        dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1))).clamp_min(1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.out_norm_weight.fill_(1.0)
+
+    def forward(self, x, ctx: AttnContext, q_input=None, slot: Optional[dict] = None):
+        B, T, _ = x.shape
+        dk, dv = self.head_k_dim, self.head_v_dim
+        prev = slot if slot is not None else {}
+        valid = ctx.token_valid(T)
+        streams = [self.wq(x if q_input is None else q_input), self.wk(x), self.wv(x)]
+        if valid is not None:  # padding enters the conv as zeros: the conv then starts as if from scratch
+            streams = [torch.where(valid[..., None], s, torch.zeros_like(s)) for s in streams]
+        (q, cq), (k, ck), (v, cv) = (causal_depthwise_conv1d(s, w, prev.get(name)) for s, w, name in
+                                     zip(streams, (self.q_conv, self.k_conv, self.v_conv),
+                                         ("conv_q", "conv_k", "conv_v")))
+        q = F.normalize(F.silu(q).view(B, T, -1, dk), dim=-1)
+        k = F.normalize(F.silu(k).view(B, T, -1, dk), dim=-1)
+        v = F.silu(v).view(B, T, -1, dv)
+        g = -torch.exp(self.A_log.float()) * F.softplus(self.w_a(x).float() + self.dt_bias.float())
+        beta = torch.sigmoid(self.w_b(x).float())
+        if valid is not None:  # alpha = 1, nothing written: padding leaves the state untouched
+            g = g.masked_fill(~valid[..., None], 0.0)
+            beta = beta.masked_fill(~valid[..., None], 0.0)
+        state0 = prev.get("state")
+        scale = 1.0 / math.sqrt(dk)
+        if state0 is not None and T == 1:
+            o, state = gated_delta_rule_recurrent(q, k, v, g.to(q.dtype), beta.to(q.dtype), state0, scale)
+        else:
+            o, state = gated_delta_rule_chunked(q, k, v, g.to(q.dtype), beta.to(q.dtype), state0, scale,
+                                                self.chunk_size)
+        if slot is not None:
+            slot.update(state=state, conv_q=cq, conv_k=ck, conv_v=cv)
+        o = rms_norm(o, self.eps) * self.out_norm_weight
+        o = o * F.silu(self.w_gate(x).view(B, T, -1, dv))
+        return self.wo(o.reshape(B, T, -1))
+
+    def extend_slot(self, dst: dict, src: dict, n_new: int):
+        """exit_kv='copy': a skipped loop continues from the last computed loop's recurrent and conv states."""
+        for name in self.state_names:
+            dst[name] = src[name]
+
+
+# Token mixers by name (megaloop/model/mixers.py). A mixer is built as Mixer(config, layer_idx), called as
+# mixer(x, ctx, q_input=None, slot=None), keeps its per-(loop, layer) state in `slot`, and implements
+# extend_slot(dst, src, n_new) for exit_kv='copy'.
+MIXERS = {"attn": MegaloopAttention, "gdn": MegaloopGatedDeltaNet, "swa": MegaloopSlidingWindowAttention,
+          "dsa": MegaloopSparseAttention}
+
+
+def mixer_pattern(spec: str, n_layers: int, linear_mixer: str = "gdn") -> List[str]:
+    """Mixer of each looped layer: one name, a comma list tiling the layers, or "N:M" (N linear, M attn)."""
+    spec = str(spec)
+    if ":" in spec:
+        try:
+            n_lin, n_attn = (int(v) for v in spec.split(":"))
+        except ValueError:
+            raise ValueError(f"MegaloopConfig.mixer ratio {spec!r} must look like 'N:M'") from None
+        spec = ",".join([linear_mixer] * n_lin + ["attn"] * n_attn)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names or n_layers % len(names):
         raise ValueError(f"MegaloopConfig.mixer={spec!r} does not tile the {n_layers} looped layers")
     for n in names:
@@ -263,7 +569,7 @@ class LoopedBlock(nn.Module):
 
     def __init__(self, config: MegaloopConfig):
         super().__init__()
-        names = mixer_pattern(config.mixer, config.n_loop)
+        names = mixer_pattern(config.mixer, config.n_loop, config.linear_mixer)
         self.layers = nn.ModuleList(MegaloopLayer(config, i, n) for i, n in enumerate(names))
         self.injection = None
         if config.arch == "recurrent":
@@ -367,6 +673,8 @@ class MegaloopPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         std = self.config.init_std
+        if isinstance(module, MegaloopGatedDeltaNet):
+            module.reset_parameters()
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
@@ -416,7 +724,7 @@ class MegaloopForCausalLM(MegaloopPreTrainedModel, GenerationMixin):
 
     # --- pieces ---------------------------------------------------------------------------------
     def noise_for_positions(self, positions: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """noise_init='seeded': a truncated-normal row per position (std init_std, cut at 3 std),
+        """noise_init='seeded': a truncated-normal row per position (std state_init_std, else init_std; cut at 3 std),
         drawn in 64-row chunks from generators seeded by (noise_seed, chunk): deterministic and the
         same whatever the sequence length, batch size or cache use."""
         cfg = self.config
@@ -425,14 +733,18 @@ class MegaloopForCausalLM(MegaloopPreTrainedModel, GenerationMixin):
         if table is None or table.shape[0] < need:
             rows = 64 * math.ceil(max(need, cfg.max_seq_len) / 64)
             chunks = []
+            std = self._noise_std()
             for c in range(rows // 64):
                 g = torch.Generator().manual_seed(int(cfg.noise_seed) * 1_000_003 + c)
                 chunk = torch.empty(64, cfg.d_model)
-                nn.init.trunc_normal_(chunk, std=cfg.init_std, a=-3 * cfg.init_std, b=3 * cfg.init_std,
+                nn.init.trunc_normal_(chunk, std=std, a=-3 * std, b=3 * std,
                                       generator=g)
                 chunks.append(chunk)
             table = self._noise_table = torch.cat(chunks)
         return table.to(like.device)[positions].to(like.dtype)
+
+    def _noise_std(self) -> float:
+        return getattr(self.config, "state_init_std", None) or self.config.init_std
 
     def _initial_state(self, e, positions):
         cfg = self.config
@@ -441,8 +753,8 @@ class MegaloopForCausalLM(MegaloopPreTrainedModel, GenerationMixin):
         if cfg.state_init == "zeros" or cfg.noise_init == "zeros":
             return torch.zeros_like(e)
         if cfg.noise_init == "global_rng":  # exactly megaloop's draw
-            return nn.init.trunc_normal_(torch.empty_like(e), std=cfg.init_std,
-                                         a=-3 * cfg.init_std, b=3 * cfg.init_std)
+            std = self._noise_std()
+            return nn.init.trunc_normal_(torch.empty_like(e), std=std, a=-3 * std, b=3 * std)
         return self.noise_for_positions(positions, e)
 
     def _run_loop_layers(self, t, x, ctx, cache, h_prev=None, recall=None):
@@ -473,7 +785,7 @@ class MegaloopForCausalLM(MegaloopPreTrainedModel, GenerationMixin):
             if cfg.arch == "lt_i" and h_prev is not None:
                 x0 = rms_norm(e + h_prev, cfg.norm_eps)
             x = self._run_loop_layers(t, x0, ctx, cache, h_prev=h_prev)
-        if blk.rho is not None:
+        if blk.rho is not None and (cfg.arch == "recurrent" or t > 0):  # FLT family: h(0) = none
             x = x + blk.rho[min(t, blk.rho.shape[0] - 1)].type_as(x) * s
         return x
 
@@ -514,7 +826,9 @@ class MegaloopForCausalLM(MegaloopPreTrainedModel, GenerationMixin):
                 # a (padding) query always sees itself, so no row is empty
                 allowed = (allowed & keys) | (k_pos == q_pos)[None, None]
             mask = allowed
-        return AttnContext(cos, sin, mask, causal=(past == 0 and not padded)), position_ids
+        key_valid = attention_mask[:, -(past + T):].bool() if padded else None
+        return AttnContext(cos, sin, mask, causal=(past == 0 and not padded), past=past,
+                           key_valid=key_valid), position_ids
 
     # --- forward --------------------------------------------------------------------------------
     def forward(
