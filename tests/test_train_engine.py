@@ -79,29 +79,11 @@ def test_data_parallel_zero_matches_single_rank_with_double_accumulation(env, ze
     _close(train_losses(single), train_losses(dp2), range(1, STEPS + 1))
 
 
-def test_data_parallel_with_sampled_loops_trains(env):
-    # Sampled R with DP 2: both replicas run the same R per micro-batch (or the bucketed gradient
-    # reduction would mismatch); the run completes and matches its own restart-free trajectory shape.
-    out, _, _ = env("dp2_sampled", 2, parallel={"zero_stage": 2}, train={"grad_accum_steps": 1})
-    rows = train_rows(out)
-    assert sorted(rows) == list(range(1, STEPS + 1))
-    assert len({r for s in rows for r in rows[s]["R"]}) > 1
-
-
 def test_per_loop_activation_checkpointing_same_gradients_through_pipeline(env):
     none, _, _ = env("pp2", 2, parallel={"pipeline_parallel": 2})
     loop, _, _ = env("pp2_ckpt_loop", 2, parallel={"pipeline_parallel": 2},
                      train={"activation_checkpointing": "loop"})
     rn, rl = train_rows(none), train_rows(loop)
-    for s in range(1, STEPS + 1):
-        assert rl[s]["loss"] == pytest.approx(rn[s]["loss"], rel=1e-6, abs=1e-7)
-        assert rl[s]["grad_norm"] == pytest.approx(rn[s]["grad_norm"], rel=1e-6)
-
-
-def test_per_layer_activation_checkpointing_same_gradients(env):
-    none, _, _ = env("pp1", 1)
-    layer, _, _ = env("pp1_ckpt_layer", 1, train={"activation_checkpointing": "layer"})
-    rn, rl = train_rows(none), train_rows(layer)
     for s in range(1, STEPS + 1):
         assert rl[s]["loss"] == pytest.approx(rn[s]["loss"], rel=1e-6, abs=1e-7)
         assert rl[s]["grad_norm"] == pytest.approx(rn[s]["grad_norm"], rel=1e-6)
@@ -139,10 +121,13 @@ def test_nonfinite_loss_stops_naming_step_and_checkpoint(env):
 
 
 def test_dead_rank_makes_the_others_exit_in_bounded_time(env):
-    out, results, elapsed = env("dead", 2, parallel={"zero_stage": 1}, train={"grad_accum_steps": 1,
-                                "dist_timeout": 20}, fault="die_at_step:2:1", expect_ok=False, timeout=90)
+    # DP 2, ZeRO 2, sampled R (the replicas must agree on R or the gradient reduce-scatter mismatches):
+    # trains 3 steps, then rank 1 dies.
+    out, results, elapsed = env("dead", 2, parallel={"zero_stage": 2}, train={"grad_accum_steps": 1,
+                                "dist_timeout": 20}, fault="die_at_step:3:1", expect_ok=False, timeout=90)
     rcs = [rc for rc, _ in results]
     assert rcs[1] == 13
+    assert sorted(train_losses(out)) == [1, 2, 3]
     assert rcs[0] is not None and rcs[0] != 0, "rank 0 hung or succeeded although rank 1 died"
     assert elapsed < 80
 

@@ -65,6 +65,13 @@ class _RopeMixin:
         return self._rope_cache
 
 
+def _real_vocab_fn(lm):
+    """Tensor parallelism replaces `lm.real_vocab_logits` per instance (masking the padded columns of
+    this rank's vocab shard); otherwise the padded columns are sliced off here. (The bound method is
+    not kept: it would keep the whole full-size model alive.)"""
+    return lm.__dict__.get("real_vocab_logits")
+
+
 class EmbeddingPipe(nn.Module):
     """The tied module: holds `embedding` and the `head` that shares its weight (state-dict keys as in
     LoopedLM). Its forward is the embedding lookup; the last stage calls `head_forward`."""
@@ -76,6 +83,7 @@ class EmbeddingPipe(nn.Module):
         self.head = lm.head if with_head else None
         self.softcap = lm.cfg.logit_softcap
         self.vocab_size = lm.cfg.vocab_size
+        self.real_vocab = _real_vocab_fn(lm)
 
     def forward(self, inputs):
         tokens, loops = inputs
@@ -91,7 +99,7 @@ def head_forward(module: nn.Module, x):
     cap = module.softcap
     if cap is not None:
         logits = cap * torch.tanh(logits / cap)
-    logits = logits[..., : module.vocab_size]
+    logits = module.real_vocab(logits) if module.real_vocab is not None else logits[..., : module.vocab_size]
     return (logits, *aux) if aux else logits
 
 
@@ -104,6 +112,7 @@ class HeadPipe(nn.Module):
         self.head = lm.head
         self.softcap = lm.cfg.logit_softcap
         self.vocab_size = lm.cfg.vocab_size
+        self.real_vocab = _real_vocab_fn(lm)
 
     def forward(self, x):
         return head_forward(self, x)

@@ -42,6 +42,15 @@ def init_distributed(timeout_s: float = 600.0) -> None:
         return
     _fill_single_rank_env()
     acc = get_accelerator()
+    if acc.device_name() == "cpu" and os.environ.get("MEGALOOP_DS_SHM_OP", "0") != "1":
+        # DeepSpeed's CPU backend JIT-builds a shared-memory op that only serves
+        # inference_all_reduce (never used in training). Its build (~30-100 s on a busy 2-core box,
+        # repeated whenever the shared torch_extensions cache is rebuilt by another process) would
+        # dominate every launch, and its shared-memory segments can collide between jobs on one host.
+        import importlib
+        # (not `import deepspeed.comm.torch as m`: the package re-exports `torch`, so that name
+        # resolves to the torch module itself)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(seconds=float(timeout_s)),

@@ -188,7 +188,11 @@ class Trainer:
             raise ConfigError(f"parallel.tensor_parallel={self.state.tp_size} needs megaloop.parallel.apply_tp "
                               f"(not available: {exc}); use tensor_parallel 1") from None
         state = self.state
-        return lambda lm: apply_tensor_parallel(lm, state)
+
+        def prepare(lm):
+            apply_tensor_parallel(lm, state)
+            install_tp_grad_hooks(lm)
+        return prepare
 
     # ------------------------------------------------------------------------------------------
     def _clip_hook(self, optimizer, args, kwargs):
@@ -514,6 +518,35 @@ class Trainer:
         print(f"[megaloop] sample (R={loops}): {text!r}", flush=True)
         with open(os.path.join(self.out_dir, "sample.txt"), "w") as f:
             f.write(text + "\n")
+
+
+def install_tp_grad_hooks(lm) -> int:
+    """Sum, over the TP ranks, the gradients that are partial per rank (apply_tp's
+    `replicated_partial_grad`: QK-norm / GDN output-norm weights; `kv_replicated` wk/wv when
+    n_kv_heads < tp), as soon as autograd produces them - i.e. what `finalize_tp_grads` does once per
+    step, but done per backward so that it happens before DeepSpeed's ZeRO hooks move the gradients
+    into their flat partitions. Linear, so per micro-batch == once per step."""
+    from megaloop.parallel.tensor_parallel import partition_of
+    comm = getattr(lm, "tp_comm", None)
+    if comm is None or comm.size == 1:
+        return 0
+    n = 0
+    for p in lm.parameters():
+        part = partition_of(p)
+        if part.kind == "replicated_partial_grad":
+            p.register_hook(lambda g, comm=comm: comm.all_reduce(g.clone()))
+            n += 1
+        elif part.kind == "kv_replicated":
+            slot = comm.rank // part.replicas
+            slots = comm.size // part.replicas
+
+            def hook(g, comm=comm, slot=slot, slots=slots):
+                buf = torch.zeros((slots,) + tuple(g.shape), dtype=g.dtype, device=g.device)
+                buf[slot] = g
+                return comm.all_reduce(buf)[slot].clone()
+            p.register_hook(hook)
+            n += 1
+    return n
 
 
 class _Recording:
