@@ -164,3 +164,17 @@ def test_exits_with_the_new_mixers(exported):
         assert step.loops_computed == 2 and out.cache.slots[("loop", 4, 1)]["k"].shape[2] == 25
         gen = hf.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=257, **kw)
         assert gen.shape == (1, 29)
+
+
+def test_bfloat16_export_verifies_and_decodes(tmp_path):
+    cfg = tiny_config("lt2_gdn_dsa", ["model.arch=flt"])
+    model = perturbed_model(cfg)
+    out = export_hf(model.state_dict(), cfg, cfg.data, tmp_path / "bf16", dtype="bfloat16")  # verify=True
+    hf = load_exported(out).to(torch.bfloat16)
+    x = _ids(2, 20)
+    with torch.no_grad():
+        gen = hf.generate(x, max_new_tokens=6, do_sample=False, num_loops=3, pad_token_id=257)
+        out = hf(gen, num_loops=3, use_cache=True)
+    assert gen.shape == (2, 26) and out.logits.dtype == torch.bfloat16
+    assert out.cache.slots[("loop", 2, 0)]["state"].dtype == torch.float32  # the GDN state stays float32
+    torch.testing.assert_close(out.logits.float(), model(gen, loops=3).logits, rtol=0, atol=0.15)

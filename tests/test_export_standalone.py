@@ -7,10 +7,11 @@ import sys
 import sysconfig
 import textwrap
 
+import pytest
 import torch
 
 from megaloop.export import export_hf, register_hf
-from megaloop.export.testing import perturbed_model, tiny_config
+from megaloop.export.testing import deterministic_dsa_topk, perturbed_model, tiny_config
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -37,8 +38,10 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_exported_folder_loads_without_megaloop(tmp_path):
-    cfg = tiny_config("huginn")  # prelude + coda, concat adapter, sandwich norm, noise init
+# huginn: prelude + coda, concat adapter, sandwich norm, noise init; lt2_gdn_dsa: Gated DeltaNet + DSA
+@pytest.mark.parametrize("name", ["huginn", "lt2_gdn_dsa"])
+def test_exported_folder_loads_without_megaloop(tmp_path, name):
+    cfg = tiny_config(name)
     model = perturbed_model(cfg)
     out = export_hf(model.state_dict(), cfg, cfg.data, tmp_path / "export")
     site = sysconfig.get_paths()["purelib"]
@@ -59,10 +62,11 @@ def test_exported_folder_loads_without_megaloop(tmp_path):
     from megaloop.export import load_exported
 
     hf = load_exported(out)  # the same seeded noise as the subprocess used
-    with torch.no_grad():
+    with torch.no_grad(), deterministic_dsa_topk():
         for R in (1, 3):
             positions = torch.arange(ids.shape[1])[None]
-            model.block.initial_state = lambda e, generator=None: hf.noise_for_positions(positions, e)
+            if cfg.model.state_init == "noise":
+                model.block.initial_state = lambda e, generator=None: hf.noise_for_positions(positions, e)
             torch.testing.assert_close(torch.tensor(res["logits"][str(R)]), model(ids, loops=R).logits,
                                        rtol=0, atol=1e-5)
         gen = hf.generate(ids, max_new_tokens=5, do_sample=False, num_loops=3)

@@ -220,8 +220,8 @@ def _readme(mc: ModelConfig, hf_cfg: dict) -> str:
     return f"""# megaloop looped language model
 
 Exported by megaloop (`tools/export_hf.py`). Architecture: arch={mc.arch}, injection={mc.injection},
-normalization={mc.normalization}, {mc.n_prelude} prelude / {mc.n_loop} looped / {mc.n_coda} coda layers,
-d_model={mc.d_model}, trained with R={mc.loops} loops.
+normalization={mc.normalization}, {mc.n_prelude} prelude / {mc.n_loop} looped / {mc.n_coda} coda layers
+(looped token mixers: {hf_cfg['mixer']}), d_model={mc.d_model}, trained with R={mc.loops} loops.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -299,7 +299,7 @@ def export_hf(full_state_dict: Dict[str, torch.Tensor], model_config, tokenizer_
         (tmp / "README.md").write_text(_readme(mc, hf_kwargs))
 
         if verify:
-            verify_export(tmp, full_state_dict, mc)
+            verify_export(tmp, full_state_dict, mc, weight_dtype=target)
 
         if out_dir.exists():  # overwrite: swap atomically-ish, then drop the old folder
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
@@ -323,12 +323,16 @@ def load_exported(path, **config_overrides):
     return MegaloopForCausalLM.from_pretrained(path, config=cfg).eval()
 
 
-def verify_export(folder, state_dict, mc: ModelConfig, atol: float = 1e-4) -> None:
-    """Compare the written folder's logits with megaloop's (float32, short input, 1 and R loops)."""
+def verify_export(folder, state_dict, mc: ModelConfig, atol: float = 1e-4,
+                  weight_dtype: torch.dtype = torch.float32) -> None:
+    """Compare the written folder's logits with megaloop's (float32, short input, 1 and R loops).
+    weight_dtype: the dtype the folder stores; megaloop's weights are rounded to it first, so that a
+    bfloat16 export is compared with the same weights (both sides then compute in float32)."""
     from megaloop.model import LoopedLM
 
     ref = LoopedLM(mc).eval()
-    ref.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=not mc.tie_embeddings)
+    ref.load_state_dict({k: v.to(weight_dtype).float() for k, v in state_dict.items()},
+                        strict=not mc.tie_embeddings)
     hf = load_exported(folder, noise_init="global_rng").float()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, mc.vocab_size, (1, min(16, mc.max_seq_len)), generator=g)
