@@ -172,7 +172,11 @@ def select_topk_keys(index_scores: torch.Tensor, topk: int) -> Tuple[torch.Tenso
     t = torch.arange(T, device=index_scores.device)
     future = t[None, :] > t[:, None]
     scores = index_scores.detach().masked_fill(future, float("-inf"))
-    indices = scores.topk(K, dim=-1).indices
+    # A stable sort, not topk: the indexer's ReLU makes exact ties (0.0) common, and topk breaks ties
+    # differently for rows of different lengths, so a query's selection would depend on how many
+    # tokens follow it (a cached decode step would then disagree with the full forward). Ties go to
+    # the earlier key.
+    indices = scores.sort(dim=-1, descending=True, stable=True).indices[..., :K]
     valid = indices <= t[None, :, None]
     return indices, valid
 
@@ -189,7 +193,7 @@ def lightning_indexer_topk(
     indices, valid = [], []
     for t0 in range(0, T, query_block_size):
         scores = _indexer_scores_block(q_idx[:, t0:t0 + query_block_size], k_idx, w[:, t0:t0 + query_block_size], t0)
-        block_indices = scores.topk(K, dim=-1).indices
+        block_indices = scores.sort(dim=-1, descending=True, stable=True).indices[..., :K]  # see select_topk_keys
         t = torch.arange(t0, t0 + scores.shape[1], device=k_idx.device)
         indices.append(block_indices)
         valid.append(block_indices <= t[None, :, None])
