@@ -176,8 +176,10 @@ class TrainConfig:
     tensorboard: bool = True
     partition_activations: bool = False  # DeepSpeed: split checkpointed activations across TP ranks
     cpu_checkpointing: bool = False  # DeepSpeed: offload checkpointed activations to CPU
-    sample_tokens: int = 0  # after training, greedily generate this many tokens (TP = 1 only)
+    sample_tokens: int = 0  # after training, generate this many tokens from sample_prompt (TP = 1 only)
     sample_prompt: str = "The "
+    sample_temperature: float = 0.8  # 0 = greedy
+    sample_top_k: int = 40
 
 
 @dataclass

@@ -72,6 +72,9 @@ def test_unsupported_combinations_are_refused_with_what_works():
         check_supported(load_config(None, ["parallel.zero_stage=3", "parallel.tensor_parallel=2"]), 2, "cuda")
     with pytest.raises(ConfigError, match="partition_activations"):
         load_config(None, ["train.partition_activations=true", "train.activation_checkpointing=loop"])
+    with pytest.raises(ConfigError, match="not supported yet"):
+        check_supported(load_config(None, ["train.cpu_checkpointing=true", "train.activation_checkpointing=loop"]),
+                        1, "cuda")
     with pytest.raises(ConfigError, match="pipeline_parallel 1 for ZeRO 2/3"):
         load_config(None, ["parallel.pipeline_parallel=2", "parallel.zero_stage=3"])
 

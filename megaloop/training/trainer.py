@@ -479,7 +479,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def sample(self):
-        """Greedy continuation of train.sample_prompt with the trained weights (gathered to rank 0)."""
+        """Continue train.sample_prompt with the trained weights (gathered to rank 0): top-k sampling at
+        train.sample_temperature (seeded), or greedy with temperature 0."""
         import torch.distributed as tdist
         cfg = self.cfg
         if self.state.tp_size > 1 or cfg.parallel.zero_stage == 3:
@@ -509,11 +510,20 @@ class Trainer:
         lm.eval()
         ids = self.tokenizer.encode(cfg.train.sample_prompt)
         loops = cfg.train.eval_loops or cfg.model.loops
+        t = cfg.train
+        gen = torch.Generator().manual_seed(t.seed)
         with torch.no_grad():
-            for _ in range(cfg.train.sample_tokens):
+            for _ in range(t.sample_tokens):
                 window = torch.tensor([ids[-cfg.data.seq_len:]])
-                logits = lm(window, loops=loops).logits[0, -1]
-                ids.append(int(logits.argmax()))
+                logits = lm(window, loops=loops).logits[0, -1].float()
+                if t.sample_temperature <= 0:
+                    ids.append(int(logits.argmax()))
+                    continue
+                if t.sample_top_k > 0:
+                    kth = torch.topk(logits, min(t.sample_top_k, logits.numel())).values[-1]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = torch.softmax(logits / t.sample_temperature, dim=-1)
+                ids.append(int(torch.multinomial(probs, 1, generator=gen)))
         text = self.tokenizer.decode(ids)
         print(f"[megaloop] sample (R={loops}): {text!r}", flush=True)
         with open(os.path.join(self.out_dir, "sample.txt"), "w") as f:
