@@ -106,6 +106,7 @@ def test_splits_draw_only_from_their_own_documents(tmp_path):
     assert docs_seen["valid"] <= set(range(160, 190))
     assert docs_seen["test"] <= set(range(190, 200))
     assert build_datasets(str(tmp_path / "d"), "80,15,5", 8, {"train": 10}, seed=1)["valid"] is None
+    assert len(os.listdir(tmp_path / "index-cache")) > 0  # the default cache sits next to the data
     with pytest.raises(ValueError, match="leaves no documents"):
         build_datasets(str(tmp_path / "d"), "100,0,0", 8, {"train": 10, "valid": 5}, seed=1)
 

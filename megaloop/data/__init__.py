@@ -9,6 +9,8 @@ The trainer needs two calls:
 
 Nothing here imports torch except build_data_loader, so the preprocessing tools stay light.
 """
+import os
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -58,18 +60,32 @@ def check_tokens_fit_vocab(dataset: IndexedDataset, tokenizer: Tokenizer, max_to
                          f"{tokenizer.vocab_size} ids: was it preprocessed with another tokenizer?")
 
 
+def default_cache_dir(data_path: str) -> Optional[str]:
+    """{directory of the data}/index-cache, as Megatron-LM does; None (build in memory) if not writable."""
+    data_dir = os.path.dirname(os.path.abspath(data_path))
+    cache_dir = os.path.join(data_dir, "index-cache")
+    if os.access(cache_dir if os.path.isdir(cache_dir) else data_dir, os.W_OK):
+        return cache_dir
+    print(f"note: {data_dir} is not writable, so sampling indices are built in memory by every rank; "
+          f"set data.cache_dir to cache them", file=sys.stderr)
+    return None
+
+
 def build_datasets(data_paths_with_weights, split: str, seq_len: int, num_samples: Dict[str, int], seed: int,
                    cache_dir: Optional[str] = None, tokenizer: Optional[Tokenizer] = None) -> Dict[str, object]:
     """{"train", "valid", "test"} datasets (None where no samples are asked for).
 
     Each indexed dataset is split by document with `split`; with several weighted paths, each split is a
     BlendedDataset over the same split of every path. Items are int64 arrays of seq_len + 1 tokens.
+    Sampling indices are cached in cache_dir, by default an index-cache directory next to the first path.
     """
     unknown = set(num_samples) - set(SPLIT_NAMES)
     if unknown:
         raise ValueError(f"num_samples has unknown splits {sorted(unknown)}; use {SPLIT_NAMES}")
     paths, weights = parse_data_paths(data_paths_with_weights)
     indexed = [IndexedDataset(path) for path in paths]
+    if cache_dir is None:
+        cache_dir = default_cache_dir(paths[0])
     if tokenizer is not None:
         for ds in indexed:
             check_tokens_fit_vocab(ds, tokenizer)
