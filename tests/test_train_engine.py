@@ -24,7 +24,7 @@ def env(tmp_path_factory):
     cache = {}
 
     def run(name, world, parallel=None, train=None, loop=None, fault=None, timeout=150, expect_ok=True,
-            rank_env_extra=None):
+            rank_env_extra=None, model=None):
         key = name
         if key in cache:
             return cache[key]
@@ -35,7 +35,7 @@ def env(tmp_path_factory):
         lp.update(loop or {})
         par = {"zero_stage": 1}
         par.update(parallel or {})
-        cfg = tiny_config(data, out_dir, train=t, loop=lp, parallel=par)
+        cfg = tiny_config(data, out_dir, train=t, loop=lp, parallel=par, model=model or {})
         path = write_config(str(root / f"{name}.yaml"), cfg)
         extra = {"MEGALOOP_FAULT": fault} if fault else None
         t0 = time.time()
@@ -152,6 +152,13 @@ def test_refused_layouts_fail_fast_with_their_message(tmp_path):
 
 def test_tensor_2_x_pipeline_2_matches_single_rank(env):
     pytest.importorskip("megaloop.parallel.apply_tp")
-    single, _, _ = env("pp1", 1)
-    tp_pp, _, _ = env("tp2_pp2", 4, parallel={"pipeline_parallel": 2, "tensor_parallel": 2}, timeout=240)
+    # QK-norm (replicated weight with per-rank partial gradients) and one kv head shared by both TP
+    # ranks (kv-replicated wk/wv): the gradients that need a TP sum before DeepSpeed's ZeRO hooks.
+    model = {"qk_norm": True, "n_kv_heads": 1}
+    single, _, _ = env("pp1_tpref", 1, model=model)
+    tp_pp, _, _ = env("tp2_pp2", 4, parallel={"pipeline_parallel": 2, "tensor_parallel": 2}, model=model,
+                      timeout=240)
     _close(train_losses(single), train_losses(tp_pp), range(1, STEPS + 1), rel=1e-4)
+    ra, rb = train_rows(single), train_rows(tp_pp)
+    for s in range(1, STEPS + 1):
+        assert ra[s]["grad_norm"] == pytest.approx(rb[s]["grad_norm"], rel=1e-3)
