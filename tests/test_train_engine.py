@@ -162,3 +162,27 @@ def test_tensor_2_x_pipeline_2_matches_single_rank(env):
     ra, rb = train_rows(single), train_rows(tp_pp)
     for s in range(1, STEPS + 1):
         assert ra[s]["grad_norm"] == pytest.approx(rb[s]["grad_norm"], rel=1e-3)
+    # the TP x PP checkpoint merges back into the one-process model
+    import torch
+    from megaloop.training.consolidate import load_full_state_dict
+    a, _ = load_full_state_dict(os.path.join(single, "checkpoints", "step_00000006"))
+    b, _ = load_full_state_dict(os.path.join(tp_pp, "checkpoints", "step_00000006"))
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
+
+
+def test_checkpoints_consolidate_to_the_same_model_whatever_the_layout(env):
+    import torch
+    from megaloop.training.consolidate import load_full_state_dict, load_model
+    pp1, _, _ = env("pp1", 1)
+    pp2, _, _ = env("pp2", 2, parallel={"pipeline_parallel": 2})
+    a, cfg = load_full_state_dict(os.path.join(pp1, "checkpoints"))
+    b, _ = load_full_state_dict(os.path.join(pp2, "checkpoints", "step_00000006"))
+    assert cfg.train.steps == STEPS
+    final_a, _ = load_full_state_dict(os.path.join(pp1, "checkpoints", "step_00000006"))
+    assert set(final_a) == set(b)
+    for k in b:
+        assert torch.allclose(final_a[k], b[k], rtol=1e-4, atol=1e-6), k
+    model, _ = load_model(os.path.join(pp2, "checkpoints"))
+    assert model(torch.zeros(1, 8, dtype=torch.long), loops=2).logits.shape[-1] == 258
