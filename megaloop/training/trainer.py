@@ -79,6 +79,18 @@ def _fault(kind: str) -> Optional[List[str]]:
     return spec.split(":")[1:]
 
 
+def _quiet_deepspeed():
+    """Keep the console to megaloop's lines: DeepSpeed's INFO chatter off (MEGALOOP_DS_LOG=info keeps
+    it), and the known-harmless autograd warning from the pipeline's tied-weight broadcast muted."""
+    import logging
+    import warnings
+    if os.environ.get("MEGALOOP_DS_LOG", "warning").lower() != "info":
+        from deepspeed.utils import logger as ds_logger
+        ds_logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
+
+
 class _StopFlag:
     def __init__(self):
         self.signum = None
@@ -112,6 +124,7 @@ class Trainer:
         from deepspeed.accelerator import get_accelerator
 
         cfg, t, p = self.cfg, self.cfg.train, self.cfg.parallel
+        _quiet_deepspeed()
         init_distributed(t.dist_timeout)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
         acc = get_accelerator()
@@ -156,6 +169,11 @@ class Trainer:
         if self.pp > 1:
             from megaloop.parallel.pipeline import build_pipeline_module
             module = build_pipeline_module(cfg, build_lm, st.topology, t.activation_checkpointing, prepare)
+            if self.rank == 0:
+                from megaloop.parallel.pipeline import layer_names
+                names, parts = layer_names(cfg.model), module.parts
+                plan = " | ".join(", ".join(names[parts[s]:parts[s + 1]]) for s in range(self.pp))
+                print(f"[megaloop] pipeline stages ({p.pipeline_partition}): {plan}", flush=True)
         else:
             module = build_lm()
             module.block.activation_checkpointing = t.activation_checkpointing
