@@ -186,3 +186,18 @@ def test_checkpoints_consolidate_to_the_same_model_whatever_the_layout(env):
         assert torch.allclose(final_a[k], b[k], rtol=1e-4, atol=1e-6), k
     model, _ = load_model(os.path.join(pp2, "checkpoints"))
     assert model(torch.zeros(1, 8, dtype=torch.long), loops=2).logits.shape[-1] == 258
+
+
+def test_restart_after_a_dead_rank_resumes_exactly_under_zero2(env):
+    # The job of the dead-rank test (DP 2, ZeRO 2: partitioned optimizer states, sampled R) restarted
+    # from its last complete checkpoint (step 3) reproduces an uninterrupted run bit for bit.
+    from test_train_support import run_ranks as _run
+    dead, _, _ = env("dead", 2, parallel={"zero_stage": 2}, train={"grad_accum_steps": 1, "dist_timeout": 20},
+                     fault="die_at_step:3:1", expect_ok=False, timeout=90)
+    full, _, _ = env("dp2_zero2_sampled", 2, parallel={"zero_stage": 2},
+                     train={"grad_accum_steps": 1, "dist_timeout": 20})
+    results = _run(2, ["--config", os.path.join(os.path.dirname(dead), "dead.yaml")], timeout=150)
+    assert_ok(results)
+    a, b = train_rows(full), train_rows(dead)
+    for s in range(4, STEPS + 1):
+        assert b[s]["loss"] == a[s]["loss"] and b[s]["R"] == a[s]["R"], s
