@@ -6,8 +6,9 @@ The seam between checkpoints and the exporter:
     export_hf(state_dict, config, tokenizer, output_dir)                    # validates + writes
 
 `export_hf` takes an already-merged, full (unsharded) state dict with megaloop's own parameter names
-(what `LoopedLM.state_dict()` returns on one process). `load_merged_state_dict` is where a
-DeepSpeed TP x PP checkpoint gets merged; today it reads plain `torch.save`d state dicts only.
+(what `LoopedLM.state_dict()` returns on one process). `load_checkpoint` / `load_merged_state_dict`
+read a megaloop/DeepSpeed training checkpoint of any TP x PP x DP layout and ZeRO stage (merged in
+megaloop/export/ds_checkpoint.py) or a plain `torch.save`d state dict.
 
 The written folder:
     config.json                   MegaloopConfig + auto_map (AutoConfig, AutoModelForCausalLM)
@@ -360,13 +361,9 @@ _PLAIN_NAMES = ("model.pt", "model.pth", "pytorch_model.bin", "consolidated.pt",
 
 
 def _is_deepspeed_layout(path: Path) -> bool:
-    if not path.is_dir():
-        return False
-    if (path / "latest").is_file() or any(path.glob("global_step*")):
-        return True
-    patterns = ("mp_rank_*_model_states.pt", "layer_*-model_*-model_states.pt", "megaloop_complete.json",
-                "*/mp_rank_*_model_states.pt", "*/layer_*-model_*-model_states.pt", "*/megaloop_complete.json")
-    return any(any(path.glob(p)) for p in patterns)
+    from megaloop.export.ds_checkpoint import is_deepspeed_checkpoint
+
+    return is_deepspeed_checkpoint(path)
 
 
 def _plain_file(checkpoint: Path, step: Optional[int]) -> Path:
@@ -387,25 +384,27 @@ def _plain_file(checkpoint: Path, step: Optional[int]) -> Path:
     for name in _PLAIN_NAMES:
         if (base / name).is_file():
             return base / name
-    raise ExportError(f"no model state dict in {base} (looked for {', '.join(_PLAIN_NAMES)})")
+    raise ExportError(f"no model state dict in {base} (looked for {', '.join(_PLAIN_NAMES)}, and for a "
+                      f"megaloop/DeepSpeed checkpoint: latest, step_NNNNNNNN/ with model-state files)")
 
 
 def load_merged_state_dict(checkpoint_dir, step: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """The full megaloop state dict of a checkpoint, merged across tensor/pipeline-parallel shards.
 
-    Supported today: a plain `torch.save`d state dict (or a dict holding it under "model" /
-    "state_dict" / "module"), given as a file or a directory with model.pt (or step_N/model.pt).
-    DeepSpeed layouts (latest, global_stepN/, mp_rank_XX_model_states.pt, layer_XX-model_YY-...) raise
-    NotImplementedError until megaloop/training's checkpoint format exists.
+    checkpoint_dir:
+      * a megaloop/DeepSpeed training checkpoint (megaloop/training/checkpoint.py): the run's
+        output_dir, its checkpoints/ root (`latest` or the newest complete step_NNNNNNNN/ is read;
+        `step` picks step_{step:08d}) or one tag directory. Any TP x PP x DP layout and ZeRO 0-3: see
+        megaloop/export/ds_checkpoint.py. Only complete tags (megaloop_complete.json) are read; a
+        missing or mis-shaped shard raises ExportError naming the file.
+      * a plain `torch.save`d state dict (or a dict holding it under "model" / "state_dict" /
+        "module"), given as a file or a directory with model.pt (or step_N/model.pt).
     """
     path = Path(checkpoint_dir)
     if _is_deepspeed_layout(path):
-        raise NotImplementedError(
-            f"{path} is a DeepSpeed checkpoint. Merging TP x PP shards is not implemented yet: it needs the "
-            f"layout written by megaloop/training/checkpoint.py (tags step_NNNNNNNN/, `latest`, the completeness "
-            f"marker), which file holds which pipeline stage's layers, the name mapping from the pipeline modules to LoopedLM names, and the split dimension of each TP-sharded "
-            f"parameter from megaloop/parallel). Fill in megaloop.export.hf_export.load_merged_state_dict; the "
-            f"exporter itself takes the merged dict.")
+        from megaloop.export.ds_checkpoint import load_deepspeed_checkpoint
+
+        return load_deepspeed_checkpoint(path, step)[0]
     obj = torch.load(_plain_file(path, step), map_location="cpu", weights_only=False)
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "module"):
@@ -417,13 +416,16 @@ def load_merged_state_dict(checkpoint_dir, step: Optional[int] = None) -> Dict[s
 
 
 def load_checkpoint_config(checkpoint_dir, step: Optional[int] = None) -> Config:
-    """The run config of a checkpoint: a 'config' entry in the saved file, else config.yaml next to it
-    (or in its parent directory)."""
+    """The run config of a checkpoint: for a megaloop/DeepSpeed checkpoint the resolved config stored
+    in its client state (with the tokenizer reference stored beside it); for a plain file a 'config'
+    entry in it, else config.yaml next to it (or in its parent directory)."""
     from megaloop.config import load_config
 
     path = Path(checkpoint_dir)
     if _is_deepspeed_layout(path):
-        load_merged_state_dict(path, step)  # raises the NotImplementedError that names the missing piece
+        from megaloop.export.ds_checkpoint import checkpoint_config, read_info, resolve_tag_dir
+
+        return checkpoint_config(read_info(resolve_tag_dir(path, step)))
     f = _plain_file(path, step)
     obj = torch.load(f, map_location="cpu", weights_only=False)
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
@@ -439,7 +441,15 @@ def load_checkpoint_config(checkpoint_dir, step: Optional[int] = None) -> Config
 
 
 def load_checkpoint(checkpoint_dir, step: Optional[int] = None):
-    """(merged state dict, Config, tokenizer spec) of a checkpoint: the inputs of export_hf."""
+    """(merged state dict, Config, tokenizer spec) of a checkpoint: the inputs of export_hf. The
+    tokenizer spec is the run's DataConfig (tokenizer_type, tokenizer_model)."""
+    path = Path(checkpoint_dir)
+    if _is_deepspeed_layout(path):
+        from megaloop.export.ds_checkpoint import checkpoint_config, load_deepspeed_checkpoint
+
+        sd, info = load_deepspeed_checkpoint(path, step)
+        cfg = checkpoint_config(info)
+        return sd, cfg, cfg.data
     cfg = load_checkpoint_config(checkpoint_dir, step)
     sd = load_merged_state_dict(checkpoint_dir, step)
     return sd, cfg, cfg.data
