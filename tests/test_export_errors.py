@@ -108,18 +108,20 @@ def test_checkpoint_seam_plain_and_deepspeed(tmp_path, lt):
         assert all(torch.equal(sd2[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ExportError, match="no step 7"):
         load_merged_state_dict(tmp_path / "run", 7)
+    # DeepSpeed-style directories without a complete megaloop checkpoint: a clear ExportError
+    # (tests/test_export_checkpoint.py reads real ones).
     ds = tmp_path / "ds"
     (ds / "global_step10").mkdir(parents=True)
     (ds / "latest").write_text("global_step10")
-    with pytest.raises(NotImplementedError, match="Merging TP x PP shards is not implemented yet"):
+    with pytest.raises(ExportError, match="no step 10 in"):
         load_merged_state_dict(ds, 10)
-    with pytest.raises(NotImplementedError, match="DeepSpeed"):
+    with pytest.raises(ExportError, match="no complete checkpoint"):
         load_checkpoint(ds)
-    tagged = tmp_path / "tagged" / "step_00000010"  # megaloop/training's layout, interrupted before `latest`
+    tagged = tmp_path / "tagged" / "step_00000010"  # megaloop/training's layout, interrupted before the marker
     tagged.mkdir(parents=True)
     (tagged / "mp_rank_00_model_states.pt").write_bytes(b"")
     for p in (tagged.parent, tagged):
-        with pytest.raises(NotImplementedError, match="megaloop/training/checkpoint.py"):
+        with pytest.raises(ExportError, match="incomplete|no complete checkpoint"):
             load_merged_state_dict(p)
 
 
@@ -132,6 +134,7 @@ def test_export_tool(tmp_path, lt, capsys):
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert main(["--checkpoint", str(tmp_path / "run"), "--step", "5", "--output", str(tmp_path / "out")]) == 1
     assert "already exists" in capsys.readouterr().err
-    (tmp_path / "ds" / "global_step1").mkdir(parents=True)
+    (tmp_path / "ds" / "step_00000001").mkdir(parents=True)
+    (tmp_path / "ds" / "step_00000001" / "mp_rank_00_model_states.pt").write_bytes(b"")
     assert main(["--checkpoint", str(tmp_path / "ds"), "--output", str(tmp_path / "out2")]) == 1
-    assert "DeepSpeed" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+    assert "megaloop_complete.json" in capsys.readouterr().err and not (tmp_path / "out2").exists()

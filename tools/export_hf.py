@@ -2,13 +2,18 @@
 configuration/modeling/tokenization files, model.safetensors, tokenizer, generation_config.json).
 
     python tools/export_hf.py --checkpoint runs/demo --output exports/demo [--step N]
+    python tools/export_hf.py --checkpoint runs/demo/checkpoints/step_00000500 --output exports/demo500
     python tools/export_hf.py --checkpoint runs/demo --output exports/demo-llama --format llama --loops 4
     python -c "from transformers import AutoModelForCausalLM as M; \
                M.from_pretrained('exports/demo', trust_remote_code=True)"
 
-The checkpoint is read through megaloop.export.load_checkpoint (plain torch.save'd state dicts today;
-DeepSpeed TP x PP layouts once the checkpoint format exists). Bad or mismatched weights fail with a
-message naming the keys, and nothing is written.
+--checkpoint is a training run (its output_dir, its checkpoints/ root or one step_NNNNNNNN/ tag) of
+any TP x PP x DP layout and ZeRO stage, or a plain torch.save'd state dict; it is read through
+megaloop.export.load_checkpoint: the shards are merged into the one-process LoopedLM names, and the
+resolved config and tokenizer reference stored with the checkpoint are used. Without --step the
+checkpoint named by `latest` (or the newest complete one) is exported. An incomplete checkpoint (no
+megaloop_complete.json), a missing shard file or a shard of the wrong shape fails with a message
+naming the file, and nothing is written.
 """
 import argparse
 import os
