@@ -1,6 +1,7 @@
 """Sampling and scoring with a chosen number of loops, from a megaloop model or an exported HF folder.
 
-    lm = load_lm("runs/demo/model.pt")            # megaloop checkpoint (plain format today)
+    lm = load_lm("runs/demo")                     # a training run / DeepSpeed checkpoint (any TP x PP, ZeRO)
+    lm = load_lm("runs/demo/model.pt")            # or a plain torch.save'd megaloop checkpoint
     lm = load_lm("exports/demo")                  # or a folder written by tools/export_hf.py
     ids = lm.encode("The ")
     out = generate(lm, ids, max_new_tokens=64, loops=6, temperature=0.8, top_p=0.95, seed=0)

@@ -8,7 +8,8 @@ engine also evaluates a fixed probe batch at several loop counts; the one-proces
 the merged checkpoint must reproduce those losses.
 
 Layouts: TP 2 x PP 2 (4 ranks; prelude + coda layers, QK-norm and one kv head shared by both TP
-ranks), PP 2 untied (the head has its own layer file) and DP 2 with ZeRO 2 and ZeRO 3.
+ranks), TP 2 with PP 1 (one mp_rank file per TP rank), PP 2 untied (the head has its own layer file)
+and DP 2 with ZeRO 2 and ZeRO 3.
 """
 import os
 import shutil
@@ -27,6 +28,7 @@ MODEL = {"arch": "recurrent", "injection": "add", "init_std": 0.15, "n_prelude":
          "n_kv_heads": 1}
 LAYOUTS = {
     "tp2_pp2": (4, {"tensor_parallel": 2, "pipeline_parallel": 2, "zero_stage": 1}, MODEL),
+    "tp2_zero1": (2, {"tensor_parallel": 2, "zero_stage": 1}, MODEL),
     "pp2_untied": (2, {"pipeline_parallel": 2, "zero_stage": 0}, dict(MODEL, tie_embeddings=False)),
     "dp2_zero2": (2, {"zero_stage": 2}, MODEL),
     "dp2_zero3": (2, {"zero_stage": 3}, MODEL),
@@ -259,8 +261,8 @@ def test_generate_and_eval_loops_read_deepspeed_checkpoints(runs, tmp_path, caps
     sd, cfg, _ = load_checkpoint(out_dir)
     ref = wrap_megaloop(_reference(sd, cfg), ByteTokenizer())
 
-    generate_main(["--model", str(out_dir), "--prompt", "def ", "--max-new-tokens", "6", "--loops", "3",
-                   "--temperature", "0"])
+    assert generate_main(["--model", str(out_dir), "--prompt", "def ", "--max-new-tokens", "6", "--loops", "3",
+                          "--temperature", "0"]) == 0
     text = capsys.readouterr().out
     want = generate(ref, ref.encode("def "), max_new_tokens=6, loops=3, temperature=0)
     assert text == "def " + ref.decode(want.new_tokens[0].tolist()) + "\n"
@@ -274,3 +276,11 @@ def test_generate_and_eval_loops_read_deepspeed_checkpoints(runs, tmp_path, caps
     batches = eval_loops.windows(lm, cfg.model.max_seq_len, 4, 8)
     nll3 = float(rows[2].split(",")[4])
     assert nll3 == pytest.approx(eval_loops.evaluate(ref, batches, 3)[0], rel=1e-6)
+
+    # a damaged checkpoint: a clear message, no traceback
+    root, tag = _copy(out_dir, tmp_path)
+    (tag / "layer_04-model_00-model_states.pt").unlink()
+    assert generate_main(["--model", str(root), "--max-new-tokens", "2"]) == 1
+    assert "layer_04-model_00-model_states.pt" in capsys.readouterr().err
+    assert eval_loops.main(["--model", str(root), "--data", data, "--out-dir", str(tmp_path / "ev2")]) == 1
+    assert "layer_04-model_00-model_states.pt" in capsys.readouterr().err and not (tmp_path / "ev2").exists()

@@ -1,9 +1,10 @@
 """Validation perplexity as a function of test-time loops, and of the exit strategies.
 
-    python tools/eval_loops.py --model runs/demo/model.pt --data data/demo_text_document --out-dir evals/demo
+    python tools/eval_loops.py --model runs/demo --data data/demo_text_document --out-dir evals/demo
     python tools/eval_loops.py --model exports/demo --text val.txt --loops 1-12 --exits kl:1e-3 q_exit:0.5
 
---model: a checkpoint or an exported HF folder. Data: --data, a megaloop indexed dataset prefix (the
+--model: a checkpoint (a training run / DeepSpeed checkpoint dir, any layout, or a plain model.pt; --step
+picks one) or an exported HF folder. Data: --data, a megaloop indexed dataset prefix (the
 validation documents of --split are used, as training splits them), or --text, a raw UTF-8 file.
 Token windows of --seq-len (+1 for the labels), non-overlapping, at most --max-windows.
 Writes a table to stdout, OUT/eval_loops.csv and OUT/eval_loops.png (if matplotlib is installed).
@@ -109,7 +110,13 @@ def main(argv=None):
 
     from megaloop.generation import load_lm
 
-    lm = load_lm(args.model, args.step)
+    from megaloop.export import ExportError
+
+    try:
+        lm = load_lm(args.model, args.step)
+    except ExportError as e:
+        print(f"cannot load {args.model}: {e}", file=sys.stderr)
+        return 1
     seq_len = min(args.seq_len or lm.max_seq_len, lm.max_seq_len)
     tokens = load_eval_tokens(lm, args.data, args.text, args.split, max_tokens=args.max_windows * seq_len + 1)
     batches = windows(tokens, seq_len, args.max_windows, args.batch_size)

@@ -43,6 +43,10 @@ def main(argv=None):
     from megaloop.export import ExportError, export_hf, load_checkpoint
 
     try:
+        from megaloop.export.ds_checkpoint import is_deepspeed_checkpoint, resolve_tag_dir
+
+        if is_deepspeed_checkpoint(args.checkpoint):
+            print(f"reading {resolve_tag_dir(args.checkpoint, args.step)}", file=sys.stderr)
         state_dict, cfg, data_cfg = load_checkpoint(args.checkpoint, args.step)
         tok = {"type": data_cfg.tokenizer_type, "model": args.tokenizer_model or data_cfg.tokenizer_model}
         if args.format == "llama":

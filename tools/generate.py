@@ -1,10 +1,11 @@
 """Sample from a megaloop checkpoint or an exported Hugging Face folder with a chosen number of loops.
 
-    python tools/generate.py --model runs/demo/model.pt --prompt "The " --loops 6 \
+    python tools/generate.py --model runs/demo --prompt "The " --loops 6 \
         --temperature 0.8 --top-p 0.95 --max-new-tokens 128
     python tools/generate.py --model exports/demo --prompt "The " --exit kl --exit-threshold 1e-3
 
---model is a checkpoint (read through megaloop.export.load_checkpoint; --step picks one) or a folder
+--model is a checkpoint: a training run directory / DeepSpeed checkpoint of any TP x PP layout and ZeRO
+stage, or a plain model.pt (read through megaloop.export.load_checkpoint; --step picks one), or a folder
 written by tools/export_hf.py (uses its KV cache). --temperature 0 is greedy.
 """
 import argparse
@@ -34,7 +35,13 @@ def main(argv=None):
 
     from megaloop.generation import generate, load_lm
 
-    lm = load_lm(args.model, args.step)
+    from megaloop.export import ExportError
+
+    try:
+        lm = load_lm(args.model, args.step)
+    except ExportError as e:
+        print(f"cannot load {args.model}: {e}", file=sys.stderr)
+        return 1
     prompt = lm.encode(args.prompt)
     if not prompt:
         p.error("the prompt encodes to no tokens")
@@ -49,7 +56,8 @@ def main(argv=None):
         print(args.prompt + lm.decode(out.new_tokens[i].tolist()))
     print(f"[{lm.kind} model, R={loops}, mean loops used {out.mean_loops:.2f}, "
           f"{out.new_tokens.shape[1]} new tokens]", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
