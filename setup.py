@@ -14,14 +14,16 @@ setup(
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",
-        "deepspeed>=0.14",
+        "deepspeed>=0.19",
         "sentencepiece",
         "numpy",
         "pyyaml",
         "tensorboard",
         "safetensors",
         "tqdm",
+        "psutil",
     ],
+    entry_points={"console_scripts": ["megaloop-pretrain=megaloop.training.trainer:main"]},
     extras_require={
         # NVIDIA Apex is never listed: the package index's `apex` is an unrelated project.
         # Apex's fused kernels are used only when a user has built it on their cluster.
