@@ -29,5 +29,6 @@ setup(
         # Apex's fused kernels are used only when a user has built it on their cluster.
         "test": ["pytest", "pytest-timeout"],
         "hf": ["transformers"],
+        "eval": ["matplotlib"],  # tools/eval_loops.py's PNG plot
     },
 )
