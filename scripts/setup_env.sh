@@ -12,10 +12,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# pip() hides one harmless warning this machine's pip configuration prints for every package.
+pip() { .venv/bin/pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 if [ "${MEGALOOP_TORCH:-cpu}" = "cpu" ]; then
   .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
-    || .venv/bin/pip install -q "torch==2.13.0"
+    || pip install -q "torch==2.13.0"
 fi
 .venv/bin/python -c "import megaloop, deepspeed, transformers, pytest, pytest_timeout, sentencepiece, matplotlib" \
-  2>/dev/null || .venv/bin/pip install -q -e ".[test,hf,eval]"
+  2>/dev/null || pip install -q -e ".[test,hf,eval]"
 .venv/bin/python -c "import torch, deepspeed; print(f'environment ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}')" 2>&1 | grep -v WARNING
