@@ -174,8 +174,10 @@ class TrainConfig:
     peak_flops: Optional[float] = None  # peak FLOP/s of ONE device, for the achieved-FLOP/s share
     dist_timeout: float = 600.0  # seconds: a collective waiting longer (dead rank) fails the run
     tensorboard: bool = True
-    partition_activations: bool = False  # DeepSpeed: split checkpointed activations across TP ranks
-    cpu_checkpointing: bool = False  # DeepSpeed: offload checkpointed activations to CPU
+    # DeepSpeed's activation checkpointing for the looped block's per-loop / per-layer checkpoints
+    # (need activation_checkpointing 'loop' or 'layer'):
+    partition_activations: bool = False  # split checkpointed activations across TP ranks (TP > 1)
+    cpu_checkpointing: bool = False  # offload checkpointed activations to CPU (a no-op on the cpu accelerator)
     sample_tokens: int = 0  # after training, generate this many tokens from sample_prompt (TP = 1 only)
     sample_prompt: str = "The "
     sample_temperature: float = 0.8  # 0 = greedy
@@ -479,11 +481,11 @@ def validate(cfg: Config) -> None:
     if t.loss_scale and t.precision != "fp16":
         raise ConfigError(f"train.loss_scale={t.loss_scale} applies to fp16 only (train.precision={t.precision!r})")
     if t.partition_activations and p.tensor_parallel == 1:
-        raise ConfigError("train.partition_activations splits checkpointed activations across tensor-parallel "
-                          "ranks; it needs parallel.tensor_parallel > 1")
+        raise ConfigError("train.partition_activations splits the looped block's checkpointed activations across "
+                          "tensor-parallel ranks (DeepSpeed's checkpoint); it needs parallel.tensor_parallel > 1")
     if (t.partition_activations or t.cpu_checkpointing) and t.activation_checkpointing == "none":
-        raise ConfigError("train.partition_activations / train.cpu_checkpointing need "
-                          "train.activation_checkpointing 'loop' or 'layer'")
+        raise ConfigError("train.partition_activations / train.cpu_checkpointing act on the looped block's "
+                          "checkpointed activations; they need train.activation_checkpointing 'loop' or 'layer'")
     max_stages = 3 + m.n_prelude + m.n_coda
     if p.pipeline_parallel > max_stages:
         raise ConfigError(f"parallel.pipeline_parallel={p.pipeline_parallel}: the looped block is one indivisible "

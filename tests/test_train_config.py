@@ -72,9 +72,14 @@ def test_unsupported_combinations_are_refused_with_what_works():
         check_supported(load_config(None, ["parallel.zero_stage=3", "parallel.tensor_parallel=2"]), 2, "cuda")
     with pytest.raises(ConfigError, match="partition_activations"):
         load_config(None, ["train.partition_activations=true", "train.activation_checkpointing=loop"])
-    with pytest.raises(ConfigError, match="not supported yet"):
-        check_supported(load_config(None, ["train.cpu_checkpointing=true", "train.activation_checkpointing=loop"]),
-                        1, "cuda")
+    # DeepSpeed's partition / CPU offload act on the looped block's checkpoints: accepted with them ...
+    check_supported(load_config(None, ["train.cpu_checkpointing=true", "train.activation_checkpointing=loop"]),
+                    1, "cuda")
+    check_supported(load_config(None, ["train.partition_activations=true", "train.activation_checkpointing=layer",
+                                       "parallel.tensor_parallel=2"]), 2, "cuda")
+    # ... refused without them (the (B, T, d) states split evenly: TP divides n_heads, so d_model)
+    with pytest.raises(ConfigError, match="need train.activation_checkpointing 'loop' or 'layer'"):
+        load_config(None, ["train.cpu_checkpointing=true"])
     with pytest.raises(ConfigError, match="pipeline_parallel 1 for ZeRO 2/3"):
         load_config(None, ["parallel.pipeline_parallel=2", "parallel.zero_stage=3"])
 

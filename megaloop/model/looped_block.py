@@ -16,12 +16,13 @@ with R = 1 every architecture reduces to the plain transformer x -> layers -> fi
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
+import torch.utils.checkpoint
 
 from megaloop.config import ModelConfig
 from megaloop.model.injection import ParcaeInjection, build_injection
@@ -65,6 +66,11 @@ class LoopedBlock(nn.Module):
             with torch.no_grad():
                 self.out_proj.weight.copy_(torch.eye(cfg.d_model))
         self.activation_checkpointing = "none"  # none | loop | layer; set by the training setup
+        # checkpoint_fn(function, *tensors): recomputes `function` in backward. Called with positional
+        # tensors only (everything else is bound into `function`), as DeepSpeed's
+        # `non_reentrant_checkpoint` (partition_activations / cpu_checkpointing) needs; the training
+        # setup swaps it in. It must be non-reentrant (the pipeline engine's partial backward).
+        self.checkpoint_fn: Callable = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
         self.eps = cfg.norm_eps
 
     # ------------------------------------------------------------------------------------------
@@ -79,6 +85,13 @@ class LoopedBlock(nn.Module):
         std = self.cfg.state_init_std or self.cfg.init_std
         return nn.init.trunc_normal_(torch.empty_like(e), std=std, a=-3 * std, b=3 * std, generator=generator)
 
+    def _checkpointed(self, function, x: torch.Tensor) -> torch.Tensor:
+        """function(x) under `checkpoint_fn`, saving only x (this loop's / layer's own input; tensors
+        shared across loops such as e or rope stay bound in `function`, stored once). x goes in as a
+        fresh alias: DeepSpeed's checkpoint takes over its argument's storage (`.data` is replaced by
+        the partition / CPU copy), which must not empty the caller's tensor."""
+        return self.checkpoint_fn(function, x.view_as(x))
+
     def _run_layers(self, x, rope, q_source=None, h_prev=None, recall=None, cache=None):
         cfg = self.cfg
         per_layer_ckpt = self.activation_checkpointing == "layer" and torch.is_grad_enabled()
@@ -92,8 +105,9 @@ class LoopedBlock(nn.Module):
             rec = recall if (recall is not None and (i == 0 or cfg.internal_recall_layers == "all")) else None
             layer_cache = cache.setdefault(i, {}) if cache is not None else None
             if per_layer_ckpt:
-                x = checkpoint(layer, x, rope, q_src, rec, cfg.internal_recall_site, layer_cache,
-                               use_reentrant=False)
+                x = self._checkpointed(functools.partial(layer, rope=rope, q_source=q_src, recall=rec,
+                                                         recall_site=cfg.internal_recall_site,
+                                                         cache=layer_cache), x)
             else:
                 x = layer(x, rope, q_source=q_src, recall=rec, recall_site=cfg.internal_recall_site,
                           cache=layer_cache)
@@ -119,6 +133,9 @@ class LoopedBlock(nn.Module):
         if self.rho is not None and (self.arch == "recurrent" or t > 0):  # FLT family: h(0) = none
             x = x + self.rho[min(t, self.rho.shape[0] - 1)].type_as(x) * s
         return x
+
+    def _step_of_state(self, t, e, rope, cache, s):
+        return self.step(t, s, e, rope, cache)
 
     def carry(self, x: torch.Tensor, final_norm: Optional[nn.Module]) -> torch.Tensor:
         """The state fed to the next loop from the raw output x(t)."""
@@ -155,7 +172,7 @@ class LoopedBlock(nn.Module):
                 if per_loop_ckpt and torch.is_grad_enabled():
                     # Keep only this loop's input state; recompute the loop in backward. Non-reentrant,
                     # so it composes with the pipeline engine's partial backward.
-                    x = checkpoint(self.step, t, s, e, rope, cache, use_reentrant=False)
+                    x = self._checkpointed(functools.partial(self._step_of_state, t, e, rope, cache), s)
                 else:
                     x = self.step(t, s, e, rope, cache)
                 last = t == loops - 1

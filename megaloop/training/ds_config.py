@@ -33,13 +33,11 @@ def check_supported(cfg: Config, world_size: int, device_name: str, fp16_support
         pass  # DeepSpeed's FP16 optimizer handles PP without ZeRO
     if t.partition_activations and tp == 1:
         raise ConfigError("train.partition_activations needs parallel.tensor_parallel > 1")
-    if t.partition_activations or t.cpu_checkpointing:
-        # The looped block checkpoints with torch.utils.checkpoint (non-reentrant, per loop / per layer);
-        # DeepSpeed's partition / CPU offload act only inside deepspeed.checkpointing.checkpoint. Refuse
-        # rather than silently ignore until LoopedBlock can take DeepSpeed's checkpoint function.
-        raise ConfigError("train.partition_activations / train.cpu_checkpointing are not supported yet: the "
-                          "per-loop activation checkpointing uses torch.utils.checkpoint, which DeepSpeed's "
-                          "partitioning/offload does not reach; leave them false")
+    if (t.partition_activations or t.cpu_checkpointing) and t.activation_checkpointing == "none":
+        raise ConfigError("train.partition_activations / train.cpu_checkpointing act on checkpointed "
+                          "activations; set train.activation_checkpointing to 'loop' or 'layer'")
+    # partition_activations / cpu_checkpointing: the trainer swaps the looped block's checkpoint
+    # function for DeepSpeed's non_reentrant_checkpoint (megaloop.training.trainer.deepspeed_checkpoint_fn).
 
 
 def build_ds_config(cfg: Config, dp_world_size: int, clip_in_engine: bool = True) -> dict:

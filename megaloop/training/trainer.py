@@ -179,6 +179,12 @@ class Trainer:
             module.block.activation_checkpointing = t.activation_checkpointing
             if prepare is not None:
                 prepare(module)
+        ckpt_fn, note = deepspeed_checkpoint_fn(t, st, acc.device_name())
+        if ckpt_fn is not None:
+            block = module.block if self.pp == 1 else getattr(looped_layer_of(module), "block", None)
+            if block is not None:  # (a pipeline stage without the looped block has nothing to checkpoint)
+                block.checkpoint_fn = ckpt_fn
+            self.logger.console(note)
         # Per-rank RNG (dropout, Huginn's noise start) after init: differs across data-parallel
         # replicas, identical across TP ranks and stages of one replica.
         torch.manual_seed(t.seed + 100003 * (st.dp_rank + 1))
@@ -305,8 +311,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def _looped_layer(self):
         if self.pp > 1:
-            from megaloop.parallel.pipeline import looped_layer
-            return looped_layer(self.module)
+            return looped_layer_of(self.module)
         return None
 
     def train_step(self, batches: TrainBatches, step: int, want_diag: bool):
@@ -575,6 +580,81 @@ def install_tp_grad_hooks(lm) -> int:
             p.register_hook(hook)
             n += 1
     return n
+
+
+def looped_layer_of(module):
+    from megaloop.parallel.pipeline import looped_layer
+    return looped_layer(module)
+
+
+class _TensorParallelMPU:
+    """The `mpu` API deepspeed.checkpointing reads (it prefers get_tensor_model_parallel_*), from
+    megaloop's ParallelState. DeepSpeed's PipelineParallelGrid has the rank and world-size getters
+    but no get_tensor_model_parallel_group, and its get_model_parallel_* span pipe x tensor."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def get_tensor_model_parallel_rank(self):
+        return self.state.tp_rank
+
+    def get_tensor_model_parallel_world_size(self):
+        return self.state.tp_size
+
+    def get_tensor_model_parallel_group(self):
+        return self.state.tp_group
+
+    get_model_parallel_rank = get_tensor_model_parallel_rank
+    get_model_parallel_world_size = get_tensor_model_parallel_world_size
+    get_model_parallel_group = get_tensor_model_parallel_group
+
+    def get_data_parallel_rank(self):
+        return self.state.dp_rank
+
+    def get_data_parallel_world_size(self):
+        return self.state.dp_size
+
+    def get_data_parallel_group(self):
+        return self.state.dp_group
+
+
+def deepspeed_checkpoint_fn(train_cfg, state, device_name: str):
+    """(checkpoint function, console note) for the looped block when train.partition_activations or
+    train.cpu_checkpointing is on, else (None, None): the block keeps torch.utils.checkpoint.
+
+    Configures DeepSpeed's activation checkpointing (module-level state in
+    deepspeed.checkpointing) with the run's tensor-parallel group as its `mpu` (activations are
+    partitioned over the TP ranks only, never over pipeline stages) and returns its
+    `non_reentrant_checkpoint`.
+
+    RNG: DeepSpeed's checkpoint saves and restores the CPU and the accelerator default generators
+    around recomputation (on the cpu accelerator both are torch's default generator) plus its own
+    model-parallel tracker, which megaloop leaves empty: megaloop.parallel.random derives its
+    model-parallel stream from the default generator, so recomputed dropout replays exactly.
+
+    cpu_checkpointing on the cpu accelerator: activations already live in host memory, and
+    DeepSpeed's blocking offload path (the one a synchronized device takes) would hand the
+    checkpoint the very tensor it then empties (`.to('cpu')` of a CPU tensor is itself), losing the
+    saved input. So there it is a no-op (DeepSpeed's checkpoint without offload); with
+    partition_activations the partitions are copies, and DeepSpeed's cpu_checkpointing is kept.
+    """
+    t = train_cfg
+    if not (t.partition_activations or t.cpu_checkpointing):
+        return None, None
+    import deepspeed
+    partition = bool(t.partition_activations)
+    offload = bool(t.cpu_checkpointing)
+    what = []
+    if partition:
+        what.append(f"activations partitioned over the {state.tp_size} tensor-parallel ranks")
+    if offload and device_name == "cpu" and not partition:
+        offload = False
+        what.append("cpu_checkpointing is a no-op on the cpu accelerator (activations are host memory already)")
+    elif offload:
+        what.append("checkpointed activations offloaded to CPU")
+    deepspeed.checkpointing.configure(mpu_=_TensorParallelMPU(state), partition_activations=partition,
+                                      checkpoint_in_cpu=offload)
+    return deepspeed.checkpointing.non_reentrant_checkpoint, "DeepSpeed activation checkpointing: " + "; ".join(what)
 
 
 class _Recording:
