@@ -1,5 +1,6 @@
 """DeepSpeed features around the looped block: DeepSpeed's activation checkpointing (partition /
-CPU offload) as the block's checkpoint function.
+CPU offload) as the block's checkpoint function, and the DSA aux-loss gradient scale under gradient
+accumulation.
 
 Model-level checks run on spawned gloo ranks (tests/dist_utils.py); the pipeline check is a real
 two-rank training run (tests/test_train_support.py).
@@ -102,6 +103,88 @@ def test_deepspeed_activation_checkpointing_same_gradients_with_dropout():
     assert reports[0]["tp2:train.partition_activations=true"][0] == pytest.approx(
         reports[1]["tp2:train.partition_activations=true"][0], rel=1e-6)  # TP ranks agree
     assert "no-op on the cpu accelerator" in reports[0]["tp1:train.cpu_checkpointing=true"][1]
+
+
+# ----------------------------------------------------------------------------------------------
+def _dsa_grads(engine, lm, tokens, gas):
+    from megaloop.model.sparse_attention import AuxLossInjector
+    from megaloop.training.trainer import main_loss_backward_scale
+    AuxLossInjector.set_main_loss_backward_scale(main_loss_backward_scale(engine))
+    seen = []
+    for chunk in tokens.chunk(gas):
+        out = engine(chunk, labels=chunk, loops=2)
+        out.loss.register_hook(lambda g: seen.append(float(g)))  # the gradient DeepSpeed sends into the loss
+        engine.backward(out.loss)
+    grads = {n: p.grad.detach().clone() for n, p in lm.named_parameters() if p.grad is not None}
+    engine.zero_grad()
+    return grads, seen
+
+
+def _dsa_scale_rank(rank, world):
+    _no_shm_op()
+    import deepspeed
+    from megaloop.config import load_config
+    from megaloop.model import build_model
+    from megaloop.model.sparse_attention import AuxLossInjector
+    from megaloop.parallel.topology import build_parallel_state
+    from megaloop.training.trainer import main_loss_backward_scale
+
+    build_parallel_state(tensor_parallel=1)  # deepspeed.comm over the spawned gloo group
+    cfg = load_config(None, ["model.vocab_size=258", "model.d_model=32", "model.n_heads=4", "model.max_seq_len=16",
+                             "model.n_loop=1", "model.loops=2", "model.mixer=dsa", "model.dsa_topk=4",
+                             "model.dsa_index_heads=2", "model.dsa_index_dim=8", "model.dsa_indexer_loss_coef=0.5",
+                             "data.seq_len=16"])
+    tokens = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for gas, zero, bf16 in ((1, 0, False), (2, 0, False), (2, 1, True)):
+        torch.manual_seed(1)
+        lm = build_model(cfg)
+        lm.train()
+        ds = {"train_micro_batch_size_per_gpu": 8 // gas, "gradient_accumulation_steps": gas,
+              "train_batch_size": 8, "gradient_clipping": 0.0, "zero_optimization": {"stage": zero},
+              "bf16": {"enabled": bf16}, "zero_allow_untested_optimizer": True, "steps_per_print": 2 ** 30}
+        if bf16:
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        engine, *_ = deepspeed.initialize(model=lm, optimizer=torch.optim.SGD(lm.parameters(), lr=0.0), config=ds)
+        factor = main_loss_backward_scale(engine)
+        if zero == 0:
+            grads, seen = _dsa_grads(engine, lm, tokens, gas)
+            out[gas] = grads
+            if gas == 2:  # the gradient the aux loss would get without the scale: coef, not coef / gas
+                AuxLossInjector.set_main_loss_backward_scale(1.0)
+                unscaled = {}
+                for chunk in tokens.chunk(gas):
+                    o = engine(chunk, labels=chunk, loops=2)
+                    o.loss.backward()  # plain backward: main loss unscaled, like the aux loss then
+                unscaled = {n: p.grad.detach().clone() for n, p in lm.named_parameters() if p.grad is not None}
+                out["unscaled"] = unscaled
+        else:
+            o = engine(tokens[:4], labels=tokens[:4], loops=2)
+            seen = []
+            o.loss.register_hook(lambda g: seen.append(float(g)))
+            engine.backward(o.loss)
+        out[f"factor{gas}_{zero}"] = (factor, seen)
+    AuxLossInjector.set_main_loss_backward_scale(1.0)
+    return out
+
+
+def test_dsa_indexer_gradient_follows_the_main_loss_scale_under_accumulation():
+    """DeepSpeed divides the main loss by gradient_accumulation_steps; the DSA indexer's aux loss, injected
+    in backward, must be scaled alike: with gas 2 (2 x 4 sequences) every gradient, the indexer's
+    included, equals gas 1 (8 sequences) - and would be twice as large for the indexer otherwise."""
+    out, = run_distributed(_dsa_scale_rank, world_size=1, timeout=120)
+    # the scale is what DeepSpeed's backward really applies to the loss (fp32 ZeRO 0, bf16 ZeRO 1)
+    for key, want in (("factor1_0", 1.0), ("factor2_0", 0.5), ("factor2_1", 0.5)):
+        factor, seen = out[key]
+        assert factor == want and seen and all(s == pytest.approx(factor, rel=1e-6) for s in seen), (key, out[key])
+    ref, got, unscaled = out[1], out[2], out["unscaled"]
+    index = [n for n in ref if "_index" in n]
+    assert index and set(ref) == set(got)
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], rtol=1e-4, atol=1e-7), f"{n}: {(got[n] - ref[n]).abs().max()}"
+    for n in index:  # the indexer learns from the aux loss only: unscaled it would get 2x (coef per micro-batch)
+        assert ref[n].abs().max() > 0
+        assert torch.allclose(unscaled[n], 2 * ref[n], rtol=1e-4, atol=1e-7), n
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,21 @@ from megaloop.ops import (indexer_kl_loss, lightning_indexer_scores, lightning_i
 
 
 class AuxLossInjector(torch.autograd.Function):
-    """Identity on `output` in forward; in backward, also sends gradient `coef` into `aux_loss`."""
+    """Identity on `output` in forward; in backward, also sends gradient
+    `coef * main_loss_backward_scale` into `aux_loss`.
+
+    `main_loss_backward_scale` (class-level, Megatron's MoEAuxLossAutoScaler.set_loss_scale) is the
+    factor the main loss's gradient carries when backward starts: DeepSpeed's engine.backward divides
+    the loss by gradient_accumulation_steps and multiplies it by the fp16 loss scale, so the aux loss
+    must be scaled alike to keep its weight `coef` relative to the main loss. The trainer sets it
+    before each backward (megaloop.training.trainer.main_loss_backward_scale); 1.0 for a plain
+    `loss.backward()`."""
+
+    main_loss_backward_scale: float = 1.0
+
+    @staticmethod
+    def set_main_loss_backward_scale(scale: float) -> None:
+        AuxLossInjector.main_loss_backward_scale = float(scale)
 
     @staticmethod
     def forward(ctx, output, aux_loss, coef: float):
@@ -37,7 +51,8 @@ class AuxLossInjector(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (aux_loss,) = ctx.saved_tensors
-        return grad_output, torch.full_like(aux_loss, ctx.coef), None
+        scale = ctx.coef * AuxLossInjector.main_loss_backward_scale
+        return grad_output, torch.full_like(aux_loss, scale), None
 
 
 class SlidingWindowAttention(Attention):

@@ -317,7 +317,11 @@ class Trainer:
     def train_step(self, batches: TrainBatches, step: int, want_diag: bool):
         """One optimizer step. Returns (loss averaged over the global batch, R list, diagnostics|None)."""
         import deepspeed.comm as dist
+        from megaloop.model.sparse_attention import AuxLossInjector
         t = self.cfg.train
+        # Aux losses injected in backward (DSA's indexer loss) follow the main loss's gradient scale
+        # (1/gas x the fp16 loss scale; constant within a step: the scale only changes in step()).
+        AuxLossInjector.set_main_loss_backward_scale(main_loss_backward_scale(self.engine))
         if self.pp > 1:
             layer = self._looped_layer()
             if layer is not None:
@@ -655,6 +659,23 @@ def deepspeed_checkpoint_fn(train_cfg, state, device_name: str):
     deepspeed.checkpointing.configure(mpu_=_TensorParallelMPU(state), partition_activations=partition,
                                       checkpoint_in_cpu=offload)
     return deepspeed.checkpointing.non_reentrant_checkpoint, "DeepSpeed activation checkpointing: " + "; ".join(what)
+
+
+def main_loss_backward_scale(engine) -> float:
+    """The factor on the main loss's gradient when DeepSpeed runs its backward: what
+    DeepSpeedEngine.backward(loss) (scale_wrt_gas=True; the pipeline engine's last stage calls it
+    too, and earlier stages receive gradients already so scaled) applies - 1 / gradient_accumulation_steps,
+    then the ZeRO / bf16 optimizer's `scale_if_loss` (the fp16 loss scale) or ZeRO 0's torch-autocast
+    GradScaler - computed by running DeepSpeed's own scaling on a probe loss of 1."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    probe = torch.ones((), device=engine.device, requires_grad=True) * 1.0  # a scalar "loss" with a grad_fn
+    scaled = probe / engine.gradient_accumulation_steps()
+    opt = engine.optimizer
+    if isinstance(opt, ZeROOptimizer):
+        scaled = opt.scale_if_loss(scaled)
+    elif getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
+        scaled = engine.torch_autocast_z0_gradscaler.scale(scaled)
+    return float(scaled.detach().float().cpu())
 
 
 class _Recording:
