@@ -1,6 +1,6 @@
 """DeepSpeed features around the looped block: DeepSpeed's activation checkpointing (partition /
-CPU offload) as the block's checkpoint function, and the DSA aux-loss gradient scale under gradient
-accumulation.
+CPU offload) as the block's checkpoint function, the DSA aux-loss gradient scale under gradient
+accumulation, and Parcae's injection spectral norm in the loop diagnostics.
 
 Model-level checks run on spawned gloo ranks (tests/dist_utils.py); the pipeline check is a real
 two-rank training run (tests/test_train_support.py).
@@ -191,7 +191,8 @@ def test_dsa_indexer_gradient_follows_the_main_loss_scale_under_accumulation():
 def test_pipeline_cpu_checkpointing_with_dropout_and_parcae_diagnostics(tmp_path):
     """PP 2 through the real trainer, dropout 0.1, Parcae injection, sampled R, 2 accumulated micro-batches:
     per-loop checkpointing with train.cpu_checkpointing (DeepSpeed's checkpoint inside the pipeline engine)
-    trains exactly like no checkpointing."""
+    trains exactly like no checkpointing; the injection's spectral norm reaches the console, TensorBoard
+    and metrics.jsonl with the other loop diagnostics."""
     data = make_byte_dataset(str(tmp_path / "data" / "corpus"), max_bytes=100_000)
     runs = {}
     for name, extra in (("none", {}), ("cpu", {"activation_checkpointing": "loop", "cpu_checkpointing": True})):
@@ -212,3 +213,13 @@ def test_pipeline_cpu_checkpointing_with_dropout_and_parcae_diagnostics(tmp_path
         assert b[s]["grad_norm"] == pytest.approx(a[s]["grad_norm"], rel=1e-5), s
     text = runs["cpu"][1]
     assert "DeepSpeed activation checkpointing: cpu_checkpointing is a no-op on the cpu accelerator" in text
+    assert "inj spectral norm 0." in text
+    from test_train_support import metrics
+    sn = [r["injection_spectral_norm"] for r in metrics(runs["cpu"][0]) if "injection_spectral_norm" in r]
+    assert len(sn) == 2 and all(0 < v < 1 for v in sn)  # steps 2 and 4; Parcae's A_bar is stable
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(os.path.join(runs["cpu"][0], "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars("loops/injection_spectral_norm")
+    assert [e.step for e in events] == [2, 4]
+    assert [e.value for e in events] == pytest.approx(sn, rel=1e-6)

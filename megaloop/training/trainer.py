@@ -384,19 +384,27 @@ class Trainer:
         import deepspeed.comm as dist
         K = max(self.cfg.loop.max, self.cfg.model.loops, self.cfg.train.eval_loops or 1)
         keys = ("residual_norm", "state_norm", "state_delta")
-        vec = torch.zeros(1 + 3 * K + self.world, dtype=torch.float64)
+        # [n loops | K per key | has injection_spectral_norm, its value | memory per rank]
+        sn = 1 + 3 * K
+        mem = sn + 2
+        vec = torch.zeros(mem + self.world, dtype=torch.float64)
         holds_block = self.pp == 1 or self._looped_layer() is not None
         if diag is not None and holds_block and self.state.dp_rank == 0 and self.state.tp_rank == 0:
             n = int(diag["residual_norm"].numel())
             vec[0] = n
             for i, k in enumerate(keys):
                 vec[1 + i * K: 1 + i * K + min(n, K)] = diag[k][:K].double()
-        vec[1 + 3 * K + self.rank] = memory_bytes()
+            if "injection_spectral_norm" in diag:  # Parcae: one number (max |A_bar|), shape (1,)
+                vec[sn] = 1.0
+                vec[sn + 1] = float(diag["injection_spectral_norm"].reshape(-1)[0])
+        vec[mem + self.rank] = memory_bytes()
         dist.all_reduce(vec)
         n = int(vec[0])
-        out = {"memory": vec[1 + 3 * K:].tolist()}
+        out = {"memory": vec[mem:].tolist()}
         if n:
             out["diag"] = {k: vec[1 + i * K: 1 + i * K + min(n, K)].tolist() for i, k in enumerate(keys)}
+        if vec[sn] > 0:
+            out["injection_spectral_norm"] = float(vec[sn + 1])
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -493,6 +501,10 @@ class Trainer:
             for k, vals in diag.items():
                 for i, v in enumerate(vals):
                     self.logger.scalars(step, {f"{k}/loop{i + 1:02d}": v}, prefix="loops/")
+        sn = stats.get("injection_spectral_norm")
+        if sn is not None:
+            self.logger.scalars(step, {"injection_spectral_norm": sn}, prefix="loops/")
+            self.logger.record({"step": step, "injection_spectral_norm": sn})
         gn = row["grad_norm"]
         parts = [f"step {step}/{t.steps}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}",
                  f"gnorm {gn:.3f}" if gn is not None else "gnorm -", f"R {r_mean:g}",
@@ -502,6 +514,8 @@ class Trainer:
             parts.append(f"scale {row['loss_scale']:g}")
         if diag:
             parts.append("|x(k)| " + " ".join(f"{v:.1f}" for v in diag["residual_norm"]))
+        if sn is not None:
+            parts.append(f"inj spectral norm {sn:.4f}")  # Parcae: max |A_bar| (< 1: a stable recurrence)
         self.logger.console(" | ".join(parts))
 
     # ------------------------------------------------------------------------------------------
