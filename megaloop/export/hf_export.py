@@ -302,17 +302,23 @@ def export_hf(full_state_dict: Dict[str, torch.Tensor], model_config, tokenizer_
         if verify:
             verify_export(tmp, full_state_dict, mc, weight_dtype=target)
 
-        if out_dir.exists():  # overwrite: swap atomically-ish, then drop the old folder
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rename(out_dir, old / "x")
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename a completed temporary folder to out_dir; an existing out_dir (overwrite) is swapped out
+    first and removed only once the new folder is in place."""
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rename(out_dir, old / "x")
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)
 
 
 def load_exported(path, **config_overrides):

@@ -26,7 +26,6 @@ trust_remote_code for AutoTokenizer); the model itself loads with plain transfor
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 
 from megaloop.config import FLT_FAMILY, ModelConfig
 from megaloop.export.hf_export import (ExportError, _DTYPES, _model_config, _write_tokenizer, check_state_dict,
-                                       loop_mixers, tokenizer_info)
+                                       loop_mixers, move_into_place, tokenizer_info)
 from megaloop.model.layers import rms_norm
 
 
@@ -150,13 +149,7 @@ def export_llama(full_state_dict: Dict[str, torch.Tensor], model_config, tokeniz
         (tmp / "megaloop_unrolled.json").write_text(json.dumps(
             {"loops": loops, "n_prelude": mc.n_prelude, "n_loop": mc.n_loop, "n_coda": mc.n_coda,
              "note": "unrolled megaloop model: layers = prelude + loops x looped block + coda"}, indent=2))
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rename(out_dir, old / "x")
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
