@@ -70,8 +70,10 @@ def build_data_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_
                       num_workers: int = 2, drop_last: bool = True):
     """A torch DataLoader over dataset for one data-parallel rank, resuming after consumed_samples."""
     import torch
+    from deepspeed.accelerator import get_accelerator
 
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size, drop_last)
+    pin = get_accelerator().device_name() != "cpu"  # pinned host memory only helps copies to a device
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       collate_fn=collate_samples, pin_memory=torch.cuda.is_available(),
+                                       collate_fn=collate_samples, pin_memory=pin,
                                        persistent_workers=num_workers > 0)
