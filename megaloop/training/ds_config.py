@@ -27,10 +27,8 @@ def check_supported(cfg: Config, world_size: int, device_name: str, fp16_support
     if p.zero_stage == 3 and tp > 1:
         raise ConfigError("parallel.zero_stage=3 with parallel.tensor_parallel>1 is not supported by megaloop's "
                           "tensor-parallel layers; use zero_stage 1 or 2 with TP")
-    if p.zero_stage == 3 and t.activation_checkpointing != "none" and t.precision != "fp32":
-        pass  # fine: non-reentrant checkpointing re-gathers parameters in recompute
-    if pp > 1 and t.precision == "fp16" and p.zero_stage == 0:
-        pass  # DeepSpeed's FP16 optimizer handles PP without ZeRO
+    # Allowed on purpose: ZeRO 3 with activation checkpointing (non-reentrant recompute re-gathers the
+    # parameters), and fp16 with PP and ZeRO 0 (DeepSpeed's FP16 optimizer handles it).
     if t.partition_activations and tp == 1:
         raise ConfigError("train.partition_activations needs parallel.tensor_parallel > 1")
     if (t.partition_activations or t.cpu_checkpointing) and t.activation_checkpointing == "none":
