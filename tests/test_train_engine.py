@@ -79,6 +79,22 @@ def test_data_parallel_zero_matches_single_rank_with_double_accumulation(env, ze
     _close(train_losses(single), train_losses(dp2), range(1, STEPS + 1))
 
 
+@pytest.mark.parametrize("loss, model", [("mean", {}), ("exit_weighted", {"exit_gate": True})])
+def test_per_loop_losses_through_the_pipeline_match_single_stage(env, loss, model):
+    # Per-loop losses need every gradient-carrying loop's output (and Ouro's exit probabilities) to
+    # cross from the stage holding the looped block to the head stage.
+    pp1, _, _ = env(f"pp1_{loss}", 1, loop={"loss": loss}, model=model)
+    pp2, _, _ = env(f"pp2_{loss}", 2, parallel={"pipeline_parallel": 2}, loop={"loss": loss}, model=model)
+    _close(train_losses(pp1), train_losses(pp2), range(1, STEPS + 1))
+    ra, rb = train_rows(pp1), train_rows(pp2)
+    for s in range(1, STEPS + 1):
+        assert ra[s]["grad_norm"] == pytest.approx(rb[s]["grad_norm"], rel=1e-4)
+    # ... and the loss mode is really in effect: the run differs from the last-loop-loss run
+    last, _, _ = env("pp1", 1)
+    a, b = train_losses(pp1), train_losses(last)
+    assert any(a[s] != pytest.approx(b[s], rel=1e-4) for s in range(1, STEPS + 1))
+
+
 def test_per_loop_activation_checkpointing_same_gradients_through_pipeline(env):
     none, _, _ = env("pp2", 2, parallel={"pipeline_parallel": 2})
     loop, _, _ = env("pp2_ckpt_loop", 2, parallel={"pipeline_parallel": 2},
