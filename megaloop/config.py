@@ -465,6 +465,18 @@ def validate(cfg: Config) -> None:
         if m.padded_vocab_size % tp:
             raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the padded vocabulary "
                               f"{m.padded_vocab_size}; set model.pad_vocab_multiple to a multiple of {tp}")
+    if p.sequence_parallel and tp > 1:
+        if cfg.data.seq_len % tp:
+            raise ConfigError(f"parallel.sequence_parallel splits the sequence over the tensor-parallel ranks: "
+                              f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.tensor_parallel={tp}")
+        if p.pipeline_parallel > 1:
+            raise ConfigError(f"parallel.sequence_parallel with parallel.pipeline_parallel={p.pipeline_parallel} is "
+                              f"not supported (sequence parallelism is implemented for pipeline_parallel 1 only); "
+                              f"set parallel.sequence_parallel=false or parallel.pipeline_parallel=1")
+        if t.partition_activations:
+            raise ConfigError("train.partition_activations splits checkpointed activations that are identical on the "
+                              "tensor-parallel ranks; under parallel.sequence_parallel they are already sequence "
+                              "shards (different per rank): set one of them false")
     _choice(p.pipeline_partition, ("loop_weighted", "uniform", "parameters"), "parallel.pipeline_partition")
     if t.eval_loops is not None:
         _positive(t.eval_loops, "train.eval_loops")

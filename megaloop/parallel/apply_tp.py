@@ -39,6 +39,28 @@ r of tp holds the r-th contiguous block along `dim`:
 The vocabulary padding (model.pad_vocab_multiple) does not depend on tp, so full tensors have the same
 shape whatever TP degree wrote them.
 
+SEQUENCE PARALLELISM (`sequence_parallel=True`, config `parallel.sequence_parallel`; Megatron's SP).
+Between the sharded sub-layers every activation lives as a sequence shard (B, T/tp, d): rank r holds
+tokens [r*T/tp, (r+1)*T/tp). Per sub-layer (mixer, MLP) and loop iteration, `f` becomes one all-gather
+of the sequence at the entry (backward: one reduce-scatter) and `g` one reduce-scatter at the row-
+parallel output (backward: one all-gather) -- the same bytes as the two all-reduces, and the norms,
+residual stream, dropout and all loop state take 1/tp of the memory and compute. Specifics:
+  - mixers (attention, SWA, GDN, DSA) see the gathered sequence, so RoPE uses the full (global)
+    positions and DSA's replicated indexer scores all keys; FLT's previous-loop h (query stream) is
+    gathered in the SAME all-gather as the layer input (concatenated along the features);
+  - the loop state, the injected signal e, injection (add, concat adapter, Parcae's diagonal), rho, the
+    outer norm and Parcae's W_C act on the shards without communication; the random initial state is
+    drawn for the whole sequence (the one-process draw) and chunked;
+  - the vocab-parallel embedding reduce-scatters (instead of its all-reduce); the LM head all-gathers
+    the sequence (backward reduce-scatter), so logits and the vocab-parallel loss cover all tokens;
+    Ouro's exit gate output is all-gathered (backward: own chunk);
+  - every replicated parameter applied to shards gets a gradient over this rank's tokens only: it is
+    tagged `replicated_partial_grad` (and `param.sequence_parallel = True`), summed by
+    `finalize_tp_grads` / the trainer's per-backward hooks; DSA's indexer keeps complete gradients;
+  - the block's diagnostic norms (means over tokens) are all-reduced to means over the sequence;
+  - the sequence length must be divisible by tp (refused, naming the numbers); pipeline parallelism
+    and KV-cache generation are not supported with SP.
+
 Why the concat adapter is replicated, not sharded: W [s; e] maps the replicated state to the
 replicated state between loop iterations. Sharding it (column or row) would need its own all-gather
 or all-reduce every loop iteration, i.e. communication added by the loop; replicated, it costs 2d^2
@@ -53,7 +75,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
-from megaloop.parallel.comm import TPComm, copy_to_tp, gather_from_sp, reduce_scatter_to_sp
+from megaloop.parallel.comm import TPComm, copy_to_tp, gather_from_sp, gather_from_tp, reduce_scatter_to_sp
 from megaloop.parallel.cross_entropy import (VocabParallelCrossEntropy, VocabParallelSuccessiveKL,
                                              gather_vocab_logits)
 from megaloop.parallel.random import RNGTracker
@@ -253,6 +275,7 @@ def _shard_dsa(attn: nn.Module, comm: TPComm, cfg, ctx: dict) -> None:
     _shard_attention(attn, comm, cfg, ctx)
     for lin in (attn.wq_index, attn.wk_index, attn.w_index):
         _replicated_branch(lin, comm.size)
+        ctx["full_sequence"].update(id(p) for p in lin.parameters())  # sees the gathered sequence under SP
     attn.attend = _TPSparseAttend(attn, comm)
 
 
@@ -331,7 +354,107 @@ def _register_builtin_plans() -> None:
 
 
 def _install_sp_entry(module: nn.Module, comm: TPComm, ctx: dict, fork: bool) -> None:
-    raise TensorParallelError("sequence parallelism is not implemented yet; set parallel.sequence_parallel=false")
+    """Sequence parallelism's f at the entry of a sharded sub-layer: the tensor inputs (x and, for FLT,
+    q_input) arrive as sequence shards (B, T/tp, d) and leave gathered (B, T, d), in ONE all-gather
+    forward (the streams are concatenated along the features) and ONE reduce-scatter backward."""
+
+    def pre_hook(mod, args, kwargs):
+        args = list(args)
+        slots = []
+        for key, pos in (("x", 0), ("q_input", 2)):
+            if pos < len(args):
+                if torch.is_tensor(args[pos]):
+                    slots.append(("a", pos))
+            elif torch.is_tensor(kwargs.get(key)):
+                slots.append(("k", key))
+        xs = [args[k] if w == "a" else kwargs[k] for w, k in slots]
+        if len(xs) == 1:
+            ys = [gather_from_sp(comm, xs[0], dim=1)]
+        elif xs:
+            sizes = [t.shape[-1] for t in xs]
+            ys = list(gather_from_sp(comm, torch.cat(xs, dim=-1), dim=1).split(sizes, dim=-1))
+        else:
+            ys = []
+        for (w, k), y in zip(slots, ys):
+            if w == "a":
+                args[k] = y
+            else:
+                kwargs[k] = y
+        return tuple(args), kwargs
+
+    module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    if fork:  # registered after the gather: the sub-layer (not the collective) runs on the forked stream
+        _fork_rng(module, ctx["tracker"])
+
+
+def _fork_rng(module: nn.Module, tracker: RNGTracker) -> None:
+    """Run `module` on the model-parallel RNG stream (dropout on sequence shards: each shard its own
+    mask, as Megatron's sequence-parallel dropout)."""
+    def pre_hook(mod, args):
+        c = tracker.fork()
+        c.__enter__()
+        mod._tp_rng_ctx = c
+
+    def post_hook(mod, args, output):
+        c = mod.__dict__.pop("_tp_rng_ctx", None)
+        if c is not None:
+            c.__exit__(None, None, None)
+        return output
+    module.register_forward_pre_hook(pre_hook)
+    module.register_forward_hook(post_hook, always_call=True)
+
+
+class _SequenceLengthCheck:
+    """LoopedLM forward pre-hook under SP: the sequence must split evenly over the TP ranks."""
+
+    def __init__(self, tp: int):
+        self.tp = tp
+
+    def __call__(self, mod, args, kwargs):
+        tokens = args[0] if args else kwargs.get("tokens")
+        if torch.is_tensor(tokens) and tokens.dim() >= 2 and tokens.shape[1] % self.tp:
+            raise TensorParallelError(f"sequence length {tokens.shape[1]} is not divisible by tensor_parallel="
+                                      f"{self.tp} (sequence parallel)")
+        return None
+
+
+def _sp_gather_output(comm: TPComm):
+    """Forward hook: a replicated module run on a sequence shard whose output the (replicated) loss needs
+    over the whole sequence (Ouro's exit gate): all-gather forward, own chunk backward (the gradient
+    arriving from the replicated loss is already complete on every rank)."""
+    def hook(mod, args, output):
+        return gather_from_tp(comm, output, dim=1)
+    return hook
+
+
+def _sp_diagnostics(comm: TPComm):
+    """LoopedBlock forward hook: the per-loop diagnostic norms are means over this rank's tokens; one
+    all-reduce makes them means over the whole sequence (equal shards: mean of the shard means)."""
+    def hook(mod, args, output):
+        diag = getattr(output, "diagnostics", None)
+        if not diag:
+            return output
+        keys = [k for k in ("residual_norm", "state_norm", "state_delta") if k in diag]
+        vals = comm.all_reduce_many([diag[k].detach().float() for k in keys], phase="other")
+        for k, v in zip(keys, vals):
+            diag[k] = (v / comm.size).to(diag[k].dtype)
+        return output
+    return hook
+
+
+def _mark_sp_partial_grads(model: nn.Module, full_sequence: set) -> int:
+    """Under SP every replicated parameter applied to sequence shards (norms, injection, gates, rho,
+    Parcae's W_C, the exit gate) gets a gradient over this rank's tokens only: tag it
+    `replicated_partial_grad` (summed over TP by finalize_tp_grads / the trainer's per-backward hooks)
+    and set Megatron's `sequence_parallel` attribute. Replicated parameters that see the gathered
+    sequence (DSA's indexer, `full_sequence`) keep complete, identical gradients."""
+    n = 0
+    for p in model.parameters():
+        if partition_of(p).kind == "replicated" and id(p) not in full_sequence:
+            tag(p, Partition(None, "replicated_partial_grad"))
+            p.sequence_parallel = True
+            n += 1
+    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,19 +477,32 @@ class MaskPaddedVocab:
 
 
 class _BroadcastInitialState:
-    """block.initial_state with the random draw broadcast from TP rank 0 (robust even if the TP ranks'
-    generators were seeded differently; one broadcast of B*T*d values per forward, outside the loop)."""
+    """block.initial_state under TP.
 
-    def __init__(self, block: nn.Module, comm: TPComm):
+    broadcast: the random draw is broadcast from TP rank 0 (robust even if the TP ranks' generators
+               were seeded differently; one broadcast of B*T*d values per forward, outside the loop).
+    sequence_parallel: e is a sequence shard (B, T/tp, d); the noise is drawn for the whole sequence
+               (B, T, d), exactly the one-process draw, and this rank keeps its chunk."""
+
+    def __init__(self, block: nn.Module, comm: TPComm, broadcast: bool = True, sequence_parallel: bool = False):
         self.orig = type(block).initial_state.__get__(block)
-        self.comm = comm
+        self.comm, self.broadcast, self.sp = comm, broadcast, sequence_parallel
 
-    def __call__(self, e: torch.Tensor) -> torch.Tensor:
-        s = self.orig(e)
-        if s is e or self.comm.size == 1:
-            return s
-        with torch.no_grad():
-            return self.comm.broadcast(s.contiguous(), 0)
+    def __call__(self, e: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if self.comm.size == 1:
+            return self.orig(e, generator)
+        full = e
+        if self.sp:
+            shape = list(e.shape)
+            shape[1] *= self.comm.size
+            full = e.new_empty(shape)
+        s = self.orig(full, generator)
+        if s is full:  # state_init=embed
+            return e
+        if self.broadcast:
+            with torch.no_grad():
+                s = self.comm.broadcast(s.contiguous(), 0)
+        return self.comm.chunk(s, dim=1) if self.sp else s
 
 
 def _transformer_layers(model: nn.Module):
@@ -386,7 +522,9 @@ def apply_tensor_parallel(model: nn.Module, state_or_group, *, sequence_parallel
     """Shard `model` (a LoopedLM built identically on every rank) over the TP group, in place; returns it.
 
     state_or_group:     a ParallelState, a torch ProcessGroup, a TPComm, or None (one process).
-    sequence_parallel:  Megatron sequence parallelism (default: the state's flag). Not implemented yet.
+    sequence_parallel:  Megatron sequence parallelism (default: the state's flag); see "SEQUENCE
+                        PARALLELISM" in the module docstring. The input sequence length must be divisible
+                        by the TP degree; pipeline parallelism is not supported with it.
     initial_state_sync: "rng" (default): the Parcae/Huginn noise start is drawn from the default
                         generator, which stays in step on all TP ranks (dropout inside sharded heads runs
                         on a forked stream); equals the one-process draw. "broadcast": draw on TP rank
@@ -403,13 +541,11 @@ def apply_tensor_parallel(model: nn.Module, state_or_group, *, sequence_parallel
         raise TensorParallelError("apply_tensor_parallel was already applied to this model")
     cfg = model.cfg
     validate_tensor_parallel(cfg, comm.size, sequence_parallel=sp)
-    if sp:
-        _install_sp_entry(model, comm, {}, False)  # raises until implemented
     if initial_state_sync not in ("rng", "broadcast"):
         raise ValueError(f"initial_state_sync must be 'rng' or 'broadcast', got {initial_state_sync!r}")
     _register_builtin_plans()
     tracker = RNGTracker(tp_rank=comm.rank)
-    ctx = {"sp": sp, "tracker": tracker}
+    ctx = {"sp": sp, "tracker": tracker, "full_sequence": set()}
 
     # 1. Layers: mixer + MLP of every transformer layer (prelude, looped block, coda).
     for layer in _transformer_layers(model):
@@ -421,28 +557,41 @@ def apply_tensor_parallel(model: nn.Module, state_or_group, *, sequence_parallel
                     f"{type(sub).__name__} (layer {layer.layer_idx} {name}) has no tensor-parallel plan; "
                     f"register one with megaloop.parallel.apply_tp.register_tp_plan({type(sub).__name__})")
             plan(sub, comm, cfg, ctx)
+        if sp and isinstance(layer.dropout, nn.Dropout):
+            _fork_rng(layer.dropout, tracker)  # residual dropout on sequence shards: one mask per shard
 
     # 2. Vocabulary: embedding rows, LM head rows (tied: the same tensor), loss and exits.
     tied = model.head.weight is model.embedding.weight
-    model.embedding = VocabParallelEmbedding.from_embedding(model.embedding, comm)
+    model.embedding = VocabParallelEmbedding.from_embedding(model.embedding, comm, sequence_parallel=sp)
     start, end = model.embedding.vocab_start, model.embedding.vocab_end
     if tied:
         head = ColumnParallelLinear(model.head.in_features, end - start, comm, copy_input=True,
-                                    weight=model.embedding.weight,
+                                    sequence_parallel=sp, weight=model.embedding.weight,
                                     partition=Partition(0, "vocab", cfg.padded_vocab_size))
     else:
         head = ColumnParallelLinear.from_linear(model.head, comm, slice(start, end), copy_input=True,
-                                                partition=Partition(0, "vocab", cfg.padded_vocab_size))
+                                                sequence_parallel=sp, partition=Partition(0, "vocab", cfg.padded_vocab_size))
     model.head = head
     model.real_vocab_logits = MaskPaddedVocab(start, cfg.vocab_size)
     model.token_loss_fn = VocabParallelCrossEntropy(comm, start)
     model.successive_kl_fn = VocabParallelSuccessiveKL(comm)
 
     # 3. The loop: nothing to shard; the random initial state must agree on the TP ranks.
-    if initial_state_sync == "broadcast":
-        model.block.initial_state = _BroadcastInitialState(model.block, comm)
+    if initial_state_sync == "broadcast" or sp:
+        model.block.initial_state = _BroadcastInitialState(model.block, comm, broadcast=initial_state_sync == "broadcast",
+                                                           sequence_parallel=sp)
+
+    # 4. Sequence parallelism: everything between the sharded sub-layers (residual stream, norms,
+    # injection, loop state, gates) runs on sequence shards; the LM head all-gathers the sequence.
+    if sp:
+        if model.exit_gate is not None:
+            model.exit_gate.register_forward_hook(_sp_gather_output(comm))
+        model.block.register_forward_hook(_sp_diagnostics(comm))
+        model.register_forward_pre_hook(_SequenceLengthCheck(comm.size), with_kwargs=True)
+        _mark_sp_partial_grads(model, ctx["full_sequence"])
 
     model.tp_comm = comm
+    model.tp_sequence_parallel = sp
     model.tp_rng_tracker = tracker
     model.tp_vocab_range = (start, end)
     if check_replicas and _dist_ready():
@@ -480,7 +629,8 @@ def finalize_tp_grads(model: nn.Module) -> int:
     after the last backward (before clipping). Returns the number of elements reduced.
 
     - replicated parameters used inside sharded heads (QK-norm, GDN's output norm): each rank's
-      gradient covers its own heads only -> summed over the TP group;
+      gradient covers its own heads only -> summed over the TP group; under sequence parallelism also
+      every replicated parameter applied to sequence shards (its gradient covers this rank's tokens);
     - kv-replicated wk/wv (n_kv_heads < tp): the ranks sharing a kv head each hold the gradient from
       their own q heads -> summed over those ranks (each rank contributes to a slot per kv head).
     Every other replicated parameter gets identical, complete gradients on every rank already.

@@ -42,7 +42,8 @@ class Partition:
     The shard of rank r along `dim` is the contiguous block r // replicas of size
     full / (tp / replicas); merge by concatenating the shards of ranks 0, replicas, 2*replicas, ...
     `replicated_partial_grad`: replicated value, but each rank's gradient is a partial sum (a norm
-    applied per head inside a sharded attention: QK-norm) -> `finalize_tp_grads` sums it.
+    applied per head inside a sharded attention: QK-norm; under sequence parallelism, every replicated
+    parameter applied to sequence shards) -> `finalize_tp_grads` sums it.
     """
 
     dim: Optional[int]

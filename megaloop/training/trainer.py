@@ -141,7 +141,8 @@ class Trainer:
             os.makedirs(self.ckpt_root, exist_ok=True)
             save_config(cfg, os.path.join(self.out_dir, "config.yaml"))
         self.logger = RunLogger(self.out_dir, self.log_rank, t.tensorboard)
-        self.logger.console(f"world {self.world}: pp {st.pp_size} x dp {st.dp_size} x tp {st.tp_size}, "
+        self.logger.console(f"world {self.world}: pp {st.pp_size} x dp {st.dp_size} x tp {st.tp_size}"
+                            f"{' (sequence parallel)' if st.sequence_parallel else ''}, "
                             f"zero {p.zero_stage}, {t.precision}, accelerator {acc.device_name()}, "
                             f"activation checkpointing {t.activation_checkpointing}")
 
@@ -573,8 +574,8 @@ class Trainer:
 
 def install_tp_grad_hooks(lm) -> int:
     """Sum, over the TP ranks, the gradients that are partial per rank (apply_tp's
-    `replicated_partial_grad`: QK-norm / GDN output-norm weights; `kv_replicated` wk/wv when
-    n_kv_heads < tp), as soon as autograd produces them - i.e. what `finalize_tp_grads` does once per
+    `replicated_partial_grad`: QK-norm / GDN output-norm weights, and under sequence parallelism every
+    replicated parameter applied to sequence shards; `kv_replicated` wk/wv when n_kv_heads < tp), as soon as autograd produces them - i.e. what `finalize_tp_grads` does once per
     step, but done per backward so that it happens before DeepSpeed's ZeRO hooks move the gradients
     into their flat partitions. Linear, so per micro-batch == once per step."""
     from megaloop.parallel.tensor_parallel import partition_of
