@@ -68,8 +68,56 @@ def _close(a, b, tol):
 # The job: everything a rank does
 
 
+def _compare(model, ref, x, y, R, G, kw, finalize=True):
+    """One TP-vs-reference step: logits, loss, exit loops and every gradient (gathered) compared; also
+    whether the replicated parameters' gradients are identical on the TP ranks. Shared with the
+    sequence-parallel tests."""
+    from megaloop.parallel.apply_tp import finalize_tp_grads, gather_full_grads, gather_logits
+    res = {"errors": []}
+    torch.manual_seed(1)
+    o_ref = ref(x, labels=y, loops=R, grad_loops=G, **kw)
+    o_ref.loss.backward()
+    torch.manual_seed(1)
+    o_tp = model(x, labels=y, loops=R, grad_loops=G, **kw)
+    o_tp.loss.backward()
+    if finalize:
+        finalize_tp_grads(model)
+    logits = gather_logits(model, o_tp.logits)
+    res["logits_shape"] = tuple(logits.shape)
+    res["local_vocab"] = o_tp.logits.shape[-1]
+    res["max_logit_diff"] = (logits - o_ref.logits).abs().max().item()
+    for what, a, b, tol in [("logits", logits, o_ref.logits, LOGIT_TOL),
+                            ("loss", o_tp.loss.detach(), o_ref.loss.detach(), LOGIT_TOL)]:
+        err = _close(a, b, tol)
+        if err:
+            res["errors"].append((what, err))
+    if o_ref.exit_loops is not None and not torch.equal(o_ref.exit_loops, o_tp.exit_loops):
+        res["errors"].append(("exit_loops", "differ"))
+    grads = gather_full_grads(model)
+    ref_grads = dict(ref.named_parameters())
+    res["max_grad_diff"] = 0.0
+    assert set(grads) == set(ref_grads), (set(grads) ^ set(ref_grads))
+    for pname, g in grads.items():
+        rg = ref_grads[pname].grad
+        if (g is None) != (rg is None):
+            res["errors"].append((pname, "grad presence differs"))
+            continue
+        if g is None:
+            continue
+        res["max_grad_diff"] = max(res["max_grad_diff"], (g - rg).abs().max().item())
+        err = _close(g, rg, GRAD_TOL)
+        if err:
+            res["errors"].append((pname, err))
+    # Replicated grads are identical on both TP ranks (no extra all-reduce needed for them).
+    rep = torch.cat([p.grad.flatten() for p in model.parameters()
+                     if p.grad is not None and not partition_of(p).sharded])
+    both = model.tp_comm.all_gather(rep[None], dim=0)
+    res["replicated_grad_rank_diff"] = (both[0] - both[1]).abs().max().item()
+    return res
+
+
 def _equivalence(rank, state, comm_counts):
-    from megaloop.parallel.apply_tp import finalize_tp_grads, gather_full_grads, gather_logits, gather_full_state_dict
+    from megaloop.parallel.apply_tp import gather_full_state_dict
     out = {}
     for name, (path, over) in _cases().items():
         cfg = load_config(path, SMALL + over)
@@ -80,47 +128,8 @@ def _equivalence(rank, state, comm_counts):
         torch.manual_seed(0)
         model = apply_tensor_parallel(build_model(cfg), state)
         x, y = _batch()
-        res = {"errors": []}
-        kw = {}
-        if cfg.model.exit_gate:
-            kw = dict(exit="q_exit", exit_threshold=0.6)
-        torch.manual_seed(1)
-        o_ref = ref(x, labels=y, loops=R, grad_loops=G, **kw)
-        o_ref.loss.backward()
-        torch.manual_seed(1)
-        o_tp = model(x, labels=y, loops=R, grad_loops=G, **kw)
-        o_tp.loss.backward()
-        finalize_tp_grads(model)
-        logits = gather_logits(model, o_tp.logits)
-        res["logits_shape"] = tuple(logits.shape)
-        res["local_vocab"] = o_tp.logits.shape[-1]
-        for what, a, b, tol in [("logits", logits, o_ref.logits, LOGIT_TOL),
-                                ("loss", o_tp.loss.detach(), o_ref.loss.detach(), LOGIT_TOL)]:
-            err = _close(a, b, tol)
-            if err:
-                res["errors"].append((what, err))
-        res["max_logit_diff"] = (logits - o_ref.logits).abs().max().item()
-        grads = gather_full_grads(model)
-        ref_grads = dict(ref.named_parameters())
-        res["max_grad_diff"] = 0.0
-        assert set(grads) == set(ref_grads), (set(grads) ^ set(ref_grads))
-        for pname, g in grads.items():
-            rg = ref_grads[pname].grad
-            if (g is None) != (rg is None):
-                res["errors"].append((pname, "grad presence differs"))
-                continue
-            if g is None:
-                continue
-            res["max_grad_diff"] = max(res["max_grad_diff"], (g - rg).abs().max().item())
-            err = _close(g, rg, GRAD_TOL)
-            if err:
-                res["errors"].append((pname, err))
-        # Replicated grads are identical on both TP ranks (no extra all-reduce needed for them).
-        rep = [p.grad.flatten() for p in model.parameters()
-               if p.grad is not None and not partition_of(p).sharded]
-        rep = torch.cat(rep)
-        both = model.tp_comm.all_gather(rep[None], dim=0)
-        res["replicated_grad_rank_diff"] = (both[0] - both[1]).abs().max().item()
+        kw = dict(exit="q_exit", exit_threshold=0.6) if cfg.model.exit_gate else {}
+        res = _compare(model, ref, x, y, R, G, kw)
         if cfg.model.exit_gate:  # Huginn's KL exit needs a full-vocabulary KL: vocab-parallel here
             with torch.no_grad():
                 a = model(x, loops=4, exit="kl", exit_threshold=0.0)

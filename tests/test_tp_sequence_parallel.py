@@ -14,50 +14,10 @@ from dist_utils import run_distributed
 from megaloop.config import ConfigError, ParallelConfig, load_config
 from megaloop.model import build_model
 from megaloop.parallel.apply_tp import TensorParallelError, apply_tensor_parallel, validate_tensor_parallel
-from megaloop.parallel.tensor_parallel import partition_of
-from test_tp_model import GRAD_TOL, LOGIT_TOL, ROOT, SMALL, _batch, _cases, _close
+from test_tp_model import ROOT, SMALL, _batch, _cases, _compare
 
 COUNTED = [("lt", 1, None), ("lt", 4, None), ("flt", 3, None), ("parcae", 5, 2), ("lt2_gdn", 2, None),
            ("lt2_gdn_dsa", 2, None), ("swa", 2, None)]
-
-
-def _compare(model, ref, x, y, R, G, kw, finalize=True):
-    from megaloop.parallel.apply_tp import finalize_tp_grads, gather_full_grads, gather_logits
-    res = {"errors": []}
-    torch.manual_seed(1)
-    o_ref = ref(x, labels=y, loops=R, grad_loops=G, **kw)
-    o_ref.loss.backward()
-    torch.manual_seed(1)
-    o_tp = model(x, labels=y, loops=R, grad_loops=G, **kw)
-    o_tp.loss.backward()
-    if finalize:
-        finalize_tp_grads(model)
-    logits = gather_logits(model, o_tp.logits)
-    res["logits_shape"] = tuple(logits.shape)
-    for what, a, b, tol in [("logits", logits, o_ref.logits, LOGIT_TOL),
-                            ("loss", o_tp.loss.detach(), o_ref.loss.detach(), LOGIT_TOL)]:
-        err = _close(a, b, tol)
-        if err:
-            res["errors"].append((what, err))
-    if o_ref.exit_loops is not None and not torch.equal(o_ref.exit_loops, o_tp.exit_loops):
-        res["errors"].append(("exit_loops", "differ"))
-    grads = gather_full_grads(model)
-    ref_grads = dict(ref.named_parameters())
-    assert set(grads) == set(ref_grads), (set(grads) ^ set(ref_grads))
-    for pname, g in grads.items():
-        rg = ref_grads[pname].grad
-        if (g is None) != (rg is None):
-            res["errors"].append((pname, "grad presence differs"))
-            continue
-        if g is not None:
-            err = _close(g, rg, GRAD_TOL)
-            if err:
-                res["errors"].append((pname, err))
-    rep = torch.cat([p.grad.flatten() for p in model.parameters()
-                     if p.grad is not None and not partition_of(p).sharded])
-    both = model.tp_comm.all_gather(rep[None], dim=0)
-    res["replicated_grad_rank_diff"] = (both[0] - both[1]).abs().max().item()
-    return res
 
 
 def _equivalence(rank, state):
