@@ -62,6 +62,9 @@ class ModelConfig:
     conv_size: int = 4  # GDN's causal short convolution on q, k, v
     gdn_expand_v: float = 1.0  # GDN value head dim = head_dim * expand_v
     gdn_chunk_size: int = 64
+    # GDN scan kernel: auto (flash-linear-attention's Triton kernel if it imports and passes a tiny
+    # forward+backward probe on the run's device/dtype, else the torch chunked form) | fla | torch
+    gdn_kernel: str = "auto"
     window: int = 64  # sliding-window attention ("swa"): query t sees keys (t - window, t]
     dsa_topk: int = 64  # DeepSeek sparse attention ("dsa"): keys kept per query
     dsa_index_heads: int = 4
@@ -368,6 +371,7 @@ def validate(cfg: Config) -> None:
     _choice(m.internal_recall_layers, ("first", "all"), "model.internal_recall_layers")
     _choice(m.normalization, ("inner", "outer"), "model.normalization")
     _choice(m.state_init, ("embed", "zeros", "noise"), "model.state_init")
+    _choice(m.gdn_kernel, ("auto", "fla", "torch"), "model.gdn_kernel")
     if m.n_kv_heads is not None:
         _positive(m.n_kv_heads, "model.n_kv_heads")
         if m.n_heads % m.n_kv_heads:

@@ -37,6 +37,10 @@ class GatedDeltaNet(nn.Module):
         self.head_k_dim = cfg.attn_head_dim
         self.head_v_dim = int(cfg.attn_head_dim * cfg.gdn_expand_v)
         self.chunk_size = cfg.gdn_chunk_size
+        # Scan kernel (megaloop.ops.gated_delta.select_gdn_kernel). "auto" is the dispatcher's own
+        # default and is not passed, so `gated_delta_rule` may be swapped for a plain function.
+        self.kernel = getattr(cfg, "gdn_kernel", "auto")
+        self._kernel_kwargs = {} if self.kernel == "auto" else {"kernel": self.kernel}
         self.eps = cfg.norm_eps
         self.wq = nn.Linear(d, H * self.head_k_dim, bias=False)
         self.wk = nn.Linear(d, H * self.head_k_dim, bias=False)
@@ -73,7 +77,7 @@ class GatedDeltaNet(nn.Module):
         g = -torch.exp(self.A_log.float()) * F.softplus(self.w_a(x).float() + self.dt_bias.float())
         beta = torch.sigmoid(self.w_b(x).float())
         o, _ = gated_delta_rule(q, k, v, g.to(q.dtype), beta.to(q.dtype), scale=1.0 / math.sqrt(dk),
-                                chunk_size=self.chunk_size)
+                                chunk_size=self.chunk_size, **self._kernel_kwargs)
         o = rms_norm(o, self.eps) * self.out_norm_weight
         o = o * F.silu(self.w_gate(x).view(B, T, -1, dv))
         return self.wo(o.reshape(B, T, -1))

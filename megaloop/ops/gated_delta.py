@@ -22,12 +22,18 @@ them) and producing g/beta from the hidden states are the caller's job.
 Precision: half/bfloat16 inputs are computed in float32 internally and the output is cast back;
 the returned state stays in the compute dtype (float32 or float64), as it is a carry.
 """
+import functools
 import math
-from typing import Optional, Tuple
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["gated_delta_rule", "gated_delta_rule_chunked", "gated_delta_rule_recurrent"]
+__all__ = ["GDN_KERNELS", "GDNKernelUnavailable", "GDNKernelWarning", "describe_kernel_choice", "gated_delta_rule",
+           "gated_delta_rule_chunked", "gated_delta_rule_recurrent", "select_gdn_kernel"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -175,12 +181,244 @@ def gated_delta_rule_chunked(
     return o.transpose(1, 2).to(out_dtype), state
 
 
-def _fla_is_available() -> bool:
+
+# ------------------------------------------------------------------------------------------------
+# Kernel selection: flash-linear-attention's Triton kernel or the torch chunked form above.
+#
+#   kernel="torch": always `gated_delta_rule_chunked` (fla is never imported).
+#   kernel="fla":   fla's `chunk_gated_delta_rule`, or GDNKernelUnavailable saying why not.
+#   kernel="auto":  fla when `fla_device_supported` accepts the device/dtype (CUDA, half/bfloat16),
+#                   fla imports, and a tiny forward+backward probe on that device/dtype runs and
+#                   agrees with the torch form; otherwise the torch form, with ONE GDNKernelWarning
+#                   when fla was expected to run (supported device/dtype) but did not. Some fla
+#                   releases raise only in backward (fla 0.6 on Hopper with Triton >= 3.4, < 3.7.1):
+#                   hence the probe includes a backward pass.
+#
+# The torch form is wrapped in torch.compile on non-CPU devices while autograd is on (training):
+# the chunked form is dozens of small element-wise ops per chunk, which Inductor fuses. Under
+# no_grad (evaluation, generation with a growing context) it runs eagerly, so varying lengths never
+# trigger recompilations. The compiled path is probed like fla; a failure means one warning and
+# the eager path. MEGALOOP_GDN_COMPILE=0 turns compilation off, =1 forces it (also on CPU).
+#
+# Each choice is made once per (kernel, device, dtype, head dims) and cached; `select_gdn_kernel`
+# returns it and `describe_kernel_choice` renders it as the line a trainer logs at startup.
+# Inside a compiled region (train.compile compiles whole layers) the dispatch is traced: the cached
+# lookup is plain Python that Dynamo specialises on, the selection/probe and fla's kernels are
+# excluded from tracing (torch.compiler.disable), and the torch form is traced into the layer's graph.
+
+GDN_KERNELS = ("auto", "fla", "torch")
+
+
+class GDNKernelUnavailable(RuntimeError):
+    """model.gdn_kernel=fla was asked for but flash-linear-attention cannot run here."""
+
+
+class GDNKernelWarning(UserWarning):
+    """A faster GDN kernel was expected but could not be used; the torch path runs instead."""
+
+
+@dataclass(frozen=True)
+class GDNKernelChoice:
+    name: str        # "fla" | "torch" | "torch+compile"
+    fn: Callable     # fn(q, k, v, g, beta, initial_state, scale, chunk_size) -> (o, final_state)
+    detail: str      # version / why the faster path was not taken
+
+
+_CHOICES: Dict[tuple, GDNKernelChoice] = {}
+_WARNED: set = set()
+_COMPILE_BACKEND = "inductor"  # tests swap in "eager" (dynamo tracing only, no code generation)
+_PROBE_T, _PROBE_H = 80, 2     # one full 64-token chunk plus a partial one (fla's chunk is 64)
+
+
+def fla_device_supported(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """None when fla's Triton kernels may run on this device/dtype, else the reason they cannot.
+    float32 stays off fla (some releases reject it) and float64 is the exactness-testing dtype.
+    Tests monkeypatch this to exercise the selection on CPU."""
+    if device.type != "cuda":
+        return f"fla's Triton kernels need a CUDA device, not {device.type}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"fla is used for float16/bfloat16 only, not {str(dtype).replace('torch.', '')}"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, GDNKernelWarning, stacklevel=3)
+
+
+def reset_kernel_cache() -> None:
+    """Forget every cached choice and emitted warning (tests; or after installing fla mid-process)."""
+    _CHOICES.clear()
+    _WARNED.clear()
+    _compiled_chunked.cache_clear()
+
+
+def _torch_run(q, k, v, g, beta, initial_state, scale, chunk_size):
+    return gated_delta_rule_chunked(q, k, v, g, beta, initial_state=initial_state, scale=scale,
+                                    chunk_size=chunk_size)
+
+
+def _fla_run_for(chunk_fn: Callable) -> Callable:
+    # Never traced by Dynamo (train.compile compiles whole layers): fla's Triton autograd functions
+    # run as fla ships them, at the cost of one graph break around the scan.
+    @torch.compiler.disable
+    def run(q, k, v, g, beta, initial_state, scale, chunk_size):
+        # fla's chunk length is its own (64); the result is the same operator either way.
+        return chunk_fn(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=True)
+    return run
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_chunked() -> Callable:
+    return torch.compile(gated_delta_rule_chunked, backend=_COMPILE_BACKEND)
+
+
+def _compiled_run_for(compiled: Callable) -> Callable:
+    def run(q, k, v, g, beta, initial_state, scale, chunk_size):
+        if not torch.is_grad_enabled():
+            return _torch_run(q, k, v, g, beta, initial_state, scale, chunk_size)
+        return compiled(q, k, v, g, beta, initial_state=initial_state, scale=scale, chunk_size=chunk_size)
+    return run
+
+
+def _probe(run: Callable, device: torch.device, dtype: torch.dtype, head_k_dim: int, head_v_dim: int) -> None:
+    """A tiny forward+backward of `run` on device/dtype, checked against the eager torch form in
+    float32. Raises on any failure. Uses its own generator: the global RNG stream is untouched."""
+    gen = torch.Generator().manual_seed(0)
+    B, T, H = 1, _PROBE_T, _PROBE_H
+    q = F.normalize(torch.randn(B, T, H, head_k_dim, generator=gen), dim=-1)
+    k = F.normalize(torch.randn(B, T, H, head_k_dim, generator=gen), dim=-1)
+    v = torch.randn(B, T, H, head_v_dim, generator=gen)
+    g = -F.softplus(torch.randn(B, T, H, generator=gen)) * 0.3
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=gen))
+    inputs = [x.to(device=device, dtype=dtype) for x in (q, k, v, g, beta)]
+    w_o = torch.randn(B, T, H, head_v_dim, generator=gen).to(device)
+    w_s = torch.randn(B, H, head_k_dim, head_v_dim, generator=gen).to(device)
+    scale = 1.0 / math.sqrt(head_k_dim)
+
+    def forward_backward(fn, xs):
+        leaves = [x.detach().clone().requires_grad_(True) for x in xs]
+        o, s = fn(*leaves, None, scale, 64)
+        ((o.float() * w_o).sum() + (s.float() * w_s).sum()).backward()
+        return [o.detach().float(), s.detach().float()] + [x.grad.float() for x in leaves[:3]]
+
+    with torch.enable_grad():
+        got = forward_backward(run, inputs)
+        want = forward_backward(_torch_run, [x.float() for x in inputs])
+    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 0.1
+    for name, a, b in zip(("output", "final state", "dq", "dk", "dv"), got, want):
+        if a.shape != b.shape:
+            raise RuntimeError(f"{name} has shape {tuple(a.shape)}, expected {tuple(b.shape)}")
+        err = ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
+        if not err <= tol:  # also catches NaN
+            raise RuntimeError(f"{name} disagrees with the torch reference (relative error {err:.3g} > {tol})")
+
+
+def _fla_version() -> str:
     try:
-        import fla.ops.gated_delta_rule  # noqa: F401  (imports Triton: only ever reached on CUDA)
-    except ImportError:
-        return False
-    return True
+        import fla
+
+        return f"fla {getattr(fla, '__version__', '?')}"
+    except Exception:  # noqa: BLE001
+        return "fla"
+
+
+def _want_compile(device: torch.device, compile: Optional[bool]) -> bool:
+    if compile is not None:
+        return compile
+    env = os.environ.get("MEGALOOP_GDN_COMPILE", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    return device.type != "cpu"
+
+
+@torch.compiler.disable  # the probe runs eagerly, also when first reached inside a compiled layer
+def _select(kernel: str, device: torch.device, dtype: torch.dtype, head_k_dim: int, head_v_dim: int,
+            compile: Optional[bool]) -> GDNKernelChoice:
+    if kernel not in GDN_KERNELS:
+        raise ValueError(f"GDN kernel {kernel!r} is not one of {list(GDN_KERNELS)}")
+    where = f"{device}/{str(dtype).replace('torch.', '')}"
+    why_not_fla = "model.gdn_kernel=torch"
+    if kernel in ("auto", "fla"):
+        why_not_fla = fla_device_supported(device, dtype)
+        if why_not_fla is None:
+            try:
+                from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+            except Exception as exc:  # noqa: BLE001 -- not installed, or its Triton import fails
+                why_not_fla = f"flash-linear-attention does not import: {_one_line(exc)}"
+            else:
+                try:
+                    run = _fla_run_for(chunk_gated_delta_rule)
+                    _probe(run, device, dtype, head_k_dim, head_v_dim)
+                    return GDNKernelChoice("fla", run, f"{_fla_version()} chunk_gated_delta_rule")
+                except Exception as exc:  # noqa: BLE001 -- Triton RuntimeErrors, wrong numbers
+                    why_not_fla = f"{_fla_version()} failed its forward+backward probe on {where}: {_one_line(exc)}"
+            if kernel == "auto":
+                _warn_once(f"GDN kernel: falling back to the torch chunked form ({why_not_fla})")
+        if kernel == "fla":
+            raise GDNKernelUnavailable(
+                f"model.gdn_kernel=fla, but flash-linear-attention cannot run on {where}: {why_not_fla}"
+                f" (use model.gdn_kernel=auto or torch)")
+    if _want_compile(device, compile):
+        try:
+            run = _compiled_run_for(_compiled_chunked())
+            _probe(run, device, dtype, head_k_dim, head_v_dim)
+            return GDNKernelChoice("torch+compile", run, f"fla not used: {why_not_fla}")
+        except Exception as exc:  # noqa: BLE001
+            _warn_once(f"GDN kernel: torch.compile of the torch chunked form failed on {where} "
+                       f"({_one_line(exc)}); running it eagerly")
+    return GDNKernelChoice("torch", _torch_run, f"fla not used: {why_not_fla}")
+
+
+def select_gdn_kernel(kernel: str, device, dtype: torch.dtype, head_k_dim: int, head_v_dim: int,
+                      compile: Optional[bool] = None) -> GDNKernelChoice:
+    """The kernel `gated_delta_rule(..., kernel=kernel)` uses for this device/dtype/head dims; the
+    first call for a combination probes (and may warn, or raise for kernel="fla"), later ones are a
+    dict lookup. compile: None = on non-CPU devices (MEGALOOP_GDN_COMPILE overrides), True/False."""
+    device = torch.device(device)
+    key = (kernel, device.type, device.index, dtype, head_k_dim, head_v_dim, compile)
+    choice = _CHOICES.get(key)
+    if choice is None:
+        choice = _select(kernel, device, dtype, head_k_dim, head_v_dim, compile)
+        _CHOICES[key] = choice
+    return choice
+
+
+_DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
+                "float32": torch.float32, "float": torch.float32, "fp64": torch.float64, "float64": torch.float64}
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    return dtype if isinstance(dtype, torch.dtype) else _DTYPE_NAMES[str(dtype).lower()]
+
+
+def describe_kernel_choice(cfg, device, dtype) -> str:
+    """One line naming the GDN kernel this run uses, for the trainer to log once at startup.
+
+    cfg: a megaloop Config or ModelConfig; device: the training device; dtype: the compute dtype
+    (torch.dtype or "bf16" / "fp16" / "fp32"). Runs the selection (and its probe) now, so a
+    fallback warning appears at startup and model.gdn_kernel=fla fails here, before training."""
+    mc = getattr(cfg, "model", cfg)
+    from megaloop.model.mixers import mixer_pattern
+
+    if "gdn" not in mixer_pattern(mc.mixer, mc.n_loop, getattr(mc, "linear_mixer", "gdn")):
+        return "GDN kernel: unused (no gdn layer in model.mixer)"
+    device, dtype = torch.device(device), _as_dtype(dtype)
+    kernel = getattr(mc, "gdn_kernel", "auto")
+    head_v_dim = int(mc.attn_head_dim * mc.gdn_expand_v)
+    choice = select_gdn_kernel(kernel, device, dtype, mc.attn_head_dim, head_v_dim)
+    where = f"{device}/{str(dtype).replace('torch.', '')}"
+    if choice.name == "fla":
+        return f"GDN kernel: {choice.detail} on {where} (model.gdn_kernel={kernel})"
+    form = "torch chunked form, torch.compile'd in training" if choice.name == "torch+compile" else "torch chunked form"
+    return f"GDN kernel: {form} on {where} (model.gdn_kernel={kernel}; {choice.detail})"
 
 
 def gated_delta_rule(
@@ -192,19 +430,16 @@ def gated_delta_rule(
     initial_state: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     chunk_size: int = 64,
+    kernel: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Dispatcher: flash-linear-attention's Triton `chunk_gated_delta_rule` for half/bfloat16 CUDA
-    tensors when `fla` is installed, else `gated_delta_rule_chunked`. Same conventions either way.
+    """Dispatcher over the kernels above (see `select_gdn_kernel`); same conventions whichever runs.
 
-    fla is imported lazily, here and only for CUDA tensors, so CPU installs never import Triton.
-    float32/float64 inputs stay on the torch path: some fla releases reject float32, and float64
-    is the exactness-testing dtype.
+    fla is imported lazily and only when `fla_device_supported` accepts the tensors (CUDA,
+    half/bfloat16) and kernel is not "torch", so CPU runs never import Triton. On CPU the default
+    is exactly `gated_delta_rule_chunked`.
     """
-    use_fla = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _fla_is_available()
-    if use_fla:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
-        return chunk_gated_delta_rule(
-            q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=True
-        )
-    return gated_delta_rule_chunked(q, k, v, g, beta, initial_state=initial_state, scale=scale, chunk_size=chunk_size)
+    if (kernel == "torch" or (kernel == "auto" and fla_device_supported(q.device, q.dtype) is not None)) \
+            and not _want_compile(q.device, None):
+        return _torch_run(q, k, v, g, beta, initial_state, scale, chunk_size)  # CPU: no lookup, no probe
+    choice = select_gdn_kernel(kernel, q.device, q.dtype, q.shape[-1], v.shape[-1])
+    return choice.fn(q, k, v, g, beta, initial_state, scale, chunk_size)
