@@ -279,3 +279,135 @@ def test_first_selection_inside_a_compiled_region_probes_eagerly(monkeypatch, cp
     assert calls.n == 2  # probe + the call
     torch.testing.assert_close(o, gd.gated_delta_rule_chunked(*inputs, chunk_size=8)[0])
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------
+# RMSNorm: NVIDIA Apex or torch
+
+import megaloop.ops.fused as fused  # noqa: E402
+from megaloop.model.layers import RMSNorm  # noqa: E402
+
+
+@pytest.fixture
+def fresh_norms():
+    fused.reset_norm_cache()
+    yield
+    fused.reset_norm_cache()
+
+
+def _install_fake_apex(monkeypatch, calls, affine=None, with_extension=True):
+    def fused_rms_norm_affine(x, weight, normalized_shape, eps=1e-6, memory_efficient=False):
+        calls.n += 1
+        return fused.rms_norm_reference(x, weight, eps)
+
+    def fused_rms_norm(x, normalized_shape, eps=1e-6, memory_efficient=False):
+        calls.n += 1
+        return fused.rms_norm_reference(x, None, eps)
+
+    apex = types.ModuleType("apex")
+    normalization = types.ModuleType("apex.normalization")
+    fln = types.ModuleType("apex.normalization.fused_layer_norm")
+    fln.fused_rms_norm_affine = affine or fused_rms_norm_affine
+    fln.fused_rms_norm = fused_rms_norm
+    apex.normalization, normalization.fused_layer_norm = normalization, fln
+    for name, mod in (("apex", apex), ("apex.normalization", normalization),
+                      ("apex.normalization.fused_layer_norm", fln)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setitem(sys.modules, "fused_layer_norm_cuda",
+                        types.ModuleType("fused_layer_norm_cuda") if with_extension else None)
+
+
+@pytest.fixture
+def cpu_counts_as_cuda_for_apex(monkeypatch):
+    monkeypatch.setattr(fused, "apex_device_supported", lambda device: None)
+
+
+def test_rms_norm_torch_path_keeps_the_original_numerics(fresh_norms):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 7, 64, generator=gen) * 3
+    w = 1 + 0.1 * torch.randn(64, generator=gen)
+    # float32: torch.nn.functional.rms_norm is the original formula bit for bit, with or without weight
+    assert fused.select_rms_norm("cpu", torch.float32, torch.float32).startswith("torch.nn.functional.rms_norm")
+    assert torch.equal(fused.rms_norm_affine(x, w, 1e-6), fused.rms_norm_reference(x, w, 1e-6))
+    assert torch.equal(fused.rms_norm_affine(x, None, 1e-5), fused.rms_norm_reference(x, None, 1e-5))
+    # bfloat16: statistic in fp32 both ways; the weight product may round once instead of twice
+    xb, wb = x.bfloat16(), w.bfloat16()
+    got, want = fused.rms_norm_affine(xb, wb, 1e-6), fused.rms_norm_reference(xb, wb, 1e-6)
+    assert got.dtype == want.dtype == torch.bfloat16
+    ulp = want.float().abs().clamp_min(2 ** -126) * 2 ** -7
+    assert ((got.float() - want.float()).abs() <= ulp).all()
+    # float64 and mixed dtypes keep the original formula exactly
+    assert torch.equal(fused.rms_norm_affine(x.double(), w.double(), 1e-6), fused.rms_norm_reference(x.double(), w.double(), 1e-6))
+    assert torch.equal(fused.rms_norm_affine(xb, w, 1e-6), fused.rms_norm_reference(xb, w, 1e-6))
+    assert fused.select_rms_norm("cpu", torch.bfloat16, torch.float32).startswith("reference formula")
+
+
+def test_rms_norm_module_uses_the_selected_kernel(fresh_norms):
+    torch.manual_seed(0)
+    norm, bare = RMSNorm(32, eps=1e-5), RMSNorm(32, scale=False)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    y = norm(x)
+    y.sum().backward()
+    assert torch.equal(y, fused.rms_norm_reference(x, norm.weight, 1e-5))
+    assert norm.weight.grad is not None and x.grad is not None
+    assert torch.equal(bare(x), fused.rms_norm_reference(x, None, 1e-6))
+
+
+def test_apex_stub_is_ignored_on_cpu(monkeypatch, fresh_norms):
+    calls = _Calls()
+    _install_fake_apex(monkeypatch, calls)
+    RMSNorm(16)(torch.randn(3, 16))
+    assert calls.n == 0
+    assert "CUDA-only" in fused.describe_norm_choice("cpu", "fp32")
+
+
+def test_apex_is_selected_when_it_imports_and_runs(monkeypatch, fresh_norms, cpu_counts_as_cuda_for_apex):
+    calls = _Calls()
+    _install_fake_apex(monkeypatch, calls)
+    norm, bare = RMSNorm(16), RMSNorm(16, scale=False)
+    x = torch.randn(3, 16)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        torch.testing.assert_close(norm(x), fused.rms_norm_reference(x, norm.weight, 1e-6))
+        norm(x)
+        bare(x)
+    assert not [w for w in record if issubclass(w.category, fused.ApexFallbackWarning)]
+    assert calls.n == (1 + 2) + (1 + 1)  # one probe per (dtype, weight dtype), then each call
+    assert fused.describe_norm_choice("cpu", torch.float32) == \
+        "RMSNorm kernel: NVIDIA Apex fused_rms_norm_affine on cpu/float32"
+
+
+def test_apex_missing_or_without_kernels_means_torch(monkeypatch, fresh_norms, cpu_counts_as_cuda_for_apex):
+    monkeypatch.setitem(sys.modules, "apex", None)
+    assert "NVIDIA Apex not importable" in fused.describe_norm_choice("cpu", "bf16")
+    fused.reset_norm_cache()
+    calls = _Calls()
+    _install_fake_apex(monkeypatch, calls, with_extension=False)  # a Python-only Apex build
+    line = fused.describe_norm_choice("cpu", "bf16")
+    assert line.startswith("RMSNorm kernel: torch.nn.functional.rms_norm") and "fused_layer_norm_cuda" in line
+    assert calls.n == 0
+
+
+def test_apex_failing_its_probe_warns_once(monkeypatch, fresh_norms, cpu_counts_as_cuda_for_apex):
+    def broken(x, weight, normalized_shape, eps=1e-6, memory_efficient=False):
+        raise RuntimeError("no kernel image is available for execution on the device")
+    _install_fake_apex(monkeypatch, _Calls(), affine=broken)
+    norm = RMSNorm(16)
+    x = torch.randn(3, 16)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            y = norm(x)
+    ours = [w for w in record if issubclass(w.category, fused.ApexFallbackWarning)]
+    assert len(ours) == 1 and "no kernel image" in str(ours[0].message)
+    assert torch.equal(y, fused.rms_norm_reference(x, norm.weight, 1e-6))
+
+
+def test_rms_norm_traces_inside_a_compiled_region(fresh_norms):
+    norm = RMSNorm(16)
+    x = torch.randn(3, 16)
+    compiled = torch.compile(norm, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), fused.rms_norm_reference(x, norm.weight, 1e-6))
+    torch._dynamo.reset()

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaloop.config import ModelConfig
+from megaloop.ops.fused import rms_norm_affine
 
 
 def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -23,14 +24,16 @@ def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
+    """rms_norm(x) * weight; the kernel (Apex's fused one on CUDA when importable, else torch's) is
+    picked once per device/dtype by megaloop.ops.fused, which documents the numerics."""
+
     def __init__(self, dim: int, eps: float = 1e-6, scale: bool = True):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = rms_norm(x, self.eps)
-        return y * self.weight if self.weight is not None else y
+        return rms_norm_affine(x, self.weight, self.eps)
 
 
 def rope_cache(seq_len: int, head_dim: int, theta: float, device=None, offset: int = 0):
