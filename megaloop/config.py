@@ -162,6 +162,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "fp32"  # fp32 | bf16 | fp16
     activation_checkpointing: str = "none"  # none | loop | layer
+    # torch.compile each transformer layer (not the loop: no recompile per R); see megaloop/model/compile.py
+    compile: bool = False
+    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (CUDA-graph modes are refused)
     log_interval: int = 10
     eval_interval: int = 0
     eval_iters: int = 4
@@ -449,6 +452,7 @@ def validate(cfg: Config) -> None:
     _choice(t.lr_schedule, ("cosine", "wsd", "constant"), "train.lr_schedule")
     _choice(t.precision, ("fp32", "bf16", "fp16"), "train.precision")
     _choice(t.activation_checkpointing, ("none", "loop", "layer"), "train.activation_checkpointing")
+    _choice(t.compile_mode, ("default", "max-autotune-no-cudagraphs"), "train.compile_mode")
     for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval"):
         _positive(getattr(t, name), f"train.{name}")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:

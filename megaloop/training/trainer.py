@@ -161,6 +161,9 @@ class Trainer:
 
         # Model: identical initial weights on every rank (seeded), whatever the layout.
         prepare = self._tensor_parallel_hook()
+        if t.compile:  # torch.compile every transformer layer after TP, before DeepSpeed (both PP branches)
+            from megaloop.model.compile import compile_after
+            prepare = compile_after(prepare, cfg)
 
         def build_lm():
             from megaloop.model import build_model
