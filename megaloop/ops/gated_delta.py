@@ -276,7 +276,9 @@ def _fla_run_for(chunk_fn: Callable) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def _compiled_chunked() -> Callable:
-    return torch.compile(gated_delta_rule_chunked, backend=_COMPILE_BACKEND)
+    # Static shapes: the probe and the training shape each get their own specialised graph (a dynamic
+    # one would be built for the training shape, the second seen); evaluation runs eagerly anyway.
+    return torch.compile(gated_delta_rule_chunked, backend=_COMPILE_BACKEND, dynamic=False)
 
 
 def _compiled_run_for(compiled: Callable) -> Callable:
