@@ -275,7 +275,9 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
 
 def _build(cls, data: dict, where: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+        if where:
+            raise ConfigError(f"config section '{where}' must be a mapping (key: value), got {data!r}")
+        raise ConfigError(f"config: the top level must be a mapping of sections (model:, train:, ...), got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -285,7 +287,7 @@ def _build(cls, data: dict, where: str):
             raise ConfigError(f"unknown config key '{path}'{_suggest(key, fields)}")
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
-            kwargs[key] = _build(annotation, value or {}, path)
+            kwargs[key] = _build(annotation, {} if value is None else value, path)  # `model:` alone = empty
         else:
             kwargs[key] = _convert(value, annotation, path)
     return cls(**kwargs)
@@ -312,13 +314,18 @@ def _apply_override(tree: dict, override: str) -> None:
         else:
             if not dataclasses.is_dataclass(hints[key]):
                 raise ConfigError(f"override '{override}': '{'.'.join(keys[:i + 1])}' is not a section")
-            if not isinstance(node.get(key), dict):
+            if node.get(key) is None:
                 node[key] = {}
+            elif not isinstance(node[key], dict):
+                raise ConfigError(f"override '{override}': config section '{'.'.join(keys[:i + 1])}' must be a "
+                                  f"mapping (key: value), got {node[key]!r}")
             node = node[key]
             node_cls = hints[key]
 
 
 def config_from_dict(data: dict, overrides: Optional[list] = None) -> Config:
+    if data is not None and not isinstance(data, dict):  # dict() would silently accept a list of pairs
+        _build(Config, data, "")
     tree = dict(data or {})
     tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
     for override in overrides or []:
@@ -335,9 +342,78 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        data = read_config_yaml(path)
     return config_from_dict(data, overrides)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, mark, first_mark):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.mark, self.first_mark = key, mark, first_mark
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *anchor` merges; its keys may be overridden on purpose
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, key_node.start_mark, seen[key])
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader reports it itself
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_kind(value) -> str:
+    return {list: "a list", str: "a string", type(None): "nothing"}.get(type(value), repr(value))
+
+
+def read_config_yaml(path: Union[str, Path]) -> dict:
+    """The mapping of a YAML config file. Refuses, in one line naming file and line: invalid YAML, a key
+    given twice in one mapping, a top level that is not a mapping, a section that is not a mapping
+    (`model: 0`; `model:` with nothing under it is an empty section)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: cannot read it: {e}") from None
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}
+        data = loader.construct_document(node)
+    except _DuplicateKey as e:
+        raise ConfigError(f"config file {path}:{e.mark.line + 1}: duplicate key {e.key!r} (first given at line "
+                          f"{e.first_mark.line + 1}); YAML would silently keep the last one") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        context = getattr(e, "context", None)
+        cmark = getattr(e, "context_mark", None)
+        if context and cmark is not None and cmark is not mark:
+            problem = f"{problem} ({context} at line {cmark.line + 1})"
+        raise ConfigError(f"config file {where}: invalid YAML: {' '.join(str(problem).split())}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections (model:, train:, ...), "
+                          f"got {_yaml_kind(data)} (line {node.start_mark.line + 1})")
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for key_node, value_node in node.value:
+        key = getattr(key_node, "value", None)
+        if key in sections and data.get(key) is not None and not isinstance(data[key], dict):
+            raise ConfigError(f"config file {path}: section '{key}' must be a mapping (key: value lines), got "
+                              f"{data[key]!r} (line {value_node.start_mark.line + 1})")
+    return data
 
 
 def save_config(cfg: Config, path: Union[str, Path]) -> None:
@@ -354,17 +430,65 @@ def _choice(value, options, name):
         raise ConfigError(f"{name}={value!r} is not one of {list(options)}{_suggest(str(value), options)}")
 
 
-def _positive(value, name, allow_zero=False):
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+# The allowed range of every int / float field, checked before any combination: (low, high, low
+# inclusive, high inclusive), None = unbounded. Floats must also be finite; an Optional field may be null.
+# tests/test_config_strict.py fails for a numeric field missing here.
+_GT0, _GE0, _GE1 = (0, None, False, False), (0, None, True, False), (1, None, True, False)
+_UNIT_HALF_OPEN = (0, 1, True, False)  # [0, 1)
+NUMERIC_RANGES = {
+    "model.vocab_size": _GT0, "model.pad_vocab_multiple": _GE1, "model.max_seq_len": _GT0,
+    "model.d_model": _GT0, "model.n_heads": _GT0, "model.n_kv_heads": _GT0, "model.head_dim": _GT0,
+    "model.ffn_hidden": _GT0, "model.norm_eps": _GT0, "model.rope_theta": _GT0, "model.logit_softcap": _GT0,
+    "model.init_std": _GT0, "model.dropout": _UNIT_HALF_OPEN, "model.conv_size": _GT0, "model.gdn_expand_v": _GT0,
+    "model.gdn_chunk_size": _GT0, "model.window": _GT0, "model.dsa_topk": _GT0, "model.dsa_index_heads": _GT0,
+    "model.dsa_index_dim": _GT0, "model.dsa_indexer_loss_coef": _GE0, "model.n_prelude": _GE0,
+    "model.n_loop": _GT0, "model.n_coda": _GE0, "model.loops": _GT0, "model.max_loops": _GT0,
+    "model.state_init_std": _GT0, "model.parcae_init_decay": (0, 1, False, False),
+    "loop.mean": _GE1, "loop.sigma": _GE0, "loop.min": _GE1, "loop.max": _GE1, "loop.backprop_loops": _GE1,
+    "loop.exit_entropy_weight": _GE0,
+    "data.seq_len": _GT0, "data.num_workers": _GE0,
+    "train.seed": (0, 2 ** 32 - 1, True, True),  # numpy's RandomState takes [0, 2**32)
+    "train.steps": _GT0, "train.micro_batch_size": _GT0, "train.grad_accum_steps": _GT0, "train.lr": _GT0,
+    "train.min_lr": _GE0, "train.warmup_steps": _GE0, "train.wsd_decay_fraction": (0, 1, False, True),
+    "train.weight_decay": _GE0, "train.beta1": _UNIT_HALF_OPEN, "train.beta2": _UNIT_HALF_OPEN,
+    "train.eps": _GT0, "train.grad_clip": _GE0,  # 0 = no clipping
+    "train.log_interval": _GT0, "train.eval_interval": _GE0, "train.eval_iters": _GE0,
+    "train.save_interval": _GE0, "train.keep_checkpoints": _GE0, "train.eval_loops": _GT0,
+    "train.loss_scale": _GE0, "train.initial_scale_power": (0, 64, True, True), "train.peak_flops": _GT0,
+    "train.dist_timeout": _GT0, "train.sample_tokens": _GE0, "train.sample_temperature": _GE0,  # 0 = greedy
+    "train.sample_top_k": _GE0,  # 0 = no top-k
+    "parallel.tensor_parallel": _GT0, "parallel.pipeline_parallel": _GT0, "parallel.zero_stage": (0, 3, True, True),
+}
+
+
+def _range_text(low, high, low_in, high_in) -> str:
+    if low is not None and high is not None:
+        return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+    if low is not None:
+        return f"{'>=' if low_in else '>'} {low}"
+    return f"{'<=' if high_in else '<'} {high}"
+
+
+def _check_ranges(cfg: Config) -> None:
+    for dotted, (low, high, low_in, high_in) in NUMERIC_RANGES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        hint = typing.get_type_hints(type(getattr(cfg, section)))[name]
+        optional = typing.get_origin(hint) is Union
+        if value is None and optional:
+            continue
+        finite = not isinstance(value, float) or math.isfinite(value)
+        ok = finite and (low is None or (value >= low if low_in else value > low)) and \
+            (high is None or (value <= high if high_in else value < high))
+        if not ok:
+            what = "a finite number " if isinstance(value, float) else ""
+            raise ConfigError(f"{dotted} must be {what}{_range_text(low, high, low_in, high_in)}"
+                              f"{' or null' if optional else ''}, got {value!r}")
 
 
 def validate(cfg: Config) -> None:
     m, lp, t, p = cfg.model, cfg.loop, cfg.train, cfg.parallel
-    for name in ("vocab_size", "d_model", "n_heads", "n_loop", "loops", "max_loops", "max_seq_len"):
-        _positive(getattr(m, name), f"model.{name}")
-    for name in ("n_prelude", "n_coda"):
-        _positive(getattr(m, name), f"model.{name}", allow_zero=True)
+    _check_ranges(cfg)
     _choice(m.mlp, ("swiglu", "relu2"), "model.mlp")
     _choice(m.norm_style, ("pre", "sandwich"), "model.norm_style")
     _choice(m.arch, ARCHITECTURES, "model.arch")
@@ -375,26 +499,15 @@ def validate(cfg: Config) -> None:
     _choice(m.normalization, ("inner", "outer"), "model.normalization")
     _choice(m.state_init, ("embed", "zeros", "noise"), "model.state_init")
     _choice(m.gdn_kernel, ("auto", "fla", "torch"), "model.gdn_kernel")
-    if m.n_kv_heads is not None:
-        _positive(m.n_kv_heads, "model.n_kv_heads")
-        if m.n_heads % m.n_kv_heads:
-            raise ConfigError(
-                f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
+    if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
     if m.head_dim is None and m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
                           f"set model.head_dim explicitly")
     if m.attn_head_dim % 2:
         raise ConfigError(f"head dim {m.attn_head_dim} must be even for RoPE (model.d_model/model.n_heads)")
-    if m.logit_softcap is not None and m.logit_softcap <= 0:
-        raise ConfigError(f"model.logit_softcap must be > 0 or null, got {m.logit_softcap}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if not 0.0 < m.parcae_init_decay < 1.0:
-        raise ConfigError(f"model.parcae_init_decay must be in (0, 1), got {m.parcae_init_decay}")
-    for name in ("conv_size", "gdn_chunk_size", "window", "dsa_topk", "dsa_index_heads", "dsa_index_dim"):
-        _positive(getattr(m, name), f"model.{name}")
-    if m.gdn_expand_v <= 0 or not float(m.attn_head_dim * m.gdn_expand_v).is_integer():
-        raise ConfigError(f"model.gdn_expand_v={m.gdn_expand_v} must be > 0 and give an integer value head dim "
+    if not float(m.attn_head_dim * m.gdn_expand_v).is_integer():
+        raise ConfigError(f"model.gdn_expand_v={m.gdn_expand_v} must give an integer value head dim "
                           f"(head dim {m.attn_head_dim})")
     if m.loops > m.max_loops and m.loop_residual_gate:
         raise ConfigError(f"model.loops={m.loops} exceeds model.max_loops={m.max_loops} (per-loop gate table)")
@@ -431,14 +544,13 @@ def validate(cfg: Config) -> None:
     # Loop schedule.
     _choice(lp.sampling, ("fixed", "poisson", "lognormal_poisson"), "loop.sampling")
     _choice(lp.loss, ("last", "mean", "last_third", "exit_weighted"), "loop.loss")
-    if lp.mean < 1:
-        raise ConfigError(f"loop.mean must be >= 1, got {lp.mean}")
     if lp.sampling == "fixed" and not float(lp.mean).is_integer():
         raise ConfigError(f"loop.sampling='fixed' needs an integer loop.mean, got {lp.mean}")
     if not 1 <= lp.min <= lp.max:
         raise ConfigError(f"need 1 <= loop.min <= loop.max, got loop.min={lp.min}, loop.max={lp.max}")
-    if lp.backprop_loops is not None and lp.backprop_loops < 1:
-        raise ConfigError(f"loop.backprop_loops must be >= 1 or null, got {lp.backprop_loops}")
+    if lp.sampling == "fixed" and not lp.min <= lp.mean <= lp.max:
+        raise ConfigError(f"loop.sampling='fixed' runs R = loop.mean={lp.mean:g} loops, outside [loop.min, loop.max] = "
+                          f"[{lp.min}, {lp.max}] (it would be clipped silently)")
     if lp.loss == "exit_weighted" and not m.exit_gate:
         raise ConfigError("loop.loss='exit_weighted' needs model.exit_gate=true")
     if m.loop_residual_gate and lp.max > m.max_loops:
@@ -453,13 +565,9 @@ def validate(cfg: Config) -> None:
     _choice(t.precision, ("fp32", "bf16", "fp16"), "train.precision")
     _choice(t.activation_checkpointing, ("none", "loop", "layer"), "train.activation_checkpointing")
     _choice(t.compile_mode, ("default", "max-autotune-no-cudagraphs"), "train.compile_mode")
-    for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval"):
-        _positive(getattr(t, name), f"train.{name}")
-    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
-        raise ConfigError(f"need 0 <= train.min_lr <= train.lr and train.lr > 0, got lr={t.lr}, min_lr={t.min_lr}")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"need train.min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
     # Parallel layout (the TP / PP / ZeRO code adds its own divisibility checks on top of these).
-    for name in ("tensor_parallel", "pipeline_parallel"):
-        _positive(getattr(p, name), f"parallel.{name}")
     _choice(p.zero_stage, (0, 1, 2, 3), "parallel.zero_stage")
     tp = p.tensor_parallel
     if tp > 1:
@@ -486,18 +594,8 @@ def validate(cfg: Config) -> None:
                               "tensor-parallel ranks; under parallel.sequence_parallel they are already sequence "
                               "shards (different per rank): set one of them false")
     _choice(p.pipeline_partition, ("loop_weighted", "uniform", "parameters"), "parallel.pipeline_partition")
-    if t.eval_loops is not None:
-        _positive(t.eval_loops, "train.eval_loops")
-    for name in ("eval_interval", "save_interval", "keep_checkpoints", "sample_tokens"):
-        _positive(getattr(t, name), f"train.{name}", allow_zero=True)
     if t.eval_interval and t.eval_iters < 1:
         raise ConfigError(f"train.eval_interval={t.eval_interval} needs train.eval_iters >= 1")
-    if t.dist_timeout <= 0:
-        raise ConfigError(f"train.dist_timeout must be > 0 seconds, got {t.dist_timeout}")
-    if t.peak_flops is not None and t.peak_flops <= 0:
-        raise ConfigError(f"train.peak_flops must be > 0 or null, got {t.peak_flops}")
-    if t.loss_scale < 0:
-        raise ConfigError(f"train.loss_scale must be >= 0 (0 = dynamic), got {t.loss_scale}")
     if t.loss_scale and t.precision != "fp16":
         raise ConfigError(f"train.loss_scale={t.loss_scale} applies to fp16 only (train.precision={t.precision!r})")
     if t.partition_activations and p.tensor_parallel == 1:
