@@ -56,8 +56,15 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, lt):
     with pytest.raises(ExportError, match="already exists"):
         export_hf(sd, cfg, cfg.data, out, verify=False)
     assert (out / "keep.txt").read_text() == "mine"
-    export_hf(sd, cfg, cfg.data, out, verify=False, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    # --overwrite replaces a previous export only, never someone's folder (tests/test_export_safety.py)
+    with pytest.raises(ExportError, match="refusing to overwrite"):
+        export_hf(sd, cfg, cfg.data, out, verify=False, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    export_hf(sd, cfg, cfg.data, out, verify=False, overwrite=True)  # an empty folder
+    first = (out / "model.safetensors").stat().st_ino
+    export_hf(sd, cfg, cfg.data, out, verify=False, overwrite=True)  # a previous export
+    assert (out / "model.safetensors").is_file() and (out / "model.safetensors").stat().st_ino != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or old folders left
 
 

@@ -14,10 +14,16 @@ resolved config and tokenizer reference stored with the checkpoint are used. Wit
 checkpoint named by `latest` (or the newest complete one) is exported. An incomplete checkpoint (no
 megaloop_complete.json), a missing shard file or a shard of the wrong shape fails with a message
 naming the file, and nothing is written.
+
+--output may not be the checkpoint being read, contain it, or lie inside its checkpoints/ tree (symlinks
+are resolved); `--output runs/demo/hf` beside a run's checkpoints is fine. --overwrite replaces only a
+folder that holds a previous export (its config.json and the files an export writes, nothing else) or an
+empty one; any other folder is refused in one line and nothing is deleted.
 """
 import argparse
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -25,10 +31,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint file or directory")
-    p.add_argument("--output", required=True, help="folder to write (must not exist unless --overwrite)")
+    p.add_argument("--output", required=True,
+                   help="folder to write: must not exist unless --overwrite, and may not be the checkpoint, contain "
+                        "it or lie inside its checkpoints/ tree (runs/X/hf beside a run's checkpoints is fine)")
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it holds a previous export (only then: any other folder is refused)")
     p.add_argument("--noise-init", default="seeded", choices=["seeded", "global_rng", "zeros"],
                    help="how the exported model draws a `noise` initial state (see README in the folder)")
     p.add_argument("--noise-seed", type=int, default=0)
@@ -44,6 +53,12 @@ def main(argv=None):
 
     try:
         from megaloop.export.ds_checkpoint import is_deepspeed_checkpoint, resolve_tag_dir
+        from megaloop.export.hf_export import check_export_paths, check_output_dir
+
+        # Before reading anything: the output may not be (or contain, or lie in the checkpoint tree of)
+        # the checkpoint, and --overwrite replaces only a previous export.
+        check_export_paths(args.checkpoint, args.output)
+        check_output_dir(Path(args.output).resolve(), args.overwrite)
 
         if is_deepspeed_checkpoint(args.checkpoint):
             print(f"reading {resolve_tag_dir(args.checkpoint, args.step)}", file=sys.stderr)

@@ -260,8 +260,7 @@ def export_hf(full_state_dict: Dict[str, torch.Tensor], model_config, tokenizer_
 
     mc = _model_config(model_config)
     out_dir = Path(output_dir).resolve()
-    if out_dir.exists() and not overwrite:
-        raise ExportError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    check_output_dir(out_dir, overwrite)
     if dtype not in _DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     _check_exportable(mc)
@@ -309,10 +308,87 @@ def export_hf(full_state_dict: Dict[str, torch.Tensor], model_config, tokenizer_
     return out_dir
 
 
+# Every name an export (remote-code or llama format) writes into its folder: --overwrite replaces a
+# folder holding these only, so a folder with anything else in it (someone's files) is never deleted.
+EXPORT_FILES = frozenset(("config.json", "model.safetensors", "generation_config.json", "README.md",
+                          "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                          "megaloop_unrolled.json", "__pycache__") + TEMPLATE_FILES)
+
+
+def previous_export_problem(path) -> Optional[str]:
+    """None when `path` is a folder an earlier export wrote (config.json of a megaloop export, or of a
+    llama-format export with its megaloop_unrolled.json, and no other files) or an empty folder, so
+    that --overwrite may replace it; otherwise why it is not."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return "it is not a folder"
+    names = sorted(p.name for p in path.iterdir())
+    if not names:
+        return None
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if not (model_type == "megaloop" or (model_type == "llama" and (path / "megaloop_unrolled.json").is_file())):
+        return "it holds no config.json of a megaloop export"
+    foreign = [n for n in names if n not in EXPORT_FILES]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        return f"besides an export it holds {shown}, which an export does not write"
+    return None
+
+
+def check_output_dir(out_dir, overwrite: bool) -> None:
+    """Refuse (ExportError, one line, nothing touched) an existing output without overwrite, and with
+    overwrite anything but a previous export: --overwrite never deletes a folder it did not write."""
+    out_dir = Path(out_dir)
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        return
+    if not overwrite:
+        raise ExportError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    why = previous_export_problem(out_dir)
+    if why:
+        raise ExportError(f"refusing to overwrite {out_dir}: {why}; --overwrite only replaces a previous export "
+                          f"(choose another output folder, or move that one away). Nothing was deleted.")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_export_paths(checkpoint, output_dir) -> None:
+    """Refuse an output folder that would destroy or pollute the checkpoint being read: the checkpoint
+    itself, a folder containing it, or a folder inside its checkpoint tree (a run's checkpoints/, a
+    checkpoint root, a step tag). Real paths are compared, so symlinks do not hide the overlap. A run's
+    own subfolder beside its checkpoints (runs/X/hf) is allowed."""
+    from megaloop.export.ds_checkpoint import COMPLETE, _TAG_RE, _has_model_states, is_deepspeed_checkpoint
+
+    ckpt, out = Path(checkpoint).resolve(), Path(output_dir).resolve()
+    if _inside(ckpt, out):
+        what = "is" if ckpt == out else "contains"
+        raise ExportError(f"--output {output_dir} {what} the checkpoint being read ({ckpt}): writing there would "
+                          f"delete it; export to another folder (e.g. {ckpt / 'hf' if ckpt.is_dir() else ckpt.parent / 'hf'})")
+    if not ckpt.is_dir():
+        return
+    if (ckpt / "checkpoints").is_dir():  # a training run: its checkpoint root
+        tree = ckpt / "checkpoints"
+    elif (ckpt / COMPLETE).is_file() or _has_model_states(ckpt) or _TAG_RE.match(ckpt.name):
+        tree = ckpt.parent  # one step tag: the root holding it and its sibling tags
+    elif is_deepspeed_checkpoint(ckpt):
+        tree = ckpt  # a checkpoint root
+    else:
+        return  # a plain checkpoint folder: check_output_dir keeps its files (they are no export)
+    if _inside(out, tree):
+        raise ExportError(f"--output {output_dir} lies inside the checkpoint folder {tree} being read; export "
+                          f"beside it instead (e.g. {tree.parent / 'hf'})")
+
+
 def move_into_place(tmp: Path, out_dir: Path) -> None:
     """Rename a completed temporary folder to out_dir; an existing out_dir (overwrite) is swapped out
-    first and removed only once the new folder is in place."""
-    if out_dir.exists():
+    first and removed only once the new folder is in place. An existing out_dir that is not a previous
+    export (see previous_export_problem) is refused, untouched."""
+    if out_dir.exists() or out_dir.is_symlink():
+        check_output_dir(out_dir, overwrite=True)
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.rename(out_dir, old / "x")
         os.rename(tmp, out_dir)
@@ -367,7 +443,7 @@ _PLAIN_NAMES = ("model.pt", "model.pth", "pytorch_model.bin", "consolidated.pt",
 
 
 def _is_deepspeed_layout(path: Path) -> bool:
-    from megaloop.export.ds_checkpoint import is_deepspeed_checkpoint
+    from megaloop.export.ds_checkpoint import COMPLETE, _TAG_RE, _has_model_states, is_deepspeed_checkpoint
 
     return is_deepspeed_checkpoint(path)
 
