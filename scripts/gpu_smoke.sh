@@ -38,7 +38,7 @@ while [ $# -gt 0 ]; do
     --inductor) INDUCTOR=1 ;;
     --out) OUT="$2"; shift ;;
     --out=*) OUT="${1#--out=}" ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "gpu_smoke: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -102,7 +102,7 @@ print(f"gpu_smoke: torch {torch.__version__}, deepspeed {deepspeed.__version__},
 PY
   GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)
   case "$GPU_NAME" in
-    *H100*|*H200*|*H800*|*H20*) GUESS=989e12 ;;
+    *H100*|*H200*|*H800*) GUESS=989e12 ;;   # dense bf16 (SXM); an H100 PCIe is 756e12: set PEAK_FLOPS
     *A100*|*A800*) GUESS=312e12 ;;
     *) GUESS="" ;;
   esac
@@ -115,7 +115,7 @@ PY
   HYBRID_SHAPE=()
   GEN_TOKENS=16
 fi
-PEAK_ARG=(); [ -n "${PEAK:-}" ] && PEAK_ARG=("train.peak_flops=$PEAK")
+PEAK_ARG=("train.peak_flops=${PEAK:-null}")   # null: no MFU (not the YAML's H100 figure on another GPU)
 
 # ------------------------------------------------------------------------------------------------
 DATA="$OUT/data"
