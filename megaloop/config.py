@@ -161,6 +161,11 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    # bf16 recipe: autocast (fp32 weights, gradients and optimizer; matmuls in bf16 under torch.autocast,
+    # DeepSpeed's torch_autocast) | master_weights (DeepSpeed's bf16 engine: bf16 weights + fp32 master copy)
+    bf16_impl: str = "autocast"
+    # AdamW kernel: auto (fused on CUDA / XPU, foreach elsewhere) | fused | foreach | for_loop
+    optimizer_impl: str = "auto"
     activation_checkpointing: str = "none"  # none | loop | layer
     # torch.compile each transformer layer (not the loop: no recompile per R); see megaloop/model/compile.py
     compile: bool = False
@@ -563,6 +568,8 @@ def validate(cfg: Config) -> None:
     # Training.
     _choice(t.lr_schedule, ("cosine", "wsd", "constant"), "train.lr_schedule")
     _choice(t.precision, ("fp32", "bf16", "fp16"), "train.precision")
+    _choice(t.bf16_impl, ("autocast", "master_weights"), "train.bf16_impl")
+    _choice(t.optimizer_impl, ("auto", "fused", "foreach", "for_loop"), "train.optimizer_impl")
     _choice(t.activation_checkpointing, ("none", "loop", "layer"), "train.activation_checkpointing")
     _choice(t.compile_mode, ("default", "max-autotune-no-cudagraphs"), "train.compile_mode")
     if t.min_lr > t.lr:

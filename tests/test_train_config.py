@@ -20,9 +20,16 @@ def test_ds_config_is_built_from_the_yaml_config():
     ds = build_ds_config(cfg, dp_world_size=4)
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
     assert ds["train_batch_size"] == 60 and ds["zero_optimization"]["stage"] == 2
-    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["gradient_clipping"] == 0.5
+    # bf16 defaults to torch.autocast over fp32 weights; DeepSpeed's bf16 engine is train.bf16_impl=master_weights
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not ds["bf16"]["enabled"]
+    assert not ds["fp16"]["enabled"] and ds["gradient_clipping"] == 0.5
     assert "pipeline" not in ds
-    pp = load_config(None, ["parallel.pipeline_parallel=2", "parallel.zero_stage=1", "train.precision=bf16"])
+    mw = load_config(None, ["train.precision=bf16", "train.bf16_impl=master_weights"])
+    ds = build_ds_config(mw, dp_world_size=1)
+    assert ds["bf16"]["enabled"] and not ds["torch_autocast"]["enabled"]
+    assert not build_ds_config(load_config(None, []), 1)["torch_autocast"]["enabled"]  # fp32
+    pp = load_config(None, ["parallel.pipeline_parallel=2", "parallel.zero_stage=1", "train.precision=bf16",
+                            "train.bf16_impl=master_weights"])
     ds = build_ds_config(pp, dp_world_size=1)
     assert ds["pipeline"]["activation_checkpoint_interval"] == 0  # per-loop checkpointing is the block's own
     assert ds["data_types"]["grad_accum_dtype"] == "fp32"
@@ -93,3 +100,16 @@ def test_shipped_configs_validate(path):
     check_supported(cfg, world, "cuda")
     assert world % (p.tensor_parallel * p.pipeline_parallel) == 0
     assert p.tensor_parallel <= 8  # TP stays inside an 8-GPU node
+
+
+def test_adamw_kernel_follows_the_accelerator():
+    from megaloop.training.optim import build_optimizer, optimizer_kernel
+    assert optimizer_kernel("auto", "cuda") == "fused" and optimizer_kernel("auto", "xpu") == "fused"
+    assert optimizer_kernel("auto", "cpu") == "foreach" and optimizer_kernel("for_loop", "cuda") == "for_loop"
+    model = torch.nn.Linear(4, 4)
+    cfg = load_config(None, [])
+    assert build_optimizer(model, cfg.train, "cpu").defaults["foreach"] is True
+    cfg = load_config(None, ["train.optimizer_impl=fused"])
+    assert build_optimizer(model, cfg.train, "cpu").defaults["fused"] is True
+    with pytest.raises(ConfigError, match="optimizer_impl"):
+        load_config(None, ["train.optimizer_impl=apex"])

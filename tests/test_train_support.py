@@ -75,8 +75,8 @@ def rank_env(rank: int, world: int, port: int, extra=None) -> dict:
     return env
 
 
-def run_ranks(world: int, args, timeout: float = 120, env=None, rank_env_extra=None):
-    """Run `world` ranks of pretrain_looped.py; returns [(returncode, output)] per rank.
+def run_ranks(world: int, args, timeout: float = 120, env=None, rank_env_extra=None, script=None):
+    """Run `world` ranks of pretrain_looped.py (or `script`); returns [(returncode, output)] per rank.
 
     A run that exceeds `timeout` is killed (returncode None)."""
     port = free_port()
@@ -85,7 +85,7 @@ def run_ranks(world: int, args, timeout: float = 120, env=None, rank_env_extra=N
         extra = dict(env or {})
         if rank_env_extra and r in rank_env_extra:
             extra.update(rank_env_extra[r])
-        procs.append(subprocess.Popen([PYTHON, os.path.join(REPO, "pretrain_looped.py"), *args], cwd=REPO,
+        procs.append(subprocess.Popen([PYTHON, script or os.path.join(REPO, "pretrain_looped.py"), *args], cwd=REPO,
                                       env=rank_env(r, world, port, extra), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     deadline = time.time() + timeout

@@ -156,7 +156,8 @@ def check_rng_in_step(state_or_comm, what: str = "default RNG") -> None:
     comm = TPComm.coerce(state_or_comm)
     if comm.size == 1:
         return
-    fp = torch.tensor([rng_fingerprint()], dtype=torch.int64)
+    from megaloop.parallel.device import on_accelerator
+    fp = on_accelerator([rng_fingerprint()], dtype=torch.int64)
     every = comm.all_gather(fp, dim=0).tolist()
     if len(set(every)) != 1:
         raise RuntimeError(f"the {what} is not the same on the {comm.size} tensor-parallel ranks "

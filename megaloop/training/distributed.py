@@ -52,11 +52,21 @@ def init_distributed(timeout_s: float = 600.0) -> None:
         # resolves to the torch module itself)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(seconds=float(timeout_s)),
-                               verbose=False)
+    timeout = datetime.timedelta(seconds=float(timeout_s))
     if acc.device_name() != "cpu":
-        acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # The rank's device first, then the process group bound to it (`device_id`): NCCL then neither
+        # guesses the device ("using GPU N ... guessing device ID") nor puts two ranks on one GPU.
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        acc.set_device(local)
+        import torch.distributed as tdist
+        if not tdist.is_initialized():
+            try:
+                tdist.init_process_group(backend, timeout=timeout,
+                                         device_id=torch.device(acc.device_name(), local))
+            except TypeError:  # a torch without device_id
+                tdist.init_process_group(backend, timeout=timeout)
+    # (DeepSpeed adopts a process group that already exists.)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
 
 
 def build_state(parallel_cfg):
@@ -70,15 +80,3 @@ def is_logging_rank(state) -> bool:
     """Last pipeline stage (it holds the loss), data-parallel rank 0, tensor-parallel rank 0."""
     return state.is_last_stage and state.dp_rank == 0 and state.tp_rank == 0
 
-
-def barrier() -> None:
-    import deepspeed.comm as dist
-    dist.barrier()
-
-
-def all_reduce_max_flag(flag: bool) -> bool:
-    """True on every rank when any rank says True (signals, NaN)."""
-    import deepspeed.comm as dist
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)

@@ -60,7 +60,10 @@ def build_ds_config(cfg: Config, dp_world_size: int, clip_in_engine: bool = True
             "reduce_bucket_size": 50_000_000,
             "allgather_bucket_size": 50_000_000,
         },
-        "bf16": {"enabled": t.precision == "bf16"},
+        # bf16: DeepSpeed's bf16 engine (bf16 weights, fp32 master copy) or torch.autocast over fp32
+        # weights (train.bf16_impl); the latter is the plain-PyTorch recipe, without the master-copy traffic
+        "bf16": {"enabled": t.precision == "bf16" and t.bf16_impl == "master_weights"},
+        "torch_autocast": {"enabled": t.precision == "bf16" and t.bf16_impl == "autocast", "dtype": "bfloat16"},
         "fp16": {
             "enabled": t.precision == "fp16",
             "loss_scale": float(t.loss_scale),  # 0 = dynamic
@@ -85,6 +88,6 @@ def build_ds_config(cfg: Config, dp_world_size: int, clip_in_engine: bool = True
         # looped model sends (e, loop-count) and, with per-loop losses, more - so it is off too.
         ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False,
                           "activation_checkpoint_interval": 0}
-        if t.precision == "bf16":
+        if t.precision == "bf16" and t.bf16_impl == "master_weights":
             ds["data_types"] = {"grad_accum_dtype": "fp32"}  # needed with PP + ZeRO 1 + bf16
     return ds

@@ -2,7 +2,7 @@
 
 No weight decay for: 1-D parameters (norm scales, biases, per-channel vectors), anything named *bias,
 and every parameter the model marks with `p.no_weight_decay = True` (Parcae's A_log, dt_bias, B, W_C;
-LT2's rho). DeepSpeed's FusedAdam needs CUDA; torch.optim.AdamW runs everywhere and is handed to
+LT2's rho). torch.optim.AdamW (fused on GPUs, see `optimizer_kernel`) runs everywhere and is handed to
 deepspeed.initialize as an optimizer object (ZeRO accepts it with `zero_allow_untested_optimizer`)."""
 from __future__ import annotations
 
@@ -33,11 +33,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+def optimizer_kernel(impl: str, device_type: str) -> str:
+    """The AdamW kernel for train.optimizer_impl on this accelerator: 'auto' is torch's fused kernel
+    (one launch for all parameters) on CUDA / XPU, where DeepSpeed's own FusedAdam would need a compiled
+    op and gains nothing over it, and the multi-tensor foreach path elsewhere."""
+    if impl != "auto":
+        return impl
+    return "fused" if device_type in ("cuda", "xpu") else "foreach"
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
     groups = param_groups(model, t.weight_decay)
     for g in groups:
         g.pop("name")
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=False)
+    kernel = optimizer_kernel(t.optimizer_impl, device_type)
+    flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[kernel]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, **flags)
 
 
 def lr_at(step: int, t: TrainConfig) -> float:

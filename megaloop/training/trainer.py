@@ -22,7 +22,8 @@ from megaloop.config import Config, ConfigError, load_config, save_config
 from megaloop.training import checkpoint as ckpt
 from megaloop.training.data import (EvalBatches, TrainBatches, build_split_datasets, build_tokenizer_for,
                                     samples_needed, tokenizer_reference)
-from megaloop.training.distributed import all_reduce_max_flag, build_state, init_distributed, is_logging_rank
+from megaloop.parallel.device import on_accelerator, zeros_on_accelerator
+from megaloop.training.distributed import build_state, init_distributed, is_logging_rank
 from megaloop.training.ds_config import build_ds_config, check_supported
 from megaloop.training.flops import train_flops_per_token
 from megaloop.training.optim import build_optimizer, build_scheduler
@@ -168,7 +169,10 @@ class Trainer:
         def build_lm():
             from megaloop.model import build_model
             torch.manual_seed(t.seed)
-            return build_model(cfg)
+            # Initialised on the host (the same weights on any machine), then moved to this rank's
+            # device before tensor parallelism shards it: TP's set-up collectives (the replica
+            # checksum, the initial-state broadcast) must see device tensors.
+            return build_model(cfg).to(acc.current_device_name())
 
         if self.pp > 1:
             from megaloop.parallel.pipeline import build_pipeline_module
@@ -193,11 +197,13 @@ class Trainer:
         # replicas, identical across TP ranks and stages of one replica.
         torch.manual_seed(t.seed + 100003 * (st.dp_rank + 1))
 
-        optimizer = build_optimizer(module, t)
+        optimizer = build_optimizer(module, t, acc.device_name())
         scheduler = build_scheduler(optimizer, t)
         # DeepSpeed clips fp32 / ZeRO-0 gradients without recording the norm: clip ourselves there.
-        self.self_clip = p.zero_stage == 0 and t.precision == "fp32"
+        self.self_clip = p.zero_stage == 0 and (t.precision == "fp32" or
+                                                (t.precision == "bf16" and t.bf16_impl == "autocast"))
         self._last_norm = None
+        self._aux_scale = None
         if self.self_clip and t.grad_clip > 0:
             optimizer.register_step_pre_hook(self._clip_hook)
         ds_config = build_ds_config(cfg, self.dp, clip_in_engine=not self.self_clip)
@@ -206,6 +212,16 @@ class Trainer:
                                                     config=ds_config, mpu=mpu)
         self.module = module
         self.model_params = sum(p.numel() for p in module.parameters())
+        from megaloop.training.optim import optimizer_kernel
+        recipe = {"bf16": f"bf16 ({t.bf16_impl})"}.get(t.precision, t.precision)
+        self.logger.console(f"precision {recipe}, AdamW {optimizer_kernel(t.optimizer_impl, acc.device_name())}"
+                            f"{', torch.compile per layer' if t.compile else ''}")
+        # Kernel choices, made (and probed) now on every rank, so a fallback warns before step 1.
+        from megaloop.ops.fused import describe_norm_choice
+        from megaloop.ops.gated_delta import describe_kernel_choice
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
+        device = acc.current_device_name()
+        self.logger.console(f"{describe_kernel_choice(cfg, device, compute)}; {describe_norm_choice(device, compute)}")
 
     def _tensor_parallel_hook(self):
         if self.state.tp_size == 1:
@@ -225,7 +241,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def _clip_hook(self, optimizer, args, kwargs):
         """Pre-clip global grad norm over this replica (all pipeline stages / TP ranks; the tied
-        embedding counted once), then clip. Gradients are already averaged over data parallel."""
+        embedding counted once), then clip. Gradients are already averaged over data parallel.
+        Everything stays on the device (no host sync): the norm is read on logging steps only."""
         import deepspeed.comm as dist
         params, seen = [], set()
         for group in optimizer.param_groups:
@@ -233,22 +250,27 @@ class Trainer:
                 if p.grad is not None and id(p) not in seen:
                     seen.add(id(p))
                     params.append(p)
-        sq = torch.zeros(1, dtype=torch.float64)
+        counted = []
         for p in params:
             if self.pp > 1 and self._is_tied_duplicate(p):
                 continue
             if self.state.tp_size > 1 and self.state.tp_rank > 0 and not getattr(p, "tensor_model_parallel", False):
                 continue  # replicated across TP ranks: count on TP rank 0 only
-            sq += p.grad.detach().double().pow(2).sum()
+            counted.append(p.grad.detach())
+        sq = zeros_on_accelerator((), dtype=torch.float64)
+        if counted:
+            sq = sq + torch.stack(torch._foreach_norm(counted)).double().pow(2).sum()
         if self.pp > 1 or self.state.tp_size > 1:
             dist.all_reduce(sq, group=self.state.mp_group)
-        norm = float(sq.sqrt())
+        norm = sq.sqrt()
         self._last_norm = norm
-        clip = self.cfg.train.grad_clip
-        if math.isfinite(norm) and norm > clip:
-            scale = clip / (norm + 1e-6)
-            for p in params:
-                p.grad.detach().mul_(scale)
+        # coefficient min(1, clip / norm); a non-finite norm leaves the gradients alone (the
+        # non-finite loss check stops the run)
+        coef = (self.cfg.train.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        coef = torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
+        grads = [p.grad.detach() for p in params]
+        for dtype in {g.dtype for g in grads}:
+            torch._foreach_mul_([g for g in grads if g.dtype == dtype], coef.to(dtype))
 
     def _is_tied_duplicate(self, p) -> bool:
         """The tied embedding lives on the first and the last stage with identical (all-reduced)
@@ -263,11 +285,10 @@ class Trainer:
                         self._tied_dups.add(id(q))
         return id(p) in self._tied_dups
 
-    def grad_norm(self) -> Optional[float]:
-        if self.self_clip:
-            return self._last_norm
-        n = self.engine.get_global_grad_norm()
-        return None if n is None else float(n)
+    def grad_norm(self):
+        """This step's pre-clip global grad norm: a device tensor (read on logging steps), a float or None."""
+        n = self._last_norm if self.self_clip else self.engine.get_global_grad_norm()
+        return n.detach().clone() if isinstance(n, torch.Tensor) else n
 
     def loss_scale(self) -> Optional[float]:
         if self.cfg.train.precision != "fp16":
@@ -325,7 +346,10 @@ class Trainer:
         t = self.cfg.train
         # Aux losses injected in backward (DSA's indexer loss) follow the main loss's gradient scale
         # (1/gas x the fp16 loss scale; constant within a step: the scale only changes in step()).
-        AuxLossInjector.set_main_loss_backward_scale(main_loss_backward_scale(self.engine))
+        # Constant unless fp16 loss scaling moves it: computed once (each computation is a host sync).
+        if self._aux_scale is None or t.precision == "fp16":
+            self._aux_scale = main_loss_backward_scale(self.engine)
+        AuxLossInjector.set_main_loss_backward_scale(self._aux_scale)
         if self.pp > 1:
             layer = self._looped_layer()
             if layer is not None:
@@ -337,7 +361,7 @@ class Trainer:
             diag = layer.last_diagnostics if layer is not None else None
             if layer is not None:
                 layer.want_diagnostics = False
-            return float(loss), rs, diag
+            return loss.detach().float().reshape(()), rs, diag
         losses, rs, diag = [], [], None
         for m in range(t.grad_accum_steps):
             (tokens, loops), labels = next(batches)
@@ -351,11 +375,11 @@ class Trainer:
             losses.append(out.loss.detach().float())
             if out.diagnostics is not None:
                 diag = out.diagnostics
-        loss = torch.stack(losses).mean().cpu()
+        loss = torch.stack(losses).mean()  # on the device: read on logging steps only
         if self.dp > 1:
             dist.all_reduce(loss, group=self.state.dp_group)
             loss = loss / self.dp
-        return float(loss), rs, diag
+        return loss, rs, diag
 
     def evaluate(self) -> Optional[float]:
         import deepspeed.comm as dist
@@ -369,12 +393,12 @@ class Trainer:
             self.engine.train()
             return float(loss)
         self.engine.eval()
-        total = torch.zeros(1)
+        total = zeros_on_accelerator(1)
         with torch.no_grad():
             for (tokens, lp), labels in batches:
                 out = self.engine(tokens.to(self.engine.device), labels=labels.to(self.engine.device),
                                   loops=int(lp[0]))
-                total += out.loss.float().cpu()
+                total += out.loss.detach().float()
         self.engine.train()
         total /= t.eval_iters
         if self.dp > 1:
@@ -391,7 +415,7 @@ class Trainer:
         # [n loops | K per key | has injection_spectral_norm, its value | memory per rank]
         sn = 1 + 3 * K
         mem = sn + 2
-        vec = torch.zeros(mem + self.world, dtype=torch.float64)
+        vec = zeros_on_accelerator(mem + self.world, dtype=torch.float64)
         holds_block = self.pp == 1 or self._looped_layer() is not None
         if diag is not None and holds_block and self.state.dp_rank == 0 and self.state.tp_rank == 0:
             n = int(diag["residual_norm"].numel())
@@ -403,6 +427,7 @@ class Trainer:
                 vec[sn + 1] = float(diag["injection_spectral_norm"].reshape(-1)[0])
         vec[mem + self.rank] = memory_bytes()
         dist.all_reduce(vec)
+        vec = vec.cpu()  # (one host read per logging step)
         n = int(vec[0])
         out = {"memory": vec[mem:].tolist()}
         if n:
@@ -425,7 +450,7 @@ class Trainer:
         stop.install()
         tokens_per_step = global_batch * cfg.data.seq_len
         interval_t0, interval_tokens, interval_flops = time.time(), 0, 0.0
-        losses, ok = [], True
+        losses, pending, ok = [], [], True
         try:
             while step < t.steps:
                 die = _fault("die_at_step")
@@ -436,48 +461,42 @@ class Trainer:
                 loss, rs, diag = self.train_step(batches, step, want_diag)
                 nan = _fault("nan_at_step")
                 if nan and int(nan[0]) == step:
-                    loss = float("nan")
+                    loss = loss * float("nan")
                 skipped = getattr(self.engine, "skipped_steps", 0) > skipped_before
                 step += 1
                 consumed += global_batch
-                losses.append(loss)
                 r_mean = sum(rs) / max(1, len(rs))
                 if self.log_rank:
                     grads = min(r_mean, cfg.loop.backprop_loops or r_mean)
                     interval_flops += tokens_per_step * train_flops_per_token(cfg, r_mean, grads, cfg.data.seq_len)
                 interval_tokens += tokens_per_step
-                row = {"step": step, "loss": loss, "lr": self.engine.get_lr()[0], "R": rs,
-                       "grad_norm": self.grad_norm(), "loss_scale": self.loss_scale(), "skipped": skipped}
-                self.logger.record(row)
-                # Agree on stopping (signal on any rank) and on a non-finite loss, every step.
-                nonfinite = not math.isfinite(loss)
-                flags = torch.tensor([1.0 if stop.signum is not None else 0.0, 1.0 if nonfinite else 0.0])
-                import deepspeed.comm as dist
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                if flags[1] > 0:
-                    if cfg.train.precision == "fp16" and skipped:
-                        self.logger.console(f"step {step}: non-finite loss, step skipped by fp16 loss scaling "
-                                            f"(scale now {self.loss_scale()})")
-                    else:
-                        raise TrainingError(
-                            f"non-finite loss ({loss}) at step {step}; last good checkpoint: "
-                            f"{self.last_good or 'none (no checkpoint saved yet)'}")
+                pending.append({"step": step, "loss": loss, "lr": self.engine.get_lr()[0], "R": rs,
+                                "grad_norm": self.grad_norm(), "loss_scale": self.loss_scale(), "skipped": skipped})
+                evaluate = bool(t.eval_interval and step % t.eval_interval == 0)
+                save = bool(t.save_interval and step % t.save_interval == 0 and step < t.steps)
+                if not (want_diag or evaluate or save or step == t.steps):
+                    continue  # no host sync on this step: the GPU keeps running ahead
+                # Settle the steps since the last sync: one device->host read of their losses and grad
+                # norms, and one all-reduce of (stop signal on any rank, non-finite loss on any rank).
+                rows, stopping = self._settle(pending, stop)
+                pending = []
+                losses.extend(r["loss"] for r in rows)
                 if want_diag:
                     stats = self._gather_stats(diag, rs)
                     elapsed = time.time() - interval_t0
-                    self._log(step, row, stats, interval_tokens / elapsed, interval_flops / elapsed, r_mean)
+                    self._log(step, rows[-1], stats, interval_tokens / elapsed, interval_flops / elapsed, r_mean)
                     interval_t0, interval_tokens, interval_flops = time.time(), 0, 0.0
-                if t.eval_interval and step % t.eval_interval == 0:
+                if evaluate:
                     vl = self.evaluate()
                     if vl is not None:
                         self.logger.console(f"step {step} | validation loss {vl:.4f} (R={t.eval_loops or cfg.model.loops})")
                         self.logger.scalars(step, {"loss": vl}, prefix="valid/")
                         self.logger.record({"step": step, "valid_loss": vl})
-                if flags[0] > 0:
+                if stopping:
                     self.save(step, consumed)
                     self.logger.console(f"stopped by signal at step {step}; checkpoint saved")
                     return {"ok": True, "losses": losses, "step": step, "stopped": True}
-                if t.save_interval and step % t.save_interval == 0 and step < t.steps:
+                if save:
                     self.save(step, consumed)
             if t.save_interval or t.steps > 0:
                 if self.last_good is None or not self.last_good.endswith(ckpt.tag_for(step)):
@@ -488,6 +507,45 @@ class Trainer:
             stop.restore()
             self.logger.close()
         return {"ok": ok, "losses": losses, "step": step}
+
+    def _settle(self, pending: list, stop: "_StopFlag"):
+        """Read the pending steps' device values in one transfer and agree across ranks on stopping.
+
+        Called on logging, evaluation and checkpoint steps and at the end (never per step): a stop
+        signal is acted on at the next of those steps, and a non-finite loss stops the run there,
+        naming the first bad step, before any checkpoint could save it. Returns (rows with floats,
+        stop requested on some rank)."""
+        import deepspeed.comm as dist
+        losses = torch.stack([r["loss"].detach().float().reshape(()) for r in pending])
+        norms = [r["grad_norm"] for r in pending]
+        norm_t = [i for i, n in enumerate(norms) if isinstance(n, torch.Tensor)]
+        flags = torch.stack([on_accelerator(1.0 if stop.signum is not None else 0.0),
+                             (~torch.isfinite(losses)).any().float()])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        parts = [flags, losses] + ([torch.stack([norms[i].detach().float().reshape(()) for i in norm_t])]
+                                   if norm_t else [])
+        host = torch.cat(parts).tolist()  # the one host sync
+        stopping, any_nonfinite = host[0] > 0, host[1] > 0
+        loss_vals = host[2:2 + len(pending)]
+        for i, v in zip(norm_t, host[2 + len(pending):]):
+            norms[i] = v
+        rows = []
+        for r, lv, gn in zip(pending, loss_vals, norms):
+            row = dict(r, loss=lv, grad_norm=None if gn is None else float(gn))
+            rows.append(row)
+            self.logger.record(row)
+            if math.isfinite(lv):
+                continue
+            if self.cfg.train.precision == "fp16" and row["skipped"]:
+                self.logger.console(f"step {row['step']}: non-finite loss, step skipped by fp16 loss scaling "
+                                    f"(scale now {row['loss_scale']})")
+                continue
+            raise TrainingError(f"non-finite loss ({lv}) at step {row['step']}; last good checkpoint: "
+                                f"{self.last_good or 'none (no checkpoint saved yet)'}")
+        if any_nonfinite and all(math.isfinite(v) for v in loss_vals):
+            raise TrainingError(f"non-finite loss on another rank by step {pending[-1]['step']}; last good "
+                                f"checkpoint: {self.last_good or 'none (no checkpoint saved yet)'}")
+        return rows, stopping
 
     def _log(self, step, row, stats, tok_s, flop_s, r_mean):
         t = self.cfg.train
