@@ -10,6 +10,9 @@ Token windows of --seq-len (+1 for the labels), non-overlapping, at most --max-w
 Writes a table to stdout, OUT/eval_loops.csv and OUT/eval_loops.png (if matplotlib is installed).
 --loops defaults to 1 .. 2x the trained loop count; each exit (strategy:threshold) is evaluated at the
 largest loop count and reports the average number of loops used.
+An indexed dataset made with another tokenizer than the model's is refused in one line: by its
+{prefix}.tokenizer.json (written by tools/preprocess_data.py), and by token ids outside the model's
+vocabulary (datasets without that file, e.g. from Megatron-LM).
 """
 import argparse
 import csv
@@ -21,8 +24,35 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def load_eval_tokens(lm, data=None, text=None, split="969,30,1", max_tokens=1 << 20):
-    """The one place that reads evaluation data: a 1-D int64 numpy array of token ids."""
+def model_tokenizer_reference(model, step=None):
+    """The tokenizer a model was trained with, as megaloop.data.dataset_tokenizer takes it: for an exported
+    folder its tokenizer files ({"type", "model"}), for a checkpoint the run's data.tokenizer_type /
+    tokenizer_model. None when the model does not say."""
+    import json
+
+    from megaloop.generation import _is_hf_folder
+
+    path = Path(model)
+    if path.is_dir() and _is_hf_folder(path):
+        tok_cfg = path / "tokenizer_config.json"
+        if not tok_cfg.is_file():
+            return None
+        cls = json.loads(tok_cfg.read_text()).get("tokenizer_class", "")
+        if cls == "MegaloopByteTokenizer":
+            return {"type": "byte", "model": None}
+        if cls == "MegaloopSentencePieceTokenizer":
+            return {"type": "sentencepiece", "model": str(path / "tokenizer.model")}
+        return None
+    from megaloop.export.hf_export import load_checkpoint_config
+
+    data_cfg = load_checkpoint_config(path, step).data
+    return {"type": data_cfg.tokenizer_type, "model": data_cfg.tokenizer_model}
+
+
+def load_eval_tokens(lm, data=None, text=None, split="969,30,1", max_tokens=1 << 20, tokenizer_ref=None):
+    """The one place that reads evaluation data: a 1-D int64 numpy array of token ids. An indexed dataset
+    must fit the model: a tokenizer record ({data}.tokenizer.json) naming another tokenizer than
+    `tokenizer_ref`, or a token id outside the model's vocabulary, raises DatasetTokenizerError."""
     import numpy as np
 
     if (data is None) == (text is None):
@@ -30,9 +60,12 @@ def load_eval_tokens(lm, data=None, text=None, split="969,30,1", max_tokens=1 <<
     if text is not None:
         ids = lm.encode(Path(text).read_text(encoding="utf-8"))
         return np.asarray(ids[:max_tokens], dtype=np.int64)
+    from megaloop.data.dataset_tokenizer import check_dataset_tokenizer, check_token_ids
     from megaloop.data.gpt_dataset import parse_split
     from megaloop.data.indexed_dataset import IndexedDataset
 
+    if tokenizer_ref is not None:
+        check_dataset_tokenizer(data, tokenizer_ref)
     ds = IndexedDataset(data)
     start, end = parse_split(split, ds.num_documents)[1]  # the validation range
     if start == end:
@@ -46,7 +79,10 @@ def load_eval_tokens(lm, data=None, text=None, split="969,30,1", max_tokens=1 <<
         total += doc.size
         if total >= max_tokens:
             break
-    return np.concatenate(chunks)[:max_tokens] if chunks else np.zeros(0, dtype=np.int64)
+    tokens = np.concatenate(chunks)[:max_tokens] if chunks else np.zeros(0, dtype=np.int64)
+    if lm.vocab_size:
+        check_token_ids(tokens, lm.vocab_size, f"dataset {data}")
+    return tokens
 
 
 def windows(tokens, seq_len, max_windows, batch_size):
@@ -118,7 +154,15 @@ def main(argv=None):
         print(f"cannot load {args.model}: {e}", file=sys.stderr)
         return 1
     seq_len = min(args.seq_len or lm.max_seq_len, lm.max_seq_len)
-    tokens = load_eval_tokens(lm, args.data, args.text, args.split, max_tokens=args.max_windows * seq_len + 1)
+    from megaloop.config import ConfigError
+
+    try:
+        ref = model_tokenizer_reference(args.model, args.step) if args.data is not None else None
+        tokens = load_eval_tokens(lm, args.data, args.text, args.split, max_tokens=args.max_windows * seq_len + 1,
+                                  tokenizer_ref=ref)
+    except (ConfigError, ExportError) as e:
+        print(f"eval_loops: {e}", file=sys.stderr)
+        return 1
     batches = windows(tokens, seq_len, args.max_windows, args.batch_size)
     loop_counts = parse_loops(args.loops, lm.train_loops)
     rows = []

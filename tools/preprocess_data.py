@@ -8,7 +8,10 @@ Flags follow Megatron-LM's tools/preprocess_data.py (GPT-NeoX's --jsonl-keys wor
 
 Inputs: .jsonl/.json (one JSON object per line), .txt (one document per line, or per file with
 --text-documents file), each optionally gzipped. Bad records are skipped and reported with file and
-line (--strict makes the first one an error). Outputs appear only when complete.
+line (--strict makes the first one an error). Outputs appear only when complete. Each dataset gets a
+small {prefix}_{key}_document.tokenizer.json recording the tokenizer (type, vocabulary size, sha256 of
+the model file): megaloop's trainer and tools/eval_loops.py refuse it with a model of another tokenizer;
+Megatron-LM ignores it.
 """
 import argparse
 import os

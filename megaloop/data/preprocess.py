@@ -12,7 +12,9 @@ How the work is split, and why it is fast:
 Bad records (malformed json, missing key, non-string value, invalid UTF-8, empty document) are
 skipped, counted and reported with file and line; with strict=True the first one is an error. Output
 goes to temporary names and is renamed into place only after the last unit, so an interrupted or
-failed run leaves no file that looks valid.
+failed run leaves no file that looks valid. Next to each .bin/.idx, {prefix}.tokenizer.json records the
+tokenizer (type, vocabulary size, sha256 of its model file; megaloop/data/dataset_tokenizer.py), so that
+training and evaluation refuse a model with another tokenizer; Megatron-LM ignores the file.
 """
 import dataclasses
 import itertools
@@ -27,6 +29,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megaloop.data.dataset_tokenizer import sidecar_path, write_sidecar
 from megaloop.data.indexed_dataset import IndexedDatasetWriter, token_dtype_for_vocab
 from megaloop.data.text_inputs import BadRecord, input_format, is_blank, is_gzip, open_binary, parse_record
 from megaloop.data.tokenizer import Tokenizer, build_tokenizer
@@ -94,7 +97,7 @@ class PreprocessSummary:
                  f"seconds: {self.worker_cpu_seconds:.1f} in workers, {self.main_process_cpu_seconds:.1f} in the "
                  f"main process"]
         for key, prefix in self.output_paths.items():
-            lines.append(f"  {key!r}: {self.tokens.get(key, 0):,} tokens -> {prefix}.bin/.idx")
+            lines.append(f"  {key!r}: {self.tokens.get(key, 0):,} tokens -> {prefix}.bin/.idx (+ .tokenizer.json)")
         if self.total_skipped:
             lines.append(f"skipped {self.total_skipped:,} records:")
             for category, count in self.skipped.most_common():
@@ -391,8 +394,15 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
         if summary.documents == 0:
             raise PreprocessError(f"no valid document in {len(config.input_files)} input files "
                                   f"({summary.total_skipped} records skipped); nothing written")
+        # The tokenizer record ({prefix}.tokenizer.json) describes the new data only: a stale one goes
+        # first, so an interruption leaves no record (accepted, like Megatron data), never a wrong one.
+        for prefix in outputs.values():
+            if os.path.exists(sidecar_path(prefix)):
+                os.remove(sidecar_path(prefix))
         for writer in writers.values():
             writer.finalize()
+        for prefix in outputs.values():
+            write_sidecar(prefix, tokenizer)
     except BaseException:
         stopping.set()
         pool.terminate()

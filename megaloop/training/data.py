@@ -31,10 +31,15 @@ from megaloop.model.loop_schedule import sample_loops
 
 
 def build_split_datasets(cfg: Config, num_train: int, num_valid: int, tokenizer=None) -> dict:
-    from megaloop.data import build_datasets
+    from megaloop.data import build_datasets, parse_data_paths
+    from megaloop.data.dataset_tokenizer import check_dataset_tokenizer
     if not cfg.data.data_path:
         raise ValueError("data.data_path is empty: point it at a preprocessed dataset prefix "
                          "(see tools/preprocess_data.py), e.g. data.data_path=[data/demo_text_document]")
+    # A dataset whose {prefix}.tokenizer.json names another tokenizer is refused (ConfigError, one line);
+    # build_datasets then checks that the token ids fit the tokenizer's vocabulary.
+    for prefix in parse_data_paths(cfg.data.data_path)[0]:
+        check_dataset_tokenizer(prefix, tokenizer if tokenizer is not None else cfg)
     num = {"train": int(num_train)}
     if num_valid:
         num["valid"] = int(num_valid)
