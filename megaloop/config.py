@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -474,12 +475,16 @@ def _range_text(low, high, low_in, high_in) -> str:
     return f"{'<=' if high_in else '<'} {high}"
 
 
+@functools.lru_cache(maxsize=None)
+def _optional_fields(cls) -> frozenset:
+    return frozenset(k for k, v in typing.get_type_hints(cls).items() if typing.get_origin(v) is Union)
+
+
 def _check_ranges(cfg: Config) -> None:
     for dotted, (low, high, low_in, high_in) in NUMERIC_RANGES.items():
         section, name = dotted.split(".")
         value = getattr(getattr(cfg, section), name)
-        hint = typing.get_type_hints(type(getattr(cfg, section)))[name]
-        optional = typing.get_origin(hint) is Union
+        optional = name in _optional_fields(type(getattr(cfg, section)))
         if value is None and optional:
             continue
         finite = not isinstance(value, float) or math.isfinite(value)
