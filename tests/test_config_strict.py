@@ -88,6 +88,10 @@ def test_config_from_dict_refuses_a_non_mapping_section():
         with pytest.raises(ConfigError, match="model.*mapping"):
             config_from_dict({"model": bad})
     assert config_from_dict({"model": None}).model == load_config(None).model
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        config_from_dict([["model", {"d_model": 64}]])  # dict() would take a list of pairs
+    with pytest.raises(ConfigError, match="section 'model' must be a mapping"):
+        config_from_dict({"model": 0}, ["model.d_model=64"])  # an override does not paper over it
 
 
 # ---------------------------------------------------------------------------------------------
