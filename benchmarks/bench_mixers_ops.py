@@ -7,7 +7,8 @@ Mixers (B=1, H=4, D=32 by default, float32, on CPU or whatever device --device n
   gdn      megaloop.ops.gated_delta_rule_chunked (chunk 64)          O(T) time
   swa      megaloop.ops.sliding_window_attention (window 256)        O(T w)
   dsa      lightning indexer top-k (no grad) + top-k sparse attention (topk 256)
-           O(T^2) indexer (Hi=4, Di=16, cheap per pair) + O(T k) attention
+           O(T^2) blockwise indexer (Hi=4, Di=16, cheap per pair; staged top-k, no (T, T) tensor)
+           + O(T k) gathered attention with a recomputing backward
   dsa-attn the DSA attention alone, given the selected indices
 
 What is measured, per (mixer, T), in fresh subprocesses so allocations do not leak between runs:

@@ -192,3 +192,126 @@ def test_indexer_kl_loss():
             expected += (p * (p.log() - log_r)).sum()
     torch.testing.assert_close(sparse_loss, expected / 20, rtol=0, atol=1e-12)
     assert sparse_loss > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Blockwise DSA path (blockwise indexer + staged top-k, gathered attention with its own backward)
+# --------------------------------------------------------------------------------------------
+
+from megaloop.ops.sparse_attention import (  # noqa: E402
+    _topk_earliest,
+    _topk_rows,
+    indexer_kl_loss_from_probs,
+    sparse_attention_from_indices,
+)
+
+
+def _selected_sets(indices, valid):
+    return torch.where(valid, indices, -1).sort(-1).values
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+@pytest.mark.parametrize("S,k", [(10, 3), (97, 5), (500, 7), (4096, 16)])
+def test_staged_topk_equals_stable_sort(S, k, quantised):
+    gen = torch.Generator().manual_seed(S + k)
+    x = torch.randn(6, S, generator=gen, dtype=torch.float32)
+    if quantised:  # heavy exact ties (and -0.0 vs 0.0), including at the k-th value
+        x = (x * 2).round() * 0.5 - 0.0 * x
+        x[0] = 0.0
+        x[1, : S // 2] = float("-inf")
+    expected = x.sort(dim=-1, descending=True, stable=True).indices[:, :k].sort(-1).values
+    assert torch.equal(_topk_earliest(x, k), expected)
+    assert torch.equal(_topk_rows(x, k), expected)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("T,topk,block", [(23, 6, 5), (64, 8, 64), (200, 7, 64), (331, 9, 32), (300, 400, 64)])
+def test_blockwise_indexer_selects_the_reference_keys(T, topk, block, dtype):
+    q_idx, k_idx, w = make_indexer_inputs(T=T, seed=T, dtype=dtype)
+    if T == 200:  # coarse inputs: many exact ties, broken towards the earlier key in both paths
+        q_idx, k_idx, w = q_idx.round(), k_idx.round(), w.round()
+    indices, valid = select_topk_keys(lightning_indexer_scores(q_idx, k_idx, w), topk)
+    blocked_indices, blocked_valid = lightning_indexer_topk(q_idx, k_idx, w, topk, query_block_size=block)
+    assert torch.equal(valid, blocked_valid)
+    assert torch.equal(_selected_sets(indices, valid), _selected_sets(blocked_indices, blocked_valid))
+    assert (blocked_indices >= 0).all() and (blocked_indices < T).all()
+    assert not (blocked_valid & (blocked_indices > torch.arange(T)[None, :, None])).any()
+
+
+@pytest.mark.parametrize("H,Hkv,T,topk,block", [(4, 2, 19, 5, 4), (4, 4, 70, 9, 16), (2, 1, 37, 40, 8), (4, 2, 65, 12, 64)])
+def test_gathered_attention_matches_reference_path(H, Hkv, T, topk, block):
+    q, k, v = make_qkv(H=H, Hkv=Hkv, T=T, seed=T)
+    q_idx, k_idx, w = make_indexer_inputs(T=T, seed=T + 1)
+    indices, valid = lightning_indexer_topk(q_idx, k_idx, w, topk, query_block_size=block)
+
+    def fast(q, k, v):
+        return sparse_attention_from_indices(q, k, v, indices, valid, query_block_size=block)
+
+    def reference(q, k, v):
+        return sparse_attention_from_indices(q, k, v, indices, valid, query_block_size=7, recompute=False)
+
+    assert_all_close(value_and_grads(fast, q, k, v), value_and_grads(reference, q, k, v))
+    # The head-summed probabilities it can return are the dense masked attention's, on the selection.
+    out, probs = sparse_attention_from_indices(q, k, v, indices, valid, query_block_size=block, return_probs=True)
+    logits = torch.einsum("bhgtd,bhsd->bhgts", q.view(2, Hkv, H // Hkv, T, 8), k).reshape(2, H, T, T) / 8 ** 0.5
+    logits = logits.gather(-1, indices[:, None].expand(2, H, T, indices.shape[-1]))
+    expected = logits.masked_fill(~valid[:, None], float("-inf")).softmax(-1).sum(1)
+    torch.testing.assert_close(probs, expected, rtol=0, atol=1e-12)
+
+
+def test_blockwise_dsa_is_causal():
+    T, t_changed = 150, 97
+    q, k, v = make_qkv(T=T)
+    q_idx, k_idx, w = make_indexer_inputs(T=T)
+
+    def run(q, k, v, q_idx, k_idx, w):
+        indices, valid = lightning_indexer_topk(q_idx, k_idx, w, topk=6, query_block_size=32)
+        return sparse_attention_from_indices(q, k, v, indices, valid, query_block_size=16)
+
+    before = run(q, k, v, q_idx, k_idx, w)
+    perturbed = [x.clone() for x in (q, k, v, q_idx, k_idx, w)]
+    for x in perturbed[:3]:
+        x[:, :, t_changed:] += 10.0
+    for x in perturbed[3:]:
+        x[:, t_changed:] += 10.0
+    after = run(*perturbed)
+    assert torch.equal(before[:, :, :t_changed], after[:, :, :t_changed])
+    assert not torch.allclose(before[:, :, t_changed:], after[:, :, t_changed:])
+
+
+def test_blockwise_dsa_never_forms_a_T_by_T_tensor():
+    """Every tensor created by the selection, the attention and its backward is far below T^2."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
+            return out
+
+    T = 2048
+    q, k, v = (x.float().requires_grad_(True) for x in make_qkv(B=1, H=2, Hkv=1, T=T))
+    q_idx, k_idx, w = (x.float() for x in make_indexer_inputs(B=1, T=T))
+    with LargestTensor():
+        indices, valid = lightning_indexer_topk(q_idx, k_idx, w, topk=16, query_block_size=32)
+        out = sparse_attention_from_indices(q, k, v, indices, valid)
+        out.sum().backward()
+    assert LargestTensor.largest <= T * T // 8, LargestTensor.largest
+
+
+def test_indexer_kl_loss_from_probs_matches_the_dense_sparse_stage():
+    T = 40
+    q, k, _ = make_qkv(T=T)
+    q_idx, k_idx, w = (x.requires_grad_(True) for x in make_indexer_inputs(T=T))
+    indices, valid = lightning_indexer_topk(q_idx, k_idx, w, topk=6, query_block_size=16)
+    expected = indexer_kl_loss(lightning_indexer_scores(q_idx, k_idx, w), q, k, indices=indices, valid=valid)
+    expected_grads = torch.autograd.grad(expected, (q_idx, k_idx, w))
+    _, probs = sparse_attention_from_indices(q, k, k, indices, valid, return_probs=True)
+    loss = indexer_kl_loss_from_probs(q_idx, k_idx, w, indices, valid, probs / q.shape[1])
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+    for a, e in zip(torch.autograd.grad(loss, (q_idx, k_idx, w)), expected_grads):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)

@@ -3,7 +3,7 @@
 Both keep the projections, RoPE, QK-norm and output gate of `Attention` and only change which keys a
 query sees (`attend`), using the kernels in megaloop.ops.sparse_attention.
 
-DSA: a light indexer scores every causal (query, key) pair,
+DSA: a light indexer scores every causal (query, key) pair (blockwise: no (T, T) matrix is formed),
     I(t, s) = sum_j w(t, j) * ReLU(q_I(t, j) . k_I(s)),
 and each query attends to its top-k keys, the selection shared by all heads. The selection is not
 differentiable; the indexer learns from DeepSeek's auxiliary loss, the KL between the (detached)
@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from megaloop.config import ModelConfig
 from megaloop.model.layers import Attention
-from megaloop.ops import (indexer_kl_loss, lightning_indexer_scores, lightning_indexer_topk,
-                          select_topk_keys, sliding_window_attention, sparse_attention_from_indices)
+from megaloop.ops import lightning_indexer_topk, sliding_window_attention, sparse_attention_from_indices
+from megaloop.ops.sparse_attention import indexer_kl_loss_from_probs
 
 
 class AuxLossInjector(torch.autograd.Function):
@@ -88,13 +88,22 @@ class DeepSeekSparseAttention(Attention):
         return q_idx, k_idx, w
 
     def attend(self, q, k, v, x=None, q_input=None):
+        return self.sparse_attend(q, k, v, x, q_input)
+
+    def sparse_attend(self, q, k, v, x=None, q_input=None, head_reduce=None, total_heads=None):
+        """Select with the blockwise indexer (no (T, T) matrix), attend, and when the indexer trains
+        attach its KL loss, whose target (the head-averaged attention probabilities over the selected
+        keys) comes out of the attention itself: O(T * topk) memory throughout.
+        head_reduce / total_heads: under tensor parallelism this rank holds only some heads; the
+        target's head sum goes through head_reduce (an all-reduce) and is divided by total_heads."""
         q_idx, k_idx, w = self.index_inputs(x, q_input)
+        indices, valid = lightning_indexer_topk(q_idx, k_idx, w, self.topk)
         train_indexer = self.training and torch.is_grad_enabled() and self.loss_coef > 0
         if not train_indexer:
-            indices, valid = lightning_indexer_topk(q_idx, k_idx, w, self.topk)
             return sparse_attention_from_indices(q, k, v, indices, valid)
-        scores = lightning_indexer_scores(q_idx, k_idx, w)  # (B, T, T), O(T^2) as in DeepSeek's training
-        indices, valid = select_topk_keys(scores, self.topk)
-        y = sparse_attention_from_indices(q, k, v, indices, valid)
-        aux = indexer_kl_loss(scores, q, k, indices=indices, valid=valid)
+        y, probs = sparse_attention_from_indices(q, k, v, indices, valid, return_probs=True)
+        if head_reduce is not None:
+            probs = head_reduce(probs)
+        target = probs / (total_heads or q.shape[1])
+        aux = indexer_kl_loss_from_probs(q_idx, k_idx, w, indices, valid, target)
         return AuxLossInjector.apply(y, aux, self.loss_coef)

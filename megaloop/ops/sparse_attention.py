@@ -9,15 +9,25 @@ KV heads are never materialised H/Hkv times: queries are viewed as (B, Hkv, grou
 - DSA (DeepSeek-V3.2): a light "lightning indexer" scores every causal (t, s) pair,
       I(t, s) = sum_j w(t, j) * ReLU(q_I(t, j) . k_I(s)),
   each query keeps its top-k keys (one selection shared by all heads) and attends to those only.
-  The indexer is O(T^2) but cheap (few heads, small dim, no softmax); the attention is O(T * topk),
-  computed in query blocks over gathered keys, recomputed in backward (activation checkpointing).
+  The indexer is O(T^2) time but cheap (few heads, small dim, no softmax) and blockwise: blocks of
+  queries score only their causal keys, and a staged top-k (chunk maxima first, see `_topk_rows`)
+  selects exactly the keys of a stable descending sort, so no (T, T) tensor is ever formed. The
+  attention is O(T * topk): `_GatheredSparseAttention` gathers each query block's keys/values and
+  recomputes them in backward (flash-attention style; only a log-sum-exp per query is kept).
+  GPU: no third-party fused kernel is wired in. fla's `parallel_nsa` (the nearest, Triton) selects
+  *blocks* of keys per kv head with its own layout and gating, not DeepSeek's token-level top-k;
+  FlashMLA's sparse kernels are MLA/Hopper inference kernels. On CUDA the attention block runs
+  through torch.compile instead (lazily, eager fallback); selection is plain torch there too.
   The top-k selection is not differentiable: no gradient reaches the indexer through the main
   attention. DeepSeek trains the indexer with a separate loss, KL(main attention || softmax(I))
-  on detached main-attention probabilities; `indexer_kl_loss` implements it.
+  on detached main-attention probabilities; `indexer_kl_loss` implements it (dense reference) and
+  `indexer_kl_loss_from_probs` its sparse stage in O(T * topk), from the probabilities the
+  attention returns (what the model trains with).
 
 The `*_dense` functions are plain masked O(T^2) versions: test references and documentation.
 """
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -27,6 +37,8 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "causal_attention_dense",
     "indexer_kl_loss",
+    "indexer_kl_loss_from_probs",
+    "indexer_scores_at",
     "lightning_indexer_scores",
     "lightning_indexer_topk",
     "masked_attention_dense",
@@ -133,13 +145,16 @@ def sliding_window_attention(
 
 
 def _indexer_scores_block(q_idx_block, k_idx, w_block, first_query: int) -> torch.Tensor:
-    """Indexer scores for queries [first_query, first_query + block) against all keys, future
-    keys set to -inf. Shapes: (B, blk, Hi, Di), (B, T, Di), (B, blk, Hi) -> (B, blk, T)."""
-    dots = torch.einsum("btjd,bsd->btjs", q_idx_block, k_idx).relu()
+    """Indexer scores for queries [first_query, first_query + block) against the keys k_idx (the
+    first k_idx.shape[1] positions), future keys set to -inf.
+    Shapes: (B, blk, Hi, Di), (B, S, Di), (B, blk, Hi) -> (B, blk, S)."""
+    dots = torch.einsum("btjd,bsd->btjs", q_idx_block, k_idx).relu_()
     scores = torch.einsum("btjs,btj->bts", dots, w_block)
+    # Only keys past first_query can be in the future of a query of this block.
     t = torch.arange(first_query, first_query + q_idx_block.shape[1], device=k_idx.device)
-    s = torch.arange(k_idx.shape[1], device=k_idx.device)
-    return scores.masked_fill(s[None, :] > t[:, None], float("-inf"))
+    s = torch.arange(first_query, k_idx.shape[1], device=k_idx.device)
+    scores[..., first_query:].masked_fill_(s[None, :] > t[:, None], float("-inf"))
+    return scores
 
 
 def lightning_indexer_scores(
@@ -148,9 +163,9 @@ def lightning_indexer_scores(
     """I(t, s) = sum_j w(t, j) ReLU(q_idx(t, j) . k_idx(s)) for s <= t, and -inf for s > t.
 
     q_idx: (B, T, Hi, Di) indexer queries (Hi indexer heads), k_idx: (B, T, Di) one shared indexer
-    key per position, w: (B, T, Hi) per-query head weights. Returns (B, T, T).
-    The result is O(T^2); the (B, blk, Hi, T) intermediate is bounded by computing it in query
-    blocks. Use `lightning_indexer_topk` to never hold the full matrix.
+    key per position, w: (B, T, Hi) per-query head weights. Returns (B, T, T): the dense reference
+    (and the dense warm-up stage of `indexer_kl_loss`). `lightning_indexer_topk` selects keys
+    without ever holding this matrix.
     """
     T = q_idx.shape[1]
     blocks = [
@@ -161,7 +176,7 @@ def lightning_indexer_scores(
 
 
 def select_topk_keys(index_scores: torch.Tensor, topk: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Top-k causal keys per query from (B, T, T) scores.
+    """Top-k causal keys per query from (B, T, T) scores (the dense reference selection).
 
     Returns indices (B, T, K) with K = min(topk, T) and a validity mask (B, T, K). Query t has only
     t + 1 causal keys: when that is fewer than K all of them are selected and the remaining slots
@@ -181,23 +196,105 @@ def select_topk_keys(index_scores: torch.Tensor, topk: int) -> Tuple[torch.Tenso
     return indices, valid
 
 
+def _topk_earliest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions (R, k), ascending, of the k largest entries of each row of x (R, S), ties broken
+    towards the earlier position: exactly the first k of a stable descending sort, as a set.
+
+    torch.topk finds the k-th largest value v; its own choice among entries equal to v is
+    unspecified, so the set is rebuilt: every entry > v, then the earliest entries == v.
+    (-0.0 == 0.0 here, as in the sort.)"""
+    R, S = x.shape
+    if k >= S:
+        return torch.arange(S, device=x.device).expand(R, S)
+    v = x.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above = x > v
+    tied = x == v
+    need = k - above.sum(-1, keepdim=True)
+    take = above | (tied & (tied.cumsum(-1) <= need))
+    return take.nonzero()[:, 1].view(R, k)
+
+
+def _topk_rows(x: torch.Tensor, k: int, chunk: int = 4) -> torch.Tensor:
+    """`_topk_earliest` in stages for long rows: keys are grouped in chunks of `chunk`, the k chunks
+    with the largest (max, earliest) are kept (recursively, the same problem on S / chunk maxima),
+    and the k winners are chosen among their k * chunk keys. topk then scans about
+    S / chunk + k * chunk keys per row rather than S. Exact: a chunk holding one of the k winners
+    ranks below fewer than k other chunks (each chunk ranked above it holds a distinct key that
+    beats the winner), so it is kept."""
+    R, S = x.shape
+    if S <= 6 * k:
+        return _topk_earliest(x, k)
+    c = chunk
+    n_chunks = -(-S // c)
+    if n_chunks * c != S:  # pad with -inf at the end: later than every key, so never preferred
+        x = F.pad(x, (0, n_chunks * c - S), value=float("-inf"))
+    chunks = _topk_rows(x.view(R, n_chunks, c).amax(-1), k, chunk)             # (R, k), ascending
+    candidates = (chunks[..., None] * c + torch.arange(c, device=x.device)).view(R, k * c)
+    winners = _topk_earliest(x.gather(-1, candidates), k)                      # ascending in candidates
+    return candidates.gather(-1, winners)
+
+
 @torch.no_grad()
 def lightning_indexer_topk(
-    q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor, topk: int, query_block_size: int = 256
+    q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor, topk: int, query_block_size: int = 64
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`select_topk_keys(lightning_indexer_scores(...), topk)` computed block by block, so peak
-    memory is O(blk * T * Hi) rather than O(T^2). Returns (indices, valid), both (B, T, K).
-    No autograd graph is kept: the selection is not differentiable anyway."""
+    """The selection of `select_topk_keys(lightning_indexer_scores(...), topk)` without the (T, T)
+    matrix: blocks of queries score only their causal keys [0, block end), and each row's top-k is
+    found by `_topk_rows` (a chunk-max pre-selection, then topk over the surviving candidates).
+    Peak memory O(blk * T * Hi); no autograd graph (the selection is not differentiable).
+
+    Same keys as the reference, tie-breaking included (the k largest scores, ties to the earlier
+    key). Returns (indices, valid), both (B, T, K), K = min(topk, T); each row's indices ascending
+    (which also makes the attention's gathers walk memory forwards). Slots past a query's t + 1
+    causal keys hold future keys and are invalid.
+
+    Precision: scores are computed in the dtype of the inputs (the model's compute dtype: bf16 under
+    bf16 training, as DeepSeek runs its indexer in low precision), fp32 accumulation being whatever
+    the matmul does. No separate down-cast is applied: on CPU bf16 matmuls are not faster, and the
+    exported HF model (which scores with the same einsums in the same dtype) must select the very
+    same keys. Ties, common in low precision, are broken deterministically towards the earlier key.
+    """
     B, T = k_idx.shape[:2]
     K = min(topk, T)
-    indices, valid = [], []
+    indices = torch.empty(B, T, K, dtype=torch.long, device=k_idx.device)
     for t0 in range(0, T, query_block_size):
-        scores = _indexer_scores_block(q_idx[:, t0:t0 + query_block_size], k_idx, w[:, t0:t0 + query_block_size], t0)
-        block_indices = scores.sort(dim=-1, descending=True, stable=True).indices[..., :K]  # see select_topk_keys
-        t = torch.arange(t0, t0 + scores.shape[1], device=k_idx.device)
-        indices.append(block_indices)
-        valid.append(block_indices <= t[None, :, None])
-    return torch.cat(indices, dim=1), torch.cat(valid, dim=1)
+        t1 = min(T, t0 + query_block_size)
+        if t1 <= K:  # every key up to t1 - 1 fits: the first K positions, in order
+            indices[:, t0:t1] = torch.arange(K, device=k_idx.device)
+            continue
+        scores = _indexer_scores_block(q_idx[:, t0:t1], k_idx[:, :t1], w[:, t0:t1], t0)  # (B, n, t1)
+        indices[:, t0:t1] = _topk_rows(scores.reshape(B * (t1 - t0), t1), K).view(B, t1 - t0, K)
+    valid = indices <= torch.arange(T, device=k_idx.device)[None, :, None]
+    return indices, valid
+
+
+def indexer_scores_at(
+    q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor, indices: torch.Tensor, query_block_size: int = 256
+) -> torch.Tensor:
+    """Indexer scores of the selected keys only: (B, T, K) with [b, t, j] = I(t, indices[b, t, j]),
+    differentiable in q_idx, k_idx, w (no causal mask: invalid slots are the caller's to mask).
+    Computed in query blocks under activation checkpointing, so neither a (T, T) matrix nor the
+    gathered (T, K, Di) indexer keys are kept for backward: O(T K) memory."""
+    B, T, Hi, Di = q_idx.shape
+    needs_graph = torch.is_grad_enabled() and any(x.requires_grad for x in (q_idx, k_idx, w))
+
+    def block(q_b, w_b, idx_b):
+        k_sel = _gather_rows(k_idx, idx_b)                                     # (B, n, K, Di)
+        dots = torch.einsum("btjd,btkd->btjk", q_b, k_sel).relu()
+        return torch.einsum("btjk,btj->btk", dots, w_b)
+
+    out = []
+    for t0 in range(0, T, query_block_size):
+        args = (q_idx[:, t0:t0 + query_block_size], w[:, t0:t0 + query_block_size], indices[:, t0:t0 + query_block_size])
+        out.append(checkpoint(block, *args, use_reentrant=False) if needs_graph else block(*args))
+    return torch.cat(out, dim=1)
+
+
+def _gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """x (B, T, C), indices (B, n, K) -> x[b, indices[b, t, k]] as (B, n, K, C)."""
+    B, T, C = x.shape
+    rows = (indices + (torch.arange(B, device=x.device) * T).view(B, 1, 1)).reshape(-1)
+    return x.reshape(B * T, C).index_select(0, rows).view(*indices.shape, C)
 
 
 def _gather_keys(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -226,6 +323,129 @@ def _sparse_attention_block(q_block, k, v, indices, valid, scale: float) -> torc
     return out.transpose(2, 3).reshape(B, H, Tq, v.shape[-1])
 
 
+class _GatheredSparseAttention(torch.autograd.Function):
+    """Top-k sparse attention with a hand-written, recomputing backward (flash-attention style).
+
+    Keys and values live in one (B, Hkv, T, D + Dv) table, so each block of queries does a single
+    gather of its selected rows per kv head, into a buffer reused across blocks (no allocation, no
+    page faults in the loop); products use zero-padded queries so the gathered rows are read as
+    they are. Forward keeps only the output and the per-(query, head) log-sum-exp;
+    backward gathers again, rebuilds the probabilities from the log-sum-exp and scatters the key and
+    value gradients with one index_add per block. Optionally returns the attention probabilities
+    summed over heads (B, T, K), detached: the indexer's training target.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, indices, valid, scale: float, block: int, want_probs: bool):
+        B, H, T, D = q.shape
+        Hkv, Dv, K = k.shape[1], v.shape[-1], indices.shape[-1]
+        G, C = H // Hkv, D + Dv
+        acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        table = torch.cat([k, v], dim=-1)                                        # (B, Hkv, T, C)
+        # Queries zero-padded over the value columns, so that every product reads the gathered
+        # (K, D + Dv) rows as they are (no strided k / v halves, no copies).
+        qpad = q.new_zeros(B, Hkv, T, G, C)
+        qpad[..., :D] = (q * scale).reshape(B, Hkv, G, T, D).transpose(2, 3)
+        invalid = ~valid[:, :, None, :]                                          # (B, T, 1, K)
+        out = q.new_empty(B, Hkv, T, G, Dv)
+        lse = torch.empty(B, Hkv, T, G, 1, dtype=acc, device=q.device)
+        probs_sum = torch.zeros(B, T, K, dtype=acc, device=q.device) if want_probs else None
+        gathered = q.new_empty(block * K, C)
+        # One (batch, kv head) at a time: its (T, D + Dv) table is all the gathers touch, which
+        # keeps them in cache at long T.
+        for b in range(B):
+            for h in range(Hkv):
+                tab = table[b, h]
+                for t0 in range(0, T, block):
+                    t1 = min(T, t0 + block)
+                    rows = indices[b, t0:t1].reshape(-1)
+                    g = torch.index_select(tab, 0, rows, out=gathered[:rows.numel()]).view(t1 - t0, K, C)
+                    s = torch.matmul(qpad[b, h, t0:t1], g.transpose(-1, -2)).to(acc)   # (n, G, K)
+                    s.masked_fill_(invalid[b, t0:t1], float("-inf"))
+                    m = torch.logsumexp(s, dim=-1, keepdim=True)
+                    lse[b, h, t0:t1] = m
+                    p = s.sub_(m).exp_()
+                    if want_probs:
+                        probs_sum[b, t0:t1] += p.sum(dim=1)
+                    out[b, h, t0:t1] = torch.matmul(p.to(q.dtype), g)[..., D:]
+        out = out.transpose(2, 3).reshape(B, H, T, Dv)
+        ctx.save_for_backward(q, k, v, indices, valid, out, lse)
+        ctx.scale, ctx.block = scale, block
+        if want_probs:
+            ctx.mark_non_differentiable(probs_sum)
+            return out, probs_sum
+        return out, out.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, dout, _dprobs):
+        q, k, v, indices, valid, out, lse = ctx.saved_tensors
+        scale, block = ctx.scale, ctx.block
+        B, H, T, D = q.shape
+        Hkv, Dv, K = k.shape[1], v.shape[-1], indices.shape[-1]
+        G, C = H // Hkv, D + Dv
+        acc = lse.dtype
+        table = torch.cat([k, v], dim=-1)
+        # [[q, 0], [0, dout]] per (query, kv head): one product with the gathered [k | v] rows gives
+        # the scores (first G rows) and dP (last G rows); its transpose against [dS; P] gives the
+        # gathered [dk | dv] rows, contiguous, ready for a single index_add.
+        qd = q.new_zeros(B, Hkv, T, 2 * G, C)
+        qd[..., :G, :D] = (q * scale).reshape(B, Hkv, G, T, D).transpose(2, 3)
+        qd[..., G:, D:] = dout.reshape(B, Hkv, G, T, Dv).transpose(2, 3)
+        delta = (dout.to(acc) * out.to(acc)).sum(-1).reshape(B, Hkv, G, T).transpose(2, 3)[..., None]
+        invalid = ~valid[:, :, None, :]
+        dq = q.new_empty(B, Hkv, T, G, D)
+        dtable = torch.zeros(B, Hkv, T, C, dtype=acc, device=q.device)
+        gathered = q.new_empty(block * K, C)
+        dgathered = q.new_empty(block * K, C)
+        for b in range(B):
+            for h in range(Hkv):
+                tab, dtab = table[b, h], dtable[b, h]
+                for t0 in range(0, T, block):
+                    t1 = min(T, t0 + block)
+                    n = t1 - t0
+                    rows = indices[b, t0:t1].reshape(-1)
+                    g = torch.index_select(tab, 0, rows, out=gathered[:rows.numel()]).view(n, K, C)
+                    qdb = qd[b, h, t0:t1]
+                    sdp = torch.matmul(qdb, g.transpose(-1, -2)).to(acc)                # (n, 2G, K)
+                    s, dp = sdp[:, :G], sdp[:, G:]
+                    s.masked_fill_(invalid[b, t0:t1], float("-inf"))
+                    p = s.sub_(lse[b, h, t0:t1]).exp_()                                 # P, in place
+                    dp.sub_(delta[b, h, t0:t1]).mul_(p)                                 # dS, in place
+                    dsp = torch.cat([dp, p], dim=1).to(q.dtype)                         # [dS; P]
+                    dq[b, h, t0:t1] = torch.matmul(dsp[:, :G], g)[..., :D]
+                    dg = dgathered[:rows.numel()]
+                    torch.matmul(dsp.transpose(-1, -2), qdb, out=dg.view(n, K, C))      # [dk | dv] rows
+                    dtab.index_add_(0, rows, dg)
+        dq = dq.transpose(2, 3).reshape(B, H, T, D) * scale
+        return dq, dtable[..., :D].to(k.dtype), dtable[..., D:].to(v.dtype), None, None, None, None, None
+
+
+def _use_fused_cuda(q: torch.Tensor) -> bool:
+    return q.is_cuda and os.environ.get("MEGALOOP_DSA_COMPILE", "1") != "0"
+
+
+_compiled_block = None  # None: not built yet; False: torch.compile unavailable or failed
+
+
+def _cuda_sparse_attention_block(*args) -> torch.Tensor:
+    """`_sparse_attention_block` through torch.compile for CUDA tensors (fuses the gather, the
+    masked softmax and the products), built lazily on first CUDA use; eager if compiling fails."""
+    global _compiled_block
+    if _compiled_block is None:
+        try:
+            _compiled_block = torch.compile(_sparse_attention_block, dynamic=True)
+        except Exception:  # pragma: no cover - no compiler backend
+            _compiled_block = False
+    if _compiled_block is not False:
+        try:
+            return _compiled_block(*args)
+        except Exception as err:  # pragma: no cover - GPU only
+            import warnings
+            warnings.warn(f"torch.compile of the DSA attention block failed, running eagerly: {err}")
+            _compiled_block = False
+    return _sparse_attention_block(*args)
+
+
 def sparse_attention_from_indices(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -233,32 +453,48 @@ def sparse_attention_from_indices(
     indices: torch.Tensor,
     valid: torch.Tensor,
     scale: Optional[float] = None,
-    query_block_size: int = 64,
+    query_block_size: Optional[int] = None,
     recompute: bool = True,
-) -> torch.Tensor:
+    return_probs: bool = False,
+):
     """Each query t attends to the keys indices[b, t, :] where valid[b, t, :] (shared by all heads).
 
-    Memory: the selected keys/values of a block of queries are gathered into
-    (B, Hkv, blk, K, D) buffers, so the transient working set is O(blk * K * D) per kv head.
-    With recompute=True (default) each block runs under activation checkpointing: autograd keeps
-    only the inputs and the (B, T, K) selection, and the backward gathers again. Without it,
-    the gathered keys/values of every block stay alive until backward: O(T * K * D) per kv head,
-    K * D / T times a dense attention's saved scores.
+    recompute=True (default): `_GatheredSparseAttention`, a flash-attention style kernel: blocks
+    of `query_block_size` queries (default 64: the gathered (blk, K, D + Dv) rows stay in
+    cache) gather their keys and values together, one (batch, kv head) at a time, and autograd keeps only the output and a
+    log-sum-exp per (query, head); backward gathers again. On CUDA, unless MEGALOOP_DSA_COMPILE=0
+    or return_probs, the blocks instead run a torch.compile'd `_sparse_attention_block` under
+    activation checkpointing (the compiler fuses the gather into the products; lazily built, eager
+    if compiling fails). No fused third-party kernel is used (see the module docstring).
+    recompute=False: plain autograd through the per-block gathers (reference; keeps the gathered
+    keys/values of every block until backward: O(T K D) per kv head).
+
+    return_probs=True also returns the attention probabilities over the selected keys summed over
+    heads, (B, T, K), detached (the target of `indexer_kl_loss_from_probs`; zero on invalid slots).
     """
     scale = _default_scale(q, scale)
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"number of query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
     T = q.shape[2]
     needs_graph = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if recompute and not (_use_fused_cuda(q) and not return_probs):
+        block = query_block_size or 64
+        out, probs = _GatheredSparseAttention.apply(q, k, v, indices, valid, scale, block, return_probs)
+        return (out, probs) if return_probs else out
+    block_fn = _cuda_sparse_attention_block if recompute and _use_fused_cuda(q) else _sparse_attention_block
+    query_block_size = query_block_size or 64
     blocks = []
     for t0 in range(0, T, query_block_size):
         block_args = (q[:, :, t0:t0 + query_block_size], k, v,
                       indices[:, t0:t0 + query_block_size], valid[:, t0:t0 + query_block_size], scale)
         if recompute and needs_graph:
-            blocks.append(checkpoint(_sparse_attention_block, *block_args, use_reentrant=False))
+            blocks.append(checkpoint(block_fn, *block_args, use_reentrant=False))
         else:
-            blocks.append(_sparse_attention_block(*block_args))
-    return torch.cat(blocks, dim=2)
+            blocks.append(block_fn(*block_args))
+    out = torch.cat(blocks, dim=2)
+    if return_probs:
+        raise ValueError("return_probs needs recompute=True")
+    return out
 
 
 def topk_sparse_attention(
@@ -268,7 +504,7 @@ def topk_sparse_attention(
     index_scores: torch.Tensor,
     topk: int,
     scale: Optional[float] = None,
-    query_block_size: int = 64,
+    query_block_size: Optional[int] = None,
     recompute: bool = True,
 ) -> torch.Tensor:
     """DSA: each query attends to its top-k causal keys under index_scores (B, T, T), the selection
@@ -293,7 +529,9 @@ def indexer_kl_loss(
     model never sees a gradient from it. Dense warm-up stage: indices=None, over all causal keys.
     Sparse stage: pass the selected (indices, valid) and both distributions are restricted to that
     set. index_scores: (B, T, T) from `lightning_indexer_scores` (future = -inf).
-    Cost: O(H T^2) for the target, like the dense attention it imitates.
+    Cost: O(H T^2) time and memory: the dense reference. The model trains with
+    `indexer_kl_loss_from_probs`, the sparse stage in O(T K) (the dense warm-up stage has no
+    blockwise version here: the model never runs it).
     """
     scale = _default_scale(q, scale)
     B, H, T, D = q.shape
@@ -315,8 +553,33 @@ def indexer_kl_loss(
 
     with torch.no_grad():
         target = target_logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(dim=1)
+    return _kl_to_target(target, index_scores, allowed)
+
+
+def _kl_to_target(target: torch.Tensor, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """mean over rows of sum_j target * (log target - log_softmax(scores)) over the allowed slots."""
+    with torch.no_grad():
         log_target = target.clamp_min(torch.finfo(target.dtype).tiny).log()
-    log_pred = index_scores.masked_fill(~allowed, float("-inf")).log_softmax(-1)
+    log_pred = scores.masked_fill(~allowed, float("-inf")).log_softmax(-1)
     # 0 * log 0 = 0: only allowed keys contribute (elsewhere both sides are -inf / 0).
     kl_terms = torch.where(allowed, target * (log_target - log_pred.masked_fill(~allowed, 0.0)), 0.0)
     return kl_terms.sum(-1).mean()
+
+
+def indexer_kl_loss_from_probs(
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    w: torch.Tensor,
+    indices: torch.Tensor,
+    valid: torch.Tensor,
+    target: torch.Tensor,
+) -> torch.Tensor:
+    """The sparse stage of `indexer_kl_loss` in O(T K) memory: KL(target || softmax over the
+    selected keys of I(t, .)), averaged over queries.
+
+    target (B, T, K): the head-averaged main attention probabilities over the selected keys, e.g.
+    `sparse_attention_from_indices(..., return_probs=True)[1] / H` (under tensor parallelism, summed
+    over all ranks' heads first): the attention already computed them, so no (H, T, T) logits are
+    formed. Gradients reach q_idx, k_idx, w only (through `indexer_scores_at`)."""
+    scores = indexer_scores_at(q_idx, k_idx, w, indices)
+    return _kl_to_target(target.detach().to(scores.dtype), scores, valid)

@@ -288,38 +288,9 @@ class _TPSparseAttend:
         self.attn, self.comm = attn, comm
 
     def __call__(self, q, k, v, x=None, q_input=None):
-        from megaloop.model.sparse_attention import AuxLossInjector
-        from megaloop.ops import (lightning_indexer_topk, select_topk_keys, lightning_indexer_scores,
-                                  sparse_attention_from_indices)
-        attn = self.attn
-        q_idx, k_idx, w = attn.index_inputs(x, q_input)
-        train_indexer = attn.training and torch.is_grad_enabled() and attn.loss_coef > 0
-        if not train_indexer:
-            indices, valid = lightning_indexer_topk(q_idx, k_idx, w, attn.topk)
-            return sparse_attention_from_indices(q, k, v, indices, valid)
-        scores = lightning_indexer_scores(q_idx, k_idx, w)
-        indices, valid = select_topk_keys(scores, attn.topk)
-        y = sparse_attention_from_indices(q, k, v, indices, valid)
-        aux = _tp_indexer_kl_loss(scores, q, k, indices, valid, self.comm)
-        return AuxLossInjector.apply(y, aux, attn.loss_coef)
-
-
-def _tp_indexer_kl_loss(index_scores, q, k, indices, valid, comm: TPComm):
-    """megaloop.ops.indexer_kl_loss (sparse stage) with the head-average taken over all TP ranks."""
-    B, H, T, D = q.shape
-    scale = D ** -0.5
-    with torch.no_grad():
-        Hkv = k.shape[1]
-        qg = q.detach().reshape(B, Hkv, H // Hkv, T, D)
-        logits = torch.einsum("bhgtd,bhsd->bhgts", qg, k.detach()).reshape(B, H, T, T) * scale
-        logits = logits.gather(-1, indices[:, None].expand(B, H, T, indices.shape[-1]))
-        target = logits.masked_fill(~valid[:, None], float("-inf")).softmax(-1).sum(dim=1)
-        target = comm.all_reduce(target, phase="forward") / (H * comm.size)
-        log_target = target.clamp_min(torch.finfo(target.dtype).tiny).log()
-    scores = index_scores.gather(-1, indices)
-    log_pred = scores.masked_fill(~valid, float("-inf")).log_softmax(-1)
-    kl_terms = torch.where(valid, target * (log_target - log_pred.masked_fill(~valid, 0.0)), 0.0)
-    return kl_terms.sum(-1).mean()
+        return self.attn.sparse_attend(q, k, v, x, q_input,
+                                       head_reduce=lambda t: self.comm.all_reduce(t, phase="forward"),
+                                       total_heads=q.shape[1] * self.comm.size)
 
 
 def _shard_mlp(mlp: nn.Module, comm: TPComm, cfg, ctx: dict) -> None:
