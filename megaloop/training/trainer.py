@@ -234,43 +234,27 @@ class Trainer:
         state = self.state
 
         def prepare(lm):
+            from megaloop.parallel.grad_norm import tag_for_deepspeed_norm
             apply_tensor_parallel(lm, state)
             install_tp_grad_hooks(lm)
+            tag_for_deepspeed_norm(lm, state.tp_rank)  # DeepSpeed's clipping counts each shard once too
         return prepare
 
     # ------------------------------------------------------------------------------------------
     def _clip_hook(self, optimizer, args, kwargs):
-        """Pre-clip global grad norm over this replica (all pipeline stages / TP ranks; the tied
-        embedding counted once), then clip. Gradients are already averaged over data parallel.
-        Everything stays on the device (no host sync): the norm is read on logging steps only."""
-        import deepspeed.comm as dist
+        """Pre-clip global grad norm over this replica (all pipeline stages / TP ranks, each distinct
+        element once: megaloop.parallel.grad_norm), then clip. Gradients are already averaged over data
+        parallel. On the device: the norm is read on logging steps only."""
+        from megaloop.parallel.grad_norm import grad_norm_
         params, seen = [], set()
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is not None and id(p) not in seen:
+                if id(p) not in seen:
                     seen.add(id(p))
                     params.append(p)
-        counted = []
-        for p in params:
-            if self.pp > 1 and self._is_tied_duplicate(p):
-                continue
-            if self.state.tp_size > 1 and self.state.tp_rank > 0 and not getattr(p, "tensor_model_parallel", False):
-                continue  # replicated across TP ranks: count on TP rank 0 only
-            counted.append(p.grad.detach())
-        sq = zeros_on_accelerator((), dtype=torch.float64)
-        if counted:
-            sq = sq + torch.stack(torch._foreach_norm(counted)).double().pow(2).sum()
-        if self.pp > 1 or self.state.tp_size > 1:
-            dist.all_reduce(sq, group=self.state.mp_group)
-        norm = sq.sqrt()
-        self._last_norm = norm
-        # coefficient min(1, clip / norm); a non-finite norm leaves the gradients alone (the
-        # non-finite loss check stops the run)
-        coef = (self.cfg.train.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-        coef = torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
-        grads = [p.grad.detach() for p in params]
-        for dtype in {g.dtype for g in grads}:
-            torch._foreach_mul_([g for g in grads if g.dtype == dtype], coef.to(dtype))
+        group = self.state.mp_group if (self.pp > 1 or self.state.tp_size > 1) else None
+        skip = self._is_tied_duplicate if self.pp > 1 else None
+        self._last_norm = grad_norm_(params, self.cfg.train.grad_clip, self.state.tp_rank, group, skip)
 
     def _is_tied_duplicate(self, p) -> bool:
         """The tied embedding lives on the first and the last stage with identical (all-reduced)
