@@ -415,7 +415,7 @@ class _GatheredSparseAttention(torch.autograd.Function):
                     dq[b, h, t0:t1] = torch.matmul(dsp[:, :G], g)[..., :D]
                     dg = dgathered[:rows.numel()]
                     torch.matmul(dsp.transpose(-1, -2), qdb, out=dg.view(n, K, C))      # [dk | dv] rows
-                    dtab.index_add_(0, rows, dg)
+                    dtab.index_add_(0, rows, dg.to(acc))  # (fp32 accumulation of bf16/fp16 rows)
         dq = dq.transpose(2, 3).reshape(B, H, T, D) * scale
         return dq, dtable[..., :D].to(k.dtype), dtable[..., D:].to(v.dtype), None, None, None, None, None
 
