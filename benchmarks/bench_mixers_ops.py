@@ -17,9 +17,9 @@ What is measured, per (mixer, T), in fresh subprocesses so allocations do not le
             jobs sharing the machine, which only ever add time. The median is printed beside it.
   saved MB  bytes autograd keeps for backward (torch.autograd.graph.saved_tensors_hooks,
             deduplicated by storage, the inputs themselves excluded): the activation memory
-            a training step holds per layer. DSA's attention runs under activation
-            checkpointing, whose own saved references (the (T, topk) selection) this hook does
-            not see: ~T*topk*9 bytes, 18 MB at T=8192, topk=256.
+            a training step holds per layer. DSA's attention (a custom autograd
+            Function) saves its output, a log-sum-exp per (query, head) and the (T, topk)
+            selection (~T*topk*9 bytes: 18 MB at T=8192, topk=256).
   peak MB   peak RSS during one forward+backward pass minus RSS before it (the kernel's
             high-water mark VmHWM, reset through /proc/self/clear_refs; ru_maxrss growth where
             that is unavailable), after a small warm-up run, in a separate process where
