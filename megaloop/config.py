@@ -577,6 +577,10 @@ def validate(cfg: Config) -> None:
     _choice(t.optimizer_impl, ("auto", "fused", "foreach", "for_loop"), "train.optimizer_impl")
     _choice(t.activation_checkpointing, ("none", "loop", "layer"), "train.activation_checkpointing")
     _choice(t.compile_mode, ("default", "max-autotune-no-cudagraphs"), "train.compile_mode")
+    if t.compile and p.zero_stage == 3:
+        raise ConfigError("train.compile with parallel.zero_stage=3: ZeRO-3's parameter-gathering hooks on every "
+                          "sub-module break each compiled layer into one graph per linear layer (slower than eager, "
+                          "long compile); use zero_stage 1 or 2 with train.compile, or train.compile=false")
     if t.min_lr > t.lr:
         raise ConfigError(f"need train.min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
     # Parallel layout (the TP / PP / ZeRO code adds its own divisibility checks on top of these).

@@ -100,6 +100,8 @@ def test_config_and_hooks():
     assert compile_after(None, cfg) is None  # compile off: the trainer's hook is unchanged
     with pytest.raises(ConfigError, match="train.compile_mode"):
         load_config(None, MODEL + ["train.compile=true", "train.compile_mode=reduce-overhead"])
+    with pytest.raises(ConfigError, match="zero_stage=3"):
+        load_config(None, MODEL + ["train.compile=true", "parallel.zero_stage=3"])
     on = load_config(None, MODEL + ["train.compile=true"])
     seen = []
     hook = compile_after(lambda lm: seen.append(is_compiled(lm)), on)

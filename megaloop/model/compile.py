@@ -23,6 +23,9 @@ Why this composes with the rest of megaloop:
     traceable; Dynamo breaks the graph there and runs that piece eagerly (correct, less fused);
   * pipeline parallelism: compile runs on the full model inside `build_pipeline_module`'s `prepare`
     hook, before it is split; the stage modules hold the same (compiled) layer objects.
+  * ZeRO 1/2 are unaffected (they act on gradients and optimizer state). ZeRO-3 is refused by the config:
+    its parameter-gathering hooks on every sub-module are `torch.compiler.disable`d, which splits each
+    layer into one graph per linear layer (correct, but slower than eager and slow to compile).
 """
 from __future__ import annotations
 
