@@ -5,7 +5,7 @@ read its results. On every rank the reference TP = 1 model and the TP = 2 shard 
 same seed, so they start from the same full weights.
 
 Tolerances (fp32): logits and loss atol 2e-5 / rtol 1e-5; gradients atol 1e-6 (+ rtol 1e-4), after
-`finalize_tp_grads`; the differences come only from the order of partial sums in the all-reduces.
+the TP gradient hooks that apply_tensor_parallel installs; the differences come only from the order of partial sums in the all-reduces.
 """
 import glob
 import math
@@ -68,20 +68,18 @@ def _close(a, b, tol):
 # The job: everything a rank does
 
 
-def _compare(model, ref, x, y, R, G, kw, finalize=True):
+def _compare(model, ref, x, y, R, G, kw):
     """One TP-vs-reference step: logits, loss, exit loops and every gradient (gathered) compared; also
     whether the replicated parameters' gradients are identical on the TP ranks. Shared with the
     sequence-parallel tests."""
-    from megaloop.parallel.apply_tp import finalize_tp_grads, gather_full_grads, gather_logits
+    from megaloop.parallel.apply_tp import gather_full_grads, gather_logits
     res = {"errors": []}
     torch.manual_seed(1)
     o_ref = ref(x, labels=y, loops=R, grad_loops=G, **kw)
     o_ref.loss.backward()
     torch.manual_seed(1)
     o_tp = model(x, labels=y, loops=R, grad_loops=G, **kw)
-    o_tp.loss.backward()
-    if finalize:
-        finalize_tp_grads(model)
+    o_tp.loss.backward()  # (partial gradients summed over TP by the hooks apply_tensor_parallel installed)
     logits = gather_logits(model, o_tp.logits)
     res["logits_shape"] = tuple(logits.shape)
     res["local_vocab"] = o_tp.logits.shape[-1]
@@ -198,7 +196,7 @@ def _counting(rank, state):
 
 def _dropout_rng(rank, state):
     """Dropout under TP: forked masks differ across TP ranks, the rest agree, recompute replays."""
-    from megaloop.parallel.apply_tp import finalize_tp_grads, gather_full_grads
+    from megaloop.parallel.apply_tp import gather_full_grads
     from megaloop.parallel.random import RNGTracker, check_rng_in_step, rng_fingerprint
     comm = TPComm.from_state(state)
     res = {}
@@ -224,7 +222,6 @@ def _dropout_rng(rank, state):
             model.block.activation_checkpointing = mode
             torch.manual_seed(11)
             model(x, labels=y, loops=3).loss.backward()
-            finalize_tp_grads(model)
             grads[(path, mode)] = gather_full_grads(model)
         # Dropout really is active, and the default generator is still in step after training steps.
         torch.manual_seed(12)

@@ -3,7 +3,7 @@
 As tests/test_tp_model.py: ONE spawned 2-rank gloo job, whose results the tests below read. The
 TP = 1 reference and the TP = 2 SP shard are built from the same seed on every rank. Same tolerances
 as the TP tests (fp32): logits and loss atol 2e-5 / rtol 1e-5; gradients atol 1e-6 (+ rtol 1e-4),
-after `finalize_tp_grads` (which under SP also sums the replicated parameters' per-shard gradients).
+after the TP gradient hooks (which under SP also sum the replicated parameters' per-shard gradients).
 """
 import time
 
@@ -57,8 +57,12 @@ def _counting(rank, state):
         with model.tp_comm.counting() as c:
             model(x, labels=y, loops=R, grad_loops=G).loss.backward()
         m = cfg.model
+        from megaloop.parallel.tensor_parallel import partition_of
+        hooked = sum(1 for p in model.parameters() if p.grad is not None
+                     and partition_of(p).kind in ("replicated_partial_grad", "kv_replicated"))
         out[(name, R, G)] = dict(
-            L=m.n_loop, P=m.n_prelude, C=m.n_coda, total=c.count(),
+            L=m.n_loop, P=m.n_prelude, C=m.n_coda, total=c.count(), grad_hooks=c.count("all_reduce", "other"),
+            hooked=hooked,
             **{f"{ph}_{op}": c.count(op, ph) for ph in ("forward", "backward")
                for op in ("all_gather", "reduce_scatter", "all_reduce")})
     return out
@@ -66,7 +70,7 @@ def _counting(rank, state):
 
 def _extras(rank, state):
     """Activation checkpointing and dropout under SP; refusal of an indivisible sequence."""
-    from megaloop.parallel.apply_tp import finalize_tp_grads, gather_full_grads
+    from megaloop.parallel.apply_tp import gather_full_grads
     from megaloop.parallel.random import check_rng_in_step
     res = {}
     # checkpointing (loop / layer) recomputes the same thing: same gradients as without
@@ -92,7 +96,6 @@ def _extras(rank, state):
         torch.manual_seed(seed)
         loss = model(x, labels=y, loops=3).loss
         loss.backward()
-        finalize_tp_grads(model)
         losses.append(loss.item())
     gathered = model.tp_comm.all_gather(torch.tensor(losses)[None], dim=0)
     res["dropout_active"] = losses[0] != losses[1]
@@ -150,7 +153,10 @@ def test_sp_collectives_all_gather_and_reduce_scatter_per_sub_layer(sp2):
         assert c["backward_reduce_scatter"] == 2 * bwd_layers + 1, (name, R, c)
         assert c["backward_all_gather"] == 2 * bwd_layers + 1, (name, R, c)
         assert c["backward_all_reduce"] == 0, (name, R, c)
-        assert c["total"] == sum(v for k, v in c.items() if k.startswith(("forward_", "backward_"))), c
+        # plus the TP gradient reduction: one all-reduce per parameter whose gradient is partial per
+        # shard (under SP: every replicated parameter applied to sequence shards), once per backward
+        assert c["grad_hooks"] == c["hooked"] > 0, (name, R, c)
+        assert c["total"] == c["grad_hooks"] + sum(v for k, v in c.items() if k.startswith(("forward_", "backward_"))), c
 
 
 def test_sp_checkpointing_dropout_and_refusals(sp2):

@@ -52,7 +52,7 @@ def _ds_checkpointing_ranks(rank, world):
     from megaloop.model import build_model
     from megaloop.parallel.apply_tp import apply_tensor_parallel
     from megaloop.parallel.topology import build_parallel_state
-    from megaloop.training.trainer import deepspeed_checkpoint_fn, install_tp_grad_hooks
+    from megaloop.training.trainer import deepspeed_checkpoint_fn
 
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     report = {}
@@ -65,8 +65,7 @@ def _ds_checkpointing_ranks(rank, world):
         torch.manual_seed(1)
         lm = build_model(cfg)
         if tp > 1:
-            apply_tensor_parallel(lm, state)
-            install_tp_grad_hooks(lm)
+            apply_tensor_parallel(lm, state)  # (installs the TP gradient hooks)
         lm.train()
         ds_fn, note = deepspeed_checkpoint_fn(cfg.train, state, "cpu")
         assert ds_fn is deepspeed.checkpointing.non_reentrant_checkpoint, note

@@ -4,7 +4,7 @@
     state = build_parallel_state(cfg.parallel)
     apply_tensor_parallel(model, state)           # swaps modules, keeps this rank's shard
     ...
-    loss.backward(); finalize_tp_grads(model)     # once per optimizer step, before clipping/step
+    loss.backward()                               # partial gradients are summed by the TP grad hooks
 
 Nothing in the model code is rewritten: its linear maps are swapped for column/row-parallel ones,
 the embedding and LM head for vocab-parallel ones, and Megatron's `f` operator is attached as a
@@ -33,7 +33,7 @@ r of tp holds the r-th contiguous block along `dim`:
   dim 0, vocab-parallel (rows of the padded vocabulary, padded_vocab/tp per rank):
       embedding.weight, head.weight (the same tensor when tied)
   replicated (identical on every rank; take rank 0): everything else -- norms, QK-norm and GDN's
-      out_norm_weight (their gradients are partial sums, summed by finalize_tp_grads), block.rho,
+      out_norm_weight (their gradients are partial sums, summed by the TP grad hooks, install_tp_grad_hooks), block.rho,
       block.out_proj (Parcae W_C), block.injection.* (A_log, dt_bias, B, concat adapter), exit_gate,
       DSA's indexer (wq_index, wk_index, w_index).
 The vocabulary padding (model.pad_vocab_multiple) does not depend on tp, so full tensors have the same
@@ -56,7 +56,7 @@ residual stream, dropout and all loop state take 1/tp of the memory and compute.
     Ouro's exit gate output is all-gathered (backward: own chunk);
   - every replicated parameter applied to shards gets a gradient over this rank's tokens only: it is
     tagged `replicated_partial_grad` (and `param.sequence_parallel = True`), summed by
-    `finalize_tp_grads` / the trainer's per-backward hooks; DSA's indexer keeps complete gradients;
+    the TP grad hooks (`install_tp_grad_hooks`); DSA's indexer keeps complete gradients;
   - the block's diagnostic norms (means over tokens) are all-reduced to means over the sequence;
   - the sequence length must be divisible by tp (refused, naming the numbers); pipeline parallelism
     and KV-cache generation are not supported with SP.
@@ -78,6 +78,7 @@ import torch.nn as nn
 from megaloop.parallel.comm import TPComm, copy_to_tp, gather_from_sp, gather_from_tp, reduce_scatter_to_sp
 from megaloop.parallel.cross_entropy import (VocabParallelCrossEntropy, VocabParallelSuccessiveKL,
                                              gather_vocab_logits)
+from megaloop.parallel.grad_norm import tag_for_deepspeed_norm
 from megaloop.parallel.random import RNGTracker
 from megaloop.parallel.tensor_parallel import (REPLICATED, ColumnParallelLinear, Partition, RowParallelLinear,
                                                VocabParallelEmbedding, partition_of, tag)
@@ -416,7 +417,7 @@ def _sp_diagnostics(comm: TPComm):
 def _mark_sp_partial_grads(model: nn.Module, full_sequence: set) -> int:
     """Under SP every replicated parameter applied to sequence shards (norms, injection, gates, rho,
     Parcae's W_C, the exit gate) gets a gradient over this rank's tokens only: tag it
-    `replicated_partial_grad` (summed over TP by finalize_tp_grads / the trainer's per-backward hooks)
+    `replicated_partial_grad` (summed over TP by the TP grad hooks)
     and set Megatron's `sequence_parallel` attribute. Replicated parameters that see the gathered
     sequence (DSA's indexer, `full_sequence`) keep complete, identical gradients."""
     n = 0
@@ -565,6 +566,10 @@ def apply_tensor_parallel(model: nn.Module, state_or_group, *, sequence_parallel
     model.tp_sequence_parallel = sp
     model.tp_rng_tracker = tracker
     model.tp_vocab_range = (start, end)
+    # 5. Gradients: partial per-rank gradients summed as they are produced; each distinct shard counted
+    # once by DeepSpeed's grad-norm de-duplication.
+    install_tp_grad_hooks(model)
+    tag_for_deepspeed_norm(model, comm.rank)
     if check_replicas and _dist_ready():
         check_replicated_parameters(model)
     return model
@@ -595,9 +600,11 @@ def check_replicated_parameters(model: nn.Module) -> None:
 # Gradients
 
 
-def finalize_tp_grads(model: nn.Module) -> int:
-    """Sum the gradients that are partial per TP rank, in ONE all-reduce; call once per optimizer step
-    after the last backward (before clipping). Returns the number of elements reduced.
+def install_tp_grad_hooks(model: nn.Module) -> int:
+    """The one TP gradient reduction: sum, over the TP ranks, the gradients that are partial per rank, as
+    autograd produces them (a tensor hook per parameter, so it happens before DeepSpeed's ZeRO hooks
+    move gradients into their flat partitions; linear, so per backward == once per step).
+    `apply_tensor_parallel` installs it; returns the number of parameters hooked.
 
     - replicated parameters used inside sharded heads (QK-norm, GDN's output norm): each rank's
       gradient covers its own heads only -> summed over the TP group; under sequence parallelism also
@@ -609,26 +616,23 @@ def finalize_tp_grads(model: nn.Module) -> int:
     comm: Optional[TPComm] = getattr(model, "tp_comm", None)
     if comm is None or comm.size == 1:
         return 0
-    bufs, finish = [], []
+    n = 0
     for p in model.parameters():
-        if p.grad is None:
-            continue
         part = partition_of(p)
         if part.kind == "replicated_partial_grad":
-            bufs.append(p.grad)
-            finish.append((p, None))
+            p.register_hook(lambda g, comm=comm: comm.all_reduce(g.clone()))
         elif part.kind == "kv_replicated":
-            slots = comm.size // part.replicas  # = number of kv shards
-            buf = torch.zeros((slots,) + tuple(p.grad.shape), dtype=p.grad.dtype, device=p.grad.device)
-            buf[comm.rank // part.replicas] = p.grad
-            bufs.append(buf)
-            finish.append((p, comm.rank // part.replicas))
-    if not bufs:
-        return 0
-    reduced = comm.all_reduce_many(bufs, phase="other")
-    for (p, slot), r in zip(finish, reduced):
-        p.grad.copy_(r if slot is None else r[slot])
-    return sum(b.numel() for b in bufs)
+            slot, slots = comm.rank // part.replicas, comm.size // part.replicas
+
+            def hook(g, comm=comm, slot=slot, slots=slots):
+                buf = torch.zeros((slots,) + tuple(g.shape), dtype=g.dtype, device=g.device)
+                buf[slot] = g
+                return comm.all_reduce(buf)[slot].clone()
+            p.register_hook(hook)
+        else:
+            continue
+        n += 1
+    return n
 
 
 # ---------------------------------------------------------------------------------------------

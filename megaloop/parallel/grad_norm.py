@@ -4,7 +4,7 @@ Every distinct gradient element is counted exactly once over the model-parallel 
 - sharded parameters (column / row / vocab): every rank holds a different shard -> counted everywhere;
 - kv-replicated wk / wv (1 < n_kv_heads < tp): the `replicas` ranks sharing a kv head hold the same
   (summed) shard -> counted on the first rank of each group, tp_rank % replicas == 0;
-- replicated parameters (identical on every TP rank after `finalize_tp_grads` / the TP grad hooks)
+- replicated parameters (identical on every TP rank after the TP grad hooks, `install_tp_grad_hooks`)
   -> counted on TP rank 0;
 - the tied embedding held by the first and last pipeline stage -> counted on one stage (the caller
   says which parameters are such duplicates).

@@ -123,16 +123,20 @@ class RNGTracker:
 
 
 def set_parallel_seed(seed: int, state=None, *, offset_by_data_rank: bool = True) -> int:
-    """Seed the default (CPU and accelerator) generators for training: identical on all TP ranks of a
-    replica (Megatron's rule), different per pipeline stage and, unless disabled, per data-parallel
-    rank (never keyed by the global rank: TP ranks would then disagree). Returns the seed used.
+    """Seed the default (CPU and accelerator) generators for training: identical on all TP ranks and
+    pipeline stages of a replica, different per data-parallel replica unless disabled. Returns the seed.
+
+    Identical across TP ranks is Megatron's rule (replicated computations such as dropout on the
+    replicated stream and Huginn's noise start must agree; the model-parallel stream is RNGTracker's).
+    Identical across pipeline stages makes a pipelined run draw what the one-stage run draws (stages run
+    different layers, so they need no streams of their own). Never keyed by the global rank.
 
     Build (initialise) the model BEFORE calling this, with the plain `seed` on every rank, so every
     rank starts from the same full weights and cuts its own shard from them.
     """
     s = int(seed)
-    if state is not None:
-        s += 100 * state.pp_rank + (10007 * state.dp_rank if offset_by_data_rank else 0)
+    if state is not None and offset_by_data_rank:
+        s += 100003 * (state.dp_rank + 1)
     torch.manual_seed(s)
     acc = _accelerator()
     if acc.device_name() != "cpu":

@@ -43,7 +43,7 @@ class Partition:
     full / (tp / replicas); merge by concatenating the shards of ranks 0, replicas, 2*replicas, ...
     `replicated_partial_grad`: replicated value, but each rank's gradient is a partial sum (a norm
     applied per head inside a sharded attention: QK-norm; under sequence parallelism, every replicated
-    parameter applied to sequence shards) -> `finalize_tp_grads` sums it.
+    parameter applied to sequence shards) -> `apply_tp.install_tp_grad_hooks` sums it.
     """
 
     dim: Optional[int]

@@ -52,6 +52,14 @@ def _as_batch(dataset, indices) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(dataset[int(i)], dtype=np.int64) for i in indices]))
 
 
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """Page-locked on accelerator machines, so the trainer's copy to the device is asynchronous (a copy
+    from pageable memory waits for the device's queued work: a host sync every step)."""
+    from deepspeed.accelerator import get_accelerator
+    acc = get_accelerator()
+    return t if acc.device_name() == "cpu" else acc.pin_memory(t)
+
+
 class TrainBatches:
     """Iterator over this rank's training micro-batches, starting after `consumed_samples`.
 
@@ -84,7 +92,8 @@ class TrainBatches:
         step, m = divmod(self._micro, self.gas)
         self._micro += 1
         sample = _as_batch(self.dataset, indices)
-        return (sample[:, :-1].contiguous(), self.loops_for(step, m)), sample[:, 1:].contiguous()
+        tokens, labels = _pinned(sample[:, :-1].contiguous()), _pinned(sample[:, 1:].contiguous())
+        return (tokens, self.loops_for(step, m)), labels
 
 
 class EvalBatches:

@@ -195,7 +195,8 @@ class Trainer:
             self.logger.console(note)
         # Per-rank RNG (dropout, Huginn's noise start) after init: differs across data-parallel
         # replicas, identical across TP ranks and stages of one replica.
-        torch.manual_seed(t.seed + 100003 * (st.dp_rank + 1))
+        from megaloop.parallel.random import set_parallel_seed
+        set_parallel_seed(t.seed, st)
 
         optimizer = build_optimizer(module, t, acc.device_name())
         scheduler = build_scheduler(optimizer, t)
@@ -234,10 +235,7 @@ class Trainer:
         state = self.state
 
         def prepare(lm):
-            from megaloop.parallel.grad_norm import tag_for_deepspeed_norm
-            apply_tensor_parallel(lm, state)
-            install_tp_grad_hooks(lm)
-            tag_for_deepspeed_norm(lm, state.tp_rank)  # DeepSpeed's clipping counts each shard once too
+            apply_tensor_parallel(lm, state)  # (also installs the TP gradient reduction)
         return prepare
 
     # ------------------------------------------------------------------------------------------
@@ -352,7 +350,8 @@ class Trainer:
             total, grad = int(loops[0]), int(loops[1])
             rs.append(total)
             device = self.engine.device
-            out = self.engine(tokens.to(device), labels=labels.to(device), loops=total, grad_loops=grad,
+            out = self.engine(tokens.to(device, non_blocking=True), labels=labels.to(device, non_blocking=True),
+                              loops=total, grad_loops=grad,
                               return_diagnostics=want_diag and m == t.grad_accum_steps - 1)
             self.engine.backward(out.loss)
             self.engine.step()
@@ -540,6 +539,8 @@ class Trainer:
                    "flops_per_s_per_device": flop_s / self.world, "peak_flops_share": share,
                    "loops_R": r_mean, "memory_max_bytes": max(mem)}
         self.logger.scalars(step, scalars)
+        self.logger.record({"step": step, "tokens_per_s": tok_s, "flops_per_s": flop_s, "peak_flops_share": share,
+                            "memory_max_bytes": max(mem)})
         for r, m in enumerate(mem):
             self.logger.scalars(step, {f"rank{r}": m}, prefix="memory/")
         diag = stats.get("diag")
@@ -615,35 +616,6 @@ class Trainer:
         print(f"[megaloop] sample (R={loops}): {text!r}", flush=True)
         with open(os.path.join(self.out_dir, "sample.txt"), "w") as f:
             f.write(text + "\n")
-
-
-def install_tp_grad_hooks(lm) -> int:
-    """Sum, over the TP ranks, the gradients that are partial per rank (apply_tp's
-    `replicated_partial_grad`: QK-norm / GDN output-norm weights, and under sequence parallelism every
-    replicated parameter applied to sequence shards; `kv_replicated` wk/wv when n_kv_heads < tp), as soon as autograd produces them - i.e. what `finalize_tp_grads` does once per
-    step, but done per backward so that it happens before DeepSpeed's ZeRO hooks move the gradients
-    into their flat partitions. Linear, so per micro-batch == once per step."""
-    from megaloop.parallel.tensor_parallel import partition_of
-    comm = getattr(lm, "tp_comm", None)
-    if comm is None or comm.size == 1:
-        return 0
-    n = 0
-    for p in lm.parameters():
-        part = partition_of(p)
-        if part.kind == "replicated_partial_grad":
-            p.register_hook(lambda g, comm=comm: comm.all_reduce(g.clone()))
-            n += 1
-        elif part.kind == "kv_replicated":
-            slot = comm.rank // part.replicas
-            slots = comm.size // part.replicas
-
-            def hook(g, comm=comm, slot=slot, slots=slots):
-                buf = torch.zeros((slots,) + tuple(g.shape), dtype=g.dtype, device=g.device)
-                buf[slot] = g
-                return comm.all_reduce(buf)[slot].clone()
-            p.register_hook(hook)
-            n += 1
-    return n
 
 
 def looped_layer_of(module):
