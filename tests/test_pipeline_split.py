@@ -88,7 +88,7 @@ def test_balanced_partition_keeps_stages_non_empty_and_minimises_the_heaviest():
 
 
 def test_looped_block_is_one_layer_weighted_by_its_loop_count():
-    from megaloop.training.flops import pipeline_layer_weights
+    from megaloop.model.flops import pipeline_layer_weights
     cfg = load_config(None, ["model.n_prelude=2", "model.n_coda=2"])
     names = pl.layer_names(cfg.model)
     assert names.count("loop") == 1

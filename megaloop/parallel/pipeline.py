@@ -290,7 +290,7 @@ def stage_plan(cfg: Config, num_stages: int, method: Optional[str] = None) -> li
     names = layer_names(cfg.model)
     mean = expected_loops(cfg.loop, cfg.train.seed, n=512)
     grad_mean = mean if cfg.loop.backprop_loops is None else min(mean, cfg.loop.backprop_loops)
-    from megaloop.training.flops import pipeline_layer_weights
+    from megaloop.model.flops import pipeline_layer_weights
     parts = balanced_partition(pipeline_layer_weights(cfg, names, mean, grad_mean), num_stages)
     return [names[parts[s]:parts[s + 1]] for s in range(num_stages)]
 
@@ -301,7 +301,7 @@ def build_pipeline_module(cfg: Config, build_lm, topology, activation_checkpoint
     every rank); topology: DeepSpeed's PipeModelDataParallelTopology; prepare_lm(lm): optional hook run
     on the full model before it is split (e.g. tensor parallelism)."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
-    from megaloop.training.flops import pipeline_layer_weights
+    from megaloop.model.flops import pipeline_layer_weights
 
     m = cfg.model
     collect = cfg.loop.loss != "last"

@@ -25,7 +25,7 @@ from megaloop.training.data import (EvalBatches, TrainBatches, build_split_datas
 from megaloop.parallel.device import on_accelerator, zeros_on_accelerator
 from megaloop.training.distributed import build_state, init_distributed, is_logging_rank
 from megaloop.training.ds_config import build_ds_config, check_supported
-from megaloop.training.flops import train_flops_per_token
+from megaloop.model.flops import train_flops_per_token
 from megaloop.training.optim import build_optimizer, build_scheduler
 from megaloop.training.run_logging import RunLogger, fmt_bytes, memory_bytes
 
