@@ -112,7 +112,7 @@ def sp_model(data):
     """A tiny megaloop model trained with spm_a (vocabulary 300): a checkpoint and its export."""
     from megaloop.export import export_hf
     from megaloop.export.hf_export import save_plain_checkpoint
-    from megaloop.export.testing import perturbed_model, tiny_config
+    from export_support import perturbed_model, tiny_config
 
     cfg = tiny_config("plain", ["model.vocab_size=300", "data.tokenizer_type=sentencepiece",
                                 f"data.tokenizer_model={data['spm_a']}"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megaloop.export import export_hf, load_exported
-from megaloop.export.testing import EXPORTABLE_CONFIGS, perturbed_model, tiny_config
+from export_support import EXPORTABLE_CONFIGS, perturbed_model, tiny_config
 
 IDS = [Path(p).stem for p in EXPORTABLE_CONFIGS]
 

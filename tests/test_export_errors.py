@@ -6,7 +6,7 @@ import torch
 
 from megaloop.export import ExportError, export_hf, load_checkpoint, load_merged_state_dict
 from megaloop.export.hf_export import save_plain_checkpoint
-from megaloop.export.testing import UNEXPORTABLE_CONFIGS, perturbed_model, tiny_config
+from export_support import UNEXPORTABLE_CONFIGS, perturbed_model, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import torch
 
 from megaloop.export import ExportError
 from megaloop.export.llama_export import export_llama
-from megaloop.export.testing import perturbed_model, tiny_config
+from export_support import perturbed_model, tiny_config
 
 
 @pytest.mark.parametrize("name,overrides,loops", [

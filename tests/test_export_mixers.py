@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megaloop.export import export_hf, load_exported
-from megaloop.export.testing import perturbed_model, tiny_config
+from export_support import perturbed_model, tiny_config
 
 VARIANTS = {
     "lt2_gdn": ("lt2_gdn", None),

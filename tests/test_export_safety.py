@@ -10,7 +10,7 @@ import pytest
 
 from megaloop.export import ExportError, export_hf
 from megaloop.export.hf_export import save_plain_checkpoint
-from megaloop.export.testing import perturbed_model, tiny_config
+from export_support import perturbed_model, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megaloop.export import export_hf, register_hf
-from megaloop.export.testing import perturbed_model, tiny_config
+from export_support import perturbed_model, tiny_config
 
 SCRIPT = textwrap.dedent("""
     import json, sys

@@ -6,7 +6,7 @@ import torch
 
 from megaloop.data.tokenizer import ByteTokenizer, build_tokenizer
 from megaloop.export import export_hf
-from megaloop.export.testing import perturbed_model, tiny_config
+from export_support import perturbed_model, tiny_config
 
 TEXTS = ["hello world", "alpha beta\n  gamma ✓ 日本", "", "x" * 50, "tabs\tand <b>markup</b>"]
 

@@ -6,7 +6,7 @@ import torch
 
 from megaloop.export import export_hf
 from megaloop.export.hf_export import save_plain_checkpoint
-from megaloop.export.testing import perturbed_model, tiny_config
+from export_support import perturbed_model, tiny_config
 from megaloop.generation import generate, load_lm, sample_next_token, wrap_megaloop
 
 

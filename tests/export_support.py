@@ -1,4 +1,4 @@
-"""Helpers shared by the export tests and tools: tiny models whose every parameter matters."""
+"""Helpers shared by the export tests: the tiny configs (yaml_configs/tiny) and models whose every parameter matters."""
 from __future__ import annotations
 
 import glob
@@ -9,7 +9,7 @@ import torch
 from megaloop.config import load_config
 from megaloop.model import build_model
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIGS = sorted(glob.glob(str(ROOT / "yaml_configs/tiny/*.yaml")))
 
 
