@@ -14,7 +14,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, List, Optional, Union
 
 import yaml
 
@@ -177,7 +177,6 @@ class TrainConfig:
     save_interval: int = 0
     output_dir: str = "runs/default"
     load: Optional[str] = None
-    # --- added by the training engine (issue 5) ---
     auto_resume: bool = True  # resume from the latest complete checkpoint in output_dir
     keep_checkpoints: int = 0  # keep only the newest N complete checkpoints; 0 = keep all
     eval_loops: Optional[int] = None  # R used for validation; None: model.loops
@@ -217,6 +216,42 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token mixers: which names a config may use, and the mixer of each looped layer.
+
+# The built-in token mixers plus every mixer registered with megaloop.model.mixers.register_mixer (which
+# adds its name here), so that validation needs no model code. The classes are in megaloop/model/mixers.py.
+MIXER_NAMES = {"attn", "gdn", "swa", "dsa"}
+
+
+def mixer_pattern(spec: str, n_layers: int, linear_mixer: str = "gdn") -> List[str]:
+    """Mixer name for each of n_layers layers.
+
+    `spec` is one name ("attn"), a comma list ("gdn,gdn,gdn,attn") repeated along depth (its length
+    must divide n_layers so the pattern tiles the block exactly), or a ratio "N:M": N layers of
+    `linear_mixer` then M softmax-attention layers, repeated (LT2's "4:1" hybrid puts one full
+    attention layer after every four linear ones).
+    """
+    if ":" in spec:
+        try:
+            n_lin, n_attn = (int(v) for v in spec.split(":"))
+        except ValueError:
+            raise ConfigError(f"model.mixer ratio {spec!r} must look like 'N:M' with integers") from None
+        if n_lin < 0 or n_attn < 0 or n_lin + n_attn == 0:
+            raise ConfigError(f"model.mixer ratio {spec!r} needs non-negative counts, not both zero")
+        spec = ",".join([linear_mixer] * n_lin + ["attn"] * n_attn)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ConfigError("model.mixer is empty")
+    if n_layers % len(names):
+        raise ConfigError(f"model.mixer pattern {spec!r} has {len(names)} entries, which does not tile "
+                          f"the {n_layers} layers it applies to")
+    for n in names:
+        if n not in MIXER_NAMES:
+            raise ConfigError(f"unknown mixer '{n}' in model.mixer={spec!r}; known mixers: {sorted(MIXER_NAMES)}")
+    return names * (n_layers // len(names))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -549,7 +584,6 @@ def validate(cfg: Config) -> None:
     if isinstance(m.mixer, str) and m.mixer.strip().isdigit():
         raise ConfigError(f"model.mixer={m.mixer!r} looks like a number: quote ratios in YAML (mixer: \"4:1\"), "
                           f"which YAML 1.1 otherwise reads as a base-60 integer")
-    from megaloop.model.mixers import mixer_pattern  # the registry lives with the model code
     mixer_pattern(m.mixer, m.n_loop, m.linear_mixer)
     # Loop schedule.
     _choice(lp.sampling, ("fixed", "poisson", "lognormal_poisson"), "loop.sampling")
@@ -583,24 +617,18 @@ def validate(cfg: Config) -> None:
                           "long compile); use zero_stage 1 or 2 with train.compile, or train.compile=false")
     if t.min_lr > t.lr:
         raise ConfigError(f"need train.min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
-    # Parallel layout (the TP / PP / ZeRO code adds its own divisibility checks on top of these).
+    # Parallel layout.
     _choice(p.zero_stage, (0, 1, 2, 3), "parallel.zero_stage")
     tp = p.tensor_parallel
-    if tp > 1:
-        if m.n_heads % tp:
-            raise ConfigError(f"parallel.tensor_parallel={tp} does not divide model.n_heads={m.n_heads}")
-        if m.kv_heads % tp and tp % m.kv_heads:
-            raise ConfigError(f"parallel.tensor_parallel={tp} and model.n_kv_heads={m.kv_heads}: one must "
-                              f"divide the other (kv heads are split, or replicated when fewer than TP ranks)")
-        if m.ffn_dim % tp:
-            raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the MLP hidden size {m.ffn_dim}")
-        if m.padded_vocab_size % tp:
-            raise ConfigError(f"parallel.tensor_parallel={tp} does not divide the padded vocabulary "
-                              f"{m.padded_vocab_size}; set model.pad_vocab_multiple to a multiple of {tp}")
+    problems = tensor_parallel_problems(m, tp, cfg.data.seq_len if p.sequence_parallel else None)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if p.zero_stage == 3 and tp > 1:
+        raise ConfigError("parallel.zero_stage=3 with parallel.tensor_parallel>1 is not supported by megaloop's "
+                          "tensor-parallel layers; use zero_stage 1 or 2 with TP")
+    # Allowed on purpose: ZeRO 3 with activation checkpointing (non-reentrant recompute re-gathers the
+    # parameters), and fp16 with PP and ZeRO 0 (DeepSpeed's FP16 optimizer handles it).
     if p.sequence_parallel and tp > 1:
-        if cfg.data.seq_len % tp:
-            raise ConfigError(f"parallel.sequence_parallel splits the sequence over the tensor-parallel ranks: "
-                              f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.tensor_parallel={tp}")
         if p.pipeline_parallel > 1:
             raise ConfigError(f"parallel.sequence_parallel with parallel.pipeline_parallel={p.pipeline_parallel} is "
                               f"not supported (sequence parallelism is implemented for pipeline_parallel 1 only); "
@@ -630,3 +658,31 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pipeline_parallel="
                           f"{p.pipeline_parallel}: DeepSpeed's pipeline engine supports ZeRO 0 and 1 only. "
                           f"Use zero_stage 1 with pipeline parallelism, or pipeline_parallel 1 for ZeRO 2/3")
+
+
+def tensor_parallel_problems(m: ModelConfig, tp: int, seq_len: Optional[int] = None) -> List[str]:
+    """What a tensor-parallel degree fails to divide, one message per problem (empty: it fits).
+
+    seq_len: the sequence length, when sequence parallelism splits it over the TP ranks. The one
+    implementation of these checks: `validate` and `megaloop.parallel.apply_tp.validate_tensor_parallel`
+    (for models built in code) both call it."""
+    if tp == 1:
+        return []
+    problems = []
+    if m.n_heads % tp:
+        problems.append(f"model.n_heads={m.n_heads} is not divisible by parallel.tensor_parallel={tp}")
+    if m.kv_heads % tp and tp % m.kv_heads:
+        problems.append(f"model.n_kv_heads={m.kv_heads} and parallel.tensor_parallel={tp}: one must divide the "
+                        f"other (kv heads are split when n_kv_heads >= tp, replicated when fewer)")
+    if m.ffn_dim % tp:
+        problems.append(f"the MLP hidden size {m.ffn_dim} (model.ffn_hidden, or derived from model.d_model="
+                        f"{m.d_model}) is not divisible by parallel.tensor_parallel={tp}")
+    if m.padded_vocab_size % tp:
+        good = m.pad_vocab_multiple * tp // math.gcd(m.pad_vocab_multiple, tp)
+        problems.append(f"the padded vocabulary {m.padded_vocab_size} (model.vocab_size={m.vocab_size} padded to a "
+                        f"multiple of model.pad_vocab_multiple={m.pad_vocab_multiple}) is not divisible by "
+                        f"parallel.tensor_parallel={tp}; set model.pad_vocab_multiple={good}")
+    if seq_len is not None and seq_len % tp:
+        problems.append(f"parallel.sequence_parallel splits the sequence over the tensor-parallel ranks: "
+                        f"data.seq_len={seq_len} is not divisible by parallel.tensor_parallel={tp}")
+    return problems

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from megaloop.config import ConfigError, load_config
+from megaloop.config import MIXER_NAMES, ConfigError, load_config, mixer_pattern
 from megaloop.model import build_model
-from megaloop.model.mixers import mixer_pattern
+from megaloop.model.mixers import MIXERS
 
 
 def _cfg(overrides):
@@ -21,6 +21,11 @@ def test_ratio_and_list_patterns_spread_along_depth():
         mixer_pattern("4:1", 4)
     with pytest.raises(ConfigError, match="unknown mixer 'gnd'"):
         _cfg(["model.mixer=gnd"])
+
+
+def test_every_mixer_class_has_a_name_configs_may_use():
+    # config.py validates model.mixer without importing the model: its names must cover the registry.
+    assert set(MIXERS) <= MIXER_NAMES and {"attn", "gdn", "swa", "dsa"} <= set(MIXERS)
 
 
 def test_dsa_with_full_topk_equals_dense_attention_model():

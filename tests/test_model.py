@@ -252,7 +252,7 @@ def test_mixer_is_pluggable_without_touching_the_loop():
             super().__init__()
             self.proj = torch.nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-        def forward(self, x, rope, q_input=None, cache=None):
+        def forward(self, x, rope, q_input=None):
             return self.proj(x) * 0
 
     register_mixer("zero_test")(ZeroMixer)

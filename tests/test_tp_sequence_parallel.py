@@ -171,7 +171,7 @@ def test_sp_checkpointing_dropout_and_refusals(sp2):
 
 def test_sp_bad_layouts_are_refused_at_startup():
     cfg = load_config(None, [])
-    with pytest.raises(TensorParallelError, match="sequence length 15 is not divisible by tensor_parallel=2"):
+    with pytest.raises(TensorParallelError, match=r"data.seq_len=15 is not divisible by parallel.tensor_parallel=2"):
         validate_tensor_parallel(cfg.model, 2, seq_len=15, sequence_parallel=True)
     with pytest.raises(ConfigError, match=r"data.seq_len=30 is not divisible by parallel.tensor_parallel=4"):
         load_config(None, ["parallel.tensor_parallel=4", "parallel.sequence_parallel=true", "data.seq_len=30"])

@@ -167,7 +167,6 @@ def test_refused_layouts_fail_fast_with_their_message(tmp_path):
 
 
 def test_tensor_2_x_pipeline_2_matches_single_rank(env):
-    pytest.importorskip("megaloop.parallel.apply_tp")
     # QK-norm (replicated weight with per-rank partial gradients) and one kv head shared by both TP
     # ranks (kv-replicated wk/wv): the gradients that need a TP sum before DeepSpeed's ZeRO hooks.
     model = {"qk_norm": True, "n_kv_heads": 1}

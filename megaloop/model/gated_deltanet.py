@@ -65,7 +65,7 @@ class GatedDeltaNet(nn.Module):
         for p in (self.A_log, self.dt_bias, self.out_norm_weight):
             p.no_weight_decay = True
 
-    def forward(self, x: torch.Tensor, rope=None, q_input: Optional[torch.Tensor] = None, cache=None):
+    def forward(self, x: torch.Tensor, rope=None, q_input: Optional[torch.Tensor] = None):
         B, T, _ = x.shape
         dk, dv = self.head_k_dim, self.head_v_dim
         q, _ = causal_depthwise_conv1d(self.wq(x if q_input is None else q_input), self.q_conv)

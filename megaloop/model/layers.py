@@ -77,7 +77,7 @@ class Attention(nn.Module):
             self.gate.zero_init = True
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, rope, q_input: Optional[torch.Tensor] = None, cache=None):
+    def forward(self, x: torch.Tensor, rope, q_input: Optional[torch.Tensor] = None):
         B, T, _ = x.shape
         hd = self.head_dim
         q = self.wq(x if q_input is None else q_input).view(B, T, -1, hd)
@@ -132,12 +132,10 @@ class TransformerLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0, mixer: Optional[nn.Module] = None):
         super().__init__()
-        from megaloop.model.mixers import build_mixer  # mixers import this module
-
         eps, scale = cfg.norm_eps, cfg.norm_scale
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(cfg.d_model, eps, scale)
-        self.mixer = mixer if mixer is not None else build_mixer("attn", cfg, layer_idx)
+        self.mixer = mixer if mixer is not None else Attention(cfg, layer_idx)
         self.mlp_norm = RMSNorm(cfg.d_model, eps, scale)
         self.mlp = MLP(cfg)
         self.sandwich = cfg.norm_style == "sandwich"
@@ -146,12 +144,12 @@ class TransformerLayer(nn.Module):
             self.mlp_post_norm = RMSNorm(cfg.d_model, eps, scale)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x, rope, q_source=None, recall=None, recall_site="pre_mlp", cache=None):
+    def forward(self, x, rope, q_source=None, recall=None, recall_site="pre_mlp"):
         if recall is not None and recall_site == "pre_attn":
             x = x + recall
         h = self.attn_norm(x)
         q_in = self.attn_norm(q_source) if q_source is not None else None
-        a = self.mixer(h, rope, q_input=q_in, cache=cache)
+        a = self.mixer(h, rope, q_input=q_in)
         if self.sandwich:
             a = self.attn_post_norm(a)
         x = x + self.dropout(a)

@@ -92,7 +92,7 @@ class LoopedBlock(nn.Module):
         the partition / CPU copy), which must not empty the caller's tensor."""
         return self.checkpoint_fn(function, x.view_as(x))
 
-    def _run_layers(self, x, rope, q_source=None, h_prev=None, recall=None, cache=None):
+    def _run_layers(self, x, rope, q_source=None, h_prev=None, recall=None):
         cfg = self.cfg
         per_layer_ckpt = self.activation_checkpointing == "layer" and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
@@ -103,17 +103,14 @@ class LoopedBlock(nn.Module):
                 elif self.arch == "flt_res":
                     x = rms_norm(x + h_prev, self.eps)
             rec = recall if (recall is not None and (i == 0 or cfg.internal_recall_layers == "all")) else None
-            layer_cache = cache.setdefault(i, {}) if cache is not None else None
             if per_layer_ckpt:
                 x = self._checkpointed(functools.partial(layer, rope=rope, q_source=q_src, recall=rec,
-                                                         recall_site=cfg.internal_recall_site,
-                                                         cache=layer_cache), x)
+                                                         recall_site=cfg.internal_recall_site), x)
             else:
-                x = layer(x, rope, q_source=q_src, recall=rec, recall_site=cfg.internal_recall_site,
-                          cache=layer_cache)
+                x = layer(x, rope, q_source=q_src, recall=rec, recall_site=cfg.internal_recall_site)
         return x
 
-    def step(self, t: int, s: torch.Tensor, e: torch.Tensor, rope, cache=None) -> torch.Tensor:
+    def step(self, t: int, s: torch.Tensor, e: torch.Tensor, rope) -> torch.Tensor:
         """One loop iteration: returns the raw (un-normalised) output x(t) from state s = h(t-1).
 
         For t == 0 in the FLT family there is no previous loop (h(0) = none)."""
@@ -123,19 +120,19 @@ class LoopedBlock(nn.Module):
                 u = s
             else:
                 u = self.injection(s, e)
-            x = self._run_layers(u, rope, recall=recall, cache=cache)
+            x = self._run_layers(u, rope, recall=recall)
         else:
             h_prev = s if t > 0 else None
             x0 = e
             if self.arch == "lt_i" and h_prev is not None:
                 x0 = rms_norm(e + h_prev, self.eps)
-            x = self._run_layers(x0, rope, h_prev=h_prev, cache=cache)
+            x = self._run_layers(x0, rope, h_prev=h_prev)
         if self.rho is not None and (self.arch == "recurrent" or t > 0):  # FLT family: h(0) = none
             x = x + self.rho[min(t, self.rho.shape[0] - 1)].type_as(x) * s
         return x
 
-    def _step_of_state(self, t, e, rope, cache, s):
-        return self.step(t, s, e, rope, cache)
+    def _step_of_state(self, t, e, rope, s):
+        return self.step(t, s, e, rope)
 
     def carry(self, x: torch.Tensor, final_norm: Optional[nn.Module]) -> torch.Tensor:
         """The state fed to the next loop from the raw output x(t)."""
@@ -147,7 +144,7 @@ class LoopedBlock(nn.Module):
     # ------------------------------------------------------------------------------------------
     def forward(self, e: torch.Tensor, rope, loops: int, grad_loops: Optional[int] = None,
                 collect: bool = False, diagnostics: bool = False, final_norm: Optional[nn.Module] = None,
-                cache: Optional[dict] = None, generator: Optional[torch.Generator] = None) -> BlockOutput:
+                generator: Optional[torch.Generator] = None) -> BlockOutput:
         """Run `loops` iterations; gradients flow through the last `grad_loops` of them only.
 
         final_norm: the LM's final norm, needed only when it is shared with the loop (Ouro).
@@ -172,9 +169,9 @@ class LoopedBlock(nn.Module):
                 if per_loop_ckpt and torch.is_grad_enabled():
                     # Keep only this loop's input state; recompute the loop in backward. Non-reentrant,
                     # so it composes with the pipeline engine's partial backward.
-                    x = self._checkpointed(functools.partial(self._step_of_state, t, e, rope, cache), s)
+                    x = self._checkpointed(functools.partial(self._step_of_state, t, e, rope), s)
                 else:
-                    x = self.step(t, s, e, rope, cache)
+                    x = self.step(t, s, e, rope)
                 last = t == loops - 1
                 # The last raw output leaves the block un-normalised unless the norm is shared with
                 # the LM's final norm (Ouro), in which case it was always part of the loop.

@@ -408,7 +408,7 @@ def describe_kernel_choice(cfg, device, dtype) -> str:
     (torch.dtype or "bf16" / "fp16" / "fp32"). Runs the selection (and its probe) now, so a
     fallback warning appears at startup and model.gdn_kernel=fla fails here, before training."""
     mc = getattr(cfg, "model", cfg)
-    from megaloop.model.mixers import mixer_pattern
+    from megaloop.config import mixer_pattern
 
     if "gdn" not in mixer_pattern(mc.mixer, mc.n_loop, getattr(mc, "linear_mixer", "gdn")):
         return "GDN kernel: unused (no gdn layer in model.mixer)"

@@ -10,6 +10,7 @@ device          on_accelerator: host values as device tensors for collectives.
 random          RNGTracker (model-parallel dropout stream, recompute-safe), set_parallel_seed.
 apply_tp        apply_tensor_parallel(model, state): the in-place "parallelize" step; gather/merge
                 of shards and the partition convention; install_tp_grad_hooks (the one TP gradient reduction).
+tp_plans        the per-module TP plans (attention, GDN, DSA, MLP; register_tp_plan for a new mixer).
 """
 from megaloop.parallel.topology import (ParallelLayoutError, ParallelState, build_parallel_state,
                                         default_backend, grid_dims)

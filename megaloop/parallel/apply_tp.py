@@ -68,24 +68,22 @@ parameters per rank and no communication. Parcae's B and W_C (d x d) likewise.
 """
 from __future__ import annotations
 
-import contextlib
-import math
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-from megaloop.parallel.comm import TPComm, copy_to_tp, gather_from_sp, gather_from_tp, reduce_scatter_to_sp
+from megaloop.config import tensor_parallel_problems
+from megaloop.model import LoopedLM
+from megaloop.model.layers import TransformerLayer
+from megaloop.parallel.comm import TPComm, gather_from_tp
 from megaloop.parallel.cross_entropy import (VocabParallelCrossEntropy, VocabParallelSuccessiveKL,
                                              gather_vocab_logits)
 from megaloop.parallel.grad_norm import tag_for_deepspeed_norm
 from megaloop.parallel.random import RNGTracker
-from megaloop.parallel.tensor_parallel import (REPLICATED, ColumnParallelLinear, Partition, RowParallelLinear,
-                                               VocabParallelEmbedding, partition_of, tag)
-
-
-class TensorParallelError(ValueError):
-    """The model cannot be split over this many TP ranks; the message names the numbers."""
+from megaloop.parallel.tensor_parallel import (REPLICATED, ColumnParallelLinear, Partition, VocabParallelEmbedding,
+                                               partition_of, tag)
+from megaloop.parallel.tp_plans import TensorParallelError, fork_rng, plan_for
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,287 +91,15 @@ class TensorParallelError(ValueError):
 
 
 def validate_tensor_parallel(cfg, tp: int, seq_len: Optional[int] = None, sequence_parallel: bool = False) -> None:
-    """Refuse a TP degree that does not divide what it must, naming the numbers."""
-    if tp == 1:
-        return
-    problems = []
-    if cfg.n_heads % tp:
-        problems.append(f"model.n_heads={cfg.n_heads} is not divisible by tensor_parallel={tp}")
-    kv = cfg.kv_heads
-    if kv % tp and tp % kv:
-        problems.append(f"model.n_kv_heads={kv} and tensor_parallel={tp}: one must divide the other (kv heads "
-                        f"are split when n_kv_heads >= tp, replicated when fewer)")
-    if cfg.ffn_dim % tp:
-        problems.append(f"the MLP hidden size {cfg.ffn_dim} (model.ffn_hidden, or derived from model.d_model="
-                        f"{cfg.d_model}) is not divisible by tensor_parallel={tp}")
-    V, Vp = cfg.vocab_size, cfg.padded_vocab_size
-    if Vp % tp:
-        m = cfg.pad_vocab_multiple
-        good = m * tp // math.gcd(m, tp)
-        problems.append(f"the padded vocabulary {Vp} (model.vocab_size={V} padded to a multiple of "
-                        f"model.pad_vocab_multiple={m}) is not divisible by tensor_parallel={tp}; "
-                        f"set model.pad_vocab_multiple={good}")
-    if sequence_parallel and seq_len is not None and seq_len % tp:
-        problems.append(f"sequence length {seq_len} is not divisible by tensor_parallel={tp} (sequence parallel)")
+    """Refuse a TP degree that does not divide what it must, naming the numbers: the same check as
+    `megaloop.config.validate` (`tensor_parallel_problems`), for models built in code."""
+    problems = tensor_parallel_problems(cfg, tp, seq_len if sequence_parallel else None)
     if problems:
         raise TensorParallelError("cannot apply tensor parallelism: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers
-
-
-def _shard_param(module: nn.Module, name: str, dim: int, index: slice, partition: Partition) -> None:
-    old = getattr(module, name)
-    new = nn.Parameter(old.data.narrow(dim, index.start, index.stop - index.start).detach().clone(),
-                       requires_grad=old.requires_grad)
-    for attr in ("no_weight_decay", "zero_init", "keep_init"):
-        if hasattr(old, attr):
-            setattr(new, attr, getattr(old, attr))
-    setattr(module, name, tag(new, partition))
-
-
-def _block(rank: int, n: int, size: int) -> slice:
-    return slice(rank * n * size, (rank + 1) * n * size)
-
-
-def _install_input_copy(module: nn.Module, comm: TPComm, names=(("x", 0), ("q_input", 2)),
-                        tracker: Optional[RNGTracker] = None, fork: bool = False) -> None:
-    """Megatron's f at the entry of a sharded sub-layer: its tensor inputs (x and, for FLT, q_input;
-    given as (keyword, position) of the mixer signature `forward(x, rope, q_input=None, cache=None)`)
-    pass through one fused copy_to_tp. With `fork`, the sub-layer runs on the model-parallel RNG
-    stream (dropout inside sharded heads differs across TP ranks)."""
-
-    def pre_hook(mod, args, kwargs):
-        args = list(args)
-        slots = []  # (where, key) of tensors that go through f
-        for key, pos in names:
-            if pos < len(args):
-                if torch.is_tensor(args[pos]):
-                    slots.append(("a", pos))
-            elif torch.is_tensor(kwargs.get(key)):
-                slots.append(("k", key))
-        xs = [args[k] if w == "a" else kwargs[k] for w, k in slots]
-        ys = copy_to_tp(comm, *xs) if xs else ()
-        if len(xs) == 1:
-            ys = (ys,)
-        for (w, k), y in zip(slots, ys):
-            if w == "a":
-                args[k] = y
-            else:
-                kwargs[k] = y
-        if fork:
-            ctx = tracker.fork()
-            ctx.__enter__()
-            mod._tp_rng_ctx = ctx
-        return tuple(args), kwargs
-
-    module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    if fork:
-        def post_hook(mod, args, output):
-            ctx = mod.__dict__.pop("_tp_rng_ctx", None)
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
-            return output
-        module.register_forward_hook(post_hook, always_call=True)
-
-
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale: float):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.scale, None
-
-
-def _replicated_branch(module: nn.Module, tp: int) -> None:
-    """A replicated module fed from inside a sharded region (after f): every rank computes the same
-    input gradient, which f's all-reduce would then count tp times. Scale it by 1/tp on the way in."""
-    def pre_hook(mod, args):
-        return tuple(_ScaleGrad.apply(a, 1.0 / tp) if torch.is_tensor(a) and a.requires_grad else a for a in args)
-    module.register_forward_pre_hook(pre_hook)
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-module plans (mixers are pluggable: a new mixer registers its plan here)
-
-TP_PLANS: Dict[type, Callable] = {}
-
-
-def register_tp_plan(cls: type):
-    """Decorator: `fn(module, comm, cfg, ctx)` shards a mixer of class `cls` (and its subclasses)."""
-    def wrap(fn):
-        TP_PLANS[cls] = fn
-        return fn
-    return wrap
-
-
-def _plan_for(module: nn.Module):
-    for klass in type(module).__mro__:
-        if klass in TP_PLANS:
-            return TP_PLANS[klass]
-    return None
-
-
-def _shard_attention(attn: nn.Module, comm: TPComm, cfg, ctx: dict) -> None:
-    tp, r = comm.size, comm.rank
-    hd = attn.head_dim
-    H, KV = attn.wq.out_features // hd, attn.wk.out_features // hd
-    if H % tp:
-        raise TensorParallelError(f"attention has {H} heads, not divisible by tensor_parallel={tp}")
-    nq = H // tp
-    q_rows = _block(r, nq, hd)
-    attn.wq = ColumnParallelLinear.from_linear(attn.wq, comm, q_rows, copy_input=False)
-    if attn.gate is not None:
-        attn.gate = ColumnParallelLinear.from_linear(attn.gate, comm, q_rows, copy_input=False)
-    if KV % tp == 0:
-        kv_rows, part = _block(r, KV // tp, hd), Partition(0, "column", KV * hd)
-    elif tp % KV == 0:
-        replicas = tp // KV
-        kv_rows, part = _block(r // replicas, 1, hd), Partition(0, "kv_replicated", KV * hd, replicas)
-    else:
-        raise TensorParallelError(f"attention has {KV} kv heads and tensor_parallel={tp}: one must divide the other")
-    attn.wk = ColumnParallelLinear.from_linear(attn.wk, comm, kv_rows, partition=part, copy_input=False)
-    attn.wv = ColumnParallelLinear.from_linear(attn.wv, comm, kv_rows, partition=part, copy_input=False)
-    attn.wo = RowParallelLinear.from_linear(attn.wo, comm, q_rows, sequence_parallel=ctx["sp"])
-    for norm in (attn.q_norm, attn.k_norm):
-        if norm is not None and norm.weight is not None:
-            tag(norm.weight, Partition(None, "replicated_partial_grad"))
-    dropout = getattr(attn, "dropout", 0.0)
-    _install_entry(attn, comm, ctx, fork=isinstance(dropout, float) and dropout > 0)
-
-
-def _install_entry(module: nn.Module, comm: TPComm, ctx: dict, fork: bool = False) -> None:
-    if ctx["sp"]:
-        _install_sp_entry(module, comm, ctx, fork)
-    else:
-        _install_input_copy(module, comm, tracker=ctx["tracker"], fork=fork)
-
-
-def _shard_gdn(gdn: nn.Module, comm: TPComm, cfg, ctx: dict) -> None:
-    tp, r = comm.size, comm.rank
-    H = gdn.w_a.out_features
-    dk, dv = gdn.head_k_dim, gdn.head_v_dim
-    if H % tp:
-        raise TensorParallelError(f"Gated DeltaNet has {H} heads, not divisible by tensor_parallel={tp}")
-    h = H // tp
-    for name, size in (("wq", dk), ("wk", dk), ("wv", dv), ("w_gate", dv), ("w_a", 1), ("w_b", 1)):
-        setattr(gdn, name, ColumnParallelLinear.from_linear(getattr(gdn, name), comm, _block(r, h, size),
-                                                            copy_input=False))
-    for name, size in (("q_conv", dk), ("k_conv", dk), ("v_conv", dv), ("A_log", 1), ("dt_bias", 1)):
-        _shard_param(gdn, name, 0, _block(r, h, size), Partition(0, "column", H * size))
-    tag(gdn.out_norm_weight, Partition(None, "replicated_partial_grad"))
-    gdn.wo = RowParallelLinear.from_linear(gdn.wo, comm, _block(r, h, dv), sequence_parallel=ctx["sp"])
-    _install_entry(gdn, comm, ctx)
-
-
-def _shard_dsa(attn: nn.Module, comm: TPComm, cfg, ctx: dict) -> None:
-    # The indexer is replicated (every rank must select the same keys) and fed from inside the
-    # sharded region; its aux loss target averages the attention distribution over ALL heads.
-    _shard_attention(attn, comm, cfg, ctx)
-    for lin in (attn.wq_index, attn.wk_index, attn.w_index):
-        _replicated_branch(lin, comm.size)
-        ctx["full_sequence"].update(id(p) for p in lin.parameters())  # sees the gathered sequence under SP
-    attn.attend = _TPSparseAttend(attn, comm)
-
-
-class _TPSparseAttend:
-    """DeepSeekSparseAttention.attend under TP: the indexer's KL target is the head-average of the
-    main attention distribution over all heads (one extra forward all-reduce of B*T*topk values per
-    DSA layer and iteration, when the indexer trains; none at inference)."""
-
-    def __init__(self, attn: nn.Module, comm: TPComm):
-        self.attn, self.comm = attn, comm
-
-    def __call__(self, q, k, v, x=None, q_input=None):
-        return self.attn.sparse_attend(q, k, v, x, q_input,
-                                       head_reduce=lambda t: self.comm.all_reduce(t, phase="forward"),
-                                       total_heads=q.shape[1] * self.comm.size)
-
-
-def _shard_mlp(mlp: nn.Module, comm: TPComm, cfg, ctx: dict) -> None:
-    f = mlp.w1.out_features
-    if f % comm.size:
-        raise TensorParallelError(f"MLP hidden size {f} is not divisible by tensor_parallel={comm.size}")
-    mlp.w1 = ColumnParallelLinear.from_linear(mlp.w1, comm, copy_input=False)
-    if mlp.w3 is not None:
-        mlp.w3 = ColumnParallelLinear.from_linear(mlp.w3, comm, copy_input=False)
-    mlp.w2 = RowParallelLinear.from_linear(mlp.w2, comm, sequence_parallel=ctx["sp"])
-    _install_entry(mlp, comm, ctx)
-
-
-def _register_builtin_plans() -> None:
-    from megaloop.model.layers import MLP, Attention
-    TP_PLANS.setdefault(Attention, _shard_attention)  # also SlidingWindowAttention (subclass)
-    TP_PLANS.setdefault(MLP, _shard_mlp)
-    try:
-        from megaloop.model.gated_deltanet import GatedDeltaNet
-        TP_PLANS.setdefault(GatedDeltaNet, _shard_gdn)
-    except ImportError:  # pragma: no cover - older model code
-        pass
-    try:
-        from megaloop.model.sparse_attention import DeepSeekSparseAttention
-        TP_PLANS.setdefault(DeepSeekSparseAttention, _shard_dsa)
-    except ImportError:  # pragma: no cover
-        pass
-
-
-# ---------------------------------------------------------------------------------------------
-# Sequence parallelism (entry of a sub-layer: all-gather the sequence instead of f)
-
-
-def _install_sp_entry(module: nn.Module, comm: TPComm, ctx: dict, fork: bool) -> None:
-    """Sequence parallelism's f at the entry of a sharded sub-layer: the tensor inputs (x and, for FLT,
-    q_input) arrive as sequence shards (B, T/tp, d) and leave gathered (B, T, d), in ONE all-gather
-    forward (the streams are concatenated along the features) and ONE reduce-scatter backward."""
-
-    def pre_hook(mod, args, kwargs):
-        args = list(args)
-        slots = []
-        for key, pos in (("x", 0), ("q_input", 2)):
-            if pos < len(args):
-                if torch.is_tensor(args[pos]):
-                    slots.append(("a", pos))
-            elif torch.is_tensor(kwargs.get(key)):
-                slots.append(("k", key))
-        xs = [args[k] if w == "a" else kwargs[k] for w, k in slots]
-        if len(xs) == 1:
-            ys = [gather_from_sp(comm, xs[0], dim=1)]
-        elif xs:
-            sizes = [t.shape[-1] for t in xs]
-            ys = list(gather_from_sp(comm, torch.cat(xs, dim=-1), dim=1).split(sizes, dim=-1))
-        else:
-            ys = []
-        for (w, k), y in zip(slots, ys):
-            if w == "a":
-                args[k] = y
-            else:
-                kwargs[k] = y
-        return tuple(args), kwargs
-
-    module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    if fork:  # registered after the gather: the sub-layer (not the collective) runs on the forked stream
-        _fork_rng(module, ctx["tracker"])
-
-
-def _fork_rng(module: nn.Module, tracker: RNGTracker) -> None:
-    """Run `module` on the model-parallel RNG stream (dropout on sequence shards: each shard its own
-    mask, as Megatron's sequence-parallel dropout)."""
-    def pre_hook(mod, args):
-        c = tracker.fork()
-        c.__enter__()
-        mod._tp_rng_ctx = c
-
-    def post_hook(mod, args, output):
-        c = mod.__dict__.pop("_tp_rng_ctx", None)
-        if c is not None:
-            c.__exit__(None, None, None)
-        return output
-    module.register_forward_pre_hook(pre_hook)
-    module.register_forward_hook(post_hook, always_call=True)
+# Sequence parallelism: the model-level hooks (the sub-layer entries are in tp_plans)
 
 
 class _SequenceLengthCheck:
@@ -478,7 +204,6 @@ class _BroadcastInitialState:
 
 
 def _transformer_layers(model: nn.Module):
-    from megaloop.model.layers import TransformerLayer
     return [m for m in model.modules() if isinstance(m, TransformerLayer)]
 
 
@@ -515,7 +240,6 @@ def apply_tensor_parallel(model: nn.Module, state_or_group, *, sequence_parallel
     validate_tensor_parallel(cfg, comm.size, sequence_parallel=sp)
     if initial_state_sync not in ("rng", "broadcast"):
         raise ValueError(f"initial_state_sync must be 'rng' or 'broadcast', got {initial_state_sync!r}")
-    _register_builtin_plans()
     tracker = RNGTracker(tp_rank=comm.rank)
     ctx = {"sp": sp, "tracker": tracker, "full_sequence": set()}
 
@@ -523,14 +247,14 @@ def apply_tensor_parallel(model: nn.Module, state_or_group, *, sequence_parallel
     for layer in _transformer_layers(model):
         for name in ("mixer", "mlp"):
             sub = getattr(layer, name)
-            plan = _plan_for(sub)
+            plan = plan_for(sub)
             if plan is None:
                 raise TensorParallelError(
                     f"{type(sub).__name__} (layer {layer.layer_idx} {name}) has no tensor-parallel plan; "
-                    f"register one with megaloop.parallel.apply_tp.register_tp_plan({type(sub).__name__})")
+                    f"register one with megaloop.parallel.tp_plans.register_tp_plan({type(sub).__name__})")
             plan(sub, comm, cfg, ctx)
         if sp and isinstance(layer.dropout, nn.Dropout):
-            _fork_rng(layer.dropout, tracker)  # residual dropout on sequence shards: one mask per shard
+            fork_rng(layer.dropout, tracker)  # residual dropout on sequence shards: one mask per shard
 
     # 2. Vocabulary: embedding rows, LM head rows (tied: the same tensor), loss and exits.
     tied = model.head.weight is model.embedding.weight
@@ -563,9 +287,6 @@ def apply_tensor_parallel(model: nn.Module, state_or_group, *, sequence_parallel
         _mark_sp_partial_grads(model, ctx["full_sequence"])
 
     model.tp_comm = comm
-    model.tp_sequence_parallel = sp
-    model.tp_rng_tracker = tracker
-    model.tp_vocab_range = (start, end)
     # 5. Gradients: partial per-rank gradients summed as they are produced; each distinct shard counted
     # once by DeepSpeed's grad-norm de-duplication.
     install_tp_grad_hooks(model)
@@ -679,7 +400,6 @@ def gather_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
 def partition_info_for(cfg, tp: int) -> Dict[str, Partition]:
     """The partition map of a config at a TP degree, with no process group and no memory (meta
     tensors): what an offline checkpoint converter needs."""
-    from megaloop.model import LoopedLM
     with torch.device("meta"):
         model = LoopedLM(cfg)
     apply_tensor_parallel(model, TPComm(None, 0, tp), check_replicas=False, force=True)

@@ -14,7 +14,6 @@ The autograd operators (names as in Megatron-LM's `mappings.py`):
                                fused into one collective: FLT's query stream and the key/value stream)
     reduce_from_tp(comm, x)    "g": forward all-reduce, backward identity
     gather_from_tp(comm, x)    forward all-gather (last dim), backward take own chunk
-    scatter_to_tp(comm, x)     forward take own chunk (last dim), backward all-gather
     reduce_scatter_to_sp / gather_from_sp   sequence-parallel variants along the sequence dim
 
 With one TP rank every operator is the identity and nothing is counted.
@@ -129,9 +128,11 @@ class TPComm:
         finally:
             self._counters.remove(counter)
 
-    def _record(self, op: str, phase: str, t: torch.Tensor, reduce_op: str = "sum") -> None:
+    def _record(self, op: str, phase: str, t: torch.Tensor, reduce_op: str = "sum", numel: Optional[int] = None) -> None:
+        """numel: the elements of the full tensor when it is not `t` (all_gather: its output)."""
         if self._counters:
-            rec = CollectiveRecord(op, phase, t.numel(), t.numel() * t.element_size(), self.size, reduce_op)
+            n = t.numel() if numel is None else numel
+            rec = CollectiveRecord(op, phase, n, n * t.element_size(), self.size, reduce_op)
             for c in self._counters:
                 c.records.append(rec)
 
@@ -166,11 +167,7 @@ class TPComm:
             return t
         t = t.contiguous()
         parts = [torch.empty_like(t) for _ in range(self.size)]
-        out_numel = t.numel() * self.size
-        if self._counters:
-            rec = CollectiveRecord("all_gather", phase, out_numel, out_numel * t.element_size(), self.size)
-            for c in self._counters:
-                c.records.append(rec)
+        self._record("all_gather", phase, t, numel=t.numel() * self.size)
         dist.all_gather(parts, t, group=self.group)
         return torch.cat(parts, dim=dim)
 
@@ -240,48 +237,38 @@ class _ReduceFromTP(torch.autograd.Function):
         return None, g
 
 
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, comm: TPComm, x, dim: int):
-        ctx.comm, ctx.dim = comm, dim
-        return comm.all_gather(x, dim=dim, phase="forward")
-
-    @staticmethod
-    def backward(ctx, g):
-        return None, ctx.comm.chunk(g, ctx.dim), None
+def _all_gather(comm: TPComm, t: torch.Tensor, dim: int, phase: str) -> torch.Tensor:
+    return comm.all_gather(t, dim=dim, phase=phase)
 
 
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, comm: TPComm, x, dim: int):
-        ctx.comm, ctx.dim = comm, dim
-        return comm.chunk(x, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return None, ctx.comm.all_gather(g, dim=ctx.dim, phase="backward"), None
+def _reduce_scatter(comm: TPComm, t: torch.Tensor, dim: int, phase: str) -> torch.Tensor:
+    return comm.reduce_scatter(t, dim=dim, phase=phase)
 
 
-class _ReduceScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, comm: TPComm, x, dim: int):
-        ctx.comm, ctx.dim = comm, dim
-        return comm.reduce_scatter(x, dim=dim, phase="forward")
-
-    @staticmethod
-    def backward(ctx, g):
-        return None, ctx.comm.all_gather(g, dim=ctx.dim, phase="backward"), None
+def _own_chunk(comm: TPComm, t: torch.Tensor, dim: int, phase: str) -> torch.Tensor:
+    return comm.chunk(t, dim)
 
 
-class _GatherFromSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, comm: TPComm, x, dim: int):
-        ctx.comm, ctx.dim = comm, dim
-        return comm.all_gather(x, dim=dim, phase="forward")
+def _conjugate_pair(name: str, forward_op, backward_op):
+    """An autograd operator along `dim`: forward_op in forward, its conjugate backward_op on the gradient."""
 
-    @staticmethod
-    def backward(ctx, g):
-        return None, ctx.comm.reduce_scatter(g, dim=ctx.dim, phase="backward"), None
+    class Op(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, comm: TPComm, x, dim: int):
+            ctx.comm, ctx.dim = comm, dim
+            return forward_op(comm, x, dim, "forward")
+
+        @staticmethod
+        def backward(ctx, g):
+            return None, backward_op(ctx.comm, g, ctx.dim, "backward"), None
+
+    Op.__name__ = Op.__qualname__ = name
+    return Op
+
+
+_GatherFromTP = _conjugate_pair("_GatherFromTP", _all_gather, _own_chunk)
+_ReduceScatterToSP = _conjugate_pair("_ReduceScatterToSP", _reduce_scatter, _all_gather)
+_GatherFromSP = _conjugate_pair("_GatherFromSP", _all_gather, _reduce_scatter)
 
 
 def copy_to_tp(comm: TPComm, *xs):
@@ -298,10 +285,6 @@ def reduce_from_tp(comm: TPComm, x: torch.Tensor) -> torch.Tensor:
 
 def gather_from_tp(comm: TPComm, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return x if comm.size == 1 else _GatherFromTP.apply(comm, x, dim)
-
-
-def scatter_to_tp(comm: TPComm, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    return x if comm.size == 1 else _ScatterToTP.apply(comm, x, dim)
 
 
 def reduce_scatter_to_sp(comm: TPComm, x: torch.Tensor, dim: int = 1) -> torch.Tensor:

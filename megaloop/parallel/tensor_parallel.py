@@ -82,6 +82,14 @@ def _take(t: torch.Tensor, dim: int, index: IndexLike) -> torch.Tensor:
     return t.index_select(dim, torch.as_tensor(index, dtype=torch.long, device=t.device)).detach().clone()
 
 
+def _own_block(n_features: int, comm: TPComm, what: str) -> slice:
+    """This rank's contiguous block when n_features are split evenly over the TP ranks."""
+    if n_features % comm.size:
+        raise ValueError(f"{what} features {n_features} not divisible by tensor parallel size {comm.size}")
+    n = n_features // comm.size
+    return slice(comm.rank * n, (comm.rank + 1) * n)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W (and b) split along the output features.
 
@@ -113,11 +121,7 @@ class ColumnParallelLinear(nn.Module):
         """Shard an initialised nn.Linear: keep output rows `rows` (default: this rank's contiguous
         block), copying the weight values."""
         out_f = linear.out_features
-        if rows is None:
-            if out_f % comm.size:
-                raise ValueError(f"output features {out_f} not divisible by tensor parallel size {comm.size}")
-            n = out_f // comm.size
-            rows = slice(comm.rank * n, (comm.rank + 1) * n)
+        rows = _own_block(out_f, comm, "output") if rows is None else rows
         w = _take(linear.weight.data, 0, rows)
         layer = cls(linear.in_features, w.shape[0], comm, bias=linear.bias is not None,
                     weight=nn.Parameter(w, requires_grad=linear.weight.requires_grad),
@@ -162,12 +166,7 @@ class RowParallelLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, comm: TPComm, cols: Optional[IndexLike] = None, **kw):
-        in_f = linear.in_features
-        if cols is None:
-            if in_f % comm.size:
-                raise ValueError(f"input features {in_f} not divisible by tensor parallel size {comm.size}")
-            n = in_f // comm.size
-            cols = slice(comm.rank * n, (comm.rank + 1) * n)
+        cols = _own_block(linear.in_features, comm, "input") if cols is None else cols
         w = _take(linear.weight.data, 1, cols)
         layer = cls(w.shape[1], linear.out_features, comm, bias=linear.bias is not None,
                     weight=nn.Parameter(w, requires_grad=linear.weight.requires_grad), **kw)

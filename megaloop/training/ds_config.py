@@ -1,7 +1,8 @@
 """The DeepSpeed config, built from megaloop's one YAML config (never written by hand).
 
-`check_supported` refuses, at startup and with a message that says what works, the combinations
-DeepSpeed would otherwise reject mid-run (or silently mis-handle) on this machine.
+`check_supported` refuses, at startup and with a message that says what works, what depends on the
+launch rather than on the config: the world size and the accelerator's precisions. Every check on the
+config alone (ZeRO with PP or TP, activation partitioning, ...) is in `megaloop.config.validate`.
 """
 from __future__ import annotations
 
@@ -15,27 +16,11 @@ def check_supported(cfg: Config, world_size: int, device_name: str, fp16_support
     if world_size % (tp * pp):
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor_parallel={tp} x "
                           f"parallel.pipeline_parallel={pp}; launch a multiple of {tp * pp} ranks")
-    if pp > 1 and p.zero_stage > 1:  # also in config.validate; repeated for configs built in code
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pipeline_parallel={pp}: DeepSpeed's "
-                          f"pipeline engine supports ZeRO 0 and 1 only. Use zero_stage 1 with pipeline "
-                          f"parallelism, or pipeline_parallel 1 for ZeRO 2/3")
     if t.precision == "fp16" and not fp16_supported:
         raise ConfigError(f"train.precision='fp16' is not supported by the {device_name} accelerator; "
                           f"use fp32 (or bf16 where supported)")
     if t.precision == "bf16" and not bf16_supported:
         raise ConfigError(f"train.precision='bf16' is not supported by the {device_name} accelerator; use fp32")
-    if p.zero_stage == 3 and tp > 1:
-        raise ConfigError("parallel.zero_stage=3 with parallel.tensor_parallel>1 is not supported by megaloop's "
-                          "tensor-parallel layers; use zero_stage 1 or 2 with TP")
-    # Allowed on purpose: ZeRO 3 with activation checkpointing (non-reentrant recompute re-gathers the
-    # parameters), and fp16 with PP and ZeRO 0 (DeepSpeed's FP16 optimizer handles it).
-    if t.partition_activations and tp == 1:
-        raise ConfigError("train.partition_activations needs parallel.tensor_parallel > 1")
-    if (t.partition_activations or t.cpu_checkpointing) and t.activation_checkpointing == "none":
-        raise ConfigError("train.partition_activations / train.cpu_checkpointing act on checkpointed "
-                          "activations; set train.activation_checkpointing to 'loop' or 'layer'")
-    # partition_activations / cpu_checkpointing: the trainer swaps the looped block's checkpoint
-    # function for DeepSpeed's non_reentrant_checkpoint (megaloop.training.trainer.deepspeed_checkpoint_fn).
 
 
 def build_ds_config(cfg: Config, dp_world_size: int, clip_in_engine: bool = True) -> dict:
