@@ -72,7 +72,8 @@ def wrap_hf(model, tokenizer=None) -> LoadedLM:
 
 
 def load_lm(source, step: Optional[int] = None) -> LoadedLM:
-    """An exported HF folder, or a megaloop checkpoint read through megaloop.export's checkpoint seam."""
+    """An exported HF folder, or a megaloop checkpoint (megaloop.checkpoint.load_model; raises its
+    CheckpointError)."""
     path = Path(source)
     if path.is_dir() and _is_hf_folder(path):
         from megaloop.export import load_exported
@@ -87,14 +88,11 @@ def load_lm(source, step: Optional[int] = None) -> LoadedLM:
             if cls is not None:
                 tokenizer = cls.from_pretrained(path)
         return wrap_hf(model, tokenizer)
+    from megaloop.checkpoint import load_model
     from megaloop.data.tokenizer import build_tokenizer
-    from megaloop.export.hf_export import load_checkpoint
-    from megaloop.model import build_model
 
-    state_dict, cfg, data_cfg = load_checkpoint(path, step)
-    model = build_model(cfg)
-    model.load_state_dict(state_dict, strict=not cfg.model.tie_embeddings)
-    tokenizer = build_tokenizer(data_cfg.tokenizer_type, data_cfg.tokenizer_model)
+    model, cfg = load_model(path, step)
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     return wrap_megaloop(model, tokenizer)
 
 

@@ -117,7 +117,7 @@ def test_config_and_hooks():
 def test_trainer_compile_matches_eager_and_checkpoint_keys_unchanged(tmp_path):
     from test_train_support import (assert_ok, make_byte_dataset, run_ranks, tiny_config, train_losses,
                                     write_config)
-    from megaloop.export.ds_checkpoint import load_deepspeed_checkpoint
+    from megaloop.checkpoint import load_deepspeed_checkpoint
     data = make_byte_dataset(str(tmp_path / "data" / "corpus"), max_bytes=100_000)
     model = {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32, "n_prelude": 1, "n_loop": 2,
              "n_coda": 1, "arch": "flt", "injection": "none", "loops": 3}

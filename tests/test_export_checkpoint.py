@@ -159,7 +159,7 @@ def test_export_tool_from_deepspeed_checkpoint(runs, layout, tmp_path, capsys):
     import json
 
     from megaloop.export import load_exported, load_merged_state_dict
-    from megaloop.export.ds_checkpoint import load_deepspeed_checkpoint
+    from megaloop.checkpoint import load_deepspeed_checkpoint
     from tools.export_hf import main
 
     out_dir, res, _ = runs(layout)

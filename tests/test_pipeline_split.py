@@ -10,21 +10,10 @@ from megaloop.parallel import pipeline as pl
 
 
 def _layers(cfg, lm):
-    src = pl._Source(lambda: lm)
-    m = cfg.model
     collect = cfg.loop.loss != "last"
-    tied = m.tie_embeddings
-    emb = pl.EmbeddingPipe(src, with_head=tied)
-    layers = [emb, pl.EmbedNormPipe(src)]
-    layers += [pl.PreludeLayerPipe(src, i) for i in range(m.n_prelude)]
-    loop = pl.LoopedBlockPipe(src, collect)
-    layers.append(loop)
-    layers += [pl.CodaLayerPipe(src, j) for j in range(m.n_coda)]
-    layers.append(pl.FinalNormPipe(src))
-    head = (lambda x: pl.head_forward(emb, x)) if tied else pl.HeadPipe(src)
-    layers.append(head)
+    layers = pl.local_layers(lm, collect)
     loss = pl.LoopLoss(cfg.loop.loss, lm.token_loss_fn, cfg.loop.exit_entropy_weight, collect)
-    return layers, loss, loop
+    return layers, loss
 
 
 CASES = [
@@ -54,7 +43,7 @@ def test_pipeline_layers_in_sequence_equal_the_model(overrides, ckpt):
     ref_grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
     lm.zero_grad()
 
-    layers, loss_fn, _ = _layers(cfg, lm)
+    layers, loss_fn = _layers(cfg, lm)
     x = (tokens, torch.tensor([R, G]))
     for layer in layers:
         x = layer(x)
@@ -69,7 +58,7 @@ def test_pipeline_layers_in_sequence_equal_the_model(overrides, ckpt):
 def test_stage_state_dicts_use_the_model_names():
     cfg = load_config(None, ["model.n_prelude=1", "model.n_coda=2", "model.tie_embeddings=false"])
     lm = build_model(cfg)
-    layers, _, _ = _layers(cfg, lm)
+    layers, _ = _layers(cfg, lm)
 
     class FakeModule:
         forward_funcs = layers
@@ -103,3 +92,17 @@ def test_looped_block_is_one_layer_weighted_by_its_loop_count():
     assert ["loop"] in plan
     # 'parameters' would weigh the block like n_loop layers and the embedding by its size: different plan
     assert sum(len(s) for s in plan) == len(names)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_layer_state_keys_cover_the_model_once_in_layer_order(tied):
+    # What the checkpoint reader expects in each layer_LL-model_TT-model_states.pt file.
+    cfg = load_config(None, ["model.n_prelude=2", "model.n_coda=1", f"model.tie_embeddings={str(tied).lower()}",
+                             "model.exit_gate=true"])
+    keys = pl.layer_state_keys(cfg.model)
+    assert [n for n, _ in keys] == pl.layer_names(cfg.model) == [layer.name for layer in pl.pipeline_layers(cfg.model)]
+    head_keys = dict(keys)["head"]
+    assert (head_keys is None) == tied  # the tied head reuses the embedding module: no file of its own
+    flat = [k for _, ks in keys if ks for k in ks]
+    assert len(flat) == len(set(flat)) and set(flat) == set(build_model(cfg).state_dict())
+    assert keys[0][1] == (["embedding.weight", "head.weight"] if tied else ["embedding.weight"])

@@ -179,9 +179,9 @@ def test_tensor_2_x_pipeline_2_matches_single_rank(env):
         assert ra[s]["grad_norm"] == pytest.approx(rb[s]["grad_norm"], rel=1e-3)
     # the TP x PP checkpoint merges back into the one-process model
     import torch
-    from megaloop.training.consolidate import load_full_state_dict
-    a, _ = load_full_state_dict(os.path.join(single, "checkpoints", "step_00000006"))
-    b, _ = load_full_state_dict(os.path.join(tp_pp, "checkpoints", "step_00000006"))
+    from megaloop.checkpoint import load
+    a, _ = load(os.path.join(single, "checkpoints", "step_00000006"))
+    b, _ = load(os.path.join(tp_pp, "checkpoints", "step_00000006"))
     assert set(a) == set(b)
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
@@ -189,13 +189,13 @@ def test_tensor_2_x_pipeline_2_matches_single_rank(env):
 
 def test_checkpoints_consolidate_to_the_same_model_whatever_the_layout(env):
     import torch
-    from megaloop.training.consolidate import load_full_state_dict, load_model
+    from megaloop.checkpoint import load, load_model
     pp1, _, _ = env("pp1", 1)
     pp2, _, _ = env("pp2", 2, parallel={"pipeline_parallel": 2})
-    a, cfg = load_full_state_dict(os.path.join(pp1, "checkpoints"))
-    b, _ = load_full_state_dict(os.path.join(pp2, "checkpoints", "step_00000006"))
+    a, cfg = load(os.path.join(pp1, "checkpoints"))
+    b, _ = load(os.path.join(pp2, "checkpoints", "step_00000006"))
     assert cfg.train.steps == STEPS
-    final_a, _ = load_full_state_dict(os.path.join(pp1, "checkpoints", "step_00000006"))
+    final_a, _ = load(os.path.join(pp1, "checkpoints", "step_00000006"))
     assert set(final_a) == set(b)
     for k in b:
         assert torch.allclose(final_a[k], b[k], rtol=1e-4, atol=1e-6), k

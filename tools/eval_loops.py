@@ -43,9 +43,9 @@ def model_tokenizer_reference(model, step=None):
         if cls == "MegaloopSentencePieceTokenizer":
             return {"type": "sentencepiece", "model": str(path / "tokenizer.model")}
         return None
-    from megaloop.export.hf_export import load_checkpoint_config
+    from megaloop.checkpoint import load_config
 
-    data_cfg = load_checkpoint_config(path, step).data
+    data_cfg = load_config(path, step).data
     return {"type": data_cfg.tokenizer_type, "model": data_cfg.tokenizer_model}
 
 
@@ -144,13 +144,13 @@ def main(argv=None):
     p.add_argument("--out-dir", default="eval_loops_out")
     args = p.parse_args(argv)
 
-    from megaloop.generation import load_lm
-
+    from megaloop.checkpoint import CheckpointError
     from megaloop.export import ExportError
+    from megaloop.generation import load_lm
 
     try:
         lm = load_lm(args.model, args.step)
-    except ExportError as e:
+    except (CheckpointError, ExportError) as e:
         print(f"cannot load {args.model}: {e}", file=sys.stderr)
         return 1
     seq_len = min(args.seq_len or lm.max_seq_len, lm.max_seq_len)
@@ -160,7 +160,7 @@ def main(argv=None):
         ref = model_tokenizer_reference(args.model, args.step) if args.data is not None else None
         tokens = load_eval_tokens(lm, args.data, args.text, args.split, max_tokens=args.max_windows * seq_len + 1,
                                   tokenizer_ref=ref)
-    except (ConfigError, ExportError) as e:
+    except (CheckpointError, ConfigError, ExportError) as e:
         print(f"eval_loops: {e}", file=sys.stderr)
         return 1
     batches = windows(tokens, seq_len, args.max_windows, args.batch_size)

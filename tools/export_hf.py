@@ -9,8 +9,8 @@ configuration/modeling/tokenization files, model.safetensors, tokenizer, generat
 
 --checkpoint is a training run (its output_dir, its checkpoints/ root or one step_NNNNNNNN/ tag) of
 any TP x PP x DP layout and ZeRO stage, or a plain torch.save'd state dict; it is read through
-megaloop.export.load_checkpoint: the shards are merged into the one-process LoopedLM names, and the
-resolved config and tokenizer reference stored with the checkpoint are used. Without --step the
+megaloop.checkpoint: the shards are merged into the one-process LoopedLM names, and the resolved
+config and tokenizer reference stored with the checkpoint are used. Without --step the
 checkpoint named by `latest` (or the newest complete one) is exported. An incomplete checkpoint (no
 megaloop_complete.json), a missing shard file or a shard of the wrong shape fails with a message
 naming the file, and nothing is written.
@@ -49,10 +49,10 @@ def main(argv=None):
     p.add_argument("--loops", type=int, default=None, help="--format llama: loops to unroll (default: trained R)")
     args = p.parse_args(argv)
 
+    from megaloop import checkpoint as ckpt
     from megaloop.export import ExportError, export_hf, load_checkpoint
 
     try:
-        from megaloop.export.ds_checkpoint import is_deepspeed_checkpoint, resolve_tag_dir
         from megaloop.export.hf_export import check_export_paths, check_output_dir
 
         # Before reading anything: the output may not be (or contain, or lie in the checkpoint tree of)
@@ -60,8 +60,8 @@ def main(argv=None):
         check_export_paths(args.checkpoint, args.output)
         check_output_dir(Path(args.output).resolve(), args.overwrite)
 
-        if is_deepspeed_checkpoint(args.checkpoint):
-            print(f"reading {resolve_tag_dir(args.checkpoint, args.step)}", file=sys.stderr)
+        if ckpt.is_deepspeed_checkpoint(args.checkpoint):
+            print(f"reading {ckpt.resolve(args.checkpoint, args.step)}", file=sys.stderr)
         state_dict, cfg, data_cfg = load_checkpoint(args.checkpoint, args.step)
         tok = {"type": data_cfg.tokenizer_type, "model": args.tokenizer_model or data_cfg.tokenizer_model}
         if args.format == "llama":
@@ -72,7 +72,7 @@ def main(argv=None):
         else:
             out = export_hf(state_dict, cfg, tok, args.output, dtype=args.dtype, overwrite=args.overwrite,
                             noise_init=args.noise_init, noise_seed=args.noise_seed, verify=not args.no_verify)
-    except (ExportError, NotImplementedError) as e:
+    except (ckpt.CheckpointError, ExportError, NotImplementedError) as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 1
     print(f"exported to {out}")

@@ -5,7 +5,7 @@
     python tools/generate.py --model exports/demo --prompt "The " --exit kl --exit-threshold 1e-3
 
 --model is a checkpoint: a training run directory / DeepSpeed checkpoint of any TP x PP layout and ZeRO
-stage, or a plain model.pt (read through megaloop.export.load_checkpoint; --step picks one), or a folder
+stage, or a plain model.pt (read through megaloop.checkpoint.load_model; --step picks one), or a folder
 written by tools/export_hf.py (uses its KV cache). --temperature 0 is greedy.
 """
 import argparse
@@ -33,13 +33,13 @@ def main(argv=None):
 
     import torch
 
-    from megaloop.generation import generate, load_lm
-
+    from megaloop.checkpoint import CheckpointError
     from megaloop.export import ExportError
+    from megaloop.generation import generate, load_lm
 
     try:
         lm = load_lm(args.model, args.step)
-    except ExportError as e:
+    except (CheckpointError, ExportError) as e:
         print(f"cannot load {args.model}: {e}", file=sys.stderr)
         return 1
     prompt = lm.encode(args.prompt)

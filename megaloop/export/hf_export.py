@@ -7,8 +7,8 @@ The seam between checkpoints and the exporter:
 
 `export_hf` takes an already-merged, full (unsharded) state dict with megaloop's own parameter names
 (what `LoopedLM.state_dict()` returns on one process). `load_checkpoint` / `load_merged_state_dict`
-read a megaloop/DeepSpeed training checkpoint of any TP x PP x DP layout and ZeRO stage (merged in
-megaloop/export/ds_checkpoint.py) or a plain `torch.save`d state dict.
+read a megaloop/DeepSpeed training checkpoint of any TP x PP x DP layout and ZeRO stage or a plain
+`torch.save`d state dict through megaloop.checkpoint (its CheckpointError becomes ExportError here).
 
 The written folder:
     config.json                   MegaloopConfig + auto_map (AutoConfig, AutoModelForCausalLM)
@@ -24,17 +24,20 @@ end, so a failed export never leaves a partial folder.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 
-from megaloop.config import Config, ConfigError, ModelConfig, config_from_dict
+from megaloop import checkpoint as ckpt
+from megaloop.checkpoint import expected_shapes, save_plain_checkpoint  # noqa: F401 (save_plain_checkpoint: re-exported)
+from megaloop.config import Config, ModelConfig, config_from_dict
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "hf_template"
 TEMPLATE_FILES = ("configuration_megaloop.py", "modeling_megaloop.py", "tokenization_megaloop.py")
@@ -94,15 +97,6 @@ def hf_config(mc: ModelConfig, **kwargs):
 
 # ------------------------------------------------------------------------------------------------
 # State dict validation
-
-
-def expected_shapes(mc: ModelConfig) -> Dict[str, Tuple[int, ...]]:
-    """Every key of LoopedLM(mc).state_dict() and its shape (built on the meta device: no memory)."""
-    from megaloop.model import LoopedLM
-
-    with torch.device("meta"):
-        model = LoopedLM(mc)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def check_state_dict(state_dict: Dict[str, torch.Tensor], mc: ModelConfig) -> None:
@@ -361,21 +355,20 @@ def check_export_paths(checkpoint, output_dir) -> None:
     itself, a folder containing it, or a folder inside its checkpoint tree (a run's checkpoints/, a
     checkpoint root, a step tag). Real paths are compared, so symlinks do not hide the overlap. A run's
     own subfolder beside its checkpoints (runs/X/hf) is allowed."""
-    from megaloop.export.ds_checkpoint import COMPLETE, _TAG_RE, _has_model_states, is_deepspeed_checkpoint
-
-    ckpt, out = Path(checkpoint).resolve(), Path(output_dir).resolve()
-    if _inside(ckpt, out):
-        what = "is" if ckpt == out else "contains"
-        raise ExportError(f"--output {output_dir} {what} the checkpoint being read ({ckpt}): writing there would "
-                          f"delete it; export to another folder (e.g. {ckpt / 'hf' if ckpt.is_dir() else ckpt.parent / 'hf'})")
-    if not ckpt.is_dir():
+    ckpt_path, out = Path(checkpoint).resolve(), Path(output_dir).resolve()
+    if _inside(ckpt_path, out):
+        what = "is" if ckpt_path == out else "contains"
+        example = ckpt_path / 'hf' if ckpt_path.is_dir() else ckpt_path.parent / 'hf'
+        raise ExportError(f"--output {output_dir} {what} the checkpoint being read ({ckpt_path}): writing there "
+                          f"would delete it; export to another folder (e.g. {example})")
+    if not ckpt_path.is_dir():
         return
-    if (ckpt / "checkpoints").is_dir():  # a training run: its checkpoint root
-        tree = ckpt / "checkpoints"
-    elif (ckpt / COMPLETE).is_file() or _has_model_states(ckpt) or _TAG_RE.match(ckpt.name):
-        tree = ckpt.parent  # one step tag: the root holding it and its sibling tags
-    elif is_deepspeed_checkpoint(ckpt):
-        tree = ckpt  # a checkpoint root
+    if (ckpt_path / "checkpoints").is_dir():  # a training run: its checkpoint root
+        tree = ckpt_path / "checkpoints"
+    elif ckpt.is_tag_dir(ckpt_path):
+        tree = ckpt_path.parent  # one step tag: the root holding it and its sibling tags
+    elif ckpt.is_deepspeed_checkpoint(ckpt_path):
+        tree = ckpt_path  # a checkpoint root
     else:
         return  # a plain checkpoint folder: check_output_dir keeps its files (they are no export)
     if _inside(out, tree):
@@ -439,110 +432,44 @@ def verify_export(folder, state_dict, mc: ModelConfig, atol: float = 1e-4,
 # Checkpoint seam
 
 
-_PLAIN_NAMES = ("model.pt", "model.pth", "pytorch_model.bin", "consolidated.pt", "state_dict.pt")
-
-
-def _is_deepspeed_layout(path: Path) -> bool:
-    from megaloop.export.ds_checkpoint import COMPLETE, _TAG_RE, _has_model_states, is_deepspeed_checkpoint
-
-    return is_deepspeed_checkpoint(path)
-
-
-def _plain_file(checkpoint: Path, step: Optional[int]) -> Path:
-    if checkpoint.is_file():
-        if step is not None:
-            raise ExportError(f"--step {step} was given but {checkpoint} is a single file")
-        return checkpoint
-    if not checkpoint.is_dir():
-        raise ExportError(f"checkpoint {checkpoint} does not exist")
-    base = checkpoint
-    if step is not None:
-        for name in (f"step_{step}", f"step{step}", f"iter_{step:07d}"):
-            if (checkpoint / name).is_dir():
-                base = checkpoint / name
-                break
-        else:
-            raise ExportError(f"no step {step} in {checkpoint} (looked for step_{step}/, iter_{step:07d}/)")
-    for name in _PLAIN_NAMES:
-        if (base / name).is_file():
-            return base / name
-    raise ExportError(f"no model state dict in {base} (looked for {', '.join(_PLAIN_NAMES)}, and for a "
-                      f"megaloop/DeepSpeed checkpoint: latest, step_NNNNNNNN/ with model-state files)")
+@contextlib.contextmanager
+def _as_export_error():
+    try:
+        yield
+    except ckpt.CheckpointError as e:
+        raise ExportError(str(e)) from e
 
 
 def load_merged_state_dict(checkpoint_dir, step: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """The full megaloop state dict of a checkpoint, merged across tensor/pipeline-parallel shards.
 
     checkpoint_dir:
-      * a megaloop/DeepSpeed training checkpoint (megaloop/training/checkpoint.py): the run's
-        output_dir, its checkpoints/ root (`latest` or the newest complete step_NNNNNNNN/ is read;
-        `step` picks step_{step:08d}) or one tag directory. Any TP x PP x DP layout and ZeRO 0-3: see
-        megaloop/export/ds_checkpoint.py. Only complete tags (megaloop_complete.json) are read; a
-        missing or mis-shaped shard raises ExportError naming the file.
+      * a megaloop/DeepSpeed training checkpoint: the run's output_dir, its checkpoints/ root (`latest`
+        or the newest complete step_NNNNNNNN/ is read; `step` picks step_{step:08d}) or one tag
+        directory (megaloop.checkpoint.resolve). Any TP x PP x DP layout and ZeRO 0-3. Only complete
+        tags (megaloop_complete.json) are read; a missing or mis-shaped shard raises ExportError naming
+        the file.
       * a plain `torch.save`d state dict (or a dict holding it under "model" / "state_dict" /
         "module"), given as a file or a directory with model.pt (or step_N/model.pt).
     """
-    path = Path(checkpoint_dir)
-    if _is_deepspeed_layout(path):
-        from megaloop.export.ds_checkpoint import load_deepspeed_checkpoint
-
-        return load_deepspeed_checkpoint(path, step)[0]
-    obj = torch.load(_plain_file(path, step), map_location="cpu", weights_only=False)
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict", "module"):
-            if isinstance(obj.get(key), dict) and obj[key] and all(torch.is_tensor(v) for v in obj[key].values()):
-                return dict(obj[key])
-        if obj and all(torch.is_tensor(v) for v in obj.values()):
-            return dict(obj)
-    raise ExportError(f"{path}: not a state dict (a dict of tensors, or one under 'model'/'state_dict')")
+    with _as_export_error():
+        return ckpt.load_state_dict(checkpoint_dir, step)
 
 
 def load_checkpoint_config(checkpoint_dir, step: Optional[int] = None) -> Config:
     """The run config of a checkpoint: for a megaloop/DeepSpeed checkpoint the resolved config stored
     in its client state (with the tokenizer reference stored beside it); for a plain file a 'config'
     entry in it, else config.yaml next to it (or in its parent directory)."""
-    from megaloop.config import load_config
-
-    path = Path(checkpoint_dir)
-    if _is_deepspeed_layout(path):
-        from megaloop.export.ds_checkpoint import checkpoint_config, read_info, resolve_tag_dir
-
-        return checkpoint_config(read_info(resolve_tag_dir(path, step)))
-    f = _plain_file(path, step)
-    obj = torch.load(f, map_location="cpu", weights_only=False)
-    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
-        try:
-            return config_from_dict(obj["config"])
-        except ConfigError as e:
-            raise ExportError(f"{f}: its saved config is invalid: {e}") from e
-    for d in (f.parent, f.parent.parent):
-        for name in ("config.yaml", "config.yml"):
-            if (d / name).is_file():
-                return load_config(d / name)
-    raise ExportError(f"no config for {f}: save it in the checkpoint under 'config' or as config.yaml beside it")
+    with _as_export_error():
+        return ckpt.load_config(checkpoint_dir, step)
 
 
 def load_checkpoint(checkpoint_dir, step: Optional[int] = None):
     """(merged state dict, Config, tokenizer spec) of a checkpoint: the inputs of export_hf. The
     tokenizer spec is the run's DataConfig (tokenizer_type, tokenizer_model)."""
-    path = Path(checkpoint_dir)
-    if _is_deepspeed_layout(path):
-        from megaloop.export.ds_checkpoint import checkpoint_config, load_deepspeed_checkpoint
-
-        sd, info = load_deepspeed_checkpoint(path, step)
-        cfg = checkpoint_config(info)
-        return sd, cfg, cfg.data
-    cfg = load_checkpoint_config(checkpoint_dir, step)
-    sd = load_merged_state_dict(checkpoint_dir, step)
+    with _as_export_error():
+        sd, cfg = ckpt.load(checkpoint_dir, step)
     return sd, cfg, cfg.data
-
-
-def save_plain_checkpoint(model, config: Config, path) -> Path:
-    """torch.save a single-process model + config in the plain format load_checkpoint reads (tests, demos)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "config": config.to_dict()}, path)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------

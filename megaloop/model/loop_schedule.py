@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -32,10 +32,21 @@ def sample_loops(cfg: LoopScheduleConfig, seed: int, step: int, micro_batch: int
             tau = rng.lognormal(math.log(cfg.mean) - cfg.sigma ** 2 / 2, cfg.sigma)
             total = int(rng.poisson(tau)) + 1
     total = min(max(total, cfg.min), cfg.max)
-    grad = total if cfg.backprop_loops is None else min(total, cfg.backprop_loops)
-    return LoopCount(total, grad)
+    return LoopCount(total, grad_loops(cfg, total))
+
+
+def grad_loops(cfg: LoopScheduleConfig, loops):
+    """How many of `loops` iterations carry gradients (the last ones; loop.backprop_loops truncates)."""
+    return loops if cfg.backprop_loops is None else min(loops, cfg.backprop_loops)
 
 
 def expected_loops(cfg: LoopScheduleConfig, seed: int = 0, n: int = 4096) -> float:
     """Monte-Carlo mean of R under the schedule (for FLOP accounting and logging)."""
     return float(np.mean([sample_loops(cfg, seed, s).total for s in range(n)]))
+
+
+def expected_loop_counts(cfg, n: int = 512) -> Tuple[float, float]:
+    """(mean R of a run's loop schedule under its seed, the gradient-carrying loops of that mean) for
+    FLOP accounting and the pipeline stage weights; `cfg` is the full Config."""
+    mean = expected_loops(cfg.loop, cfg.train.seed, n=n)
+    return mean, grad_loops(cfg.loop, mean)

@@ -90,6 +90,15 @@ class LoopedLM(nn.Module):
             x = layer(x, rope)
         if not self.block.outer_is_final:  # Ouro: the block already applied the (shared) final norm
             x = self.final_norm(x)
+        return self.output_logits(x)
+
+    # --- shared with the pipeline stages ------------------------------------------------------
+    # megaloop/parallel/pipeline.py's layer classes borrow these methods (they hold the attributes the
+    # methods read: cfg, head, exit_gate, real_vocab_logits, loss_mode, token_loss_fn,
+    # exit_entropy_weight), so the pipeline computes logits, exit probabilities and the loss with this
+    # very code.
+    def output_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head: a final (normed) state -> softcapped logits over the real (unpadded) vocabulary."""
         logits = self.head(x)
         cap = self.cfg.logit_softcap
         if cap is not None:
@@ -100,6 +109,20 @@ class LoopedLM(nn.Module):
         """Drop the padded vocabulary columns. Tensor parallelism replaces this (per instance) by masking
         the padded columns of its vocab shard to the lowest value, which keeps shards equal-sized."""
         return logits[..., : self.cfg.vocab_size]
+
+    def exit_distribution(self, states) -> torch.Tensor:
+        """Ouro's exit distribution (R, B, T) over the loops whose outputs `states` are (the exit gate
+        lambda = sigmoid(gate(h)) of each, turned into the probability of exiting at each loop)."""
+        lambdas = [torch.sigmoid(self.exit_gate(x).squeeze(-1).float()) for x in states]
+        return loop_losses.exit_distribution(torch.stack(lambdas))
+
+    def loss(self, logits, labels: torch.Tensor, exit_probs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The training loss. logits: the last loop's logits (loss "last"), or the list of per-loop
+        logits (the loss mode `loss_mode` picks how they combine)."""
+        if torch.is_tensor(logits):
+            return loop_losses.mean_token_loss(self.token_loss_fn(logits, labels), labels)
+        return loop_losses.loop_loss(self.loss_mode, logits, labels, self.token_loss_fn, exit_probs,
+                                     self.exit_entropy_weight)
 
     # ------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
@@ -130,7 +153,7 @@ class LoopedLM(nn.Module):
         if not need_per_loop:
             out.logits = self.head_logits(block_out.out, rope)
             if labels is not None:
-                out.loss = loop_losses.mean_token_loss(self.token_loss_fn(out.logits, labels), labels)
+                out.loss = self.loss(out.logits, labels)
             return out
 
         per_loop = [self.head_logits(x, rope) for x in block_out.per_loop]
@@ -138,15 +161,13 @@ class LoopedLM(nn.Module):
         out.logits = per_loop[-1]
         if self.exit_gate is not None:
             # Over the loops that have outputs here (all of them unless truncated backprop is on).
-            lambdas = [torch.sigmoid(self.exit_gate(x).squeeze(-1).float()) for x in block_out.per_loop]
-            out.exit_probs = loop_losses.exit_distribution(torch.stack(lambdas))
+            out.exit_probs = self.exit_distribution(block_out.per_loop)
         if exit is not None:
             out.logits, out.exit_loops = loop_losses.select_exit(per_loop, exit, exit_threshold, out.exit_probs,
                                                                  kl_fn=self.successive_kl_fn)
             out.exit_loops = out.exit_loops + (loops - len(per_loop))
         if labels is not None:
-            out.loss = loop_losses.loop_loss(self.loss_mode, per_loop, labels, self.token_loss_fn,
-                                             out.exit_probs, self.exit_entropy_weight)
+            out.loss = self.loss(per_loop, labels, out.exit_probs)
         return out
 
 

@@ -1,6 +1,7 @@
 """Pipeline split of a LoopedLM into a `deepspeed.pipe.PipelineModule`.
 
-Pipeline layers, in order (each stage holds a contiguous run of them):
+Pipeline layers, in order (each stage holds a contiguous run of them; `pipeline_layers` is the one
+list the PipelineModule specs, the layer names and the checkpoint reader's per-layer keys come from):
 
     [tied] embedding            (tokens, loops) -> (emb, loops)
     embedding norm              (emb, loops)    -> (e, loops)
@@ -19,7 +20,9 @@ the last loop's output x; with a per-loop loss (mean / last_third / exit_weighte
 gradient-carrying loop stacked on the batch axis, plus Ouro's exit-gate probabilities.
 
 Every stage builds its pieces from one full LoopedLM created with the run's seed, so PP = N starts from
-exactly the weights of PP = 1 (the full model exists only while the PipelineModule is being built).
+exactly the weights of PP = 1 (the full model exists only while the PipelineModule is being built). The
+head, the exit gate and the loss run LoopedLM's own methods (output_logits, exit_distribution, loss),
+borrowed by the layer classes that hold those parts.
 
 Stage balance ("loop_weighted"): each layer is weighted by its FLOPs (forward+backward, + recompute), the
 looped block by n_loop x E[R]. DeepSpeed's "parameters" method is wrong for a looped block: it weighs the
@@ -28,14 +31,16 @@ their (large) parameter count although the lookup costs nothing.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from megaloop.config import Config
-from megaloop.model import loop_losses
-from megaloop.model.loop_schedule import expected_loops
+from megaloop.model.loop_schedule import expected_loop_counts
+from megaloop.model.looped_lm import LoopedLM
 
 
 class _Source:
@@ -65,25 +70,29 @@ class _RopeMixin:
         return self._rope_cache
 
 
-def _real_vocab_fn(lm):
+def _take_real_vocab(module: nn.Module, lm) -> None:
     """Tensor parallelism replaces `lm.real_vocab_logits` per instance (masking the padded columns of
-    this rank's vocab shard); otherwise the padded columns are sliced off here. (The bound method is
-    not kept: it would keep the whole full-size model alive.)"""
-    return lm.__dict__.get("real_vocab_logits")
+    this rank's vocab shard); the stage takes that replacement, else it keeps LoopedLM's method. (The
+    LM's bound method is never taken: it would keep the whole full-size model alive.)"""
+    tp = lm.__dict__.get("real_vocab_logits")
+    if tp is not None:
+        module.real_vocab_logits = tp
 
 
 class EmbeddingPipe(nn.Module):
     """The tied module: holds `embedding` and the `head` that shares its weight (state-dict keys as in
     LoopedLM). Its forward is the embedding lookup; the last stage calls `head_forward`."""
 
+    output_logits = LoopedLM.output_logits
+    real_vocab_logits = LoopedLM.real_vocab_logits
+
     def __init__(self, source: _Source, with_head: bool = True):
         super().__init__()
         lm = source.lm
+        self.cfg = lm.cfg
         self.embedding = lm.embedding
         self.head = lm.head if with_head else None
-        self.softcap = lm.cfg.logit_softcap
-        self.vocab_size = lm.cfg.vocab_size
-        self.real_vocab = _real_vocab_fn(lm)
+        _take_real_vocab(self, lm)
 
     def forward(self, inputs):
         tokens, loops = inputs
@@ -91,28 +100,26 @@ class EmbeddingPipe(nn.Module):
 
 
 def head_forward(module: nn.Module, x):
-    """Logits over the real vocabulary (softcap as in LoopedLM.head_logits)."""
+    """Logits over the real vocabulary (LoopedLM.output_logits); the per-loop aux outputs pass through."""
     aux = None
     if isinstance(x, tuple):
         x, aux = x[0], x[1:]
-    logits = module.head(x)
-    cap = module.softcap
-    if cap is not None:
-        logits = cap * torch.tanh(logits / cap)
-    logits = module.real_vocab(logits) if module.real_vocab is not None else logits[..., : module.vocab_size]
+    logits = module.output_logits(x)
     return (logits, *aux) if aux else logits
 
 
 class HeadPipe(nn.Module):
     """Untied head."""
 
+    output_logits = LoopedLM.output_logits
+    real_vocab_logits = LoopedLM.real_vocab_logits
+
     def __init__(self, source: _Source):
         super().__init__()
         lm = source.lm
+        self.cfg = lm.cfg
         self.head = lm.head
-        self.softcap = lm.cfg.logit_softcap
-        self.vocab_size = lm.cfg.vocab_size
-        self.real_vocab = _real_vocab_fn(lm)
+        _take_real_vocab(self, lm)
 
     def forward(self, x):
         return head_forward(self, x)
@@ -153,6 +160,8 @@ class LoopedBlockPipe(_RopeMixin, nn.Module):
     With `collect` (per-loop losses) it returns the gradient-carrying loops' outputs concatenated on
     the batch axis ((R_grad * B, T, d)), plus Ouro's exit probabilities when the exit gate exists."""
 
+    exit_distribution = LoopedLM.exit_distribution
+
     def __init__(self, source: _Source, collect: bool):
         super().__init__()
         lm = source.lm
@@ -180,8 +189,7 @@ class LoopedBlockPipe(_RopeMixin, nn.Module):
         stacked = torch.cat(per_loop, dim=0)
         if self.exit_gate is None:
             return stacked
-        lambdas = torch.stack([torch.sigmoid(self.exit_gate(x).squeeze(-1).float()) for x in per_loop])
-        return stacked, loop_losses.exit_distribution(lambdas)
+        return stacked, self.exit_distribution(per_loop)
 
 
 class CodaLayerPipe(_RopeMixin, nn.Module):
@@ -218,24 +226,97 @@ class FinalNormPipe(nn.Module):
 class LoopLoss:
     """loss_fn(outputs, labels) of the PipelineModule: LoopedLM's loss on the last stage."""
 
+    loss = LoopedLM.loss
+
     def __init__(self, mode: str, token_loss_fn, entropy_weight: float, collect: bool):
-        self.mode, self.token_loss_fn, self.entropy_weight, self.collect = mode, token_loss_fn, entropy_weight, collect
+        self.loss_mode, self.token_loss_fn, self.exit_entropy_weight = mode, token_loss_fn, entropy_weight
+        self.collect = collect
         self.__name__ = f"loop_loss[{mode}]"
 
     def __call__(self, outputs, labels):
         if not self.collect:
-            return loop_losses.mean_token_loss(self.token_loss_fn(outputs, labels), labels)
+            return self.loss(outputs, labels)
         exit_probs = None
         if isinstance(outputs, tuple):
             outputs, exit_probs = outputs
-        per_loop = list(outputs.split(labels.shape[0], dim=0))
-        return loop_losses.loop_loss(self.mode, per_loop, labels, self.token_loss_fn, exit_probs,
-                                     self.entropy_weight)
+        return self.loss(list(outputs.split(labels.shape[0], dim=0)), labels, exit_probs)
+
+
+# ------------------------------------------------------------------------------------------------
+# The layer list: the one definition the PipelineModule specs, the layer names (stage plans, FLOP
+# weights) and the checkpoint reader's per-layer keys (megaloop/checkpoint/reader.py) derive from.
+
+
+@dataclass(frozen=True)
+class PipelineLayer:
+    name: str  # embedding | embed_norm | prelude | loop | coda | final_norm | head
+    cls: type  # built as cls(source, *args) from the full LoopedLM
+    args: tuple = ()
+    tie_key: Optional[str] = None  # layers with one key share one module (DeepSpeed's TiedLayerSpec)
+    forward_fn: Optional[Callable] = None  # run as forward_fn(shared module, x) instead of module(x)
+
+    def spec(self, source: _Source):
+        from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+        if self.tie_key is None:
+            return LayerSpec(self.cls, source, *self.args)
+        return TiedLayerSpec(self.tie_key, self.cls, source, *self.args, forward_fn=self.forward_fn,
+                             tied_weight_attr=["embedding.weight"])
+
+
+def pipeline_layers(model_cfg, collect: bool = False) -> List[PipelineLayer]:
+    """The pipeline layers of a LoopedLM, in order. collect: the looped block returns every
+    gradient-carrying loop's output (a per-loop loss, i.e. loop.loss != "last")."""
+    m = model_cfg
+    tied = m.tie_embeddings
+    layers = [PipelineLayer("embedding", EmbeddingPipe, tie_key="embed") if tied
+              else PipelineLayer("embedding", EmbeddingPipe, (False,)),
+              PipelineLayer("embed_norm", EmbedNormPipe)]
+    layers += [PipelineLayer("prelude", PreludeLayerPipe, (i,)) for i in range(m.n_prelude)]
+    layers.append(PipelineLayer("loop", LoopedBlockPipe, (collect,)))
+    layers += [PipelineLayer("coda", CodaLayerPipe, (j,)) for j in range(m.n_coda)]
+    layers.append(PipelineLayer("final_norm", FinalNormPipe))
+    layers.append(PipelineLayer("head", EmbeddingPipe, tie_key="embed", forward_fn=head_forward) if tied
+                  else PipelineLayer("head", HeadPipe))
+    return layers
 
 
 def layer_names(model_cfg) -> list:
-    return (["embedding", "embed_norm"] + ["prelude"] * model_cfg.n_prelude + ["loop"]
-            + ["coda"] * model_cfg.n_coda + ["final_norm", "head"])
+    return [layer.name for layer in pipeline_layers(model_cfg)]
+
+
+def _build_layers(layers: List[PipelineLayer], source: _Source) -> List[Tuple[PipelineLayer, Optional[nn.Module],
+                                                                            Callable]]:
+    """(layer, the module it creates or None when it reuses a tied one, its forward) for each layer, built
+    in one process the way DeepSpeed builds the layers of a stage."""
+    tied, out = {}, []
+    for layer in layers:
+        created = None
+        if layer.tie_key is not None and layer.tie_key in tied:
+            module = tied[layer.tie_key]
+        else:
+            module = created = layer.cls(source, *layer.args)
+            if layer.tie_key is not None:
+                tied[layer.tie_key] = module
+        fwd = module if layer.forward_fn is None else functools.partial(layer.forward_fn, module)
+        out.append((layer, created, fwd))
+    return out
+
+
+def local_layers(lm, collect: bool = False) -> list:
+    """The pipeline layers of `lm` as one-process callables (sharing lm's modules): running them in
+    sequence is what the stages of a PipelineModule compute (tests)."""
+    return [fwd for _, _, fwd in _build_layers(pipeline_layers(lm.cfg, collect), _Source(lambda: lm))]
+
+
+def layer_state_keys(model_cfg) -> List[Tuple[str, Optional[List[str]]]]:
+    """Per DeepSpeed pipeline layer index: (layer name, the LoopedLM state-dict keys its checkpoint file
+    holds), or (name, None) for a layer that reuses a tied module (the tied head: DeepSpeed writes no
+    file for it). Built on a meta-device LoopedLM (no memory)."""
+    with torch.device("meta"):
+        lm = LoopedLM(model_cfg)
+    return [(layer.name, None if created is None else list(created.state_dict().keys()))
+            for layer, created, _ in _build_layers(pipeline_layers(model_cfg), _Source(lambda: lm))]
 
 
 def balanced_partition(weights, num_parts: int) -> list:
@@ -285,13 +366,16 @@ def _pipeline_module_class():
     return LoopedPipelineModule
 
 
+def _layer_weights(cfg: Config, names) -> list:
+    from megaloop.model.flops import pipeline_layer_weights
+
+    return pipeline_layer_weights(cfg, names, *expected_loop_counts(cfg))
+
+
 def stage_plan(cfg: Config, num_stages: int, method: Optional[str] = None) -> list:
     """Which layer names each stage holds under the loop-weighted partition (for logs and tests)."""
     names = layer_names(cfg.model)
-    mean = expected_loops(cfg.loop, cfg.train.seed, n=512)
-    grad_mean = mean if cfg.loop.backprop_loops is None else min(mean, cfg.loop.backprop_loops)
-    from megaloop.model.flops import pipeline_layer_weights
-    parts = balanced_partition(pipeline_layer_weights(cfg, names, mean, grad_mean), num_stages)
+    parts = balanced_partition(_layer_weights(cfg, names), num_stages)
     return [names[parts[s]:parts[s + 1]] for s in range(num_stages)]
 
 
@@ -300,10 +384,6 @@ def build_pipeline_module(cfg: Config, build_lm, topology, activation_checkpoint
     """cfg: the run config; build_lm(): a full LoopedLM with the run's initial weights (called once, on
     every rank); topology: DeepSpeed's PipeModelDataParallelTopology; prepare_lm(lm): optional hook run
     on the full model before it is split (e.g. tensor parallelism)."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
-    from megaloop.model.flops import pipeline_layer_weights
-
-    m = cfg.model
     collect = cfg.loop.loss != "last"
 
     def _build():
@@ -314,26 +394,9 @@ def build_pipeline_module(cfg: Config, build_lm, topology, activation_checkpoint
         return lm
 
     source = _Source(_build)
-    tied = m.tie_embeddings
-    specs = []
-    if tied:
-        specs.append(TiedLayerSpec("embed", EmbeddingPipe, source, tied_weight_attr=["embedding.weight"]))
-    else:
-        specs.append(LayerSpec(EmbeddingPipe, source, False))
-    specs.append(LayerSpec(EmbedNormPipe, source))
-    specs += [LayerSpec(PreludeLayerPipe, source, i) for i in range(m.n_prelude)]
-    specs.append(LayerSpec(LoopedBlockPipe, source, collect))
-    specs += [LayerSpec(CodaLayerPipe, source, j) for j in range(m.n_coda)]
-    specs.append(LayerSpec(FinalNormPipe, source))
-    if tied:
-        specs.append(TiedLayerSpec("embed", EmbeddingPipe, source, forward_fn=head_forward,
-                                   tied_weight_attr=["embedding.weight"]))
-    else:
-        specs.append(LayerSpec(HeadPipe, source))
-
-    mean = expected_loops(cfg.loop, cfg.train.seed, n=512)
-    grad_mean = mean if cfg.loop.backprop_loops is None else min(mean, cfg.loop.backprop_loops)
-    weights = pipeline_layer_weights(cfg, layer_names(m), mean, grad_mean)
+    layers = pipeline_layers(cfg.model, collect)
+    specs = [layer.spec(source) for layer in layers]
+    weights = _layer_weights(cfg, [layer.name for layer in layers])
     # Token loss: the LM's (tensor parallelism may have swapped in the vocab-parallel one).
     loss_fn = LoopLoss(cfg.loop.loss, source.lm.token_loss_fn, cfg.loop.exit_entropy_weight, collect)
     dynamic = collect  # the stacked per-loop outputs change shape with R (sampled, or eval's R)

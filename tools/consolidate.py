@@ -1,0 +1,39 @@
+"""Merge a training checkpoint (any TP x PP x DP layout, ZeRO 0-3) into one plain state-dict file.
+
+    python tools/consolidate.py runs/demo_cpu runs/demo_cpu/model.pt [--step N]
+
+The checkpoint is a run folder, its checkpoints/ root or one step_NNNNNNNN/ tag (without --step:
+`latest`, else the newest complete one). The output holds {"model": LoopedLM state dict, "config":
+the run config}: the plain format megaloop.checkpoint.load_model, tools/generate.py, tools/eval_loops.py
+and tools/export_hf.py read. Without an output path, only the tensor count is printed.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="run folder, checkpoints/ root or step_NNNNNNNN/ tag")
+    p.add_argument("output", nargs="?", default=None, help="the .pt file to write")
+    p.add_argument("--step", type=int, default=None)
+    args = p.parse_args(argv)
+
+    from megaloop import checkpoint as ckpt
+
+    try:
+        sd, cfg = ckpt.load(args.checkpoint, args.step)
+    except ckpt.CheckpointError as e:
+        print(f"cannot read {args.checkpoint}: {e}", file=sys.stderr)
+        return 1
+    print(f"{len(sd)} tensors, {sum(t.numel() for t in sd.values()):,} values")
+    if args.output:
+        ckpt.save_plain(sd, cfg, args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
