@@ -36,19 +36,24 @@ class RMSNorm(nn.Module):
         return rms_norm_affine(x, self.weight, self.eps)
 
 
-def rope_cache(seq_len: int, head_dim: int, theta: float, device=None, offset: int = 0):
-    """cos/sin of shape (seq_len, head_dim/2) for positions offset..offset+seq_len-1."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    pos = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq)
+def rope_for_positions(positions: torch.Tensor, head_dim: int, theta: float):
+    """cos/sin of shape (..., head_dim/2) for integer positions of any shape (...)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+                                / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
     return freqs.cos(), freqs.sin()
 
 
+def rope_cache(seq_len: int, head_dim: int, theta: float, device=None, offset: int = 0):
+    """cos/sin of shape (seq_len, head_dim/2) for positions offset..offset+seq_len-1."""
+    return rope_for_positions(torch.arange(offset, offset + seq_len, device=device), head_dim, theta)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, T, H, D) by position; halves layout (as Llama's HF port)."""
+    """Rotate (B, T, H, D) by position, halves layout (as Llama's HF port); cos/sin (T, D/2) or (B, T, D/2)."""
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d].float(), x[..., d:].float()
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over the heads
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
@@ -78,6 +83,11 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, rope, q_input: Optional[torch.Tensor] = None):
+        q, k, v = self.project(x, q_input, *rope)
+        return self.output(self.attend(q, k, v, x=x, q_input=q_input), x)
+
+    def project(self, x, q_input, cos, sin):
+        """Queries (B, H, T, D) from q_input (else x), keys/values (B, Hkv, T, D) from x; RoPE on q, k."""
         B, T, _ = x.shape
         hd = self.head_dim
         q = self.wq(x if q_input is None else q_input).view(B, T, -1, hd)
@@ -85,11 +95,13 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        y = self.attend(q, k, v, x=x, q_input=q_input)
-        y = y.transpose(1, 2).reshape(B, T, -1)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def output(self, y, x):
+        """Attention output (B, H, T, D) -> (B, T, d): heads merged, LT2's output gate, W_o."""
+        B, H, T, D = y.shape
+        y = y.transpose(1, 2).reshape(B, T, H * D)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x))
         return self.wo(y)

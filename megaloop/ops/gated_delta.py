@@ -54,15 +54,9 @@ def _check_shapes(q, k, v, g, beta, initial_state):
         raise ValueError(f"initial_state must be (B, H, Dk, Dv) = ({B}, {H}, {Dk}, {Dv}), got {tuple(initial_state.shape)}")
 
 
-def gated_delta_rule_recurrent(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    initial_state: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def gated_delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                               initial_state: Optional[torch.Tensor] = None, scale: Optional[float] = None
+                               ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Naive token-by-token gated delta rule. The reference the chunked form is tested against,
     and the right tool for single-token decode. Returns (o (B, T, H, Dv), final_state (B, H, Dk, Dv))."""
     _check_shapes(q, k, v, g, beta, initial_state)
@@ -89,16 +83,9 @@ def gated_delta_rule_recurrent(
     return o.to(out_dtype), state
 
 
-def gated_delta_rule_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    initial_state: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-    chunk_size: int = 64,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                             initial_state: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                             chunk_size: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise-parallel gated delta rule, numerically equal to `gated_delta_rule_recurrent`.
 
     Inside a chunk of C tokens, with S_0 the state entering the chunk and G_i = g_1 + ... + g_i
@@ -423,17 +410,9 @@ def describe_kernel_choice(cfg, device, dtype) -> str:
     return f"GDN kernel: {form} on {where} (model.gdn_kernel={kernel}; {choice.detail})"
 
 
-def gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    initial_state: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-    chunk_size: int = 64,
-    kernel: str = "auto",
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     initial_state: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                     chunk_size: int = 64, kernel: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """Dispatcher over the kernels above (see `select_gdn_kernel`); same conventions whichever runs.
 
     fla is imported lazily and only when `fla_device_supported` accepts the tensors (CUDA,

@@ -17,12 +17,8 @@ import torch.nn.functional as F
 __all__ = ["causal_depthwise_conv1d", "causal_depthwise_conv1d_step"]
 
 
-def causal_depthwise_conv1d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    initial_state: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                            initial_state: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """x: (B, T, C), weight: (C, W), bias: (C,), initial_state: (B, C, W-1).
     Returns y (B, T, C) and final_state (B, C, W-1)."""
     B, T, C = x.shape
@@ -42,12 +38,8 @@ def causal_depthwise_conv1d(
     return y.transpose(1, 2), final_state
 
 
-def causal_depthwise_conv1d_step(
-    x_t: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    state: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def causal_depthwise_conv1d_step(x_t: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                                 state: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One decode step. x_t: (B, C) the new token, state: (B, C, W-1).
     Returns y_t (B, C) and the new state (B, C, W-1)."""
     B, C = x_t.shape

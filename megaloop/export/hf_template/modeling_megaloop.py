@@ -70,15 +70,19 @@ except Exception:  # pragma: no cover
 
 
 # ------------------------------------------------------------------------------------------------
-# Building blocks (numerically identical to megaloop/model/layers.py)
+# Building blocks. This file imports nothing from megaloop, so what it shares with megaloop is copied:
+# each copy is marked "# Copied from megaloop/<path>:<name>", and tests/test_hf_template_copies.py
+# fails when the source changes and the copy does not.
 
 
+# Copied from megaloop/model/layers.py:rms_norm
 def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
 class RMSNorm(nn.Module):
+    # Copied from megaloop/model/layers.py:RMSNorm.__init__
     def __init__(self, dim: int, eps: float = 1e-6, scale: bool = True):
         super().__init__()
         self.eps = eps
@@ -89,6 +93,7 @@ class RMSNorm(nn.Module):
         return y * self.weight if self.weight is not None else y
 
 
+# Copied from megaloop/model/layers.py:rope_for_positions
 def rope_for_positions(positions: torch.Tensor, head_dim: int, theta: float):
     """cos/sin of shape (B, T, head_dim/2) for integer positions (B, T)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
@@ -97,11 +102,12 @@ def rope_for_positions(positions: torch.Tensor, head_dim: int, theta: float):
     return freqs.cos(), freqs.sin()
 
 
+# Copied from megaloop/model/layers.py:apply_rope
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, T, H, D) by position, halves layout; cos/sin (B, T, D/2)."""
+    """Rotate (B, T, H, D) by position, halves layout (as Llama's HF port); cos/sin (T, D/2) or (B, T, D/2)."""
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d].float(), x[..., d:].float()
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over the heads
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
@@ -165,6 +171,12 @@ class MegaloopAttention(nn.Module):
         self.gate = nn.Linear(d, config.n_heads * hd, bias=False) if config.attn_output_gate else None
 
     def forward(self, x, ctx: AttnContext, q_input=None, slot: Optional[dict] = None):
+        q, k, v = self.project(x, q_input, ctx.cos, ctx.sin)
+        return self.output(self.attend(q, k, v, x, q_input, ctx, slot), x)
+
+    # Copied from megaloop/model/layers.py:Attention.project
+    def project(self, x, q_input, cos, sin):
+        """Queries (B, H, T, D) from q_input (else x), keys/values (B, Hkv, T, D) from x; RoPE on q, k."""
         B, T, _ = x.shape
         hd = self.head_dim
         q = self.wq(x if q_input is None else q_input).view(B, T, -1, hd)
@@ -172,10 +184,14 @@ class MegaloopAttention(nn.Module):
         v = self.wv(x).view(B, T, -1, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        y = self.attend(q, k, v, x, q_input, ctx, slot)
-        y = y.transpose(1, 2).reshape(B, T, -1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    # Copied from megaloop/model/layers.py:Attention.output
+    def output(self, y, x):
+        """Attention output (B, H, T, D) -> (B, T, d): heads merged, LT2's output gate, W_o."""
+        B, H, T, D = y.shape
+        y = y.transpose(1, 2).reshape(B, T, H * D)
         if self.gate is not None:
             y = y * torch.sigmoid(self.gate(x))
         return self.wo(y)
@@ -284,87 +300,160 @@ class MegaloopSparseAttention(MegaloopAttention):
 # Gated DeltaNet (megaloop/model/gated_deltanet.py; kernels from megaloop/ops/{short_conv,gated_delta}.py)
 
 
-def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: Optional[torch.Tensor] = None):
-    """x (B, T, C), weight (C, W), initial_state (B, C, W-1) = the W-1 previous inputs (None: zeros).
-    Returns y (B, T, C) and the final state (B, C, W-1)."""
+# Copied from megaloop/ops/short_conv.py:causal_depthwise_conv1d
+def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                            initial_state: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x: (B, T, C), weight: (C, W), bias: (C,), initial_state: (B, C, W-1).
+    Returns y (B, T, C) and final_state (B, C, W-1)."""
     B, T, C = x.shape
+    if weight.dim() != 2 or weight.shape[0] != C:
+        raise ValueError(f"weight must be (C, W) with C = {C}, got {tuple(weight.shape)}")
     W = weight.shape[1]
     if initial_state is None:
         initial_state = x.new_zeros(B, C, W - 1)
+    elif initial_state.shape != (B, C, W - 1):
+        raise ValueError(f"initial_state must be (B, C, W-1) = ({B}, {C}, {W - 1}), got {tuple(initial_state.shape)}")
+
+    # Prepend the carried inputs instead of zero padding: this is what makes the conv causal and
+    # resumable. conv1d is a cross-correlation, so weight[:, -1] lands on the newest input.
     history = torch.cat([initial_state.to(x.dtype), x.transpose(1, 2)], dim=2)  # (B, C, W-1+T)
-    y = F.conv1d(history, weight.unsqueeze(1), None, groups=C)
-    return y.transpose(1, 2), history[:, :, history.shape[2] - (W - 1):]
+    y = F.conv1d(history, weight.unsqueeze(1), bias, groups=C)                  # (B, C, T)
+    final_state = history[:, :, history.shape[2] - (W - 1):]
+    return y.transpose(1, 2), final_state
 
 
-def _gdn_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+# Copied from megaloop/ops/gated_delta.py:_compute_dtype
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The state is a long-lived accumulator: never run it in half precision.
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=None, scale=None):
-    """Token-by-token gated delta rule (decode). q, k (B, T, H, Dk); v (B, T, H, Dv); g, beta (B, T, H);
-    state (B, H, Dk, Dv):  S_t = e^{g_t} (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = scale S_t^T q_t."""
+# Copied from megaloop/ops/gated_delta.py:_check_shapes
+def _check_shapes(q, k, v, g, beta, initial_state):
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    if k.shape != q.shape:
+        raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be (B, T, H, Dv) = ({B}, {T}, {H}, Dv), got {tuple(v.shape)}")
+    if g.shape != (B, T, H) or beta.shape != (B, T, H):
+        raise ValueError(f"g and beta must be (B, T, H) = ({B}, {T}, {H}), got {tuple(g.shape)}, {tuple(beta.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, Dk, Dv):
+        raise ValueError(f"initial_state must be (B, H, Dk, Dv) = ({B}, {H}, {Dk}, {Dv}), got {tuple(initial_state.shape)}")
+
+
+# Copied from megaloop/ops/gated_delta.py:gated_delta_rule_recurrent
+def gated_delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                               initial_state: Optional[torch.Tensor] = None, scale: Optional[float] = None
+                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Naive token-by-token gated delta rule. The reference the chunked form is tested against,
+    and the right tool for single-token decode. Returns (o (B, T, H, Dv), final_state (B, H, Dk, Dv))."""
+    _check_shapes(q, k, v, g, beta, initial_state)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     scale = 1.0 / math.sqrt(Dk) if scale is None else scale
     out_dtype = v.dtype
-    dtype = _gdn_compute_dtype(q.dtype)
-    q, k, v, g, beta = (t.to(dtype) for t in (q, k, v, g, beta))
-    state = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(dtype)
+    dtype = _compute_dtype(q.dtype)
+    q, k, v, g, beta = (x.to(dtype) for x in (q, k, v, g, beta))
+
+    if initial_state is None:
+        state = q.new_zeros(B, H, Dk, Dv)
+    else:
+        state = initial_state.to(dtype)
     outputs = []
     for t in range(T):
-        k_t, q_t = k[:, t], q[:, t]
-        state = state * g[:, t].exp()[..., None, None]
-        stored = torch.einsum("bhkv,bhk->bhv", state, k_t)
-        correction = beta[:, t, :, None] * (v[:, t] - stored)
-        state = state + k_t[..., :, None] * correction[..., None, :]
+        k_t, q_t = k[:, t], q[:, t]                                      # (B, H, Dk)
+        state = state * g[:, t].exp()[..., None, None]                   # S' = alpha S
+        stored = torch.einsum("bhkv,bhk->bhv", state, k_t)               # S'^T k
+        correction = beta[:, t, :, None] * (v[:, t] - stored)            # u
+        state = state + k_t[..., :, None] * correction[..., None, :]     # S' + k u^T
         outputs.append(torch.einsum("bhkv,bhk->bhv", state, q_t) * scale)
     o = torch.stack(outputs, dim=1) if T > 0 else v.new_zeros(B, 0, H, Dv)
     return o.to(out_dtype), state
 
 
-def gated_delta_rule_chunked(q, k, v, g, beta, initial_state=None, scale=None, chunk_size: int = 64):
-    """Chunkwise-parallel gated delta rule (prefill), equal to the recurrent form (UT transform per chunk,
-    sequential state hand-off between chunks). Same shapes as gated_delta_rule_recurrent."""
+# Copied from megaloop/ops/gated_delta.py:gated_delta_rule_chunked
+def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                             initial_state: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                             chunk_size: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Chunkwise-parallel gated delta rule, numerically equal to `gated_delta_rule_recurrent`.
+
+    Inside a chunk of C tokens, with S_0 the state entering the chunk and G_i = g_1 + ... + g_i
+    (cumulative log-decay from the chunk start), the corrections u_i of the delta form satisfy
+
+        u_i = beta_i (v_i - e^{G_i} S_0^T k_i - sum_{j<i} e^{G_i - G_j} (k_i . k_j) u_j)
+
+    i.e. the lower-triangular system (I + A) U = diag(beta) V - diag(beta e^G) K S_0 with
+    A_ij = beta_i e^{G_i - G_j} (k_i . k_j) for j < i. Solving it once per chunk (the UT transform)
+    gives U = U_v - W S_0 with U_v = (I + A)^-1 diag(beta) V and W = (I + A)^-1 diag(beta e^G) K;
+    both depend only on the chunk's own inputs, so they are computed for all chunks in parallel.
+    After that the chunk is plain decayed linear attention with u in place of v:
+
+        o_i      = scale * (e^{G_i} S_0^T q_i + sum_{j<=i} e^{G_i - G_j} (q_i . k_j) u_j)
+        S_C      = e^{G_C} S_0 + sum_j e^{G_C - G_j} k_j u_j^T
+
+    Only the state hand-off between chunks is sequential (a Python loop over T / C chunks).
+    Cost per head: O(T C (Dk + Dv) + T Dk Dv) time; O(T C) memory for the intra-chunk matrices
+    plus the T / C chunk-boundary states (Dk x Dv each) that autograd keeps for backward.
+
+    T need not be a multiple of chunk_size: the tail is padded with k = v = q = 0, g = 0, beta = 0,
+    which leaves the state untouched (alpha = 1, nothing written).
+    """
+    _check_shapes(q, k, v, g, beta, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     scale = 1.0 / math.sqrt(Dk) if scale is None else scale
     out_dtype = v.dtype
-    dtype = _gdn_compute_dtype(q.dtype)
+    dtype = _compute_dtype(q.dtype)
     state = q.new_zeros(B, H, Dk, Dv, dtype=dtype) if initial_state is None else initial_state.to(dtype)
     if T == 0:
         return v.new_zeros(B, 0, H, Dv), state
+
     C = chunk_size
     N = (T + C - 1) // C
     pad = N * C - T
 
-    def to_chunks(x):
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:
+        # (B, T, H, ...) -> (B, H, N, C, ...), zero-padded along T.
         x = x.to(dtype).transpose(1, 2)
         if pad:
             x = torch.cat([x, x.new_zeros(x.shape[0], x.shape[1], pad, *x.shape[3:])], dim=2)
         return x.reshape(B, H, N, C, *x.shape[3:])
 
     q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))
-    log_decay = g.cumsum(dim=-1)
+
+    # --- everything below, up to the chunk loop, is parallel over (B, H, N) ---
+    log_decay = g.cumsum(dim=-1)                                             # G_i   (B, H, N, C)
+    # e^{G_i - G_j} for j <= i. Mask *before* exp: G_i - G_j > 0 above the diagonal could overflow.
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     pair_log_decay = log_decay[..., :, None] - log_decay[..., None, :]
-    decay_mask = pair_log_decay.masked_fill(~causal, 0.0).exp() * causal
+    decay_mask = pair_log_decay.masked_fill(~causal, 0.0).exp() * causal    # (B, H, N, C, C)
+
+    # UT transform: solve (I + A) X = [diag(beta) V | diag(beta e^G) K] with A strictly lower.
     k_beta = k * beta[..., None]
     strictly_lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
     A = (k_beta @ k.transpose(-1, -2)) * decay_mask * strictly_lower
     eye = torch.eye(C, dtype=dtype, device=q.device)
     rhs = torch.cat([v * beta[..., None], k_beta * log_decay.exp()[..., None]], dim=-1)
     solved = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
-    u_from_values, w = solved[..., :Dv], solved[..., Dv:]
-    intra_attention = (q @ k.transpose(-1, -2)) * decay_mask * scale
-    q_decayed = q * (log_decay.exp()[..., None] * scale)
-    chunk_log_decay = log_decay[..., -1:]
-    k_to_chunk_end = k * (chunk_log_decay - log_decay).exp()[..., None]
-    chunk_decay = chunk_log_decay.exp()[..., None]
+    u_from_values, w = solved[..., :Dv], solved[..., Dv:]                   # U = U_v - W S_0
+
+    # Intra-chunk attention (decayed, causal incl. the diagonal) and the inter-chunk read-out terms.
+    intra_attention = (q @ k.transpose(-1, -2)) * decay_mask * scale        # (B, H, N, C, C)
+    q_decayed = q * (log_decay.exp()[..., None] * scale)                    # e^{G_i} q_i
+    chunk_log_decay = log_decay[..., -1:]                                   # G_C   (B, H, N, 1)
+    k_to_chunk_end = k * (chunk_log_decay - log_decay).exp()[..., None]     # e^{G_C - G_j} k_j
+    chunk_decay = chunk_log_decay.exp()[..., None]                          # (B, H, N, 1, 1)
+
+    # --- sequential hand-off of the state between chunks ---
     outputs = []
     for n in range(N):
-        u = u_from_values[:, :, n] - w[:, :, n] @ state
+        u = u_from_values[:, :, n] - w[:, :, n] @ state                      # (B, H, C, Dv)
         outputs.append(q_decayed[:, :, n] @ state + intra_attention[:, :, n] @ u)
         state = chunk_decay[:, :, n] * state + k_to_chunk_end[:, :, n].transpose(-1, -2) @ u
+
     o = torch.stack(outputs, dim=2).reshape(B, H, N * C, Dv)[:, :, :T]
     return o.transpose(1, 2).to(out_dtype), state
 
@@ -428,7 +517,7 @@ class MegaloopGatedDeltaNet(nn.Module):
         streams = [self.wq(x if q_input is None else q_input), self.wk(x), self.wv(x)]
         if valid is not None:  # padding enters the conv as zeros: the conv then starts as if from scratch
             streams = [torch.where(valid[..., None], s, torch.zeros_like(s)) for s in streams]
-        (q, cq), (k, ck), (v, cv) = (causal_depthwise_conv1d(s, w, prev.get(name)) for s, w, name in
+        (q, cq), (k, ck), (v, cv) = (causal_depthwise_conv1d(s, w, initial_state=prev.get(name)) for s, w, name in
                                      zip(streams, (self.q_conv, self.k_conv, self.v_conv),
                                          ("conv_q", "conv_k", "conv_v")))
         q = F.normalize(F.silu(q).view(B, T, -1, dk), dim=-1)
@@ -495,7 +584,8 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(d, f, bias=False) if config.mlp == "swiglu" else None
         self.w2 = nn.Linear(f, d, bias=False)
 
-    def forward(self, x):
+    # Copied from megaloop/model/layers.py:MLP.forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
             h = F.silu(self.w1(x)) * self.w3(x)
         else:
@@ -537,11 +627,13 @@ class MegaloopLayer(nn.Module):
 # Injection (megaloop/model/injection.py)
 
 
+# Copied from megaloop/model/injection.py:AddInjection
 class AddInjection(nn.Module):
     def forward(self, s, e):
         return s + e
 
 
+# Copied from megaloop/model/injection.py:ConcatAdapterInjection
 class ConcatAdapterInjection(nn.Module):
     def __init__(self, d: int):
         super().__init__()
@@ -558,9 +650,17 @@ class ParcaeInjection(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(d))
         self.B = nn.Parameter(torch.eye(d))
 
-    def forward(self, s, e):
+    # Copied from megaloop/model/injection.py:ParcaeInjection.coefficients
+    def coefficients(self):
         delta = F.softplus(self.dt_bias.float())
+        # Mathematically 0 < Abar < 1 for any parameters; in fp32, exp(-x) rounds to exactly 1 once
+        # x < 6e-8. The floor keeps the guarantee numerically true: max|Abar| <= exp(-1e-6).
         a_bar = torch.exp(-(delta * torch.exp(self.A_log.float())).clamp_min(1e-6))
+        return a_bar, delta
+
+    # Copied from megaloop/model/injection.py:ParcaeInjection.forward
+    def forward(self, s, e):
+        a_bar, delta = self.coefficients()
         return (a_bar.type_as(s) * s) + delta.type_as(e) * F.linear(e, self.B)
 
 
