@@ -8,8 +8,8 @@
 
 Nothing in the model code is rewritten: its linear maps are swapped for column/row-parallel ones,
 the embedding and LM head for vocab-parallel ones, and Megatron's `f` operator is attached as a
-forward pre-hook at the entry of each sharded sub-layer (torchtitan's "PrepareModuleInput"), so that
-one `f` serves every projection that reads the same input. Per transformer layer and per loop
+forward pre-hook at the entry of each sharded sub-layer (torchtitan's "PrepareModuleInput"; the
+per-module plans are in megaloop/parallel/tp_plans.py), so that one `f` serves every projection that reads the same input. Per transformer layer and per loop
 iteration this gives exactly Megatron's communication: forward one all-reduce after the attention
 output projection and one after the MLP down projection (`g`), backward one all-reduce of the
 attention input gradient and one of the MLP input gradient (`f`). The loop adds nothing: everything
