@@ -46,6 +46,7 @@ def _rank(rank, world, names, loops, B, T):
     import torch
     from megaloop.config import ParallelConfig, load_config
     from megaloop.model import build_model
+    from megaloop.model.loop_schedule import grad_loops
     from megaloop.parallel import apply_tensor_parallel, build_parallel_state
 
     state = build_parallel_state(ParallelConfig(tensor_parallel=world))
@@ -59,7 +60,7 @@ def _rank(rank, world, names, loops, B, T):
         x = torch.randint(0, cfg.model.vocab_size, (B, T), generator=g)
         y = torch.randint(0, cfg.model.vocab_size, (B, T), generator=g)
         for R in loops:
-            G = R if cfg.loop.backprop_loops is None else min(R, cfg.loop.backprop_loops)
+            G = grad_loops(cfg.loop, R)
             t0 = time.perf_counter()
             with model.tp_comm.counting() as c:
                 model(x, labels=y, loops=R, grad_loops=G).loss.backward()

@@ -157,5 +157,6 @@ def test_export_reads_checkpoints_never_the_reverse():
     assert "megaloop.checkpoint" in graph["megaloop.export.hf_export"]
     for mod, deps in graph.items():
         if mod.startswith("megaloop.checkpoint"):
-            bad = sorted(d for d in deps if d.startswith(("megaloop.export", "megaloop.training", "megaloop.generation")))
+            bad = sorted(d for d in deps
+                         if d.startswith(("megaloop.export", "megaloop.training", "megaloop.generation")))
             assert not bad, f"{mod} imports {bad}"

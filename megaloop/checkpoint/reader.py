@@ -83,7 +83,7 @@ def read_info(tag_dir: Path) -> CheckpointInfo:
         sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_*_model_states.pt"))
     if not candidates:
         raise CheckpointError(f"{tag_dir} holds no DeepSpeed model states (mp_rank_00_model_states.pt, or "
-                     f"zero_pp_rank_0_mp_rank_00_model_states.pt for ZeRO-3); the checkpoint is incomplete")
+                              f"zero_pp_rank_0_mp_rank_00_model_states.pt for ZeRO-3); the checkpoint is incomplete")
     meta_file = candidates[0]
     meta = _load(meta_file)
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
@@ -97,8 +97,8 @@ def read_info(tag_dir: Path) -> CheckpointInfo:
     tp = int(dims.get("tp_degree", cfg.parallel.tensor_parallel))
     if (pp, tp) != (cfg.parallel.pipeline_parallel, cfg.parallel.tensor_parallel):
         raise CheckpointError(f"{meta_file}: DeepSpeed recorded pp={pp}, tp={tp} but the saved config says "
-                     f"pipeline_parallel={cfg.parallel.pipeline_parallel}, tensor_parallel="
-                     f"{cfg.parallel.tensor_parallel}")
+                              f"pipeline_parallel={cfg.parallel.pipeline_parallel}, tensor_parallel="
+                              f"{cfg.parallel.tensor_parallel}")
     zero = int(((meta.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", cfg.parallel.zero_stage))
     tok = meta.get("tokenizer") or {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model}
     step = marker(tag_dir).get("step", meta.get("step"))
@@ -142,7 +142,7 @@ def _check_shard(sd, f: Path, want_keys, shapes, what: str) -> Dict[str, torch.T
             problems.append(f"{k} has shape {tuple(v.shape)}, expected {shapes[k]}")
     if problems:
         raise CheckpointError(f"{f} ({what}) does not match the run config: " + "; ".join(problems)
-                     + ". Was the file replaced, or written by another run/layout?")
+                              + ". Was the file replaced, or written by another run/layout?")
     return {k: sd[k] for k in want_keys}
 
 
@@ -151,8 +151,8 @@ def _require(files: List[Tuple[Path, str]], tag_dir: Path) -> None:
     if missing:
         listing = "; ".join(f"{f.name} ({what})" for f, what in missing[:6])
         more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
-        raise CheckpointError(f"checkpoint {tag_dir} is missing {len(missing)} file(s): {listing}{more}. The checkpoint "
-                     f"is damaged (a shard deleted or not copied); nothing was written")
+        raise CheckpointError(f"checkpoint {tag_dir} is missing {len(missing)} file(s): {listing}{more}. The "
+                              f"checkpoint is damaged (a shard deleted or not copied)")
 
 
 def _merge(shards: List[Dict[str, torch.Tensor]], info, files: List[str]) -> Dict[str, torch.Tensor]:
@@ -200,7 +200,7 @@ def _load_pipeline(ci: CheckpointInfo) -> Dict[str, torch.Tensor]:
                    or layers[int(re.match(r"layer_(\d+)", p.name).group(1))][1] is None)
     if stray:
         raise CheckpointError(f"{d} has pipeline layer files the run config does not have ({', '.join(stray)}): "
-                     f"the saved config does not describe these files")
+                              f"the saved config does not describe these files")
     shards, names = [], []
     for t in range(tp):
         sd = {}
@@ -241,7 +241,7 @@ def _load_zero3(ci: CheckpointInfo) -> Dict[str, torch.Tensor]:
     d = ci.tag_dir
     if ci.tp != 1 or ci.pp != 1:
         raise CheckpointError(f"{d}: ZeRO-3 with tensor_parallel={ci.tp}, pipeline_parallel={ci.pp} is not a layout "
-                     f"megaloop trains")
+                              f"megaloop trains")
     expected = []
     for r in range(ci.dp):
         expected.append((d / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", f"ZeRO-3 data-parallel rank {r}"))
@@ -249,7 +249,7 @@ def _load_zero3(ci: CheckpointInfo) -> Dict[str, torch.Tensor]:
     for r in range(ci.dp):
         if not list(d.glob(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt")):
             raise CheckpointError(f"checkpoint {d} is missing zero_pp_rank_{r}_mp_rank_00_optim_states.pt (ZeRO-3 "
-                         f"data-parallel rank {r} of {ci.dp}: it holds that rank's partition of the weights)")
+                                  f"data-parallel rank {r} of {ci.dp}: it holds that rank's partition of the weights)")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     log = io.StringIO()
@@ -258,7 +258,7 @@ def _load_zero3(ci: CheckpointInfo) -> Dict[str, torch.Tensor]:
             sd = get_fp32_state_dict_from_zero_checkpoint(str(d.parent), tag=d.name)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{d}: DeepSpeed's zero_to_fp32 could not reassemble the ZeRO-3 weights: "
-                     f"{type(e).__name__}: {e}\n{log.getvalue()[-2000:]}") from e
+                              f"{type(e).__name__}: {e}\n{log.getvalue()[-2000:]}") from e
     sd = {k: v for k, v in sd.items()}
     shapes = expected_shapes(ci.config.model)
     keys = [k for k in shapes if k in sd or not (k == "head.weight" and ci.config.model.tie_embeddings)]

@@ -36,7 +36,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from megaloop import checkpoint as ckpt
-from megaloop.checkpoint import expected_shapes, save_plain_checkpoint  # noqa: F401 (save_plain_checkpoint: re-exported)
+from megaloop.checkpoint import expected_shapes, save_plain_checkpoint  # noqa: F401 (re-exported)
 from megaloop.config import Config, ModelConfig, config_from_dict
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "hf_template"

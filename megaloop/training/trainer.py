@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 
 from megaloop.config import Config, ConfigError, load_config, save_config
-from megaloop.training import checkpoint as ckpt
+from megaloop import checkpoint as ckpt
 from megaloop.training.data import (EvalBatches, TrainBatches, build_split_datasets, build_tokenizer_for,
                                     samples_needed, tokenizer_reference)
 from megaloop.parallel.device import on_accelerator, zeros_on_accelerator
@@ -285,18 +285,18 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def resume(self) -> dict:
         t = self.cfg.train
-        found = None
+        tag_dir = None
         if t.load:
-            found = ckpt.find_checkpoint(t.load)
-            if found is None:
-                raise ConfigError(f"--load {t.load}: no complete checkpoint there")
+            try:
+                tag_dir = ckpt.resolve(t.load)
+            except ckpt.CheckpointError as exc:
+                raise ConfigError(f"--load {t.load}: {exc}") from exc
         elif t.auto_resume:
-            found = ckpt.find_checkpoint(self.ckpt_root)
-        if found is None:
+            tag_dir = ckpt.resolve(self.ckpt_root, required=False)
+        if tag_dir is None:
             return {"step": 0, "consumed_samples": 0}
-        root, tag = found
-        client = ckpt.load(self.engine, root, tag, self.rank)
-        self.last_good = os.path.join(root, tag)
+        client = ckpt.load_training(self.engine, tag_dir, self.rank)
+        self.last_good = os.path.abspath(tag_dir)
         self.logger.console(f"resumed from {self.last_good} at step {client.get('step')}")
         return client
 
@@ -310,8 +310,8 @@ class Trainer:
         if fault and int(fault[0]) == step:
             def hook(tag):
                 os._exit(17)
-        tag = ckpt.save(self.engine, self.ckpt_root, step, client, self.rank, t.keep_checkpoints, hook)
-        self.last_good = os.path.join(self.ckpt_root, tag)
+        self.last_good = ckpt.save_training(self.engine, self.ckpt_root, step, client, self.rank, t.keep_checkpoints,
+                                            hook)
         self.logger.console(f"saved checkpoint {self.last_good}")
         return self.last_good
 
