@@ -28,6 +28,7 @@ The `*_dense` functions are plain masked O(T^2) versions: test references and do
 """
 import math
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -430,6 +431,119 @@ class _GatheredSparseAttention(torch.autograd.Function):
         return dq, dtable[..., :D].to(k.dtype), dtable[..., D:].to(v.dtype), None, None, None, None, None
 
 
+def _selection_pattern(crow: torch.Tensor, cols: torch.Tensor, T: int, S: int, dtype: torch.dtype) -> torch.Tensor:
+    """A (T, S) CSR matrix with the entries crow/cols (int32) and zero values: a sampling pattern
+    for `_sampled_dots`, which writes its results into the pattern's own values."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, cols, torch.zeros(cols.numel(), dtype=dtype, device=cols.device),
+                                       size=(T, S), check_invariants=False)
+
+
+def _sampled_dots(pattern: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[t, j] = a[t] . b[cols[t, j]] for the pattern's (T, K) columns, written in place into the
+    pattern's values (no copy of the pattern); returns them as (T, K). The values must be finite
+    on entry (the kernel computes 0 * old + dot)."""
+    torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0, out=pattern)
+    return pattern.values().view(a.shape[0], -1)
+
+
+def _weighted_rows(table: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[i] = sum over bag i (rows[offsets[i]:offsets[i + 1]]) of weights * table[rows]: a gather
+    and weighted sum in one pass (embedding_bag's fused kernel; nothing gathered is stored)."""
+    return F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=weights)
+
+
+class _SampledSparseAttention(torch.autograd.Function):
+    """Top-k sparse attention as sampled dense-dense products and weighted row sums (CPU).
+
+    Per (batch, query head): scores = `torch.sparse.sampled_addmm` of q k^T on the selection
+    pattern (a dot product per selected (query, key), gathered rows never stored), the masked
+    softmax on the (T, K) scores, and out = P V through `F.embedding_bag` with per-sample weights
+    P (a fused gather + weighted sum). Forward keeps only the output and a log-sum-exp per
+    (query, head). Backward recomputes P, gets dP = dout v^T the same way, and
+    dq = dS k, dk = dS^T q, dv = P^T dout as weighted row sums; the transposed ones run over the
+    selection sorted by key (one integer sort per batch row, shared by all heads), so no scatter
+    (index_add) is needed. Everything is computed in fp32 at least (bf16/fp16 inputs are upcast
+    one (T, D) slice at a time). Same results as `_GatheredSparseAttention` up to rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, indices, valid, scale: float, want_probs: bool):
+        B, H, T, D = q.shape
+        Hkv, S, Dv, K = k.shape[1], k.shape[2], v.shape[-1], indices.shape[-1]
+        G = H // Hkv
+        acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        out = q.new_empty(B, H, T, Dv)
+        lse = torch.empty(B, H, T, dtype=acc, device=q.device)
+        probs_sum = torch.zeros(B, T, K, dtype=acc, device=q.device) if want_probs else None
+        crow = torch.arange(0, T * K + 1, K, dtype=torch.int32, device=q.device)
+        offsets = crow[:-1]
+        for b in range(B):
+            cols = indices[b].reshape(-1).to(torch.int32)
+            pattern = _selection_pattern(crow, cols, T, S, acc)
+            invalid = ~valid[b]
+            for kv in range(Hkv):
+                k_bh, v_bh = k[b, kv].to(acc).contiguous(), v[b, kv].to(acc).contiguous()
+                for h in range(kv * G, (kv + 1) * G):
+                    s = _sampled_dots(pattern, q[b, h].to(acc) * scale, k_bh)         # (T, K)
+                    s.masked_fill_(invalid, float("-inf"))
+                    m = torch.logsumexp(s, dim=-1, keepdim=True)
+                    lse[b, h] = m[:, 0]
+                    p = s.sub_(m).exp_()
+                    if want_probs:
+                        probs_sum[b] += p
+                    out[b, h] = _weighted_rows(v_bh, cols, offsets, p.view(-1))
+        ctx.save_for_backward(q, k, v, indices, valid, out, lse)
+        ctx.scale = scale
+        if want_probs:
+            ctx.mark_non_differentiable(probs_sum)
+            return out, probs_sum
+        return out, out.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, dout, _dprobs):
+        q, k, v, indices, valid, out, lse = ctx.saved_tensors
+        scale = ctx.scale
+        B, H, T, D = q.shape
+        Hkv, S, Dv, K = k.shape[1], k.shape[2], v.shape[-1], indices.shape[-1]
+        G = H // Hkv
+        acc = lse.dtype
+        delta = (dout.to(acc) * out.to(acc)).sum(-1)                                   # (B, H, T)
+        dq = torch.empty(B, H, T, D, dtype=acc, device=q.device)
+        dk = torch.zeros(B, Hkv, S, D, dtype=acc, device=q.device)
+        dv = torch.zeros(B, Hkv, S, Dv, dtype=acc, device=q.device)
+        crow = torch.arange(0, T * K + 1, K, dtype=torch.int32, device=q.device)
+        offsets = crow[:-1]
+        key_dtype = torch.int16 if S <= torch.iinfo(torch.int16).max else torch.int32
+        for b in range(B):
+            cols = indices[b].reshape(-1).to(torch.int32)
+            # Two value buffers on one structure: P and dP/dS live side by side.
+            pattern_p = _selection_pattern(crow, cols, T, S, acc)
+            pattern_ds = _selection_pattern(crow, cols, T, S, acc)
+            invalid = ~valid[b]
+            # The selection by key: order lists the (query, slot) entries key by key (queries
+            # ascending within a key); bag s of the transposed products holds key s's queries.
+            order = cols.to(key_dtype).sort(stable=True).indices
+            queries_by_key = order.to(torch.int32).div_(K, rounding_mode="floor")
+            counts = torch.bincount(cols, minlength=S)
+            key_offsets = (counts.cumsum(0) - counts).to(torch.int32)
+            for kv in range(Hkv):
+                k_bh, v_bh = k[b, kv].to(acc).contiguous(), v[b, kv].to(acc).contiguous()
+                for h in range(kv * G, (kv + 1) * G):
+                    qs = q[b, h].to(acc) * scale
+                    do = dout[b, h].to(acc).contiguous()
+                    s = _sampled_dots(pattern_p, qs, k_bh)
+                    s.masked_fill_(invalid, float("-inf"))
+                    p = s.sub_(lse[b, h, :, None]).exp_()                              # P
+                    ds = _sampled_dots(pattern_ds, do, v_bh).sub_(delta[b, h, :, None]).mul_(p)  # dS
+                    dq[b, h] = _weighted_rows(k_bh, cols, offsets, ds.view(-1))
+                    dk[b, kv] += _weighted_rows(qs, queries_by_key, key_offsets, ds.view(-1).index_select(0, order))
+                    dv[b, kv] += _weighted_rows(do, queries_by_key, key_offsets, p.view(-1).index_select(0, order))
+        dq = dq.mul_(scale).to(q.dtype)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
 def _use_fused_cuda(q: torch.Tensor) -> bool:
     return q.is_cuda and os.environ.get("MEGALOOP_DSA_COMPILE", "1") != "0"
 
@@ -487,6 +601,9 @@ def sparse_attention_from_indices(
         raise ValueError(f"number of query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
     T = q.shape[2]
     needs_graph = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if recompute and q.device.type == "cpu":
+        out, probs = _SampledSparseAttention.apply(q, k, v, indices, valid, scale, return_probs)
+        return (out, probs) if return_probs else out
     if recompute and not (_use_fused_cuda(q) and not return_probs):
         block = query_block_size or 64
         out, probs = _GatheredSparseAttention.apply(q, k, v, indices, valid, scale, block, return_probs)
