@@ -7,8 +7,10 @@ Mixers (B=1, H=4, D=32 by default, float32, on CPU or whatever device --device n
   gdn      megaloop.ops.gated_delta_rule_chunked (chunk 64)          O(T) time
   swa      megaloop.ops.sliding_window_attention (window 256)        O(T w)
   dsa      lightning indexer top-k (no grad) + top-k sparse attention (topk 256)
-           O(T^2) blockwise indexer (Hi=4, Di=16, cheap per pair; staged top-k, no (T, T) tensor)
-           + O(T k) gathered attention with a recomputing backward
+           O(T^2) blockwise indexer (Hi=4, Di=16, cheap per pair; top-k over the keys above a
+           bound from strided group maxima, no (T, T) tensor)
+           + O(T k) attention with a recomputing backward (on CPU: sampled_addmm scores and
+           embedding_bag weighted sums, key-side gradients over the key-sorted selection)
   dsa-attn the DSA attention alone, given the selected indices
 
 What is measured, per (mixer, T), in fresh subprocesses so allocations do not leak between runs:

@@ -12,8 +12,12 @@ KV heads are never materialised H/Hkv times: queries are viewed as (B, Hkv, grou
   The indexer is O(T^2) time but cheap (few heads, small dim, no softmax) and blockwise: blocks of
   queries score only their causal keys, and a staged top-k (a bound first, see `_topk_rows`)
   selects exactly the keys of a stable descending sort, so no (T, T) tensor is ever formed. The
-  attention is O(T * topk): `_GatheredSparseAttention` gathers each query block's keys/values and
-  recomputes them in backward (flash-attention style; only a log-sum-exp per query is kept).
+  attention is O(T * topk) and flash-attention style (only a log-sum-exp per query is kept, backward
+  recomputes): on CPU `_SampledSparseAttention` gets the scores as sampled dense-dense products
+  (`torch.sparse.sampled_addmm` on the selection pattern) and every product with P or dS as fused
+  gather + weighted sums (`F.embedding_bag`), the key-side gradients over the selection sorted by
+  key, so nothing gathered is ever stored and nothing is scattered; elsewhere
+  `_GatheredSparseAttention` gathers each query block's keys/values into a buffer.
   GPU: no third-party fused kernel is wired in. fla's `parallel_nsa` (the nearest, Triton) selects
   *blocks* of keys per kv head with its own layout and gating, not DeepSeek's token-level top-k;
   FlashMLA's sparse kernels are MLA/Hopper inference kernels. On CUDA the attention block runs
@@ -583,10 +587,12 @@ def sparse_attention_from_indices(
 ):
     """Each query t attends to the keys indices[b, t, :] where valid[b, t, :] (shared by all heads).
 
-    recompute=True (default): `_GatheredSparseAttention`, a flash-attention style kernel: blocks
-    of `query_block_size` queries (default 64: the gathered (blk, K, D + Dv) rows stay in
-    cache) gather their keys and values together, one (batch, kv head) at a time, and autograd keeps only the output and a
-    log-sum-exp per (query, head); backward gathers again. On CUDA, unless MEGALOOP_DSA_COMPILE=0
+    recompute=True (default): a flash-attention style kernel, autograd keeping only the output and
+    a log-sum-exp per (query, head). On CPU `_SampledSparseAttention` (sampled products and
+    embedding_bag sums, see its docstring; query_block_size is unused). Elsewhere
+    `_GatheredSparseAttention`: blocks of `query_block_size` queries (default 64) gather their
+    keys and values together, one (batch, kv head) at a time; backward gathers again and
+    scatters with index_add. On CUDA, unless MEGALOOP_DSA_COMPILE=0
     or return_probs, the blocks instead run a torch.compile'd `_sparse_attention_block` under
     activation checkpointing (the compiler fuses the gather into the products; lazily built, eager
     if compiling fails). No fused third-party kernel is used (see the module docstring).
