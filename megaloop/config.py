@@ -18,8 +18,10 @@ from typing import Any, List, Optional, Union
 
 import yaml
 
+from megaloop.errors import MegaloopError
 
-class ConfigError(ValueError):
+
+class ConfigError(MegaloopError, ValueError):
     """A config value, key or combination that cannot work. The message names the fields."""
 
 

@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from megaloop.errors import MegaloopError
+
 COMPLETE = "megaloop_complete.json"
 LATEST = "latest"
 TAG_RE = re.compile(r"^step_(\d+)$")
@@ -23,7 +25,7 @@ _MODEL_STATES = ("mp_rank_*_model_states.pt", "layer_*-model_states.pt", "zero_p
                  "*zero_pp_rank_*_optim_states.pt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MegaloopError, ValueError):
     """A checkpoint cannot be found or read as asked; the one-line message names the path or file."""
 
 

@@ -38,6 +38,7 @@ import torch
 from megaloop import checkpoint as ckpt
 from megaloop.checkpoint import expected_shapes, save_plain_checkpoint  # noqa: F401 (re-exported)
 from megaloop.config import Config, ModelConfig, config_from_dict
+from megaloop.errors import MegaloopError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "hf_template"
 TEMPLATE_FILES = ("configuration_megaloop.py", "modeling_megaloop.py", "tokenization_megaloop.py")
@@ -49,7 +50,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
-class ExportError(ValueError):
+class ExportError(MegaloopError, ValueError):
     """The input cannot be exported as asked; the message says what is wrong. Nothing was written."""
 
 

@@ -24,8 +24,10 @@ from typing import Any, List, Optional
 
 import torch.distributed as dist
 
+from megaloop.errors import MegaloopError
 
-class ParallelLayoutError(ValueError):
+
+class ParallelLayoutError(MegaloopError, ValueError):
     """The world size does not factor into the requested (pipeline, tensor, data) grid."""
 
 

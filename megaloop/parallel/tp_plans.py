@@ -25,9 +25,10 @@ from megaloop.model.sparse_attention import DeepSeekSparseAttention
 from megaloop.parallel.comm import TPComm, copy_to_tp, gather_from_sp
 from megaloop.parallel.random import RNGTracker
 from megaloop.parallel.tensor_parallel import ColumnParallelLinear, Partition, RowParallelLinear, tag
+from megaloop.errors import MegaloopError
 
 
-class TensorParallelError(ValueError):
+class TensorParallelError(MegaloopError, ValueError):
     """The model cannot be split over this many TP ranks; the message names the numbers."""
 
 
