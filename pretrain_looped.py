@@ -8,7 +8,7 @@ train.output_dir, and resumes from the newest complete checkpoint there (or --lo
 """
 import sys
 
-from megaloop.training.trainer import main
+from megaloop.training.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

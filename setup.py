@@ -23,7 +23,7 @@ setup(
         "tqdm",
         "psutil",
     ],
-    entry_points={"console_scripts": ["megaloop-pretrain=megaloop.training.trainer:main"]},
+    entry_points={"console_scripts": ["megaloop-pretrain=megaloop.training.cli:main"]},
     extras_require={
         # NVIDIA Apex is never listed: the package index's `apex` is an unrelated project.
         # Apex's fused kernels are used only when a user has built it on their cluster.

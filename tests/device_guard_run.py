@@ -10,5 +10,5 @@ import device_guard  # noqa: E402
 
 if __name__ == "__main__":
     device_guard.install()
-    from megaloop.training.trainer import main
+    from megaloop.training.cli import main
     sys.exit(main())

@@ -52,7 +52,7 @@ def _ds_checkpointing_ranks(rank, world):
     from megaloop.model import build_model
     from megaloop.parallel.apply_tp import apply_tensor_parallel
     from megaloop.parallel.topology import build_parallel_state
-    from megaloop.training.trainer import deepspeed_checkpoint_fn
+    from megaloop.training.engine import deepspeed_checkpoint_fn
 
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     report = {}
@@ -106,9 +106,9 @@ def test_deepspeed_activation_checkpointing_same_gradients_with_dropout():
 
 # ----------------------------------------------------------------------------------------------
 def _dsa_grads(engine, lm, tokens, gas):
-    from megaloop.model.sparse_attention import AuxLossInjector
-    from megaloop.training.trainer import main_loss_backward_scale
-    AuxLossInjector.set_main_loss_backward_scale(main_loss_backward_scale(engine))
+    from megaloop.model.sparse_attention import set_aux_loss_backward_scale
+    from megaloop.training.engine import main_loss_backward_scale
+    set_aux_loss_backward_scale(lm, main_loss_backward_scale(engine))
     seen = []
     for chunk in tokens.chunk(gas):
         out = engine(chunk, labels=chunk, loops=2)
@@ -124,9 +124,9 @@ def _dsa_scale_rank(rank, world):
     import deepspeed
     from megaloop.config import load_config
     from megaloop.model import build_model
-    from megaloop.model.sparse_attention import AuxLossInjector
+    from megaloop.model.sparse_attention import set_aux_loss_backward_scale
     from megaloop.parallel.topology import build_parallel_state
-    from megaloop.training.trainer import main_loss_backward_scale
+    from megaloop.training.engine import main_loss_backward_scale
 
     build_parallel_state(tensor_parallel=1)  # deepspeed.comm over the spawned gloo group
     cfg = load_config(None, ["model.vocab_size=258", "model.d_model=32", "model.n_heads=4", "model.max_seq_len=16",
@@ -150,7 +150,7 @@ def _dsa_scale_rank(rank, world):
             grads, seen = _dsa_grads(engine, lm, tokens, gas)
             out[gas] = grads
             if gas == 2:  # the gradient the aux loss would get without the scale: coef, not coef / gas
-                AuxLossInjector.set_main_loss_backward_scale(1.0)
+                set_aux_loss_backward_scale(lm, 1.0)
                 unscaled = {}
                 for chunk in tokens.chunk(gas):
                     o = engine(chunk, labels=chunk, loops=2)
@@ -163,7 +163,6 @@ def _dsa_scale_rank(rank, world):
             o.loss.register_hook(lambda g: seen.append(float(g)))
             engine.backward(o.loss)
         out[f"factor{gas}_{zero}"] = (factor, seen)
-    AuxLossInjector.set_main_loss_backward_scale(1.0)
     return out
 
 

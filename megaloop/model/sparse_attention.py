@@ -26,33 +26,31 @@ from megaloop.ops.sparse_attention import indexer_kl_loss_from_probs
 
 
 class AuxLossInjector(torch.autograd.Function):
-    """Identity on `output` in forward; in backward, also sends gradient
-    `coef * main_loss_backward_scale` into `aux_loss`.
-
-    `main_loss_backward_scale` (class-level, Megatron's MoEAuxLossAutoScaler.set_loss_scale) is the
-    factor the main loss's gradient carries when backward starts: DeepSpeed's engine.backward divides
-    the loss by gradient_accumulation_steps and multiplies it by the fp16 loss scale, so the aux loss
-    must be scaled alike to keep its weight `coef` relative to the main loss. The trainer sets it
-    before each backward (megaloop.training.trainer.main_loss_backward_scale); 1.0 for a plain
-    `loss.backward()`."""
-
-    main_loss_backward_scale: float = 1.0
+    """Identity on `output` in forward; in backward, also sends gradient `scale` into `aux_loss`
+    (scale = the loss coefficient x the main loss's backward scale, see `set_aux_loss_backward_scale`)."""
 
     @staticmethod
-    def set_main_loss_backward_scale(scale: float) -> None:
-        AuxLossInjector.main_loss_backward_scale = float(scale)
-
-    @staticmethod
-    def forward(ctx, output, aux_loss, coef: float):
+    def forward(ctx, output, aux_loss, scale: float):
         ctx.save_for_backward(aux_loss)
-        ctx.coef = coef
+        ctx.scale = scale
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output):
         (aux_loss,) = ctx.saved_tensors
-        scale = ctx.coef * AuxLossInjector.main_loss_backward_scale
-        return grad_output, torch.full_like(aux_loss, scale), None
+        return grad_output, torch.full_like(aux_loss, ctx.scale), None
+
+
+def set_aux_loss_backward_scale(model: nn.Module, scale: float) -> None:
+    """Megatron's MoEAuxLossAutoScaler.set_loss_scale, per model instead of global: the factor the main
+    loss's gradient carries when backward starts (DeepSpeed's engine.backward divides the loss by
+    gradient_accumulation_steps and multiplies it by the fp16 loss scale), so the DSA indexer's aux loss
+    is scaled alike and keeps its weight `dsa_indexer_loss_coef` relative to the main loss. The trainer
+    sets it (megaloop.training.engine.main_loss_backward_scale); 1.0, the default, suits a plain
+    `loss.backward()`."""
+    for m in model.modules():
+        if isinstance(m, DeepSeekSparseAttention):
+            m.aux_loss_backward_scale = float(scale)
 
 
 class SlidingWindowAttention(Attention):
@@ -71,6 +69,7 @@ class DeepSeekSparseAttention(Attention):
         self.topk = cfg.dsa_topk
         self.index_heads, self.index_dim = hi, di
         self.loss_coef = cfg.dsa_indexer_loss_coef
+        self.aux_loss_backward_scale = 1.0  # set_aux_loss_backward_scale
         # The indexer is small and replicated under TP: every rank must select the same keys.
         self.wq_index = nn.Linear(d, hi * di, bias=False)
         self.wk_index = nn.Linear(d, di, bias=False)
@@ -106,4 +105,4 @@ class DeepSeekSparseAttention(Attention):
             probs = head_reduce(probs)
         target = probs / (total_heads or q.shape[1])
         aux = indexer_kl_loss_from_probs(q_idx, k_idx, w, indices, valid, target)
-        return AuxLossInjector.apply(y, aux, self.loss_coef)
+        return AuxLossInjector.apply(y, aux, self.loss_coef * self.aux_loss_backward_scale)

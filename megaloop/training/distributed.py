@@ -80,3 +80,15 @@ def is_logging_rank(state) -> bool:
     """Last pipeline stage (it holds the loss), data-parallel rank 0, tensor-parallel rank 0."""
     return state.is_last_stage and state.dp_rank == 0 and state.tp_rank == 0
 
+
+
+def quiet_deepspeed() -> None:
+    """Keep the console to megaloop's lines: DeepSpeed's INFO chatter off (MEGALOOP_DS_LOG=info keeps
+    it), and the known-harmless autograd warning from the pipeline's tied-weight broadcast muted."""
+    import logging
+    import warnings
+    if os.environ.get("MEGALOOP_DS_LOG", "warning").lower() != "info":
+        from deepspeed.utils import logger as ds_logger
+        ds_logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")

@@ -77,3 +77,39 @@ def fmt_bytes(n: Optional[float]) -> str:
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024.0
     return str(n)
+
+
+def log_interval(logger: RunLogger, step: int, total_steps: int, row: dict, stats: dict, tok_s: float,
+                 flop_s: float, r_mean: float, world: int, peak_flops: Optional[float]) -> None:
+    """One logging step: TensorBoard scalars, the throughput row of metrics.jsonl and the console line."""
+    share = (flop_s / world / peak_flops) if peak_flops else None
+    mem = stats["memory"]
+    logger.scalars(step, {"loss": row["loss"], "lr": row["lr"], "grad_norm": row["grad_norm"],
+                          "loss_scale": row["loss_scale"], "tokens_per_s": tok_s, "flops_per_s": flop_s,
+                          "flops_per_s_per_device": flop_s / world, "peak_flops_share": share,
+                          "loops_R": r_mean, "memory_max_bytes": max(mem)})
+    logger.record({"step": step, "tokens_per_s": tok_s, "flops_per_s": flop_s, "peak_flops_share": share,
+                   "memory_max_bytes": max(mem)})
+    for r, m in enumerate(mem):
+        logger.scalars(step, {f"rank{r}": m}, prefix="memory/")
+    diag = stats.get("diag")
+    if diag:
+        for k, vals in diag.items():
+            for i, v in enumerate(vals):
+                logger.scalars(step, {f"{k}/loop{i + 1:02d}": v}, prefix="loops/")
+    sn = stats.get("injection_spectral_norm")
+    if sn is not None:
+        logger.scalars(step, {"injection_spectral_norm": sn}, prefix="loops/")
+        logger.record({"step": step, "injection_spectral_norm": sn})
+    gn = row["grad_norm"]
+    parts = [f"step {step}/{total_steps}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}",
+             f"gnorm {gn:.3f}" if gn is not None else "gnorm -", f"R {r_mean:g}",
+             f"tok/s {tok_s:,.0f}", f"FLOP/s {flop_s:.3g}" + (f" ({100 * share:.1f}% of peak)" if share else ""),
+             f"mem max {fmt_bytes(max(mem))}"]
+    if row["loss_scale"] is not None:
+        parts.append(f"scale {row['loss_scale']:g}")
+    if diag:
+        parts.append("|x(k)| " + " ".join(f"{v:.1f}" for v in diag["residual_norm"]))
+    if sn is not None:
+        parts.append(f"inj spectral norm {sn:.4f}")  # Parcae: max |A_bar| (< 1: a stable recurrence)
+    logger.console(" | ".join(parts))

@@ -1,0 +1,49 @@
+"""The pretraining entry point: `deepspeed pretrain_looped.py --config PATH [section.key=value ...]`.
+
+Every rank runs `main`: parse the flags, load and validate the config, run the Trainer. Known failures end
+in one line on stderr and an exit code: 2 for a config error, 3 when training stopped (a non-finite loss).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megaloop.config import ConfigError, load_config
+from megaloop.training.faults import FaultPlan
+from megaloop.training.trainer import Trainer, TrainingError
+
+EXIT_CONFIG = 2
+EXIT_NONFINITE = 3
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Pretrain a looped LM with DeepSpeed",
+                                 epilog="overrides: section.key=value, e.g. train.steps=200 parallel.zero_stage=1")
+    ap.add_argument("--config", required=False, default=None, help="YAML config")
+    ap.add_argument("--load", default=None, help="checkpoint root or tag directory to resume from")
+    ap.add_argument("--no-auto-resume", action="store_true", help="ignore checkpoints in the output directory")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="section.key=value")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    if args.load:
+        cfg.train.load = args.load
+    if args.no_auto_resume:
+        cfg.train.auto_resume = False
+    try:
+        result = Trainer(cfg, faults=FaultPlan.from_env()).run()
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except TrainingError as exc:
+        print(f"training stopped: {exc}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
+    return 0 if result.get("ok", True) else 1
