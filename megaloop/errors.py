@@ -28,7 +28,8 @@ import sys
 import traceback
 from typing import Callable, Optional, Sequence
 
-__all__ = ["MegaloopError", "OutputError", "describe_os_error", "one_line", "run_cli", "should_report"]
+__all__ = ["MegaloopError", "OutputError", "UsageError", "describe_os_error", "one_line", "os_error_in", "run_cli",
+           "should_report"]
 
 
 class MegaloopError(Exception):
@@ -68,6 +69,10 @@ def describe_os_error(e: OSError) -> str:
     return f"{text} ({fix})" if fix else text
 
 
+class UsageError(MegaloopError, ValueError):
+    """A command-line argument (or combination) that cannot work; the message names the flag."""
+
+
 class OutputError(MegaloopError, OSError):
     """An OSError met while writing an output, with the folder and what was left behind. It keeps the
     errno (isinstance(e, OSError) holds), so callers that test for ENOSPC still can."""
@@ -88,6 +93,18 @@ class OutputError(MegaloopError, OSError):
 
 def _rebuild_output_error(code, strerror, filename, note):
     return OutputError(OSError(code, strerror), filename, note)
+
+
+def os_error_in(e: BaseException) -> Optional[OSError]:
+    """The OSError behind `e`: itself, or one in its __cause__ / __context__ chain (torch.save's zip writer
+    turns a failed write into a RuntimeError raised while handling the OSError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def one_line(e: BaseException) -> str:

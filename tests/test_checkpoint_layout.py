@@ -82,5 +82,5 @@ def test_load_model_and_consolidate_tool_on_a_plain_checkpoint(tmp_path, capsys)
     assert "wrote" in capsys.readouterr().out
     sd, cfg3 = ckpt.load(tmp_path / "out.pt")
     assert cfg3.model == cfg.model and set(sd) == set(model.state_dict())
-    assert main([str(tmp_path / "nowhere")]) == 1
+    assert main([str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err

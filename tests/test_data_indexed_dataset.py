@@ -191,5 +191,5 @@ def test_merge_datasets_tool_keeps_document_boundaries(tmp_path):
     assert [ds.get_document(d).tolist() for d in range(ds.num_documents)] == [[1, 2], [3], [4, 5, 6], [70000]]
     assert ds.doc_idx.tolist() == [0, 1, 2, 4, 5]
     assert merge_main(["--datasets", str(tmp_path / "shards" / "s0"), str(tmp_path / "missing"),
-                       "--output-prefix", str(tmp_path / "x")]) == 1
+                       "--output-prefix", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x.bin").exists()

@@ -143,7 +143,7 @@ def test_failed_run_keeps_previous_output_and_leaves_no_temporaries(tmp_path, ca
     bad = tmp_path / "bad.jsonl"
     write_bad_file(bad)
     assert preprocess_main(["--input", str(bad), "--output-prefix", str(tmp_path / "out"),
-                            "--tokenizer-type", "byte", "--strict", "--quiet"]) == 1
+                            "--tokenizer-type", "byte", "--strict", "--quiet"]) == 2
     assert f"{bad}:2: malformed json" in capsys.readouterr().err
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "bad.jsonl"}
     assert after == before
@@ -164,12 +164,12 @@ def test_cli_reports_summary_and_rejects_unsupported_flags(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "1 documents, 4 tokens" in err and "1 x key 'text' is not a string" in err
     assert preprocess_main(["--input", str(tmp_path / "nothing*.jsonl"), "--output-prefix", "x",
-                            "--tokenizer-type", "byte"]) == 1
+                            "--tokenizer-type", "byte"]) == 2
     assert "matches no file" in capsys.readouterr().err
     assert preprocess_main(["--input", str(tmp_path / "a.jsonl"), "--output-prefix", "x",
                             "--tokenizer-type", "byte", "--split-sentences"]) == 2
     assert preprocess_main(["--input", str(tmp_path / "a.jsonl"), "--output-prefix", "x",
-                            "--tokenizer-type", "byte", "--vocab-size", "50000"]) == 1
+                            "--tokenizer-type", "byte", "--vocab-size", "50000"]) == 2
     assert "does not match" in capsys.readouterr().err
 
 

@@ -138,7 +138,7 @@ def _eval(model, dataset, out, capsys):
 def test_eval_loops_refuses_a_dataset_of_another_tokenizer(data, sp_model, tmp_path, capsys, which):
     """Byte ids all lie inside the sentencepiece model's vocabulary: only the record can tell."""
     rc, err = _eval(sp_model[which], data["byte"], tmp_path / "res", capsys)
-    assert rc == 1 and err.count("\n") == 0, err
+    assert rc == 2 and err.count("\n") == 0, err
     assert data["byte"] in err and "another tokenizer type" in err, err
     assert not (tmp_path / "res").exists()
     rc, err = _eval(sp_model[which], data["sp"], tmp_path / "ok", capsys)  # its own tokenizer: evaluated
@@ -153,5 +153,5 @@ def test_eval_loops_checks_token_ids_of_a_dataset_without_record(data, sp_model,
         for d in range(100):
             w.add_document((np.arange(40) * 7 + d) % 300)
     rc, err = _eval(sp_model["byte_ckpt"], prefix, tmp_path / "res", capsys)
-    assert rc == 1 and err.count("\n") == 0, err
+    assert rc == 2 and err.count("\n") == 0, err
     assert prefix in err and "token ids up to 29" in err and "258 ids" in err, err

@@ -201,7 +201,7 @@ def _fails(tmp_path, capsys, ckpt, *must, step=None):
 
     out = tmp_path / "exports" / "hf"
     argv = ["--checkpoint", str(ckpt), "--output", str(out)] + (["--step", str(step)] if step else [])
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err
     for m in must:
         assert m in err, err
@@ -280,7 +280,7 @@ def test_generate_and_eval_loops_read_deepspeed_checkpoints(runs, tmp_path, caps
     # a damaged checkpoint: a clear message, no traceback
     root, tag = _copy(out_dir, tmp_path)
     (tag / "layer_04-model_00-model_states.pt").unlink()
-    assert generate_main(["--model", str(root), "--max-new-tokens", "2"]) == 1
+    assert generate_main(["--model", str(root), "--max-new-tokens", "2"]) == 2
     assert "layer_04-model_00-model_states.pt" in capsys.readouterr().err
-    assert eval_loops.main(["--model", str(root), "--data", data, "--out-dir", str(tmp_path / "ev2")]) == 1
+    assert eval_loops.main(["--model", str(root), "--data", data, "--out-dir", str(tmp_path / "ev2")]) == 2
     assert "layer_04-model_00-model_states.pt" in capsys.readouterr().err and not (tmp_path / "ev2").exists()

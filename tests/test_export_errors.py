@@ -139,9 +139,9 @@ def test_export_tool(tmp_path, lt, capsys):
     save_plain_checkpoint(perturbed_model(cfg), cfg, tmp_path / "run" / "step_5" / "model.pt")
     assert main(["--checkpoint", str(tmp_path / "run"), "--step", "5", "--output", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
-    assert main(["--checkpoint", str(tmp_path / "run"), "--step", "5", "--output", str(tmp_path / "out")]) == 1
+    assert main(["--checkpoint", str(tmp_path / "run"), "--step", "5", "--output", str(tmp_path / "out")]) == 2
     assert "already exists" in capsys.readouterr().err
     (tmp_path / "ds" / "step_00000001").mkdir(parents=True)
     (tmp_path / "ds" / "step_00000001" / "mp_rank_00_model_states.pt").write_bytes(b"")
-    assert main(["--checkpoint", str(tmp_path / "ds"), "--output", str(tmp_path / "out2")]) == 1
+    assert main(["--checkpoint", str(tmp_path / "ds"), "--output", str(tmp_path / "out2")]) == 2
     assert "megaloop_complete.json" in capsys.readouterr().err and not (tmp_path / "out2").exists()

@@ -57,5 +57,5 @@ def test_export_tool_llama_format(tmp_path, capsys):
     cfg = tiny_config("lt")
     save_plain_checkpoint(perturbed_model(cfg), cfg, tmp_path / "run2" / "model.pt")
     assert main(["--checkpoint", str(tmp_path / "run2"), "--output", str(tmp_path / "l2"), "--format",
-                 "llama"]) == 1
+                 "llama"]) == 2
     assert "not exactly a Llama model" in capsys.readouterr().err

@@ -54,7 +54,7 @@ def test_output_that_is_or_contains_the_checkpoint_is_refused(tmp_path, lt, caps
     if where == "symlink":
         os.symlink(run, out)
     before = _tree(tmp_path)
-    assert _main(["--checkpoint", str(run), "--output", str(out), "--overwrite"]) == 1
+    assert _main(["--checkpoint", str(run), "--output", str(out), "--overwrite"]) == 2
     err = _one_line_err(capsys)
     assert "checkpoint" in err and str(run) in err, err
     assert _tree(tmp_path) == before  # nothing deleted, nothing written
@@ -72,10 +72,10 @@ def test_output_inside_the_checkpoint_tree_is_refused(tmp_path, lt, capsys):
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"not read")
     before = _tree(tmp_path)
     for out in (run / "checkpoints", run / "checkpoints" / "hf", tag / "hf", tag):
-        assert _main(["--checkpoint", str(run), "--output", str(out), "--overwrite"]) == 1
+        assert _main(["--checkpoint", str(run), "--output", str(out), "--overwrite"]) == 2
         err = _one_line_err(capsys)
         assert "checkpoint" in err and str(out) in err, err
-        assert _main(["--checkpoint", str(tag), "--output", str(out)]) == 1
+        assert _main(["--checkpoint", str(tag), "--output", str(out)]) == 2
         _one_line_err(capsys)
     assert _tree(tmp_path) == before
 
@@ -106,7 +106,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_previous_export(tmp_path, lt, 
     else:
         out.write_text("a file, not a folder")
     before = _tree(tmp_path)
-    assert _main(["--checkpoint", str(run), "--output", str(out), "--overwrite"]) == 1
+    assert _main(["--checkpoint", str(run), "--output", str(out), "--overwrite"]) == 2
     err = _one_line_err(capsys)
     assert str(out) in err and "previous" in err and "export" in err, err
     if content == "export_plus_user_file":

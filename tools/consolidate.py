@@ -5,7 +5,9 @@
 The checkpoint is a run folder, its checkpoints/ root or one step_NNNNNNNN/ tag (without --step:
 `latest`, else the newest complete one). The output holds {"model": LoopedLM state dict, "config":
 the run config}: the plain format megaloop.checkpoint.load_model, tools/generate.py, tools/eval_loops.py
-and tools/export_hf.py read. Without an output path, only the tensor count is printed.
+and tools/export_hf.py read. Without an output path, only the tensor count is printed. The output is
+written under a temporary name and renamed when complete. Errors are one line on stderr and exit code 2
+(--debug or MEGALOOP_DEBUG=1 adds the traceback).
 """
 import argparse
 import os
@@ -14,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def main(argv=None):
+def _main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="run folder, checkpoints/ root or step_NNNNNNNN/ tag")
     p.add_argument("output", nargs="?", default=None, help="the .pt file to write")
@@ -23,16 +25,19 @@ def main(argv=None):
 
     from megaloop import checkpoint as ckpt
 
-    try:
-        sd, cfg = ckpt.load(args.checkpoint, args.step)
-    except ckpt.CheckpointError as e:
-        print(f"cannot read {args.checkpoint}: {e}", file=sys.stderr)
-        return 1
+    sd, cfg = ckpt.load(args.checkpoint, args.step)
     print(f"{len(sd)} tensors, {sum(t.numel() for t in sd.values()):,} values")
     if args.output:
         ckpt.save_plain(sd, cfg, args.output)
         print(f"wrote {args.output}")
     return 0
+
+
+def main(argv=None) -> int:
+    """The tool: 0, or 2 after one line on stderr for an error the user can fix (megaloop.errors.run_cli)."""
+    from megaloop.errors import run_cli
+
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

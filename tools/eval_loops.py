@@ -13,6 +13,9 @@ largest loop count and reports the average number of loops used.
 An indexed dataset made with another tokenizer than the model's is refused in one line: by its
 {prefix}.tokenizer.json (written by tools/preprocess_data.py), and by token ids outside the model's
 vocabulary (datasets without that file, e.g. from Megatron-LM).
+A checkpoint's relative tokenizer path (data.tokenizer_model) is looked up from the current folder, then
+under the run folder and its parents; --tokenizer-model names the file directly.
+Errors are one line on stderr and exit code 2 (--debug or MEGALOOP_DEBUG=1 adds the traceback).
 """
 import argparse
 import csv
@@ -23,11 +26,48 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megaloop.errors import UsageError  # noqa: E402
 
-def model_tokenizer_reference(model, step=None):
+
+def load_model_for_cli(model, step=None, tokenizer_model=None):
+    """megaloop.generation.load_lm for the tools: an exported folder as it is; for a checkpoint, its
+    tokenizer model file found with megaloop.data.tokenizer.resolve_tokenizer_model (--tokenizer-model, or
+    the run's relative path from here, the run folder or its parents) before the weights are read."""
+    from megaloop.generation import _is_hf_folder, load_lm, wrap_megaloop
+
+    path = Path(model)
+    if path.is_dir() and _is_hf_folder(path):
+        if tokenizer_model:
+            raise UsageError(f"--tokenizer-model: {model} is an exported folder, which carries its own tokenizer; "
+                             f"drop --tokenizer-model")
+        return load_lm(model, step)
+    from megaloop.checkpoint import load_config, load_model
+    from megaloop.data.tokenizer import build_tokenizer
+
+    data_cfg = load_config(path, step).data
+    tok_path = checkpoint_tokenizer_model(model, data_cfg, tokenizer_model)
+    tokenizer = build_tokenizer(data_cfg.tokenizer_type, tok_path)
+    lm_model, _ = load_model(path, step)
+    return wrap_megaloop(lm_model, tokenizer)
+
+
+def checkpoint_tokenizer_model(model, data_cfg, tokenizer_model=None):
+    """The tokenizer model file of a checkpoint's run (None for the byte tokenizer), resolved for this cwd."""
+    from megaloop.data.tokenizer import _TOKENIZER_ALIASES, resolve_tokenizer_model
+
+    kind = _TOKENIZER_ALIASES.get(str(data_cfg.tokenizer_type).lower().replace("-", "").replace("_", ""))
+    if kind == "byte":
+        if tokenizer_model:
+            raise UsageError(f"--tokenizer-model: {model} was trained with the byte tokenizer, which has no model "
+                             f"file; drop --tokenizer-model")
+        return None
+    return resolve_tokenizer_model(data_cfg.tokenizer_model, [model], tokenizer_model)
+
+
+def model_tokenizer_reference(model, step=None, tokenizer_model=None):
     """The tokenizer a model was trained with, as megaloop.data.dataset_tokenizer takes it: for an exported
     folder its tokenizer files ({"type", "model"}), for a checkpoint the run's data.tokenizer_type /
-    tokenizer_model. None when the model does not say."""
+    tokenizer_model (resolved as load_model_for_cli does). None when the model does not say."""
     import json
 
     from megaloop.generation import _is_hf_folder
@@ -46,7 +86,7 @@ def model_tokenizer_reference(model, step=None):
     from megaloop.checkpoint import load_config
 
     data_cfg = load_config(path, step).data
-    return {"type": data_cfg.tokenizer_type, "model": data_cfg.tokenizer_model}
+    return {"type": data_cfg.tokenizer_type, "model": checkpoint_tokenizer_model(model, data_cfg, tokenizer_model)}
 
 
 def load_eval_tokens(lm, data=None, text=None, split="969,30,1", max_tokens=1 << 20, tokenizer_ref=None):
@@ -56,9 +96,13 @@ def load_eval_tokens(lm, data=None, text=None, split="969,30,1", max_tokens=1 <<
     import numpy as np
 
     if (data is None) == (text is None):
-        raise ValueError("give exactly one of --data (indexed dataset prefix) or --text (raw text file)")
+        raise UsageError("give exactly one of --data (indexed dataset prefix) or --text (raw text file)")
     if text is not None:
-        ids = lm.encode(Path(text).read_text(encoding="utf-8"))
+        try:
+            raw = Path(text).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--text {text}: not UTF-8 text (byte {e.start}); give a UTF-8 file") from None
+        ids = lm.encode(raw)
         return np.asarray(ids[:max_tokens], dtype=np.int64)
     from megaloop.data.dataset_tokenizer import check_dataset_tokenizer, check_token_ids
     from megaloop.data.gpt_dataset import parse_split
@@ -85,12 +129,13 @@ def load_eval_tokens(lm, data=None, text=None, split="969,30,1", max_tokens=1 <<
     return tokens
 
 
-def windows(tokens, seq_len, max_windows, batch_size):
+def windows(tokens, seq_len, max_windows, batch_size, source="the evaluation data"):
     import torch
 
     n = min(max_windows, (len(tokens) - 1) // seq_len)
     if n < 1:
-        raise ValueError(f"only {len(tokens)} tokens: not enough for one window of {seq_len}+1")
+        raise UsageError(f"{source} holds only {len(tokens)} tokens, not enough for one window of --seq-len "
+                         f"{seq_len} + 1: lower --seq-len, or give more text / validation documents (--split)")
     t = torch.as_tensor(tokens[: n * seq_len + 1])
     x = torch.stack([t[i * seq_len: (i + 1) * seq_len] for i in range(n)])
     y = torch.stack([t[i * seq_len + 1: (i + 1) * seq_len + 1] for i in range(n)])
@@ -116,19 +161,47 @@ def evaluate(lm, batches, loops, exit=None, threshold=None):
 
 
 def parse_loops(spec, train_loops):
+    """'1-8', '1,2,4,8' or '1-4,8' -> sorted loop counts (each >= 1); ValueError naming --loops otherwise."""
     if spec is None:
         return list(range(1, 2 * train_loops + 1))
     out = []
     for part in spec.split(","):
-        if "-" in part:
-            a, b = part.split("-")
-            out.extend(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
+        part = part.strip()
+        try:
+            if "-" in part:
+                a, b = (int(v) for v in part.split("-"))
+                if a > b:
+                    raise UsageError(f"--loops {spec!r}: the range {part!r} is empty (write low-high, e.g. {b}-{a})")
+                out.extend(range(a, b + 1))
+            else:
+                out.append(int(part))
+        except ValueError as e:
+            if isinstance(e, UsageError):
+                raise
+            raise UsageError(f"--loops {spec!r}: {part!r} is not a loop count or a low-high range; write e.g. 1-8 "
+                             f"or 1,2,4,8") from None
+    if not out or min(out) < 1:
+        raise UsageError(f"--loops {spec!r}: loop counts must be at least 1")
     return sorted(set(out))
 
 
-def main(argv=None):
+EXIT_STRATEGIES = ("kl", "q_exit")
+
+
+def parse_exit(item):
+    """'kl:1e-3' -> ("kl", "1e-3", 0.001); ValueError naming --exits otherwise."""
+    strategy, _, thr = item.partition(":")
+    if strategy not in EXIT_STRATEGIES:
+        raise UsageError(f"--exits {item!r}: unknown strategy {strategy!r}; use one of {', '.join(EXIT_STRATEGIES)} "
+                         f"as strategy:threshold, e.g. kl:1e-3")
+    try:
+        threshold = float(thr) if thr else None
+    except ValueError:
+        raise UsageError(f"--exits {item!r}: the threshold {thr!r} is not a number; e.g. {strategy}:1e-3") from None
+    return strategy, thr, threshold
+
+
+def _main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--step", type=int, default=None)
@@ -142,28 +215,24 @@ def main(argv=None):
     p.add_argument("--exits", nargs="*", default=["kl:1e-3"],
                    help="strategy:threshold items, e.g. kl:1e-3 q_exit:0.5 (q_exit only with an exit gate)")
     p.add_argument("--out-dir", default="eval_loops_out")
+    p.add_argument("--tokenizer-model", default=None,
+                   help="the sentencepiece model file, when the run's recorded (relative) path does not resolve")
     args = p.parse_args(argv)
+    if args.seq_len is not None and args.seq_len < 1:
+        raise UsageError(f"--seq-len {args.seq_len}: must be at least 1")
+    if args.max_windows < 1 or args.batch_size < 1:
+        raise UsageError("--max-windows and --batch-size must be at least 1")
+    if args.loops is not None:
+        parse_loops(args.loops, 1)  # a bad --loops fails before the model is read
+    exits = [parse_exit(item) for item in args.exits or []]
 
-    from megaloop.checkpoint import CheckpointError
-    from megaloop.export import ExportError
-    from megaloop.generation import load_lm
-
-    try:
-        lm = load_lm(args.model, args.step)
-    except (CheckpointError, ExportError) as e:
-        print(f"cannot load {args.model}: {e}", file=sys.stderr)
-        return 1
+    lm = load_model_for_cli(args.model, args.step, args.tokenizer_model)
     seq_len = min(args.seq_len or lm.max_seq_len, lm.max_seq_len)
-    from megaloop.config import ConfigError
-
-    try:
-        ref = model_tokenizer_reference(args.model, args.step) if args.data is not None else None
-        tokens = load_eval_tokens(lm, args.data, args.text, args.split, max_tokens=args.max_windows * seq_len + 1,
-                                  tokenizer_ref=ref)
-    except (CheckpointError, ConfigError, ExportError) as e:
-        print(f"eval_loops: {e}", file=sys.stderr)
-        return 1
-    batches = windows(tokens, seq_len, args.max_windows, args.batch_size)
+    ref = model_tokenizer_reference(args.model, args.step, args.tokenizer_model) if args.data is not None else None
+    tokens = load_eval_tokens(lm, args.data, args.text, args.split, max_tokens=args.max_windows * seq_len + 1,
+                              tokenizer_ref=ref)
+    batches = windows(tokens, seq_len, args.max_windows, args.batch_size,
+                      f"--data {args.data}" if args.data is not None else f"--text {args.text}")
     loop_counts = parse_loops(args.loops, lm.train_loops)
     rows = []
     for r in loop_counts:
@@ -171,12 +240,10 @@ def main(argv=None):
         rows.append({"mode": "fixed", "threshold": "", "loops": r, "avg_loops": used, "nll": nll,
                      "ppl": math.exp(nll)})
     r_max = max(loop_counts)
-    for item in args.exits or []:
-        strategy, _, thr = item.partition(":")
+    for item, (strategy, thr, threshold) in zip(args.exits or [], exits):
         if strategy == "q_exit" and not lm.has_exit_gate:
             print(f"skipping {item}: the model has no exit gate", file=sys.stderr)
             continue
-        threshold = float(thr) if thr else None
         nll, used = evaluate(lm, batches, r_max, strategy, threshold)
         rows.append({"mode": strategy, "threshold": thr, "loops": r_max, "avg_loops": used, "nll": nll,
                      "ppl": math.exp(nll)})
@@ -188,7 +255,7 @@ def main(argv=None):
         print(f"{row['mode']:>8} {row['threshold']:>9} {row['loops']:>5} {row['avg_loops']:>9.2f} "
               f"{row['nll']:>8.4f} {row['ppl']:>10.3f}")
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # an OSError here is one line naming the folder (run_cli)
     with open(out / "eval_loops.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["mode", "threshold", "loops", "avg_loops", "nll", "ppl"])
         w.writeheader()
@@ -216,6 +283,13 @@ def main(argv=None):
     fig.savefig(out / "eval_loops.png", dpi=120)
     print(f"wrote {out / 'eval_loops.png'}")
     return 0
+
+
+def main(argv=None) -> int:
+    """The tool: 0, or 2 after one line on stderr for an error the user can fix (megaloop.errors.run_cli)."""
+    from megaloop.errors import run_cli
+
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

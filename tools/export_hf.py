@@ -18,7 +18,8 @@ naming the file, and nothing is written.
 --output may not be the checkpoint being read, contain it, or lie inside its checkpoints/ tree (symlinks
 are resolved); `--output runs/demo/hf` beside a run's checkpoints is fine. --overwrite replaces only a
 folder that holds a previous export (its config.json and the files an export writes, nothing else) or an
-empty one; any other folder is refused in one line and nothing is deleted.
+empty one; any other folder is refused in one line and nothing is deleted. Errors are one line on stderr
+and exit code 2 (--debug or MEGALOOP_DEBUG=1 adds the traceback).
 """
 import argparse
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def main(argv=None):
+def _main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint file or directory")
     p.add_argument("--output", required=True,
@@ -52,6 +53,8 @@ def main(argv=None):
     from megaloop import checkpoint as ckpt
     from megaloop.export import ExportError, export_hf, load_checkpoint
 
+    if args.loops is not None and args.loops < 1:
+        raise ExportError(f"--loops {args.loops}: the loop count to unroll must be at least 1")
     try:
         from megaloop.export.hf_export import check_export_paths, check_output_dir
 
@@ -63,7 +66,10 @@ def main(argv=None):
         if ckpt.is_deepspeed_checkpoint(args.checkpoint):
             print(f"reading {ckpt.resolve(args.checkpoint, args.step)}", file=sys.stderr)
         state_dict, cfg, data_cfg = load_checkpoint(args.checkpoint, args.step)
-        tok = {"type": data_cfg.tokenizer_type, "model": args.tokenizer_model or data_cfg.tokenizer_model}
+        from tools.eval_loops import checkpoint_tokenizer_model
+
+        tok = {"type": data_cfg.tokenizer_type,
+               "model": checkpoint_tokenizer_model(args.checkpoint, data_cfg, args.tokenizer_model)}
         if args.format == "llama":
             from megaloop.export.llama_export import export_llama
 
@@ -72,11 +78,17 @@ def main(argv=None):
         else:
             out = export_hf(state_dict, cfg, tok, args.output, dtype=args.dtype, overwrite=args.overwrite,
                             noise_init=args.noise_init, noise_seed=args.noise_seed, verify=not args.no_verify)
-    except (ckpt.CheckpointError, ExportError, NotImplementedError) as e:
-        print(f"export failed: {e}", file=sys.stderr)
-        return 1
+    except NotImplementedError as e:
+        raise ExportError(f"cannot export {args.checkpoint}: {e}") from e
     print(f"exported to {out}")
     return 0
+
+
+def main(argv=None) -> int:
+    """The tool: 0, or 2 after one line on stderr for an error the user can fix (megaloop.errors.run_cli)."""
+    from megaloop.errors import run_cli
+
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

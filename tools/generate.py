@@ -6,7 +6,10 @@
 
 --model is a checkpoint: a training run directory / DeepSpeed checkpoint of any TP x PP layout and ZeRO
 stage, or a plain model.pt (read through megaloop.checkpoint.load_model; --step picks one), or a folder
-written by tools/export_hf.py (uses its KV cache). --temperature 0 is greedy.
+written by tools/export_hf.py (uses its KV cache). --temperature 0 is greedy. A checkpoint's relative
+tokenizer path (data.tokenizer_model) is looked up from the current folder, then under the run folder and
+its parents; --tokenizer-model names the file directly. Errors are one line on stderr and exit code 2
+(--debug or MEGALOOP_DEBUG=1 adds the traceback).
 """
 import argparse
 import os
@@ -14,8 +17,10 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megaloop.errors import UsageError  # noqa: E402
 
-def main(argv=None):
+
+def _main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint file/dir, or an exported HF folder")
     p.add_argument("--step", type=int, default=None)
@@ -29,19 +34,24 @@ def main(argv=None):
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--exit", choices=["q_exit", "kl"], default=None)
     p.add_argument("--exit-threshold", type=float, default=None)
+    p.add_argument("--tokenizer-model", default=None,
+                   help="the sentencepiece model file, when the run's recorded (relative) path does not resolve")
     args = p.parse_args(argv)
+    if args.loops is not None and args.loops < 1:
+        raise UsageError(f"--loops {args.loops}: the loop count must be at least 1")
+    if args.max_new_tokens < 0 or args.num_samples < 1:
+        raise UsageError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p {args.top_p}: must be in (0, 1]")
 
     import torch
 
-    from megaloop.checkpoint import CheckpointError
-    from megaloop.export import ExportError
-    from megaloop.generation import generate, load_lm
+    from megaloop.generation import generate
+    from tools.eval_loops import load_model_for_cli
 
-    try:
-        lm = load_lm(args.model, args.step)
-    except (CheckpointError, ExportError) as e:
-        print(f"cannot load {args.model}: {e}", file=sys.stderr)
-        return 1
+    lm = load_model_for_cli(args.model, args.step, args.tokenizer_model)
+    if args.exit == "q_exit" and not lm.has_exit_gate:
+        raise UsageError(f"--exit q_exit: {args.model} has no exit gate (model.exit_gate); use --exit kl")
     prompt = lm.encode(args.prompt)
     if not prompt:
         p.error("the prompt encodes to no tokens")
@@ -57,6 +67,13 @@ def main(argv=None):
     print(f"[{lm.kind} model, R={loops}, mean loops used {out.mean_loops:.2f}, "
           f"{out.new_tokens.shape[1]} new tokens]", file=sys.stderr)
     return 0
+
+
+def main(argv=None) -> int:
+    """The tool: 0, or 2 after one line on stderr for an error the user can fix (megaloop.errors.run_cli)."""
+    from megaloop.errors import run_cli
+
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

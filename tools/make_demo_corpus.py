@@ -3,8 +3,12 @@
 One JSON object {"text": <file contents>, "path": <relative path>} per line, so the demo needs no download:
 
     python tools/make_demo_corpus.py --output data/stdlib.jsonl
+
+Errors (a missing --source-dir, an unwritable or full output folder) are one line on stderr and exit code 2,
+and leave no partial file; --debug or MEGALOOP_DEBUG=1 adds the traceback.
 """
 import argparse
+import errno
 import json
 import os
 import sys
@@ -27,7 +31,7 @@ def iter_source_files(root: str, include_site_packages: bool):
                 yield os.path.join(dirpath, name)
 
 
-def main(argv=None):
+def _main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="jsonl file to write")
     parser.add_argument("--source-dir", default=None, help="directory to gather (default: the standard library)")
@@ -36,6 +40,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     root = args.source_dir or stdlib_dir()
+    if not os.path.isdir(root):
+        raise FileNotFoundError(errno.ENOENT, "no such folder (--source-dir)", root)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     tmp_path = f"{args.output}.tmp-{os.getpid()}"
     n_files, n_bytes, n_unreadable = 0, 0, 0
@@ -56,13 +62,27 @@ def main(argv=None):
                 if args.max_bytes is not None and n_bytes >= args.max_bytes:
                     break
         os.replace(tmp_path, args.output)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+        if isinstance(e, OSError):
+            sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+            from megaloop.errors import OutputError
+
+            raise OutputError(e, os.path.dirname(os.path.abspath(args.output)),
+                              f"nothing was written to {args.output}") from e
         raise
     print(f"wrote {n_files} documents, {n_bytes / 1e6:.1f} MB of text from {root} to {args.output}"
           f" ({n_unreadable} files skipped as not UTF-8)", file=sys.stderr)
 
 
+def main(argv=None) -> int:
+    """The tool: 0, or 2 after one line on stderr for an error the user can fix (megaloop.errors.run_cli)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from megaloop.errors import run_cli
+
+    return run_cli(_main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

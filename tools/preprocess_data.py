@@ -11,7 +11,9 @@ Inputs: .jsonl/.json (one JSON object per line), .txt (one document per line, or
 line (--strict makes the first one an error). Outputs appear only when complete. Each dataset gets a
 small {prefix}_{key}_document.tokenizer.json recording the tokenizer (type, vocabulary size, sha256 of
 the model file): megaloop's trainer and tools/eval_loops.py refuse it with a model of another tokenizer;
-Megatron-LM ignores it.
+Megatron-LM ignores it. Errors (a missing input, a truncated .gz, nothing usable in the inputs, an
+unwritable or full output folder) are one line on stderr and exit code 2, and leave no partial output;
+--debug or MEGALOOP_DEBUG=1 adds the traceback.
 """
 import argparse
 import os
@@ -63,43 +65,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # A scheduler's SIGTERM unwinds like Ctrl-C, so the temporary outputs are removed on the way out.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.split_sentences:
-        print("error: --split-sentences is not supported; megaloop keeps each document as one sequence",
-              file=sys.stderr)
-        return 2
+        raise PreprocessError("--split-sentences is not supported; megaloop keeps each document as one sequence")
     if args.partitions < 1:
-        print("error: --partitions must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        if args.vocab_size is not None:
-            actual = build_tokenizer(args.tokenizer_type, args.tokenizer_model).vocab_size
-            if actual != args.vocab_size:
-                raise ValueError(f"--vocab-size {args.vocab_size} does not match the tokenizer's {actual}")
-        config = PreprocessConfig(
-            input_files=expand_inputs(args.input),
-            output_prefix=args.output_prefix,
-            tokenizer_type=args.tokenizer_type,
-            tokenizer_model=args.tokenizer_model,
-            json_keys=args.json_keys,
-            append_eod=args.append_eod,
-            workers=args.workers,
-            strict=args.strict,
-            text_documents=args.text_documents,
-            chunk_bytes=args.chunk_bytes,
-            log_interval=args.log_interval,
-            show_progress=not args.quiet,
-        )
+        raise PreprocessError("--partitions must be at least 1")
+    if args.vocab_size is not None:
+        actual = build_tokenizer(args.tokenizer_type, args.tokenizer_model).vocab_size
+        if actual != args.vocab_size:
+            raise PreprocessError(f"--vocab-size {args.vocab_size} does not match the tokenizer's {actual}")
+    config = PreprocessConfig(
+        input_files=expand_inputs(args.input),
+        output_prefix=args.output_prefix,
+        tokenizer_type=args.tokenizer_type,
+        tokenizer_model=args.tokenizer_model,
+        json_keys=args.json_keys,
+        append_eod=args.append_eod,
+        workers=args.workers,
+        strict=args.strict,
+        text_documents=args.text_documents,
+        chunk_bytes=args.chunk_bytes,
+        log_interval=args.log_interval,
+        show_progress=not args.quiet,
+    )
+    if not args.quiet:
         print(f"tokenizing {len(config.input_files)} files with {args.workers} workers", file=sys.stderr)
-        summary = preprocess(config)
-    except (PreprocessError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    summary = preprocess(config)
     print(summary.report(), file=sys.stderr)
     return 0
+
+
+def main(argv=None) -> int:
+    """The tool: 0, or 2 after one line on stderr for an error the user can fix (megaloop.errors.run_cli)."""
+    from megaloop.errors import run_cli
+
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ Writes {model-prefix}.model and {model-prefix}.vocab. The model always has these
 3 the pad piece (--pad-piece, default <pad>); --user-defined-symbols adds more pieces that are
 matched verbatim in text. Text is kept as-is (identity normalization, whitespace preserved), which
 code and markup need; --byte-fallback (default on) makes every string encodable without <unk>.
+Errors (no usable text in the inputs, with the reasons records were skipped; a truncated .gz; a vocabulary
+too large for the text) are one line on stderr and exit code 2, and leave no model file; --debug or
+MEGALOOP_DEBUG=1 adds the traceback.
 """
 import argparse
 import os
@@ -15,19 +18,30 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megaloop.data.text_inputs import expand_inputs, iter_documents  # noqa: E402
+from megaloop.data.indexed_dataset import DataError  # noqa: E402
+from megaloop.data.text_inputs import SkipCounter, expand_inputs, iter_documents  # noqa: E402
 
 
-def iter_training_lines(paths, keys, max_line_bytes, progress):
+def iter_training_lines(paths, keys, max_line_bytes, progress, skipped=None):
     """Documents split into lines: sentencepiece trains on 'sentences' and skips overly long ones."""
-    for text in iter_documents(paths, keys):
+    for text in iter_documents(paths, keys, skipped):
         progress.update(1)
         for line in text.split("\n"):
             if line.strip() and len(line) <= max_line_bytes:
                 yield line
+            elif line.strip() and skipped is not None:
+                skipped.add(f"line longer than --max-sentence-length {max_line_bytes}", "a document")
 
 
-def main(argv=None):
+def no_text_message(paths, keys, skipped) -> str:
+    what = f"no training text in {len(paths)} input file{'s' if len(paths) != 1 else ''} " \
+           f"({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}); no model written"
+    if skipped.total:
+        return f"{what}: {skipped.total:,} records skipped: {skipped.summary()} (--json-keys is {', '.join(keys)})"
+    return f"{what}: the inputs are empty"
+
+
+def _main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="files or globs (.jsonl, .jsonl.gz, .txt, .txt.gz)")
     parser.add_argument("--json-keys", "--jsonl-keys", dest="json_keys", nargs="+", default=["text"])
@@ -50,11 +64,20 @@ def main(argv=None):
     from tqdm import tqdm
 
     paths = expand_inputs(args.input)
+    if args.vocab_size < 4 + len(args.user_defined_symbols):
+        raise DataError(f"--vocab-size {args.vocab_size}: too small for the 4 special pieces and "
+                        f"{len(args.user_defined_symbols)} --user-defined-symbols")
+    # Fail before training on no usable text at all, with the reasons the records were skipped.
+    skipped = SkipCounter()
+    first = next(iter_training_lines(paths, args.json_keys, args.max_sentence_length, _NoProgress(), skipped), None)
+    if first is None:
+        raise DataError(no_text_message(paths, args.json_keys, skipped))
     out_dir = os.path.dirname(os.path.abspath(args.model_prefix))
     os.makedirs(out_dir, exist_ok=True)
     # Train under a temporary prefix and rename when done, so an interrupted run leaves no model file.
     tmp_prefix = f"{args.model_prefix}.tmp-{os.getpid()}"
-    with tqdm(desc="reading documents", unit=" docs", file=sys.stderr) as progress:
+    # The bar only on a terminal: in a log file its redraws are noise.
+    with tqdm(desc="reading documents", unit=" docs", file=sys.stderr, disable=not sys.stderr.isatty()) as progress:
         try:
             sentencepiece.SentencePieceTrainer.train(
                 sentence_iterator=iter_training_lines(paths, args.json_keys, args.max_sentence_length, progress),
@@ -76,6 +99,13 @@ def main(argv=None):
                 num_threads=args.num_threads,
                 minloglevel=1,  # warnings and errors only; the tqdm bar shows progress while reading
             )
+        except RuntimeError as e:  # sentencepiece's own checks, e.g. a vocabulary larger than the text allows
+            why = " ".join(str(e).split())
+            if "Vocabulary size" in why:
+                why += " (lower --vocab-size, or give more text)"
+            raise DataError(f"sentencepiece could not train {args.model_prefix}.model from {len(paths)} files: "
+                            f"{why}") from e
+        else:
             for ext in (".model", ".vocab"):
                 os.replace(tmp_prefix + ext, args.model_prefix + ext)
         finally:
@@ -86,5 +116,17 @@ def main(argv=None):
           file=sys.stderr)
 
 
+class _NoProgress:
+    def update(self, n):
+        pass
+
+
+def main(argv=None) -> int:
+    """The tool: 0, or 2 after one line on stderr for an error the user can fix (megaloop.errors.run_cli)."""
+    from megaloop.errors import run_cli
+
+    return run_cli(_main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

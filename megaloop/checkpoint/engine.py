@@ -15,6 +15,7 @@ is ignored and the previous complete one loads.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +23,37 @@ from pathlib import Path
 import torch
 
 from megaloop.checkpoint.layout import LATEST, CheckpointError, atomic_write, complete_tags, tag_for, write_marker
+from megaloop.errors import OutputError, os_error_in
+
+
+def save_error(err: BaseException, root, tag_dir) -> OutputError:
+    """The one-line error for a save that failed writing (disk full, read-only, ...): names the folder, and
+    says which complete checkpoint is still intact (`latest` is only moved after a complete save), or that
+    there is none. A RuntimeError from torch's zip writer ("file write failed") counts as a write error:
+    ENOSPC when the folder's file system has under 1 GiB free."""
+    err = os_error_in(err) or err
+    if not isinstance(err, OSError):
+        try:
+            full = shutil.disk_usage(root).free < (1 << 30)
+        except OSError:
+            full = False
+        err = OSError(errno.ENOSPC if full else errno.EIO,
+                      "No space left on device" if full else f"write failed ({' '.join(str(err).split())[:160]})")
+    try:
+        previous = [d for d in complete_tags(root) if os.path.abspath(d) != os.path.abspath(tag_dir)]
+    except OSError:
+        previous = []
+    left = (f"the previous checkpoint {previous[-1]} is intact and `latest` still names it"
+            if previous else "no earlier complete checkpoint exists")
+    return OutputError(err, root, f"checkpoint {tag_dir} is incomplete (it is never loaded; delete it to free "
+                                  f"space); {left}")
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    if os_error_in(err) is not None:
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("write failed" in text or "no space left" in text)
 
 
 def _rng_file(tag_dir, rank: int) -> str:
@@ -58,14 +90,23 @@ def save_training(engine, root, step: int, client_state: dict, rank: int, keep: 
     root = str(root)
     tag = tag_for(step)
     tag_dir = os.path.join(root, tag)
-    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), _rng_file(tag_dir, rank))
+    try:
+        engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+        with open(_rng_file(tag_dir, rank), "wb") as f:  # a Python file: a full disk raises OSError
+            torch.save(rng_state(), f)
+    except Exception as e:
+        if _is_write_failure(e):
+            raise save_error(e, root, tag_dir) from e
+        raise
     if fault_hook is not None:
         fault_hook(tag)  # tests: die here, after the files and before the marker
     dist.barrier()  # every rank has written everything it writes
     if rank == 0:
-        write_marker(tag_dir, step, client_state.get("consumed_samples"))
-        atomic_write(os.path.join(root, LATEST), tag)
+        try:
+            write_marker(tag_dir, step, client_state.get("consumed_samples"))
+            atomic_write(os.path.join(root, LATEST), tag)
+        except OSError as e:
+            raise save_error(e, root, tag_dir) from e
         if keep > 0:
             for old in complete_tags(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -42,11 +42,16 @@ def tag_step(name: str) -> Optional[int]:
 
 def atomic_write(path, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # a full disk leaves no stray temporary; `path` keeps its old contents
+        raise
 
 
 def is_complete(tag_dir) -> bool:

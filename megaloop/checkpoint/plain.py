@@ -5,6 +5,7 @@ it; tests and demos save one with save_plain_checkpoint.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -12,6 +13,7 @@ import torch
 
 from megaloop.checkpoint.layout import CheckpointError
 from megaloop.config import Config, ConfigError, config_from_dict
+from megaloop.errors import OutputError, os_error_in
 
 PLAIN_NAMES = ("model.pt", "model.pth", "pytorch_model.bin", "consolidated.pt", "state_dict.pt")
 
@@ -80,8 +82,21 @@ def load_plain_config(checkpoint, step: Optional[int] = None) -> Config:
 def save_plain(state_dict: Dict[str, torch.Tensor], config: Config, path) -> Path:
     """torch.save a one-process state dict + its run config in the plain format."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": state_dict, "config": config.to_dict()}, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:  # a Python file: a full disk raises OSError (ENOSPC), not RuntimeError
+            torch.save({"model": state_dict, "config": config.to_dict()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp.exists():
+            tmp.unlink()
+        if os_error_in(e) is not None:
+            raise OutputError(os_error_in(e), path.parent, f"nothing was written to {path}"
+                              + (" (the previous file there is untouched)" if path.exists() else "")) from e
+        raise
     return path
 
 

@@ -17,12 +17,13 @@ import numpy as np
 
 from megaloop.data.blended_dataset import BlendedDataset, samples_needed_per_dataset
 from megaloop.data.gpt_dataset import SPLIT_NAMES, GPTDataset, parse_split, split_datasets
-from megaloop.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
+from megaloop.data.indexed_dataset import DataError, IndexedDataset, IndexedDatasetError, IndexedDatasetWriter
 from megaloop.data.sampler import PretrainingSampler, build_data_loader
 from megaloop.data.tokenizer import Tokenizer, build_tokenizer
 
 __all__ = [
-    "BlendedDataset", "GPTDataset", "IndexedDataset", "IndexedDatasetWriter", "PretrainingSampler", "Tokenizer",
+    "BlendedDataset", "DataError", "GPTDataset", "IndexedDataset", "IndexedDatasetError", "IndexedDatasetWriter",
+    "PretrainingSampler", "Tokenizer",
     "build_data_loader", "build_datasets", "build_tokenizer", "parse_data_paths", "parse_split",
 ]
 
@@ -41,13 +42,14 @@ def parse_data_paths(data_paths: Union[str, Sequence]) -> Tuple[List[str], List[
     if len(items) == 1:
         return [str(items[0])], [1.0]
     if not items or len(items) % 2:
-        raise ValueError(f"data paths {data_paths!r}: expected one path, or weight, path, weight, path, ...")
+        raise DataError(f"data.data_path {data_paths!r}: expected one path, or weight, path, weight, path, ...")
     paths, weights = [], []
     for weight, path in zip(items[0::2], items[1::2]):
         try:
             weights.append(float(weight))
         except (TypeError, ValueError):
-            raise ValueError(f"data paths {data_paths!r}: {weight!r} should be the weight of {path!r}") from None
+            raise DataError(f"data.data_path {data_paths!r}: {weight!r} should be the weight (a number) of "
+                            f"{path!r}; write weight, path, weight, path, ...") from None
         paths.append(str(path))
     return paths, weights
 
@@ -56,8 +58,9 @@ def check_tokens_fit_vocab(dataset: IndexedDataset, tokenizer: Tokenizer, max_to
     """Catch a dataset made with another tokenizer: its first tokens must be ids of this vocabulary."""
     head = np.asarray(dataset.tokens[:max_tokens])
     if head.size and int(head.max()) >= tokenizer.vocab_size:
-        raise ValueError(f"{dataset.path_prefix} holds token id {int(head.max())}, but the tokenizer has only "
-                         f"{tokenizer.vocab_size} ids: was it preprocessed with another tokenizer?")
+        raise DataError(f"{dataset.path_prefix} holds token id {int(head.max())}, but the tokenizer "
+                        f"(data.tokenizer_type / data.tokenizer_model) has only {tokenizer.vocab_size} ids: was it "
+                        f"preprocessed with another tokenizer? Re-run tools/preprocess_data.py with this one")
 
 
 def default_cache_dir(data_path: str) -> Optional[str]:
@@ -81,7 +84,7 @@ def build_datasets(data_paths_with_weights, split: str, seq_len: int, num_sample
     """
     unknown = set(num_samples) - set(SPLIT_NAMES)
     if unknown:
-        raise ValueError(f"num_samples has unknown splits {sorted(unknown)}; use {SPLIT_NAMES}")
+        raise DataError(f"num_samples has unknown splits {sorted(unknown)}; use {SPLIT_NAMES}")
     paths, weights = parse_data_paths(data_paths_with_weights)
     indexed = [IndexedDataset(path) for path in paths]
     if cache_dir is None:

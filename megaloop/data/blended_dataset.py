@@ -10,14 +10,20 @@ from typing import Optional, Sequence
 import numpy as np
 
 from megaloop.data.index_cache import build_or_load_arrays
+from megaloop.data.indexed_dataset import DataError
 
 
 def normalize_weights(weights: Sequence[float]) -> np.ndarray:
-    weights = np.asarray(weights, dtype=np.float64)
+    try:
+        weights = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"blend weights (data.data_path: weight, path, weight, path, ...) must be numbers, got "
+                        f"{list(weights)!r}") from None
     if weights.ndim != 1 or weights.size == 0:
-        raise ValueError("blending needs at least one weight")
+        raise DataError("blending needs at least one weight (data.data_path: weight, path, weight, path, ...)")
     if not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"blend weights must be non-negative with a positive sum, got {weights.tolist()}")
+        raise DataError(f"blend weights in data.data_path must be finite and non-negative with a positive sum, "
+                        f"got {weights.tolist()}")
     return weights / weights.sum()
 
 
@@ -69,9 +75,11 @@ class BlendedDataset:
     def __init__(self, datasets: Sequence, weights: Sequence[float], num_samples: int,
                  cache_dir: Optional[str] = None, name: str = "train"):
         if len(datasets) != len(weights):
-            raise ValueError(f"{len(datasets)} datasets but {len(weights)} weights")
+            raise DataError(f"{len(datasets)} datasets but {len(weights)} weights (data.data_path: weight, path, "
+                            f"weight, path, ...)")
         if len(datasets) > np.iinfo(np.int16).max:
-            raise ValueError("too many datasets to blend")
+            raise DataError(f"too many datasets to blend ({len(datasets)}; at most {np.iinfo(np.int16).max}): "
+                            f"merge some with tools/merge_datasets.py")
         self.datasets = list(datasets)
         self.weights = normalize_weights(weights)
         self.num_samples = int(num_samples)
@@ -88,8 +96,8 @@ class BlendedDataset:
         counts = np.bincount(self.dataset_index, minlength=len(self.datasets))
         for d, (ds, count) in enumerate(zip(self.datasets, counts)):
             if count > (0 if ds is None else len(ds)):
-                raise ValueError(f"{name}: blending needs {count} samples from dataset {d} ({ds!r}), "
-                                 f"which has only {0 if ds is None else len(ds)}")
+                raise DataError(f"{name}: blending needs {count} samples from dataset {d} ({ds!r}), "
+                                f"which has only {0 if ds is None else len(ds)}")
 
     def _build(self):
         dataset_index, dataset_sample_index = build_blending_indices(self.weights, self.num_samples)

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from megaloop.data.index_cache import build_or_load_arrays, file_fingerprint
-from megaloop.data.indexed_dataset import IndexedDataset
+from megaloop.data.indexed_dataset import DataError, IndexedDataset
 
 SPLIT_NAMES = ("train", "valid", "test")
 INDEX_FORMAT_VERSION = 1  # bump when the construction below changes, to invalidate old caches
@@ -39,9 +39,11 @@ def parse_split(split: str, num_documents: int) -> List[Tuple[int, int]]:
     try:
         weights = [float(p) for p in parts]
     except ValueError:
-        raise ValueError(f"split {split!r}: expected up to 3 numbers such as '969,30,1'") from None
-    if not 1 <= len(weights) <= 3 or any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"split {split!r}: expected 1 to 3 non-negative numbers with a positive sum")
+        weights = None
+    if weights is None or not 1 <= len(weights) <= 3 or any(w < 0 or not math.isfinite(w) for w in weights) \
+            or sum(weights) <= 0:
+        raise DataError(f"split {split!r} (data.split / --split): expected 1 to 3 comma-separated non-negative "
+                        f"weights with a positive sum, for train,valid,test, such as '969,30,1'")
     weights += [0.0] * (3 - len(weights))
     total = sum(weights)
     bounds = [0]
@@ -103,10 +105,10 @@ class GPTDataset:
                  num_samples: int, seed: int, cache_dir: Optional[str] = None, name: str = "train"):
         start, end = document_range
         if not 0 <= start < end <= len(indexed_dataset):
-            raise ValueError(f"{name}: document range [{start}, {end}) is empty or outside the "
-                             f"{len(indexed_dataset)} documents of {indexed_dataset.path_prefix}")
+            raise DataError(f"{name}: document range [{start}, {end}) is empty or outside the "
+                            f"{len(indexed_dataset)} documents of {indexed_dataset.path_prefix}: check data.split")
         if seq_len < 1 or num_samples < 1:
-            raise ValueError(f"{name}: seq_len and num_samples must be positive, got {seq_len} and {num_samples}")
+            raise DataError(f"{name}: seq_len and num_samples must be positive, got {seq_len} and {num_samples}")
         self.indexed_dataset = indexed_dataset
         self.document_range = (int(start), int(end))
         self.seq_len = int(seq_len)
@@ -134,9 +136,10 @@ class GPTDataset:
         documents = np.arange(*self.document_range, dtype=np.int32)
         tokens_per_epoch = int(lengths[self.document_range[0]:self.document_range[1]].sum(dtype=np.int64))
         if tokens_per_epoch < self.seq_len + 1:
-            raise ValueError(f"{self.name}: documents [{self.document_range[0]}, {self.document_range[1]}) of "
-                             f"{self.indexed_dataset.path_prefix} hold {tokens_per_epoch} tokens, fewer than one "
-                             f"sample of seq_len + 1 = {self.seq_len + 1}")
+            raise DataError(f"{self.name} split of {self.indexed_dataset.path_prefix}: documents "
+                            f"[{self.document_range[0]}, {self.document_range[1]}) hold {tokens_per_epoch} tokens, "
+                            f"fewer than one sample of data.seq_len + 1 = {self.seq_len + 1}: lower data.seq_len, "
+                            f"give this split more documents (data.split) or use more data")
         tokens_needed = self.num_samples * self.seq_len + 1
         num_epochs = max(1, -(-tokens_needed // tokens_per_epoch))
         separate_final_epoch = False
@@ -209,7 +212,8 @@ def split_datasets(indexed_dataset: IndexedDataset, split: str, seq_len: int, nu
             datasets.append(None)
             continue
         if start == end:
-            raise ValueError(f"{name}: split {split!r} leaves no documents of {indexed_dataset.path_prefix} "
-                             f"({len(indexed_dataset)} documents) for the {n} samples requested")
+            raise DataError(f"{name}: split {split!r} (data.split) leaves no documents of "
+                            f"{indexed_dataset.path_prefix} ({len(indexed_dataset)} documents) for the {n} samples "
+                            f"requested: give {name} a larger weight, or use more data")
         datasets.append(GPTDataset(indexed_dataset, (start, end), seq_len, n, seed, cache_dir, name))
     return datasets

@@ -23,6 +23,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from megaloop.errors import MegaloopError, OutputError
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 HEADER_SIZE = 34  # magic 9 + version 8 + dtype code 1 + N 8 + D 8
@@ -71,8 +73,37 @@ def dataset_paths(path_prefix: str):
     return path_prefix + ".bin", path_prefix + ".idx"
 
 
-class IndexedDatasetError(ValueError):
+class DataError(MegaloopError, ValueError):
+    """A dataset, data path, blend, split or input that cannot be used; the one-line message names the file
+    or field and the fix."""
+
+
+class IndexedDatasetError(DataError):
     """A .bin/.idx pair that is not a valid indexed dataset; the message names the file and the problem."""
+
+
+class DatasetNotFoundError(IndexedDatasetError, FileNotFoundError):
+    """No .bin/.idx pair at a path prefix (still a FileNotFoundError, as before)."""
+
+
+def missing_dataset_message(path_prefix: str) -> Optional[str]:
+    """None when {prefix}.bin and .idx both exist, else a one-line message naming the missing file, with
+    the likely intended prefix when one is nearby (preprocess_data.py appends _{key}_document)."""
+    bin_path, idx_path = dataset_paths(path_prefix)
+    missing = [p for p in (idx_path, bin_path) if not os.path.isfile(p)]
+    if not missing:
+        return None
+    prefix = idx_path[:-4]
+    if len(missing) == 1:
+        other = bin_path if missing[0] == idx_path else idx_path
+        return (f"{missing[0]}: no such file, but {other} exists: a dataset needs both files (copy the missing "
+                f"one, or re-run tools/preprocess_data.py)")
+    import glob
+
+    near = sorted(p[:-4] for p in glob.glob(glob.escape(prefix) + "_*_document.idx"))
+    hint = (f"; did you mean {near[0]}? (tools/preprocess_data.py names its output {{prefix}}_{{key}}_document)"
+            if near else "; a dataset is named by its path without .bin/.idx")
+    return f"{idx_path}: no such file (nor {os.path.basename(bin_path)}){hint}"
 
 
 class IndexedDatasetWriter:
@@ -86,16 +117,33 @@ class IndexedDatasetWriter:
         self.dtype = np.dtype(dtype)
         self._dtype_code = dtype_code(self.dtype)
         self.bin_path, self.idx_path = dataset_paths(path_prefix)
-        os.makedirs(os.path.dirname(os.path.abspath(self.bin_path)), exist_ok=True)
+        self.folder = os.path.dirname(os.path.abspath(self.bin_path))
         suffix = f".tmp-{os.getpid()}-{id(self):x}"
         self._tmp_bin_path = self.bin_path + suffix
         self._tmp_idx_path = self.idx_path + suffix
-        self._bin = open(self._tmp_bin_path, "wb", buffering=8 << 20)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            self._bin = open(self._tmp_bin_path, "wb", buffering=8 << 20)
+        except OSError as e:
+            raise self._output_error(e, self.folder) from e
         self._length_chunks = []  # int32 arrays, one per add call
         self._document_end_chunks = []  # int64 arrays: sequence count after each document
         self.num_sequences = 0
         self.num_tokens = 0
         self._done = False
+
+    def _output_error(self, err: OSError, path=None) -> OutputError:
+        """The one-line error for an OSError while writing: names the folder (or path) and says that
+        nothing is left behind (the temporary files are removed; an existing dataset is untouched)."""
+        return OutputError(err, path or self.folder, f"nothing was written for {self.bin_path[:-4]} (an existing "
+                                                     f"dataset there is untouched)")
+
+    def _write(self, data) -> None:
+        try:
+            self._bin.write(data)
+        except OSError as e:
+            self.abort()
+            raise self._output_error(e) from e
 
     # -- adding data ---------------------------------------------------------------------------
     def _as_token_array(self, tokens) -> np.ndarray:
@@ -136,7 +184,7 @@ class IndexedDatasetWriter:
             raise RuntimeError("writer already finalized or aborted")
         if lengths.size and lengths.max() > np.iinfo(np.int32).max:
             raise ValueError("a sequence longer than 2**31-1 tokens cannot be indexed (int32 lengths)")
-        self._bin.write(memoryview(np.ascontiguousarray(tokens)).cast("B"))
+        self._write(memoryview(np.ascontiguousarray(tokens)).cast("B"))
         self._length_chunks.append(lengths.astype(np.int32))
         self._document_end_chunks.append(document_ends)
         self.num_sequences += int(lengths.size)
@@ -157,7 +205,7 @@ class IndexedDatasetWriter:
         tokens = other.tokens
         for start in range(0, tokens.size, chunk_tokens):
             chunk = np.asarray(tokens[start:start + chunk_tokens]).astype(self.dtype, copy=False)
-            self._bin.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+            self._write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
         self._length_chunks.append(lengths.astype(np.int32))
         self._document_end_chunks.append(other.doc_idx[1:].astype(np.int64) + self.num_sequences)
         self.num_sequences += int(lengths.size)
@@ -194,6 +242,9 @@ class IndexedDatasetWriter:
                 os.remove(self.idx_path)
             os.replace(self._tmp_bin_path, self.bin_path)
             os.replace(self._tmp_idx_path, self.idx_path)
+        except OSError as e:
+            self.abort()
+            raise self._output_error(e) from e
         except BaseException:
             self.abort()
             raise
@@ -203,7 +254,10 @@ class IndexedDatasetWriter:
         """Drop everything written so far; the final paths are left untouched."""
         self._done = True
         if not self._bin.closed:
-            self._bin.close()
+            try:
+                self._bin.close()
+            except OSError:
+                pass  # a full disk can fail the final flush; the file is removed below anyway
         for path in (self._tmp_bin_path, self._tmp_idx_path):
             if os.path.exists(path):
                 os.remove(path)
@@ -231,13 +285,13 @@ class IndexedDataset:
         self._open()
 
     def _fail(self, path: str, problem: str):
-        raise IndexedDatasetError(f"{path}: {problem}")
+        raise IndexedDatasetError(f"{path}: {problem}; re-create the dataset with tools/preprocess_data.py (or copy "
+                                  f"both .bin and .idx again)")
 
     def _open(self):
-        for path in (self.idx_path, self.bin_path):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: no such file (datasets are named by their path without "
-                                        f".bin/.idx; both files are needed)")
+        missing = missing_dataset_message(self.path_prefix)
+        if missing:
+            raise DatasetNotFoundError(missing)
         idx_size = os.path.getsize(self.idx_path)
         if idx_size < HEADER_SIZE:
             self._fail(self.idx_path, f"truncated: {idx_size} bytes, shorter than the {HEADER_SIZE}-byte header")

@@ -30,8 +30,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megaloop.data.dataset_tokenizer import sidecar_path, write_sidecar
-from megaloop.data.indexed_dataset import IndexedDatasetWriter, token_dtype_for_vocab
-from megaloop.data.text_inputs import BadRecord, input_format, is_blank, is_gzip, open_binary, parse_record
+from megaloop.data.indexed_dataset import DataError, IndexedDatasetWriter, token_dtype_for_vocab
+from megaloop.data.text_inputs import (BadRecord, input_format, is_blank, is_gzip, open_binary, parse_record,
+                                       reading)
+from megaloop.errors import OutputError
 from megaloop.data.tokenizer import Tokenizer, build_tokenizer
 
 
@@ -52,7 +54,7 @@ class PreprocessConfig:
     show_progress: bool = True
 
 
-class PreprocessError(ValueError):
+class PreprocessError(DataError):
     """A bad record under strict=True, or an input that yields no document at all."""
 
 
@@ -136,7 +138,7 @@ def _plain_file_units(path: str, fmt: str, chunk_bytes: int) -> Iterator[WorkUni
 
 
 def _gzip_file_units(path: str, fmt: str, chunk_bytes: int) -> Iterator[WorkUnit]:
-    with open_binary(path) as f:
+    with reading(path), open_binary(path) as f:
         carry = b""
         while True:
             block = f.read(chunk_bytes)
@@ -205,7 +207,7 @@ def _read_unit(unit: WorkUnit) -> bytes:
     if unit.data is not None:
         return unit.data
     if unit.fmt == "text-file":
-        with open_binary(unit.path) as f:  # gzip or plain
+        with reading(unit.path), open_binary(unit.path) as f:  # gzip or plain
             return f.read()
     with open(unit.path, "rb") as f:
         f.seek(unit.start)
@@ -325,6 +327,25 @@ class _Progress:
             self.bar.close()
 
 
+def no_document_message(summary: PreprocessSummary, config: PreprocessConfig) -> str:
+    """Why nothing was written: the most common reasons records were skipped, with their first places."""
+    n = len(config.input_files)
+    what = f"no valid document in {n} input file{'s' if n != 1 else ''} ({', '.join(config.input_files[:3])}" \
+           f"{', ...' if n > 3 else ''}); nothing written"
+    if summary.total_skipped:
+        reasons = []
+        for category, count in summary.skipped.most_common(3):
+            places = ", ".join(r.where() for r in summary.skipped_examples[category][:2])
+            reasons.append(f"{count:,} x {category} ({places})")
+        more = len(summary.skipped) - 3
+        keys = ", ".join(config.json_keys)
+        return (f"{what}: {summary.total_skipped:,} records skipped: {'; '.join(reasons)}"
+                f"{f'; and {more} more reasons' if more > 0 else ''} (--json-keys is {keys})")
+    if summary.blank_lines:
+        return f"{what}: the inputs hold only {summary.blank_lines:,} blank lines"
+    return f"{what}: the inputs are empty"
+
+
 def output_prefix_for_key(output_prefix: str, key: str) -> str:
     return f"{output_prefix}_{key}_document"  # Megatron-LM's naming
 
@@ -334,16 +355,16 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     if config.text_documents not in ("line", "file"):
         raise ValueError(f"text_documents must be 'line' or 'file', got {config.text_documents!r}")
     if not config.input_files:
-        raise ValueError("no input files")
+        raise PreprocessError("no input files (--input)")
     if config.workers < 1:
-        raise ValueError(f"workers must be at least 1, got {config.workers}")
+        raise PreprocessError(f"--workers must be at least 1, got {config.workers}")
     start = time.time()
     cpu_start = resource.getrusage(resource.RUSAGE_SELF)
     keys = list(config.json_keys)
     formats = {input_format(p) for p in config.input_files}
     if "text" in formats and len(keys) != 1:
-        raise ValueError(f"text inputs hold one document per {config.text_documents}, so they take exactly one "
-                         f"json key (it names the output); got {keys}")
+        raise PreprocessError(f"text inputs hold one document per {config.text_documents}, so they take exactly "
+                              f"one json key (--json-keys; it names the output); got {keys}")
     tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)  # fail fast, before forking
     dtype = token_dtype_for_vocab(tokenizer.vocab_size)
     outputs = {key: output_prefix_for_key(config.output_prefix, key) for key in keys}
@@ -357,7 +378,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     pool = multiprocessing.get_context(method).Pool(
         config.workers, initializer=_init_worker,
         initargs=(config.tokenizer_type, config.tokenizer_model, keys, config.append_eod, dtype))
-    writers = {key: IndexedDatasetWriter(prefix, dtype) for key, prefix in outputs.items()}
+    writers: Dict[str, IndexedDatasetWriter] = {}
     progress = _Progress(total_bytes, config.log_interval, config.show_progress)
     # Pool.imap reads its input eagerly; this bounds the units in flight (gzip units carry data).
     in_flight = threading.Semaphore(4 * config.workers)
@@ -371,6 +392,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
             yield unit
 
     try:
+        for key, prefix in outputs.items():
+            writers[key] = IndexedDatasetWriter(prefix, dtype)
         for result in pool.imap(tokenize_unit, bounded_units()):
             in_flight.release()
             for line_no, category, detail in result.skipped:
@@ -392,8 +415,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
             progress.update(result.num_documents, sum(int(t.size) for t in result.tokens), result.input_bytes)
         pool.close()
         if summary.documents == 0:
-            raise PreprocessError(f"no valid document in {len(config.input_files)} input files "
-                                  f"({summary.total_skipped} records skipped); nothing written")
+            raise PreprocessError(no_document_message(summary, config))
         # The tokenizer record ({prefix}.tokenizer.json) describes the new data only: a stale one goes
         # first, so an interruption leaves no record (accepted, like Megatron data), never a wrong one.
         for prefix in outputs.values():
@@ -402,7 +424,12 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
         for writer in writers.values():
             writer.finalize()
         for prefix in outputs.values():
-            write_sidecar(prefix, tokenizer)
+            try:
+                write_sidecar(prefix, tokenizer)
+            except OSError as e:
+                raise OutputError(e, os.path.dirname(os.path.abspath(prefix)),
+                                  f"{prefix}.bin/.idx were written, but not its tokenizer record "
+                                  f"{sidecar_path(prefix)}: re-run to get it") from e
     except BaseException:
         stopping.set()
         pool.terminate()

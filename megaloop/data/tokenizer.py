@@ -3,9 +3,16 @@
 Every tokenizer exposes encode / decode / vocab_size / eod_id / pad_id, and encode_batch, which the
 preprocessing workers use because sentencepiece encodes a list of strings in one C++ call.
 """
-from typing import List, Optional, Sequence
+import os
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
+
+from megaloop.data.indexed_dataset import DataError
+
+
+class TokenizerError(DataError):
+    """A tokenizer that cannot be built: unknown type, missing or unreadable model file."""
 
 
 class Tokenizer:
@@ -62,11 +69,15 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"cannot load sentencepiece model {model_path!r}: {e}") from e
+            why = " ".join(str(e).split()) or type(e).__name__
+            if not os.path.isfile(model_path):
+                why = f"no such file (from {os.getcwd()})"
+            raise TokenizerError(f"cannot load sentencepiece model {model_path!r}: {why}; check data.tokenizer_model "
+                                 f"/ --tokenizer-model") from e
         self.vocab_size = self.sp.get_piece_size()
         self.eod_id = self._find_special(self.sp.eos_id(), "<eod>")
         if self.eod_id is None:
-            raise ValueError(f"sentencepiece model {model_path!r} has neither an eos piece nor an '<eod>' piece; "
+            raise TokenizerError(f"sentencepiece model {model_path!r} has neither an eos piece nor an '<eod>' piece; "
                              f"retrain it with tools/train_tokenizer.py, which adds both eod and pad")
         pad = self._find_special(self.sp.pad_id(), "<pad>")
         self.pad_id = self.eod_id if pad is None else pad
@@ -87,7 +98,8 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.encode(list(texts), out_type=int, num_threads=self.num_threads)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        # Ids past the model's pieces (a model vocabulary padded beyond the tokenizer's) have no text.
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
     def __getstate__(self):
         # The C++ processor does not pickle; workers reload the model file.
@@ -114,11 +126,43 @@ def build_tokenizer(kind: str, model_path: Optional[str] = None, num_threads: in
     """Factory: kind is "byte" or "sentencepiece" (Megatron's names such as SentencePieceTokenizer work too)."""
     normalized = _TOKENIZER_ALIASES.get(kind.lower().replace("-", "").replace("_", ""))
     if normalized is None:
-        raise ValueError(f"unknown tokenizer type {kind!r}; use 'byte' or 'sentencepiece'")
+        raise TokenizerError(f"unknown tokenizer type {kind!r}; use 'byte' or 'sentencepiece'")
     if normalized == "byte":
         if model_path:
-            raise ValueError("the byte tokenizer takes no model file; drop --tokenizer-model")
+            raise TokenizerError("the byte tokenizer takes no model file; drop --tokenizer-model")
         return ByteTokenizer()
     if not model_path:
-        raise ValueError(f"tokenizer type {kind!r} needs a model file (--tokenizer-model)")
+        raise TokenizerError(f"tokenizer type {kind!r} needs a model file (--tokenizer-model)")
     return SentencePieceTokenizer(model_path, num_threads=num_threads)
+
+
+def resolve_tokenizer_model(path: Optional[str], anchors: Iterable = (), override: Optional[str] = None,
+                            field: str = "data.tokenizer_model") -> Optional[str]:
+    """The tokenizer model file to use: `override` (--tokenizer-model) when given, else `path` (what a run's
+    config recorded) as it stands, else a relative `path` found under one of `anchors` (a run / checkpoint
+    folder) or their parent folders, where the run was likely started. TokenizerError (one line) when none
+    exists. None stays None (the byte tokenizer)."""
+    if override:
+        if not os.path.isfile(override):
+            raise TokenizerError(f"--tokenizer-model {override}: no such file (from {os.getcwd()})")
+        return override
+    if not path or os.path.isfile(path):
+        return path
+    tried = [os.getcwd()]
+    if not os.path.isabs(path):
+        for anchor in anchors:
+            folder = os.path.abspath(os.fspath(anchor))
+            if not os.path.isdir(folder):
+                folder = os.path.dirname(folder)
+            for _ in range(8):
+                candidate = os.path.join(folder, path)
+                if os.path.isfile(candidate):
+                    return candidate
+                tried.append(folder)
+                parent = os.path.dirname(folder)
+                if parent == folder:
+                    break
+                folder = parent
+    where = f"from {tried[0]}" + (f" nor under {tried[1]} and its parents" if len(tried) > 1 else "")
+    raise TokenizerError(f"tokenizer model {path!r} ({field} of the run) is not found {where}: pass "
+                         f"--tokenizer-model PATH")

@@ -38,7 +38,7 @@ import torch
 from megaloop import checkpoint as ckpt
 from megaloop.checkpoint import expected_shapes, save_plain_checkpoint  # noqa: F401 (re-exported)
 from megaloop.config import Config, ModelConfig, config_from_dict
-from megaloop.errors import MegaloopError
+from megaloop.errors import MegaloopError, OutputError, os_error_in
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "hf_template"
 TEMPLATE_FILES = ("configuration_megaloop.py", "modeling_megaloop.py", "tokenization_megaloop.py")
@@ -263,8 +263,7 @@ def export_hf(full_state_dict: Dict[str, torch.Tensor], model_config, tokenizer_
     tok_info = tokenizer_info(tokenizer_spec)
     hf_kwargs = hf_config_dict(mc, noise_init=noise_init, noise_seed=noise_seed)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = make_temp_dir(out_dir)
     try:
         from megaloop.export.hf_template.configuration_megaloop import MegaloopConfig
 
@@ -297,10 +296,45 @@ def export_hf(full_state_dict: Dict[str, torch.Tensor], model_config, tokenizer_
             verify_export(tmp, full_state_dict, mc, weight_dtype=target)
 
         move_into_place(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = output_failure(e, out_dir, tmp)
+        if failure is not None:
+            raise failure from e
         raise
     return out_dir
+
+
+def output_failure(err: BaseException, out_dir: Path, tmp: Optional[Path] = None) -> Optional[OutputError]:
+    """The one-line OutputError for a write that failed (disk full, read-only, permissions) while exporting
+    to out_dir, or None for any other error. A failure to read an input (a file outside the output's folder)
+    is left alone. safetensors reports a full disk in its own error type: its message is matched."""
+    import errno
+
+    os_err = os_error_in(err)
+    if os_err is None:
+        text = str(err)
+        for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            if os.strerror(code) in text or f"os error {code})" in text:
+                os_err = OSError(code, os.strerror(code))
+                break
+    if os_err is None:
+        return None
+    if tmp is not None and os_err.filename is not None:
+        where = os.path.abspath(os.fspath(os_err.filename))
+        if not where.startswith(str(out_dir.parent) + os.sep) and where != str(out_dir.parent):
+            return None
+    return OutputError(os_err, out_dir.parent, f"nothing was written to {out_dir}"
+                       + (" (the previous export there is untouched)" if out_dir.exists() else ""))
+
+
+def make_temp_dir(out_dir: Path) -> Path:
+    """The temporary folder beside out_dir that an export is written into before it is renamed."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as e:
+        raise output_failure(e, out_dir) from e
 
 
 # Every name an export (remote-code or llama format) writes into its folder: --overwrite replaces a
@@ -396,8 +430,21 @@ def load_exported(path, **config_overrides):
     from megaloop.export.hf_template.configuration_megaloop import MegaloopConfig
     from megaloop.export.hf_template.modeling_megaloop import MegaloopForCausalLM
 
-    cfg = MegaloopConfig.from_pretrained(path, **config_overrides)
-    return MegaloopForCausalLM.from_pretrained(path, config=cfg).eval()
+    path = Path(path)
+    try:
+        cfg = MegaloopConfig.from_pretrained(path, **config_overrides)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path / 'config.json'}: not a readable exported config ({' '.join(str(e).split())}); "
+                          f"re-export the model with tools/export_hf.py") from e
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise ExportError(f"{weights}: no such file; re-export the model with tools/export_hf.py")
+    try:
+        return MegaloopForCausalLM.from_pretrained(path, config=cfg).eval()
+    except Exception as e:  # safetensors' SafetensorError, a truncated file's OSError / RuntimeError, bad shapes
+        raise ExportError(f"{weights}: cannot load the weights, the file is corrupted or truncated "
+                          f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); re-export the model with "
+                          f"tools/export_hf.py") from e
 
 
 def verify_export(folder, state_dict, mc: ModelConfig, atol: float = 1e-4,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -35,7 +34,7 @@ import torch
 
 from megaloop.config import FLT_FAMILY, ModelConfig
 from megaloop.export.hf_export import (ExportError, _DTYPES, _model_config, _write_tokenizer, check_state_dict,
-                                       loop_mixers, move_into_place, tokenizer_info)
+                                       loop_mixers, make_temp_dir, move_into_place, output_failure, tokenizer_info)
 from megaloop.model.layers import rms_norm
 
 
@@ -122,8 +121,7 @@ def export_llama(full_state_dict: Dict[str, torch.Tensor], model_config, tokeniz
     check_state_dict(full_state_dict, mc)
     tok_info = tokenizer_info(tokenizer_spec)
     n_layers = mc.n_prelude + loops * mc.n_loop + mc.n_coda
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = make_temp_dir(out_dir)
     try:
         special = _write_tokenizer(tok_info, tmp, mc) if tok_info else {}
         if tok_info:
@@ -150,7 +148,10 @@ def export_llama(full_state_dict: Dict[str, torch.Tensor], model_config, tokeniz
             {"loops": loops, "n_prelude": mc.n_prelude, "n_loop": mc.n_loop, "n_coda": mc.n_coda,
              "note": "unrolled megaloop model: layers = prelude + loops x looped block + coda"}, indent=2))
         move_into_place(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = output_failure(e, out_dir, tmp)
+        if failure is not None:
+            raise failure from e
         raise
     return out_dir

@@ -1,0 +1,323 @@
+"""Issue 12, "one clear line instead of a traceback": every tool fails with exit code 2 and exactly one line
+on stderr ("error: ...") naming the file or field, with the traceback only under --debug / MEGALOOP_DEBUG=1.
+
+Each case runs the tool as a subprocess (python tools/X.py ...). Cases the trainer meets (blend weights, a
+split, seq_len, vocabulary, YAML) run the same library call through megaloop.errors.run_cli. A full disk
+and a read-only file system are simulated in the subprocess by an `open` that fails with ENOSPC / EROFS
+under one folder (tests run as root, where chmod does not stop writes); /sys stands in for a folder that
+refuses writes for real.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megaloop.data.indexed_dataset import IndexedDatasetWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "MEGALOOP_DEBUG", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    env.update(extra)
+    return env
+
+
+def run(argv, cwd=None, **env):
+    """argv: [tool name, args...] for tools/<name>.py, or ["-c", code]."""
+    cmd = [sys.executable, "-c", argv[1]] if argv[0] == "-c" else [sys.executable, str(TOOLS / f"{argv[0]}.py"),
+                                                                   *map(str, argv[1:])]
+    return subprocess.run(cmd, cwd=cwd or ROOT, env=_env(**env), capture_output=True, text=True, timeout=120)
+
+
+# An `open` that fails for files written under FAULT_DIR: ENOSPC once FAULT_BYTES bytes are written (a disk
+# that fills up), or EROFS at once.
+FAULT_PRELUDE = textwrap.dedent("""
+    import builtins, errno, io, os, runpy, sys
+    FAULT_DIR, FAULT = os.path.abspath(sys.argv[1]), sys.argv[2]
+    _open = builtins.open
+
+    class _Full(io.RawIOBase):
+        def __init__(self, f):
+            self.f, self.n = f, 0
+        def writable(self):
+            return True
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 512:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+        def fileno(self):
+            return self.f.fileno()
+        def flush(self):
+            if not self.f.closed:
+                self.f.flush()
+        def close(self):
+            super().close()
+            self.f.close()
+
+    def fault_open(file, mode="r", *args, **kwargs):
+        path = os.path.abspath(os.fspath(file)) if isinstance(file, (str, os.PathLike)) else ""
+        if path.startswith(FAULT_DIR + os.sep) and any(c in mode for c in "wax+"):
+            if FAULT == "rofs":
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(file))
+            f = _open(file, mode.replace("b", "") + "b", buffering=0)
+            return io.BufferedWriter(_Full(f)) if "b" in mode else io.TextIOWrapper(io.BufferedWriter(_Full(f)))
+        return _open(file, mode, *args, **kwargs)
+
+    builtins.open = fault_open
+    tool, sys.argv = sys.argv[3], sys.argv[3:]
+    runpy.run_path(tool, run_name="__main__")
+""")
+
+
+def run_with_fault(fault_dir, fault, tool, *args):
+    cmd = [sys.executable, "-c", FAULT_PRELUDE, str(fault_dir), fault, str(TOOLS / f"{tool}.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+
+
+def one_line(proc, *must):
+    """Exit code 2, exactly one non-blank line on stderr, 'error: ...', containing every `must`."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: "), lines[0]
+    for m in must:
+        assert str(m) in lines[0], (m, lines[0])
+    return lines[0]
+
+
+def _jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_errors")
+    ds = str(root / "corpus_text_document")
+    with IndexedDatasetWriter(ds, np.uint16) as w:
+        for d in range(40):
+            w.add_document((np.arange(30) + d) % 250)
+    big = str(root / "bigids_text_document")
+    with IndexedDatasetWriter(big, np.uint16) as w:
+        w.add_document([5, 300, 7])
+    (root / "trunc").mkdir()
+    for name in ("d.bin", "d.idx"):
+        (root / "trunc" / name).write_bytes((root / f"corpus_text_document{name[1:]}").read_bytes())
+    (root / "trunc" / "d.idx").write_bytes((root / "trunc" / "d.idx").read_bytes()[:-5])
+    (root / "mismatch").mkdir()
+    (root / "mismatch" / "d.idx").write_bytes((root / "corpus_text_document.idx").read_bytes())
+    (root / "mismatch" / "d.bin").write_bytes((root / "corpus_text_document.bin").read_bytes() + b"\0\0")
+    good = _jsonl(root / "good.jsonl", [{"text": f"document {i} with some text"} for i in range(20)])
+    gz = root / "trunc.jsonl.gz"
+    gz.write_bytes(gzip.compress(good.read_bytes() * 50)[:-40])
+    _jsonl(root / "bad.jsonl", [{"txt": "a"}, {"txt": "b"}, "{not json", {"text": 3}])
+    (root / "empty.jsonl").write_text("")
+    (root / "bad.yaml").write_text("model:\n  vocab_size: [1, 2\n")
+    (root / "list.yaml").write_text("- a\n- b\n")
+    return {"root": root, "ds": ds, "big": big, "good": str(good), "gz": str(gz)}
+
+
+@pytest.fixture(scope="module")
+def models(files):
+    """A plain byte checkpoint, a sentencepiece one whose config records a relative tokenizer path
+    (tok/spm.model, relative to `root`, where 'training ran'), and an export with a corrupted safetensors."""
+    import sentencepiece
+
+    from export_support import perturbed_model, tiny_config
+    from megaloop.checkpoint import save_plain_checkpoint
+    from megaloop.export import export_hf
+
+    root = files["root"]
+    (root / "tok").mkdir()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([f"alpha beta gamma {i} delta {i * 7}" for i in range(200)]),
+        model_prefix=str(root / "tok" / "spm"), vocab_size=64, model_type="bpe", eos_id=2, pad_id=3,
+        byte_fallback=False, minloglevel=2, num_threads=1)
+    byte_cfg = tiny_config("plain")
+    byte_model = perturbed_model(byte_cfg)
+    byte_ckpt = save_plain_checkpoint(byte_model, byte_cfg, root / "byte_run" / "model.pt")
+    sp_cfg = tiny_config("plain", ["model.vocab_size=64", "data.tokenizer_type=sentencepiece",
+                                   "data.tokenizer_model=tok/spm.model"])
+    sp_ckpt = save_plain_checkpoint(perturbed_model(sp_cfg), sp_cfg, root / "runs" / "sp" / "model.pt")
+    hf = export_hf(byte_model.state_dict(), byte_cfg, byte_cfg.data, root / "hf_bad", verify=False)
+    st = Path(hf) / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:100])
+    return {"byte": str(byte_ckpt), "sp": str(sp_ckpt), "hf_bad": str(hf)}
+
+
+def _build(call):
+    return ("import sys\nfrom megaloop.errors import run_cli\nfrom megaloop.data import build_datasets\n"
+            "from megaloop.data.tokenizer import ByteTokenizer\n"
+            f"sys.exit(run_cli(lambda argv: {call}))")
+
+
+def _load_yaml(path):
+    return ("import sys\nfrom megaloop.errors import run_cli\nfrom megaloop.config import load_config\n"
+            f"sys.exit(run_cli(lambda argv: load_config({str(path)!r})))")
+
+
+# (id, argv builder, strings the line must hold)
+CASES = [
+    ("truncated-idx", lambda f: ["merge_datasets", "--datasets", f["root"] / "trunc" / "d", "--output-prefix",
+                                 f["root"] / "o1"], lambda f: ["d.idx", "truncated", "preprocess_data"]),
+    ("mismatched-bin-idx", lambda f: ["merge_datasets", "--datasets", f["root"] / "mismatch" / "d",
+                                      "--output-prefix", f["root"] / "o2"], lambda f: ["d.bin", "do not belong"]),
+    ("missing-prefix", lambda f: ["merge_datasets", "--datasets", f["root"] / "corpus", "--output-prefix",
+                                  f["root"] / "o3"], lambda f: ["corpus.idx", "did you mean", f["ds"]]),
+    ("bad-blend-weights", lambda f: ["-c", _build(f"build_datasets(['-1', {f['ds']!r}, '2', {f['ds']!r}], "
+                                                  f"'90,10,0', 8, {{'train': 4}}, 1, cache_dir=None)")],
+     lambda f: ["blend weights", "data.data_path", "[-1.0, 2.0]"]),
+    ("weight-not-a-number", lambda f: ["-c", _build(f"build_datasets(['x', {f['ds']!r}], '90,10,0', 8, "
+                                                    f"{{'train': 4}}, 1)")], lambda f: ["data.data_path", "'x'"]),
+    ("bad-split", lambda f: ["-c", _build(f"build_datasets([{f['ds']!r}], '90,ten', 8, {{'train': 4}}, 1)")],
+     lambda f: ["split '90,ten'", "data.split", "969,30,1"]),
+    ("seq-len-longer-than-data", lambda f: ["-c", _build(f"build_datasets([{f['ds']!r}], '100,0,0', 5000, "
+                                                         f"{{'train': 4}}, 1)")],
+     lambda f: [f["ds"], "data.seq_len", "5001"]),
+    ("ids-beyond-vocabulary", lambda f: ["-c", _build(f"build_datasets([{f['big']!r}], '100,0,0', 2, "
+                                                      f"{{'train': 1}}, 1, tokenizer=ByteTokenizer())")],
+     lambda f: [f["big"], "token id 300", "258 ids"]),
+    ("yaml-syntax", lambda f: ["-c", _load_yaml(f["root"] / "bad.yaml")], lambda f: ["bad.yaml", "YAML"]),
+    ("yaml-not-a-mapping", lambda f: ["-c", _load_yaml(f["root"] / "list.yaml")],
+     lambda f: ["list.yaml", "must be a mapping"]),
+    ("truncated-gz", lambda f: ["preprocess_data", "--input", f["gz"], "--output-prefix", f["root"] / "gzout",
+                                "--tokenizer-type", "byte", "--quiet"], lambda f: [f["gz"], "truncated"]),
+    ("all-records-skipped", lambda f: ["preprocess_data", "--input", f["root"] / "bad.jsonl", "--output-prefix",
+                                       f["root"] / "badout", "--tokenizer-type", "byte", "--quiet"],
+     lambda f: ["no valid document", "missing key 'text'", "bad.jsonl:1", "malformed json", "--json-keys"]),
+    ("missing-input", lambda f: ["preprocess_data", "--input", f["root"] / "nope*.jsonl", "--output-prefix",
+                                 f["root"] / "x", "--tokenizer-type", "byte", "--quiet"],
+     lambda f: ["nope*.jsonl", "matches no file"]),
+    ("output-not-writable", lambda f: ["preprocess_data", "--input", f["good"], "--output-prefix",
+                                       "/sys/megaloop_no_such/out", "--tokenizer-type", "byte", "--quiet"],
+     lambda f: ["/sys/megaloop_no_such", "nothing was written"]),
+    ("eval-loops-empty-range", lambda f: ["eval_loops", "--model", "nowhere", "--text", "x", "--loops", "3-1"],
+     lambda f: ["--loops '3-1'", "1-3"]),
+    ("eval-loops-zero", lambda f: ["eval_loops", "--model", "nowhere", "--text", "x", "--loops", "0"],
+     lambda f: ["--loops '0'", "at least 1"]),
+    ("train-tokenizer-empty", lambda f: ["train_tokenizer", "--input", f["root"] / "empty.jsonl", "--model-prefix",
+                                         f["root"] / "spm_empty", "--vocab-size", "100"],
+     lambda f: ["no training text", "empty.jsonl", "empty"]),
+    ("train-tokenizer-all-skipped", lambda f: ["train_tokenizer", "--input", f["root"] / "bad.jsonl",
+                                               "--model-prefix", f["root"] / "spm_bad", "--vocab-size", "100"],
+     lambda f: ["no training text", "missing key 'text'", "bad.jsonl:1"]),
+    ("merge-missing-folder", lambda f: ["merge_datasets", "--input", f["root"] / "nofolder", "--output-prefix",
+                                        f["root"] / "o4"], lambda f: ["nofolder", "no such folder"]),
+]
+
+
+@pytest.mark.parametrize("name, argv, must", CASES, ids=[c[0] for c in CASES])
+def test_one_line(files, name, argv, must):
+    one_line(run(argv(files)), *must(files))
+
+
+def test_no_partial_output_left(files):
+    """The failed preprocess runs above leave nothing under their output names."""
+    root = files["root"]
+    for case in ("truncated-gz", "all-records-skipped"):
+        proc = run(dict((c[0], c[1]) for c in CASES)[case](files))
+        assert proc.returncode == 2
+    assert not [p.name for p in root.iterdir() if p.name.startswith(("gzout", "badout", "spm_", "o1", "o2", "o3"))]
+
+
+@pytest.mark.parametrize("fault, must", [("full", ["no space left on device", "free space"]),
+                                         ("rofs", ["read-only file system", "writable folder"])])
+def test_preprocess_disk_full_and_read_only(files, tmp_path, fault, must):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep_text_document.bin").write_bytes(b"old")  # an earlier dataset under another name stays
+    proc = run_with_fault(out, fault, "preprocess_data", "--input", files["good"], files["good"], "--output-prefix",
+                          out / "new", "--tokenizer-type", "byte", "--quiet", "--chunk-bytes", "256")
+    line = one_line(proc, str(out), "nothing was written", *must)
+    assert "/new_text_document" in line
+    assert sorted(p.name for p in out.iterdir()) == ["keep_text_document.bin"]  # no temporaries
+
+
+def test_consolidate_disk_full_keeps_previous_file(models, tmp_path):
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"previous")
+    proc = run_with_fault(out, "full", "consolidate", models["byte"], out / "model.pt")
+    one_line(proc, "no space left on device", str(out), "previous file there is untouched")
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt"] and (out / "model.pt").read_bytes() == b"previous"
+
+
+def test_export_read_only_leaves_nothing(models, tmp_path):
+    out = tmp_path / "exports"
+    out.mkdir()
+    proc = run_with_fault(out, "rofs", "export_hf", "--checkpoint", models["byte"], "--output", out / "hf",
+                          "--no-verify")
+    one_line(proc, "read-only file system", str(out), f"nothing was written to {out / 'hf'}")
+    assert list(out.iterdir()) == []  # no temporary folder left
+
+
+def test_consolidate_without_arguments_is_argparse_usage():
+    proc = run(["consolidate"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: the following arguments are required: checkpoint" in proc.stderr
+
+
+def test_generate_corrupted_safetensors(models):
+    one_line(run(["generate", "--model", models["hf_bad"], "--max-new-tokens", "2"]),
+             "model.safetensors", "corrupted or truncated", "re-export")
+
+
+def test_relative_tokenizer_path(models, files, tmp_path):
+    """The run recorded tok/spm.model relative to where it was started: from another folder it is found
+    under the run folder's parents; a run moved away from it fails in one line pointing at --tokenizer-model,
+    which then fixes it."""
+    proc = run(["generate", "--model", models["sp"], "--max-new-tokens", "2", "--prompt", "alpha"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    moved = tmp_path / "moved" / "model.pt"
+    moved.parent.mkdir()
+    moved.write_bytes(Path(models["sp"]).read_bytes())
+    one_line(run(["eval_loops", "--model", moved, "--text", files["good"], "--seq-len", "8"], cwd=tmp_path),
+             "'tok/spm.model'", "data.tokenizer_model", "--tokenizer-model")
+
+
+def test_debug_shows_the_traceback(files):
+    argv = CASES[0][1](files)
+    for proc in (run(argv, MEGALOOP_DEBUG="1"), run(argv + ["--debug"])):
+        assert proc.returncode == 2 and "Traceback" in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_only_rank_zero_reports(files):
+    argv = CASES[0][1](files)
+    proc = run(argv, RANK="1")
+    assert proc.returncode == 2 and proc.stderr.strip() == "", proc.stderr
+    proc = run(argv, RANK="3", MEGALOOP_DEBUG="1")
+    assert proc.returncode == 2 and "error: [rank 3] " in proc.stderr
+
+
+def test_run_cli_in_process(capsys, monkeypatch):
+    """KeyboardInterrupt -> 130; a bug keeps its traceback; main's own return code passes through."""
+    from megaloop.errors import run_cli
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("MEGALOOP_DEBUG", raising=False)
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert run_cli(interrupted, []) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    with pytest.raises(ZeroDivisionError):
+        run_cli(lambda argv: 1 / 0, [])
+    assert run_cli(lambda argv: 3, []) == 3 and run_cli(lambda argv: None, ["--debug"]) == 0
+    seen = []
+    run_cli(seen.append, ["a", "--debug", "b"])
+    assert seen == [["a", "b"]]
