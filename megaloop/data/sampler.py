@@ -1,9 +1,16 @@
-"""Which samples each data-parallel rank reads, resumable after any number of consumed samples.
+"""Which samples each data-parallel rank reads, resumable after any number of consumed samples, and the
+loader that reads them.
 
 Global sample order is 0, 1, 2, ... (the datasets already shuffle). Each step's global micro batch of
 micro_batch_size * dp_size consecutive indices is cut into one slice per rank, as Megatron-LM's
 MegatronPretrainingSampler does. A run restarted with consumed_samples = N (all ranks together) reads
 exactly the samples an uninterrupted run would have read next.
+
+build_data_loader is the one read path: a torch DataLoader over PretrainingSampler whose collate function
+is collate_samples, with `num_workers` worker processes reading ahead (0: read in the calling process).
+The trainer's TrainBatches / EvalBatches (megaloop/training/data.py) wrap it: they split each micro-batch
+into inputs and labels with inputs_and_labels (page-locked on accelerator machines) and attach the loop
+counts in the main process.
 """
 from typing import Iterator, List
 
@@ -60,20 +67,40 @@ class PretrainingSampler:
 
 
 def collate_samples(samples) -> "torch.Tensor":  # noqa: F821
-    """[micro_batch, seq_len + 1] int64 tensor from numpy samples."""
+    """[micro_batch, seq_len + 1] int64 tensor from a micro-batch's samples (arrays of token ids)."""
     import torch
 
-    return torch.from_numpy(np.stack(samples))
+    return torch.from_numpy(np.stack([np.asarray(s, dtype=np.int64) for s in samples]))
+
+
+def data_loader(dataset, batch_sampler, num_workers: int = 0):
+    """A torch DataLoader yielding collate_samples of each index list of batch_sampler (in its order).
+
+    num_workers > 0: that many worker processes read ahead (two micro-batches each) and stay alive for
+    the loader's life; the order of the batches is the sampler's whatever the number of workers. Batches
+    come back in pageable memory: inputs_and_labels page-locks the pieces the trainer copies to the device.
+    """
+    import torch
+
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                                       collate_fn=collate_samples, persistent_workers=num_workers > 0)
 
 
 def build_data_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                      num_workers: int = 2, drop_last: bool = True):
-    """A torch DataLoader over dataset for one data-parallel rank, resuming after consumed_samples."""
-    import torch
+                      num_workers: int = 0, drop_last: bool = True):
+    """A torch DataLoader over dataset for one data-parallel rank, resuming after consumed_samples: it
+    yields [micro_batch_size, seq_len + 1] int64 tensors, this rank's slice of each global micro batch."""
+    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size, drop_last)
+    return data_loader(dataset, sampler, num_workers)
+
+
+def inputs_and_labels(sample: "torch.Tensor"):  # noqa: F821
+    """(tokens, labels) of a [micro_batch, seq_len + 1] batch: sample[:, :-1] and sample[:, 1:], each
+    contiguous and, on accelerator machines, page-locked (deepspeed's accelerator pin_memory), so that the
+    trainer's copy to the device is asynchronous (a copy from pageable memory waits for the device's queued
+    work: a host sync every step)."""
     from deepspeed.accelerator import get_accelerator
 
-    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size, drop_last)
-    pin = get_accelerator().device_name() != "cpu"  # pinned host memory only helps copies to a device
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       collate_fn=collate_samples, pin_memory=pin,
-                                       persistent_workers=num_workers > 0)
+    acc = get_accelerator()
+    pieces = sample[:, :-1].contiguous(), sample[:, 1:].contiguous()
+    return pieces if acc.device_name() == "cpu" else tuple(acc.pin_memory(t) for t in pieces)

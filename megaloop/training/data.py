@@ -1,5 +1,6 @@
-"""Training batches: the data pipeline's datasets and resumable sampler, plus the loop count R of each
-micro-batch.
+"""Training batches: the data pipeline's datasets and loader (megaloop.data.build_data_loader: the
+resumable sampler, collate_samples, `data.num_workers` reader processes), plus the loop count R of each
+micro-batch, attached in the main process.
 
 A micro-batch is `((tokens, loops), labels)`: DeepSpeed's pipeline engine feeds element 0 to the first
 stage and element 1 to the loss on the last stage. `loops` is a long tensor [R_total, R_grad] drawn by
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 
 from megaloop.config import Config
@@ -48,27 +48,17 @@ def build_split_datasets(cfg: Config, num_train: int, num_valid: int, tokenizer=
                           tokenizer=tokenizer)
 
 
-def _as_batch(dataset, indices) -> torch.Tensor:
-    return torch.from_numpy(np.stack([np.asarray(dataset[int(i)], dtype=np.int64) for i in indices]))
-
-
-def _pinned(t: torch.Tensor) -> torch.Tensor:
-    """Page-locked on accelerator machines, so the trainer's copy to the device is asynchronous (a copy
-    from pageable memory waits for the device's queued work: a host sync every step)."""
-    from deepspeed.accelerator import get_accelerator
-    acc = get_accelerator()
-    return t if acc.device_name() == "cpu" else acc.pin_memory(t)
-
-
 class TrainBatches:
     """Iterator over this rank's training micro-batches, starting after `consumed_samples`.
 
-    Wraps the data pipeline's PretrainingSampler (the same global sample order as Megatron-LM) and adds
-    the loop count. In a pipeline, the first and the last stage each own one of these and draw the same
-    sequence; middle stages never read data."""
+    Reads through megaloop.data's loader (build_data_loader: the PretrainingSampler, the same global
+    sample order as Megatron-LM, with `data.num_workers` worker processes reading ahead; 0 reads in this
+    process) and adds the loop count here, in the main process, from the micro-batch's position in the run.
+    In a pipeline, the first and the last stage each own one of these and draw the same sequence; middle
+    stages never read data, and the loader (its workers) starts on the first read, so they start none."""
 
     def __init__(self, dataset, cfg: Config, dp_rank: int, dp_size: int, consumed_samples: int = 0):
-        from megaloop.data import PretrainingSampler
+        from megaloop.data import build_data_loader
         t = cfg.train
         self.dataset, self.cfg = dataset, cfg
         self.mbs, self.gas, self.dp_rank, self.dp_size = t.micro_batch_size, t.grad_accum_steps, dp_rank, dp_size
@@ -76,8 +66,10 @@ class TrainBatches:
         if consumed_samples % global_batch:
             raise ValueError(f"consumed_samples={consumed_samples} is not a multiple of the global batch "
                              f"{global_batch}: the run was resumed with another batch layout")
-        self.sampler = PretrainingSampler(len(dataset), consumed_samples, self.mbs, dp_rank, dp_size)
-        self._it = iter(self.sampler)
+        self.loader = build_data_loader(dataset, consumed_samples, self.mbs, dp_rank, dp_size,
+                                        num_workers=cfg.data.num_workers)
+        self.sampler = self.loader.batch_sampler
+        self._it = None
         self._micro = consumed_samples // (self.mbs * dp_size)  # global micro-batch counter
 
     def __iter__(self):
@@ -88,38 +80,43 @@ class TrainBatches:
         return torch.tensor([lc.total, lc.grad], dtype=torch.long)
 
     def __next__(self):
-        indices = next(self._it)
+        from megaloop.data.sampler import inputs_and_labels
+        if self._it is None:
+            self._it = iter(self.loader)
+        sample = next(self._it)
         step, m = divmod(self._micro, self.gas)
         self._micro += 1
-        sample = _as_batch(self.dataset, indices)
-        tokens, labels = _pinned(sample[:, :-1].contiguous()), _pinned(sample[:, 1:].contiguous())
+        tokens, labels = inputs_and_labels(sample)
         return (tokens, self.loops_for(step, m)), labels
 
 
 class EvalBatches:
     """The first `iters` micro-batches of this rank's share of the validation split, every time (so
-    validation losses are comparable across the run), with a fixed R."""
+    validation losses are comparable across the run), with a fixed R.
+
+    Read through the same loader (collate_samples), in this process: the trainer builds one per
+    evaluation, and worker processes started for a few micro-batches would cost more than they save."""
 
     def __init__(self, dataset, cfg: Config, dp_rank: int, dp_size: int, iters: int, loops: int):
+        from megaloop.data.sampler import data_loader
         self.dataset, self.mbs, self.dp_rank, self.dp_size = dataset, cfg.train.micro_batch_size, dp_rank, dp_size
         self.iters, self.loops = iters, loops
+        n, mbs = len(dataset), self.mbs
+        # Rank r's k-th micro-batch: the samples after k global micro batches and r slices (wrapping).
+        indices = [[((k * dp_size + dp_rank) * mbs + b) % n for b in range(mbs)] for k in range(iters)]
+        self.loader = data_loader(dataset, indices, num_workers=0)
         self.reset()
 
     def reset(self):
-        self._k = 0
+        self._it = iter(self.loader)
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self._k >= self.iters:
-            raise StopIteration
-        start = (self._k * self.dp_size + self.dp_rank) * self.mbs
-        self._k += 1
-        n = len(self.dataset)
-        sample = _as_batch(self.dataset, [(start + b) % n for b in range(self.mbs)])
-        loops = torch.tensor([self.loops, self.loops], dtype=torch.long)
-        return (sample[:, :-1].contiguous(), loops), sample[:, 1:].contiguous()
+        from megaloop.data.sampler import inputs_and_labels
+        tokens, labels = inputs_and_labels(next(self._it))
+        return (tokens, torch.tensor([self.loops, self.loops], dtype=torch.long)), labels
 
 
 def samples_needed(cfg: Config, dp_size: int) -> tuple:
