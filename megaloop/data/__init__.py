@@ -1,13 +1,17 @@
 """megaloop's data pipeline: tokenizers, Megatron-compatible indexed datasets, sampling and blending.
 
-The trainer needs two calls:
+The trainer (through megaloop/training/data.py) makes two calls:
 
     datasets = build_datasets(["0.7", "data/a_text_document", "0.3", "data/b_text_document"], split="969,30,1",
                               seq_len=2048, num_samples={"train": 1_000_000, "valid": 10_000}, seed=1234,
                               cache_dir="data/index-cache")
-    loader = build_data_loader(datasets["train"], consumed_samples, micro_batch_size, dp_rank, dp_size)
+    loader = build_data_loader(datasets["train"], consumed_samples, micro_batch_size, dp_rank, dp_size,
+                               num_workers=data.num_workers)
 
-Nothing here imports torch except build_data_loader, so the preprocessing tools stay light.
+The loader is a torch DataLoader over PretrainingSampler (resumable, one slice per data-parallel rank)
+collating with collate_samples; TrainBatches wraps it, splitting inputs from labels and attaching each
+micro-batch's loop count in the main process. Nothing here imports torch except the loader functions, so
+the preprocessing tools stay light.
 """
 import os
 import sys
