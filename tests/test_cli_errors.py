@@ -214,6 +214,9 @@ CASES = [
     ("train-tokenizer-all-skipped", lambda f: ["train_tokenizer", "--input", f["root"] / "bad.jsonl",
                                                "--model-prefix", f["root"] / "spm_bad", "--vocab-size", "100"],
      lambda f: ["no training text", "missing key 'text'", "bad.jsonl:1"]),
+    ("train-tokenizer-truncated-gz", lambda f: ["train_tokenizer", "--input", f["gz"], "--model-prefix",
+                                                f["root"] / "spm_gz", "--vocab-size", "40", "--no-byte-fallback"],
+     lambda f: [f["gz"], "truncated"]),
     ("merge-missing-folder", lambda f: ["merge_datasets", "--input", f["root"] / "nofolder", "--output-prefix",
                                         f["root"] / "o4"], lambda f: ["nofolder", "no such folder"]),
 ]
@@ -321,3 +324,32 @@ def test_run_cli_in_process(capsys, monkeypatch):
     seen = []
     run_cli(seen.append, ["a", "--debug", "b"])
     assert seen == [["a", "b"]]
+
+
+def test_checkpoint_save_disk_full_names_the_intact_checkpoint(tmp_path):
+    """save_training on a full disk: DeepSpeed's torch.save turns ENOSPC into a RuntimeError; the error is
+    one line naming the folder, and says the previous complete checkpoint is intact."""
+    import errno
+
+    from megaloop.checkpoint import engine, layout
+    from megaloop.errors import OutputError, one_line as line_of
+
+    root = tmp_path / "checkpoints"
+    prev = root / layout.tag_for(100)
+    prev.mkdir(parents=True)
+    layout.write_marker(prev, 100, 800)
+
+    class FullDisk:
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            (root / tag).mkdir()
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+
+    with pytest.raises(OutputError) as info:
+        engine.save_training(FullDisk(), root, 200, {"consumed_samples": 1600}, rank=0)
+    text = line_of(info.value)
+    assert info.value.errno == errno.ENOSPC and "\n" not in text
+    assert text.startswith(f"no space left on device: {root}") and str(prev) in text and "intact" in text, text
+    assert layout.resolve(root) == prev  # `latest` / newest complete tag unchanged

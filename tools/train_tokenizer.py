@@ -76,11 +76,19 @@ def _main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     # Train under a temporary prefix and rename when done, so an interrupted run leaves no model file.
     tmp_prefix = f"{args.model_prefix}.tmp-{os.getpid()}"
+    reader_error = []  # sentencepiece reports an exception of the sentence iterator as its own RuntimeError
+
+    def sentences(progress):
+        try:
+            yield from iter_training_lines(paths, args.json_keys, args.max_sentence_length, progress)
+        except Exception as e:
+            reader_error.append(e)
+            raise
     # The bar only on a terminal: in a log file its redraws are noise.
     with tqdm(desc="reading documents", unit=" docs", file=sys.stderr, disable=not sys.stderr.isatty()) as progress:
         try:
             sentencepiece.SentencePieceTrainer.train(
-                sentence_iterator=iter_training_lines(paths, args.json_keys, args.max_sentence_length, progress),
+                sentence_iterator=sentences(progress),
                 model_prefix=tmp_prefix,
                 model_type=args.model_type,
                 vocab_size=args.vocab_size,
@@ -100,6 +108,8 @@ def _main(argv=None):
                 minloglevel=1,  # warnings and errors only; the tqdm bar shows progress while reading
             )
         except RuntimeError as e:  # sentencepiece's own checks, e.g. a vocabulary larger than the text allows
+            if reader_error:
+                raise reader_error[0] from None  # e.g. a truncated .gz: its own one-line DataError
             why = " ".join(str(e).split())
             if "Vocabulary size" in why:
                 why += " (lower --vocab-size, or give more text)"
