@@ -22,6 +22,9 @@ def parse_args(argv=None):
     ap.add_argument("--config", required=False, default=None, help="YAML config")
     ap.add_argument("--load", default=None, help="checkpoint root or tag directory to resume from")
     ap.add_argument("--no-auto-resume", action="store_true", help="ignore checkpoints in the output directory")
+    ap.add_argument("--override-resume-config", action="store_true",
+                    help="resume even where the config changes fields a resume does not apply (model, data, seed, "
+                         "batch, precision): the given values are used")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     return ap.parse_args(argv)
@@ -39,7 +42,8 @@ def main(argv=None) -> int:
     if args.no_auto_resume:
         cfg.train.auto_resume = False
     try:
-        result = Trainer(cfg, faults=FaultPlan.from_env()).run()
+        result = Trainer(cfg, faults=FaultPlan.from_env(),
+                         override_resume_config=args.override_resume_config).run()
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG

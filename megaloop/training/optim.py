@@ -45,7 +45,7 @@ def optimizer_kernel(impl: str, device_type: str) -> str:
 def build_optimizer(model: torch.nn.Module, t: TrainConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
     groups = param_groups(model, t.weight_decay)
     for g in groups:
-        g.pop("name")
+        g["decay"] = g.pop("name") == "decay"  # (kept in the state: apply_schedule finds the decay group)
     kernel = optimizer_kernel(t.optimizer_impl, device_type)
     flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[kernel]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, **flags)
@@ -86,3 +86,23 @@ class _Multiplier:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _Multiplier(t))
+
+
+def apply_schedule(engine, t: TrainConfig) -> None:
+    """After a resume: the learning-rate schedule and AdamW's hyper-parameters of the config given now,
+    not the ones restored with the checkpoint (LambdaLR keeps its multiplier's parameters in its state,
+    the optimizer its betas / eps / weight decay). The LR of the resumed step is recomputed at once."""
+    sched, opt = engine.lr_scheduler, engine.optimizer
+    if sched is not None:
+        for lam in sched.lr_lambdas:
+            if isinstance(lam, _Multiplier):
+                lam.params = _Multiplier(t).params
+        sched.base_lrs = [t.lr for _ in sched.base_lrs]
+        for group, lr in zip(opt.param_groups, sched.get_lr()):
+            group["lr"] = lr
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+    for group in opt.param_groups:
+        group["betas"] = (t.beta1, t.beta2)
+        group["eps"] = t.eps
+        if group.get("decay", group.get("weight_decay", 0.0) != 0.0):  # the decay group; the other stays 0
+            group["weight_decay"] = t.weight_decay

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -28,7 +29,10 @@ from megaloop.training.engine import build_engine, main_loss_backward_scale
 from megaloop.training.faults import FaultPlan
 from megaloop.training.run_logging import RunLogger, log_interval
 from megaloop.training.stats import gather_stats
-from megaloop.training.stopping import StopFlag
+from megaloop.training.optim import apply_schedule
+from megaloop.training.resume_policy import check_resume_config
+from megaloop.training.run_dir import RunDirBusy, RunDirLock
+from megaloop.training.stopping import LauncherWatchdog, StopAgreement, StopFlag
 
 
 class TrainingError(RuntimeError):
@@ -36,9 +40,11 @@ class TrainingError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, faults: Optional[FaultPlan] = None):
+    def __init__(self, cfg: Config, faults: Optional[FaultPlan] = None, override_resume_config: bool = False):
         self.cfg = cfg
         self.faults = faults or FaultPlan()
+        self.override_resume_config = override_resume_config
+        self.lock = None
 
     # ------------------------------------------------------------------------------------------
     def setup(self):
@@ -58,10 +64,12 @@ class Trainer:
         self.log_rank = is_logging_rank(st)
         self.out_dir = t.output_dir
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
+        self._lock_output_dir()
         if self.rank == 0:
             os.makedirs(self.ckpt_root, exist_ok=True)
-            save_config(cfg, os.path.join(self.out_dir, "config.yaml"))
         self.logger = RunLogger(self.out_dir, self.log_rank, t.tensorboard)
+        if self.lock is not None and self.lock.note:
+            self.logger.console(self.lock.note)
         self.logger.console(f"world {self.world}: pp {st.pp_size} x dp {st.dp_size} x tp {st.tp_size}"
                             f"{' (sequence parallel)' if st.sequence_parallel else ''}, "
                             f"zero {p.zero_stage}, {t.precision}, accelerator {acc.device_name()}, "
@@ -89,6 +97,21 @@ class Trainer:
         self.grad_norm = self.te.grad_norm
         self._aux_scale = None
 
+    def _lock_output_dir(self) -> None:
+        """One run per output folder: rank 0 takes the lock, every rank learns whether it got it."""
+        import deepspeed.comm as dist
+        err = None
+        if self.rank == 0:
+            try:
+                self.lock = RunDirLock(self.out_dir)
+                self.lock.acquire()
+            except RunDirBusy as exc:
+                self.lock, err = None, exc
+        busy = on_accelerator(1.0 if err is not None else 0.0)
+        dist.all_reduce(busy, op=dist.ReduceOp.MAX)
+        if float(busy) > 0:
+            raise err or RunDirBusy(f"output folder {self.out_dir} is in use by another run")
+
     # ------------------------------------------------------------------------------------------
     def resume(self) -> dict:
         t = self.cfg.train
@@ -101,11 +124,40 @@ class Trainer:
         elif t.auto_resume:
             tag_dir = ckpt.resolve(self.ckpt_root, required=False)
         if tag_dir is None:
+            self._write_config(None)
             return {"step": 0, "consumed_samples": 0}
+        applied = self._check_resumable(tag_dir)
         client = ckpt.load_training(self.engine, tag_dir, self.rank)
         self.last_good = os.path.abspath(tag_dir)
-        self.logger.console(f"resumed from {self.last_good} at step {client.get('step')}")
+        apply_schedule(self.engine, self.cfg.train)  # the schedule of the config given now, at this step
+        self.logger.console(f"resumed from {self.last_good} at step {client.get('step')}"
+                            + (f"; applied: {'; '.join(applied)}" if applied else ""))
+        self._write_config(client.get("step"))
         return client
+
+    def _check_resumable(self, tag_dir) -> list:
+        """Before anything loads: the layout must match, and the config may change only what a resume
+        applies (megaloop.training.resume_policy). Returns the applied changes."""
+        from megaloop.checkpoint.reader import read_info
+        info = read_info(Path(tag_dir))
+        st, p = self.state, self.cfg.parallel
+        then = (info.tp, info.pp, info.dp, info.zero_stage)
+        now = (st.tp_size, st.pp_size, st.dp_size, p.zero_stage)
+        if then != now:
+            raise ConfigError(f"checkpoint {tag_dir} was saved with tensor_parallel x pipeline_parallel x data "
+                              f"parallel = {then[0]} x {then[1]} x {then[2]}, ZeRO {then[3]}; this run is "
+                              f"{now[0]} x {now[1]} x {now[2]}, ZeRO {now[3]}. Resuming on another layout is "
+                              f"not supported yet: relaunch with the checkpoint's layout (or export it and "
+                              f"start a new run from the weights)")
+        return check_resume_config(info.config, self.cfg, str(tag_dir), self.override_resume_config)
+
+    def _write_config(self, resumed_step) -> None:
+        """The run's config.yaml (written once the load has succeeded) and, for a resume, config.<step>.yaml."""
+        if self.rank != 0:
+            return
+        save_config(self.cfg, os.path.join(self.out_dir, "config.yaml"))
+        if resumed_step is not None:
+            save_config(self.cfg, os.path.join(self.out_dir, f"config.{int(resumed_step)}.yaml"))
 
     def save(self, step: int, consumed: int) -> str:
         t = self.cfg.train
@@ -188,6 +240,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run(self) -> dict:
         self.setup()
         cfg, t = self.cfg, self.cfg.train
         self.last_good = None
@@ -198,6 +257,8 @@ class Trainer:
         batches = TrainBatches(self.train_ds, cfg, self.state.dp_rank, self.dp, consumed)
         stop = StopFlag()
         stop.install()
+        agreement = StopAgreement(stop, self.engine.device)
+        watchdog = LauncherWatchdog.start_if_launched(stop)
         tokens_per_step = global_batch * cfg.data.seq_len
         interval_t0, interval_tokens, interval_flops = time.time(), 0, 0.0
         losses, pending = [], []
@@ -220,11 +281,14 @@ class Trainer:
                                 "grad_norm": self.grad_norm(), "loss_scale": self.te.loss_scale(), "skipped": skipped})
                 evaluate = bool(t.eval_interval and step % t.eval_interval == 0)
                 save = bool(t.save_interval and step % t.save_interval == 0 and step < t.steps)
-                if not (want_diag or evaluate or save or step == t.steps):
+                agreement.after_step(step)
+                stop_now = agreement.should_stop(step)  # (a request from 2 steps ago, agreed by all ranks)
+                if not (want_diag or evaluate or save or stop_now or step == t.steps):
                     continue  # no host sync on this step: the GPU keeps running ahead
                 # Settle the steps since the last sync: one device->host read of their losses and grad
                 # norms, and one all-reduce of (stop signal on any rank, non-finite loss on any rank).
                 rows, stopping = self._settle(pending, stop)
+                stopping = stopping or stop_now
                 pending = []
                 losses.extend(r["loss"] for r in rows)
                 if want_diag:
@@ -244,7 +308,8 @@ class Trainer:
                         self.logger.record({"step": step, "valid_loss": vl})
                 if stopping:
                     self.save(step, consumed)
-                    self.logger.console(f"stopped by signal at step {step}; checkpoint saved")
+                    self.logger.console(f"stopped ({stop.reason or 'a stop request on another rank'}) at step "
+                                        f"{step}; checkpoint saved")
                     return {"ok": True, "losses": losses, "step": step, "stopped": True}
                 if save:
                     self.save(step, consumed)
@@ -255,6 +320,8 @@ class Trainer:
                 self.sample()
         finally:
             stop.restore()
+            if watchdog is not None:
+                watchdog.stop()
             self.logger.close()
         return {"ok": True, "losses": losses, "step": step}
 

@@ -1,0 +1,76 @@
+"""What a resumed run may change in its config, decided per field before anything is loaded.
+
+A resume compares the config saved in the checkpoint with the one the run was started with now:
+
+- **applied** (the new value rules from the resumed step on): the length and shape of the schedule
+  (`train.steps`, `lr`, `min_lr`, `warmup_steps`, `lr_schedule`, `wsd_decay_fraction`; the learning rate
+  is recomputed from the new config at the resumed step), the optimizer's hyper-parameters (`weight_decay`,
+  `beta1`, `beta2`, `eps`, `grad_clip`), logging / evaluation / checkpoint intervals and their options,
+  speed settings that do not change the function computed (`compile`, `activation_checkpointing`,
+  `optimizer_impl`, ...), the loop-count schedule (`loop.*`: a curriculum over R is legitimate; R stays a
+  pure function of (seed, step, micro-batch)), and where the run reads and writes (`output_dir`, `load`,
+  the index cache);
+- **refused** unless `--override-resume-config` is given: everything else, in particular the model
+  (`model.*`), the tokenizer and the data (`data.*`: another corpus, split or sequence length would not
+  continue the same stream), `train.seed`, the batch (`micro_batch_size`, `grad_accum_steps`) and the
+  numeric format (`precision`, `bf16_impl`).
+- the parallel layout (`parallel.*`) is the checkpoint loader's business: megaloop.training.trainer refuses
+  a layout it cannot load, with both layouts side by side.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+from megaloop.config import Config, ConfigError
+
+APPLIED_PREFIXES = ("loop.",)
+APPLIED = {
+    "train.steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.lr_schedule", "train.wsd_decay_fraction",
+    "train.weight_decay", "train.beta1", "train.beta2", "train.eps", "train.grad_clip",
+    "train.log_interval", "train.eval_interval", "train.eval_iters", "train.eval_loops", "train.save_interval",
+    "train.keep_checkpoints", "train.output_dir", "train.load", "train.auto_resume", "train.tensorboard",
+    "train.peak_flops", "train.dist_timeout", "train.sample_tokens", "train.sample_prompt",
+    "train.sample_temperature", "train.sample_top_k", "train.compile", "train.compile_mode",
+    "train.optimizer_impl", "train.activation_checkpointing", "train.partition_activations",
+    "train.cpu_checkpointing", "data.cache_dir", "data.num_workers",
+}
+LAYOUT_PREFIX = "parallel."
+
+
+class ResumeConfigError(ConfigError):
+    """The resumed run's config changes fields a resume cannot apply."""
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differences(saved: Config, now: Config) -> List[Tuple[str, Any, Any]]:
+    """(field, value in the checkpoint, value now) for every field that differs, layout excluded."""
+    a, b = _flatten(saved.to_dict()), _flatten(now.to_dict())
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not k.startswith(LAYOUT_PREFIX)]
+
+
+def is_applied(field: str) -> bool:
+    return field in APPLIED or field.startswith(APPLIED_PREFIXES)
+
+
+def check_resume_config(saved: Config, now: Config, where: str, override: bool = False) -> List[str]:
+    """Raise ResumeConfigError listing the refused differences (unless override); return one line per
+    difference that the resume applies (for the log)."""
+    diffs = differences(saved, now)
+    refused = [d for d in diffs if not is_applied(d[0])]
+    if refused and not override:
+        listed = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in refused)
+        raise ResumeConfigError(f"resuming {where} with a config that changes what a resume cannot apply: {listed}. "
+                                f"Restore those values, start a new run (--no-auto-resume or another "
+                                f"train.output_dir), or accept them with --override-resume-config")
+    return [f"{k}: {old!r} -> {new!r}" + ("" if is_applied(k) else " (accepted by --override-resume-config)")
+            for k, old, new in diffs]

@@ -1,0 +1,107 @@
+"""One run per output folder: an exclusive lock held for the run's lifetime, and the config history.
+
+`RunDirLock` is an advisory `flock` on `<output_dir>/.megaloop.lock`, taken by global rank 0. The kernel
+releases it when the process dies, so a crashed run never blocks the next one; the file also records the
+holder (pid, host, start time), which names the run in the refusal and, after a crash, in the note that
+its stale record was replaced. Where `flock` is unavailable (some network filesystems), the record
+itself is the lock: a live pid on this host keeps it, a dead one is replaced with a note, and a record
+from another host is refused (delete the file if that run is known to be gone).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+from typing import Optional
+
+from megaloop.config import ConfigError
+
+LOCK_NAME = ".megaloop.lock"
+
+
+class RunDirBusy(ConfigError):
+    """Another run holds the output folder."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunDirLock:
+    def __init__(self, out_dir: str):
+        self.path = os.path.join(out_dir, LOCK_NAME)
+        self.fd: Optional[int] = None
+        self.note: Optional[str] = None  # set when a stale record from a dead run was replaced
+
+    def _describe(self, rec: dict) -> str:
+        return f"pid {rec.get('pid')} on {rec.get('host')} (since {rec.get('started', '?')})"
+
+    def _read(self) -> dict:
+        try:
+            with open(self.path) as f:
+                return json.loads(f.read() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        previous = self._read()
+        try:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunDirBusy(f"output folder {os.path.dirname(self.path)} is in use by another run "
+                                 f"({self._describe(previous)}); wait for it, stop it, or choose another "
+                                 f"train.output_dir") from None
+            self._acquire_by_record(previous)  # no flock here (ENOLCK, EOPNOTSUPP): the record is the lock
+            return
+        except ImportError:  # (no fcntl: not POSIX)
+            os.close(fd)
+            self._acquire_by_record(previous)
+            return
+        if previous.get("pid"):
+            self.note = (f"replaced the lock record of a run that ended without releasing it "
+                         f"({self._describe(previous)})")
+        self.fd = fd
+        self._write(fd)
+
+    def _acquire_by_record(self, previous: dict) -> None:
+        pid, host = previous.get("pid"), previous.get("host")
+        if pid:
+            if host != socket.gethostname():
+                raise RunDirBusy(f"output folder {os.path.dirname(self.path)} is locked by {self._describe(previous)}; "
+                                 f"if that run is gone, delete {self.path}")
+            if _pid_alive(int(pid)) and int(pid) != os.getpid():
+                raise RunDirBusy(f"output folder {os.path.dirname(self.path)} is in use by another run "
+                                 f"({self._describe(previous)}); wait for it, stop it, or choose another "
+                                 f"train.output_dir")
+            self.note = f"replaced the lock record of a run that is no longer alive ({self._describe(previous)})"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._write(fd)
+        self.fd = fd
+
+    def _write(self, fd: int) -> None:
+        rec = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(rec).encode(), 0)
+        os.fsync(fd)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.ftruncate(self.fd, 0)  # a clean end leaves no record behind
+        finally:
+            os.close(self.fd)  # (closing drops the flock)
+            self.fd = None
