@@ -338,6 +338,17 @@ def _sparse_attention_block(q_block, k, v, indices, valid, scale: float) -> torc
     return out.transpose(2, 3).reshape(B, H, Tq, v.shape[-1])
 
 
+def _finish_forward(ctx, saved, scale, out, probs_sum):
+    """The sparse-attention Functions' common end of forward: keep what backward recomputes from, and
+    return (out, head-summed probabilities or an empty placeholder)."""
+    ctx.save_for_backward(*saved)
+    ctx.scale = scale
+    if probs_sum is None:
+        return out, out.new_empty(0)
+    ctx.mark_non_differentiable(probs_sum)
+    return out, probs_sum
+
+
 class _GatheredSparseAttention(torch.autograd.Function):
     """Top-k sparse attention with a hand-written, recomputing backward (flash-attention style).
 
@@ -384,12 +395,8 @@ class _GatheredSparseAttention(torch.autograd.Function):
                         probs_sum[b, t0:t1] += p.sum(dim=1)
                     out[b, h, t0:t1] = torch.matmul(p.to(q.dtype), g)[..., D:]
         out = out.transpose(2, 3).reshape(B, H, T, Dv)
-        ctx.save_for_backward(q, k, v, indices, valid, out, lse)
-        ctx.scale, ctx.block = scale, block
-        if want_probs:
-            ctx.mark_non_differentiable(probs_sum)
-            return out, probs_sum
-        return out, out.new_empty(0)
+        ctx.block = block
+        return _finish_forward(ctx, (q, k, v, indices, valid, out, lse), scale, out, probs_sum if want_probs else None)
 
     @staticmethod
     def backward(ctx, dout, _dprobs):
@@ -498,12 +505,7 @@ class _SampledSparseAttention(torch.autograd.Function):
                     if want_probs:
                         probs_sum[b] += p
                     out[b, h] = _weighted_rows(v_bh, cols, offsets, p.view(-1))
-        ctx.save_for_backward(q, k, v, indices, valid, out, lse)
-        ctx.scale = scale
-        if want_probs:
-            ctx.mark_non_differentiable(probs_sum)
-            return out, probs_sum
-        return out, out.new_empty(0)
+        return _finish_forward(ctx, (q, k, v, indices, valid, out, lse), scale, out, probs_sum if want_probs else None)
 
     @staticmethod
     def backward(ctx, dout, _dprobs):

@@ -137,20 +137,25 @@ class EmbedNormPipe(nn.Module):
         return e, loops
 
 
-class PreludeLayerPipe(_RopeMixin, nn.Module):
-    def __init__(self, source: _Source, index: int):
+class StackLayerPipe(_RopeMixin, nn.Module):
+    """One prelude or coda layer (`stack` = "prelude" | "coda"), registered under the LM's own name so
+    the stage's state-dict keys are the LoopedLM's (prelude.<i>. ..., coda.<j>. ...). Takes the
+    activation or a tuple whose first entry is it (the loop counts or per-loop outputs ride along)."""
+
+    def __init__(self, source: _Source, stack: str, index: int):
         super().__init__()
-        self.prelude = nn.ModuleDict({str(index): source.lm.prelude[index]})
-        self._key = str(index)
+        setattr(self, stack, nn.ModuleDict({str(index): getattr(source.lm, stack)[index]}))
+        self._stack, self._key = stack, str(index)
         self._rope_fn = source.lm.rope
 
     @property
     def layer(self):
-        return self.prelude[self._key]
+        return getattr(self, self._stack)[self._key]
 
-    def forward(self, inputs):
-        e, loops = inputs
-        return self.layer(e, self._rope(e)), loops
+    def forward(self, x):
+        if isinstance(x, tuple):
+            return (self.layer(x[0], self._rope(x[0])), *x[1:])
+        return self.layer(x, self._rope(x))
 
 
 class LoopedBlockPipe(_RopeMixin, nn.Module):
@@ -190,23 +195,6 @@ class LoopedBlockPipe(_RopeMixin, nn.Module):
         if self.exit_gate is None:
             return stacked
         return stacked, self.exit_distribution(per_loop)
-
-
-class CodaLayerPipe(_RopeMixin, nn.Module):
-    def __init__(self, source: _Source, index: int):
-        super().__init__()
-        self.coda = nn.ModuleDict({str(index): source.lm.coda[index]})
-        self._key = str(index)
-        self._rope_fn = source.lm.rope
-
-    @property
-    def layer(self):
-        return self.coda[self._key]
-
-    def forward(self, x):
-        if isinstance(x, tuple):
-            return (self.layer(x[0], self._rope(x[0])), *x[1:])
-        return self.layer(x, self._rope(x))
 
 
 class FinalNormPipe(nn.Module):
@@ -272,9 +260,9 @@ def pipeline_layers(model_cfg, collect: bool = False) -> List[PipelineLayer]:
     layers = [PipelineLayer("embedding", EmbeddingPipe, tie_key="embed") if tied
               else PipelineLayer("embedding", EmbeddingPipe, (False,)),
               PipelineLayer("embed_norm", EmbedNormPipe)]
-    layers += [PipelineLayer("prelude", PreludeLayerPipe, (i,)) for i in range(m.n_prelude)]
+    layers += [PipelineLayer("prelude", StackLayerPipe, ("prelude", i)) for i in range(m.n_prelude)]
     layers.append(PipelineLayer("loop", LoopedBlockPipe, (collect,)))
-    layers += [PipelineLayer("coda", CodaLayerPipe, (j,)) for j in range(m.n_coda)]
+    layers += [PipelineLayer("coda", StackLayerPipe, ("coda", j)) for j in range(m.n_coda)]
     layers.append(PipelineLayer("final_norm", FinalNormPipe))
     layers.append(PipelineLayer("head", EmbeddingPipe, tie_key="embed", forward_fn=head_forward) if tied
                   else PipelineLayer("head", HeadPipe))
