@@ -41,13 +41,16 @@ def load_model_for_cli(model, step=None, tokenizer_model=None):
             raise UsageError(f"--tokenizer-model: {model} is an exported folder, which carries its own tokenizer; "
                              f"drop --tokenizer-model")
         return load_lm(model, step)
-    from megaloop.checkpoint import load_config, load_model
+    from megaloop.checkpoint import is_deepspeed_checkpoint, load_config, load_model
     from megaloop.data.tokenizer import build_tokenizer
 
-    data_cfg = load_config(path, step).data
-    tok_path = checkpoint_tokenizer_model(model, data_cfg, tokenizer_model)
-    tokenizer = build_tokenizer(data_cfg.tokenizer_type, tok_path)
-    lm_model, _ = load_model(path, step)
+    # A training checkpoint's config is one small file: find the tokenizer before reading the weights. A
+    # plain file holds both, so it is read once.
+    lm_model, cfg = (None, load_config(path, step)) if is_deepspeed_checkpoint(path) else load_model(path, step)
+    tok_path = checkpoint_tokenizer_model(model, cfg.data, tokenizer_model)
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, tok_path)
+    if lm_model is None:
+        lm_model, _ = load_model(path, step)
     return wrap_megaloop(lm_model, tokenizer)
 
 
