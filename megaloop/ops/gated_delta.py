@@ -29,6 +29,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
+from megaloop.errors import MegaloopError  # (a leaf module: ops still depend on nothing else in megaloop)
 import torch
 import torch.nn.functional as F
 
@@ -196,7 +197,7 @@ def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 GDN_KERNELS = ("auto", "fla", "torch")
 
 
-class GDNKernelUnavailable(RuntimeError):
+class GDNKernelUnavailable(MegaloopError, RuntimeError):
     """model.gdn_kernel=fla was asked for but flash-linear-attention cannot run here."""
 
 

@@ -1,18 +1,19 @@
 """The pretraining entry point: `deepspeed pretrain_looped.py --config PATH [section.key=value ...]`.
 
 Every rank runs `main`: parse the flags, load and validate the config, run the Trainer. Known failures end
-in one line on stderr and an exit code: 2 for a config error, 3 when training stopped (a non-finite loss).
+in one line on stderr (megaloop.errors.run_cli) and an exit code: 2 for what the user can fix (config,
+data, checkpoint, output folder), 3 when training stopped (a non-finite loss).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from megaloop.config import ConfigError, load_config
+from megaloop.config import load_config
+from megaloop.errors import run_cli, should_report
 from megaloop.training.faults import FaultPlan
 from megaloop.training.trainer import Trainer, TrainingError
 
-EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 
 
@@ -31,12 +32,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """Every rank: one line and exit 2 for a problem the user can fix (config, data, checkpoint, output
+    folder; rank 0 prints it, MEGALOOP_DEBUG=1 or --debug adds tracebacks), 3 for a non-finite loss."""
+    return run_cli(_main, argv)
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
+    cfg = load_config(args.config, args.overrides)
     if args.load:
         cfg.train.load = args.load
     if args.no_auto_resume:
@@ -44,10 +47,12 @@ def main(argv=None) -> int:
     try:
         result = Trainer(cfg, faults=FaultPlan.from_env(),
                          override_resume_config=args.override_resume_config).run()
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
     except TrainingError as exc:
-        print(f"training stopped: {exc}", file=sys.stderr, flush=True)
+        if should_report():
+            print(f"training stopped: {exc}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
     return 0 if result.get("ok", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from megaloop.config import Config, ConfigError, save_config
+from megaloop.errors import MegaloopError
 from megaloop.model.flops import train_flops_per_token
 from megaloop.model.loop_schedule import grad_loops
 from megaloop.parallel.device import on_accelerator, zeros_on_accelerator
@@ -35,8 +36,8 @@ from megaloop.training.run_dir import RunDirBusy, RunDirLock
 from megaloop.training.stopping import LauncherWatchdog, StopAgreement, StopFlag
 
 
-class TrainingError(RuntimeError):
-    pass
+class TrainingError(MegaloopError, RuntimeError):
+    """Training stopped (a non-finite loss): the message names the step and the last good checkpoint."""
 
 
 class Trainer:
