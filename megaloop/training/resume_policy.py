@@ -74,3 +74,21 @@ def check_resume_config(saved: Config, now: Config, where: str, override: bool =
                                 f"train.output_dir), or accept them with --override-resume-config")
     return [f"{k}: {old!r} -> {new!r}" + ("" if is_applied(k) else " (accepted by --override-resume-config)")
             for k, old, new in diffs]
+
+
+def check_resumable(tag_dir, cfg: Config, state, override: bool = False) -> List[str]:
+    """Before anything loads: the checkpoint's TP x PP x DP x ZeRO layout must be this run's, and the config
+    may change only what a resume applies. Returns the applied changes (one line each)."""
+    from pathlib import Path
+
+    from megaloop.checkpoint.reader import read_info
+    info = read_info(Path(tag_dir))
+    then = (info.tp, info.pp, info.dp, info.zero_stage)
+    now = (state.tp_size, state.pp_size, state.dp_size, cfg.parallel.zero_stage)
+    if then != now:
+        raise ConfigError(f"checkpoint {tag_dir} was saved with tensor_parallel x pipeline_parallel x data "
+                          f"parallel = {then[0]} x {then[1]} x {then[2]}, ZeRO {then[3]}; this run is "
+                          f"{now[0]} x {now[1]} x {now[2]}, ZeRO {now[3]}. Resuming on another layout is "
+                          f"not supported yet: relaunch with the checkpoint's layout (or export it and "
+                          f"start a new run from the weights)")
+    return check_resume_config(info.config, cfg, str(tag_dir), override)

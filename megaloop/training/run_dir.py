@@ -16,7 +16,7 @@ import socket
 import time
 from typing import Optional
 
-from megaloop.config import ConfigError
+from megaloop.config import ConfigError, save_config
 
 LOCK_NAME = ".megaloop.lock"
 
@@ -105,3 +105,32 @@ class RunDirLock:
         finally:
             os.close(self.fd)  # (closing drops the flock)
             self.fd = None
+
+
+def lock_output_dir(out_dir: str, rank: int) -> Optional[RunDirLock]:
+    """Collective: rank 0 takes the output folder's lock (returned there; None elsewhere), and every rank
+    raises RunDirBusy if it could not."""
+    import deepspeed.comm as dist
+    from megaloop.parallel.device import on_accelerator
+    lock, err = None, None
+    if rank == 0:
+        try:
+            lock = RunDirLock(out_dir)
+            lock.acquire()
+        except RunDirBusy as exc:
+            lock, err = None, exc
+    busy = on_accelerator(1.0 if err is not None else 0.0)
+    dist.all_reduce(busy, op=dist.ReduceOp.MAX)
+    if float(busy) > 0:
+        raise err or RunDirBusy(f"output folder {out_dir} is in use by another run")
+    return lock
+
+
+def write_run_config(cfg, out_dir: str, rank: int, resumed_step=None) -> None:
+    """The run's config.yaml (written once a resume's load has succeeded, never before) and, for a resume,
+    config.<step>.yaml: the history of what each start of the run was given."""
+    if rank != 0:
+        return
+    save_config(cfg, os.path.join(out_dir, "config.yaml"))
+    if resumed_step is not None:
+        save_config(cfg, os.path.join(out_dir, f"config.{int(resumed_step)}.yaml"))

@@ -11,12 +11,11 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from megaloop.config import Config, ConfigError, save_config
+from megaloop.config import Config, ConfigError
 from megaloop.errors import MegaloopError
 from megaloop.model.flops import train_flops_per_token
 from megaloop.model.loop_schedule import grad_loops
@@ -31,8 +30,8 @@ from megaloop.training.faults import FaultPlan
 from megaloop.training.run_logging import RunLogger, log_interval
 from megaloop.training.stats import gather_stats
 from megaloop.training.optim import apply_schedule
-from megaloop.training.resume_policy import check_resume_config
-from megaloop.training.run_dir import RunDirBusy, RunDirLock
+from megaloop.training.resume_policy import check_resumable
+from megaloop.training.run_dir import lock_output_dir, write_run_config
 from megaloop.training.stopping import LauncherWatchdog, StopAgreement, StopFlag
 
 
@@ -65,7 +64,7 @@ class Trainer:
         self.log_rank = is_logging_rank(st)
         self.out_dir = t.output_dir
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
-        self._lock_output_dir()
+        self.lock = lock_output_dir(self.out_dir, self.rank)
         if self.rank == 0:
             os.makedirs(self.ckpt_root, exist_ok=True)
         self.logger = RunLogger(self.out_dir, self.log_rank, t.tensorboard)
@@ -98,21 +97,6 @@ class Trainer:
         self.grad_norm = self.te.grad_norm
         self._aux_scale = None
 
-    def _lock_output_dir(self) -> None:
-        """One run per output folder: rank 0 takes the lock, every rank learns whether it got it."""
-        import deepspeed.comm as dist
-        err = None
-        if self.rank == 0:
-            try:
-                self.lock = RunDirLock(self.out_dir)
-                self.lock.acquire()
-            except RunDirBusy as exc:
-                self.lock, err = None, exc
-        busy = on_accelerator(1.0 if err is not None else 0.0)
-        dist.all_reduce(busy, op=dist.ReduceOp.MAX)
-        if float(busy) > 0:
-            raise err or RunDirBusy(f"output folder {self.out_dir} is in use by another run")
-
     # ------------------------------------------------------------------------------------------
     def resume(self) -> dict:
         t = self.cfg.train
@@ -125,40 +109,16 @@ class Trainer:
         elif t.auto_resume:
             tag_dir = ckpt.resolve(self.ckpt_root, required=False)
         if tag_dir is None:
-            self._write_config(None)
+            write_run_config(self.cfg, self.out_dir, self.rank, None)
             return {"step": 0, "consumed_samples": 0}
-        applied = self._check_resumable(tag_dir)
+        applied = check_resumable(tag_dir, self.cfg, self.state, self.override_resume_config)
         client = ckpt.load_training(self.engine, tag_dir, self.rank)
         self.last_good = os.path.abspath(tag_dir)
         apply_schedule(self.engine, self.cfg.train)  # the schedule of the config given now, at this step
         self.logger.console(f"resumed from {self.last_good} at step {client.get('step')}"
                             + (f"; applied: {'; '.join(applied)}" if applied else ""))
-        self._write_config(client.get("step"))
+        write_run_config(self.cfg, self.out_dir, self.rank, client.get("step"))
         return client
-
-    def _check_resumable(self, tag_dir) -> list:
-        """Before anything loads: the layout must match, and the config may change only what a resume
-        applies (megaloop.training.resume_policy). Returns the applied changes."""
-        from megaloop.checkpoint.reader import read_info
-        info = read_info(Path(tag_dir))
-        st, p = self.state, self.cfg.parallel
-        then = (info.tp, info.pp, info.dp, info.zero_stage)
-        now = (st.tp_size, st.pp_size, st.dp_size, p.zero_stage)
-        if then != now:
-            raise ConfigError(f"checkpoint {tag_dir} was saved with tensor_parallel x pipeline_parallel x data "
-                              f"parallel = {then[0]} x {then[1]} x {then[2]}, ZeRO {then[3]}; this run is "
-                              f"{now[0]} x {now[1]} x {now[2]}, ZeRO {now[3]}. Resuming on another layout is "
-                              f"not supported yet: relaunch with the checkpoint's layout (or export it and "
-                              f"start a new run from the weights)")
-        return check_resume_config(info.config, self.cfg, str(tag_dir), self.override_resume_config)
-
-    def _write_config(self, resumed_step) -> None:
-        """The run's config.yaml (written once the load has succeeded) and, for a resume, config.<step>.yaml."""
-        if self.rank != 0:
-            return
-        save_config(self.cfg, os.path.join(self.out_dir, "config.yaml"))
-        if resumed_step is not None:
-            save_config(self.cfg, os.path.join(self.out_dir, f"config.{int(resumed_step)}.yaml"))
 
     def save(self, step: int, consumed: int) -> str:
         t = self.cfg.train
