@@ -68,11 +68,9 @@ def build(mixer: str, T: int, args):
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from megaloop.ops.gated_delta import gated_delta_rule_chunked
-    from megaloop.ops.sparse_attention import (
-        lightning_indexer_topk,
-        sliding_window_attention,
-        sparse_attention_from_indices,
-    )
+    from megaloop.ops.lightning_indexer import lightning_indexer_topk
+    from megaloop.ops.sliding_window import sliding_window_attention
+    from megaloop.ops.sparse_attention import sparse_attention_from_indices
 
     torch.manual_seed(0)
     device, B, H, D = args.device, 1, args.heads, args.head_dim

@@ -34,7 +34,7 @@ def perturbed_model(cfg, seed: int = 0, scale: float = 0.05):
 
 def hf_exportable(path) -> bool:
     """Whether the HF modeling file implements every token mixer of this tiny config."""
-    from megaloop.export.hf_export import unsupported_mixers
+    from megaloop.export.inputs import unsupported_mixers
 
     return not unsupported_mixers(tiny_config(path).model)
 

@@ -111,7 +111,7 @@ def test_training_datasets_refuse_another_tokenizer(data):
 def sp_model(data):
     """A tiny megaloop model trained with spm_a (vocabulary 300): a checkpoint and its export."""
     from megaloop.export import export_hf
-    from megaloop.export.hf_export import save_plain_checkpoint
+    from megaloop.checkpoint import save_plain_checkpoint
     from export_support import perturbed_model, tiny_config
 
     cfg = tiny_config("plain", ["model.vocab_size=300", "data.tokenizer_type=sentencepiece",

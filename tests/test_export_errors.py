@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megaloop.checkpoint import save_plain_checkpoint
 from megaloop.export import ExportError, export_hf, load_checkpoint, load_merged_state_dict
-from megaloop.export.hf_export import save_plain_checkpoint
 from export_support import UNEXPORTABLE_CONFIGS, perturbed_model, tiny_config
 
 

@@ -46,7 +46,7 @@ def test_unrepresentable_architectures_are_refused(tmp_path, name, loops, patter
 
 
 def test_export_tool_llama_format(tmp_path, capsys):
-    from megaloop.export.hf_export import save_plain_checkpoint
+    from megaloop.checkpoint import save_plain_checkpoint
     from tools.export_hf import main
 
     cfg = tiny_config("lt", ["model.normalization=inner"])

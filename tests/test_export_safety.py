@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from megaloop.checkpoint import save_plain_checkpoint
 from megaloop.export import ExportError, export_hf
-from megaloop.export.hf_export import save_plain_checkpoint
 from export_support import perturbed_model, tiny_config
 
 

@@ -93,7 +93,7 @@ def test_template_files_import_only_torch_and_transformers():
     import ast
     from pathlib import Path
 
-    from megaloop.export.hf_export import TEMPLATE_DIR, TEMPLATE_FILES
+    from megaloop.export.hf_files import TEMPLATE_DIR, TEMPLATE_FILES
 
     allowed = {"torch", "transformers", "math", "dataclasses", "typing", "os", "shutil", "__future__",
                "sentencepiece"}  # sentencepiece: tokenizer file only, imported lazily

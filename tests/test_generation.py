@@ -4,8 +4,8 @@ import csv
 import pytest
 import torch
 
+from megaloop.checkpoint import save_plain_checkpoint
 from megaloop.export import export_hf
-from megaloop.export.hf_export import save_plain_checkpoint
 from export_support import perturbed_model, tiny_config
 from megaloop.generation import generate, load_lm, sample_next_token, wrap_megaloop
 

@@ -3,17 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megaloop.ops.sparse_attention import (
-    causal_attention_dense,
-    indexer_kl_loss,
-    lightning_indexer_scores,
-    lightning_indexer_topk,
-    masked_attention_dense,
-    select_topk_keys,
-    sliding_window_attention,
-    sliding_window_attention_dense,
-    topk_sparse_attention,
-)
+from megaloop.ops.dense_attention import causal_attention_dense, masked_attention_dense
+from megaloop.ops.indexer_loss import indexer_kl_loss
+from megaloop.ops.lightning_indexer import lightning_indexer_scores, lightning_indexer_topk, select_topk_keys
+from megaloop.ops.sliding_window import sliding_window_attention, sliding_window_attention_dense
+from megaloop.ops.sparse_attention import topk_sparse_attention
 
 F64 = torch.float64
 
@@ -198,12 +192,9 @@ def test_indexer_kl_loss():
 # Blockwise DSA path (blockwise indexer + staged top-k, gathered attention with its own backward)
 # --------------------------------------------------------------------------------------------
 
-from megaloop.ops.sparse_attention import (  # noqa: E402
-    _topk_earliest,
-    _topk_rows,
-    indexer_kl_loss_from_probs,
-    sparse_attention_from_indices,
-)
+from megaloop.ops.indexer_loss import indexer_kl_loss_from_probs  # noqa: E402
+from megaloop.ops.lightning_indexer import _topk_earliest, _topk_rows  # noqa: E402
+from megaloop.ops.sparse_attention import sparse_attention_from_indices  # noqa: E402
 
 
 def _selected_sets(indices, valid):

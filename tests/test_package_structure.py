@@ -154,7 +154,7 @@ def test_no_import_cycles():
 
 def test_export_reads_checkpoints_never_the_reverse():
     graph = import_graph(lazy=True)  # function-level imports too
-    assert "megaloop.checkpoint" in graph["megaloop.export.hf_export"]
+    assert "megaloop.checkpoint" in graph["megaloop.export.inputs"]
     for mod, deps in graph.items():
         if mod.startswith("megaloop.checkpoint"):
             bad = sorted(d for d in deps

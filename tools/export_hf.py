@@ -56,7 +56,7 @@ def _main(argv=None):
     if args.loops is not None and args.loops < 1:
         raise ExportError(f"--loops {args.loops}: the loop count to unroll must be at least 1")
     try:
-        from megaloop.export.hf_export import check_export_paths, check_output_dir
+        from megaloop.export.output_dir import check_export_paths, check_output_dir
 
         # Before reading anything: the output may not be (or contain, or lie in the checkpoint tree of)
         # the checkpoint, and --overwrite replaces only a previous export.

@@ -33,8 +33,10 @@ from typing import Dict, List, Optional
 import torch
 
 from megaloop.config import FLT_FAMILY, ModelConfig
-from megaloop.export.hf_export import (ExportError, _DTYPES, _model_config, _write_tokenizer, check_state_dict,
-                                       loop_mixers, make_temp_dir, move_into_place, output_failure, tokenizer_info)
+from megaloop.export.hf_export import _DTYPES
+from megaloop.export.hf_files import _write_tokenizer, tokenizer_info
+from megaloop.export.inputs import ExportError, _model_config, check_state_dict, loop_mixers
+from megaloop.export.output_dir import make_temp_dir, move_into_place, output_failure
 from megaloop.model.layers import rms_norm
 
 
@@ -125,7 +127,7 @@ def export_llama(full_state_dict: Dict[str, torch.Tensor], model_config, tokeniz
     try:
         special = _write_tokenizer(tok_info, tmp, mc) if tok_info else {}
         if tok_info:
-            from megaloop.export.hf_export import TEMPLATE_DIR
+            from megaloop.export.hf_files import TEMPLATE_DIR
 
             shutil.copyfile(TEMPLATE_DIR / "tokenization_megaloop.py", tmp / "tokenization_megaloop.py")
         cfg = LlamaConfig(

@@ -22,7 +22,7 @@ import torch.nn as nn
 from megaloop.config import ModelConfig
 from megaloop.model.layers import Attention
 from megaloop.ops import lightning_indexer_topk, sliding_window_attention, sparse_attention_from_indices
-from megaloop.ops.sparse_attention import indexer_kl_loss_from_probs
+from megaloop.ops.indexer_loss import indexer_kl_loss_from_probs
 
 
 class AuxLossInjector(torch.autograd.Function):
