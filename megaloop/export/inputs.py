@@ -75,7 +75,7 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor], mc: ModelConfig) -> No
 def loop_mixers(mc: ModelConfig) -> list:
     """The token mixer of each looped layer, resolved by megaloop's own pattern rules (comma lists,
     "N:M" ratios)."""
-    from megaloop.model.mixers import mixer_pattern
+    from megaloop.config import mixer_pattern
 
     if hasattr(mc, "linear_mixer"):
         return mixer_pattern(mc.mixer, mc.n_loop, mc.linear_mixer)

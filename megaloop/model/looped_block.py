@@ -27,7 +27,8 @@ import torch.utils.checkpoint
 from megaloop.config import ModelConfig
 from megaloop.model.injection import ParcaeInjection, build_injection
 from megaloop.model.layers import RMSNorm, TransformerLayer, rms_norm
-from megaloop.model.mixers import build_mixer, mixer_pattern
+from megaloop.config import mixer_pattern
+from megaloop.model.mixers import build_mixer
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 from megaloop.config import MIXER_NAMES, ConfigError, ModelConfig
-from megaloop.config import mixer_pattern  # noqa: F401  (re-exported: megaloop/export/hf_export.py)
 from megaloop.model.gated_deltanet import GatedDeltaNet
 from megaloop.model.layers import Attention
 from megaloop.model.sparse_attention import DeepSeekSparseAttention, SlidingWindowAttention

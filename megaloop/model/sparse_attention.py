@@ -1,7 +1,7 @@
 """Sparse softmax-attention mixers: sliding window ("swa") and DeepSeek-style sparse attention ("dsa").
 
 Both keep the projections, RoPE, QK-norm and output gate of `Attention` and only change which keys a
-query sees (`attend`), using the kernels in megaloop.ops.sparse_attention.
+query sees (`attend`), using the kernels in megaloop.ops (sliding_window, lightning_indexer, sparse_attention, indexer_loss).
 
 DSA: a light indexer scores every causal (query, key) pair (blockwise: no (T, T) matrix is formed),
     I(t, s) = sum_j w(t, j) * ReLU(q_I(t, j) . k_I(s)),
