@@ -93,11 +93,22 @@ class ModelConfig:
     state_init_std: Optional[float] = None
     share_outer_final_norm: bool = False  # Ouro: the final norm is applied every step and fed back
     parcae_init_decay: float = math.sqrt(0.2)  # exp(-Delta) at init: Abar = 0.447
+    # RMSNorm on the prelude's output, i.e. on the signal e injected every loop (Parcae: e = norm(P(emb(x)))).
+    # None: on for injection=parcae, unless n_prelude=0 and embed_norm already makes e = norm(emb(x));
+    # off otherwise. See `use_prelude_norm`.
+    prelude_norm: Optional[bool] = None
 
     # --- gates ---
     exit_gate: bool = False  # Ouro's learned exit gate lambda(t) = sigmoid(w.h(t) + b)
     loop_residual_gate: bool = False  # LT2: h(t) <- h(t) + rho(t) * h(t-1), rho zero-init
     attn_output_gate: bool = False  # LT2: attention output * sigmoid(W_g x), W_g zero-init
+
+    @property
+    def use_prelude_norm(self) -> bool:
+        """Whether the model has the norm after the prelude (`prelude_norm`, None resolved)."""
+        if self.prelude_norm is not None:
+            return bool(self.prelude_norm)
+        return self.injection == "parcae" and (self.n_prelude > 0 or not self.embed_norm)
 
     @property
     def kv_heads(self) -> int:

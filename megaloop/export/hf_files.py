@@ -40,7 +40,8 @@ def hf_config_dict(mc: ModelConfig, noise_init: str = "seeded", noise_seed: int 
         n_prelude=mc.n_prelude, n_loop=mc.n_loop, n_coda=mc.n_coda, num_loops=mc.loops, max_loops=mc.max_loops,
         arch=mc.arch, injection=mc.injection, recall=mc.recall, internal_recall_site=mc.internal_recall_site,
         internal_recall_layers=mc.internal_recall_layers, normalization=mc.normalization,
-        state_init=mc.state_init, state_init_std=mc.state_init_std, share_outer_final_norm=mc.share_outer_final_norm, exit_gate=mc.exit_gate,
+        state_init=mc.state_init, state_init_std=mc.state_init_std, share_outer_final_norm=mc.share_outer_final_norm,
+        prelude_norm=mc.use_prelude_norm, exit_gate=mc.exit_gate,
         loop_residual_gate=mc.loop_residual_gate, attn_output_gate=mc.attn_output_gate,
         noise_init=noise_init, noise_seed=noise_seed, exit_strategy=exit_strategy, exit_threshold=exit_threshold,
     )

@@ -58,6 +58,8 @@ def llama_unrepresentable(mc: ModelConfig, loops: int) -> List[str]:
                        "normalise sub-layer inputs (use normalization='inner', or export with --loops 1)")
         if mc.share_outer_final_norm and loops > 1:
             why.append("share_outer_final_norm (Ouro) feeds the final norm back into the loop")
+    if mc.use_prelude_norm and mc.n_prelude:
+        why.append("prelude_norm normalises the prelude's output; Llama has no norm between layers")
     if mc.norm_style != "pre":
         why.append(f"norm_style={mc.norm_style!r}: Llama layers are pre-norm only")
     if mc.mlp != "swiglu":
@@ -81,6 +83,10 @@ def llama_state_dict(sd: Dict[str, torch.Tensor], mc: ModelConfig, loops: int) -
     head = sd.get("head.weight", sd["embedding.weight"]) if mc.tie_embeddings else sd["head.weight"]
     if mc.embed_norm:
         w = sd.get("embed_norm.weight")
+        emb = rms_norm(emb, mc.norm_eps)
+        emb = emb * w.float() if w is not None else emb
+    if mc.use_prelude_norm:  # no prelude layers (else refused): the prelude norm follows the embedding norm
+        w = sd.get("prelude_norm.weight")
         emb = rms_norm(emb, mc.norm_eps)
         emb = emb * w.float() if w is not None else emb
     out = {"model.embed_tokens.weight": emb[:V], "lm_head.weight": head.float()[:V],

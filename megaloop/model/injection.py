@@ -57,8 +57,16 @@ class ParcaeInjection(nn.Module):
         return a_bar, delta
 
     def forward(self, s, e):
+        # The whole update in fp32 (autocast off, as in the reference), rounded once to the state's dtype:
+        # Abar is applied as the fp32 value spectral_norm() reports (cast to bf16 first, every channel
+        # with Delta*A < 2^-9 got Abar = 1.0 exactly). Under the bf16 recipe `autocast` the loop state is
+        # fp32 and the contraction is exact. A bf16 state (bf16 weights: bf16_impl=master_weights, fp16,
+        # an exported model cast to bf16) cannot hold a contraction finer than its own rounding: with
+        # 1 - Abar < 2^-9, round(Abar * h) = h.
         a_bar, delta = self.coefficients()
-        return (a_bar.type_as(s) * s) + delta.type_as(e) * F.linear(e, self.B)
+        with torch.autocast(s.device.type, enabled=False):
+            u = a_bar * s.float() + delta * F.linear(e.float(), self.B.float())
+        return u.to(s.dtype)
 
     def spectral_norm(self) -> torch.Tensor:
         """Largest |eigenvalue| of the (diagonal) state transition: max |Abar|."""

@@ -1,4 +1,5 @@
-"""The looped language model: embedding -> prelude -> looped block x R -> coda -> final norm -> head.
+"""The looped language model: embedding -> prelude (-> prelude norm) -> looped block x R -> coda -> final
+norm -> head.
 
 `model(tokens, loops=R)` runs any R >= 1, whatever R it was trained with. The model is plain
 PyTorch; tensor and pipeline parallelism are applied to it from outside (`megaloop.parallel`), which
@@ -39,6 +40,8 @@ class LoopedLM(nn.Module):
         self.embedding = nn.Embedding(cfg.padded_vocab_size, d)
         self.embed_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_scale) if cfg.embed_norm else None
         self.prelude = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.n_prelude))
+        # e = norm(P(emb(x))): the injected signal leaves the prelude normalised (Parcae's prelude_norm).
+        self.prelude_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_scale) if cfg.use_prelude_norm else None
         self.block = LoopedBlock(cfg)
         self.coda = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.n_coda))
         self.final_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_scale)
@@ -76,12 +79,14 @@ class LoopedLM(nn.Module):
         return rope_cache(seq_len, self.cfg.attn_head_dim, self.cfg.rope_theta, device)
 
     def embed(self, tokens: torch.Tensor, rope) -> torch.Tensor:
-        """Token ids -> the injected signal e (embedding, its norm, then the prelude)."""
+        """Token ids -> the injected signal e (embedding, its norm, the prelude, then the prelude norm)."""
         e = self.embedding(tokens)
         if self.embed_norm is not None:
             e = self.embed_norm(e)
         for layer in self.prelude:
             e = layer(e, rope)
+        if self.prelude_norm is not None:
+            e = self.prelude_norm(e)
         return e
 
     def head_logits(self, x: torch.Tensor, rope) -> torch.Tensor:

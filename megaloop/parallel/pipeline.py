@@ -5,7 +5,9 @@ list the PipelineModule specs, the layer names and the checkpoint reader's per-l
 
     [tied] embedding            (tokens, loops) -> (emb, loops)
     embedding norm              (emb, loops)    -> (e, loops)
-    prelude layer i ...         (e, loops)      -> (e, loops)
+    prelude layer i ...         (e, loops)      -> (e, loops)   the last one (or, without prelude layers,
+                                                                the embedding norm) also applies the
+                                                                prelude norm (model.prelude_norm)
     LOOPED BLOCK                (e, loops)      -> x            one indivisible layer: all R loops run
                                                                 inside the stage that holds it
     coda layer j ...            x -> x
@@ -125,37 +127,56 @@ class HeadPipe(nn.Module):
         return head_forward(self, x)
 
 
+def _prelude_norm_if_last(lm, last: bool) -> Optional[nn.Module]:
+    """The LM's norm after the prelude (model.prelude_norm), held by the layer that ends the prelude
+    path: the last prelude layer, or the embedding norm when there is no prelude."""
+    return lm.prelude_norm if last else None
+
+
 class EmbedNormPipe(nn.Module):
+    """The embedding norm; without prelude layers also the prelude norm that follows it."""
+
     def __init__(self, source: _Source):
         super().__init__()
-        self.embed_norm = source.lm.embed_norm
+        lm = source.lm
+        self.embed_norm = lm.embed_norm
+        self.prelude_norm = _prelude_norm_if_last(lm, len(lm.prelude) == 0)
 
     def forward(self, inputs):
         e, loops = inputs
         if self.embed_norm is not None:
             e = self.embed_norm(e)
+        if self.prelude_norm is not None:
+            e = self.prelude_norm(e)
         return e, loops
 
 
 class StackLayerPipe(_RopeMixin, nn.Module):
     """One prelude or coda layer (`stack` = "prelude" | "coda"), registered under the LM's own name so
     the stage's state-dict keys are the LoopedLM's (prelude.<i>. ..., coda.<j>. ...). Takes the
-    activation or a tuple whose first entry is it (the loop counts or per-loop outputs ride along)."""
+    activation or a tuple whose first entry is it (the loop counts or per-loop outputs ride along).
+    The last prelude layer also holds the prelude norm (prelude_norm.weight), applied after it."""
 
     def __init__(self, source: _Source, stack: str, index: int):
         super().__init__()
-        setattr(self, stack, nn.ModuleDict({str(index): getattr(source.lm, stack)[index]}))
+        lm = source.lm
+        setattr(self, stack, nn.ModuleDict({str(index): getattr(lm, stack)[index]}))
         self._stack, self._key = stack, str(index)
-        self._rope_fn = source.lm.rope
+        self._rope_fn = lm.rope
+        self.prelude_norm = _prelude_norm_if_last(lm, stack == "prelude" and index == len(lm.prelude) - 1)
 
     @property
     def layer(self):
         return getattr(self, self._stack)[self._key]
 
+    def _run(self, x):
+        x = self.layer(x, self._rope(x))
+        return x if self.prelude_norm is None else self.prelude_norm(x)
+
     def forward(self, x):
         if isinstance(x, tuple):
-            return (self.layer(x[0], self._rope(x[0])), *x[1:])
-        return self.layer(x, self._rope(x))
+            return (self._run(x[0]), *x[1:])
+        return self._run(x)
 
 
 class LoopedBlockPipe(_RopeMixin, nn.Module):

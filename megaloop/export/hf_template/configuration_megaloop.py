@@ -93,6 +93,7 @@ class MegaloopConfig(_BaseConfig):
         state_init="embed",
         state_init_std=None,
         share_outer_final_norm=False,
+        prelude_norm=None,
         exit_gate=False,
         loop_residual_gate=False,
         attn_output_gate=False,
@@ -146,6 +147,11 @@ class MegaloopConfig(_BaseConfig):
         self.state_init = state_init
         self.state_init_std = state_init_std
         self.share_outer_final_norm = share_outer_final_norm
+        # RMSNorm after the prelude (e = norm(P(emb(x)))); None: megaloop's default (on for Parcae unless
+        # n_prelude = 0 and embed_norm already normalises e). The exporter writes the resolved value.
+        if prelude_norm is None:
+            prelude_norm = injection == "parcae" and (n_prelude > 0 or not embed_norm)
+        self.prelude_norm = bool(prelude_norm)
         self.exit_gate = exit_gate
         self.loop_residual_gate = loop_residual_gate
         self.attn_output_gate = attn_output_gate

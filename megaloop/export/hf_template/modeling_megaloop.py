@@ -4,7 +4,8 @@ Self-contained: imports only torch and transformers (never megaloop). It re-impl
 architecture of the megaloop family with megaloop's parameter names, so a megaloop state dict loads
 1:1:
 
-  embedding -> embed_norm -> prelude -> looped block x R -> (out_proj) -> coda -> final_norm -> head
+  embedding -> embed_norm -> prelude -> (prelude_norm) -> looped block x R -> (out_proj) -> coda
+            -> final_norm -> head
 
   arch recurrent  s(t) = Block(inject(s(t-1), e)); injection none | add | concat_adapter | parcae,
                   standard or internal recall, inner or outer normalization, state init
@@ -661,7 +662,9 @@ class ParcaeInjection(nn.Module):
     # Copied from megaloop/model/injection.py:ParcaeInjection.forward
     def forward(self, s, e):
         a_bar, delta = self.coefficients()
-        return (a_bar.type_as(s) * s) + delta.type_as(e) * F.linear(e, self.B)
+        with torch.autocast(s.device.type, enabled=False):
+            u = a_bar * s.float() + delta * F.linear(e.float(), self.B.float())
+        return u.to(s.dtype)
 
 
 class LoopedBlock(nn.Module):
@@ -800,6 +803,7 @@ class MegaloopForCausalLM(MegaloopPreTrainedModel, GenerationMixin):
         self.embedding = nn.Embedding(config.padded_vocab_size, d)
         self.embed_norm = RMSNorm(d, config.norm_eps, config.norm_scale) if config.embed_norm else None
         self.prelude = nn.ModuleList(MegaloopLayer(config, i) for i in range(config.n_prelude))
+        self.prelude_norm = RMSNorm(d, config.norm_eps, config.norm_scale) if config.prelude_norm else None
         self.block = LoopedBlock(config)
         self.coda = nn.ModuleList(MegaloopLayer(config, i) for i in range(config.n_coda))
         self.final_norm = RMSNorm(d, config.norm_eps, config.norm_scale)
@@ -992,12 +996,14 @@ class MegaloopForCausalLM(MegaloopPreTrainedModel, GenerationMixin):
         ctx, positions = self._context(input_ids, attention_mask, position_ids, past)
         B, T = input_ids.shape
 
-        # embedding + prelude -> e
+        # embedding + prelude (+ prelude norm) -> e
         e = self.embedding(input_ids)
         if self.embed_norm is not None:
             e = self.embed_norm(e)
         for i, layer in enumerate(self.prelude):
             e = layer(e, ctx, slot=cache.slot(("prelude", i)) if cache is not None else None)
+        if self.prelude_norm is not None:
+            e = self.prelude_norm(e)
 
         s = self._initial_state(e, positions) if cfg.arch == "recurrent" else e
         out_proj = self.block.out_proj
