@@ -1,0 +1,257 @@
+"""The config's schema: one dataclass per section, the names a config may use, and ConfigError."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from megaloop.errors import MegaloopError
+
+
+class ConfigError(MegaloopError, ValueError):
+    """A config value, key or combination that cannot work. The message names the fields."""
+
+
+ARCHITECTURES = ("recurrent", "flt", "lt_i", "lt_ia", "flt_res")
+FLT_FAMILY = ("flt", "lt_i", "lt_ia", "flt_res")
+INJECTIONS = ("none", "add", "concat_adapter", "parcae")
+
+
+@dataclass
+class ModelConfig:
+    # --- vocabulary and embedding ---
+    vocab_size: int = 258
+    # Megatron's make-vocab-size-divisible-by: the embedding is padded so that every TP rank gets an
+    # equal, aligned slice. Padded rows never receive a real token.
+    pad_vocab_multiple: int = 64
+    tie_embeddings: bool = True
+    embed_norm: bool = True  # nanochat-style norm(e): the stream starts from a unit-RMS embedding
+    max_seq_len: int = 256
+
+    # --- layer shape ---
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: = n_heads (no grouping)
+    head_dim: Optional[int] = None  # None: d_model // n_heads
+    ffn_hidden: Optional[int] = None  # None: 4*d (relu2) or 8/3*d rounded up to 64 (swiglu)
+    mlp: str = "swiglu"  # swiglu | relu2
+    norm_style: str = "pre"  # pre | sandwich (Ouro, Huginn: norm before and after each sub-layer)
+    norm_eps: float = 1e-6
+    norm_scale: bool = True  # learned RMSNorm scale, or parameter-free
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    logit_softcap: Optional[float] = None
+    zero_init_out: bool = False  # zero-init attention/MLP output projections
+    init_std: float = 0.02
+    dropout: float = 0.0
+    # Token mixer of each looped layer (megaloop/model/mixers.py): one name for all ("attn", "gdn",
+    # "swa", "dsa"), a comma list tiled along depth ("gdn,gdn,gdn,attn"), or a ratio "N:M" = N layers
+    # of `linear_mixer` per M softmax-attention layers, spread along depth.
+    mixer: str = "attn"
+    linear_mixer: str = "gdn"
+    conv_size: int = 4  # GDN's causal short convolution on q, k, v
+    gdn_expand_v: float = 1.0  # GDN value head dim = head_dim * expand_v
+    gdn_chunk_size: int = 64
+    # GDN scan kernel: auto (flash-linear-attention's Triton kernel if it imports and passes a tiny
+    # forward+backward probe on the run's device/dtype, else the torch chunked form) | fla | torch
+    gdn_kernel: str = "auto"
+    window: int = 64  # sliding-window attention ("swa"): query t sees keys (t - window, t]
+    dsa_topk: int = 64  # DeepSeek sparse attention ("dsa"): keys kept per query
+    dsa_index_heads: int = 4
+    dsa_index_dim: int = 32
+    dsa_indexer_loss_coef: float = 0.01  # weight of the indexer's KL-to-dense-attention loss
+
+    # --- prelude -> looped block x R -> coda ---
+    n_prelude: int = 0
+    n_loop: int = 2
+    n_coda: int = 0
+    loops: int = 4  # default R at forward time; any R >= 1 can be passed to model(tokens, loops=R)
+    max_loops: int = 64  # size of per-loop parameter tables (gates); larger R reuses the last row
+
+    # --- how loops connect ---
+    arch: str = "recurrent"  # recurrent | flt | lt_i | lt_ia | flt_res
+    injection: str = "none"  # none | add | concat_adapter | parcae (recurrent arch only)
+    recall: str = "standard"  # standard (block input) | internal (inside the block)
+    internal_recall_site: str = "pre_mlp"  # pre_attn | pre_mlp
+    internal_recall_layers: str = "first"  # first | all  (which looped layers receive the recall)
+    normalization: str = "outer"  # outer: state = norm(block output) between loops | inner
+    state_init: str = "embed"  # embed | zeros | noise  (Huginn/Parcae start from noise)
+    # std of the truncated-normal noise start; None = init_std (Parcae). Huginn: sqrt(2/5) (= sigma*sqrt(d)).
+    state_init_std: Optional[float] = None
+    share_outer_final_norm: bool = False  # Ouro: the final norm is applied every step and fed back
+    parcae_init_decay: float = math.sqrt(0.2)  # exp(-Delta) at init: Abar = 0.447
+    # RMSNorm on the prelude's output, i.e. on the signal e injected every loop (Parcae: e = norm(P(emb(x)))).
+    # None: on for injection=parcae, unless n_prelude=0 and embed_norm already makes e = norm(emb(x));
+    # off otherwise. See `use_prelude_norm`.
+    prelude_norm: Optional[bool] = None
+
+    # --- gates ---
+    exit_gate: bool = False  # Ouro's learned exit gate lambda(t) = sigmoid(w.h(t) + b)
+    loop_residual_gate: bool = False  # LT2: h(t) <- h(t) + rho(t) * h(t-1), rho zero-init
+    attn_output_gate: bool = False  # LT2: attention output * sigmoid(W_g x), W_g zero-init
+
+    @property
+    def use_prelude_norm(self) -> bool:
+        """Whether the model has the norm after the prelude (`prelude_norm`, None resolved)."""
+        if self.prelude_norm is not None:
+            return bool(self.prelude_norm)
+        return self.injection == "parcae" and (self.n_prelude > 0 or not self.embed_norm)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.mlp == "swiglu":
+            return 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return 4 * self.d_model
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return m * math.ceil(self.vocab_size / m) if m > 1 else self.vocab_size
+
+
+@dataclass
+class LoopScheduleConfig:
+    """How many loops each training micro-batch runs, and through how many gradients flow."""
+
+    sampling: str = "fixed"  # fixed | poisson (Parcae) | lognormal_poisson (Huginn)
+    mean: float = 4.0  # the fixed R, or the mean of the sampled R
+    sigma: float = 0.5  # LogNormal spread (Huginn)
+    min: int = 1
+    max: int = 32  # sampled R is clipped to [min, max]
+    backprop_loops: Optional[int] = None  # gradients through the last k loops only; None = all
+    loss: str = "last"  # last | mean | last_third | exit_weighted (Ouro stage I)
+    exit_entropy_weight: float = 0.05  # beta of Ouro's entropy regulariser
+
+
+@dataclass
+class DataConfig:
+    # Megatron-style weighted list: [path] or [w1, path1, w2, path2, ...] (paths without .bin/.idx)
+    data_path: list = field(default_factory=list)
+    split: str = "969,30,1"
+    seq_len: int = 128
+    tokenizer_type: str = "byte"  # byte | sentencepiece
+    tokenizer_model: Optional[str] = None
+    cache_dir: Optional[str] = None  # index cache; None: next to the data
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    steps: int = 100
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    lr_schedule: str = "cosine"  # cosine | wsd | constant
+    wsd_decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    # bf16 recipe: autocast (fp32 weights, gradients and optimizer; matmuls in bf16 under torch.autocast,
+    # DeepSpeed's torch_autocast) | master_weights (DeepSpeed's bf16 engine: bf16 weights + fp32 master copy)
+    bf16_impl: str = "autocast"
+    # AdamW kernel: auto (fused on CUDA / XPU, foreach elsewhere) | fused | foreach | for_loop
+    optimizer_impl: str = "auto"
+    activation_checkpointing: str = "none"  # none | loop | layer
+    # torch.compile each transformer layer (not the loop: no recompile per R); see megaloop/model/compile.py
+    compile: bool = False
+    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (CUDA-graph modes are refused)
+    log_interval: int = 10
+    eval_interval: int = 0
+    eval_iters: int = 4
+    save_interval: int = 0
+    output_dir: str = "runs/default"
+    load: Optional[str] = None
+    auto_resume: bool = True  # resume from the latest complete checkpoint in output_dir
+    keep_checkpoints: int = 0  # keep only the newest N complete checkpoints; 0 = keep all
+    eval_loops: Optional[int] = None  # R used for validation; None: model.loops
+    loss_scale: float = 0.0  # fp16 only: 0 = dynamic loss scaling, > 0 = static scale
+    initial_scale_power: int = 16  # fp16 dynamic loss scaling starts at 2**this
+    peak_flops: Optional[float] = None  # peak FLOP/s of ONE device, for the achieved-FLOP/s share
+    dist_timeout: float = 600.0  # seconds: a collective waiting longer (dead rank) fails the run
+    tensorboard: bool = True
+    # DeepSpeed's activation checkpointing for the looped block's per-loop / per-layer checkpoints
+    # (need activation_checkpointing 'loop' or 'layer'):
+    partition_activations: bool = False  # split checkpointed activations across TP ranks (TP > 1)
+    cpu_checkpointing: bool = False  # offload checkpointed activations to CPU (a no-op on the cpu accelerator)
+    sample_tokens: int = 0  # after training, generate this many tokens from sample_prompt (TP = 1 only)
+    sample_prompt: str = "The "
+    sample_temperature: float = 0.8  # 0 = greedy
+    sample_top_k: int = 40
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    zero_stage: int = 0
+    sequence_parallel: bool = False
+    # how pipeline stages are balanced: loop_weighted (layers weighted by FLOPs, the looped block by
+    # its loop count) | uniform (layer count) | parameters (DeepSpeed's default; wrong for a looped block)
+    pipeline_partition: str = "loop_weighted"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loop: LoopScheduleConfig = field(default_factory=LoopScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token mixers: which names a config may use, and the mixer of each looped layer.
+
+# The built-in token mixers plus every mixer registered with megaloop.model.mixers.register_mixer (which
+# adds its name here), so that validation needs no model code. The classes are in megaloop/model/mixers.py.
+MIXER_NAMES = {"attn", "gdn", "swa", "dsa"}
+
+
+def mixer_pattern(spec: str, n_layers: int, linear_mixer: str = "gdn") -> List[str]:
+    """Mixer name for each of n_layers layers.
+
+    `spec` is one name ("attn"), a comma list ("gdn,gdn,gdn,attn") repeated along depth (its length
+    must divide n_layers so the pattern tiles the block exactly), or a ratio "N:M": N layers of
+    `linear_mixer` then M softmax-attention layers, repeated (LT2's "4:1" hybrid puts one full
+    attention layer after every four linear ones).
+    """
+    if ":" in spec:
+        try:
+            n_lin, n_attn = (int(v) for v in spec.split(":"))
+        except ValueError:
+            raise ConfigError(f"model.mixer ratio {spec!r} must look like 'N:M' with integers") from None
+        if n_lin < 0 or n_attn < 0 or n_lin + n_attn == 0:
+            raise ConfigError(f"model.mixer ratio {spec!r} needs non-negative counts, not both zero")
+        spec = ",".join([linear_mixer] * n_lin + ["attn"] * n_attn)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ConfigError("model.mixer is empty")
+    if n_layers % len(names):
+        raise ConfigError(f"model.mixer pattern {spec!r} has {len(names)} entries, which does not tile "
+                          f"the {n_layers} layers it applies to")
+    for n in names:
+        if n not in MIXER_NAMES:
+            raise ConfigError(f"unknown mixer '{n}' in model.mixer={spec!r}; known mixers: {sorted(MIXER_NAMES)}")
+    return names * (n_layers // len(names))
+
+

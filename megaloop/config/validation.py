@@ -1,0 +1,242 @@
+"""Validation: every impossible value or combination fails in `validate`, up front, naming the fields."""
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import typing
+from typing import List, Optional, Union
+
+from megaloop.config.schema import (ARCHITECTURES, FLT_FAMILY, INJECTIONS, Config, ConfigError, ModelConfig,
+                                    mixer_pattern)
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: every impossible value or combination fails here, naming the fields.
+
+
+def _choice(value, options, name):
+    if value not in options:
+        raise ConfigError(f"{name}={value!r} is not one of {list(options)}{_suggest(str(value), options)}")
+
+
+# The allowed range of every int / float field, checked before any combination: (low, high, low
+# inclusive, high inclusive), None = unbounded. Floats must also be finite; an Optional field may be null.
+# tests/test_config_strict.py fails for a numeric field missing here.
+_GT0, _GE0, _GE1 = (0, None, False, False), (0, None, True, False), (1, None, True, False)
+_UNIT_HALF_OPEN = (0, 1, True, False)  # [0, 1)
+NUMERIC_RANGES = {
+    "model.vocab_size": _GT0, "model.pad_vocab_multiple": _GE1, "model.max_seq_len": _GT0,
+    "model.d_model": _GT0, "model.n_heads": _GT0, "model.n_kv_heads": _GT0, "model.head_dim": _GT0,
+    "model.ffn_hidden": _GT0, "model.norm_eps": _GT0, "model.rope_theta": _GT0, "model.logit_softcap": _GT0,
+    "model.init_std": _GT0, "model.dropout": _UNIT_HALF_OPEN, "model.conv_size": _GT0, "model.gdn_expand_v": _GT0,
+    "model.gdn_chunk_size": _GT0, "model.window": _GT0, "model.dsa_topk": _GT0, "model.dsa_index_heads": _GT0,
+    "model.dsa_index_dim": _GT0, "model.dsa_indexer_loss_coef": _GE0, "model.n_prelude": _GE0,
+    "model.n_loop": _GT0, "model.n_coda": _GE0, "model.loops": _GT0, "model.max_loops": _GT0,
+    "model.state_init_std": _GT0, "model.parcae_init_decay": (0, 1, False, False),
+    "loop.mean": _GE1, "loop.sigma": _GE0, "loop.min": _GE1, "loop.max": _GE1, "loop.backprop_loops": _GE1,
+    "loop.exit_entropy_weight": _GE0,
+    "data.seq_len": _GT0, "data.num_workers": _GE0,
+    "train.seed": (0, 2 ** 32 - 1, True, True),  # numpy's RandomState takes [0, 2**32)
+    "train.steps": _GT0, "train.micro_batch_size": _GT0, "train.grad_accum_steps": _GT0, "train.lr": _GT0,
+    "train.min_lr": _GE0, "train.warmup_steps": _GE0, "train.wsd_decay_fraction": (0, 1, False, True),
+    "train.weight_decay": _GE0, "train.beta1": _UNIT_HALF_OPEN, "train.beta2": _UNIT_HALF_OPEN,
+    "train.eps": _GT0, "train.grad_clip": _GE0,  # 0 = no clipping
+    "train.log_interval": _GT0, "train.eval_interval": _GE0, "train.eval_iters": _GE0,
+    "train.save_interval": _GE0, "train.keep_checkpoints": _GE0, "train.eval_loops": _GT0,
+    "train.loss_scale": _GE0, "train.initial_scale_power": (0, 64, True, True), "train.peak_flops": _GT0,
+    "train.dist_timeout": _GT0, "train.sample_tokens": _GE0, "train.sample_temperature": _GE0,  # 0 = greedy
+    "train.sample_top_k": _GE0,  # 0 = no top-k
+    "parallel.tensor_parallel": _GT0, "parallel.pipeline_parallel": _GT0, "parallel.zero_stage": (0, 3, True, True),
+}
+
+
+def _range_text(low, high, low_in, high_in) -> str:
+    if low is not None and high is not None:
+        return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+    if low is not None:
+        return f"{'>=' if low_in else '>'} {low}"
+    return f"{'<=' if high_in else '<'} {high}"
+
+
+@functools.lru_cache(maxsize=None)
+def _optional_fields(cls) -> frozenset:
+    return frozenset(k for k, v in typing.get_type_hints(cls).items() if typing.get_origin(v) is Union)
+
+
+def _check_ranges(cfg: Config) -> None:
+    for dotted, (low, high, low_in, high_in) in NUMERIC_RANGES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        optional = name in _optional_fields(type(getattr(cfg, section)))
+        if value is None and optional:
+            continue
+        finite = not isinstance(value, float) or math.isfinite(value)
+        ok = finite and (low is None or (value >= low if low_in else value > low)) and \
+            (high is None or (value <= high if high_in else value < high))
+        if not ok:
+            what = "a finite number " if isinstance(value, float) else ""
+            raise ConfigError(f"{dotted} must be {what}{_range_text(low, high, low_in, high_in)}"
+                              f"{' or null' if optional else ''}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    m, lp, t, p = cfg.model, cfg.loop, cfg.train, cfg.parallel
+    _check_ranges(cfg)
+    _choice(m.mlp, ("swiglu", "relu2"), "model.mlp")
+    _choice(m.norm_style, ("pre", "sandwich"), "model.norm_style")
+    _choice(m.arch, ARCHITECTURES, "model.arch")
+    _choice(m.injection, INJECTIONS, "model.injection")
+    _choice(m.recall, ("standard", "internal"), "model.recall")
+    _choice(m.internal_recall_site, ("pre_attn", "pre_mlp"), "model.internal_recall_site")
+    _choice(m.internal_recall_layers, ("first", "all"), "model.internal_recall_layers")
+    _choice(m.normalization, ("inner", "outer"), "model.normalization")
+    _choice(m.state_init, ("embed", "zeros", "noise"), "model.state_init")
+    _choice(m.gdn_kernel, ("auto", "fla", "torch"), "model.gdn_kernel")
+    if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
+    if m.head_dim is None and m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+                          f"set model.head_dim explicitly")
+    if m.attn_head_dim % 2:
+        raise ConfigError(f"head dim {m.attn_head_dim} must be even for RoPE (model.d_model/model.n_heads)")
+    if not float(m.attn_head_dim * m.gdn_expand_v).is_integer():
+        raise ConfigError(f"model.gdn_expand_v={m.gdn_expand_v} must give an integer value head dim "
+                          f"(head dim {m.attn_head_dim})")
+    if m.loops > m.max_loops and m.loop_residual_gate:
+        raise ConfigError(f"model.loops={m.loops} exceeds model.max_loops={m.max_loops} (per-loop gate table)")
+    # Combinations that do not apply to the chosen architecture.
+    if m.arch in FLT_FAMILY:
+        if m.injection != "none":
+            raise ConfigError(
+                f"model.injection={m.injection!r} does not apply to model.arch={m.arch!r}: the FLT family "
+                f"injects the previous loop itself (attention/residual injection); use injection: none")
+        if m.recall != "standard":
+            raise ConfigError(f"model.recall={m.recall!r} does not apply to model.arch={m.arch!r}")
+        if m.normalization != "outer":
+            raise ConfigError(f"model.arch={m.arch!r} always carries h(k) = norm(x(k)); "
+                              f"model.normalization must be 'outer'")
+        if m.state_init != "embed":
+            raise ConfigError(f"model.state_init={m.state_init!r} does not apply to model.arch={m.arch!r} "
+                              f"(every loop restarts from norm(e))")
+    if m.recall == "internal" and m.injection not in ("add",):
+        raise ConfigError(f"model.recall='internal' adds e inside the block; it needs model.injection='add' "
+                          f"(got {m.injection!r})")
+    if m.injection == "parcae" and m.normalization == "outer":
+        raise ConfigError("model.injection='parcae' is a stable linear recurrence on an un-normalised state; "
+                          "set model.normalization='inner'")
+    if m.share_outer_final_norm and m.normalization != "outer":
+        raise ConfigError("model.share_outer_final_norm needs model.normalization='outer'")
+    if m.share_outer_final_norm and m.n_coda:
+        raise ConfigError("model.share_outer_final_norm (Ouro) feeds the final norm back into the loop; "
+                          f"it needs model.n_coda=0, got {m.n_coda}")
+    if isinstance(m.mixer, str) and m.mixer.strip().isdigit():
+        raise ConfigError(f"model.mixer={m.mixer!r} looks like a number: quote ratios in YAML (mixer: \"4:1\"), "
+                          f"which YAML 1.1 otherwise reads as a base-60 integer")
+    mixer_pattern(m.mixer, m.n_loop, m.linear_mixer)
+    # Loop schedule.
+    _choice(lp.sampling, ("fixed", "poisson", "lognormal_poisson"), "loop.sampling")
+    _choice(lp.loss, ("last", "mean", "last_third", "exit_weighted"), "loop.loss")
+    if lp.sampling == "fixed" and not float(lp.mean).is_integer():
+        raise ConfigError(f"loop.sampling='fixed' needs an integer loop.mean, got {lp.mean}")
+    if not 1 <= lp.min <= lp.max:
+        raise ConfigError(f"need 1 <= loop.min <= loop.max, got loop.min={lp.min}, loop.max={lp.max}")
+    if lp.sampling == "fixed" and not lp.min <= lp.mean <= lp.max:
+        raise ConfigError(f"loop.sampling='fixed' runs R = loop.mean={lp.mean:g} loops, outside [loop.min, loop.max] = "
+                          f"[{lp.min}, {lp.max}] (it would be clipped silently)")
+    if lp.loss == "exit_weighted" and not m.exit_gate:
+        raise ConfigError("loop.loss='exit_weighted' needs model.exit_gate=true")
+    if m.loop_residual_gate and lp.max > m.max_loops:
+        raise ConfigError(f"loop.max={lp.max} exceeds model.max_loops={m.max_loops} (per-loop gate table)")
+    if cfg.data.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _choice(cfg.data.tokenizer_type, ("byte", "sentencepiece"), "data.tokenizer_type")
+    if cfg.data.tokenizer_type == "sentencepiece" and not cfg.data.tokenizer_model:
+        raise ConfigError("data.tokenizer_type='sentencepiece' needs data.tokenizer_model")
+    # Training.
+    _choice(t.lr_schedule, ("cosine", "wsd", "constant"), "train.lr_schedule")
+    _choice(t.precision, ("fp32", "bf16", "fp16"), "train.precision")
+    _choice(t.bf16_impl, ("autocast", "master_weights"), "train.bf16_impl")
+    _choice(t.optimizer_impl, ("auto", "fused", "foreach", "for_loop"), "train.optimizer_impl")
+    _choice(t.activation_checkpointing, ("none", "loop", "layer"), "train.activation_checkpointing")
+    _choice(t.compile_mode, ("default", "max-autotune-no-cudagraphs"), "train.compile_mode")
+    if t.compile and p.zero_stage == 3:
+        raise ConfigError("train.compile with parallel.zero_stage=3: ZeRO-3's parameter-gathering hooks on every "
+                          "sub-module break each compiled layer into one graph per linear layer (slower than eager, "
+                          "long compile); use zero_stage 1 or 2 with train.compile, or train.compile=false")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"need train.min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
+    # Parallel layout.
+    _choice(p.zero_stage, (0, 1, 2, 3), "parallel.zero_stage")
+    tp = p.tensor_parallel
+    problems = tensor_parallel_problems(m, tp, cfg.data.seq_len if p.sequence_parallel else None)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if p.zero_stage == 3 and tp > 1:
+        raise ConfigError("parallel.zero_stage=3 with parallel.tensor_parallel>1 is not supported by megaloop's "
+                          "tensor-parallel layers; use zero_stage 1 or 2 with TP")
+    # Allowed on purpose: ZeRO 3 with activation checkpointing (non-reentrant recompute re-gathers the
+    # parameters), and fp16 with PP and ZeRO 0 (DeepSpeed's FP16 optimizer handles it).
+    if p.sequence_parallel and tp > 1:
+        if p.pipeline_parallel > 1:
+            raise ConfigError(f"parallel.sequence_parallel with parallel.pipeline_parallel={p.pipeline_parallel} is "
+                              f"not supported (sequence parallelism is implemented for pipeline_parallel 1 only); "
+                              f"set parallel.sequence_parallel=false or parallel.pipeline_parallel=1")
+        if t.partition_activations:
+            raise ConfigError("train.partition_activations splits checkpointed activations that are identical on the "
+                              "tensor-parallel ranks; under parallel.sequence_parallel they are already sequence "
+                              "shards (different per rank): set one of them false")
+    _choice(p.pipeline_partition, ("loop_weighted", "uniform", "parameters"), "parallel.pipeline_partition")
+    if t.eval_interval and t.eval_iters < 1:
+        raise ConfigError(f"train.eval_interval={t.eval_interval} needs train.eval_iters >= 1")
+    if t.loss_scale and t.precision != "fp16":
+        raise ConfigError(f"train.loss_scale={t.loss_scale} applies to fp16 only (train.precision={t.precision!r})")
+    if t.partition_activations and p.tensor_parallel == 1:
+        raise ConfigError("train.partition_activations splits the looped block's checkpointed activations across "
+                          "tensor-parallel ranks (DeepSpeed's checkpoint); it needs parallel.tensor_parallel > 1")
+    if (t.partition_activations or t.cpu_checkpointing) and t.activation_checkpointing == "none":
+        raise ConfigError("train.partition_activations / train.cpu_checkpointing act on the looped block's "
+                          "checkpointed activations; they need train.activation_checkpointing 'loop' or 'layer'")
+    max_stages = 3 + m.n_prelude + m.n_coda
+    if p.pipeline_parallel > max_stages:
+        raise ConfigError(f"parallel.pipeline_parallel={p.pipeline_parallel}: the looped block is one indivisible "
+                          f"pipeline layer, so this model (model.n_prelude={m.n_prelude}, model.n_coda={m.n_coda}) "
+                          f"splits into at most {max_stages} stages (embedding | prelude layers | looped block | "
+                          f"coda layers | head)")
+    if p.pipeline_parallel > 1 and p.zero_stage > 1:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pipeline_parallel="
+                          f"{p.pipeline_parallel}: DeepSpeed's pipeline engine supports ZeRO 0 and 1 only. "
+                          f"Use zero_stage 1 with pipeline parallelism, or pipeline_parallel 1 for ZeRO 2/3")
+
+
+def tensor_parallel_problems(m: ModelConfig, tp: int, seq_len: Optional[int] = None) -> List[str]:
+    """What a tensor-parallel degree fails to divide, one message per problem (empty: it fits).
+
+    seq_len: the sequence length, when sequence parallelism splits it over the TP ranks. The one
+    implementation of these checks: `validate` and `megaloop.parallel.apply_tp.validate_tensor_parallel`
+    (for models built in code) both call it."""
+    if tp == 1:
+        return []
+    problems = []
+    if m.n_heads % tp:
+        problems.append(f"model.n_heads={m.n_heads} is not divisible by parallel.tensor_parallel={tp}")
+    if m.kv_heads % tp and tp % m.kv_heads:
+        problems.append(f"model.n_kv_heads={m.kv_heads} and parallel.tensor_parallel={tp}: one must divide the "
+                        f"other (kv heads are split when n_kv_heads >= tp, replicated when fewer)")
+    if m.ffn_dim % tp:
+        problems.append(f"the MLP hidden size {m.ffn_dim} (model.ffn_hidden, or derived from model.d_model="
+                        f"{m.d_model}) is not divisible by parallel.tensor_parallel={tp}")
+    if m.padded_vocab_size % tp:
+        good = m.pad_vocab_multiple * tp // math.gcd(m.pad_vocab_multiple, tp)
+        problems.append(f"the padded vocabulary {m.padded_vocab_size} (model.vocab_size={m.vocab_size} padded to a "
+                        f"multiple of model.pad_vocab_multiple={m.pad_vocab_multiple}) is not divisible by "
+                        f"parallel.tensor_parallel={tp}; set model.pad_vocab_multiple={good}")
+    if seq_len is not None and seq_len % tp:
+        problems.append(f"parallel.sequence_parallel splits the sequence over the tensor-parallel ranks: "
+                        f"data.seq_len={seq_len} is not divisible by parallel.tensor_parallel={tp}")
+    return problems
