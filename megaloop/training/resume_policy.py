@@ -14,8 +14,10 @@ A resume compares the config saved in the checkpoint with the one the run was st
   (`model.*`), the tokenizer and the data (`data.*`: another corpus, split or sequence length would not
   continue the same stream), `train.seed`, the batch (`micro_batch_size`, `grad_accum_steps`) and the
   numeric format (`precision`, `bf16_impl`).
-- the parallel layout (`parallel.*`) is the checkpoint loader's business: megaloop.training.trainer refuses
-  a layout it cannot load, with both layouts side by side.
+- the parallel layout (`parallel.*`) is the checkpoint loader's business: `check_resumable` accepts any
+  TP x PP x DP x ZeRO change that megaloop.checkpoint.relayout loads (with `grad_accum_steps` changed so
+  that the global batch stays the same when DP changes) and refuses the rest before loading, with both
+  layouts side by side.
 """
 from __future__ import annotations
 
@@ -77,18 +79,44 @@ def check_resume_config(saved: Config, now: Config, where: str, override: bool =
 
 
 def check_resumable(tag_dir, cfg: Config, state, override: bool = False) -> List[str]:
-    """Before anything loads: the checkpoint's TP x PP x DP x ZeRO layout must be this run's, and the config
-    may change only what a resume applies. Returns the applied changes (one line each)."""
+    """Before anything loads: the checkpoint's TP x PP x DP x ZeRO layout must be this run's or one that
+    megaloop.checkpoint.relayout loads (refused otherwise, both layouts side by side), and the config may
+    change only what a resume applies. Returns the applied changes (one line each)."""
+    import copy
     from pathlib import Path
 
     from megaloop.checkpoint.reader import read_info
+    from megaloop.checkpoint.relayout import layout_of, supported_change
     info = read_info(Path(tag_dir))
     then = (info.tp, info.pp, info.dp, info.zero_stage)
     now = (state.tp_size, state.pp_size, state.dp_size, cfg.parallel.zero_stage)
+    saved, notes = info.config, []
     if then != now:
-        raise ConfigError(f"checkpoint {tag_dir} was saved with tensor_parallel x pipeline_parallel x data "
-                          f"parallel = {then[0]} x {then[1]} x {then[2]}, ZeRO {then[3]}; this run is "
-                          f"{now[0]} x {now[1]} x {now[2]}, ZeRO {now[3]}. Resuming on another layout is "
-                          f"not supported yet: relaunch with the checkpoint's layout (or export it and "
-                          f"start a new run from the weights)")
-    return check_resume_config(info.config, cfg, str(tag_dir), override)
+        st, nt = info.config.train, cfg.train
+        why = supported_change(info.config, cfg, then[3], now[3])
+        batch_then = st.micro_batch_size * st.grad_accum_steps * then[2]
+        batch_now = nt.micro_batch_size * nt.grad_accum_steps * now[2]
+        if why is None and batch_then != batch_now:
+            why = (f"the global batch (micro_batch_size x grad_accum_steps x data parallel) would change from "
+                   f"{st.micro_batch_size} x {st.grad_accum_steps} x {then[2]} = {batch_then} to "
+                   f"{nt.micro_batch_size} x {nt.grad_accum_steps} x {now[2]} = {batch_now}, and the data "
+                   f"position would not continue; set train.grad_accum_steps="
+                   f"{batch_then // (nt.micro_batch_size * now[2])} to keep it"
+                   if batch_then % (nt.micro_batch_size * now[2]) == 0 else
+                   f"the global batch {batch_then} ({st.micro_batch_size} x {st.grad_accum_steps} x {then[2]}) "
+                   f"cannot be kept with micro_batch_size {nt.micro_batch_size} on {now[2]} data-parallel ranks")
+        if why is not None:
+            raise ConfigError(f"checkpoint {tag_dir} was saved with {layout_of(*then)}; this run is "
+                              f"{layout_of(*now)}. This change is not supported: {why}. Relaunch with the "
+                              f"checkpoint's layout (or export it and start a new run from the weights)")
+        notes.append(f"layout: {layout_of(*then)} -> {layout_of(*now)} (weights and optimizer state resharded; "
+                     f"RNG re-seeded from (seed, step))")
+        if st.grad_accum_steps != nt.grad_accum_steps:  # the global batch is the same: not a batch change
+            saved = copy.deepcopy(info.config)
+            saved.train.grad_accum_steps = nt.grad_accum_steps
+            notes.append(f"train.grad_accum_steps: {st.grad_accum_steps} -> {nt.grad_accum_steps} (the same "
+                         f"global batch of {batch_now} on {now[2]} data-parallel rank(s))")
+            if cfg.loop.sampling != "fixed":
+                notes.append("loop counts: drawn per (step, micro-batch), so with another grad_accum_steps "
+                             "the samples of a step meet other draws of R")
+    return notes + check_resume_config(saved, cfg, str(tag_dir), override)

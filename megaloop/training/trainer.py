@@ -112,7 +112,8 @@ class Trainer:
             write_run_config(self.cfg, self.out_dir, self.rank, None)
             return {"step": 0, "consumed_samples": 0}
         applied = check_resumable(tag_dir, self.cfg, self.state, self.override_resume_config)
-        client = ckpt.load_training(self.engine, tag_dir, self.rank)
+        from megaloop.checkpoint.relayout import load_training as load_any_layout  # (another layout too)
+        client = load_any_layout(self.te, tag_dir, self.state, self.cfg, self.rank)
         self.last_good = os.path.abspath(tag_dir)
         apply_schedule(self.engine, self.cfg.train)  # the schedule of the config given now, at this step
         self.logger.console(f"resumed from {self.last_good} at step {client.get('step')}"
