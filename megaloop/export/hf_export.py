@@ -39,7 +39,7 @@ from megaloop.config import ModelConfig
 from megaloop.export.hf_files import (AUTO_MAP, TEMPLATE_DIR, TEMPLATE_FILES, _readme, _write_tokenizer, hf_config_dict,
                                       tokenizer_info)
 from megaloop.export.inputs import ExportError, _check_exportable, _model_config, check_state_dict
-from megaloop.export.output_dir import check_output_dir, make_temp_dir, move_into_place, output_failure
+from megaloop.export.output_dir import check_output_dir, staged_output
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -76,8 +76,7 @@ def export_hf(full_state_dict: Dict[str, torch.Tensor], model_config, tokenizer_
     tok_info = tokenizer_info(tokenizer_spec)
     hf_kwargs = hf_config_dict(mc, noise_init=noise_init, noise_seed=noise_seed)
 
-    tmp = make_temp_dir(out_dir)
-    try:
+    with staged_output(out_dir) as tmp:  # renamed into place at the end; removed on any failure
         from megaloop.export.hf_template.configuration_megaloop import MegaloopConfig
 
         special = _write_tokenizer(tok_info, tmp, mc) if tok_info else {}
@@ -108,13 +107,6 @@ def export_hf(full_state_dict: Dict[str, torch.Tensor], model_config, tokenizer_
         if verify:
             verify_export(tmp, full_state_dict, mc, weight_dtype=target)
 
-        move_into_place(tmp, out_dir)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        failure = output_failure(e, out_dir, tmp)
-        if failure is not None:
-            raise failure from e
-        raise
     return out_dir
 
 

@@ -36,7 +36,7 @@ from megaloop.config import FLT_FAMILY, ModelConfig
 from megaloop.export.hf_export import _DTYPES
 from megaloop.export.hf_files import _write_tokenizer, tokenizer_info
 from megaloop.export.inputs import ExportError, _model_config, check_state_dict, loop_mixers
-from megaloop.export.output_dir import make_temp_dir, move_into_place, output_failure
+from megaloop.export.output_dir import staged_output
 from megaloop.model.layers import rms_norm
 
 
@@ -129,8 +129,7 @@ def export_llama(full_state_dict: Dict[str, torch.Tensor], model_config, tokeniz
     check_state_dict(full_state_dict, mc)
     tok_info = tokenizer_info(tokenizer_spec)
     n_layers = mc.n_prelude + loops * mc.n_loop + mc.n_coda
-    tmp = make_temp_dir(out_dir)
-    try:
+    with staged_output(out_dir) as tmp:  # renamed into place at the end; removed on any failure
         special = _write_tokenizer(tok_info, tmp, mc) if tok_info else {}
         if tok_info:
             from megaloop.export.hf_files import TEMPLATE_DIR
@@ -155,11 +154,4 @@ def export_llama(full_state_dict: Dict[str, torch.Tensor], model_config, tokeniz
         (tmp / "megaloop_unrolled.json").write_text(json.dumps(
             {"loops": loops, "n_prelude": mc.n_prelude, "n_loop": mc.n_loop, "n_coda": mc.n_coda,
              "note": "unrolled megaloop model: layers = prelude + loops x looped block + coda"}, indent=2))
-        move_into_place(tmp, out_dir)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        failure = output_failure(e, out_dir, tmp)
-        if failure is not None:
-            raise failure from e
-        raise
     return out_dir

@@ -8,6 +8,8 @@ failed write (disk full, read-only, permissions) into one OutputError line.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import shutil
@@ -139,3 +141,20 @@ def move_into_place(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out_dir)
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: Path):
+    """Write an export into a temporary folder beside `out_dir` (the block's `tmp`); a clean end renames it
+    into place (`move_into_place`), any failure removes it and re-raises, an OSError as an OutputError
+    naming the folder (`output_failure`): never a half-written export under the final name."""
+    tmp = make_temp_dir(out_dir)
+    try:
+        yield tmp
+        move_into_place(tmp, out_dir)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        failure = output_failure(e, out_dir, tmp)
+        if failure is not None:
+            raise failure from e
+        raise
