@@ -62,7 +62,7 @@ def test_resume_tp2pp2_as_dp2_zero1(source):
 def test_zero0_and_zero1_pipeline_checkpoints_read_to_the_same_state(source):
     """The ZeRO 0 optimizer state has no names (they are rebuilt from the config and the stage's layer
     range); ZeRO 1's has them: both readings of the same training must agree."""
-    from megaloop.checkpoint.reader import load_training_state
+    from megaloop.checkpoint.training_state import load_training_state
     tmp, data, ref_out = source
     out = str(tmp / "tp2pp2_z0")
     cfg = _cfg(data, out, 3, 2, {"tensor_parallel": 2, "pipeline_parallel": 2, "zero_stage": 0})

@@ -8,6 +8,10 @@ engine  save_training / load_training: DeepSpeed's save/load on every rank, per-
         marker and `latest` written only once every rank's files are complete
 reader  load / load_model / load_state_dict / load_config: any TP x PP x DP layout and ZeRO stage merged
         offline into LoopedLM names (and the plain torch.save'd format of plain.py)
+training_state  load_training_state: the AdamW state (fp32 weights, moments, step) of any layout, merged
+        the same way
+relayout  load_training: resume a run on the checkpoint's layout (DeepSpeed's loader) or on another one
+        (the merged state sliced for each rank of the new layout)
 
 Errors are CheckpointError (a ValueError) with a one-line message naming the path or file.
 """

@@ -5,7 +5,7 @@ Why not DeepSpeed's universal checkpoint: its per-parameter slicing knows DeepSp
 n_kv_heads < tp) nor the pipeline layer classes' LoopedLM names; megaloop's own reader already merges
 any layout's weights with the same partition rules as training (megaloop.parallel.apply_tp). So:
 
-1. reader.load_training_state merges the old checkpoint's fp32 weights, AdamW exp_avg / exp_avg_sq and
+1. training_state.load_training_state merges the old checkpoint's fp32 weights, AdamW exp_avg / exp_avg_sq and
    step into one-process tensors keyed by LoopedLM parameter name (ZeRO 0: the torch optimizer's
    state_dict; ZeRO 1/2: the flat partitions of every data-parallel rank, cut back by their names);
 2. the engine built for the new layout takes, per parameter, this rank's TP shard (apply_tp's
@@ -66,7 +66,7 @@ def _local(full: torch.Tensor, part, tp_rank: int, tp: int) -> torch.Tensor:
 
 def _lm_params(module):
     """(LoopedLM name, parameter) of the engine's module (PipelineModule names mapped back)."""
-    from megaloop.checkpoint.reader import _lm_name
+    from megaloop.checkpoint.training_state import _lm_name
     seen = set()
     for n, p in module.named_parameters():
         if id(p) not in seen:
@@ -79,7 +79,7 @@ def load_training_any_layout(te, tag_dir, state, cfg) -> dict:
     collectives). te: megaloop.training.engine.TrainingEngine. Returns the checkpoint's client state."""
     from deepspeed.runtime.base_optimizer import ZeROOptimizer
     from deepspeed.utils import safe_set_full_fp32_param
-    from megaloop.checkpoint.reader import load_training_state
+    from megaloop.checkpoint.training_state import load_training_state
     from megaloop.parallel.apply_tp import partition_info_for
     from megaloop.parallel.random import set_parallel_seed
 

@@ -12,10 +12,7 @@ from types import SimpleNamespace
 import torch
 
 from megaloop.config import TrainConfig
-
-
-def is_no_decay(name: str, p: torch.nn.Parameter) -> bool:
-    return bool(getattr(p, "no_weight_decay", False)) or p.ndim < 2 or name.endswith("bias")
+from megaloop.model.weight_decay import is_no_decay  # noqa: F401  (the rule; also imported from here by tests)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
