@@ -1,0 +1,60 @@
+"""Plan a run on a cluster: per pipeline stage and TP rank, the exact parameter count (meta-device
+modules, TP applied; no memory allocated), weight / gradient / optimizer memory under the precision
+recipe and ZeRO over DP, model FLOPs; the step time at a stated MFU, the pipeline bubble, tokens/s per
+GPU and for the cluster, and the time to a token budget.
+
+    python tools/plan.py --config yaml_configs/flt_350m_8gpu.yaml --world 8 --gpu h200
+    python tools/plan.py --config CFG --nodes 4 --gpus-per-node 8 --gpu a100 parallel.pipeline_parallel=2 --json
+    python tools/plan.py --config CFG --gpu B200:2.25e15:180:8e12 --mfu 0.35 --tokens 1e12
+
+--gpu: h100 | h200 (989 TFLOP/s dense bf16, 80 / 141 GiB) | a100 (312 TFLOP/s, 80 GiB) |
+NAME:peak_flops:mem_gib:bw. --world defaults to tensor_parallel x pipeline_parallel (DP 1). Positional
+key=value arguments override the config as in pretrain_looped.py. Activation memory is not estimated
+yet. Errors are one line on stderr and exit code 2.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+    p.add_argument("--world", type=int, default=None, help="number of GPUs")
+    p.add_argument("--nodes", type=int, default=None)
+    p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--gpu", default="h100", help="h100 | h200 | a100 | NAME:peak_flops:mem_gib:bw")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for the step time")
+    p.add_argument("--tokens", type=float, default=None, help="token budget (default: train.steps x tokens/step)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args = p.parse_args(argv)
+    if args.world is not None and (args.nodes is not None or args.gpus_per_node is not None):
+        p.error("give either --world or --nodes with --gpus-per-node")
+    world = args.world
+    if args.nodes is not None or args.gpus_per_node is not None:
+        if args.nodes is None or args.gpus_per_node is None:
+            p.error("--nodes and --gpus-per-node go together")
+        world = args.nodes * args.gpus_per_node
+
+    from megaloop.config import load_config
+    from megaloop.planner import format_plan, make_plan, parse_gpu
+
+    cfg = load_config(args.config, args.overrides)
+    plan = make_plan(cfg, world=world, gpu=parse_gpu(args.gpu), mfu=args.mfu, tokens=args.tokens)
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+def main(argv=None) -> int:
+    """The tool: 0, or 2 after one line on stderr for an error the user can fix (megaloop.errors.run_cli)."""
+    from megaloop.errors import run_cli
+
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
