@@ -144,6 +144,11 @@ class DataConfig:
     tokenizer_model: Optional[str] = None
     cache_dir: Optional[str] = None  # index cache; None: next to the data
     num_workers: int = 0
+    # A synthetic task (megaloop.tasks: parity, prefix_sum, mqar, s5, a5, z5, z60, state_tracking, sudoku)
+    # instead of data_path: examples generated from (train.seed, index), answer-only labels, exact-match
+    # accuracy in validation. task_params: the task's keyword arguments, e.g. {length: 16}.
+    task: Optional[str] = None
+    task_params: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -156,6 +156,11 @@ def validate(cfg: Config) -> None:
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     _choice(cfg.data.tokenizer_type, ("byte", "sentencepiece"), "data.tokenizer_type")
+    if not isinstance(cfg.data.task_params, dict):
+        raise ConfigError(f"data.task_params must be a mapping of the task's parameters, e.g. {{length: 16}}, "
+                          f"got {cfg.data.task_params!r}")
+    if cfg.data.task_params and not cfg.data.task:
+        raise ConfigError("data.task_params is set but data.task is not: name the task (e.g. data.task=parity)")
     if cfg.data.tokenizer_type == "sentencepiece" and not cfg.data.tokenizer_model:
         raise ConfigError("data.tokenizer_type='sentencepiece' needs data.tokenizer_model")
     # Training.

@@ -30,7 +30,40 @@ from megaloop.config import Config
 from megaloop.model.loop_schedule import sample_loops
 
 
+def build_task_datasets(cfg: Config, num_train: int, num_valid: int) -> dict:
+    """data.task: generated examples (megaloop.tasks) instead of a corpus; validation draws from another
+    seed (train.seed + 1), so it scores examples the run was not trained on."""
+    from megaloop.config import ConfigError
+    from megaloop.tasks import TaskDataset, build_task
+    d = cfg.data
+    try:
+        train_task = build_task(d.task, seed=cfg.train.seed, **d.task_params)
+        valid_task = build_task(d.task, seed=cfg.train.seed + 1, **d.task_params)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"data.task={d.task!r} with data.task_params={d.task_params!r}: {e}") from None
+    if train_task.seq_len != d.seq_len:
+        raise ConfigError(f"data.task={d.task!r} makes sequences of {train_task.seq_len} tokens but data.seq_len="
+                          f"{d.seq_len}: set data.seq_len={train_task.seq_len}")
+    if train_task.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"data.task={d.task!r} uses {train_task.vocab_size} token ids but model.vocab_size="
+                          f"{cfg.model.vocab_size}: set model.vocab_size >= {train_task.vocab_size}")
+    out = {"train": TaskDataset(train_task, max(1, int(num_train)))}
+    if num_valid:
+        out["valid"] = TaskDataset(valid_task, int(num_valid))
+    return out
+
+
+def _split(sample: torch.Tensor):
+    """(tokens, labels) of a collated batch: [B, T+1] corpus windows shift by one; [B, 2, T] task examples
+    carry their own answer-only labels."""
+    from megaloop.data.sampler import inputs_and_labels
+    from megaloop.tasks.base import task_inputs_and_labels
+    return task_inputs_and_labels(sample) if sample.dim() == 3 else inputs_and_labels(sample)
+
+
 def build_split_datasets(cfg: Config, num_train: int, num_valid: int, tokenizer=None) -> dict:
+    if cfg.data.task:
+        return build_task_datasets(cfg, num_train, num_valid)
     from megaloop.data import build_datasets, parse_data_paths
     from megaloop.data.dataset_tokenizer import check_dataset_tokenizer
     if not cfg.data.data_path:
@@ -80,13 +113,12 @@ class TrainBatches:
         return torch.tensor([lc.total, lc.grad], dtype=torch.long)
 
     def __next__(self):
-        from megaloop.data.sampler import inputs_and_labels
         if self._it is None:
             self._it = iter(self.loader)
         sample = next(self._it)
         step, m = divmod(self._micro, self.gas)
         self._micro += 1
-        tokens, labels = inputs_and_labels(sample)
+        tokens, labels = _split(sample)
         return (tokens, self.loops_for(step, m)), labels
 
 
@@ -114,8 +146,7 @@ class EvalBatches:
         return self
 
     def __next__(self):
-        from megaloop.data.sampler import inputs_and_labels
-        tokens, labels = inputs_and_labels(next(self._it))
+        tokens, labels = _split(next(self._it))
         return (tokens, torch.tensor([self.loops, self.loops], dtype=torch.long)), labels
 
 

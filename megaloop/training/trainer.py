@@ -84,7 +84,7 @@ class Trainer:
         if self.rank != 0:
             datasets = build_split_datasets(cfg, n_train, n_valid, self.tokenizer)
         self.train_ds, self.valid_ds = datasets["train"], datasets.get("valid")
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+        if not cfg.data.task and self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} ids but model.vocab_size="
                               f"{cfg.model.vocab_size}")
 
@@ -188,17 +188,34 @@ class Trainer:
             return float(loss)
         self.engine.eval()
         total = zeros_on_accelerator(1)
+        counts = zeros_on_accelerator(4, dtype=torch.float64)  # exact match on task data (see below)
         with torch.no_grad():
             for (tokens, lp), labels in batches:
-                out = self.engine(tokens.to(self.engine.device), labels=labels.to(self.engine.device),
-                                  loops=int(lp[0]))
+                labels = labels.to(self.engine.device)
+                out = self.engine(tokens.to(self.engine.device), labels=labels, loops=int(lp[0]))
                 total += out.loss.detach().float()
+                if self.cfg.data.task:
+                    counts += self._exact_match_counts(out.logits, labels)
         self.engine.train()
         total /= t.eval_iters
         if self.dp > 1:
             dist.all_reduce(total, group=self.state.dp_group)
+            dist.all_reduce(counts, group=self.state.dp_group)
             total /= self.dp
+        self.last_accuracy = None
+        if self.cfg.data.task:
+            sr, sn, pr, pn = counts.tolist()
+            self.last_accuracy = {"exact_match_sequence": sr / max(sn, 1), "exact_match_position": pr / max(pn, 1)}
         return float(total)
+
+    def _exact_match_counts(self, logits, labels):
+        """(sequences right, sequences, answer positions right, answer positions) of one micro-batch; under
+        TP the vocab-parallel logits are gathered first."""
+        from megaloop.tasks.base import exact_match_counts
+        if self.state.tp_size > 1:
+            from megaloop.parallel.apply_tp import gather_logits
+            logits = gather_logits(self.module, logits)
+        return on_accelerator(exact_match_counts(logits, labels), dtype=torch.float64)
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -265,9 +282,11 @@ class Trainer:
                 if evaluate:
                     vl = self.evaluate()
                     if vl is not None:
-                        self.logger.console(f"step {step} | validation loss {vl:.4f} (R={t.eval_loops or cfg.model.loops})")
-                        self.logger.scalars(step, {"loss": vl}, prefix="valid/")
-                        self.logger.record({"step": step, "valid_loss": vl})
+                        acc = getattr(self, "last_accuracy", None) or {}
+                        self.logger.console(f"step {step} | validation loss {vl:.4f} (R={t.eval_loops or cfg.model.loops})"
+                                            + "".join(f" | {k.replace('_', ' ')} {v:.3f}" for k, v in acc.items()))
+                        self.logger.scalars(step, {"loss": vl, **acc}, prefix="valid/")
+                        self.logger.record({"step": step, "valid_loss": vl, **acc})
                 if stopping:
                     self.save(step, consumed)
                     self.logger.console(f"stopped ({stop.reason or 'a stop request on another rank'}) at step "
@@ -278,7 +297,7 @@ class Trainer:
             if t.save_interval or t.steps > 0:
                 if self.last_good is None or not self.last_good.endswith(ckpt.tag_for(step)):
                     self.save(step, consumed)
-            if t.sample_tokens:
+            if t.sample_tokens and not cfg.data.task:
                 self.sample()
         finally:
             stop.restore()
