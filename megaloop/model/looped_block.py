@@ -142,6 +142,13 @@ class LoopedBlock(nn.Module):
         norm = final_norm if self.outer_is_final else self.outer_norm
         return norm(x)
 
+    def loop_map(self, t: int, s: torch.Tensor, e: torch.Tensor, rope,
+                 final_norm: Optional[nn.Module] = None) -> torch.Tensor:
+        """The state map of loop t, h(t-1) -> h(t) = carry(step(t, h(t-1))), with the injected e and
+        rope held fixed: exactly what `forward` computes between loops (fixed-point diagnostics
+        differentiate it, megaloop/model/fixed_point.py)."""
+        return self.carry(self.step(t, s, e, rope), final_norm)
+
     # ------------------------------------------------------------------------------------------
     def forward(self, e: torch.Tensor, rope, loops: int, grad_loops: Optional[int] = None,
                 collect: bool = False, diagnostics: bool = False, final_norm: Optional[nn.Module] = None,
@@ -162,7 +169,8 @@ class LoopedBlock(nn.Module):
         else:
             s = e  # unused at t = 0
         per_loop = [] if collect else None
-        diag = {"residual_norm": [], "state_norm": [], "state_delta": []} if diagnostics else None
+        diag = ({"residual_norm": [], "state_norm": [], "state_delta": [], "relative_residual": []}
+                if diagnostics else None)
         per_loop_ckpt = self.activation_checkpointing == "loop"
 
         for t in range(loops):
@@ -185,7 +193,11 @@ class LoopedBlock(nn.Module):
                     diag["residual_norm"].append(x.detach().float().norm(dim=-1).mean())
                     diag["state_norm"].append(h_new.detach().float().norm(dim=-1).mean())
                     prev = s if (self.arch == "recurrent" or t > 0) else torch.zeros_like(s)
-                    diag["state_delta"].append((h_new.detach().float() - prev.detach().float()).norm(dim=-1).mean())
+                    delta = (h_new.detach().float() - prev.detach().float()).norm(dim=-1)
+                    diag["state_delta"].append(delta.mean())
+                    # ||h(t) - h(t-1)|| / ||h(t)|| per token, averaged over the tokens (like the others).
+                    diag["relative_residual"].append(
+                        (delta / h_new.detach().float().norm(dim=-1).clamp_min(1e-12)).mean())
             s = s_next
 
         out = s

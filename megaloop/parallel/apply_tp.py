@@ -132,7 +132,7 @@ def _sp_diagnostics(comm: TPComm):
         diag = getattr(output, "diagnostics", None)
         if not diag:
             return output
-        keys = [k for k in ("residual_norm", "state_norm", "state_delta") if k in diag]
+        keys = [k for k in ("residual_norm", "state_norm", "state_delta", "relative_residual") if k in diag]
         vals = comm.all_reduce_many([diag[k].detach().float() for k in keys], phase="other")
         for k, v in zip(keys, vals):
             diag[k] = (v / comm.size).to(diag[k].dtype)
