@@ -2,6 +2,9 @@
 tiny 2-layer d16 models: the Jacobian's spectral norm estimate against the exact one, the input
 dependence, per-loop gradient contributions summing to the shared weights' gradient, and no cost when
 the diagnostics are off."""
+import glob
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -164,3 +167,26 @@ def test_diagnostics_cost_no_extra_layer_calls():
         h.remove()
     assert off == on == 3 * model.cfg.n_loop
     assert set(out.diagnostics) >= {"residual_norm", "state_norm", "state_delta", "relative_residual"}
+
+
+TINY = sorted(glob.glob(str(Path(__file__).resolve().parents[1] / "yaml_configs/tiny/*.yaml")))
+
+
+@pytest.mark.parametrize("path", TINY, ids=[Path(p).stem for p in TINY])
+def test_per_loop_grad_contributions_sum_to_grad_every_tiny_config(path):
+    """Every variant (injections, Ouro's shared final norm, Parcae, noise starts, mixers): the per-loop
+    contributions sum to the shared block parameters' gradient (same noise start for both passes)."""
+    torch.manual_seed(0)
+    model = build_model(load_config(path)).eval()  # eval: no dropout draws between the two passes
+    seq = _tokens(B=2, T=16, seed=2)
+    x, y = seq[:, :-1], seq[:, 1:]
+    res = per_loop_grad_contributions(model, x, y, loops=3, return_grads=True,
+                                      noise_generator=torch.Generator().manual_seed(5))
+    model(x, labels=y, loops=3, noise_generator=torch.Generator().manual_seed(5)).loss.backward()
+    params = dict(model.block.named_parameters())
+    for name, per in res["grads"].items():
+        grad = params[name].grad
+        if grad is None:  # outside the loss's graph (DSA's indexer: its own KL loss): no contributions
+            assert not per.any(), name
+        else:
+            torch.testing.assert_close(per.sum(0), grad, rtol=0, atol=1e-6)

@@ -65,7 +65,8 @@ def loop_map_spectral_norm(model, tokens: torch.Tensor, loops: int, iters: int =
     + `iters` vector-Jacobian products (each about one loop step's backward): roughly 2 * iters + 2
     extra loop-step evaluations; memory: one loop step's activations + `iters` float32 copies of the
     state. Attention runs on SDPA's math kernel here (the fused kernels lack forward-mode AD); mixers
-    with custom kernels must support torch.func.jvp.
+    with custom kernels must support torch.func.jvp (DSA's sparse attention, an autograd.Function
+    without functorch support, does not yet: RuntimeError).
     Deterministic for a given `seed` (the start vector). Returns a float32 scalar tensor."""
     block = model.block
     h, e, rope = last_iterate(model, tokens, loops, generator)
@@ -195,7 +196,8 @@ def per_loop_grad_contributions(model, tokens: torch.Tensor, labels: torch.Tenso
       grad_cosine  (R, G): cosine with loop t-1's contribution (NaN for t = 0 and where a norm is 0,
                    e.g. loops run without gradients under grad_loops)
       loss         the loss (detached)
-      grads        {param name in the block: (R, *shape)} when return_grads
+      grads        {param name in the block: (R, *shape)} when return_grads (zeros where the loss
+                   does not reach a parameter, e.g. DSA's indexer, trained by its own loss)
 
     Leaves every `.grad` untouched (torch.autograd.grad w.r.t. the copies only); the block's step is
     patched for the call and restored. Cost: one training forward + backward, plus R copies of the
