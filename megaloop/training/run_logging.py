@@ -97,6 +97,7 @@ def log_interval(logger: RunLogger, step: int, total_steps: int, row: dict, stat
         for k, vals in diag.items():
             for i, v in enumerate(vals):
                 logger.scalars(step, {f"{k}/loop{i + 1:02d}": v}, prefix="loops/")
+        logger.record({"step": step, "per_loop": diag})  # {key: [loop 1, loop 2, ...]}
     sn = stats.get("injection_spectral_norm")
     if sn is not None:
         logger.scalars(step, {"injection_spectral_norm": sn}, prefix="loops/")

@@ -8,7 +8,7 @@ import torch
 from megaloop.parallel.device import zeros_on_accelerator
 from megaloop.training.run_logging import memory_bytes
 
-DIAG_KEYS = ("residual_norm", "state_norm", "state_delta")
+DIAG_KEYS = ("residual_norm", "state_norm", "state_delta", "relative_residual")  # per loop
 
 
 def gather_stats(diag, max_loops: int, rank: int, world: int, reports_diag: bool) -> dict:
