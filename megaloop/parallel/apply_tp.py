@@ -210,7 +210,8 @@ def _transformer_layers(model: nn.Module):
 def _replicated_checksum(model: nn.Module) -> torch.Tensor:
     vals = [p.detach().double().sum() + (p.detach().double() * 1.000001).abs().sum() * 1e-3
             for p in model.parameters() if not partition_of(p).sharded]
-    return torch.stack(vals) if vals else torch.zeros(1, dtype=torch.float64)
+    device = next(model.parameters()).device  # (the accelerator's: this goes into an all-gather)
+    return torch.stack(vals) if vals else torch.zeros(1, dtype=torch.float64, device=device)
 
 
 def apply_tensor_parallel(model: nn.Module, state_or_group, *, sequence_parallel: Optional[bool] = None,

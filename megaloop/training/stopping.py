@@ -72,7 +72,7 @@ class StopAgreement:
         if reduced.device.type == "cpu":
             self.pending.append((step, None, reduced))
             return
-        host = self.acc.pin_memory(torch.empty(1))
+        host = self.acc.pin_memory(torch.empty(1, device="cpu"))  # the read-back buffer, never a collective's
         host.copy_(reduced, non_blocking=True)
         event = self.acc.Event()
         event.record()
