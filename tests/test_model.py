@@ -264,3 +264,17 @@ def test_mixer_is_pluggable_without_touching_the_loop():
         assert torch.isfinite(model(x, labels=y).loss)
     finally:
         MIXERS.pop("zero_test")
+
+
+def test_loop_max_clipping_a_heavy_tailed_schedule_is_reported():
+    from megaloop.config import LoopScheduleConfig
+    from megaloop.model.loop_schedule import clipping_warning, expected_loops
+    huginn = LoopScheduleConfig(sampling="lognormal_poisson", mean=32, sigma=0.5, max=32)
+    msg = clipping_warning(huginn)
+    assert msg and "loop.max=32 clips" in msg and "would keep 99% of the draws" in msg
+    assert expected_loops(huginn) < 30  # what the clipping does to the mean
+    wide = int(msg.rsplit("loop.max=", 1)[1].split()[0])
+    assert wide > 32 and clipping_warning(LoopScheduleConfig(sampling="lognormal_poisson", mean=32, sigma=0.5,
+                                                             max=wide)) is None
+    assert clipping_warning(LoopScheduleConfig(sampling="poisson", mean=4, max=32)) is None
+    assert clipping_warning(LoopScheduleConfig(sampling="fixed", mean=4)) is None

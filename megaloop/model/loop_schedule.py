@@ -21,18 +21,38 @@ class LoopCount:
     grad: int  # the last `grad` iterations carry gradients; the first total-grad run under no_grad
 
 
-def sample_loops(cfg: LoopScheduleConfig, seed: int, step: int, micro_batch: int = 0) -> LoopCount:
+def _draw(cfg: LoopScheduleConfig, seed: int, step: int, micro_batch: int) -> int:
+    """The schedule's draw before it is clipped to [loop.min, loop.max]."""
     if cfg.sampling == "fixed":
-        total = int(cfg.mean)
-    else:
-        rng = np.random.Generator(np.random.PCG64([seed, step, micro_batch, 0x100B]))
-        if cfg.sampling == "poisson":  # Parcae: T ~ max(1, Poisson(mu))
-            total = int(rng.poisson(cfg.mean))
-        else:  # Huginn: tau ~ LogNormal(ln(mean) - s^2/2, s), r = Poisson(tau) + 1
-            tau = rng.lognormal(math.log(cfg.mean) - cfg.sigma ** 2 / 2, cfg.sigma)
-            total = int(rng.poisson(tau)) + 1
-    total = min(max(total, cfg.min), cfg.max)
+        return int(cfg.mean)
+    rng = np.random.Generator(np.random.PCG64([seed, step, micro_batch, 0x100B]))
+    if cfg.sampling == "poisson":  # Parcae: T ~ max(1, Poisson(mu))
+        return int(rng.poisson(cfg.mean))
+    # Huginn: tau ~ LogNormal(ln(mean) - s^2/2, s), r = Poisson(tau) + 1
+    tau = rng.lognormal(math.log(cfg.mean) - cfg.sigma ** 2 / 2, cfg.sigma)
+    return int(rng.poisson(tau)) + 1
+
+
+def sample_loops(cfg: LoopScheduleConfig, seed: int, step: int, micro_batch: int = 0) -> LoopCount:
+    total = min(max(_draw(cfg, seed, step, micro_batch), cfg.min), cfg.max)
     return LoopCount(total, grad_loops(cfg, total))
+
+
+def clipping_warning(cfg: LoopScheduleConfig, seed: int = 0, n: int = 4096, tolerance: float = 0.01) -> Optional[str]:
+    """A one-line warning when loop.max clips more than `tolerance` of the sampled loop counts (Huginn's
+    heavy-tailed LogNormal-Poisson with mean 32 under the default max 32 averages about 26, not 32), with
+    the loop.max that keeps 99 % of the draws; None when the schedule is (nearly) unclipped."""
+    if cfg.sampling == "fixed":
+        return None
+    raw = np.array([_draw(cfg, seed, s, 0) for s in range(n)])
+    over = float(np.mean(raw > cfg.max))
+    if over <= tolerance:
+        return None
+    clipped = np.clip(raw, cfg.min, cfg.max)
+    q99 = int(np.ceil(np.quantile(raw, 0.99)))
+    return (f"loop.max={cfg.max} clips {100 * over:.1f}% of the sampled loop counts (loop.sampling={cfg.sampling}, "
+            f"loop.mean={cfg.mean:g}): R averages {clipped.mean():.1f} instead of {raw.mean():.1f}; "
+            f"loop.max={q99} would keep 99% of the draws")
 
 
 def grad_loops(cfg: LoopScheduleConfig, loops):

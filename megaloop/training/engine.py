@@ -180,6 +180,10 @@ def build_engine(cfg: Config, state, console, device: str) -> TrainingEngine:
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=mpu)
 
+    from megaloop.model.loop_schedule import clipping_warning
+    clipped = clipping_warning(cfg.loop, t.seed)
+    if clipped:
+        console(f"warning: {clipped}")
     recipe = {"bf16": f"bf16 ({t.bf16_impl})"}.get(t.precision, t.precision)
     console(f"precision {recipe}, AdamW {optimizer_kernel(t.optimizer_impl, device_type)}"
             f"{', torch.compile per layer' if t.compile else ''}")
