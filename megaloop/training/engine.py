@@ -115,15 +115,9 @@ class TrainingEngine:
             raise RuntimeError(f"gathering the trained weights: missing {missing[:4]}")
         return lm.eval()
 
-    @property
-    def block(self):
-        if self.cfg.parallel.pipeline_parallel == 1:
-            return self.module.block
-        return getattr(self.looped_layer(), "block", None)
-
 
 def build_engine(cfg: Config, state, console, device: str) -> TrainingEngine:
-    """console: a function printing one line (on the logging rank)."""
+    """console: a function printing one set-up line (the trainer prints on rank 0)."""
     import deepspeed
     t, p = cfg.train, cfg.parallel
     prepare = None
