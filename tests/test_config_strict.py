@@ -128,6 +128,7 @@ BAD_VALUES = {
     "model.max_loops": ("0", "> 0"),
     "model.state_init_std": ("-1", "> 0"),
     "model.parcae_init_decay": ("1.0", "(0, 1)"),
+    "model.embed_scale": ("0", "> 0"),
     "loop.mean": ("nan", "finite"),
     "loop.sigma": ("-0.5", ">= 0"),
     "loop.min": ("0", "loop.min"),

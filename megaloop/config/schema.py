@@ -27,6 +27,9 @@ class ModelConfig:
     pad_vocab_multiple: int = 64
     tie_embeddings: bool = True
     embed_norm: bool = True  # nanochat-style norm(e): the stream starts from a unit-RMS embedding
+    # The token embedding is multiplied by this (before embed_norm, which would undo it). Huginn: sqrt(d_model)
+    # with embed_norm off, so with init_std = sqrt(2/(5 d)) the embedding starts at RMS sqrt(2/5).
+    embed_scale: float = 1.0
     max_seq_len: int = 256
 
     # --- layer shape ---
@@ -36,7 +39,8 @@ class ModelConfig:
     head_dim: Optional[int] = None  # None: d_model // n_heads
     ffn_hidden: Optional[int] = None  # None: 4*d (relu2) or 8/3*d rounded up to 64 (swiglu)
     mlp: str = "swiglu"  # swiglu | relu2
-    norm_style: str = "pre"  # pre | sandwich (Ouro, Huginn: norm before and after each sub-layer)
+    # pre: x + f(N x) | sandwich (Ouro): x + N'(f(N x)) | huginn: x = N'(x + f(N x)), the stream itself normalised
+    norm_style: str = "pre"
     norm_eps: float = 1e-6
     norm_scale: bool = True  # learned RMSNorm scale, or parameter-free
     qk_norm: bool = False
@@ -85,6 +89,9 @@ class ModelConfig:
     # None: on for injection=parcae, unless n_prelude=0 and embed_norm already makes e = norm(emb(x));
     # off otherwise. See `use_prelude_norm`.
     prelude_norm: Optional[bool] = None
+    # RMSNorm on the loop's output before the coda (Huginn applies its final norm there as well as after
+    # the coda; here it is a norm of its own, see docs/looped_models.md section 10).
+    coda_norm: bool = False
 
     # --- gates ---
     exit_gate: bool = False  # Ouro's learned exit gate lambda(t) = sigmoid(w.h(t) + b)

@@ -38,7 +38,7 @@ NUMERIC_RANGES = {
     "model.gdn_chunk_size": _GT0, "model.window": _GT0, "model.dsa_topk": _GT0, "model.dsa_index_heads": _GT0,
     "model.dsa_index_dim": _GT0, "model.dsa_indexer_loss_coef": _GE0, "model.n_prelude": _GE0,
     "model.n_loop": _GT0, "model.n_coda": _GE0, "model.loops": _GT0, "model.max_loops": _GT0,
-    "model.state_init_std": _GT0, "model.parcae_init_decay": (0, 1, False, False),
+    "model.state_init_std": _GT0, "model.parcae_init_decay": (0, 1, False, False), "model.embed_scale": _GT0,
     "loop.mean": _GE1, "loop.sigma": _GE0, "loop.min": _GE1, "loop.max": _GE1, "loop.backprop_loops": _GE1,
     "loop.exit_entropy_weight": _GE0,
     "data.seq_len": _GT0, "data.num_workers": _GE0,
@@ -89,7 +89,7 @@ def validate(cfg: Config) -> None:
     m, lp, t, p = cfg.model, cfg.loop, cfg.train, cfg.parallel
     _check_ranges(cfg)
     _choice(m.mlp, ("swiglu", "relu2"), "model.mlp")
-    _choice(m.norm_style, ("pre", "sandwich"), "model.norm_style")
+    _choice(m.norm_style, ("pre", "sandwich", "huginn"), "model.norm_style")
     _choice(m.arch, ARCHITECTURES, "model.arch")
     _choice(m.injection, INJECTIONS, "model.injection")
     _choice(m.recall, ("standard", "internal"), "model.recall")
@@ -135,6 +135,12 @@ def validate(cfg: Config) -> None:
     if m.share_outer_final_norm and m.n_coda:
         raise ConfigError("model.share_outer_final_norm (Ouro) feeds the final norm back into the loop; "
                           f"it needs model.n_coda=0, got {m.n_coda}")
+    if m.embed_scale != 1 and m.embed_norm:
+        raise ConfigError(f"model.embed_scale={m.embed_scale} has no effect with model.embed_norm=true (the norm "
+                          f"undoes the scale); set model.embed_norm=false (Huginn) or model.embed_scale=1")
+    if m.coda_norm and m.share_outer_final_norm:
+        raise ConfigError("model.coda_norm: with model.share_outer_final_norm (Ouro) the loop's output already "
+                          "carries the final norm; set model.coda_norm=false")
     if isinstance(m.mixer, str) and m.mixer.strip().isdigit():
         raise ConfigError(f"model.mixer={m.mixer!r} looks like a number: quote ratios in YAML (mixer: \"4:1\"), "
                           f"which YAML 1.1 otherwise reads as a base-60 integer")

@@ -133,7 +133,10 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm or sandwich-norm residual layer: x + mixer(norm(x)), then x + mlp(norm(x)).
+    """Residual layer in one of three norm styles (model.norm_style), N = attn_norm / mlp_norm, N' = the post norms:
+      pre       x = x + mixer(N x);      x = x + mlp(N x)
+      sandwich  x = x + N'(mixer(N x));  x = x + N'(mlp(N x))       (Ouro)
+      huginn    x = N'(x + mixer(N x));  x = N'(x + mlp(N x))       (Huginn's block: the stream itself is normalised)
 
     Hooks for the looped architectures, all optional:
       q_source  - stream the attention query comes from (FLT attention injection); it is
@@ -151,7 +154,8 @@ class TransformerLayer(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, eps, scale)
         self.mlp = MLP(cfg)
         self.sandwich = cfg.norm_style == "sandwich"
-        if self.sandwich:
+        self.huginn = cfg.norm_style == "huginn"
+        if self.sandwich or self.huginn:
             self.attn_post_norm = RMSNorm(cfg.d_model, eps, scale)
             self.mlp_post_norm = RMSNorm(cfg.d_model, eps, scale)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
@@ -165,9 +169,12 @@ class TransformerLayer(nn.Module):
         if self.sandwich:
             a = self.attn_post_norm(a)
         x = x + self.dropout(a)
+        if self.huginn:
+            x = self.attn_post_norm(x)
         if recall is not None and recall_site == "pre_mlp":
             x = x + recall
         m = self.mlp(self.mlp_norm(x))
         if self.sandwich:
             m = self.mlp_post_norm(m)
-        return x + self.dropout(m)
+        x = x + self.dropout(m)
+        return self.mlp_post_norm(x) if self.huginn else x

@@ -1,5 +1,5 @@
-"""The looped language model: embedding -> prelude (-> prelude norm) -> looped block x R -> coda -> final
-norm -> head.
+"""The looped language model: embedding -> prelude (-> prelude norm) -> looped block x R (-> coda norm) -> coda
+-> final norm -> head.
 
 `model(tokens, loops=R)` runs any R >= 1, whatever R it was trained with. The model is plain
 PyTorch; tensor and pipeline parallelism are applied to it from outside (`megaloop.parallel`), which
@@ -43,6 +43,8 @@ class LoopedLM(nn.Module):
         # e = norm(P(emb(x))): the injected signal leaves the prelude normalised (Parcae's prelude_norm).
         self.prelude_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_scale) if cfg.use_prelude_norm else None
         self.block = LoopedBlock(cfg)
+        # Huginn: the loop's output is normalised before the coda (model.coda_norm).
+        self.coda_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_scale) if cfg.coda_norm else None
         self.coda = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.n_coda))
         self.final_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_scale)
         self.head = nn.Linear(d, cfg.padded_vocab_size, bias=False)
@@ -79,8 +81,10 @@ class LoopedLM(nn.Module):
         return rope_cache(seq_len, self.cfg.attn_head_dim, self.cfg.rope_theta, device)
 
     def embed(self, tokens: torch.Tensor, rope) -> torch.Tensor:
-        """Token ids -> the injected signal e (embedding, its norm, the prelude, then the prelude norm)."""
+        """Token ids -> the injected signal e (embedding x embed_scale, its norm, the prelude, then the prelude norm)."""
         e = self.embedding(tokens)
+        if self.cfg.embed_scale != 1:  # Huginn: sqrt(d_model)
+            e = e * self.cfg.embed_scale
         if self.embed_norm is not None:
             e = self.embed_norm(e)
         for layer in self.prelude:
@@ -91,6 +95,8 @@ class LoopedLM(nn.Module):
 
     def head_logits(self, x: torch.Tensor, rope) -> torch.Tensor:
         """A loop output -> logits over the real (unpadded) vocabulary."""
+        if self.coda_norm is not None:
+            x = self.coda_norm(x)
         for layer in self.coda:
             x = layer(x, rope)
         if not self.block.outer_is_final:  # Ouro: the block already applied the (shared) final norm

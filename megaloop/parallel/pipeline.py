@@ -4,13 +4,14 @@ Pipeline layers, in order (each stage holds a contiguous run of them; `pipeline_
 list the PipelineModule specs, the layer names and the checkpoint reader's per-layer keys come from):
 
     [tied] embedding            (tokens, loops) -> (emb, loops)
-    embedding norm              (emb, loops)    -> (e, loops)
+    embedding norm              (emb, loops)    -> (e, loops)   with model.embed_scale first
     prelude layer i ...         (e, loops)      -> (e, loops)   the last one (or, without prelude layers,
                                                                 the embedding norm) also applies the
                                                                 prelude norm (model.prelude_norm)
     LOOPED BLOCK                (e, loops)      -> x            one indivisible layer: all R loops run
                                                                 inside the stage that holds it
-    coda layer j ...            x -> x
+    coda layer j ...            x -> x                          the first one (or the final norm) first
+                                                                applies the coda norm (model.coda_norm)
     final norm                  x -> x
     [tied] head                 x -> logits                     the embedding weight via TiedLayerSpec
     loss_fn(logits, labels)
@@ -133,17 +134,25 @@ def _prelude_norm_if_last(lm, last: bool) -> Optional[nn.Module]:
     return lm.prelude_norm if last else None
 
 
+def _coda_norm_if_first(lm, first: bool) -> Optional[nn.Module]:
+    """The LM's loop-to-coda norm (model.coda_norm), held by the first coda layer, else the final norm layer."""
+    return lm.coda_norm if first else None
+
+
 class EmbedNormPipe(nn.Module):
-    """The embedding norm; without prelude layers also the prelude norm that follows it."""
+    """The embedding scale and norm; without prelude layers also the prelude norm that follows them."""
 
     def __init__(self, source: _Source):
         super().__init__()
         lm = source.lm
+        self.embed_scale = lm.cfg.embed_scale
         self.embed_norm = lm.embed_norm
         self.prelude_norm = _prelude_norm_if_last(lm, len(lm.prelude) == 0)
 
     def forward(self, inputs):
         e, loops = inputs
+        if self.embed_scale != 1:
+            e = e * self.embed_scale
         if self.embed_norm is not None:
             e = self.embed_norm(e)
         if self.prelude_norm is not None:
@@ -164,12 +173,15 @@ class StackLayerPipe(_RopeMixin, nn.Module):
         self._stack, self._key = stack, str(index)
         self._rope_fn = lm.rope
         self.prelude_norm = _prelude_norm_if_last(lm, stack == "prelude" and index == len(lm.prelude) - 1)
+        self.coda_norm = _coda_norm_if_first(lm, stack == "coda" and index == 0)
 
     @property
     def layer(self):
         return getattr(self, self._stack)[self._key]
 
     def _run(self, x):
+        if self.coda_norm is not None:
+            x = self.coda_norm(x)
         x = self.layer(x, self._rope(x))
         return x if self.prelude_norm is None else self.prelude_norm(x)
 
@@ -223,13 +235,17 @@ class FinalNormPipe(nn.Module):
         super().__init__()
         lm = source.lm
         self.final_norm = None if lm.block.outer_is_final else lm.final_norm
+        self.coda_norm = _coda_norm_if_first(lm, len(lm.coda) == 0)
+
+    def _run(self, x):
+        if self.coda_norm is not None:
+            x = self.coda_norm(x)
+        return x if self.final_norm is None else self.final_norm(x)
 
     def forward(self, x):
-        if self.final_norm is None:
-            return x
         if isinstance(x, tuple):
-            return (self.final_norm(x[0]), *x[1:])
-        return self.final_norm(x)
+            return (self._run(x[0]), *x[1:])
+        return self._run(x)
 
 
 class LoopLoss:
