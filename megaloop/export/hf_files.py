@@ -30,7 +30,7 @@ def hf_config_dict(mc: ModelConfig, noise_init: str = "seeded", noise_seed: int 
     """MegaloopConfig keyword arguments for a megaloop ModelConfig (derived sizes made explicit)."""
     return dict(
         vocab_size=mc.vocab_size, padded_vocab_size=mc.padded_vocab_size, tie_word_embeddings=mc.tie_embeddings,
-        embed_norm=mc.embed_norm, max_seq_len=mc.max_seq_len, d_model=mc.d_model, n_heads=mc.n_heads,
+        embed_norm=mc.embed_norm, embed_scale=mc.embed_scale, max_seq_len=mc.max_seq_len, d_model=mc.d_model, n_heads=mc.n_heads,
         n_kv_heads=mc.kv_heads, head_dim=mc.attn_head_dim, ffn_hidden=mc.ffn_dim, mlp=mc.mlp,
         norm_style=mc.norm_style, norm_eps=mc.norm_eps, norm_scale=mc.norm_scale, qk_norm=mc.qk_norm,
         rope_theta=mc.rope_theta, logit_softcap=mc.logit_softcap, init_std=mc.init_std,
@@ -41,7 +41,7 @@ def hf_config_dict(mc: ModelConfig, noise_init: str = "seeded", noise_seed: int 
         arch=mc.arch, injection=mc.injection, recall=mc.recall, internal_recall_site=mc.internal_recall_site,
         internal_recall_layers=mc.internal_recall_layers, normalization=mc.normalization,
         state_init=mc.state_init, state_init_std=mc.state_init_std, share_outer_final_norm=mc.share_outer_final_norm,
-        prelude_norm=mc.use_prelude_norm, exit_gate=mc.exit_gate,
+        prelude_norm=mc.use_prelude_norm, coda_norm=mc.coda_norm, exit_gate=mc.exit_gate,
         loop_residual_gate=mc.loop_residual_gate, attn_output_gate=mc.attn_output_gate,
         noise_init=noise_init, noise_seed=noise_seed, exit_strategy=exit_strategy, exit_threshold=exit_threshold,
     )

@@ -62,6 +62,10 @@ def llama_unrepresentable(mc: ModelConfig, loops: int) -> List[str]:
         why.append("prelude_norm normalises the prelude's output; Llama has no norm between layers")
     if mc.norm_style != "pre":
         why.append(f"norm_style={mc.norm_style!r}: Llama layers are pre-norm only")
+    if mc.embed_scale != 1:
+        why.append(f"embed_scale={mc.embed_scale}: Llama does not scale its input embedding")
+    if mc.coda_norm:
+        why.append("coda_norm normalises the loop's output before the coda; Llama has no norm between layers")
     if mc.mlp != "swiglu":
         why.append(f"mlp={mc.mlp!r}: Llama's MLP is gated SwiGLU")
     if mc.qk_norm:

@@ -56,6 +56,7 @@ class MegaloopConfig(_BaseConfig):
         padded_vocab_size=None,
         tie_word_embeddings=True,
         embed_norm=True,
+        embed_scale=1.0,
         max_seq_len=256,
         d_model=64,
         n_heads=4,
@@ -94,6 +95,7 @@ class MegaloopConfig(_BaseConfig):
         state_init_std=None,
         share_outer_final_norm=False,
         prelude_norm=None,
+        coda_norm=False,
         exit_gate=False,
         loop_residual_gate=False,
         attn_output_gate=False,
@@ -108,6 +110,7 @@ class MegaloopConfig(_BaseConfig):
         self.vocab_size = vocab_size
         self.padded_vocab_size = padded_vocab_size or vocab_size
         self.embed_norm = embed_norm
+        self.embed_scale = embed_scale  # the token embedding is multiplied by this (Huginn: sqrt(d_model))
         self.max_seq_len = max_seq_len
         self.d_model = d_model
         self.n_heads = n_heads
@@ -152,6 +155,7 @@ class MegaloopConfig(_BaseConfig):
         if prelude_norm is None:
             prelude_norm = injection == "parcae" and (n_prelude > 0 or not embed_norm)
         self.prelude_norm = bool(prelude_norm)
+        self.coda_norm = coda_norm  # RMSNorm on the loop's output before the coda (Huginn)
         self.exit_gate = exit_gate
         self.loop_residual_gate = loop_residual_gate
         self.attn_output_gate = attn_output_gate
@@ -176,7 +180,7 @@ class MegaloopConfig(_BaseConfig):
         choice("arch", ARCHITECTURES)
         choice("injection", INJECTIONS)
         choice("mlp", ("swiglu", "relu2"))
-        choice("norm_style", ("pre", "sandwich"))
+        choice("norm_style", ("pre", "sandwich", "huginn"))
         choice("recall", ("standard", "internal"))
         choice("internal_recall_site", ("pre_attn", "pre_mlp"))
         choice("internal_recall_layers", ("first", "all"))

@@ -4,8 +4,8 @@ Self-contained: imports only torch and transformers (never megaloop). It re-impl
 architecture of the megaloop family with megaloop's parameter names, so a megaloop state dict loads
 1:1:
 
-  embedding -> embed_norm -> prelude -> (prelude_norm) -> looped block x R -> (out_proj) -> coda
-            -> final_norm -> head
+  embedding (x embed_scale) -> embed_norm -> prelude -> (prelude_norm) -> looped block x R -> (out_proj)
+            -> (coda_norm) -> coda -> final_norm -> head
 
   arch recurrent  s(t) = Block(inject(s(t-1), e)); injection none | add | concat_adapter | parcae,
                   standard or internal recall, inner or outer normalization, state init
@@ -14,9 +14,9 @@ architecture of the megaloop family with megaloop's parameter names, so a megalo
   arch lt_ia      ... queries of layer 0 only
   arch lt_i       the stream starts from norm(e + h(k-1))
   arch flt_res    every layer first does x = norm(x + h(k-1))
-  layers          pre-norm or sandwich norm, RoPE, GQA, optional QK-norm, SwiGLU or ReLU^2, LT2's
-                  zero-init sigmoid attention output gate; LT2's per-loop residual gate rho;
-                  logit soft-cap; tied or untied head; Ouro exit gate.
+  layers          pre-norm, sandwich norm (Ouro) or Huginn's normalised stream, RoPE, GQA, optional
+                  QK-norm, SwiGLU or ReLU^2, LT2's zero-init sigmoid attention output gate; LT2's
+                  per-loop residual gate rho; logit soft-cap; tied or untied head; Ouro exit gate.
   token mixers    of the looped layers (config.mixer: one name, a comma list, or an "N:M" ratio):
                   attn (softmax), gdn (Gated DeltaNet, LT2), swa (sliding window), dsa (DeepSeek
                   sparse attention: lightning indexer + top-k keys).
@@ -603,7 +603,8 @@ class MegaloopLayer(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, eps, scale)
         self.mlp = MLP(config)
         self.sandwich = config.norm_style == "sandwich"
-        if self.sandwich:
+        self.huginn = config.norm_style == "huginn"  # x = N'(x + f(N x)): the stream itself is normalised
+        if self.sandwich or self.huginn:
             self.attn_post_norm = RMSNorm(config.d_model, eps, scale)
             self.mlp_post_norm = RMSNorm(config.d_model, eps, scale)
 
@@ -616,12 +617,15 @@ class MegaloopLayer(nn.Module):
         if self.sandwich:
             a = self.attn_post_norm(a)
         x = x + a
+        if self.huginn:
+            x = self.attn_post_norm(x)
         if recall is not None and recall_site == "pre_mlp":
             x = x + recall
         m = self.mlp(self.mlp_norm(x))
         if self.sandwich:
             m = self.mlp_post_norm(m)
-        return x + m
+        x = x + m
+        return self.mlp_post_norm(x) if self.huginn else x
 
 
 # ------------------------------------------------------------------------------------------------
@@ -805,6 +809,7 @@ class MegaloopForCausalLM(MegaloopPreTrainedModel, GenerationMixin):
         self.prelude = nn.ModuleList(MegaloopLayer(config, i) for i in range(config.n_prelude))
         self.prelude_norm = RMSNorm(d, config.norm_eps, config.norm_scale) if config.prelude_norm else None
         self.block = LoopedBlock(config)
+        self.coda_norm = RMSNorm(d, config.norm_eps, config.norm_scale) if config.coda_norm else None
         self.coda = nn.ModuleList(MegaloopLayer(config, i) for i in range(config.n_coda))
         self.final_norm = RMSNorm(d, config.norm_eps, config.norm_scale)
         self.head = nn.Linear(d, config.padded_vocab_size, bias=False)
@@ -900,6 +905,8 @@ class MegaloopForCausalLM(MegaloopPreTrainedModel, GenerationMixin):
 
     def _head(self, x, ctx, cache, t):
         """Loop output (after out_proj) -> logits over the real vocabulary."""
+        if self.coda_norm is not None:
+            x = self.coda_norm(x)
         for i, layer in enumerate(self.coda):
             x = layer(x, ctx, slot=cache.slot(("coda", t, i)) if cache is not None else None)
         if not self.config.share_outer_final_norm:
@@ -998,6 +1005,8 @@ class MegaloopForCausalLM(MegaloopPreTrainedModel, GenerationMixin):
 
         # embedding + prelude (+ prelude norm) -> e
         e = self.embedding(input_ids)
+        if cfg.embed_scale != 1:  # Huginn: sqrt(d_model)
+            e = e * cfg.embed_scale
         if self.embed_norm is not None:
             e = self.embed_norm(e)
         for i, layer in enumerate(self.prelude):
