@@ -38,7 +38,8 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-# huginn: prelude + coda, concat adapter, sandwich norm, noise init; lt2_gdn_dsa: Gated DeltaNet + DSA
+# huginn: prelude + coda, concat adapter, Huginn's norms (norm_style huginn, coda_norm), embed_scale, noise init;
+# lt2_gdn_dsa: Gated DeltaNet + DSA
 @pytest.mark.parametrize("name", ["huginn", "lt2_gdn_dsa"])
 def test_exported_folder_loads_without_megaloop(tmp_path, name):
     cfg = tiny_config(name)
