@@ -123,3 +123,10 @@ def test_sudoku_trains_bidirectionally(tmp_path):
     assert last < 0.8 * first, (first, last)
     valid = [r for r in rows if "valid_loss" in r]
     assert valid and 0.0 <= valid[-1]["exact_match_position"] <= 1.0
+
+
+def test_flops_count_every_key_when_bidirectional():
+    from megaloop.model.flops import layer_forward_flops
+    causal, full = ModelConfig(d_model=32, n_heads=4), ModelConfig(d_model=32, n_heads=4, causal=False)
+    # scores and weighted values: 2 * 2 * keys * heads * head_dim per token; T/2 keys on average when causal
+    assert layer_forward_flops(full, 64) - layer_forward_flops(causal, 64) == 2 * 2 * 32 * 4 * 8

@@ -193,7 +193,7 @@ class Trainer:
             finally:
                 loss_fn.eval_hook = None
             self.engine.train()
-            if self.dp > 1:
+            if self.cfg.data.task and self.dp > 1:
                 dist.all_reduce(counts, group=self.state.dp_group)
             self._set_accuracy(counts)
             return float(total)
