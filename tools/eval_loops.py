@@ -315,6 +315,11 @@ def task_tables(lm, spec, args, loop_counts, exits):
     if lm.vocab_size and task.vocab_size > lm.vocab_size:
         raise UsageError(f"task {name!r} {params} uses {task.vocab_size} token ids but the model has {lm.vocab_size}")
     n = args.num_examples
+    grid_tasks = None
+    if "length" in task.params():
+        lengths = parse_lengths(args.lengths, task.params()["length"])
+        grid_tasks = {length: make_task(name, params, seed, length=length) for length in lengths}
+        fit_length(lm, max(t.seq_len for t in grid_tasks.values()))  # (refused before any work if it cannot)
     rows = []
     for r in loop_counts:
         rows.append({"mode": "fixed", "threshold": "", "loops": r,
@@ -328,21 +333,20 @@ def task_tables(lm, spec, args, loop_counts, exits):
                      **evaluate_task(lm, task, n, args.batch_size, r_max, strategy, threshold)})
     for row in rows:
         row["ppl"] = math.exp(min(row["nll"], 700.0))
-    if "length" not in task.params():
+    if grid_tasks is None:
         return rows, None
     train_length = task.params()["length"]
-    lengths = parse_lengths(args.lengths, train_length)
     cells = []
-    for length in lengths:
+    for length, length_task in grid_tasks.items():
         for r in loop_counts:
             if length == train_length:  # the rows above
                 res = next(row for row in rows if row["mode"] == "fixed" and row["loops"] == r)
             else:
-                res = evaluate_task(lm, make_task(name, params, seed, length=length), n, args.batch_size, r)
+                res = evaluate_task(lm, length_task, n, args.batch_size, r)
             cells.append({"length": length, "loops": r, "nll": res["nll"],
                           "exact_match_sequence": res["exact_match_sequence"],
                           "exact_match_position": res["exact_match_position"]})
-    return rows, {"train_length": train_length, "lengths": lengths, "loops": list(loop_counts), "cells": cells}
+    return rows, {"train_length": train_length, "lengths": list(grid_tasks), "loops": list(loop_counts), "cells": cells}
 
 
 def print_task_tables(lm, spec, args, rows, grid):
