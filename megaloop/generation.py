@@ -96,6 +96,11 @@ def load_lm(source, step: Optional[int] = None) -> LoadedLM:
     return wrap_megaloop(model, tokenizer)
 
 
+def is_causal(lm: LoadedLM) -> bool:
+    """Whether position t of the model sees tokens <= t only (model.causal; exported models always are)."""
+    return lm.kind != "megaloop" or bool(getattr(lm.model.cfg, "causal", True))
+
+
 def forward_logits(lm: LoadedLM, ids: torch.Tensor, loops: int, exit: Optional[str] = None,
                    exit_threshold: Optional[float] = None):
     """(logits (B, T, V), exit loop per token (B, T) or None) for a full, uncached forward."""
@@ -156,6 +161,10 @@ def generate(lm: LoadedLM, prompt_ids, max_new_tokens: int = 64, loops: Optional
         ids = ids[None]
     if ids.shape[1] == 0:
         raise ValueError("generate needs a non-empty prompt")
+    if not is_causal(lm):
+        from megaloop.errors import UsageError
+        raise UsageError("this model was trained with model.causal=false (bidirectional attention): every position "
+                         "sees the tokens after it, so it cannot generate text left to right")
     loops = lm.train_loops if loops is None else int(loops)
     eos_id = lm.eos_id if eos_id is None else eos_id
     device = next(lm.model.parameters()).device

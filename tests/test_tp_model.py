@@ -31,13 +31,14 @@ SMALL = ["model.max_seq_len=16", "data.seq_len=16"]
 
 # Variants beyond the shipped tiny configs: kv heads replicated (fewer kv heads than TP ranks),
 # per-loop losses, untied head, soft-capped logits, QK-norm with kv replication, internal recall at
-# every layer, attention gate + FLT.
+# every layer, attention gate + FLT, bidirectional attention (model.causal=false) + FLT.
 EXTRA = {
     "kv_replicated": ("lt.yaml", ["model.n_kv_heads=1"]),
     "kv_repl_qknorm_flt": ("flt.yaml", ["model.n_kv_heads=1", "model.qk_norm=true", "model.attn_output_gate=true"]),
     "mean_loss_untied_softcap": ("inject_add.yaml", ["loop.loss=mean", "model.tie_embeddings=false",
                                                      "model.logit_softcap=5.0"]),
     "internal_all_relu2": ("inject_internal.yaml", ["model.internal_recall_layers=all", "model.mlp=relu2"]),
+    "noncausal_flt": ("flt.yaml", ["model.causal=false", "data.task=sudoku"]),
 }
 
 

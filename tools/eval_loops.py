@@ -16,9 +16,28 @@ vocabulary (datasets without that file, e.g. from Megatron-LM).
 A checkpoint's relative tokenizer path (data.tokenizer_model) is looked up from the current folder, then
 under the run folder and its parents; --tokenizer-model names the file directly.
 Errors are one line on stderr and exit code 2 (--debug or MEGALOOP_DEBUG=1 adds the traceback).
+
+Task runs (data.task, megaloop.tasks): with neither --data nor --text, a checkpoint trained on a task is
+scored on that task's examples (--task / --task-params / --task-seed choose another; the default seed is
+train.seed + 1, the trainer's validation stream), --num-examples of them: exact-match accuracy per sequence
+and per answer position (megaloop.tasks.exact_match_counts, the code of the trainer's validation) next to
+the loss (mean NLL per answer position), at each --loops R and for each --exits item. For a task with a
+length parameter (parity, prefix_sum, the group word problems) it adds a length-extrapolation grid:
+--lengths (default n, 2n, 4n for the trained length n) x --loops. Lengths beyond the model's
+max_seq_len are evaluated (RoPE is computed for any position; megaloop's length guard is raised for the
+evaluation only). Writes OUT/eval_loops.csv (the text columns plus the accuracies), OUT/eval_lengths.csv,
+OUT/eval_loops.png (accuracy vs loops, one line per length).
+
+    python tools/eval_loops.py --model runs/parity --loops 1-16 --lengths 32,64,128 --json parity.json
+
+--json PATH (both modes) writes the table as JSON: {"model", "kind", "train_loops", "rows": [...]} plus, for
+tasks, "task", "task_params", "task_seed", "num_examples" and "length_grid" ({"train_length", "lengths",
+"loops", "cells": [...]}, null for tasks without a length).
 """
 import argparse
 import csv
+import dataclasses
+import json
 import math
 import os
 import sys
@@ -188,6 +207,225 @@ def parse_loops(spec, train_loops):
     return sorted(set(out))
 
 
+# ------------------------------------------------------------------------------------------------
+# Tasks (data.task)
+
+
+def run_config(model, step=None):
+    """The run config of a checkpoint (megaloop.checkpoint.load_config); None for an exported folder."""
+    from megaloop.generation import _is_hf_folder
+
+    path = Path(model)
+    if path.is_dir() and _is_hf_folder(path):
+        return None
+    from megaloop.checkpoint import load_config
+
+    return load_config(path, step)
+
+
+def task_spec(cfg, task=None, task_params=None, task_seed=None):
+    """(name, params, seed) of the task to score: --task / --task-params / --task-seed, else the run's data.task
+    with its data.task_params and the trainer's validation seed train.seed + 1. None: not a task evaluation."""
+    name = task or (cfg.data.task if cfg is not None else None)
+    if not name:
+        return None
+    if task_params is not None:
+        try:
+            params = json.loads(task_params)
+        except ValueError:
+            params = None
+        if not isinstance(params, dict):
+            raise UsageError(f"--task-params {task_params!r}: give a JSON object, e.g. '{{\"length\": 16}}'")
+    else:
+        params = dict(cfg.data.task_params) if cfg is not None and cfg.data.task == name else {}
+    seed = task_seed if task_seed is not None else (cfg.train.seed + 1 if cfg is not None else 1)
+    return name, params, seed
+
+
+def make_task(name, params, seed, **change):
+    from megaloop.tasks import build_task
+
+    try:
+        return build_task(name, seed=seed, **{**params, **change})
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"task {name!r} with parameters {params}: {e}") from None
+
+
+def fit_length(lm, seq_len):
+    """Let the model run sequences of seq_len tokens: megaloop's max_seq_len is a guard (RoPE is computed for
+    any position), raised here for the evaluation; an exported model keeps its own limit."""
+    if seq_len <= lm.max_seq_len:
+        return
+    if lm.kind != "megaloop":
+        raise UsageError(f"task sequences of {seq_len} tokens exceed the exported model's max_seq_len="
+                         f"{lm.max_seq_len}: evaluate the training checkpoint instead, or shorter --lengths")
+    lm.model.cfg = dataclasses.replace(lm.model.cfg, max_seq_len=seq_len)
+    lm.max_seq_len = seq_len
+
+
+def evaluate_task(lm, task, num_examples, batch_size, loops, exit=None, threshold=None):
+    """Score task examples 0 .. num_examples-1 (megaloop.tasks.TaskDataset, collated as the trainer does) at
+    `loops` (and an exit): {"nll": mean NLL per answer position, "avg_loops": mean loops per answer
+    position, "exact_match_sequence", "exact_match_position"} from megaloop.tasks.exact_match_counts,
+    the counts the trainer's validation sums."""
+    import torch
+    import torch.nn.functional as F
+
+    from megaloop.data.sampler import collate_samples
+    from megaloop.generation import forward_logits
+    from megaloop.tasks import TaskDataset, exact_match_counts, task_inputs_and_labels
+
+    fit_length(lm, task.seq_len)
+    ds = TaskDataset(task, num_examples)
+    counts, nll, loop_sum = [0, 0, 0, 0], 0.0, 0.0
+    with torch.no_grad():
+        for start in range(0, num_examples, batch_size):
+            batch = collate_samples([ds[i] for i in range(start, min(start + batch_size, num_examples))])
+            tokens, labels = task_inputs_and_labels(batch)
+            torch.manual_seed(0)  # a fixed draw for a megaloop model's noise initial state
+            logits, exit_loops = forward_logits(lm, tokens, loops, exit, threshold)
+            counts = [a + b for a, b in zip(counts, exact_match_counts(logits, labels))]
+            answer = labels >= 0
+            nll += F.cross_entropy(logits[answer].float(), labels[answer], reduction="sum").item()
+            loop_sum += float(exit_loops[answer].float().sum()) if exit_loops is not None else loops * int(answer.sum())
+    sr, sn, pr, pn = counts
+    return {"nll": nll / max(pn, 1), "avg_loops": loop_sum / max(pn, 1),
+            "exact_match_sequence": sr / max(sn, 1), "exact_match_position": pr / max(pn, 1)}
+
+
+def parse_lengths(spec, train_length):
+    """'32,64,128' -> sorted lengths; default n, 2n, 4n."""
+    if spec is None:
+        return [train_length, 2 * train_length, 4 * train_length]
+    try:
+        out = sorted({int(v) for v in spec.split(",") if v.strip()})
+    except ValueError:
+        raise UsageError(f"--lengths {spec!r}: give task lengths as a comma list, e.g. 16,32,64") from None
+    if not out or out[0] < 1:
+        raise UsageError(f"--lengths {spec!r}: lengths must be at least 1")
+    return out
+
+
+def task_tables(lm, spec, args, loop_counts, exits):
+    """(rows at the task's own parameters: fixed loops then exits, the length grid or None)."""
+    name, params, seed = spec
+    task = make_task(name, params, seed)
+    if "length" not in task.params() and args.lengths is not None:
+        raise UsageError(f"--lengths: task {name!r} has no length parameter (it takes {sorted(task.params())})")
+    if lm.vocab_size and task.vocab_size > lm.vocab_size:
+        raise UsageError(f"task {name!r} {params} uses {task.vocab_size} token ids but the model has {lm.vocab_size}")
+    n = args.num_examples
+    grid_tasks = None
+    if "length" in task.params():
+        lengths = parse_lengths(args.lengths, task.params()["length"])
+        grid_tasks = {length: make_task(name, params, seed, length=length) for length in lengths}
+        fit_length(lm, max(t.seq_len for t in grid_tasks.values()))  # (refused before any work if it cannot)
+    rows = []
+    for r in loop_counts:
+        rows.append({"mode": "fixed", "threshold": "", "loops": r,
+                     **evaluate_task(lm, task, n, args.batch_size, r)})
+    r_max = max(loop_counts)
+    for item, (strategy, thr, threshold) in zip(args.exits or [], exits):
+        if strategy == "q_exit" and not lm.has_exit_gate:
+            print(f"skipping {item}: the model has no exit gate", file=sys.stderr)
+            continue
+        rows.append({"mode": strategy, "threshold": thr, "loops": r_max,
+                     **evaluate_task(lm, task, n, args.batch_size, r_max, strategy, threshold)})
+    for row in rows:
+        row["ppl"] = math.exp(min(row["nll"], 700.0))
+    if grid_tasks is None:
+        return rows, None
+    train_length = task.params()["length"]
+    cells = []
+    for length, length_task in grid_tasks.items():
+        for r in loop_counts:
+            if length == train_length:  # the rows above
+                res = next(row for row in rows if row["mode"] == "fixed" and row["loops"] == r)
+            else:
+                res = evaluate_task(lm, length_task, n, args.batch_size, r)
+            cells.append({"length": length, "loops": r, "nll": res["nll"],
+                          "exact_match_sequence": res["exact_match_sequence"],
+                          "exact_match_position": res["exact_match_position"]})
+    return rows, {"train_length": train_length, "lengths": list(grid_tasks), "loops": list(loop_counts), "cells": cells}
+
+
+def print_task_tables(lm, spec, args, rows, grid):
+    name, params, seed = spec
+    print(f"{lm.kind} model trained with R={lm.train_loops}; task {name} {params}, {args.num_examples} examples "
+          f"(seed {seed}); exact match per sequence (seq_acc) and per answer position (pos_acc)")
+    print(f"{'mode':>8} {'threshold':>9} {'loops':>5} {'avg_loops':>9} {'nll':>8} {'seq_acc':>8} {'pos_acc':>8}")
+    for row in rows:
+        print(f"{row['mode']:>8} {row['threshold']:>9} {row['loops']:>5} {row['avg_loops']:>9.2f} "
+              f"{row['nll']:>8.4f} {row['exact_match_sequence']:>8.3f} {row['exact_match_position']:>8.3f}")
+    if grid is None:
+        return
+    print(f"length extrapolation (trained at length {grid['train_length']}): seq_acc / pos_acc")
+    print(f"{'length':>6} " + " ".join(f"{'R=' + str(r):>13}" for r in grid["loops"]))
+    for length in grid["lengths"]:
+        cells = [c for c in grid["cells"] if c["length"] == length]
+        print(f"{length:>6} " + " ".join(f"{c['exact_match_sequence']:>6.3f}/{c['exact_match_position']:.3f}"
+                                         for c in cells))
+
+
+def write_task_outputs(out, rows, grid, train_loops):
+    with open(out / "eval_loops.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["mode", "threshold", "loops", "avg_loops", "nll", "ppl",
+                                          "exact_match_sequence", "exact_match_position"])
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out / 'eval_loops.csv'}")
+    if grid is not None:
+        with open(out / "eval_lengths.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["length", "loops", "nll", "exact_match_sequence",
+                                              "exact_match_position"])
+            w.writeheader()
+            w.writerows(grid["cells"])
+        print(f"wrote {out / 'eval_lengths.csv'}")
+    plt = _pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    fixed = [r for r in rows if r["mode"] == "fixed"]
+    if grid is None:
+        ax.plot([r["loops"] for r in fixed], [r["exact_match_sequence"] for r in fixed], "o-", label="fixed loops")
+    else:
+        for length in grid["lengths"]:
+            cells = [c for c in grid["cells"] if c["length"] == length]
+            ax.plot([c["loops"] for c in cells], [c["exact_match_sequence"] for c in cells], "o-",
+                    label=f"length {length}" + (" (trained)" if length == grid["train_length"] else ""))
+    for r in rows:
+        if r["mode"] != "fixed":
+            ax.plot([r["avg_loops"]], [r["exact_match_sequence"]], "s", label=f"{r['mode']} {r['threshold']} (avg loops)")
+    ax.axvline(train_loops, color="gray", ls="--", lw=1, label="trained R")
+    ax.set_xlabel("loops at test time")
+    ax.set_ylabel("exact match (per sequence)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "eval_loops.png", dpi=120)
+    print(f"wrote {out / 'eval_loops.png'}")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the PNG plot (pip install matplotlib to get it)")
+        return None
+    return plt
+
+
+def write_json(path, payload):
+    path = Path(path)
+    if path.parent != Path(""):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
 EXIT_STRATEGIES = ("kl", "q_exit")
 
 
@@ -220,16 +458,41 @@ def _main(argv=None):
     p.add_argument("--out-dir", default="eval_loops_out")
     p.add_argument("--tokenizer-model", default=None,
                    help="the sentencepiece model file, when the run's recorded (relative) path does not resolve")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--task", default=None, help="score a synthetic task (default: the run's data.task when "
+                   "neither --data nor --text is given)")
+    p.add_argument("--task-params", default=None, help="the task's parameters as JSON (default: the run's)")
+    p.add_argument("--task-seed", type=int, default=None, help="default: train.seed + 1 (the validation stream)")
+    p.add_argument("--num-examples", type=int, default=256, help="task examples scored per cell")
+    p.add_argument("--lengths", default=None, help="task lengths of the extrapolation grid, e.g. 16,32,64 "
+                   "(default n, 2n, 4n; tasks with a length parameter)")
     args = p.parse_args(argv)
     if args.seq_len is not None and args.seq_len < 1:
         raise UsageError(f"--seq-len {args.seq_len}: must be at least 1")
     if args.max_windows < 1 or args.batch_size < 1:
         raise UsageError("--max-windows and --batch-size must be at least 1")
+    if args.num_examples < 1:
+        raise UsageError(f"--num-examples {args.num_examples}: must be at least 1")
     if args.loops is not None:
         parse_loops(args.loops, 1)  # a bad --loops fails before the model is read
+    if args.lengths is not None:
+        parse_lengths(args.lengths, 1)
     exits = [parse_exit(item) for item in args.exits or []]
+    text_mode = args.data is not None or args.text is not None
+    if args.task is not None and text_mode:
+        raise UsageError("--task scores a synthetic task: drop --data / --text (or --task)")
+    cfg = None if text_mode else run_config(args.model, args.step)
+    spec = None if text_mode else task_spec(cfg, args.task, args.task_params, args.task_seed)
 
     lm = load_model_for_cli(args.model, args.step, args.tokenizer_model)
+    if spec is not None:
+        return _main_task(args, lm, spec, exits)
+    from megaloop.generation import is_causal
+
+    if not is_causal(lm):
+        raise UsageError(f"{args.model} was trained with model.causal=false (bidirectional attention): every position "
+                         f"sees its next-token target, so --data / --text perplexity means nothing; score its task "
+                         f"(drop --data / --text, or give --task)")
     seq_len = min(args.seq_len or lm.max_seq_len, lm.max_seq_len)
     ref = model_tokenizer_reference(args.model, args.step, args.tokenizer_model) if args.data is not None else None
     tokens = load_eval_tokens(lm, args.data, args.text, args.split, max_tokens=args.max_windows * seq_len + 1,
@@ -264,13 +527,11 @@ def _main(argv=None):
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {out / 'eval_loops.csv'}")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the PNG plot (pip install matplotlib to get it)")
+    if args.json:
+        write_json(args.json, {"model": str(args.model), "kind": lm.kind, "train_loops": lm.train_loops,
+                               "tokens": n_tok, "rows": rows})
+    plt = _pyplot()
+    if plt is None:
         return 0
     fig, ax = plt.subplots(figsize=(6, 4))
     fixed = [r for r in rows if r["mode"] == "fixed"]
@@ -285,6 +546,21 @@ def _main(argv=None):
     fig.tight_layout()
     fig.savefig(out / "eval_loops.png", dpi=120)
     print(f"wrote {out / 'eval_loops.png'}")
+    return 0
+
+
+def _main_task(args, lm, spec, exits):
+    loop_counts = parse_loops(args.loops, lm.train_loops)
+    rows, grid = task_tables(lm, spec, args, loop_counts, exits)
+    print_task_tables(lm, spec, args, rows, grid)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.json:
+        name, params, seed = spec
+        write_json(args.json, {"model": str(args.model), "kind": lm.kind, "train_loops": lm.train_loops,
+                               "task": name, "task_params": params, "task_seed": seed,
+                               "num_examples": args.num_examples, "rows": rows, "length_grid": grid})
+    write_task_outputs(out, rows, grid, lm.train_loops)
     return 0
 
 

@@ -53,6 +53,9 @@ class ModelConfig:
     # "swa", "dsa"), a comma list tiled along depth ("gdn,gdn,gdn,attn"), or a ratio "N:M" = N layers
     # of `linear_mixer` per M softmax-attention layers, spread along depth.
     mixer: str = "attn"
+    # false: bidirectional softmax attention (every position sees the whole sequence; Sudoku). Softmax
+    # attention ('attn') only; refused with other mixers, generation and corpus (next-token) data.
+    causal: bool = True
     linear_mixer: str = "gdn"
     conv_size: int = 4  # GDN's causal short convolution on q, k, v
     gdn_expand_v: float = 1.0  # GDN value head dim = head_dim * expand_v

@@ -144,7 +144,9 @@ def validate(cfg: Config) -> None:
     if isinstance(m.mixer, str) and m.mixer.strip().isdigit():
         raise ConfigError(f"model.mixer={m.mixer!r} looks like a number: quote ratios in YAML (mixer: \"4:1\"), "
                           f"which YAML 1.1 otherwise reads as a base-60 integer")
-    mixer_pattern(m.mixer, m.n_loop, m.linear_mixer)
+    causal_problem = noncausal_problem(m, cfg)
+    if causal_problem:
+        raise ConfigError(causal_problem)
     # Loop schedule.
     _choice(lp.sampling, ("fixed", "poisson", "lognormal_poisson"), "loop.sampling")
     _choice(lp.loss, ("last", "mean", "last_third", "exit_weighted"), "loop.loss")
@@ -223,6 +225,30 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pipeline_parallel="
                           f"{p.pipeline_parallel}: DeepSpeed's pipeline engine supports ZeRO 0 and 1 only. "
                           f"Use zero_stage 1 with pipeline parallelism, or pipeline_parallel 1 for ZeRO 2/3")
+
+
+def noncausal_problem(m: ModelConfig, cfg: Optional[Config] = None) -> Optional[str]:
+    """Why model.causal=false cannot work with this config (None: it can, or the model is causal). Also
+    validates model.mixer. With `cfg`, the training settings that assume a causal model are checked too.
+    The one implementation: `validate` and megaloop.model.mixers.build_mixer (models built in code)."""
+    names = mixer_pattern(m.mixer, m.n_loop, m.linear_mixer)
+    if getattr(m, "causal", True):
+        return None
+    causal_only = sorted(set(names) - {"attn"})
+    if causal_only:
+        return (f"model.causal=false (bidirectional attention) is implemented for softmax attention ('attn') only; "
+                f"model.mixer={m.mixer!r} puts {causal_only} layers in the looped block, which are causal by "
+                f"construction: use model.mixer=attn or model.causal=true")
+    if cfg is None:
+        return None
+    if cfg.train.sample_tokens:
+        return (f"train.sample_tokens={cfg.train.sample_tokens} generates text left to right, which needs a causal "
+                f"model; with model.causal=false set train.sample_tokens=0")
+    if not cfg.data.task:
+        return ("model.causal=false lets every position see the next token, its own target on a language-modelling "
+                "corpus (data.data_path): train a bidirectional model on a task (data.task, e.g. sudoku) "
+                "or set model.causal=true")
+    return None
 
 
 def tensor_parallel_problems(m: ModelConfig, tp: int, seq_len: Optional[int] = None) -> List[str]:

@@ -92,6 +92,10 @@ def unsupported_mixers(mc: ModelConfig) -> list:
 def _check_exportable(mc: ModelConfig) -> None:
     from megaloop.export.hf_template.modeling_megaloop import MIXERS
 
+    if not getattr(mc, "causal", True):
+        raise ExportError("model.causal=false: the Hugging Face export is a causal LM (KV cache, generation) and has "
+                          "no bidirectional attention; evaluate this model from its checkpoint (tools/eval_loops.py "
+                          "reads checkpoints). Nothing was written.")
     unknown = unsupported_mixers(mc)
     if unknown:
         raise ExportError(f"model.mixer={mc.mixer!r}: the Hugging Face modeling file has no implementation of "

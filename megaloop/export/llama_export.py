@@ -76,6 +76,8 @@ def llama_unrepresentable(mc: ModelConfig, loops: int) -> List[str]:
         why.append("loop_residual_gate (LT2 rho): Llama has no per-loop residual gate")
     if mc.logit_softcap is not None:
         why.append("logit_softcap: Llama has no logit soft-cap")
+    if not getattr(mc, "causal", True):
+        why.append("causal=false: Llama's attention is causal only")
     if set(loop_mixers(mc)) != {"attn"}:
         why.append(f"mixer={mc.mixer!r}: Llama layers use full softmax attention only")
     return why

@@ -16,8 +16,10 @@ def layer_params(m: ModelConfig) -> int:
 
 def layer_forward_flops(m: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs per token of one transformer layer: 2 x matmul params + causal attention scores
-    (QK^T and AV over on average seq_len/2 keys: 2 * 2 * (T/2) * heads * head_dim)."""
-    return 2.0 * layer_params(m) + 2.0 * seq_len * m.n_heads * m.attn_head_dim
+    (QK^T and AV over on average seq_len/2 keys: 2 * 2 * (T/2) * heads * head_dim; all seq_len keys
+    with model.causal=false)."""
+    score_len = seq_len if getattr(m, "causal", True) else 2 * seq_len
+    return 2.0 * layer_params(m) + 2.0 * score_len * m.n_heads * m.attn_head_dim
 
 
 def head_forward_flops(m: ModelConfig) -> float:

@@ -58,11 +58,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Causal grouped-query softmax attention, the default token mixer.
+    """Causal grouped-query softmax attention, the default token mixer; bidirectional (every query
+    sees every key) with model.causal=false.
 
     `q_input` lets the query come from another stream than keys/values: the Fully Looped
     Transformer's attention injection (Q from the previous loop's output, K/V from the current
-    stream). Causality is unchanged: query t still only sees keys <= t.
+    stream). Causality is unchanged: query t still only sees keys <= t (all keys when not causal).
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
@@ -81,6 +82,7 @@ class Attention(nn.Module):
         if self.gate is not None:
             self.gate.zero_init = True
         self.dropout = cfg.dropout
+        self.causal = getattr(cfg, "causal", True)
 
     def forward(self, x: torch.Tensor, rope, q_input: Optional[torch.Tensor] = None):
         q, k, v = self.project(x, q_input, *rope)
@@ -110,7 +112,7 @@ class Attention(nn.Module):
         """(B, H, T, D) queries, (B, Hkv, T, D) keys/values -> (B, H, T, D). Sparse variants override
         this; x and q_input are the (normalised) streams, for mixers that score keys themselves."""
         return F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1],
+            q, k, v, is_causal=self.causal, enable_gqa=q.shape[1] != k.shape[1],
             dropout_p=self.dropout if self.training else 0.0)
 
 

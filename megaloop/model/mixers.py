@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 from megaloop.config import MIXER_NAMES, ConfigError, ModelConfig
+from megaloop.config.validation import noncausal_problem
 from megaloop.model.gated_deltanet import GatedDeltaNet
 from megaloop.model.layers import Attention
 from megaloop.model.sparse_attention import DeepSeekSparseAttention, SlidingWindowAttention
@@ -32,4 +33,6 @@ def register_mixer(name: str):
 def build_mixer(name: str, cfg: ModelConfig, layer_idx: int = 0):
     if name not in MIXERS:
         raise ConfigError(f"unknown mixer '{name}' in model.mixer; known mixers: {sorted(MIXERS)}")
+    if not getattr(cfg, "causal", True) and name != "attn":
+        raise ConfigError(noncausal_problem(cfg) or f"model.causal=false: mixer {name!r} is causal by construction")
     return MIXERS[name](cfg, layer_idx)

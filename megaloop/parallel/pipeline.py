@@ -257,14 +257,21 @@ class LoopLoss:
         self.loss_mode, self.token_loss_fn, self.exit_entropy_weight = mode, token_loss_fn, entropy_weight
         self.collect = collect
         self.__name__ = f"loop_loss[{mode}]"
+        # eval_hook(final logits, labels): set by the trainer's validation (exact-match accuracy on tasks).
+        self.eval_hook = None
 
     def __call__(self, outputs, labels):
         if not self.collect:
+            if self.eval_hook is not None:
+                self.eval_hook(outputs, labels)
             return self.loss(outputs, labels)
         exit_probs = None
         if isinstance(outputs, tuple):
             outputs, exit_probs = outputs
-        return self.loss(list(outputs.split(labels.shape[0], dim=0)), labels, exit_probs)
+        per_loop = list(outputs.split(labels.shape[0], dim=0))
+        if self.eval_hook is not None:
+            self.eval_hook(per_loop[-1], labels)
+        return self.loss(per_loop, labels, exit_probs)
 
 
 # ------------------------------------------------------------------------------------------------

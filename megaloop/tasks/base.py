@@ -36,6 +36,9 @@ class Task:
     name = "task"
     vocab_size: int
     seq_len: int
+    # True when an answer also appears later in the tokens (teacher forcing): a bidirectional model
+    # (model.causal=false) would read it there, so the trainer refuses that combination.
+    answers_in_tokens = False
 
     def __init__(self, seed: int = 0):
         if int(seed) < 0:

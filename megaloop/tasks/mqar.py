@@ -27,6 +27,7 @@ BOS, SEP, KEY0 = 1, 2, 3
 
 class MQARTask(Task):
     name = "mqar"
+    answers_in_tokens = True  # a_j follows q_j
 
     def __init__(self, num_kv_pairs: int = 8, num_queries: int = None, num_keys: int = 64,
                  num_values: int = 64, seed: int = 0):

@@ -47,6 +47,10 @@ def build_task_datasets(cfg: Config, num_train: int, num_valid: int) -> dict:
     if train_task.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"data.task={d.task!r} uses {train_task.vocab_size} token ids but model.vocab_size="
                           f"{cfg.model.vocab_size}: set model.vocab_size >= {train_task.vocab_size}")
+    if not cfg.model.causal and train_task.answers_in_tokens:
+        raise ConfigError(f"data.task={d.task!r} also writes each answer into the tokens after its position "
+                          f"(teacher forcing), which a bidirectional model (model.causal=false) reads directly: "
+                          f"use model.causal=true for this task")
     out = {"train": TaskDataset(train_task, max(1, int(num_train)))}
     if num_valid:
         out["valid"] = TaskDataset(valid_task, int(num_valid))

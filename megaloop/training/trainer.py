@@ -182,13 +182,23 @@ class Trainer:
             return None
         loops = t.eval_loops or self.cfg.model.loops
         batches = EvalBatches(self.valid_ds, self.cfg, self.state.dp_rank, self.dp, t.eval_iters, loops)
+        counts = zeros_on_accelerator(4, dtype=torch.float64)  # exact match on task data (see below)
         if self.pp > 1:
-            loss = self.engine.eval_batch(batches, num_micro_batches=t.eval_iters)
+            # The last stage's loss function sees the final logits: it counts exact matches there.
+            loss_fn = self.module.loss_fn
+            if self.cfg.data.task:
+                loss_fn.eval_hook = lambda logits, labels: counts.add_(self._exact_match_counts(logits, labels))
+            try:
+                total = self.engine.eval_batch(batches, num_micro_batches=t.eval_iters)
+            finally:
+                loss_fn.eval_hook = None
             self.engine.train()
-            return float(loss)
+            if self.cfg.data.task and self.dp > 1:
+                dist.all_reduce(counts, group=self.state.dp_group)
+            self._set_accuracy(counts)
+            return float(total)
         self.engine.eval()
         total = zeros_on_accelerator(1)
-        counts = zeros_on_accelerator(4, dtype=torch.float64)  # exact match on task data (see below)
         with torch.no_grad():
             for (tokens, lp), labels in batches:
                 labels = labels.to(self.engine.device)
@@ -202,19 +212,23 @@ class Trainer:
             dist.all_reduce(total, group=self.state.dp_group)
             dist.all_reduce(counts, group=self.state.dp_group)
             total /= self.dp
+        self._set_accuracy(counts)
+        return float(total)
+
+    def _set_accuracy(self, counts):
         self.last_accuracy = None
         if self.cfg.data.task:
             sr, sn, pr, pn = counts.tolist()
             self.last_accuracy = {"exact_match_sequence": sr / max(sn, 1), "exact_match_position": pr / max(pn, 1)}
-        return float(total)
 
     def _exact_match_counts(self, logits, labels):
-        """(sequences right, sequences, answer positions right, answer positions) of one micro-batch; under
-        TP the vocab-parallel logits are gathered first."""
+        """(sequences right, sequences, answer positions right, answer positions) of one micro-batch
+        (megaloop.tasks.exact_match_counts); under TP the vocab-parallel logits are gathered first."""
         from megaloop.tasks.base import exact_match_counts
         if self.state.tp_size > 1:
-            from megaloop.parallel.apply_tp import gather_logits
-            logits = gather_logits(self.module, logits)
+            from megaloop.parallel.comm import TPComm
+            from megaloop.parallel.cross_entropy import gather_vocab_logits
+            logits = gather_vocab_logits(logits, TPComm.coerce(self.state), self.cfg.model.vocab_size)
         return on_accelerator(exact_match_counts(logits, labels), dtype=torch.float64)
 
     # ------------------------------------------------------------------------------------------
