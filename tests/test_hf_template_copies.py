@@ -29,6 +29,7 @@ EXPECTED = {
     "megaloop/model/injection.py": {"AddInjection", "ConcatAdapterInjection", "ParcaeInjection.coefficients",
                                     "ParcaeInjection.forward"},
     "megaloop/ops/short_conv.py": {"causal_depthwise_conv1d"},
+    "megaloop/model/sparse_attention.py": {"indexer_rope", "indexer_key_norm"},
     "megaloop/ops/gated_delta.py": {"_compute_dtype", "_check_shapes", "gated_delta_rule_recurrent",
                                     "gated_delta_rule_chunked"},
 }

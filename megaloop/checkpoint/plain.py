@@ -13,6 +13,7 @@ import torch
 
 from megaloop.checkpoint.layout import CheckpointError
 from megaloop.config import Config, ConfigError, config_from_dict
+from megaloop.checkpoint.saved_config import saved_config_from_dict
 from megaloop.errors import OutputError, os_error_in
 
 PLAIN_NAMES = ("model.pt", "model.pth", "pytorch_model.bin", "consolidated.pt", "state_dict.pt")
@@ -69,7 +70,7 @@ def load_plain_config(checkpoint, step: Optional[int] = None) -> Config:
     obj = _read(f)
     if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
         try:
-            return config_from_dict(obj["config"])
+            return saved_config_from_dict(obj["config"])
         except ConfigError as e:
             raise CheckpointError(f"{f}: its saved config is invalid: {e}") from e
     for d in (f.parent, f.parent.parent):

@@ -42,6 +42,7 @@ import torch
 from megaloop.checkpoint.layout import CheckpointError, is_deepspeed_checkpoint, marker, resolve
 from megaloop.checkpoint.plain import load_plain_config, load_plain_state_dict
 from megaloop.config import Config, ConfigError, ModelConfig, config_from_dict
+from megaloop.checkpoint.saved_config import saved_config_from_dict
 
 
 def expected_shapes(mc: ModelConfig) -> Dict[str, Tuple[int, ...]]:
@@ -89,7 +90,7 @@ def read_info(tag_dir: Path) -> CheckpointInfo:
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{meta_file} has no 'config' in its client state: not a megaloop training checkpoint")
     try:
-        cfg = config_from_dict(meta["config"])
+        cfg = saved_config_from_dict(meta["config"])
     except ConfigError as e:
         raise CheckpointError(f"{meta_file}: the run config saved in the checkpoint is invalid: {e}") from e
     dims = meta.get("checkpoint_parallel_dimensions") or {}

@@ -68,6 +68,13 @@ class ModelConfig:
     dsa_index_heads: int = 4
     dsa_index_dim: int = 32
     dsa_indexer_loss_coef: float = 0.01  # weight of the indexer's KL-to-dense-attention loss
+    # The indexer's form: "v3.2" = DeepSeek-V3.2's (RoPE on part of q_I/k_I, LayerNorm on k_I, scores scaled
+    # by H_I^-1/2 * d_I^-1/2) | "legacy" = megaloop's earlier form (no RoPE, no LayerNorm, H_I^-1/2 only),
+    # for checkpoints trained with it (their saved configs, which predate this field, read as "legacy").
+    dsa_indexer_form: str = "v3.2"
+    # Channels of q_I / k_I rotated by RoPE (the first ones, halves layout, as V3.2's non-interleaved
+    # indexer RoPE); None: dsa_index_dim // 2 (V3.2: 64 of 128), 0: none. "v3.2" form only.
+    dsa_index_rope_dim: Optional[int] = None
 
     # --- prelude -> looped block x R -> coda ---
     n_prelude: int = 0
@@ -107,6 +114,13 @@ class ModelConfig:
         if self.prelude_norm is not None:
             return bool(self.prelude_norm)
         return self.injection == "parcae" and (self.n_prelude > 0 or not self.embed_norm)
+
+    @property
+    def dsa_rope_dim(self) -> int:
+        """Channels of the DSA indexer's q_I / k_I that RoPE rotates (`dsa_index_rope_dim`, None resolved)."""
+        if self.dsa_indexer_form == "legacy":
+            return 0
+        return self.dsa_index_dim // 2 if self.dsa_index_rope_dim is None else int(self.dsa_index_rope_dim)
 
     @property
     def kv_heads(self) -> int:
@@ -209,6 +223,14 @@ class TrainConfig:
     sample_prompt: str = "The "
     sample_temperature: float = 0.8  # 0 = greedy
     sample_top_k: int = 40
+    # Training stage (megaloop/training/stages.py): pretrain | dsa_warmup (DeepSeek-V3.2's dense warm-up: only
+    # the DSA indexers train, on the KL to the dense attention; the model attends densely) | exit_gate (Ouro's
+    # stage II: only the exit gate trains, BCE against the loss-improvement target).
+    stage: str = "pretrain"
+    # exit_gate stage: target w(t) = sigmoid(slope * (max(0, L(t-1) - L(t)) - margin)) for continuing past
+    # loop t (Ouro: slope k = 50, margin gamma = 0.005 nats of token loss).
+    exit_gate_margin: float = 0.005
+    exit_gate_slope: float = 50.0
 
 
 @dataclass

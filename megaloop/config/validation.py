@@ -36,7 +36,8 @@ NUMERIC_RANGES = {
     "model.ffn_hidden": _GT0, "model.norm_eps": _GT0, "model.rope_theta": _GT0, "model.logit_softcap": _GT0,
     "model.init_std": _GT0, "model.dropout": _UNIT_HALF_OPEN, "model.conv_size": _GT0, "model.gdn_expand_v": _GT0,
     "model.gdn_chunk_size": _GT0, "model.window": _GT0, "model.dsa_topk": _GT0, "model.dsa_index_heads": _GT0,
-    "model.dsa_index_dim": _GT0, "model.dsa_indexer_loss_coef": _GE0, "model.n_prelude": _GE0,
+    "model.dsa_index_dim": _GT0, "model.dsa_indexer_loss_coef": _GE0,
+    "model.dsa_index_rope_dim": _GE0, "model.n_prelude": _GE0,
     "model.n_loop": _GT0, "model.n_coda": _GE0, "model.loops": _GT0, "model.max_loops": _GT0,
     "model.state_init_std": _GT0, "model.parcae_init_decay": (0, 1, False, False), "model.embed_scale": _GT0,
     "loop.mean": _GE1, "loop.sigma": _GE0, "loop.min": _GE1, "loop.max": _GE1, "loop.backprop_loops": _GE1,
@@ -52,6 +53,7 @@ NUMERIC_RANGES = {
     "train.loss_scale": _GE0, "train.initial_scale_power": (0, 64, True, True), "train.peak_flops": _GT0,
     "train.dist_timeout": _GT0, "train.sample_tokens": _GE0, "train.sample_temperature": _GE0,  # 0 = greedy
     "train.sample_top_k": _GE0,  # 0 = no top-k
+    "train.exit_gate_margin": _GE0, "train.exit_gate_slope": _GT0,
     "parallel.tensor_parallel": _GT0, "parallel.pipeline_parallel": _GT0, "parallel.zero_stage": (0, 3, True, True),
 }
 
@@ -147,6 +149,13 @@ def validate(cfg: Config) -> None:
     causal_problem = noncausal_problem(m, cfg)
     if causal_problem:
         raise ConfigError(causal_problem)
+    _choice(m.dsa_indexer_form, ("v3.2", "legacy"), "model.dsa_indexer_form")
+    if m.dsa_indexer_form == "legacy" and m.dsa_index_rope_dim:
+        raise ConfigError(f"model.dsa_index_rope_dim={m.dsa_index_rope_dim} applies to model.dsa_indexer_form="
+                          f"'v3.2' only (the legacy indexer has no RoPE)")
+    if m.dsa_rope_dim % 2 or m.dsa_rope_dim > m.dsa_index_dim:
+        raise ConfigError(f"model.dsa_index_rope_dim={m.dsa_rope_dim} must be even and at most "
+                          f"model.dsa_index_dim={m.dsa_index_dim}")
     # Loop schedule.
     _choice(lp.sampling, ("fixed", "poisson", "lognormal_poisson"), "loop.sampling")
     _choice(lp.loss, ("last", "mean", "last_third", "exit_weighted"), "loop.loss")
@@ -182,6 +191,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.compile with parallel.zero_stage=3: ZeRO-3's parameter-gathering hooks on every "
                           "sub-module break each compiled layer into one graph per linear layer (slower than eager, "
                           "long compile); use zero_stage 1 or 2 with train.compile, or train.compile=false")
+    _stage_problems(cfg)
     if t.min_lr > t.lr:
         raise ConfigError(f"need train.min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
     # Parallel layout.
@@ -249,6 +259,27 @@ def noncausal_problem(m: ModelConfig, cfg: Optional[Config] = None) -> Optional[
                 "corpus (data.data_path): train a bidirectional model on a task (data.task, e.g. sudoku) "
                 "or set model.causal=true")
     return None
+
+
+def _stage_problems(cfg: Config) -> None:
+    """train.stage: each stage needs the module it trains, and runs with PP = 1 (its loss is computed from
+    the looped block's internals, which the pipeline's last stage does not hold)."""
+    m, t = cfg.model, cfg.train
+    _choice(t.stage, ("pretrain", "dsa_warmup", "exit_gate"), "train.stage")
+    if t.stage == "pretrain":
+        return
+    if t.stage == "dsa_warmup" and "dsa" not in mixer_pattern(m.mixer, m.n_loop, m.linear_mixer):
+        raise ConfigError(f"train.stage='dsa_warmup' trains the DSA indexers, but model.mixer={m.mixer!r} has no "
+                          f"'dsa' layer")
+    if t.stage == "exit_gate" and not m.exit_gate:
+        raise ConfigError("train.stage='exit_gate' trains Ouro's exit gate: it needs model.exit_gate=true")
+    if cfg.parallel.pipeline_parallel > 1:
+        raise ConfigError(f"train.stage={t.stage!r} is not supported with parallel.pipeline_parallel="
+                          f"{cfg.parallel.pipeline_parallel}: run the stage with pipeline_parallel=1 (its weights "
+                          f"load into any layout afterwards)")
+    if t.activation_checkpointing != "none":
+        raise ConfigError(f"train.stage={t.stage!r} keeps no activations of the frozen model (it runs without "
+                          f"gradients); set train.activation_checkpointing=none")
 
 
 def tensor_parallel_problems(m: ModelConfig, tp: int, seq_len: Optional[int] = None) -> List[str]:

@@ -37,6 +37,7 @@ def hf_config_dict(mc: ModelConfig, noise_init: str = "seeded", noise_seed: int 
         mixer=",".join(loop_mixers(mc)), linear_mixer=getattr(mc, "linear_mixer", "gdn"),
         conv_size=mc.conv_size, gdn_expand_v=mc.gdn_expand_v, gdn_chunk_size=mc.gdn_chunk_size, window=mc.window,
         dsa_topk=mc.dsa_topk, dsa_index_heads=mc.dsa_index_heads, dsa_index_dim=mc.dsa_index_dim,
+        dsa_indexer_form=mc.dsa_indexer_form, dsa_index_rope_dim=mc.dsa_rope_dim,
         n_prelude=mc.n_prelude, n_loop=mc.n_loop, n_coda=mc.n_coda, num_loops=mc.loops, max_loops=mc.max_loops,
         arch=mc.arch, injection=mc.injection, recall=mc.recall, internal_recall_site=mc.internal_recall_site,
         internal_recall_layers=mc.internal_recall_layers, normalization=mc.normalization,

@@ -3,16 +3,17 @@
 The top-k selection passes no gradient to the indexer (sparse_attention.py), so DeepSeek trains it
 with a separate loss on detached main-attention probabilities: `indexer_kl_loss` is the dense
 reference, `indexer_kl_loss_from_probs` its sparse stage in O(T * topk), from the probabilities the
-attention returns (what the model trains with).
+attention returns (what the model trains with), `dense_indexer_kl_from_probs` the dense warm-up stage
+(train.stage: dsa_warmup) from the dense attention's probabilities.
 """
 from typing import Optional
 
 import torch
 
 from megaloop.ops.dense_attention import _default_scale, _group_queries
-from megaloop.ops.lightning_indexer import indexer_scores_at
+from megaloop.ops.lightning_indexer import indexer_scores_at, lightning_indexer_scores
 
-__all__ = ["indexer_kl_loss", "indexer_kl_loss_from_probs"]
+__all__ = ["dense_indexer_kl_from_probs", "indexer_kl_loss", "indexer_kl_loss_from_probs"]
 
 
 def indexer_kl_loss(
@@ -84,3 +85,14 @@ def indexer_kl_loss_from_probs(
     formed. Gradients reach q_idx, k_idx, w only (through `indexer_scores_at`)."""
     scores = indexer_scores_at(q_idx, k_idx, w, indices)
     return _kl_to_target(target.detach().to(scores.dtype), scores, valid)
+
+
+def dense_indexer_kl_from_probs(q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor,
+                                target: torch.Tensor) -> torch.Tensor:
+    """The dense warm-up stage: KL(target || softmax of I(t, .) over all causal keys), averaged over
+    queries. target (B, T, T): the head-averaged dense attention probabilities (zero on future keys).
+    O(T^2) memory (the warm-up is short and dense by definition). Gradients reach q_idx, k_idx, w only."""
+    T = q_idx.shape[1]
+    scores = lightning_indexer_scores(q_idx, k_idx, w)
+    causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril().expand_as(scores)
+    return _kl_to_target(target.detach().to(scores.dtype), scores, causal)

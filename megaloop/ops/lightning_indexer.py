@@ -3,7 +3,9 @@
 The indexer is a light scorer of every causal (t, s) pair,
     I(t, s) = sum_j w(t, j) * ReLU(q_I(t, j) . k_I(s)),
 and each query keeps its top-k keys (one selection shared by all attention heads; the attention
-itself is in sparse_attention.py). Scoring is O(T^2) time but cheap (few heads, small dim, no softmax)
+itself is in sparse_attention.py). The kernels here take q_I, k_I and w as given: DeepSeek-V3.2's
+RoPE on part of q_I / k_I, LayerNorm on k_I and score scale H_I^-1/2 * d_I^-1/2 (folded into w, exact
+since ReLU is positively homogeneous) are applied by the module (`DeepSeekSparseAttention.index_inputs`). Scoring is O(T^2) time but cheap (few heads, small dim, no softmax)
 and blockwise: blocks of queries score only their causal keys, and a staged top-k (a bound first, see
 `_topk_rows`) selects exactly the keys of a stable descending sort, so no (T, T) tensor is ever formed.
 The selection is not differentiable; `indexer_scores_at` re-scores the selected keys with gradients,

@@ -35,7 +35,7 @@ r of tp holds the r-th contiguous block along `dim`:
   replicated (identical on every rank; take rank 0): everything else -- norms, QK-norm and GDN's
       out_norm_weight (their gradients are partial sums, summed by the TP grad hooks, install_tp_grad_hooks), block.rho,
       block.out_proj (Parcae W_C), block.injection.* (A_log, dt_bias, B, concat adapter), exit_gate,
-      DSA's indexer (wq_index, wk_index, w_index).
+      DSA's indexer (wq_index, wk_index, k_index_norm, w_index).
 The vocabulary padding (model.pad_vocab_multiple) does not depend on tp, so full tensors have the same
 shape whatever TP degree wrote them.
 

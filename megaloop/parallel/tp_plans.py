@@ -221,6 +221,8 @@ def shard_dsa(attn: nn.Module, comm: TPComm, cfg, ctx: dict) -> None:
     for lin in (attn.wq_index, attn.wk_index, attn.w_index):
         _replicated_branch(lin, comm.size)
         ctx["full_sequence"].update(id(p) for p in lin.parameters())  # sees the gathered sequence under SP
+    if attn.k_index_norm is not None:  # (V3.2's LayerNorm on k_I: fed by wk_index, complete gradients too)
+        ctx["full_sequence"].update(id(p) for p in attn.k_index_norm.parameters())
     attn.attend = _TPSparseAttend(attn, comm)
 
 

@@ -80,6 +80,8 @@ class MegaloopConfig(_BaseConfig):
         dsa_topk=64,
         dsa_index_heads=4,
         dsa_index_dim=32,
+        dsa_indexer_form="v3.2",
+        dsa_index_rope_dim=None,
         n_prelude=0,
         n_loop=2,
         n_coda=0,
@@ -136,6 +138,11 @@ class MegaloopConfig(_BaseConfig):
         self.dsa_topk = dsa_topk
         self.dsa_index_heads = dsa_index_heads
         self.dsa_index_dim = dsa_index_dim
+        self.dsa_indexer_form = dsa_indexer_form
+        # channels of the indexer's q/k under RoPE; None: half of dsa_index_dim (v3.2), 0 for the legacy form
+        if dsa_index_rope_dim is None:
+            dsa_index_rope_dim = dsa_index_dim // 2 if dsa_indexer_form == "v3.2" else 0
+        self.dsa_index_rope_dim = int(dsa_index_rope_dim)
         self.n_prelude = n_prelude
         self.n_loop = n_loop
         self.n_coda = n_coda
@@ -189,6 +196,11 @@ class MegaloopConfig(_BaseConfig):
         choice("noise_init", ("seeded", "global_rng", "zeros"))
         choice("exit_strategy", (None, "q_exit", "kl"))
         choice("exit_kv", ("copy", "compute"))
+        choice("dsa_indexer_form", ("v3.2", "legacy"))
+        if self.dsa_index_rope_dim % 2 or not 0 <= self.dsa_index_rope_dim <= self.dsa_index_dim or (
+                self.dsa_indexer_form == "legacy" and self.dsa_index_rope_dim):
+            raise ValueError(f"MegaloopConfig.dsa_index_rope_dim={self.dsa_index_rope_dim} must be even, in [0, "
+                             f"dsa_index_dim={self.dsa_index_dim}], and 0 for dsa_indexer_form='legacy'")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"MegaloopConfig: n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         for name in ("conv_size", "gdn_chunk_size", "window", "dsa_topk", "dsa_index_heads", "dsa_index_dim"):

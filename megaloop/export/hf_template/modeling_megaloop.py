@@ -123,6 +123,7 @@ class AttnContext:
     causal: bool  # use is_causal (no cache, no padding): bit-identical to megaloop's path
     past: int = 0
     key_valid: Optional[torch.Tensor] = None  # bool (B, past + T), False = left padding; None = no padding
+    positions: Optional[torch.Tensor] = None  # (B, T) RoPE positions of the new tokens (DSA's indexer RoPE)
 
     def allowed(self, T: int, L: int, device) -> torch.Tensor:
         """Bool (B or 1, T, L): query past + i may read key position past + T - L + j (causal, real keys;
@@ -253,11 +254,30 @@ class MegaloopSlidingWindowAttention(MegaloopAttention):
             dst[name] = dst[name][:, :, max(0, dst[name].shape[2] - (self.window - 1)):]
 
 
+# Copied from megaloop/model/sparse_attention.py:indexer_rope
+def indexer_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """RoPE on the first rope_dim channels of x (B, T, H, D), the rest unchanged (DeepSeek-V3.2's indexer)."""
+    if rope_dim == 0:
+        return x
+    return torch.cat([apply_rope(x[..., :rope_dim], cos, sin), x[..., rope_dim:]], dim=-1)
+
+
+# Copied from megaloop/model/sparse_attention.py:indexer_key_norm
+def indexer_key_norm(k: torch.Tensor, norm) -> torch.Tensor:
+    """V3.2's LayerNorm on the indexer key, in fp32; none: k."""
+    if norm is None:
+        return k
+    return F.layer_norm(k.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps).type_as(k)
+
+
 class MegaloopSparseAttention(MegaloopAttention):
     """"dsa", DeepSeek sparse attention (megaloop/model/sparse_attention.py): a lightning indexer
     I(t, s) = sum_j w(t, j) ReLU(q_I(t, j) . k_I(s)) scores every causal key, each query attends to
-    its top-k keys (one selection for all heads). The cache keeps keys/values and the indexer keys
-    ("ki", (B, S, Di)) per (loop, layer); a new query is scored against every cached indexer key."""
+    its top-k keys (one selection for all heads). dsa_indexer_form "v3.2" (DeepSeek-V3.2's indexer):
+    k_I = LayerNorm(W_kI x), RoPE on the first dsa_index_rope_dim channels of q_I and k_I, and w scaled
+    by H_I^-1/2 * d_I^-1/2; "legacy": no RoPE, no LayerNorm, H_I^-1/2 only. The cache keeps keys/values
+    and the indexer keys ("ki", (B, S, Di), after their RoPE) per (loop, layer); a new query is scored
+    against every cached indexer key."""
 
     kv_names = ("k", "v", "ki")
 
@@ -266,8 +286,12 @@ class MegaloopSparseAttention(MegaloopAttention):
         d, hi, di = config.d_model, config.dsa_index_heads, config.dsa_index_dim
         self.topk = int(config.dsa_topk)
         self.index_heads, self.index_dim = hi, di
+        v32 = config.dsa_indexer_form == "v3.2"
+        self.rope_dim, self.rope_theta = int(config.dsa_index_rope_dim), config.rope_theta
+        self.score_scale = hi ** -0.5 * (di ** -0.5 if v32 else 1.0)
         self.wq_index = nn.Linear(d, hi * di, bias=False)
         self.wk_index = nn.Linear(d, di, bias=False)
+        self.k_index_norm = nn.LayerNorm(di, eps=1e-6) if v32 else None
         self.w_index = nn.Linear(d, hi, bias=False)
 
     def select(self, x, q_input, ctx: AttnContext, slot) -> torch.Tensor:
@@ -275,8 +299,15 @@ class MegaloopSparseAttention(MegaloopAttention):
         B, T, _ = x.shape
         qx = x if q_input is None else q_input
         q_idx = self.wq_index(qx).view(B, T, self.index_heads, self.index_dim)
-        k_idx = _concat_slot(slot, "ki", self.wk_index(x), 1)
-        w = self.w_index(qx) / self.index_heads ** 0.5
+        k_new = indexer_key_norm(self.wk_index(x), self.k_index_norm)
+        if self.rope_dim:
+            positions = ctx.positions if ctx.positions is not None else \
+                torch.arange(ctx.past, ctx.past + T, device=x.device)[None].expand(B, T)
+            cos, sin = rope_for_positions(positions, self.rope_dim, self.rope_theta)
+            q_idx = indexer_rope(q_idx, cos, sin, self.rope_dim)
+            k_new = indexer_rope(k_new[:, :, None], cos, sin, self.rope_dim)[:, :, 0]
+        k_idx = _concat_slot(slot, "ki", k_new, 1)
+        w = self.w_index(qx) * self.score_scale
         S = k_idx.shape[1]
         dots = torch.einsum("btjd,bsd->btjs", q_idx, k_idx).relu()
         scores = torch.einsum("btjs,btj->bts", dots, w)
@@ -939,7 +970,7 @@ class MegaloopForCausalLM(MegaloopPreTrainedModel, GenerationMixin):
             mask = allowed
         key_valid = attention_mask[:, -(past + T):].bool() if padded else None
         return AttnContext(cos, sin, mask, causal=(past == 0 and not padded), past=past,
-                           key_valid=key_valid), position_ids
+                           key_valid=key_valid, positions=position_ids), position_ids
 
     # --- forward --------------------------------------------------------------------------------
     def forward(
