@@ -153,6 +153,10 @@ class LoopedLM(nn.Module):
         loops = cfg.loops if loops is None else int(loops)
         if tokens.shape[1] > cfg.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len={cfg.max_seq_len}")
+        stage = getattr(self, "train_stage", None)  # set by megaloop.training.stages (train.stage)
+        if stage is not None and labels is not None:
+            from megaloop.model.stage_losses import stage_forward
+            return stage_forward(self, stage, tokens, labels, loops, noise_generator)
         rope = self.rope(tokens.shape[1], tokens.device)
         e = self.embed(tokens, rope)
         need_per_loop = exit is not None or (labels is not None and self.loss_mode != "last")

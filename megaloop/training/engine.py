@@ -160,6 +160,11 @@ def build_engine(cfg: Config, state, console, device: str) -> TrainingEngine:
     from megaloop.parallel.random import set_parallel_seed
     set_parallel_seed(t.seed, state)
 
+    # train.stage: freeze all but what the stage trains, before the optimizer and DeepSpeed see the parameters.
+    from megaloop.training.stages import apply_train_stage
+    stage_note = apply_train_stage(module, t)
+    if stage_note:
+        console(stage_note)
     device_type = torch.device(device).type
     optimizer = build_optimizer(module, t, device_type)
     scheduler = build_scheduler(optimizer, t)

@@ -13,7 +13,10 @@ A resume compares the config saved in the checkpoint with the one the run was st
 - **refused** unless `--override-resume-config` is given: everything else, in particular the model
   (`model.*`), the tokenizer and the data (`data.*`: another corpus, split or sequence length would not
   continue the same stream), `train.seed`, the batch (`micro_batch_size`, `grad_accum_steps`) and the
-  numeric format (`precision`, `bf16_impl`).
+  numeric format (`precision`, `bf16_impl`), and the training stage (`train.stage`: a resume continues
+  one stage; a new stage (dsa_warmup, exit_gate) trains other parameters with another optimizer state,
+  so it starts as a new run from the previous run's weights - a weights-only initialisation - and
+  never as a resume). The stage-II target's `train.exit_gate_margin` / `exit_gate_slope` are applied.
 - the parallel layout (`parallel.*`) is the checkpoint loader's business: `check_resumable` accepts any
   TP x PP x DP x ZeRO change that megaloop.checkpoint.relayout loads (with `grad_accum_steps` changed so
   that the global batch stays the same when DP changes) and refuses the rest before loading, with both
@@ -34,7 +37,7 @@ APPLIED = {
     "train.peak_flops", "train.dist_timeout", "train.sample_tokens", "train.sample_prompt",
     "train.sample_temperature", "train.sample_top_k", "train.compile", "train.compile_mode",
     "train.optimizer_impl", "train.activation_checkpointing", "train.partition_activations",
-    "train.cpu_checkpointing", "data.cache_dir", "data.num_workers",
+    "train.cpu_checkpointing", "data.cache_dir", "data.num_workers", "train.exit_gate_margin", "train.exit_gate_slope",
 }
 LAYOUT_PREFIX = "parallel."
 

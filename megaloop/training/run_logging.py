@@ -102,8 +102,11 @@ def log_interval(logger: RunLogger, step: int, total_steps: int, row: dict, stat
     if sn is not None:
         logger.scalars(step, {"injection_spectral_norm": sn}, prefix="loops/")
         logger.record({"step": step, "injection_spectral_norm": sn})
+    if row.get("stage"):  # train.stage: the loss is the stage's own (megaloop/training/stages.py)
+        logger.scalars(step, {row["stage_loss"]: row["loss"]}, prefix=f"stage_{row['stage']}/")
     gn = row["grad_norm"]
-    parts = [f"step {step}/{total_steps}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}",
+    loss_name = f"{row['stage']} {row['stage_loss']}" if row.get("stage") else "loss"
+    parts = [f"step {step}/{total_steps}", f"{loss_name} {row['loss']:.4f}", f"lr {row['lr']:.2e}",
              f"gnorm {gn:.3f}" if gn is not None else "gnorm -", f"R {r_mean:g}",
              f"tok/s {tok_s:,.0f}", f"FLOP/s {flop_s:.3g}" + (f" ({100 * share:.1f}% of peak)" if share else ""),
              f"mem max {fmt_bytes(max(mem))}"]

@@ -32,6 +32,7 @@ from megaloop.training.stats import gather_stats
 from megaloop.training.optim import apply_schedule
 from megaloop.training.resume_policy import check_resumable
 from megaloop.training.run_dir import lock_output_dir, write_run_config
+from megaloop.training.stages import stage_fields
 from megaloop.training.stopping import LauncherWatchdog, StopAgreement, StopFlag
 
 
@@ -271,7 +272,8 @@ class Trainer:
                     interval_flops += tokens_per_step * train_flops_per_token(cfg, r_mean, grads, cfg.data.seq_len)
                 interval_tokens += tokens_per_step
                 pending.append({"step": step, "loss": loss, "lr": self.engine.get_lr()[0], "R": rs,
-                                "grad_norm": self.grad_norm(), "loss_scale": self.te.loss_scale(), "skipped": skipped})
+                                "grad_norm": self.grad_norm(), "loss_scale": self.te.loss_scale(), "skipped": skipped,
+                                **stage_fields(t.stage)})
                 evaluate = bool(t.eval_interval and step % t.eval_interval == 0)
                 save = bool(t.save_interval and step % t.save_interval == 0 and step < t.steps)
                 agreement.after_step(step)
