@@ -87,7 +87,7 @@ def test_dsa_warmup_trains_only_the_indexers_on_their_kl(tmp_path, data):
 
 def test_dsa_warmup_under_tensor_parallelism(tmp_path, data):
     init, trained, losses, out, fixed = _run(tmp_path, data, "warmup_tp", DSA_MODEL, "dsa_warmup", world=2,
-                                      parallel={"tensor_parallel": 2}, steps=6)
+                                      parallel={"tensor_parallel": 2}, steps=4)
     _check(init, trained, _is_indexer)
     _falls(losses, fixed)
 
