@@ -8,7 +8,8 @@ ffn_hidden and padded_vocab_size are always explicit here), plus the standard Hu
 Token mixers of the looped layers (megaloop/model/mixers.py): `mixer` is one name, a comma list tiling
 the n_loop layers, or an "N:M" ratio (N `linear_mixer` layers then M "attn" layers). Names: "attn"
 (softmax attention), "gdn" (Gated DeltaNet: conv_size, gdn_expand_v, gdn_chunk_size), "swa" (sliding
-window attention: window), "dsa" (DeepSeek sparse attention: dsa_topk, dsa_index_heads, dsa_index_dim, dsa_indexer_form, dsa_index_rope_dim).
+window attention: window), "dsa" (DeepSeek sparse attention: dsa_topk, dsa_index_heads, dsa_index_dim,
+dsa_indexer_form, dsa_index_rope_dim).
 The exporter writes the resolved comma list.
 
 Inference-only fields (not in megaloop's ModelConfig):
