@@ -15,7 +15,8 @@ from megaloop.checkpoint import load_model
 from megaloop.config import ConfigError, load_config
 from megaloop.model import build_model
 from megaloop.model.stage_losses import exit_gate_bce
-from test_train_support import REPO, make_byte_dataset, run_ranks, tiny_config, train_losses, write_config
+from test_train_support import REPO, make_byte_dataset, run_ranks, tiny_config, train_losses, train_rows,
+                                write_config
 
 DSA_MODEL = {"mixer": "attn,dsa", "n_loop": 2, "init_std": 0.25,  # peaked attention: a KL to learn
              "dsa_topk": 4, "dsa_index_heads": 2, "dsa_index_dim": 8}
@@ -37,6 +38,8 @@ def _run(tmp_path, data, name, model, stage, world=1, parallel=None, loops=2, st
     results = run_ranks(world, ["--config", path], timeout=240)
     for rc, out in results:
         assert rc == 0, out[-3000:]
+    rows = train_rows(out_dir).values()
+    assert rows and all(r["stage"] == stage and r["stage_loss"] for r in rows)  # metrics.jsonl names the stage
     init_cfg = load_config(path)
     torch.manual_seed(init_cfg.train.seed)
     init = build_model(init_cfg).state_dict()

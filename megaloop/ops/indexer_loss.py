@@ -93,6 +93,6 @@ def dense_indexer_kl_from_probs(q_idx: torch.Tensor, k_idx: torch.Tensor, w: tor
     queries. target (B, T, T): the head-averaged dense attention probabilities (zero on future keys).
     O(T^2) memory (the warm-up is short and dense by definition). Gradients reach q_idx, k_idx, w only."""
     T = q_idx.shape[1]
-    scores = lightning_indexer_scores(q_idx, k_idx, w)
+    scores = lightning_indexer_scores(q_idx, k_idx, w).float()  # the KL in fp32 (scores may be bf16)
     causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril().expand_as(scores)
-    return _kl_to_target(target.detach().to(scores.dtype), scores, causal)
+    return _kl_to_target(target.detach().float(), scores, causal)
