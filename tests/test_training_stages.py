@@ -15,8 +15,8 @@ from megaloop.checkpoint import load_model
 from megaloop.config import ConfigError, load_config
 from megaloop.model import build_model
 from megaloop.model.stage_losses import exit_gate_bce
-from test_train_support import REPO, make_byte_dataset, run_ranks, tiny_config, train_losses, train_rows,
-                                write_config
+from test_train_support import (make_byte_dataset, run_ranks, tiny_config, train_losses, train_rows,
+                                write_config)
 
 DSA_MODEL = {"mixer": "attn,dsa", "n_loop": 2, "init_std": 0.25,  # peaked attention: a KL to learn
              "dsa_topk": 4, "dsa_index_heads": 2, "dsa_index_dim": 8}
