@@ -25,6 +25,7 @@ from typing import Dict, Tuple
 import torch
 
 from megaloop.checkpoint.layout import CheckpointError, is_deepspeed_checkpoint, resolve
+from megaloop.checkpoint.plain import plain_file
 from megaloop.checkpoint.reader import expected_shapes, load
 from megaloop.config import ModelConfig
 
@@ -83,8 +84,7 @@ def init_state_dict(path, mc: ModelConfig) -> Tuple[Dict[str, torch.Tensor], str
         raise _refuse(path, "does not exist (name a run folder, a checkpoint root, a step_N folder or an "
                             "imported model folder)")
     try:
-        if is_deepspeed_checkpoint(source):
-            source = resolve(source)
+        source = resolve(source) if is_deepspeed_checkpoint(source) else plain_file(source)
         sd, src_cfg = load(source)
     except CheckpointError as e:
         raise _refuse(path, str(e)) from e
