@@ -297,3 +297,18 @@ def test_cli_one_line_error_and_success(tmp_path, capsys):
     assert f"init.from={tmp_path / 'run'}" in capsys.readouterr().out
     _, cfg = load_model(tmp_path / "run")
     assert cfg.model.loops == 5 and cfg.loop.mean == 5
+
+
+def test_a_sentencepiece_tokenizer_model_comes_along(tmp_path, llama):
+    import shutil
+    folder, _ = llama
+    shutil.copytree(folder, tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(b"spm bytes")
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    _, cfg = load_model(tmp_path / "run")
+    assert cfg.data.tokenizer_type == "sentencepiece"
+    assert cfg.data.tokenizer_model == str((tmp_path / "run" / "tokenizer.model").resolve())
+    assert (tmp_path / "run" / "tokenizer.model").read_bytes() == b"spm bytes"
+    import_hf(folder, tmp_path / "run2")  # none: the byte setting stays, with a note
+    notes = json.loads((tmp_path / "run2" / "import.json").read_text())["notes"]
+    assert any("tokenizer not imported" in n for n in notes)

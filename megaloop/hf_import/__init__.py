@@ -63,6 +63,8 @@ def read_source(model_dir, overrides: Optional[List[str]] = None, retrofit: Opti
         m = ouro.read(folder, hf, tensors)
     else:
         m = llama.read(folder, hf, tensors, retrofit, block_from)
+    if "data" not in m.config:
+        _tokenizer(folder, m)
     tree = {k: dict(v) for k, v in m.config.items()}
     seq = tree.setdefault("data", {}).get("seq_len", 128)
     tree["data"]["seq_len"] = min(seq, int(tree["model"].get("max_seq_len", seq)))
@@ -72,6 +74,18 @@ def read_source(model_dir, overrides: Optional[List[str]] = None, retrofit: Opti
         raise ConfigError(f"importing {folder}: {e}") from e
     sd, kept = map_weights(m, tensors, cfg)
     return m, cfg, sd, kept
+
+
+def _tokenizer(folder: Path, m) -> None:
+    """A sentencepiece tokenizer.model in the folder (Llama 2's, a megaloop llama-format export's) is
+    copied and used; any other tokenizer (tokenizer.json: BPE of Qwen / Ouro, Llama 3) is not one megaloop
+    reads: the run keeps the byte tokenizer setting, with a note."""
+    if (folder / "tokenizer.model").is_file():
+        m.files["tokenizer.model"] = folder / "tokenizer.model"
+        m.config["data"] = {"tokenizer_type": "sentencepiece", "tokenizer_model": "tokenizer.model"}
+    else:
+        m.notes.append("tokenizer not imported (megaloop reads byte and sentencepiece tokenizers only): set "
+                       "data.tokenizer_type / data.tokenizer_model to the tokenizer your data was preprocessed with")
 
 
 def import_hf(model_dir, output_dir, overrides: Optional[List[str]] = None,
