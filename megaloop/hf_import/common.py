@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
+from megaloop.checkpoint.init_weights import fit_vocab_rows
 from megaloop.errors import MegaloopError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -163,8 +164,8 @@ def map_weights(m: Mapping, tensors: Tensors, cfg) -> (Dict[str, torch.Tensor], 
                                 f"place for (an override removed it?)")
         want = shapes[mk]
         if mk in ("embedding.weight", "head.weight") and t.dim() == 2 and t.shape[1] == want[1] and \
-                t.shape[0] == mc.vocab_size and want[0] >= mc.vocab_size:
-            t = torch.cat([t, t.new_zeros(want[0] - t.shape[0], t.shape[1])])  # vocab padding rows
+                min(t.shape[0], want[0]) >= mc.vocab_size:
+            t = fit_vocab_rows(t, want[0])  # only padding rows differ (they never see a token)
         if tuple(t.shape) != want:
             raise HFImportError(f"{tensors.folder}: {name} has shape {tuple(t.shape)}; megaloop's '{mk}' needs "
                                 f"{want} (config.json and the weights disagree, or an override changed a size)")
