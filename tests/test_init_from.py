@@ -125,3 +125,14 @@ def test_init_section_is_validated():
         load_config(None, ["init.from= "])
     with pytest.raises(ConfigError, match=r"unknown key 'frm' in 'init' \(did you mean 'from'\?\)"):
         load_config(None, ["init.frm=x"])
+
+
+def test_the_trainer_refuses_a_mismatched_source_in_one_line(source):
+    tmp, data, src = source
+    cfg = tiny_config(data, str(tmp / "bad"), model={"n_kv_heads": 2}, init={"from": src})
+    results = run_ranks(1, ["--config", write_config(str(tmp / "bad.yaml"), cfg)], timeout=120)
+    rc, out = results[0]
+    assert rc == 2, out
+    line = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and "'block.layers.0.mixer.wk.weight' has shape (32, 32) in the source" in line[0], out
+    assert not os.path.isdir(os.path.join(str(tmp / "bad"), "checkpoints", "step_00000001"))
