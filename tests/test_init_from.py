@@ -35,18 +35,20 @@ def _first_batch_loss(model, cfg_dict) -> float:
         return float(model.eval()(tokens, labels=labels, loops=int(loops[0])).loss)
 
 
-def test_tp2_run_starts_from_a_tp1_checkpoint_with_its_loss(source):
+@pytest.mark.parametrize("name, parallel", [("tp2", {"tensor_parallel": 2}),
+                                            ("pp2", {"pipeline_parallel": 2, "zero_stage": 1})])
+def test_a_two_rank_run_starts_from_a_one_rank_checkpoint_with_its_loss(source, name, parallel):
     tmp, data, src = source
-    out = str(tmp / "tp2")
-    cfg = tiny_config(data, out, train={"steps": 1, "log_interval": 1}, parallel={"tensor_parallel": 2},
-                      init={"from": src})
-    results = run_ranks(2, ["--config", write_config(str(tmp / "tp2.yaml"), cfg)], timeout=150)
+    out = str(tmp / name)
+    cfg = tiny_config(data, out, train={"steps": 1, "log_interval": 1}, parallel=parallel, init={"from": src})
+    results = run_ranks(2, ["--config", write_config(str(tmp / f"{name}.yaml"), cfg)], timeout=150)
     assert_ok(results)
-    assert "initialised the weights from" in results[0][1] and "step_00000003" in results[0][1]
+    text = "".join(out for _, out in results)  # (with PP the last stage logs)
+    assert "initialised the weights from" in text and "step_00000003" in text
     got = train_rows(out)[1]["loss"]
     model, _ = load_model(src)
     ref = _first_batch_loss(model, cfg)
-    print(f"TP2 first-step loss {got:.6f}, source model on that batch {ref:.6f}")
+    print(f"{name} first-step loss {got:.6f}, source model on that batch {ref:.6f}")
     assert math.isclose(got, ref, rel_tol=1e-5), (got, ref)
     # A fresh model would have a loss near ln(258) = 5.55; the 3-step source is already below it.
     fresh = config_from_dict(cfg)
