@@ -136,7 +136,8 @@ def _ouro_reference(sd, steps, ids, tied=False, L=2, H=4, KV=2):
             h = h + _rms(_mlp(_rms(h, sd[p + "post_attention_layernorm.weight"]), sd, p + "mlp."),
                          sd[p + "post_attention_layernorm_2.weight"])
         h = _rms(h, sd["model.norm.weight"])
-        lambdas.append(torch.sigmoid(h @ sd["model.early_exit_gate.weight"].T + sd["model.early_exit_gate.bias"])[..., 0])
+        gate = h @ sd["model.early_exit_gate.weight"].T + sd["model.early_exit_gate.bias"]
+        lambdas.append(torch.sigmoid(gate)[..., 0])
     head = sd["model.embed_tokens.weight" if tied else "lm_head.weight"]
     remaining, pdf = torch.ones_like(lambdas[0]), []
     for t, lam in enumerate(lambdas):

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Tuple, Union
 
 import torch
 
@@ -146,7 +146,7 @@ class Tensors:
 # Mapping onto LoopedLM
 
 
-def map_weights(m: Mapping, tensors: Tensors, cfg) -> (Dict[str, torch.Tensor], List[str]):
+def map_weights(m: Mapping, tensors: Tensors, cfg) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """The full LoopedLM state dict for `cfg` (a megaloop Config) from the mapping, checked; and the
     megaloop keys left at megaloop's own init."""
     from megaloop.model import build_model
