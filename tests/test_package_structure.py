@@ -158,5 +158,15 @@ def test_export_reads_checkpoints_never_the_reverse():
     for mod, deps in graph.items():
         if mod.startswith("megaloop.checkpoint"):
             bad = sorted(d for d in deps
-                         if d.startswith(("megaloop.export", "megaloop.training", "megaloop.generation")))
+                         if d.startswith(("megaloop.export", "megaloop.training", "megaloop.generation",
+                                          "megaloop.hf_import")))
+            assert not bad, f"{mod} imports {bad}"
+
+
+def test_hf_import_builds_on_checkpoint_and_model_never_the_reverse():
+    graph = import_graph(lazy=True)
+    assert "megaloop.checkpoint.plain" in graph["megaloop.hf_import"]
+    for mod, deps in graph.items():
+        if mod.startswith(("megaloop.checkpoint", "megaloop.model", "megaloop.training", "megaloop.export")):
+            bad = sorted(d for d in deps if d.startswith("megaloop.hf_import"))
             assert not bad, f"{mod} imports {bad}"

@@ -12,6 +12,8 @@ training_state  load_training_state: the AdamW state (fp32 weights, moments, ste
         the same way
 relayout  load_training: resume a run on the checkpoint's layout (DeepSpeed's loader) or on another one
         (the merged state sliced for each rank of the new layout)
+init_weights  init_state_dict: a new run's first weights (init.from) from any checkpoint, checked key by key
+        against this run's model (weights only: the optimizer starts fresh at step 0)
 
 Errors are CheckpointError (a ValueError) with a one-line message naming the path or file.
 """

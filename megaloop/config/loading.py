@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from megaloop.config.schema import Config, ConfigError
+from megaloop.config.schema import Config, ConfigError, yaml_key
 from megaloop.config.validation import _suggest, validate
 
 
@@ -75,17 +75,18 @@ def _build(cls, data: dict, where: str):
             raise ConfigError(f"config section '{where}' must be a mapping (key: value), got {data!r}")
         raise ConfigError(f"config: the top level must be a mapping of sections (model:, train:, ...), got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {yaml_key(f): f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in fields:
-            raise ConfigError(f"unknown config key '{path}'{_suggest(key, fields)}")
-        annotation = hints[key]
+            raise ConfigError(f"unknown config key '{path}'{_suggest(str(key), fields)}")
+        name = fields[key].name
+        annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
-            kwargs[key] = _build(annotation, {} if value is None else value, path)  # `model:` alone = empty
+            kwargs[name] = _build(annotation, {} if value is None else value, path)  # `model:` alone = empty
         else:
-            kwargs[key] = _convert(value, annotation, path)
+            kwargs[name] = _convert(value, annotation, path)
     return cls(**kwargs)
 
 
@@ -96,12 +97,13 @@ def _apply_override(tree: dict, override: str) -> None:
     keys = dotted.strip().split(".")
     node_cls, node = Config, tree
     for i, key in enumerate(keys):
-        fields = {f.name: f for f in dataclasses.fields(node_cls)}
-        hints = typing.get_type_hints(node_cls)
+        fields = {yaml_key(f): f for f in dataclasses.fields(node_cls)}
         prefix = ".".join(keys[:i])
         if key not in fields:
             place = f"'{prefix}'" if prefix else "the top level"
             raise ConfigError(f"override '{override}': unknown key '{key}' in {place}{_suggest(key, fields)}")
+        hints = {yaml_key(f): h for f in dataclasses.fields(node_cls)
+                 for h in [typing.get_type_hints(node_cls)[f.name]]}
         if i == len(keys) - 1:
             if dataclasses.is_dataclass(hints[key]):
                 raise ConfigError(f"override '{override}': '{dotted}' is a section; set one of its keys")

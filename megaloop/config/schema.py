@@ -1,6 +1,7 @@
 """The config's schema: one dataclass per section, the names a config may use, and ConfigError."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -245,15 +246,43 @@ class ParallelConfig:
 
 
 @dataclass
+class InitConfig:
+    """Where a new run's weights come from (as opposed to train.load / auto-resume, which continue a run)."""
+
+    # `init.from` in YAML and overrides (`from` is a Python keyword): a run folder, a checkpoint root,
+    # one tag folder (any TP x PP x ZeRO layout) or a plain checkpoint (tools/import_hf.py writes one).
+    # The model's weights are loaded from it into this run's layout, with a fresh optimizer at step 0.
+    # Applied only when the run starts; a resume of this run continues from its own checkpoints.
+    from_: Optional[str] = field(default=None, metadata={"yaml": "from"})
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loop: LoopScheduleConfig = field(default_factory=LoopScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as YAML writes it (field names as the YAML spells them: init.from, not from_)."""
+        return _yaml_dict(self)
+
+
+def yaml_key(f: dataclasses.Field) -> str:
+    """The name a config field has in YAML / overrides (its own name unless it is a Python keyword)."""
+    return f.metadata.get("yaml", f.name)
+
+
+def _yaml_dict(obj):
+    if dataclasses.is_dataclass(obj):
+        return {yaml_key(f): _yaml_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_yaml_dict(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _yaml_dict(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -231,6 +231,12 @@ def validate(cfg: Config) -> None:
                           f"pipeline layer, so this model (model.n_prelude={m.n_prelude}, model.n_coda={m.n_coda}) "
                           f"splits into at most {max_stages} stages (embedding | prelude layers | looped block | "
                           f"coda layers | head)")
+    src = cfg.init.from_
+    if src is not None and not str(src).strip():
+        raise ConfigError("init.from is empty: name a run folder, checkpoint root or tag folder (or leave it null)")
+    if src is not None and t.load:
+        raise ConfigError(f"init.from={src!r} and train.load={t.load!r} are both set: train.load continues a run "
+                          f"(weights, optimizer, step), init.from starts a new one from weights only; set one")
     if p.pipeline_parallel > 1 and p.zero_stage > 1:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pipeline_parallel="
                           f"{p.pipeline_parallel}: DeepSpeed's pipeline engine supports ZeRO 0 and 1 only. "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megaloop.config import load_config
+from megaloop.config import ConfigError, load_config
 from megaloop.errors import run_cli, should_report
 from megaloop.training.faults import FaultPlan
 from megaloop.training.trainer import Trainer, TrainingError
@@ -41,6 +41,9 @@ def _main(argv) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.load:
+        if cfg.init.from_:
+            raise ConfigError(f"--load {args.load} and init.from={cfg.init.from_!r} are both set: --load continues a "
+                              f"run (weights, optimizer, step), init.from starts a new one from weights only; set one")
         cfg.train.load = args.load
     if args.no_auto_resume:
         cfg.train.auto_resume = False

@@ -116,8 +116,10 @@ class TrainingEngine:
         return lm.eval()
 
 
-def build_engine(cfg: Config, state, console, device: str) -> TrainingEngine:
-    """console: a function printing one set-up line (the trainer prints on rank 0)."""
+def build_engine(cfg: Config, state, console, device: str, init_state: Optional[dict] = None) -> TrainingEngine:
+    """console: a function printing one set-up line (the trainer prints on rank 0). init_state: the full
+    LoopedLM state dict a new run starts from (init.from; megaloop.checkpoint.init_weights), loaded into the
+    full model before it is sharded, split and wrapped, so it lands in any layout."""
     import deepspeed
     t, p = cfg.train, cfg.parallel
     prepare = None
@@ -136,7 +138,10 @@ def build_engine(cfg: Config, state, console, device: str) -> TrainingEngine:
         # Initialised on the host (the same weights on any machine), then moved to this rank's device
         # before tensor parallelism shards it: TP's set-up collectives (the replica checksum, the
         # initial-state broadcast) must see device tensors.
-        return build_model(cfg).to(device)
+        lm = build_model(cfg)
+        if init_state is not None:
+            lm.load_state_dict(init_state, strict=True)
+        return lm.to(device)
 
     if state.pp_size > 1:
         from megaloop.parallel.pipeline import build_pipeline_module, layer_names

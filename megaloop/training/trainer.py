@@ -92,24 +92,41 @@ class Trainer:
         def console(text):  # engine set-up notes, once (rank 0)
             if self.rank == 0:
                 print(f"[megaloop {time.strftime('%H:%M:%S')}] {text}", flush=True)
-        self.te = build_engine(cfg, st, console, acc.current_device_name())
+        # Continue a run (train.load, or this output folder's own checkpoint) or start one, from
+        # init.from's weights if set (weights only; never re-applied on a resume).
+        self.resume_tag = self._resume_tag()
+        init_state, self.init_note = None, None
+        if self.resume_tag is None and cfg.init.from_:
+            from megaloop.checkpoint.init_weights import init_state_dict
+            try:
+                init_state, self.init_note = init_state_dict(cfg.init.from_, cfg.model)
+            except ckpt.CheckpointError as exc:
+                raise ConfigError(str(exc)) from exc
+        self.te = build_engine(cfg, st, console, acc.current_device_name(), init_state)
+        del init_state
         self.engine, self.module = self.te.engine, self.te.module
         self.self_clip = self.te.clip is not None
         self.grad_norm = self.te.grad_norm
         self._aux_scale = None
 
     # ------------------------------------------------------------------------------------------
-    def resume(self) -> dict:
+    def _resume_tag(self):
+        """The checkpoint this run continues from (train.load, else auto-resume), or None: a new run."""
         t = self.cfg.train
-        tag_dir = None
         if t.load:
             try:
-                tag_dir = ckpt.resolve(t.load)
+                return ckpt.resolve(t.load)
             except ckpt.CheckpointError as exc:
                 raise ConfigError(f"--load {t.load}: {exc}") from exc
-        elif t.auto_resume:
-            tag_dir = ckpt.resolve(self.ckpt_root, required=False)
+        if t.auto_resume:
+            return ckpt.resolve(self.ckpt_root, required=False)
+        return None
+
+    def resume(self) -> dict:
+        tag_dir = self.resume_tag
         if tag_dir is None:
+            if self.init_note:
+                self.logger.console(self.init_note)
             write_run_config(self.cfg, self.out_dir, self.rank, None)
             return {"step": 0, "consumed_samples": 0}
         applied = check_resumable(tag_dir, self.cfg, self.state, self.override_resume_config)
@@ -118,7 +135,8 @@ class Trainer:
         self.last_good = os.path.abspath(tag_dir)
         apply_schedule(self.engine, self.cfg.train)  # the schedule of the config given now, at this step
         self.logger.console(f"resumed from {self.last_good} at step {client.get('step')}"
-                            + (f"; applied: {'; '.join(applied)}" if applied else ""))
+                            + (f"; applied: {'; '.join(applied)}" if applied else "")
+                            + ("; init.from is not re-applied on a resume" if self.cfg.init.from_ else ""))
         write_run_config(self.cfg, self.out_dir, self.rank, client.get("step"))
         return client
 
