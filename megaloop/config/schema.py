@@ -157,6 +157,9 @@ class LoopScheduleConfig:
     backprop_loops: Optional[int] = None  # gradients through the last k loops only; None = all
     loss: str = "last"  # last | mean | last_third | exit_weighted (Ouro stage I)
     exit_entropy_weight: float = 0.05  # beta of Ouro's entropy regulariser
+    # micro_batch: one R per micro-batch; sequence: one R per row (Parcae's per-sequence draw), the block
+    # runs the largest and a row past its own depth keeps its state (megaloop/model/loop_schedule.py).
+    granularity: str = "micro_batch"
 
 
 @dataclass

@@ -168,6 +168,9 @@ def validate(cfg: Config) -> None:
                           f"[{lp.min}, {lp.max}] (it would be clipped silently)")
     if lp.loss == "exit_weighted" and not m.exit_gate:
         raise ConfigError("loop.loss='exit_weighted' needs model.exit_gate=true")
+    _choice(lp.granularity, ("micro_batch", "sequence"), "loop.granularity")
+    if lp.granularity == "sequence":
+        _check_per_sequence_loops(m, lp)
     if m.loop_residual_gate and lp.max > m.max_loops:
         raise ConfigError(f"loop.max={lp.max} exceeds model.max_loops={m.max_loops} (per-loop gate table)")
     if cfg.data.seq_len > m.max_seq_len:
@@ -286,6 +289,27 @@ def _stage_problems(cfg: Config) -> None:
     if t.activation_checkpointing != "none":
         raise ConfigError(f"train.stage={t.stage!r} keeps no activations of the frozen model (it runs without "
                           f"gradients); set train.activation_checkpointing=none")
+
+
+def _check_per_sequence_loops(m: ModelConfig, lp) -> None:
+    """loop.granularity='sequence' runs every row to its own depth inside one batched loop (rows past
+    their depth keep their state); what needs one loop index or one set of per-loop outputs for the
+    whole batch is refused."""
+    why = None
+    if m.arch != "recurrent":
+        why = (f"model.arch={m.arch!r} treats the first loop apart (no previous loop), which a row that "
+               f"starts later cannot share; use model.arch='recurrent' (Parcae)")
+    elif lp.loss != "last":
+        why = f"loop.loss={lp.loss!r} combines per-loop outputs, which rows of different depth do not share"
+    elif m.exit_gate:
+        why = "model.exit_gate scores every loop's output, which rows of different depth do not share"
+    elif m.loop_residual_gate:
+        why = "model.loop_residual_gate indexes its gate by the loop number, which differs between rows"
+    elif "dsa" in mixer_pattern(m.mixer, m.n_loop, m.linear_mixer):
+        why = "the dsa mixer's indexer loss would also train on rows already past their depth"
+    if why:
+        raise ConfigError(f"loop.granularity='sequence' is not supported here: {why}; "
+                          f"or use loop.granularity='micro_batch'")
 
 
 def tensor_parallel_problems(m: ModelConfig, tp: int, seq_len: Optional[int] = None) -> List[str]:

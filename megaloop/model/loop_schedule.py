@@ -3,14 +3,20 @@
 Every rank of a parallel job (all TP ranks, every pipeline stage, the recompute pass of activation
 checkpointing) must agree on R for a micro-batch. So R is a pure function of
 (seed, step, micro-batch index), drawn from a private generator, never from the global RNG.
+
+loop.granularity='sequence' (Parcae's per-sequence draw) gives every row of the micro-batch its own R, a
+pure function of (seed, step, micro-batch index, row); the block runs the largest and each row stops at
+its own depth (megaloop/model/looped_block.py). The loop counts travel as a long tensor: [R, R_grad] for
+a micro-batch, or one [R_b, R_grad_b] row per sequence, shape (B, 2) (`loops_tensor`, `unpack_loops`).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
+import torch
 
 from megaloop.config import LoopScheduleConfig
 
@@ -21,11 +27,12 @@ class LoopCount:
     grad: int  # the last `grad` iterations carry gradients; the first total-grad run under no_grad
 
 
-def _draw(cfg: LoopScheduleConfig, seed: int, step: int, micro_batch: int) -> int:
-    """The schedule's draw before it is clipped to [loop.min, loop.max]."""
+def _draw(cfg: LoopScheduleConfig, seed: int, step: int, micro_batch: int, row: Optional[int] = None) -> int:
+    """The schedule's draw before it is clipped to [loop.min, loop.max]; `row`: one sequence's own draw."""
     if cfg.sampling == "fixed":
         return int(cfg.mean)
-    rng = np.random.Generator(np.random.PCG64([seed, step, micro_batch, 0x100B]))
+    key = [seed, step, micro_batch, 0x100B] if row is None else [seed, step, micro_batch, 0x5E0, row]
+    rng = np.random.Generator(np.random.PCG64(key))
     if cfg.sampling == "poisson":  # Parcae: T ~ max(1, Poisson(mu))
         return int(rng.poisson(cfg.mean))
     # Huginn: tau ~ LogNormal(ln(mean) - s^2/2, s), r = Poisson(tau) + 1
@@ -36,6 +43,44 @@ def _draw(cfg: LoopScheduleConfig, seed: int, step: int, micro_batch: int) -> in
 def sample_loops(cfg: LoopScheduleConfig, seed: int, step: int, micro_batch: int = 0) -> LoopCount:
     total = min(max(_draw(cfg, seed, step, micro_batch), cfg.min), cfg.max)
     return LoopCount(total, grad_loops(cfg, total))
+
+
+def sample_row_loops(cfg: LoopScheduleConfig, seed: int, step: int, micro_batch: int, rows: int) -> List[LoopCount]:
+    """One LoopCount per row of the micro-batch (loop.granularity='sequence'): row b's R comes from its
+    own generator keyed by (seed, step, micro_batch, b), so it depends neither on the batch size nor on
+    the rank or stage that asks."""
+    out = []
+    for b in range(rows):
+        total = min(max(_draw(cfg, seed, step, micro_batch, b), cfg.min), cfg.max)
+        out.append(LoopCount(total, grad_loops(cfg, total)))
+    return out
+
+
+def loops_tensor(cfg: LoopScheduleConfig, seed: int, step: int, micro_batch: int, rows: int) -> torch.Tensor:
+    """The loop counts of one training micro-batch as they travel with it: [R, R_grad], or (rows, 2) with
+    one [R_b, R_grad_b] per sequence under loop.granularity='sequence'."""
+    if cfg.granularity == "sequence":
+        counts = sample_row_loops(cfg, seed, step, micro_batch, rows)
+        return torch.tensor([[c.total, c.grad] for c in counts], dtype=torch.long)
+    lc = sample_loops(cfg, seed, step, micro_batch)
+    return torch.tensor([lc.total, lc.grad], dtype=torch.long)
+
+
+def fixed_loops_tensor(cfg: LoopScheduleConfig, loops: int, rows: int) -> torch.Tensor:
+    """A fixed R (evaluation) in the layout `loops_tensor` uses (the pipeline's buffers keep one shape)."""
+    pair = torch.tensor([loops, loops], dtype=torch.long)
+    return pair.expand(rows, 2).clone() if cfg.granularity == "sequence" else pair
+
+
+def unpack_loops(loops: torch.Tensor):
+    """(total, grad, iterations) of a loop-count tensor: ints for [R, R_grad]; for per-row counts (B, 2) the
+    (B,) tensors of totals and gradient loops, and the iterations the block runs (the largest R). Reading
+    the maximum is a host sync only when the tensor is on the accelerator (a pipeline stage's receive)."""
+    if loops.dim() == 1:
+        total, grad = (int(v) for v in loops.tolist())
+        return total, grad, total
+    total, grad = loops[:, 0], loops[:, 1]
+    return total, grad, int(total.max())
 
 
 def clipping_warning(cfg: LoopScheduleConfig, seed: int = 0, n: int = 4096, tolerance: float = 0.02) -> Optional[str]:
@@ -68,6 +113,15 @@ def expected_loops(cfg: LoopScheduleConfig, seed: int = 0, n: int = 4096) -> flo
 
 def expected_loop_counts(cfg, n: int = 512) -> Tuple[float, float]:
     """(mean R of a run's loop schedule under its seed, the gradient-carrying loops of that mean) for
-    FLOP accounting and the pipeline stage weights; `cfg` is the full Config."""
-    mean = expected_loops(cfg.loop, cfg.train.seed, n=n)
-    return mean, grad_loops(cfg.loop, mean)
+    FLOP accounting and the pipeline stage weights; `cfg` is the full Config. Under
+    loop.granularity='sequence' the block runs the largest R of the micro-batch's rows, so this is the
+    mean of that maximum (what the hardware computes), not the mean R of a sequence."""
+    lp = cfg.loop
+    if lp.granularity == "sequence" and lp.sampling != "fixed":
+        rows = cfg.train.micro_batch_size
+        n = max(8, min(n, 4096 // max(1, rows)))  # the draws are per row: bound the work at startup
+        mean = float(np.mean([max(c.total for c in sample_row_loops(lp, cfg.train.seed, s, 0, rows))
+                              for s in range(n)]))
+    else:
+        mean = expected_loops(lp, cfg.train.seed, n=n)
+    return mean, grad_loops(lp, mean)

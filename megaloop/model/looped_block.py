@@ -150,16 +150,81 @@ class LoopedBlock(nn.Module):
         return self.carry(self.step(t, s, e, rope), final_norm)
 
     # ------------------------------------------------------------------------------------------
+    def _forward_rows(self, e, rope, loops, grad_loops, collect, diagnostics, final_norm, generator) -> BlockOutput:
+        """Per-sequence depths (loop.granularity='sequence', Parcae's per-sequence iteration): row b runs
+        R_b iterations, gradients through its last G_b = min(grad_loops_b, R_b) of them. As in the
+        reference, the rows run in two aligned phases: max_b(R_b - G_b) iterations under no_grad, in
+        which row b updates during its first R_b - G_b, then max_b(G_b) iterations with gradients, in
+        which row b updates during its first G_b; a row keeps its state (masked update) once its phase
+        is over. So row b computes exactly what it computes alone at (R_b, G_b), and no iteration needs
+        gradients for some rows but not others. Rows past their depth are still computed (one batched
+        call per iteration) and discarded."""
+        if collect:
+            raise ValueError("per-sequence loop counts give no common per-loop outputs (loop.loss must be 'last', "
+                             "no exit gate)")
+        if self.arch != "recurrent" or self.rho is not None:
+            raise ValueError("per-sequence loop counts need model.arch='recurrent' without model.loop_residual_gate")
+        totals = loops.long()
+        grads = totals if grad_loops is None else torch.as_tensor(grad_loops, device=totals.device).long()
+        grads = torch.minimum(grads.expand_as(totals), totals).clamp_min(1)
+        no_grad = totals - grads
+        # The phase lengths on the host (a sync only for tensors received on the accelerator, once).
+        ng_host, g_host = torch.stack([no_grad, grads]).tolist()
+        if min(ng_host) < 0:
+            raise ValueError(f"loops must be >= 1 for every row, got {[a + b for a, b in zip(ng_host, g_host)]}")
+        n_max, g_max = max(ng_host), max(g_host)
+        no_grad, grads = no_grad.to(e.device), grads.to(e.device)
+        s = self.initial_state(e, generator)
+        per_loop_ckpt = self.activation_checkpointing == "loop"
+        diag = ({"residual_norm": [], "state_norm": [], "state_delta": [], "relative_residual": []}
+                if diagnostics else None)
+        for t in range(n_max + g_max):
+            in_grad = t >= n_max
+            j = t - n_max if in_grad else t  # the iteration within this phase
+            lengths, lengths_host = (grads, g_host) if in_grad else (no_grad, ng_host)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and in_grad):
+                if per_loop_ckpt and torch.is_grad_enabled():
+                    x = self._checkpointed(functools.partial(self._step_of_state, t, e, rope), s)
+                else:
+                    x = self.step(t, s, e, rope)
+                h_new = self.carry(x, final_norm)
+                new = h_new
+                if in_grad and self.outer and not self.outer_is_final:  # a row's last output leaves raw
+                    new = torch.where((lengths == j + 1)[:, None, None], x, h_new)
+            # Outside no_grad: a row waiting out the no-grad phase keeps its state with its gradient path
+            # (state_init=embed starts from e itself).
+            active = lengths > j
+            s_next = new if min(lengths_host) > j else torch.where(active[:, None, None], new, s)
+            if diag is not None:
+                with torch.no_grad():
+                    w = active.float()[:, None] / (active.sum() * x.shape[1]).clamp_min(1)
+                    delta = (h_new.detach().float() - s.detach().float()).norm(dim=-1)
+                    hn = h_new.detach().float().norm(dim=-1)
+                    for k, v in (("residual_norm", x.detach().float().norm(dim=-1)), ("state_norm", hn),
+                                 ("state_delta", delta), ("relative_residual", delta / hn.clamp_min(1e-12))):
+                        diag[k].append((v * w).sum())  # averaged over the tokens of the rows updating now
+            s = s_next
+        out = s if self.out_proj is None else self.out_proj(s)
+        if diag is not None:
+            diag = {k: torch.stack(v) for k, v in diag.items()}
+            if isinstance(self.injection, ParcaeInjection):
+                diag["injection_spectral_norm"] = self.injection.spectral_norm().detach().reshape(1)
+        return BlockOutput(out, None, diag)
+
     def forward(self, e: torch.Tensor, rope, loops: int, grad_loops: Optional[int] = None,
                 collect: bool = False, diagnostics: bool = False, final_norm: Optional[nn.Module] = None,
                 generator: Optional[torch.Generator] = None) -> BlockOutput:
-        """Run `loops` iterations; gradients flow through the last `grad_loops` of them only.
+        """Run `loops` iterations; gradients flow through the last `grad_loops` of them only. `loops` (and
+        `grad_loops`) may also be (B,) tensors: one depth per sequence (`_forward_rows`).
 
         final_norm: the LM's final norm, needed only when it is shared with the loop (Ouro).
         generator:  RNG for the random initial state (state_init=noise); default: torch's global one.
         collect:    also return the output of every loop that carries gradients (per-loop losses,
                     exit gates). For Ouro those outputs are already final-normed.
         """
+        if torch.is_tensor(loops) and loops.dim() > 0:
+            return self._forward_rows(e, rope, loops, grad_loops, collect, diagnostics, final_norm, generator)
+        loops = int(loops)
         if loops < 1:
             raise ValueError(f"loops must be >= 1, got {loops}")
         grad_loops = loops if grad_loops is None else max(1, min(grad_loops, loops))

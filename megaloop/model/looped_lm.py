@@ -143,14 +143,16 @@ class LoopedLM(nn.Module):
                 noise_generator: Optional[torch.Generator] = None) -> LMOutput:
         """tokens: (B, T) ids. labels: (B, T) targets (negative = ignored); gives `.loss`.
 
-        loops:      R for this call (default: the config's `model.loops`).
-        grad_loops: gradients through the last k loops only (the first R-k run under no_grad).
+        loops:      R for this call (default: the config's `model.loops`), or a (B,) tensor: one R per sequence.
+        grad_loops: gradients through the last k loops only (the first R-k run under no_grad); per sequence
+                    a (B,) tensor too.
         exit:       None, "q_exit" (Ouro, threshold = cumulative exit probability) or "kl"
                     (Huginn's convergence exit, threshold = KL between successive loops).
         noise_generator: RNG for a random initial loop state (model.state_init=noise).
         """
         cfg = self.cfg
-        loops = cfg.loops if loops is None else int(loops)
+        per_row = torch.is_tensor(loops) and loops.dim() > 0  # one depth per sequence (loop.granularity=sequence)
+        loops = cfg.loops if loops is None else (loops if per_row else int(loops))
         if tokens.shape[1] > cfg.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len={cfg.max_seq_len}")
         stage = getattr(self, "train_stage", None)  # set by megaloop.training.stages (train.stage)
@@ -160,10 +162,12 @@ class LoopedLM(nn.Module):
         rope = self.rope(tokens.shape[1], tokens.device)
         e = self.embed(tokens, rope)
         need_per_loop = exit is not None or (labels is not None and self.loss_mode != "last")
+        if per_row and need_per_loop:
+            raise ValueError("per-sequence loop counts support loop.loss='last' without an exit only")
         block_out = self.block(e, rope, loops, grad_loops, collect=need_per_loop,
                                diagnostics=return_diagnostics, final_norm=self.final_norm,
                                generator=noise_generator)
-        out = LMOutput(logits=None, loops=loops, diagnostics=block_out.diagnostics)
+        out = LMOutput(logits=None, loops=int(loops.max()) if per_row else loops, diagnostics=block_out.diagnostics)
 
         if not need_per_loop:
             out.logits = self.head_logits(block_out.out, rope)

@@ -18,7 +18,8 @@ list the PipelineModule specs, the layer names and the checkpoint reader's per-l
 
 What crosses a stage boundary: before the looped block, the injected signal e (every loop needs it: add
 / concat / Parcae injection, FLT's restart from norm(e)) and the micro-batch's loop count [R, R_grad] as
-a long tensor (no gradient; DeepSpeed skips non-float tensors in the backward send). After the block,
+a long tensor (no gradient; DeepSpeed skips non-float tensors in the backward send): [R, R_grad], or under
+loop.granularity='sequence' one such pair per row, shape (B, 2). After the block,
 the last loop's output x; with a per-loop loss (mean / last_third / exit_weighted) the outputs of every
 gradient-carrying loop stacked on the batch axis, plus Ouro's exit-gate probabilities.
 
@@ -42,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from megaloop.config import Config
-from megaloop.model.loop_schedule import expected_loop_counts
+from megaloop.model.loop_schedule import expected_loop_counts, unpack_loops
 from megaloop.model.looped_lm import LoopedLM
 
 
@@ -215,10 +216,10 @@ class LoopedBlockPipe(_RopeMixin, nn.Module):
 
     def forward(self, inputs):
         e, loops = inputs
-        total, grad = int(loops[0]), int(loops[1])
+        total, grad, iterations = unpack_loops(loops)  # per-row (B,) tensors under loop.granularity=sequence
         out = self.block(e, self._rope(e), total, grad, collect=self.collect,
                          diagnostics=self.want_diagnostics, final_norm=self.final_norm)
-        self.last_loops = (total, grad)
+        self.last_loops = (iterations, grad)
         if self.want_diagnostics and out.diagnostics is not None:
             self.last_diagnostics = {k: v.detach() for k, v in out.diagnostics.items()}
         if not self.collect:

@@ -4,7 +4,8 @@ micro-batch, attached in the main process.
 
 A micro-batch is `((tokens, loops), labels)`: DeepSpeed's pipeline engine feeds element 0 to the first
 stage and element 1 to the loss on the last stage. `loops` is a long tensor [R_total, R_grad] drawn by
-`sample_loops(loop_cfg, seed, step, m)` for optimizer step `step` and gradient-accumulation index m. It
+`sample_loops(loop_cfg, seed, step, m)` for optimizer step `step` and gradient-accumulation index m
+(under loop.granularity='sequence' a (B, 2) tensor, one [R_b, R_grad_b] per row: `loops_tensor`). It
 is drawn where the data enters, is a pure function of its position in the run (so a resumed run draws
 the same R), and travels with the activations to the stage that holds the looped block: every stage
 and every TP rank of a replica agrees on R, and activation checkpointing's recompute cannot change it.
@@ -27,7 +28,7 @@ from typing import Optional
 import torch
 
 from megaloop.config import Config
-from megaloop.model.loop_schedule import sample_loops
+from megaloop.model.loop_schedule import fixed_loops_tensor, loops_tensor
 
 
 def build_task_datasets(cfg: Config, num_train: int, num_valid: int) -> dict:
@@ -113,8 +114,7 @@ class TrainBatches:
         return self
 
     def loops_for(self, step: int, m: int) -> torch.Tensor:
-        lc = sample_loops(self.cfg.loop, self.cfg.train.seed, step, m)
-        return torch.tensor([lc.total, lc.grad], dtype=torch.long)
+        return loops_tensor(self.cfg.loop, self.cfg.train.seed, step, m, self.mbs)
 
     def __next__(self):
         if self._it is None:
@@ -136,7 +136,7 @@ class EvalBatches:
     def __init__(self, dataset, cfg: Config, dp_rank: int, dp_size: int, iters: int, loops: int):
         from megaloop.data.sampler import data_loader
         self.dataset, self.mbs, self.dp_rank, self.dp_size = dataset, cfg.train.micro_batch_size, dp_rank, dp_size
-        self.iters, self.loops = iters, loops
+        self.cfg, self.iters, self.loops = cfg, iters, loops
         n, mbs = len(dataset), self.mbs
         # Rank r's k-th micro-batch: the samples after k global micro batches and r slices (wrapping).
         indices = [[((k * dp_size + dp_rank) * mbs + b) % n for b in range(mbs)] for k in range(iters)]
@@ -151,7 +151,7 @@ class EvalBatches:
 
     def __next__(self):
         tokens, labels = _split(next(self._it))
-        return (tokens, torch.tensor([self.loops, self.loops], dtype=torch.long)), labels
+        return (tokens, fixed_loops_tensor(self.cfg.loop, self.loops, tokens.shape[0])), labels
 
 
 def samples_needed(cfg: Config, dp_size: int) -> tuple:

@@ -18,7 +18,7 @@ import torch
 from megaloop.config import Config, ConfigError
 from megaloop.errors import MegaloopError
 from megaloop.model.flops import train_flops_per_token
-from megaloop.model.loop_schedule import grad_loops
+from megaloop.model.loop_schedule import grad_loops, unpack_loops
 from megaloop.parallel.device import on_accelerator, zeros_on_accelerator
 from megaloop import checkpoint as ckpt
 from megaloop.training.data import (EvalBatches, TrainBatches, build_split_datasets, build_tokenizer_for,
@@ -178,8 +178,8 @@ class Trainer:
         device = self.engine.device
         for m in range(t.grad_accum_steps):
             (tokens, loops), labels = next(batches)
-            total, grad = int(loops[0]), int(loops[1])
-            rs.append(total)
+            total, grad, iterations = unpack_loops(loops)  # per-row (B,) tensors under loop.granularity=sequence
+            rs.append(iterations)
             out = self.engine(tokens.to(device, non_blocking=True), labels=labels.to(device, non_blocking=True),
                               loops=total, grad_loops=grad,
                               return_diagnostics=want_diag and m == t.grad_accum_steps - 1)
@@ -221,7 +221,7 @@ class Trainer:
         with torch.no_grad():
             for (tokens, lp), labels in batches:
                 labels = labels.to(self.engine.device)
-                out = self.engine(tokens.to(self.engine.device), labels=labels, loops=int(lp[0]))
+                out = self.engine(tokens.to(self.engine.device), labels=labels, loops=unpack_loops(lp)[0])
                 total += out.loss.detach().float()
                 if self.cfg.data.task:
                     counts += self._exact_match_counts(out.logits, labels)
@@ -412,5 +412,5 @@ class _Recording:
 
     def __next__(self):
         batch = next(self.it)
-        self.rs.append(int(batch[0][1][0]))
+        self.rs.append(unpack_loops(batch[0][1])[2])  # iterations the block runs (the largest per-row R)
         return batch
