@@ -187,3 +187,33 @@ def test_pipeline_2_stages_matches_single_stage_with_per_sequence_loops(tmp_path
     # validation (a fixed R in the per-row layout) through both layouts
     assert len(rows[1]["valid"]) == 1
     assert rows[1]["valid"] == pytest.approx(rows[2]["valid"], rel=1e-5)
+
+
+# --- TP = 2 equals TP = 1 ----------------------------------------------------------------------------
+def _tp_job(rank, world):
+    from megaloop.config import ParallelConfig, load_config
+    from megaloop.parallel import build_parallel_state
+    from megaloop.parallel.apply_tp import apply_tensor_parallel
+    from test_tp_model import SMALL, _batch, _compare
+    state = build_parallel_state(ParallelConfig(tensor_parallel=2))
+    cfg = load_config("yaml_configs/tiny/parcae.yaml", SMALL)
+    out = {}
+    for ckpt in ("none", "loop"):
+        torch.manual_seed(0)
+        ref = build_model(cfg)
+        torch.manual_seed(0)
+        model = apply_tensor_parallel(build_model(cfg), state)
+        ref.block.activation_checkpointing = model.block.activation_checkpointing = ckpt
+        x, y = _batch()
+        R = torch.tensor([1, 4])
+        res = _compare(model, ref, x, y, R, R.clamp(max=cfg.loop.backprop_loops), {})
+        out[ckpt] = (res["errors"], res["max_grad_diff"])
+    return out
+
+
+def test_tensor_parallel_2_matches_single_rank_with_per_sequence_loops():
+    from dist_utils import run_distributed
+    for rank_out in run_distributed(_tp_job, world_size=2, timeout=420):
+        for ckpt, (errors, max_grad_diff) in rank_out.items():
+            assert not errors, (ckpt, errors)
+            assert max_grad_diff < 1e-5

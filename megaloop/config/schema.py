@@ -96,6 +96,9 @@ class ModelConfig:
     state_init_std: Optional[float] = None
     share_outer_final_norm: bool = False  # Ouro: the final norm is applied every step and fed back
     parcae_init_decay: float = math.sqrt(0.2)  # exp(-Delta) at init: Abar = 0.447
+    # Parcae's (nanochat's) value embeddings: every other layer of prelude + loop + coda (the last always) has a
+    # token table gated into its attention values (megaloop/model/value_embeddings.py). Off by default.
+    value_embeddings: bool = False
     # RMSNorm on the prelude's output, i.e. on the signal e injected every loop (Parcae: e = norm(P(emb(x)))).
     # None: on for injection=parcae, unless n_prelude=0 and embed_norm already makes e = norm(emb(x));
     # off otherwise. See `use_prelude_norm`.

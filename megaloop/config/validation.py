@@ -156,6 +156,8 @@ def validate(cfg: Config) -> None:
     if m.dsa_rope_dim % 2 or m.dsa_rope_dim > m.dsa_index_dim:
         raise ConfigError(f"model.dsa_index_rope_dim={m.dsa_rope_dim} must be even and at most "
                           f"model.dsa_index_dim={m.dsa_index_dim}")
+    if m.value_embeddings:
+        _check_value_embeddings(m, p)
     # Loop schedule.
     _choice(lp.sampling, ("fixed", "poisson", "lognormal_poisson"), "loop.sampling")
     _choice(lp.loss, ("last", "mean", "last_third", "exit_weighted"), "loop.loss")
@@ -291,6 +293,22 @@ def _stage_problems(cfg: Config) -> None:
                           f"gradients); set train.activation_checkpointing=none")
 
 
+def _check_value_embeddings(m: ModelConfig, p) -> None:
+    """model.value_embeddings: the chosen looped layers must be attention layers, and the token ids do not
+    travel between pipeline stages (yet); tensor parallelism: `tensor_parallel_problems`."""
+    from megaloop.model.value_embeddings import value_embedding_layers
+    names = mixer_pattern(m.mixer, m.n_loop, m.linear_mixer)
+    bad = sorted({names[i] for stack, i in value_embedding_layers(m) if stack == "loop"} - {"attn", "swa", "dsa"})
+    if bad:
+        raise ConfigError(f"model.value_embeddings gates a table into attention values, but looped layers with "
+                          f"mixer {bad} (model.mixer={m.mixer!r}) would get one; use attention mixers or turn "
+                          f"model.value_embeddings off")
+    if p.pipeline_parallel > 1:
+        raise ConfigError(f"model.value_embeddings is not supported with parallel.pipeline_parallel="
+                          f"{p.pipeline_parallel} yet (the token ids do not travel between pipeline stages); set "
+                          f"parallel.pipeline_parallel=1 or model.value_embeddings=false")
+
+
 def _check_per_sequence_loops(m: ModelConfig, lp) -> None:
     """loop.granularity='sequence' runs every row to its own depth inside one batched loop (rows past
     their depth keep their state); what needs one loop index or one set of per-loop outputs for the
@@ -337,4 +355,7 @@ def tensor_parallel_problems(m: ModelConfig, tp: int, seq_len: Optional[int] = N
     if seq_len is not None and seq_len % tp:
         problems.append(f"parallel.sequence_parallel splits the sequence over the tensor-parallel ranks: "
                         f"data.seq_len={seq_len} is not divisible by parallel.tensor_parallel={tp}")
+    if getattr(m, "value_embeddings", False):
+        problems.append(f"model.value_embeddings is not supported with parallel.tensor_parallel={tp} yet (the "
+                        f"tables are not sharded over the kv heads); set model.value_embeddings=false")
     return problems

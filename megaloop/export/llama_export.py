@@ -70,6 +70,8 @@ def llama_unrepresentable(mc: ModelConfig, loops: int) -> List[str]:
         why.append(f"mlp={mc.mlp!r}: Llama's MLP is gated SwiGLU")
     if mc.qk_norm:
         why.append("qk_norm: Llama has no query/key norm")
+    if getattr(mc, "value_embeddings", False):
+        why.append("value_embeddings: Llama's attention has no per-layer value embedding tables")
     if mc.attn_output_gate:
         why.append("attn_output_gate: Llama has no attention output gate")
     if mc.loop_residual_gate:

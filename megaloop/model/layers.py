@@ -83,9 +83,12 @@ class Attention(nn.Module):
             self.gate.zero_init = True
         self.dropout = cfg.dropout
         self.causal = getattr(cfg, "causal", True)
+        self.value_embed = None  # model.value_embeddings: set on the chosen layers (megaloop/model/value_embeddings.py)
 
-    def forward(self, x: torch.Tensor, rope, q_input: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, rope, q_input: Optional[torch.Tensor] = None, tokens=None):
         q, k, v = self.project(x, q_input, *rope)
+        if self.value_embed is not None:
+            v = self.value_embed(v, x, tokens)
         return self.output(self.attend(q, k, v, x=x, q_input=q_input), x)
 
     def project(self, x, q_input, cos, sin):
@@ -145,6 +148,7 @@ class TransformerLayer(nn.Module):
                   normalised with this layer's own attention norm, like the keys.
       recall    - the input embedding added into the residual stream before the attention or
                   the MLP (internal recall).
+      tokens    - the token ids, for an attention with a value embedding (model.value_embeddings).
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0, mixer: Optional[nn.Module] = None):
@@ -162,12 +166,15 @@ class TransformerLayer(nn.Module):
             self.mlp_post_norm = RMSNorm(cfg.d_model, eps, scale)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x, rope, q_source=None, recall=None, recall_site="pre_mlp"):
+    def forward(self, x, rope, q_source=None, recall=None, recall_site="pre_mlp", tokens=None):
         if recall is not None and recall_site == "pre_attn":
             x = x + recall
         h = self.attn_norm(x)
         q_in = self.attn_norm(q_source) if q_source is not None else None
-        a = self.mixer(h, rope, q_input=q_in)
+        if getattr(self.mixer, "value_embed", None) is not None:  # model.value_embeddings: the token ids too
+            a = self.mixer(h, rope, q_input=q_in, tokens=tokens)
+        else:
+            a = self.mixer(h, rope, q_input=q_in)
         if self.sandwich:
             a = self.attn_post_norm(a)
         x = x + self.dropout(a)

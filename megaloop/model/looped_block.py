@@ -93,7 +93,7 @@ class LoopedBlock(nn.Module):
         the partition / CPU copy), which must not empty the caller's tensor."""
         return self.checkpoint_fn(function, x.view_as(x))
 
-    def _run_layers(self, x, rope, q_source=None, h_prev=None, recall=None):
+    def _run_layers(self, x, rope, q_source=None, h_prev=None, recall=None, tokens=None):
         cfg = self.cfg
         per_layer_ckpt = self.activation_checkpointing == "layer" and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
@@ -106,34 +106,35 @@ class LoopedBlock(nn.Module):
             rec = recall if (recall is not None and (i == 0 or cfg.internal_recall_layers == "all")) else None
             if per_layer_ckpt:
                 x = self._checkpointed(functools.partial(layer, rope=rope, q_source=q_src, recall=rec,
-                                                         recall_site=cfg.internal_recall_site), x)
+                                                         recall_site=cfg.internal_recall_site, tokens=tokens), x)
             else:
-                x = layer(x, rope, q_source=q_src, recall=rec, recall_site=cfg.internal_recall_site)
+                x = layer(x, rope, q_source=q_src, recall=rec, recall_site=cfg.internal_recall_site, tokens=tokens)
         return x
 
-    def step(self, t: int, s: torch.Tensor, e: torch.Tensor, rope) -> torch.Tensor:
+    def step(self, t: int, s: torch.Tensor, e: torch.Tensor, rope, tokens=None) -> torch.Tensor:
         """One loop iteration: returns the raw (un-normalised) output x(t) from state s = h(t-1).
 
-        For t == 0 in the FLT family there is no previous loop (h(0) = none)."""
+        For t == 0 in the FLT family there is no previous loop (h(0) = none). tokens: the token ids, for
+        layers with a value embedding (model.value_embeddings)."""
         if self.arch == "recurrent":
             recall = e if self.internal_recall else None
             if self.injection is None or self.internal_recall:
                 u = s
             else:
                 u = self.injection(s, e)
-            x = self._run_layers(u, rope, recall=recall)
+            x = self._run_layers(u, rope, recall=recall, tokens=tokens)
         else:
             h_prev = s if t > 0 else None
             x0 = e
             if self.arch == "lt_i" and h_prev is not None:
                 x0 = rms_norm(e + h_prev, self.eps)
-            x = self._run_layers(x0, rope, h_prev=h_prev)
+            x = self._run_layers(x0, rope, h_prev=h_prev, tokens=tokens)
         if self.rho is not None and (self.arch == "recurrent" or t > 0):  # FLT family: h(0) = none
             x = x + self.rho[min(t, self.rho.shape[0] - 1)].type_as(x) * s
         return x
 
-    def _step_of_state(self, t, e, rope, s):
-        return self.step(t, s, e, rope)
+    def _step_of_state(self, t, e, rope, s, tokens=None):
+        return self.step(t, s, e, rope, tokens)
 
     def carry(self, x: torch.Tensor, final_norm: Optional[nn.Module]) -> torch.Tensor:
         """The state fed to the next loop from the raw output x(t)."""
@@ -150,7 +151,8 @@ class LoopedBlock(nn.Module):
         return self.carry(self.step(t, s, e, rope), final_norm)
 
     # ------------------------------------------------------------------------------------------
-    def _forward_rows(self, e, rope, loops, grad_loops, collect, diagnostics, final_norm, generator) -> BlockOutput:
+    def _forward_rows(self, e, rope, loops, grad_loops, collect, diagnostics, final_norm, generator,
+                      tokens) -> BlockOutput:
         """Per-sequence depths (loop.granularity='sequence', Parcae's per-sequence iteration): row b runs
         R_b iterations, gradients through its last G_b = min(grad_loops_b, R_b) of them. As in the
         reference, the rows run in two aligned phases: max_b(R_b - G_b) iterations under no_grad, in
@@ -184,9 +186,9 @@ class LoopedBlock(nn.Module):
             lengths, lengths_host = (grads, g_host) if in_grad else (no_grad, ng_host)
             with torch.set_grad_enabled(torch.is_grad_enabled() and in_grad):
                 if per_loop_ckpt and torch.is_grad_enabled():
-                    x = self._checkpointed(functools.partial(self._step_of_state, t, e, rope), s)
+                    x = self._checkpointed(functools.partial(self._step_of_state, t, e, rope, tokens=tokens), s)
                 else:
-                    x = self.step(t, s, e, rope)
+                    x = self.step(t, s, e, rope, tokens)
                 h_new = self.carry(x, final_norm)
                 new = h_new
                 if in_grad and self.outer and not self.outer_is_final:  # a row's last output leaves raw
@@ -213,17 +215,19 @@ class LoopedBlock(nn.Module):
 
     def forward(self, e: torch.Tensor, rope, loops: int, grad_loops: Optional[int] = None,
                 collect: bool = False, diagnostics: bool = False, final_norm: Optional[nn.Module] = None,
-                generator: Optional[torch.Generator] = None) -> BlockOutput:
+                generator: Optional[torch.Generator] = None, tokens: Optional[torch.Tensor] = None) -> BlockOutput:
         """Run `loops` iterations; gradients flow through the last `grad_loops` of them only. `loops` (and
         `grad_loops`) may also be (B,) tensors: one depth per sequence (`_forward_rows`).
 
         final_norm: the LM's final norm, needed only when it is shared with the loop (Ouro).
         generator:  RNG for the random initial state (state_init=noise); default: torch's global one.
+        tokens:     the token ids (B, T), for layers with a value embedding (model.value_embeddings).
         collect:    also return the output of every loop that carries gradients (per-loop losses,
                     exit gates). For Ouro those outputs are already final-normed.
         """
         if torch.is_tensor(loops) and loops.dim() > 0:
-            return self._forward_rows(e, rope, loops, grad_loops, collect, diagnostics, final_norm, generator)
+            return self._forward_rows(e, rope, loops, grad_loops, collect, diagnostics, final_norm, generator,
+                                      tokens)
         loops = int(loops)
         if loops < 1:
             raise ValueError(f"loops must be >= 1, got {loops}")
@@ -243,9 +247,9 @@ class LoopedBlock(nn.Module):
                 if per_loop_ckpt and torch.is_grad_enabled():
                     # Keep only this loop's input state; recompute the loop in backward. Non-reentrant,
                     # so it composes with the pipeline engine's partial backward.
-                    x = self._checkpointed(functools.partial(self._step_of_state, t, e, rope), s)
+                    x = self._checkpointed(functools.partial(self._step_of_state, t, e, rope, tokens=tokens), s)
                 else:
-                    x = self.step(t, s, e, rope)
+                    x = self.step(t, s, e, rope, tokens)
                 last = t == loops - 1
                 # The last raw output leaves the block un-normalised unless the norm is shared with
                 # the LM's final norm (Ouro), in which case it was always part of the loop.

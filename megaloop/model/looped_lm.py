@@ -16,6 +16,7 @@ import torch.nn as nn
 from megaloop.config import ModelConfig
 from megaloop.model.layers import RMSNorm, TransformerLayer, rope_cache
 from megaloop.model.looped_block import LoopedBlock
+from megaloop.model.value_embeddings import attach_value_embeddings
 from megaloop.model import loop_losses
 
 
@@ -46,6 +47,8 @@ class LoopedLM(nn.Module):
         # Huginn: the loop's output is normalised before the coda (model.coda_norm).
         self.coda_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_scale) if cfg.coda_norm else None
         self.coda = nn.ModuleList(TransformerLayer(cfg, i) for i in range(cfg.n_coda))
+        if cfg.value_embeddings:  # Parcae's (nanochat's) per-layer tables gated into the attention values
+            attach_value_embeddings(self.prelude, self.block.layers, self.coda, cfg)
         self.final_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_scale)
         self.head = nn.Linear(d, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -88,17 +91,17 @@ class LoopedLM(nn.Module):
         if self.embed_norm is not None:
             e = self.embed_norm(e)
         for layer in self.prelude:
-            e = layer(e, rope)
+            e = layer(e, rope, tokens=tokens)
         if self.prelude_norm is not None:
             e = self.prelude_norm(e)
         return e
 
-    def head_logits(self, x: torch.Tensor, rope) -> torch.Tensor:
-        """A loop output -> logits over the real (unpadded) vocabulary."""
+    def head_logits(self, x: torch.Tensor, rope, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A loop output -> logits over the real (unpadded) vocabulary (tokens: for value embeddings)."""
         if self.coda_norm is not None:
             x = self.coda_norm(x)
         for layer in self.coda:
-            x = layer(x, rope)
+            x = layer(x, rope, tokens=tokens)
         if not self.block.outer_is_final:  # Ouro: the block already applied the (shared) final norm
             x = self.final_norm(x)
         return self.output_logits(x)
@@ -166,16 +169,16 @@ class LoopedLM(nn.Module):
             raise ValueError("per-sequence loop counts support loop.loss='last' without an exit only")
         block_out = self.block(e, rope, loops, grad_loops, collect=need_per_loop,
                                diagnostics=return_diagnostics, final_norm=self.final_norm,
-                               generator=noise_generator)
+                               generator=noise_generator, tokens=tokens)
         out = LMOutput(logits=None, loops=int(loops.max()) if per_row else loops, diagnostics=block_out.diagnostics)
 
         if not need_per_loop:
-            out.logits = self.head_logits(block_out.out, rope)
+            out.logits = self.head_logits(block_out.out, rope, tokens)
             if labels is not None:
                 out.loss = self.loss(out.logits, labels)
             return out
 
-        per_loop = [self.head_logits(x, rope) for x in block_out.per_loop]
+        per_loop = [self.head_logits(x, rope, tokens) for x in block_out.per_loop]
         out.per_loop_logits = per_loop
         out.logits = per_loop[-1]
         if self.exit_gate is not None:
