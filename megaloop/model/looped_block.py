@@ -134,7 +134,9 @@ class LoopedBlock(nn.Module):
         return x
 
     def _step_of_state(self, t, e, rope, s, tokens=None):
-        return self.step(t, s, e, rope, tokens)
+        # The token ids only when a layer needs them: megaloop/model/fixed_point.py patches `step` with
+        # the four-argument form.
+        return self.step(t, s, e, rope) if tokens is None else self.step(t, s, e, rope, tokens)
 
     def carry(self, x: torch.Tensor, final_norm: Optional[nn.Module]) -> torch.Tensor:
         """The state fed to the next loop from the raw output x(t)."""
@@ -188,7 +190,7 @@ class LoopedBlock(nn.Module):
                 if per_loop_ckpt and torch.is_grad_enabled():
                     x = self._checkpointed(functools.partial(self._step_of_state, t, e, rope, tokens=tokens), s)
                 else:
-                    x = self.step(t, s, e, rope, tokens)
+                    x = self._step_of_state(t, e, rope, s, tokens)
                 h_new = self.carry(x, final_norm)
                 new = h_new
                 if in_grad and self.outer and not self.outer_is_final:  # a row's last output leaves raw
@@ -249,7 +251,7 @@ class LoopedBlock(nn.Module):
                     # so it composes with the pipeline engine's partial backward.
                     x = self._checkpointed(functools.partial(self._step_of_state, t, e, rope, tokens=tokens), s)
                 else:
-                    x = self.step(t, s, e, rope, tokens)
+                    x = self._step_of_state(t, e, rope, s, tokens)
                 last = t == loops - 1
                 # The last raw output leaves the block un-normalised unless the norm is shared with
                 # the LM's final norm (Ouro), in which case it was always part of the loop.

@@ -164,21 +164,22 @@ class LoopedLM(nn.Module):
             return stage_forward(self, stage, tokens, labels, loops, noise_generator)
         rope = self.rope(tokens.shape[1], tokens.device)
         e = self.embed(tokens, rope)
+        ve_tokens = tokens if cfg.value_embeddings else None  # the looped / coda layers need them only then
         need_per_loop = exit is not None or (labels is not None and self.loss_mode != "last")
         if per_row and need_per_loop:
             raise ValueError("per-sequence loop counts support loop.loss='last' without an exit only")
         block_out = self.block(e, rope, loops, grad_loops, collect=need_per_loop,
                                diagnostics=return_diagnostics, final_norm=self.final_norm,
-                               generator=noise_generator, tokens=tokens)
+                               generator=noise_generator, tokens=ve_tokens)
         out = LMOutput(logits=None, loops=int(loops.max()) if per_row else loops, diagnostics=block_out.diagnostics)
 
         if not need_per_loop:
-            out.logits = self.head_logits(block_out.out, rope, tokens)
+            out.logits = self.head_logits(block_out.out, rope, ve_tokens)
             if labels is not None:
                 out.loss = self.loss(out.logits, labels)
             return out
 
-        per_loop = [self.head_logits(x, rope, tokens) for x in block_out.per_loop]
+        per_loop = [self.head_logits(x, rope, ve_tokens) for x in block_out.per_loop]
         out.per_loop_logits = per_loop
         out.logits = per_loop[-1]
         if self.exit_gate is not None:
