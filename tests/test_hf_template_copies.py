@@ -30,6 +30,8 @@ EXPECTED = {
                                     "ParcaeInjection.forward"},
     "megaloop/ops/short_conv.py": {"causal_depthwise_conv1d"},
     "megaloop/model/sparse_attention.py": {"indexer_rope", "indexer_key_norm"},
+    "megaloop/model/value_embeddings.py": {"has_value_embedding", "value_embedding_layers", "ValueEmbedding",
+                                           "attach_value_embeddings"},
     "megaloop/ops/gated_delta.py": {"_compute_dtype", "_check_shapes", "gated_delta_rule_recurrent",
                                     "gated_delta_rule_chunked"},
 }

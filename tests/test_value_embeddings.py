@@ -1,7 +1,7 @@
 """model.value_embeddings (Parcae's reference, from karpathy/nanochat; issue 13 item 3): which layers own a
 table, the gated update of the attention values against a reference written here from the formulas,
 the whole model with the tables at zero equal to the model without them, and the refusals (tensor /
-pipeline parallelism, non-attention mixers, the Hugging Face and Llama exports)."""
+pipeline parallelism, non-attention mixers, the Llama export); the Hugging Face export equals megaloop."""
 import math
 
 import pytest
@@ -82,6 +82,7 @@ def _reference_layer(layer, x, tokens, cos, sin):
 
 
 def test_layer_matches_the_formulas():
+    torch.manual_seed(0)
     lm = build_model(_cfg())
     _randomise(lm)
     layer = lm.coda[1]
@@ -90,7 +91,10 @@ def test_layer_matches_the_formulas():
     tokens = torch.randint(0, V, (2, T), generator=g)
     cos, sin = lm.rope(T, "cpu")
     got = layer(x, (cos, sin), tokens=tokens)
-    torch.testing.assert_close(got, _reference_layer(layer, x, tokens, cos, sin), rtol=1e-5, atol=1e-5)
+    ref = _reference_layer(layer, x, tokens, cos, sin)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    layer.mixer.value_embed.table.weight.data.zero_()  # and the value embedding is really part of it
+    assert (layer(x, (cos, sin), tokens=tokens) - got).abs().max() > 1e-2 * ref.abs().max()
     with pytest.raises(ValueError, match="token ids"):
         layer(x, (cos, sin))
 
@@ -148,13 +152,37 @@ def test_unsupported_layouts_are_refused(model, parallel, words):
     _cfg({**model, "value_embeddings": False}, parallel)  # fine without them
 
 
-def test_exports_refuse_value_embeddings(tmp_path):
-    from megaloop.export.hf_export import export_hf
-    from megaloop.export.inputs import ExportError
-    from megaloop.export.llama_export import llama_unrepresentable
-    cfg = _cfg()
+def test_hf_export_matches_megaloop_with_and_without_cache(tmp_path):
+    """The exported model computes megaloop's logits (value embeddings on three layers, one of them looped),
+    at several loop counts, and the same step by step through its cache (the cached values include the
+    value embedding of their own token)."""
+    from megaloop.export import export_hf, load_exported
+    cfg = _cfg({"state_init": "zeros", "vocab_size": 258})
+    torch.manual_seed(0)
     lm = build_model(cfg)
-    with pytest.raises(ExportError, match="value embeddings"):
-        export_hf(lm.state_dict(), cfg.model, None, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-    assert any("value_embeddings" in w for w in llama_unrepresentable(cfg.model, 1))
+    _randomise(lm)
+    out = export_hf(lm.state_dict(), cfg.model, None, tmp_path / "out", verify=True)
+    hf = load_exported(out)
+    assert hf.config.value_embeddings
+    x = torch.randint(0, 258, (2, T), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for R in (1, 3):
+            ref = lm(x, loops=R).logits
+            full = hf(x, num_loops=R, use_cache=False).logits
+            torch.testing.assert_close(full, ref, rtol=0, atol=1e-5)
+            step = hf(x[:, :3], num_loops=R, use_cache=True)
+            cache, pieces = step.cache, [step.logits]
+            for t in range(3, T):
+                step = hf(x[:, t:t + 1], cache=cache, num_loops=R)
+                pieces.append(step.logits)
+            torch.testing.assert_close(torch.cat(pieces, dim=1), ref, rtol=1e-5, atol=1e-4)
+        # the tables matter: zeroing them changes the exported model's output
+        for m in hf.modules():
+            if hasattr(m, "table"):
+                m.table.weight.zero_()
+        assert (hf(x, num_loops=3, use_cache=False).logits - ref).abs().max() > 1e-3
+
+
+def test_llama_export_refuses_value_embeddings():
+    from megaloop.export.llama_export import llama_unrepresentable
+    assert any("value_embeddings" in w for w in llama_unrepresentable(_cfg().model, 1))

@@ -44,6 +44,7 @@ def hf_config_dict(mc: ModelConfig, noise_init: str = "seeded", noise_seed: int 
         state_init=mc.state_init, state_init_std=mc.state_init_std, share_outer_final_norm=mc.share_outer_final_norm,
         prelude_norm=mc.use_prelude_norm, coda_norm=mc.coda_norm, exit_gate=mc.exit_gate,
         loop_residual_gate=mc.loop_residual_gate, attn_output_gate=mc.attn_output_gate,
+        value_embeddings=getattr(mc, "value_embeddings", False),
         noise_init=noise_init, noise_seed=noise_seed, exit_strategy=exit_strategy, exit_threshold=exit_threshold,
     )
 

@@ -96,9 +96,6 @@ def _check_exportable(mc: ModelConfig) -> None:
         raise ExportError("model.causal=false: the Hugging Face export is a causal LM (KV cache, generation) and has "
                           "no bidirectional attention; evaluate this model from its checkpoint (tools/eval_loops.py "
                           "reads checkpoints). Nothing was written.")
-    if getattr(mc, "value_embeddings", False):
-        raise ExportError("model.value_embeddings: the Hugging Face modeling file does not implement value "
-                          "embeddings yet (megaloop/model/value_embeddings.py); nothing was written")
     unknown = unsupported_mixers(mc)
     if unknown:
         raise ExportError(f"model.mixer={mc.mixer!r}: the Hugging Face modeling file has no implementation of "

@@ -102,6 +102,7 @@ class MegaloopConfig(_BaseConfig):
         exit_gate=False,
         loop_residual_gate=False,
         attn_output_gate=False,
+        value_embeddings=False,
         noise_init="seeded",
         noise_seed=0,
         exit_strategy=None,
@@ -167,6 +168,7 @@ class MegaloopConfig(_BaseConfig):
         self.exit_gate = exit_gate
         self.loop_residual_gate = loop_residual_gate
         self.attn_output_gate = attn_output_gate
+        self.value_embeddings = value_embeddings  # per-layer token tables gated into the attention values
         self.noise_init = noise_init
         self.noise_seed = noise_seed
         self.exit_strategy = exit_strategy

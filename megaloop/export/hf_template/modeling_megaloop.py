@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -124,6 +124,7 @@ class AttnContext:
     past: int = 0
     key_valid: Optional[torch.Tensor] = None  # bool (B, past + T), False = left padding; None = no padding
     positions: Optional[torch.Tensor] = None  # (B, T) RoPE positions of the new tokens (DSA's indexer RoPE)
+    tokens: Optional[torch.Tensor] = None  # (B, T) ids of the new positions, for value embeddings
 
     def allowed(self, T: int, L: int, device) -> torch.Tensor:
         """Bool (B or 1, T, L): query past + i may read key position past + T - L + j (causal, real keys;
@@ -171,9 +172,12 @@ class MegaloopAttention(nn.Module):
         self.q_norm = RMSNorm(hd, config.norm_eps, config.norm_scale) if config.qk_norm else None
         self.k_norm = RMSNorm(hd, config.norm_eps, config.norm_scale) if config.qk_norm else None
         self.gate = nn.Linear(d, config.n_heads * hd, bias=False) if config.attn_output_gate else None
+        self.value_embed = None  # value_embeddings: set on the chosen layers (attach_value_embeddings)
 
     def forward(self, x, ctx: AttnContext, q_input=None, slot: Optional[dict] = None):
         q, k, v = self.project(x, q_input, ctx.cos, ctx.sin)
+        if self.value_embed is not None:  # before the cache: cached values include it
+            v = self.value_embed(v, x, ctx.tokens)
         return self.output(self.attend(q, k, v, x, q_input, ctx, slot), x)
 
     # Copied from megaloop/model/layers.py:Attention.project
@@ -220,6 +224,53 @@ class MegaloopAttention(nn.Module):
             dim = 2 if src[name].dim() == 4 else 1  # k, v (B, H, S, D); DSA's indexer keys (B, S, Di)
             new = src[name].narrow(dim, src[name].shape[dim] - n_new, n_new)
             dst[name] = torch.cat([dst[name], new], dim=dim) if name in dst else new
+
+
+# Value embeddings (megaloop/model/value_embeddings.py)
+
+GATE_CHANNELS = 32
+
+
+# Copied from megaloop/model/value_embeddings.py:has_value_embedding
+def has_value_embedding(layer: int, n_layers: int) -> bool:
+    return layer % 2 == (n_layers - 1) % 2
+
+
+# Copied from megaloop/model/value_embeddings.py:value_embedding_layers with ModelConfig->MegaloopConfig
+def value_embedding_layers(cfg: MegaloopConfig) -> Iterator[Tuple[str, int]]:
+    stacks = [("prelude", cfg.n_prelude), ("loop", cfg.n_loop), ("coda", cfg.n_coda)]
+    n_layers = sum(n for _, n in stacks)
+    offset = 0
+    for stack, n in stacks:
+        for i in range(n):
+            if has_value_embedding(offset + i, n_layers):
+                yield stack, i
+        offset += n
+
+
+# Copied from megaloop/model/value_embeddings.py:ValueEmbedding with ModelConfig->MegaloopConfig, kv_heads->n_kv_heads, attn_head_dim->head_dim
+class ValueEmbedding(nn.Module):
+    def __init__(self, cfg: MegaloopConfig):
+        super().__init__()
+        self.table = nn.Embedding(cfg.padded_vocab_size, cfg.n_kv_heads * cfg.head_dim)
+        self.gate_channels = min(GATE_CHANNELS, cfg.d_model)
+        self.gate = nn.Linear(self.gate_channels, cfg.n_kv_heads, bias=False)
+        self.gate.zero_init = True
+
+    def forward(self, v: torch.Tensor, x: torch.Tensor, tokens) -> torch.Tensor:
+        if tokens is None:
+            raise ValueError("model.value_embeddings: this attention layer needs the token ids (tokens=...)")
+        B, H, T, D = v.shape
+        ve = self.table(tokens).view(B, T, H, D).transpose(1, 2)
+        gate = 2 * torch.sigmoid(self.gate(x[..., :self.gate_channels]))
+        return v + (gate.transpose(1, 2).unsqueeze(-1) * ve).to(v.dtype)
+
+
+# Copied from megaloop/model/value_embeddings.py:attach_value_embeddings with ModelConfig->MegaloopConfig
+def attach_value_embeddings(prelude, block_layers, coda, cfg: MegaloopConfig) -> None:
+    stacks = {"prelude": prelude, "loop": block_layers, "coda": coda}
+    for stack, i in value_embedding_layers(cfg):
+        stacks[stack][i].mixer.value_embed = ValueEmbedding(cfg)
 
 
 class MegaloopSlidingWindowAttention(MegaloopAttention):
@@ -842,6 +893,8 @@ class MegaloopForCausalLM(MegaloopPreTrainedModel, GenerationMixin):
         self.block = LoopedBlock(config)
         self.coda_norm = RMSNorm(d, config.norm_eps, config.norm_scale) if config.coda_norm else None
         self.coda = nn.ModuleList(MegaloopLayer(config, i) for i in range(config.n_coda))
+        if getattr(config, "value_embeddings", False):
+            attach_value_embeddings(self.prelude, self.block.layers, self.coda, config)
         self.final_norm = RMSNorm(d, config.norm_eps, config.norm_scale)
         self.head = nn.Linear(d, config.padded_vocab_size, bias=False)
         self.exit_gate = nn.Linear(d, 1) if config.exit_gate else None
@@ -970,7 +1023,7 @@ class MegaloopForCausalLM(MegaloopPreTrainedModel, GenerationMixin):
             mask = allowed
         key_valid = attention_mask[:, -(past + T):].bool() if padded else None
         return AttnContext(cos, sin, mask, causal=(past == 0 and not padded), past=past,
-                           key_valid=key_valid, positions=position_ids), position_ids
+                           key_valid=key_valid, positions=position_ids, tokens=input_ids), position_ids
 
     # --- forward --------------------------------------------------------------------------------
     def forward(
