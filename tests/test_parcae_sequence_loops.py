@@ -12,8 +12,8 @@ import torch
 
 from megaloop.config import ConfigError, config_from_dict
 from megaloop.model import build_model
-from megaloop.model.loop_schedule import (fixed_loops_tensor, loops_tensor, sample_loops, sample_row_loops,
-                                          unpack_loops)
+from megaloop.model.loop_schedule import (fixed_loops_tensor, logged_loops, loops_tensor, sample_loops,
+                                          sample_row_loops, unpack_loops)
 
 V, T = 64, 8
 
@@ -49,12 +49,15 @@ def test_micro_batch_granularity_is_unchanged():
     lp = _cfg(loop={"granularity": "micro_batch", "backprop_loops": 2}).loop
     lc = sample_loops(lp, 7, 3, 1)
     assert loops_tensor(lp, 7, 3, 1, 16).tolist() == [lc.total, lc.grad]
-    assert unpack_loops(loops_tensor(lp, 7, 3, 1, 16)) == (lc.total, lc.grad, lc.total)
+    assert unpack_loops(loops_tensor(lp, 7, 3, 1, 16)) == (lc.total, lc.grad)
+    assert logged_loops(loops_tensor(lp, 7, 3, 1, 16)) == lc.total
     assert fixed_loops_tensor(lp, 5, 4).tolist() == [5, 5]
     seq = _cfg().loop
     assert fixed_loops_tensor(seq, 5, 3).tolist() == [[5, 5]] * 3
-    total, grad, iterations = unpack_loops(torch.tensor([[2, 2], [6, 4], [1, 1]]))
-    assert total.tolist() == [2, 6, 1] and grad.tolist() == [2, 4, 1] and iterations == 6
+    rows = torch.tensor([[2, 2], [6, 4], [1, 1]])
+    total, grad = unpack_loops(rows)
+    assert total.tolist() == [2, 6, 1] and grad.tolist() == [2, 4, 1]
+    assert logged_loops(rows) == 3.0  # the work: each row runs its own R
 
 
 # --- a row equals the row run alone ------------------------------------------------------------------
@@ -183,7 +186,9 @@ def test_pipeline_2_stages_matches_single_stage_with_per_sequence_loops(tmp_path
         a, b = rows[1][s], rows[2][s]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), s
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), s
-        assert a["R"] == b["R"]  # iterations run: the largest per-row R of each micro-batch
+        assert a["R"] == b["R"]  # the mean of the rows' R of each micro-batch
+    # the rows of a micro-batch really drew different depths (R logged is their mean)
+    assert any(r != int(r) for s in range(1, 5) for r in rows[1][s]["R"])
     # validation (a fixed R in the per-row layout) through both layouts
     assert len(rows[1]["valid"]) == 1
     assert rows[1]["valid"] == pytest.approx(rows[2]["valid"], rel=1e-5)

@@ -7,7 +7,8 @@ checkpointing) must agree on R for a micro-batch. So R is a pure function of
 loop.granularity='sequence' (Parcae's per-sequence draw) gives every row of the micro-batch its own R, a
 pure function of (seed, step, micro-batch index, row); the block runs the largest and each row stops at
 its own depth (megaloop/model/looped_block.py). The loop counts travel as a long tensor: [R, R_grad] for
-a micro-batch, or one [R_b, R_grad_b] row per sequence, shape (B, 2) (`loops_tensor`, `unpack_loops`).
+a micro-batch, or one [R_b, R_grad_b] row per sequence, shape (B, 2) (`loops_tensor`, `unpack_loops`,
+`logged_loops`).
 """
 from __future__ import annotations
 
@@ -73,14 +74,18 @@ def fixed_loops_tensor(cfg: LoopScheduleConfig, loops: int, rows: int) -> torch.
 
 
 def unpack_loops(loops: torch.Tensor):
-    """(total, grad, iterations) of a loop-count tensor: ints for [R, R_grad]; for per-row counts (B, 2) the
-    (B,) tensors of totals and gradient loops, and the iterations the block runs (the largest R). Reading
-    the maximum is a host sync only when the tensor is on the accelerator (a pipeline stage's receive)."""
+    """(total, grad) of a loop-count tensor: ints for [R, R_grad]; for per-row counts (B, 2) the (B,)
+    tensors of the rows' totals and gradient loops (read on the host by the block, once)."""
     if loops.dim() == 1:
         total, grad = (int(v) for v in loops.tolist())
-        return total, grad, total
-    total, grad = loops[:, 0], loops[:, 1]
-    return total, grad, int(total.max())
+        return total, grad
+    return loops[:, 0], loops[:, 1]
+
+
+def logged_loops(loops: torch.Tensor) -> float:
+    """The R a micro-batch's loop counts (on the host) stand for in the logs and the FLOP accounting: R, or
+    under loop.granularity='sequence' the mean of the rows' R (the block computes each row R_b times)."""
+    return int(loops[0]) if loops.dim() == 1 else float(loops[:, 0].double().mean())
 
 
 def clipping_warning(cfg: LoopScheduleConfig, seed: int = 0, n: int = 4096, tolerance: float = 0.02) -> Optional[str]:
@@ -114,14 +119,7 @@ def expected_loops(cfg: LoopScheduleConfig, seed: int = 0, n: int = 4096) -> flo
 def expected_loop_counts(cfg, n: int = 512) -> Tuple[float, float]:
     """(mean R of a run's loop schedule under its seed, the gradient-carrying loops of that mean) for
     FLOP accounting and the pipeline stage weights; `cfg` is the full Config. Under
-    loop.granularity='sequence' the block runs the largest R of the micro-batch's rows, so this is the
-    mean of that maximum (what the hardware computes), not the mean R of a sequence."""
-    lp = cfg.loop
-    if lp.granularity == "sequence" and lp.sampling != "fixed":
-        rows = cfg.train.micro_batch_size
-        n = max(8, min(n, 4096 // max(1, rows)))  # the draws are per row: bound the work at startup
-        mean = float(np.mean([max(c.total for c in sample_row_loops(lp, cfg.train.seed, s, 0, rows))
-                              for s in range(n)]))
-    else:
-        mean = expected_loops(lp, cfg.train.seed, n=n)
-    return mean, grad_loops(lp, mean)
+    loop.granularity='sequence' too: each row's R has the schedule's distribution and the block computes
+    each row only for its own R."""
+    mean = expected_loops(cfg.loop, cfg.train.seed, n=n)
+    return mean, grad_loops(cfg.loop, mean)

@@ -159,10 +159,11 @@ class LoopedBlock(nn.Module):
         R_b iterations, gradients through its last G_b = min(grad_loops_b, R_b) of them. As in the
         reference, the rows run in two aligned phases: max_b(R_b - G_b) iterations under no_grad, in
         which row b updates during its first R_b - G_b, then max_b(G_b) iterations with gradients, in
-        which row b updates during its first G_b; a row keeps its state (masked update) once its phase
-        is over. So row b computes exactly what it computes alone at (R_b, G_b), and no iteration needs
-        gradients for some rows but not others. Rows past their depth are still computed (one batched
-        call per iteration) and discarded."""
+        which row b updates during its first G_b; a row keeps its state once its phase is over. So row b
+        computes exactly what it computes alone at (R_b, G_b), and no iteration needs gradients for some
+        rows but not others. Unlike the reference, which computes every row every iteration and discards
+        the finished ones, an iteration runs the layers on the rows still updating only (index_select,
+        then index_copy into the state): the work is the mean R of the rows, not their maximum."""
         if collect:
             raise ValueError("per-sequence loop counts give no common per-loop outputs (loop.loss must be 'last', "
                              "no exit gate)")
@@ -177,36 +178,44 @@ class LoopedBlock(nn.Module):
         if min(ng_host) < 0:
             raise ValueError(f"loops must be >= 1 for every row, got {[a + b for a, b in zip(ng_host, g_host)]}")
         n_max, g_max = max(ng_host), max(g_host)
-        no_grad, grads = no_grad.to(e.device), grads.to(e.device)
+        # Which rows update in each iteration (None: all), as slices of one index tensor sent once.
+        flat, spans = [], []
+        for t in range(n_max + g_max):
+            lengths_host, j = (g_host, t - n_max) if t >= n_max else (ng_host, t)
+            rows = [b for b, n in enumerate(lengths_host) if n > j]
+            spans.append(None if len(rows) == len(lengths_host) else (len(flat), len(flat) + len(rows)))
+            flat += rows
+        index = torch.tensor(flat, dtype=torch.long).to(e.device) if flat else None
+        grads = grads.to(e.device)
         s = self.initial_state(e, generator)
         per_loop_ckpt = self.activation_checkpointing == "loop"
         diag = ({"residual_norm": [], "state_norm": [], "state_delta": [], "relative_residual": []}
                 if diagnostics else None)
         for t in range(n_max + g_max):
             in_grad = t >= n_max
-            j = t - n_max if in_grad else t  # the iteration within this phase
-            lengths, lengths_host = (grads, g_host) if in_grad else (no_grad, ng_host)
+            sel = None if spans[t] is None else index[spans[t][0]:spans[t][1]]
+            s_in = s if sel is None else s.index_select(0, sel)
             with torch.set_grad_enabled(torch.is_grad_enabled() and in_grad):
                 if per_loop_ckpt and torch.is_grad_enabled():
-                    x = self._checkpointed(functools.partial(self._step_of_state, t, e, rope, tokens=tokens), s)
+                    x = self._checkpointed(functools.partial(self._step_rows, t, e, rope, tokens, sel), s_in)
                 else:
-                    x = self._step_of_state(t, e, rope, s, tokens)
+                    x = self._step_rows(t, e, rope, tokens, sel, s_in)
                 h_new = self.carry(x, final_norm)
                 new = h_new
                 if in_grad and self.outer and not self.outer_is_final:  # a row's last output leaves raw
-                    new = torch.where((lengths == j + 1)[:, None, None], x, h_new)
+                    g_rows = grads if sel is None else grads.index_select(0, sel)
+                    new = torch.where((g_rows == t - n_max + 1)[:, None, None], x, h_new)
             # Outside no_grad: a row waiting out the no-grad phase keeps its state with its gradient path
             # (state_init=embed starts from e itself).
-            active = lengths > j
-            s_next = new if min(lengths_host) > j else torch.where(active[:, None, None], new, s)
+            s_next = new if sel is None else s.index_copy(0, sel, new.to(s.dtype))
             if diag is not None:
-                with torch.no_grad():
-                    w = active.float()[:, None] / (active.sum() * x.shape[1]).clamp_min(1)
-                    delta = (h_new.detach().float() - s.detach().float()).norm(dim=-1)
+                with torch.no_grad():  # over the tokens of the rows updating now
+                    delta = (h_new.detach().float() - s_in.detach().float()).norm(dim=-1)
                     hn = h_new.detach().float().norm(dim=-1)
-                    for k, v in (("residual_norm", x.detach().float().norm(dim=-1)), ("state_norm", hn),
-                                 ("state_delta", delta), ("relative_residual", delta / hn.clamp_min(1e-12))):
-                        diag[k].append((v * w).sum())  # averaged over the tokens of the rows updating now
+                    diag["residual_norm"].append(x.detach().float().norm(dim=-1).mean())
+                    diag["state_norm"].append(hn.mean())
+                    diag["state_delta"].append(delta.mean())
+                    diag["relative_residual"].append((delta / hn.clamp_min(1e-12)).mean())
             s = s_next
         out = s if self.out_proj is None else self.out_proj(s)
         if diag is not None:
@@ -214,6 +223,14 @@ class LoopedBlock(nn.Module):
             if isinstance(self.injection, ParcaeInjection):
                 diag["injection_spectral_norm"] = self.injection.spectral_norm().detach().reshape(1)
         return BlockOutput(out, None, diag)
+
+    def _step_rows(self, t, e, rope, tokens, sel, s):
+        """One loop step of the rows `sel` (None: all) from their states s; e and the token ids are taken
+        inside, so that per-loop checkpointing saves only s."""
+        if sel is not None:
+            e = e.index_select(0, sel)
+            tokens = None if tokens is None else tokens.index_select(0, sel)
+        return self._step_of_state(t, e, rope, s, tokens)
 
     def forward(self, e: torch.Tensor, rope, loops: int, grad_loops: Optional[int] = None,
                 collect: bool = False, diagnostics: bool = False, final_norm: Optional[nn.Module] = None,

@@ -216,10 +216,10 @@ class LoopedBlockPipe(_RopeMixin, nn.Module):
 
     def forward(self, inputs):
         e, loops = inputs
-        total, grad, iterations = unpack_loops(loops)  # per-row (B,) tensors under loop.granularity=sequence
+        total, grad = unpack_loops(loops)  # per-row (B,) tensors under loop.granularity=sequence
         out = self.block(e, self._rope(e), total, grad, collect=self.collect,
                          diagnostics=self.want_diagnostics, final_norm=self.final_norm)
-        self.last_loops = (iterations, grad)
+        self.last_loops = (total, grad)
         if self.want_diagnostics and out.diagnostics is not None:
             self.last_diagnostics = {k: v.detach() for k, v in out.diagnostics.items()}
         if not self.collect:

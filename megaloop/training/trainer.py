@@ -18,7 +18,7 @@ import torch
 from megaloop.config import Config, ConfigError
 from megaloop.errors import MegaloopError
 from megaloop.model.flops import train_flops_per_token
-from megaloop.model.loop_schedule import grad_loops, unpack_loops
+from megaloop.model.loop_schedule import grad_loops, logged_loops, unpack_loops
 from megaloop.parallel.device import on_accelerator, zeros_on_accelerator
 from megaloop import checkpoint as ckpt
 from megaloop.training.data import (EvalBatches, TrainBatches, build_split_datasets, build_tokenizer_for,
@@ -178,8 +178,8 @@ class Trainer:
         device = self.engine.device
         for m in range(t.grad_accum_steps):
             (tokens, loops), labels = next(batches)
-            total, grad, iterations = unpack_loops(loops)  # per-row (B,) tensors under loop.granularity=sequence
-            rs.append(iterations)
+            total, grad = unpack_loops(loops)  # per-row (B,) tensors under loop.granularity=sequence
+            rs.append(logged_loops(loops))
             out = self.engine(tokens.to(device, non_blocking=True), labels=labels.to(device, non_blocking=True),
                               loops=total, grad_loops=grad,
                               return_diagnostics=want_diag and m == t.grad_accum_steps - 1)
@@ -412,5 +412,5 @@ class _Recording:
 
     def __next__(self):
         batch = next(self.it)
-        self.rs.append(unpack_loops(batch[0][1])[2])  # iterations the block runs (the largest per-row R)
+        self.rs.append(logged_loops(batch[0][1]))  # R, or the mean of the rows' R (loop.granularity=sequence)
         return batch
