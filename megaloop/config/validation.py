@@ -296,9 +296,10 @@ def _stage_problems(cfg: Config) -> None:
 def _check_value_embeddings(m: ModelConfig, p) -> None:
     """model.value_embeddings: the chosen looped layers must be attention layers, and the token ids do not
     travel between pipeline stages (yet); tensor parallelism: `tensor_parallel_problems`."""
-    from megaloop.model.value_embeddings import value_embedding_layers
     names = mixer_pattern(m.mixer, m.n_loop, m.linear_mixer)
-    bad = sorted({names[i] for stack, i in value_embedding_layers(m) if stack == "loop"} - {"attn", "swa", "dsa"})
+    n_layers = m.n_prelude + m.n_loop + m.n_coda  # layer i has a table iff i = n_layers - 1 (mod 2)
+    chosen = [names[i] for i in range(m.n_loop) if (m.n_prelude + i) % 2 == (n_layers - 1) % 2]
+    bad = sorted(set(chosen) - {"attn", "swa", "dsa"})
     if bad:
         raise ConfigError(f"model.value_embeddings gates a table into attention values, but looped layers with "
                           f"mixer {bad} (model.mixer={m.mixer!r}) would get one; use attention mixers or turn "
