@@ -186,3 +186,18 @@ def test_hf_export_matches_megaloop_with_and_without_cache(tmp_path):
 def test_llama_export_refuses_value_embeddings():
     from megaloop.export.llama_export import llama_unrepresentable
     assert any("value_embeddings" in w for w in llama_unrepresentable(_cfg().model, 1))
+
+
+def test_exit_gate_stage_runs_with_value_embeddings():
+    """train.stage=exit_gate (megaloop/model/stage_losses.py) passes the token ids on: the stage's per-loop
+    logits equal the model's own."""
+    torch.manual_seed(0)
+    lm = build_model(_cfg({"exit_gate": True}))
+    _randomise(lm)
+    tokens, labels = torch.randint(0, V, (2, T)), torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        ref = lm(tokens, loops=3).logits
+    lm.train_stage, lm.stage_params = "exit_gate", {"exit_gate_slope": 10.0, "exit_gate_margin": 0.0}
+    out = lm(tokens, labels=labels, loops=3)
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.logits, ref)

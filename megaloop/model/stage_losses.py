@@ -52,27 +52,29 @@ def stage_forward(model, stage: str, tokens: torch.Tensor, labels: torch.Tensor,
     """LMOutput of one stage micro-batch: `.loss` the stage's loss, `.logits` the last loop's."""
     from megaloop.model.looped_lm import LMOutput
     rope = model.rope(tokens.shape[1], tokens.device)
+    ve = tokens if model.cfg.value_embeddings else None  # the token ids, for value embeddings
     if stage == "dsa_warmup":
         layers = _dsa_layers(model)
         for m in layers:
             m.warmup_losses = []
         e = model.embed(tokens, rope)
-        block_out = model.block(e, rope, loops, loops, final_norm=model.final_norm, generator=noise_generator)
+        block_out = model.block(e, rope, loops, loops, final_norm=model.final_norm, generator=noise_generator,
+                                tokens=ve)
         losses = [loss for m in layers for loss in m.warmup_losses]
         for m in layers:
             m.warmup_losses = []
         with torch.no_grad():
-            logits = model.head_logits(block_out.out, rope)
+            logits = model.head_logits(block_out.out, rope, ve)
         return LMOutput(logits=logits, loss=torch.stack(losses).mean(), loops=loops)
     if stage == "exit_gate":
         slope, margin = model.stage_params["exit_gate_slope"], model.stage_params["exit_gate_margin"]
         with torch.no_grad():
             e = model.embed(tokens, rope)
             states = model.block(e, rope, loops, collect=True, final_norm=model.final_norm,
-                                 generator=noise_generator).per_loop
+                                 generator=noise_generator, tokens=ve).per_loop
             token_losses, logits = [], None
             for s in states:
-                logits = model.head_logits(s, rope)
+                logits = model.head_logits(s, rope, ve)
                 token_losses.append(model.token_loss_fn(logits, labels))
         gate_logits = torch.stack([model.exit_gate(s.detach()).squeeze(-1) for s in states])
         loss = exit_gate_bce(gate_logits, torch.stack(token_losses), labels, slope, margin)
