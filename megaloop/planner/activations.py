@@ -30,7 +30,7 @@ GatedDeltaNet mixer (approximate: the chunked scan's own saved state is not mode
 Per loop that carries gradients, outside the layers: the outer norm between loops (when
     normalization=outer; not after the last loop unless Ouro shares it with the final norm):
     loop output s.d + 4 [+ s.d composite] + the new state s.d; injection concat_adapter 2.c.d (autocast)
-    or 2.s.d, parcae 4.d; lt_i's rms_norm(e + h) 4.d + 4.
+    or 2.s.d, parcae 8.d (B e and h, fp32); lt_i's rms_norm(e + h) 4.d + 4.
 Embedding: e (s.d), + embed_norm / prelude_norm as norms (their outputs are the next stream).
 Head: final norm feeding the head + logits c.V (held by the caller through backward) + log_softmax
     output 4.V (cross-entropy in fp32); with a per-loop loss every gradient-carrying loop has its own
@@ -197,7 +197,7 @@ def loop_extras(cfg: Config, z: _Dims, t: int, last: bool) -> Dict[str, float]:
         if m.injection == "concat_adapter":
             inject = 2 * (z.c if z.autocast else z.s) * z.d_full
         elif m.injection == "parcae":
-            inject = 4 * z.d + (4 * z.d if z.s != 4 else 0.0)
+            inject = 8 * z.d  # delta * (B e) saves B e, Abar * h saves h in fp32
     if m.arch == "lt_i" and t > 0:
         inject = 4 * z.d + _rstd(z)
     return {"carry": carry, "inject": inject}
@@ -218,7 +218,7 @@ def loop_block(cfg: Config, z: _Dims, R: int, G: int, mode: str) -> Dict[str, fl
         elif mode == "loop":
             # the checkpoint keeps its input state (unless that is e, or saved by the carry already);
             # the carry norm runs outside it, the injection inside
-            held = t > 0 and _state_saved(cfg)
+            held = t > 0 and _state_saved(cfg) and cfg.model.normalization == "outer"  # in `carry`
             inp = 0.0 if (t == 0 and _shared_input(cfg, 0)) or held else z.s * z.d
             saved += inp + ex["carry"]
             recompute = max(recompute, full + ex["inject"] - own_input)
@@ -249,7 +249,7 @@ def layer_bytes(cfg: Config, z: _Dims, R: int, G: int, mode: str) -> Dict[str, d
     per_loss = 1 if cfg.loop.loss == "last" else G
     lay = layer(cfg, z)
     out = {"embedding": {"saved": z.s * z.d, "work": 0.0},
-           "embed_norm": {"saved": norm(z), "work": 0.0},
+           "embed_norm": {"saved": norm(z) if m.embed_norm else 0.0, "work": 0.0},
            "prelude": {"saved": lay, "work": layer_work(cfg, z)},
            "prelude_norm": {"saved": norm(z), "work": 0.0},
            "coda": {"saved": lay * per_loss, "work": layer_work(cfg, z)},
@@ -282,10 +282,27 @@ def grad_bytes(cfg: Config) -> int:
     return 2 if t.precision == "fp16" or (t.precision == "bf16" and t.bf16_impl == "master_weights") else 4
 
 
+def stage_names(cfg: Config, lo: int = 0, hi: int = None) -> List[str]:
+    """The pipeline layer names [lo, hi) of `pl.layer_names`, with "prelude_norm" after the layer that
+    applies it (the last prelude layer, or the embedding norm layer when there is no prelude)."""
+    from megaloop.parallel import pipeline as pl
+
+    full = pl.layer_names(cfg.model)
+    hi = len(full) if hi is None else hi
+    last_prelude = max([i for i, n in enumerate(full) if n == "prelude"], default=None)
+    out = []
+    for i in range(lo, hi):
+        out.append(full[i])
+        if cfg.model.use_prelude_norm and (i == last_prelude or (last_prelude is None and full[i] == "embed_norm")):
+            out.append("prelude_norm")
+    return out
+
+
 def activation_bytes(cfg: Config, names: List[str] = None, tp: int = 1, device: str = "cuda",
                      loop_params: int = 0, tied_params: int = 0, matrix_params: int = 0,
                      in_flight: int = 1, receives: int = 0) -> dict:
-    """Activation bytes of one rank holding the pipeline layers `names` (default: the whole model).
+    """Activation bytes of one rank holding the pipeline layers `names` (`stage_names`; default: the
+    whole model).
 
     loop_params: parameters of the looped block on this rank (with G >= 2 loops carrying gradients
     the autograd engine sums each shared weight's per-loop gradients in a buffer before accumulating
@@ -297,11 +314,9 @@ def activation_bytes(cfg: Config, names: List[str] = None, tp: int = 1, device: 
 
     Returns {'saved': one micro-batch, 'peak': in_flight x saved + the largest transient,
     'per_layer_per_token', 'R', 'G', 'autocast_weights', 'grad_buffers'}."""
-    from megaloop.parallel import pipeline as pl
-
     z = dims(cfg, tp, device)
     R, G = loop_memory_counts(cfg)
-    names = pl.layer_names(cfg.model) if names is None else names
+    names = stage_names(cfg) if names is None else names
     per = layer_bytes(cfg, z, R, G, cfg.train.activation_checkpointing)
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     saved = (sum(per[n]["saved"] for n in names) + receives * z.s * z.d) * tokens
@@ -317,9 +332,15 @@ def activation_bytes(cfg: Config, names: List[str] = None, tp: int = 1, device: 
     weight_grads = {n: g * 3 * m.d_model * m.ffn_dim / tp for n in ("prelude", "loop", "coda")}
     weight_grads["head"] = 0.0 if tied_params else g * m.d_model * m.padded_vocab_size / tp
     for n in names:
+        extra = weight_grads.get(n, 0.0) + (held if n != "head" else 0.0)
+        if n == "loop" and loop_buffer and cfg.train.activation_checkpointing == "none":
+            # the buffer is full once the last loop's backward is done and its activations are freed
+            during.append(below + per[n]["saved"] * tokens * (G - 1) / G + loop_buffer + extra)
+            loop_transient = 0.0
+        else:
+            loop_transient = loop_buffer if n == "loop" else 0.0
         below += per[n]["saved"] * tokens
-        during.append(below + per[n]["work"] * tokens + (loop_buffer if n == "loop" else 0.0)
-                      + weight_grads.get(n, 0.0) + (held if n != "head" else 0.0))
+        during.append(below + per[n]["work"] * tokens + loop_transient + extra)
     current = max(during + [0.0])
     tied = g * tied_params
     weights = 2.0 * matrix_params if z.autocast else 0.0
