@@ -319,13 +319,20 @@ def activation_bytes(cfg: Config, names: List[str] = None, tp: int = 1, device: 
     names = stage_names(cfg) if names is None else names
     per = layer_bytes(cfg, z, R, G, cfg.train.activation_checkpointing)
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
-    saved = (sum(per[n]["saved"] for n in names) + receives * z.s * z.d) * tokens
+    # autocast's bf16 weight copies: saved with the activations that use them (every micro-batch's
+    # forward makes its own), re-made by the recomputation of a checkpointed loop / layer
+    mode = cfg.train.activation_checkpointing
+    casts = 2.0 * (matrix_params - (0 if mode == "none" else loop_params)) if z.autocast else 0.0
+    recast = 0.0
+    if z.autocast and mode != "none":
+        recast = 2.0 * loop_params / (1 if mode == "loop" else cfg.model.n_loop)
+    saved = (sum(per[n]["saved"] for n in names) + receives * z.s * z.d) * tokens + casts
     g = grad_bytes(cfg)
     loop_buffer = g * loop_params if G >= 2 else 0.0
     # Backward runs the layers in reverse and frees each one's saved tensors as it goes: at layer i the
     # layers before it (and the logits the caller holds) are still saved.
     held = per["head"]["held"] * tokens if "head" in names else 0.0
-    below, during = receives * z.s * z.d * tokens, []
+    below, during = receives * z.s * z.d * tokens + casts, []
     # A layer's weight gradients are made before they are accumulated: the three MLP matrices' (the
     # largest) in flight; the head's own (untied: a tied one is the buffer above).
     m = cfg.model
@@ -338,14 +345,13 @@ def activation_bytes(cfg: Config, names: List[str] = None, tp: int = 1, device: 
             during.append(below + per[n]["saved"] * tokens * (G - 1) / G + loop_buffer + extra)
             loop_transient = 0.0
         else:
-            loop_transient = loop_buffer if n == "loop" else 0.0
+            loop_transient = loop_buffer + recast if n == "loop" else 0.0
         below += per[n]["saved"] * tokens
         during.append(below + per[n]["work"] * tokens + loop_transient + extra)
     current = max(during + [0.0])
     tied = g * tied_params
-    weights = 2.0 * matrix_params if z.autocast else 0.0
-    peak = (in_flight - 1) * saved + max(current, saved) + tied + weights
-    return {"saved": saved, "peak": peak, "autocast_weights": weights, "grad_buffers": tied + loop_buffer,
+    peak = (in_flight - 1) * saved + max(current, saved) + tied
+    return {"saved": saved, "peak": peak, "autocast_weights": casts + recast, "grad_buffers": tied + loop_buffer,
             "R": R, "G": G, "per_layer_per_token": {n: per[n]["saved"] for n in dict.fromkeys(names)}}
 
 
