@@ -328,7 +328,7 @@ def activation_bytes(cfg: Config, names: List[str] = None, tp: int = 1, device: 
         recast = 2.0 * loop_params / (1 if mode == "loop" else cfg.model.n_loop)
     saved = (sum(per[n]["saved"] for n in names) + receives * z.s * z.d) * tokens + casts
     g = grad_bytes(cfg)
-    loop_buffer = g * loop_params if G >= 2 else 0.0
+    loop_buffer = z.c * loop_params if G >= 2 else 0.0  # summed in the matmul dtype (autocast: bf16)
     # Backward runs the layers in reverse and frees each one's saved tensors as it goes: at layer i the
     # layers before it (and the logits the caller holds) are still saved.
     held = per["head"]["held"] * tokens if "head" in names else 0.0

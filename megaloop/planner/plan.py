@@ -1,8 +1,10 @@
 """A cluster plan of one config: per (pipeline stage, TP rank) parameters, weight / gradient / optimizer
-memory, model FLOPs; step time at a stated MFU, pipeline bubble, throughput. `tools/plan.py` prints it.
+memory, activation memory (megaloop/planner/activations.py: the micro-batches a 1F1B stage keeps in
+flight, R and the activation checkpointing mode), TP communication (comm.py), model FLOPs; step time at
+a stated MFU, pipeline bubble, throughput. `tools/plan.py` prints it.
 
-Activation memory is not estimated yet (it needs calibrating against measured runs): the plan says so
-instead of guessing.
+Per-rank memory = states + activations. Not counted: the CUDA context and NCCL / DeepSpeed buffers
+(~1-3 GiB per GPU), allocator fragmentation, attention-kernel workspaces.
 """
 from __future__ import annotations
 
@@ -10,12 +12,21 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from megaloop.config import Config
+from megaloop.planner.activations import activation_bytes, stage_names
+from megaloop.planner.comm import stage_tp_comm
 from megaloop.planner.flops import bubble_fraction, stage_flops, step_estimate
 from megaloop.planner.memory import recipe, state_bytes
 from megaloop.planner.params import stage_params, stage_parts, total_params
 
 GIB = 1024 ** 3
-ACTIVATIONS = "not estimated yet"
+
+
+def _receives(cfg: Config, names) -> int:
+    """Tensors a stage that does not start the model receives per micro-batch: the stream, and e
+    while the looped block that reads it is still ahead (FLT family, injection, internal recall)."""
+    m = cfg.model
+    needs_e = m.arch != "recurrent" or m.injection != "none" or m.recall == "internal"
+    return 1 + int(needs_e and "loop" in names)
 
 
 @dataclass(frozen=True)
@@ -62,16 +73,33 @@ def make_plan(cfg: Config, world: Optional[int] = None, gpu: GPU = GPUS["h100"],
     parts = stage_parts(cfg, pp, tp)
     fl = stage_flops(cfg, parts)
     rows = []
+    micro = t.grad_accum_steps  # micro-batches per pipeline per step
     for sp in stage_params(cfg, pp, tp):
         mem = state_bytes(sp.params, t.precision, t.bf16_impl, p.zero_stage, dp)
+        names = stage_names(cfg, parts[sp.stage], parts[sp.stage + 1])
+        in_flight = min(pp - sp.stage, micro)
+        tied = 0
+        if cfg.model.tie_embeddings and "embedding" in names and "head" in names:
+            tied = sp.by_layer.get("embedding", 0)
+        act = activation_bytes(cfg, names, tp=tp, device="cuda", loop_params=sp.by_layer.get("loop", 0),
+                               tied_params=tied, matrix_params=sp.params, in_flight=in_flight,
+                               receives=_receives(cfg, names) if sp.stage > 0 else 0)
+        comm = stage_tp_comm(cfg, names, tp, fl["loops_total"], fl["loops_grad"])
+        total = mem.total + act["peak"]
         rows.append({
             "stage": sp.stage, "tp_rank": sp.tp_rank, "layers": sp.by_layer, "params": sp.params,
             "memory_bytes": mem.to_dict(), "states_gib": mem.total / GIB,
-            "activations": ACTIVATIONS,
+            "activations": {"peak_bytes": act["peak"], "micro_batch_saved_bytes": act["saved"],
+                            "in_flight": in_flight, "R": act["R"], "grad_loops": act["G"],
+                            "autocast_weight_bytes": act["autocast_weights"],
+                            "grad_buffer_bytes": act["grad_buffers"]},
+            "activations_gib": act["peak"] / GIB,
+            "total_gib": total / GIB,
+            "fits": total / GIB <= gpu.mem_gib,
+            "tp_comm_bytes_per_step": {k: v * micro for k, v in comm.items()},
             "model_flops_per_token": fl["stage_model_flops_per_token"][sp.stage] / tp,
         })
     seq = cfg.data.seq_len
-    micro = t.grad_accum_steps  # micro-batches per pipeline per step
     tokens_per_step = t.micro_batch_size * micro * dp * seq
     step_s = step_estimate(fl["train_flops_per_token"], tokens_per_step, world, gpu.peak_flops, mfu)
     tokens = float(t.steps * tokens_per_step if tokens is None else tokens)
@@ -90,7 +118,8 @@ def make_plan(cfg: Config, world: Optional[int] = None, gpu: GPU = GPUS["h100"],
         "stage_model_flops_per_token": fl["stage_model_flops_per_token"],
         "stage_imbalance": max(weights) / (sum(weights) / len(weights)),
         "ranks": rows,
-        "activations": ACTIVATIONS,
+        "max_rank_gib": max(r["total_gib"] for r in rows),
+        "fits": all(r["fits"] for r in rows),
         "mfu": mfu,
         "tokens_per_step": tokens_per_step,
         "step_time_s": step_s,
@@ -142,28 +171,41 @@ def _compact(keys) -> str:
     return ",".join(out)
 
 
+def _bytes(b: float) -> str:
+    return f"{b / 1024 ** 3:.2f}G" if b >= 1024 ** 3 / 100 else f"{b / 1024 ** 2:.1f}M"
+
+
 def format_plan(plan: dict) -> str:
     g, c = plan["gpu"], plan["config"]
+    r0 = plan["ranks"][0]["activations"]
     lines = [f"{c['arch']}: {plan['total_params'] / 1e6:.1f}M parameters; world {plan['world']} x {g['name']} "
-             f"= TP {plan['tp']} x PP {plan['pp']} x DP {plan['dp']}; {c['precision']}, ZeRO {c['zero_stage']}",
+             f"= TP {plan['tp']} x PP {plan['pp']} x DP {plan['dp']}; {c['precision']}, ZeRO {c['zero_stage']}, "
+             f"activation checkpointing {c['activation_checkpointing']}, micro-batch {c['micro_batch_size']} x "
+             f"{c['seq_len']}",
              f"loops per micro-batch: E[R] = {plan['loops']['expected_total']:.3g} "
-             f"({plan['loops']['expected_grad']:.3g} with gradients); pipeline parts {plan['stage_parts']} "
-             f"({c['pipeline_partition']})", ""]
+             f"({plan['loops']['expected_grad']:.3g} with gradients); memory sized for R = {r0['R']} "
+             f"({r0['grad_loops']} with gradients); pipeline parts {plan['stage_parts']} ({c['pipeline_partition']})",
+             ""]
     header = ["stage", "tp", "layers", "params", "weights", "grads", "master", "grad acc", "optimizer",
-              "states", "% mem", "activations", "GFLOP/token"]
+              "states", "activations", "in flight", "total", "% mem", "TP comm/step", "GFLOP/token"]
     rows = []
     for r in plan["ranks"]:
-        m = r["memory_bytes"]
-        gib = lambda b: f"{b / 1024 ** 3:.2f}G"
-        layers = _compact(list(r["layers"]))
-        rows.append([r["stage"], r["tp_rank"], layers, f"{r['params']:,}", gib(m["weights"]), gib(m["grads"]),
-                     gib(m["master"]), gib(m["grad_accum"]), gib(m["optimizer"]), gib(m["total"]),
-                     f"{100 * r['states_gib'] / g['mem_gib']:.1f}", r["activations"],
+        m, a = r["memory_bytes"], r["activations"]
+        comm = r["tp_comm_bytes_per_step"]["total"]
+        rows.append([r["stage"], r["tp_rank"], _compact(list(r["layers"])), f"{r['params']:,}",
+                     _bytes(m["weights"]), _bytes(m["grads"]), _bytes(m["master"]), _bytes(m["grad_accum"]),
+                     _bytes(m["optimizer"]), _bytes(m["total"]), _bytes(a["peak_bytes"]), a["in_flight"],
+                     f"{r['total_gib']:.2f}G", f"{100 * r['total_gib'] / g['mem_gib']:.1f}"
+                     + ("" if r["fits"] else " !"), _bytes(comm) if comm else "-",
                      f"{r['model_flops_per_token'] / 1e9:.3f}"])
     lines += _table(header, rows)
+    verdict = (f"fits: the largest rank needs {plan['max_rank_gib']:.1f} GiB of {g['mem_gib']:g}" if plan["fits"] else
+               f"DOES NOT FIT: the largest rank needs {plan['max_rank_gib']:.1f} GiB of {g['mem_gib']:g} (!)")
     lines += ["",
-              "memory: weights + gradients + optimizer states only (GiB per rank; % of the "
-              f"{g['mem_gib']:g} GiB of one {g['name']}); activations {plan['activations']}",
+              f"memory per rank (GiB): states (weights + gradients + optimizer) + activations (peak of "
+              f"'in flight' micro-batches' saved tensors and the backward transients); {verdict}; not counted: "
+              f"CUDA context, NCCL / DeepSpeed buffers, allocator fragmentation, attention workspaces "
+              f"(leave 5-10%)",
               f"model FLOPs per token {_si(plan['train_flops_per_token'], 'FLOP')}; stage imbalance (heaviest / "
               f"mean, with recompute) {plan['stage_imbalance']:.3f}; pipeline bubble (p-1)/(m+p-1) = "
               f"{plan['bubble_fraction']:.3f} (m = {c['grad_accum_steps']} micro-batches)",
