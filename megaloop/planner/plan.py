@@ -35,6 +35,8 @@ class GPU:
     peak_flops: float  # dense bf16 FLOP/s of one device
     mem_gib: float
     bw: float  # HBM bytes/s
+    link_bw: float = 450e9  # NVLink bytes/s per direction (TP collectives inside a node)
+    net_bw: float = 50e9  # inter-node bytes/s per GPU (400 Gb/s InfiniBand / RoCE)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,7 +45,7 @@ class GPU:
 GPUS = {
     "h100": GPU("h100", 989e12, 80.0, 3.35e12),
     "h200": GPU("h200", 989e12, 141.0, 4.8e12),
-    "a100": GPU("a100", 312e12, 80.0, 2.0e12),
+    "a100": GPU("a100", 312e12, 80.0, 2.0e12, 300e9, 25e9),
 }
 
 
@@ -60,8 +62,18 @@ def parse_gpu(spec: str) -> GPU:
         raise ValueError(f"--gpu {spec!r}: peak_flops, mem_gib and bw must be numbers") from None
 
 
+def _cached(cache: Optional[dict], key, fn):
+    if cache is None:
+        return fn()
+    if key not in cache:
+        cache[key] = fn()
+    return cache[key]
+
+
 def make_plan(cfg: Config, world: Optional[int] = None, gpu: GPU = GPUS["h100"], mfu: float = 0.4,
-              tokens: Optional[float] = None) -> dict:
+              tokens: Optional[float] = None, cache: Optional[dict] = None) -> dict:
+    """The plan of `cfg` on `world` GPUs. cache: a dict shared by calls on variants of one model (the
+    search), keeping the meta-device parameter counts per (TP, PP, partition)."""
     p, t = cfg.parallel, cfg.train
     tp, pp = p.tensor_parallel, p.pipeline_parallel
     world = tp * pp if world is None else int(world)
@@ -70,11 +82,12 @@ def make_plan(cfg: Config, world: Optional[int] = None, gpu: GPU = GPUS["h100"],
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu must be in (0, 1], got {mfu}")
     dp = world // (tp * pp)
-    parts = stage_parts(cfg, pp, tp)
-    fl = stage_flops(cfg, parts)
+    ac = t.activation_checkpointing
+    parts = _cached(cache, ("parts", tp, pp, ac), lambda: stage_parts(cfg, pp, tp))
+    fl = _cached(cache, ("flops", ac, tuple(parts)), lambda: stage_flops(cfg, parts))
     rows = []
     micro = t.grad_accum_steps  # micro-batches per pipeline per step
-    for sp in stage_params(cfg, pp, tp):
+    for sp in _cached(cache, ("params", tp, tuple(parts)), lambda: stage_params(cfg, pp, tp)):
         mem = state_bytes(sp.params, t.precision, t.bf16_impl, p.zero_stage, dp)
         names = stage_names(cfg, parts[sp.stage], parts[sp.stage + 1])
         in_flight = min(pp - sp.stage, micro)
@@ -111,7 +124,7 @@ def make_plan(cfg: Config, world: Optional[int] = None, gpu: GPU = GPUS["h100"],
                    "pipeline_partition": p.pipeline_partition},
         "gpu": gpu.to_dict(),
         "world": world, "tp": tp, "pp": pp, "dp": dp,
-        "total_params": total_params(cfg),
+        "total_params": _cached(cache, ("total",), lambda: total_params(cfg)),
         "stage_parts": parts,
         "loops": {"expected_total": fl["loops_total"], "expected_grad": fl["loops_grad"]},
         "train_flops_per_token": fl["train_flops_per_token"],
