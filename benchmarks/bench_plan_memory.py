@@ -38,6 +38,11 @@ from torch.utils._pytree import tree_flatten  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _strided(t) -> bool:
+    """Dense tensors (sparse ones, e.g. DSA's selection pattern, have no single storage: not counted)."""
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided
+
+
 class LiveBytes(TorchDispatchMode):
     """Live bytes of the storages created by aten ops under this mode, and their peak (an op output
     sharing an input's storage - a view, an in-place result - is not a new allocation)."""
@@ -51,9 +56,9 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if _strided(t)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            if _strided(t) and t.device.type == "cpu":
                 st = t.untyped_storage()
                 key, n = st._cdata, st.nbytes()
                 if n and key not in self.live and key not in inputs:  # a view / in-place result: not new
@@ -141,7 +146,8 @@ def grid(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["plain", "lt", "flt", "flt_res", "lt_ia", "lt_i", "parcae",
-                                                      "ouro", "huginn", "inject_internal", "lt2_gates", "swa"])
+                                                      "ouro", "huginn", "inject_add", "inject_internal", "lt2_gates", "swa",
+                                                      "lt2_gdn", "lt2_hybrid", "lt2_gdn_dsa"])
     ap.add_argument("--loops", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--modes", nargs="+", default=["none", "loop", "layer"])
     ap.add_argument("--batch", nargs="+", type=int, default=[2])

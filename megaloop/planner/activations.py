@@ -3,52 +3,70 @@
 Everything is in bytes per token of the micro-batch (B x T tokens), counted as the tensors autograd
 keeps alive between forward and backward (each storage once; views and tensors shared across layers
 or loops are not counted twice). Symbols: d = d_model, q = n_heads x head_dim and k = kv_heads x
-head_dim and f = ffn_dim and V = the padded vocabulary, all per TP rank (sharded by TP; kv heads
+head_dim and f = ffn_dim and V = the padded vocabulary (V' unpadded), all per TP rank (kv heads
 replicated when kv_heads < TP); H = heads per rank. Dtype bytes: s for the residual stream and weights
 (4 under fp32 and under bf16 `autocast`; 2 under bf16 `master_weights` / fp16), c for the matmul
 outputs (2 under any bf16/fp16 recipe, 4 under fp32). "Composite" norms (CPU: torch's rms_norm is
-decomposed) also save the normalised x (s x d) for the weight gradient; the fused CUDA kernels (torch's
-fused rms_norm, Apex) save only the input and the 1/rms (4 bytes).
+decomposed) also save the normalised x (s.d) for the weight gradient; the fused CUDA kernels (torch's
+fused rms_norm, Apex) save only the input and the 1/rms (4 bytes). The plan uses the CUDA terms.
 
 RMSNorm feeding n linears:  input s.d + 4 [+ s.d composite] + inputs of the linears, which are
     autocast: one cast copy per linear, n.c.d (autocast casts the input again for each linear);
     otherwise the norm output, s.d, shared by the n linears (under sequence parallelism: every
     column-parallel linear all-gathers its own full-sequence copy, n.s.d).
-Transformer layer (pre-norm), attention mixer:
+Transformer layer (pre-norm), attention mixer, its input included:
     attn norm feeding wq, wk, wv (+ the LT2 output gate)
-    + c.(q + 2k) (q, k after RoPE; v) + c.q (the attention output, wo's input) + 4.H (logsumexp)
-    [+ qk-norm: (c + s).(q + k) + 4.(heads + kv heads)] [+ output gate: 2.c.q]
+    + SDPA: c.(q + 2k) (q, k after RoPE; v) + c.q (its output, wo's input) + 4.H (logsumexp);
+      sliding window < T (blockwise): c.(2q + 4k + 4.window.H) (grouped q, k/v blocks, probabilities)
+    [+ qk-norm: c.(q + k) + 4.(heads + kv heads) (+ s.(q + k) composite)] [+ output gate: 2.c.q]
     + MLP norm feeding w1, w3 (swiglu) or w1 (relu2)
     + swiglu 4.c.f (w1 out, silu out, w3 out, their product) or relu2 2.c.f (relu out, its square)
     [+ sandwich: each post norm saves its input c.d + 4 (+ s.d composite)]
     FLT query stream (every layer of flt, layer 0 of lt_ia, loops t >= 1): 4 (+ s.d composite)
     (+ s.d: its own norm output, when the q/k/v inputs are not autocast copies);
-    flt_res: rms_norm(x + h) before every layer: 4.d + 4.
-GatedDeltaNet mixer (approximate: the chunked scan's own saved state is not modelled): six input
-    projections, 5.c.(2k' + v') for the projections, convolutions, silu and normalisations of q, k, v
-    (k' = heads x head_dim, v' = k' x gdn_expand_v) + 6.c.v' for the output norm and gate + 8.H.
+    flt_res: rms_norm(x + h) before every layer (t >= 1): 4.d + 4.
+    Layer 0 of a loop that reads e itself (FLT, lt_ia; loop 0 of flt_res / lt_i / a plain recurrent
+    loop starting from e) does not count its input again.
+GatedDeltaNet mixer, as megaloop's torch chunked scan saves it (k' = heads x head_dim, v' = k' x
+    gdn_expand_v, C = gdn_chunk_size): norm feeding six projections + c.(3.(2k' + v') (convolution
+    input, output, silu) + 2k' (normalised q, k) + 6.H.C (the per-chunk C x C matrices) + 2k' + 3v'
+    (triangular solve, k.beta, output) + 5v' (output norm and gate)) + 40.H. flash-linear-attention's
+    kernel (CUDA, when it is used) saves less: there the figure is an upper bound.
+    DeepSeek sparse attention: as attention plus the indexer's inputs (approximate).
 Per loop that carries gradients, outside the layers: the outer norm between loops (when
     normalization=outer; not after the last loop unless Ouro shares it with the final norm):
-    loop output s.d + 4 [+ s.d composite] + the new state s.d; injection concat_adapter 2.c.d (autocast)
-    or 2.s.d, parcae 8.d (B e and h, fp32); lt_i's rms_norm(e + h) 4.d + 4.
-Embedding: e (s.d), + embed_norm / prelude_norm as norms (their outputs are the next stream).
-Head: final norm feeding the head + logits c.V (held by the caller through backward) + log_softmax
-    output 4.V (cross-entropy in fp32); with a per-loop loss every gradient-carrying loop has its own
-    coda, final norm and logits.
-Under autocast the bf16 copies of the weights (c per matrix element of the stage) are alive from
-    their first use to their backward (with checkpointing: re-made during recomputation); counted once.
+    loop output s.d + 4 [+ s.d composite] [+ the new state s.d where a norm of the next loop saves it:
+    flt, lt_ia]; injection concat_adapter 2.c.d (autocast) or 2.s.d, parcae 8.d (B e and h, fp32);
+    lt_i's rms_norm(e + h) 4.d + 4; Parcae's W_C saves each block output it projects (s.d or c.d).
+Embedding: e (s.d), + embed_norm and prelude_norm as norms (the prelude norm is held by the last
+    prelude layer).
+Head: final norm feeding the head (Ouro: the block's output is already normed) + logits c.V (held by
+    the caller through backward) + log_softmax output 4.V' (cross-entropy in fp32); with a per-loop
+    loss every gradient-carrying loop has its own coda, final norm and logits.
+Under autocast the bf16 copies of the weights (2 bytes per matrix element) are saved by the matmuls
+    that use them, per micro-batch; with checkpointing the looped block's are not saved but re-made
+    (all of them for `loop`, one layer's for `layer`) while it is recomputed.
 
 Activation checkpointing, with G = gradient-carrying loops (loop.backprop_loops truncates; loops under
-no_grad keep nothing):
+no_grad keep nothing; sampled schedules are sized for loop.max):
   none   the loop layer holds G x (n_loop layers + the per-loop terms);
-  loop   G x (the checkpoint's input state + the per-loop terms outside it), and during backward one
-         loop is recomputed: + n_loop layers (+ injection) at the peak;
-  layer  G x (n_loop layer inputs s.d + the per-loop terms, which run outside the layer checkpoints),
-         + one layer recomputed at the peak.
-Peak of one micro-batch = saved + the largest backward transient: the head's (the gradients of the
-log_softmax and of the logits in fp32, 8.V, + c.V) or, inside the loop, the recomputed loop / layer
-plus the gradients in flight of one layer (2.s.d + 3.c.f). Calibrated against the exact live-byte
-measurement of benchmarks/bench_plan_memory.py (CPU); on GPUs the allocator and the attention
+  loop   G x (the checkpoint's input state + the per-loop terms outside it); the recomputed loop
+         (n_loop layers + injection) is alive during its backward;
+  layer  G x (n_loop layer inputs s.d + the per-loop terms, which run outside the layer checkpoints);
+         one recomputed layer is alive during its backward.
+Peak of one micro-batch. Backward runs the layers in reverse and frees each one's saved tensors as it
+goes, so at layer i what is alive is: the saved tensors of the layers up to i, the held logits, and
+layer i's transient:
+  head       8.V' (log_softmax's and its input's gradients, fp32) + c.V (the padded logits' gradient)
+             + s.d, and the head's weight gradient (g.V.d, untied head);
+  a layer    its recomputation (if checkpointed) + 2.s.d (the stream's gradients) + the weight
+             gradients made before they are accumulated: g.3.d.f (the MLP matrices');
+  the loop   with G >= 2 the engine sums each shared weight's per-loop gradients in a buffer before
+             accumulating them: c x the block's parameters (fp32: 4, autocast: 2, the bf16 copies'
+             gradients), full once the last loop's backward is done;
+  tied       the tied embedding's gradient from the head waits for the embedding's: g.V.d throughout.
+(g: gradient bytes, 4 unless bf16 master_weights / fp16.) Checked against the exact live bytes of real
+CPU steps by benchmarks/bench_plan_memory.py; on GPUs the allocator's rounding and the attention
 kernels' workspaces come on top.
 
 Pipeline (1F1B): stage s of p keeps the saved activations of up to min(p - s, m) micro-batches in
@@ -89,9 +107,10 @@ def dims(cfg: Config, tp: int = 1, device: str = "cuda") -> _Dims:
     s = 4 if t.precision == "fp32" or autocast else 2
     c = 4 if t.precision == "fp32" else 2
     kv_local = max(1.0, m.kv_heads / tp)
+    vocab = m.vocab_size if tp == 1 else m.padded_vocab_size  # the vocab-parallel loss sees the shard
     return _Dims(d=m.d_model / (tp if sp else 1), d_full=m.d_model, q=m.n_heads * hd / tp, k=kv_local * hd,
-                 H=m.n_heads / tp, Hkv=kv_local, f=m.ffn_dim / tp, V=m.padded_vocab_size / tp, Vreal=(m.vocab_size if tp == 1 else m.padded_vocab_size) / tp, s=s, c=c,
-                 autocast=autocast, composite=device == "cpu" and m.norm_scale, sp=sp)
+                 H=m.n_heads / tp, Hkv=kv_local, f=m.ffn_dim / tp, V=m.padded_vocab_size / tp, Vreal=vocab / tp,
+                 s=s, c=c, autocast=autocast, composite=device == "cpu" and m.norm_scale, sp=sp)
 
 
 def _rstd(z: _Dims) -> float:
@@ -117,9 +136,11 @@ def layer(cfg: Config, z: _Dims, mixer: str = "attn", q_source: bool = False) ->
     m = cfg.model
     gate = bool(m.attn_output_gate) and mixer != "gdn"
     if mixer == "gdn":
-        kk = m.n_heads * m.attn_head_dim / (z.d_full / z.d if z.sp else 1) * 0 + z.H * m.attn_head_dim
+        kk = z.H * m.attn_head_dim
         vv = kk * m.gdn_expand_v
-        b = norm(z, 6) + z.c * (5 * (2 * kk + vv) + 6 * vv) + 8 * z.H
+        qkv = (2 * kk + vv) * (3 + (m.conv_size - 1) / cfg.data.seq_len)  # conv in (padded), out, silu
+        scan = 6 * z.H * m.gdn_chunk_size + (kk + vv) + (kk + 2 * vv)  # chunk matrices, solve, k*beta, o
+        b = norm(z, 6) + z.c * (qkv + 2 * kk + scan + 5 * vv) + 40 * z.H
     else:
         b = norm(z, 3 + int(gate))
         if mixer == "swa" and m.window < cfg.data.seq_len:  # blockwise: grouped q, k/v blocks, probs
