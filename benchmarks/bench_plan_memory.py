@@ -19,6 +19,11 @@ attention kernels' workspaces.
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 python benchmarks/bench_plan_memory.py [--quick] [--json]
     python benchmarks/bench_plan_memory.py --configs flt lt --loops 1 4 --modes none loop layer \
         --batch 2 4 --seq 64 128 [--precision fp32 bf16]
+    # on a GPU (the H200 reference points of issue 16; activations only, states excluded):
+    python benchmarks/bench_plan_memory.py --configs yaml_configs/flt_350m_8gpu.yaml --loops 4 \
+        --modes none loop --batch 8 --seq 2048 --precision bf16
+
+--configs takes tiny config names (yaml_configs/tiny/NAME.yaml) or paths to YAML files.
 """
 from __future__ import annotations
 
@@ -72,7 +77,8 @@ class LiveBytes(TorchDispatchMode):
 def tiny_config(name: str, R: int, mode: str, batch: int, seq: int, precision: str = "fp32", extra=()):
     from megaloop.config import load_config
 
-    return load_config(os.path.join(ROOT, "yaml_configs", "tiny", f"{name}.yaml"),
+    path = name if name.endswith(".yaml") else os.path.join(ROOT, "yaml_configs", "tiny", f"{name}.yaml")
+    return load_config(path,
                        [f"model.max_seq_len={max(seq, 16)}", f"data.seq_len={seq}", f"train.micro_batch_size={batch}",
                         f"train.activation_checkpointing={mode}", f"train.precision={precision}",
                         "loop.sampling=fixed", f"loop.mean={R}", f"model.loops={R}",
@@ -174,6 +180,7 @@ def main(argv=None):
         cfg = tiny_config(name, R, mode, B, T, prec)
         m, p = measure(cfg, device), planned(cfg, device)
         err = p["peak"] / m["peak"] - 1
+        name = os.path.basename(name).removesuffix(".yaml")
         rows.append({"config": name, "precision": prec, "R": R, "mode": mode, "batch": B, "seq": T,
                      "measured": m, "planned": p, "error": err})
         if not args.json:
