@@ -151,9 +151,9 @@ def grid(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="+", default=["plain", "lt", "flt", "flt_res", "lt_ia", "lt_i", "parcae",
-                                                      "ouro", "huginn", "inject_add", "inject_internal", "lt2_gates", "swa",
-                                                      "lt2_gdn", "lt2_hybrid", "lt2_gdn_dsa"])
+    ap.add_argument("--configs", nargs="+",
+                    default=["plain", "lt", "flt", "flt_res", "lt_ia", "lt_i", "parcae", "ouro", "huginn", "inject_add",
+                             "inject_internal", "lt2_gates", "swa", "lt2_gdn", "lt2_hybrid", "lt2_gdn_dsa"])
     ap.add_argument("--loops", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--modes", nargs="+", default=["none", "loop", "layer"])
     ap.add_argument("--batch", nargs="+", type=int, default=[2])

@@ -73,7 +73,9 @@ def overrides(c: Config, base: Config) -> str:
 def estimate(plan: dict, cfg: Config, gpu: GPU, gpus_per_node: int = 8) -> dict:
     m = cfg.model
     grad = plan["loops"]["expected_grad"]
-    extra = 0.0 if cfg.train.activation_checkpointing == "none" else m.n_loop * layer_forward_flops(m, cfg.data.seq_len) * grad
+    extra = 0.0  # the checkpointed loops' forward, run again in backward
+    if cfg.train.activation_checkpointing != "none":
+        extra = m.n_loop * layer_forward_flops(m, cfg.data.seq_len) * grad
     recompute = (plan["train_flops_per_token"] + extra) / plan["train_flops_per_token"]
     balance = 1.0 / plan["stage_imbalance"]
     tp_wire = max(r["tp_comm_bytes_per_step"]["wire"] for r in plan["ranks"])
@@ -139,7 +141,8 @@ def search(cfg: Config, world: int, gpu: GPU, mfu: float = 0.4, gpus_per_node: i
     # efficiency, which the estimate does not model), then the lower ZeRO stage, then less memory
     out.sort(key=lambda r: (-float(f"{r['tokens_per_s']:.3g}"), -r["micro_batch_size"], r["zero_stage"],
                             r["max_rank_gib"]))
-    return {"world": world, "gpu": gpu.to_dict(), "sequences_per_step": seqs, "tokens_per_step": seqs * cfg.data.seq_len,
+    return {"world": world, "gpu": gpu.to_dict(), "sequences_per_step": seqs,
+            "tokens_per_step": seqs * cfg.data.seq_len,
             "tried": tried, "valid": valid, "fit": len(out), "headroom": headroom,
             "candidates": out if top is None else out[:top]}
 
