@@ -205,12 +205,13 @@ def _bench():
 
 # (config, R, AC mode, micro-batch, seq len): every AC mode, R 1 to 5, the FLT family, a recurrent
 # model with outer norms, Parcae (prelude / coda, truncated backprop, injection), Ouro (sandwich norms,
-# exit gate, per-loop loss), sliding-window attention, Gated DeltaNet + DeepSeek sparse attention
+# exit gate, per-loop loss), sliding-window attention, Gated DeltaNet + DeepSeek sparse attention,
+# Huginn (post norms on the stream, coda norm, concat adapter)
 GRID = [("flt", 3, "none", 2, 32), ("flt", 3, "loop", 2, 32), ("flt", 3, "layer", 1, 64),
         ("lt", 1, "none", 1, 64), ("lt", 5, "loop", 2, 32), ("lt", 2, "layer", 2, 32),
         ("parcae", 3, "none", 2, 32), ("parcae", 4, "loop", 1, 64), ("ouro", 3, "none", 2, 32),
         ("ouro", 2, "layer", 2, 32), ("lt2_gates", 4, "loop", 2, 32), ("swa", 2, "none", 1, 64),
-        ("lt2_hybrid", 2, "none", 1, 64)]
+        ("lt2_hybrid", 2, "none", 1, 64), ("huginn", 4, "layer", 2, 32)]
 
 
 def test_activation_memory_within_15_percent_of_the_measured_peak():

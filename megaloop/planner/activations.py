@@ -21,7 +21,8 @@ Transformer layer (pre-norm), attention mixer, its input included:
     [+ qk-norm: c.(q + k) + 4.(heads + kv heads) (+ s.(q + k) composite)] [+ output gate: 2.c.q]
     + MLP norm feeding w1, w3 (swiglu) or w1 (relu2)
     + swiglu 4.c.f (w1 out, silu out, w3 out, their product) or relu2 2.c.f (relu out, its square)
-    [+ sandwich: each post norm saves its input c.d + 4 (+ s.d composite)]
+    [+ sandwich: each post norm saves its input c.d + 4 (+ s.d composite); huginn: the post norms
+      on the stream save the residual sums, s.d + 4 (+ s.d composite) each]
     FLT query stream (every layer of flt, layer 0 of lt_ia, loops t >= 1): 4 (+ s.d composite)
     (+ s.d: its own norm output, when the q/k/v inputs are not autocast copies);
     flt_res: rms_norm(x + h) before every layer (t >= 1): 4.d + 4.
@@ -40,9 +41,9 @@ Per loop that carries gradients, outside the layers: the outer norm between loop
     lt_i's rms_norm(e + h) 4.d + 4; Parcae's W_C saves each block output it projects (s.d or c.d).
 Embedding: e (s.d), + embed_norm and prelude_norm as norms (the prelude norm is held by the last
     prelude layer).
-Head: final norm feeding the head (Ouro: the block's output is already normed) + logits c.V (held by
-    the caller through backward) + log_softmax output 4.V' (cross-entropy in fp32); with a per-loop
-    loss every gradient-carrying loop has its own coda, final norm and logits.
+Head: [Huginn's coda norm] + final norm feeding the head (Ouro: the block's output is already
+    normed) + logits c.V (held by the caller through backward) + log_softmax output 4.V' (cross-entropy
+    in fp32); with a per-loop loss every gradient-carrying loop has its own coda, final norm and logits.
 Under autocast the bf16 copies of the weights (2 bytes per matrix element) are saved by the matmuls
     that use them, per micro-batch; with checkpointing the looped block's are not saved but re-made
     (all of them for `loop`, one layer's for `layer`) while it is recomputed.
@@ -155,8 +156,10 @@ def layer(cfg: Config, z: _Dims, mixer: str = "attn", q_source: bool = False) ->
             b += z.c * (m.dsa_index_heads * m.dsa_index_dim + m.dsa_index_dim) + 8 * m.dsa_topk
     if q_source:
         b += _rstd(z) + (z.s * z.d if z.composite else 0.0) + (0.0 if z.autocast or z.sp else z.s * z.d_full)
-    if m.norm_style == "sandwich":
+    if m.norm_style == "sandwich":  # post norms on the sub-layer outputs
         b += 2 * (z.c * z.d + _rstd(z) + (z.s * z.d if z.composite else 0.0))
+    elif m.norm_style == "huginn":  # post norms on the stream: each saves the residual sum
+        b += 2 * (z.s * z.d + _rstd(z) + (z.s * z.d if z.composite else 0.0))
     b += norm(z, 2 if m.mlp == "swiglu" else 1)
     b += z.c * z.f * (4 if m.mlp == "swiglu" else 2)
     return b
@@ -258,6 +261,8 @@ def head_bytes(cfg: Config, z: _Dims) -> float:
     b = z.c * z.V + 4 * z.Vreal
     if m.logit_softcap is not None:
         b += z.c * z.V
+    if getattr(m, "coda_norm", False):  # Huginn: the loop output is normed before the coda
+        b += norm(z)
     if m.share_outer_final_norm:  # Ouro: the block applied the final norm; its output (the next
         return b + (lin_inputs(z, 1) if z.autocast else 0.0)  # loop's input, or the last) feeds the head
     return b + norm(z, 1)
