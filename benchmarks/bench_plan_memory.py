@@ -85,14 +85,19 @@ def tiny_config(name: str, R: int, mode: str, batch: int, seq: int, precision: s
                         f"model.max_loops={max(R, 16)}", *extra])
 
 
-def measure(cfg, device: str = "cpu") -> dict:
-    """Activation bytes of one training micro-batch of `cfg` (PP 1, TP 1): {'saved', 'peak'}."""
+def measure(cfg, device: str = "cpu", tp_group=None) -> dict:
+    """Activation bytes of one training micro-batch of `cfg` (PP 1; TP when tp_group is given: this
+    rank's): {'saved', 'peak'}."""
     from megaloop.model import build_model
     from megaloop.model.loop_schedule import grad_loops
 
     t = cfg.train
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
+    if tp_group is not None:
+        from megaloop.parallel.apply_tp import apply_tensor_parallel
+
+        model = apply_tensor_parallel(model, tp_group)
     model.block.activation_checkpointing = t.activation_checkpointing
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -135,14 +140,29 @@ def measure(cfg, device: str = "cpu") -> dict:
     return {"saved": saved, "peak": acc.max_memory_allocated() - before}
 
 
-def planned(cfg, device: str = "cpu") -> dict:
-    from megaloop.model import build_model
+def planned(cfg, device: str = "cpu", tp: int = 1) -> dict:
     from megaloop.planner.activations import activation_bytes, model_counts
+    from megaloop.planner.params import meta_model
 
-    with torch.device("meta"):
-        lm = build_model(cfg)
-    a = activation_bytes(cfg, device=device, **model_counts(lm))
+    a = activation_bytes(cfg, tp=tp, device=device, **model_counts(meta_model(cfg, tp, 0)))
     return {"saved": a["saved"], "peak": a["peak"]}
+
+
+def _tp_rank(rank, world, points):
+    """One TP rank (spawned, gloo): the measured bytes of each point."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    return [measure(tiny_config(*p), "cpu", dist.group.WORLD) for p in points]
+
+
+def measure_tp(points, tp: int) -> list:
+    """Per point, the largest rank's measurement with TP = tp (ranks as CPU processes)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from dist_utils import run_distributed
+
+    per_rank = run_distributed(_tp_rank, world_size=tp, args=(points,), timeout=1200)
+    return [{k: max(r[i][k] for r in per_rank) for k in ("saved", "peak")} for i in range(len(points))]
 
 
 def grid(args):
@@ -159,6 +179,7 @@ def main(argv=None):
     ap.add_argument("--batch", nargs="+", type=int, default=[2])
     ap.add_argument("--seq", nargs="+", type=int, default=[64])
     ap.add_argument("--precision", nargs="+", default=["fp32"])
+    ap.add_argument("--tp", type=int, default=1, help="tensor parallelism (CPU ranks as processes, gloo)")
     ap.add_argument("--quick", action="store_true", help="flt and lt only, R 1 and 4")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -174,11 +195,17 @@ def main(argv=None):
     head = f"{'config':16s} {'prec':5s} {'R':>3s} {'AC':5s} {'B':>3s} {'T':>5s} {'measured MiB':>12s} " \
            f"{'planned MiB':>12s} {'error':>7s}   {'saved meas/plan MiB':>20s}"
     if not args.json:
-        print(f"activation peak of one micro-batch on {device} (forward + backward, above the steady state)")
+        print(f"activation peak of one micro-batch on {device}, TP {args.tp} (forward + backward, above the "
+              f"steady state; the largest rank)")
         print(head)
-    for name, R, mode, B, T, prec in grid(args):
-        cfg = tiny_config(name, R, mode, B, T, prec)
-        m, p = measure(cfg, device), planned(cfg, device)
+    points = grid(args)
+    tp_extra = [f"parallel.tensor_parallel={args.tp}"] if args.tp > 1 else []
+    points = [(*pt, tp_extra) for pt in points]
+    tp_measured = measure_tp(points, args.tp) if args.tp > 1 else None
+    for i, (name, R, mode, B, T, prec, extra) in enumerate(points):
+        cfg = tiny_config(name, R, mode, B, T, prec, extra)
+        m = tp_measured[i] if tp_measured else measure(cfg, device)
+        p = planned(cfg, device, args.tp)
         err = p["peak"] / m["peak"] - 1
         name = os.path.basename(name).removesuffix(".yaml")
         rows.append({"config": name, "precision": prec, "R": R, "mode": mode, "batch": B, "seq": T,
