@@ -97,7 +97,7 @@ def measure(cfg, device: str = "cpu", tp_group=None) -> dict:
     if tp_group is not None:
         from megaloop.parallel.apply_tp import apply_tensor_parallel
 
-        model = apply_tensor_parallel(model, tp_group)
+        model = apply_tensor_parallel(model, tp_group, sequence_parallel=cfg.parallel.sequence_parallel)
     model.block.activation_checkpointing = t.activation_checkpointing
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -180,6 +180,7 @@ def main(argv=None):
     ap.add_argument("--seq", nargs="+", type=int, default=[64])
     ap.add_argument("--precision", nargs="+", default=["fp32"])
     ap.add_argument("--tp", type=int, default=1, help="tensor parallelism (CPU ranks as processes, gloo)")
+    ap.add_argument("--sequence-parallel", action="store_true", help="with --tp: parallel.sequence_parallel=true")
     ap.add_argument("--quick", action="store_true", help="flt and lt only, R 1 and 4")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -200,6 +201,8 @@ def main(argv=None):
         print(head)
     points = grid(args)
     tp_extra = [f"parallel.tensor_parallel={args.tp}"] if args.tp > 1 else []
+    if args.tp > 1 and args.sequence_parallel:
+        tp_extra.append("parallel.sequence_parallel=true")
     points = [(*pt, tp_extra) for pt in points]
     tp_measured = measure_tp(points, args.tp) if args.tp > 1 else None
     for i, (name, R, mode, B, T, prec, extra) in enumerate(points):

@@ -1,7 +1,11 @@
 """The cluster planner (megaloop/planner, tools/plan.py): per-(stage, TP rank) parameter counts equal
-those of the real modules, the stage split is the pipeline's, ZeRO shards the optimizer over DP, and
-the tool prints a table and JSON."""
+those of the real modules, the stage split is the pipeline's, ZeRO shards the optimizer over DP, the
+activation model is within 15% of the live bytes measured on real CPU steps (one process and 2 TP
+ranks), TP traffic equals the counted collectives' formula, the search proposes only layouts the
+validator accepts, and the tool prints a table and JSON."""
+import functools
 import glob
+import importlib
 import importlib.util
 import json
 import os
@@ -122,12 +126,30 @@ def _real_tp_counts(rank, world, cases):
     return out
 
 
+TP_CASES = ((os.path.join(ROOT, "yaml_configs", "tiny", "lt2_hybrid.yaml"), 2, ()),
+            (os.path.join(ROOT, "yaml_configs", "tiny", "plain.yaml"), 2,
+             ("model.n_prelude=1", "model.n_coda=1", "model.tie_embeddings=false")))
+# activation measurements on the same two ranks: TP, and TP with sequence parallelism
+TP_POINTS = (("flt", 3, "none", 2, 32, "fp32", ("parallel.tensor_parallel=2",)),
+             ("lt", 2, "loop", 2, 32, "fp32", ("parallel.tensor_parallel=2", "parallel.sequence_parallel=true")),
+             ("flt", 2, "layer", 2, 32, "fp32", ("parallel.tensor_parallel=2", "parallel.sequence_parallel=true")))
+
+
+def _two_rank_worker(rank, world, cases, points):
+    from benchmarks.bench_plan_memory import _tp_rank
+
+    return _real_tp_counts(rank, world, cases), _tp_rank(rank, world, points)
+
+
+@functools.lru_cache(maxsize=None)
+def _two_rank_results():
+    """One 2-rank gloo job for both TP tests: per rank (parameter counts, activation measurements)."""
+    return run_distributed(_two_rank_worker, world_size=2, args=(TP_CASES, TP_POINTS), timeout=300)
+
+
 def test_stage_params_equal_a_real_two_rank_tensor_parallel_model():
-    cases = [(os.path.join(ROOT, "yaml_configs", "tiny", "lt2_hybrid.yaml"), 2, ()),
-             (os.path.join(ROOT, "yaml_configs", "tiny", "plain.yaml"), 2,
-              ("model.n_prelude=1", "model.n_coda=1", "model.tie_embeddings=false"))]
-    real = run_distributed(_real_tp_counts, world_size=2, args=(cases,), timeout=180)
-    for i, (path, pp, extra) in enumerate(cases):
+    real = [counts for counts, _ in _two_rank_results()]
+    for i, (path, pp, extra) in enumerate(TP_CASES):
         cfg = load_config(path, ["parallel.tensor_parallel=2", f"parallel.pipeline_parallel={pp}", *extra])
         got = stage_params(cfg)
         for r in got:
@@ -196,11 +218,7 @@ def test_tool_prints_a_table_and_json(capsys):
 
 # --- activations, TP communication, search -------------------------------------------------------
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_plan_memory",
-                                                  os.path.join(ROOT, "benchmarks", "bench_plan_memory.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("benchmarks.bench_plan_memory")  # importable by spawned TP ranks too
 
 
 # (config, R, AC mode, micro-batch, seq len): every AC mode, R 1 to 5, the FLT family, a recurrent
@@ -289,8 +307,11 @@ def test_search_proposes_only_layouts_the_validator_accepts(capsys):
     cfg = load_config(path, ["train.grad_accum_steps=4"])
     result = search(cfg, world=4, gpu=parse_gpu("tiny:1e12:0.05:1e11"), top=None)
     assert 0 < result["fit"] < result["valid"] < result["tried"]  # some refused, some too big
+    from megaloop.config import config_from_dict, read_config_yaml
+
+    data = read_config_yaml(path)  # load_config(path, overrides) without re-reading the file each time
     for c in result["candidates"]:
-        layout = load_config(path, ["train.grad_accum_steps=4", *c["overrides"].split()])  # never raises
+        layout = config_from_dict(data, ["train.grad_accum_steps=4", *c["overrides"].split()])  # never raises
         p, t = layout.parallel, layout.train
         assert p.tensor_parallel * p.pipeline_parallel * c["dp"] == 4
         assert t.micro_batch_size * t.grad_accum_steps * c["dp"] == result["sequences_per_step"]
@@ -300,3 +321,15 @@ def test_search_proposes_only_layouts_the_validator_accepts(capsys):
     assert _tool().main(["--config", path, "--world", "4", "--search", "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "override lines" in out and "parallel.tensor_parallel=" in out
+
+
+def test_activation_memory_under_tensor_and_sequence_parallelism():
+    """Per-rank activation peak of 2 real TP ranks (gloo), with and without sequence parallelism,
+    against the planner's sharded terms (the larger rank's figure)."""
+    bench = _bench()
+    per_rank = [m for _, m in _two_rank_results()]
+    for i, point in enumerate(TP_POINTS):
+        want = {k: max(r[i][k] for r in per_rank) for k in ("saved", "peak")}
+        got = bench.planned(bench.tiny_config(*point), "cpu", 2)
+        assert got["saved"] == pytest.approx(want["saved"], rel=0.03), point
+        assert got["peak"] == pytest.approx(want["peak"], rel=0.15), point

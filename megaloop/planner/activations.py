@@ -12,8 +12,9 @@ fused rms_norm, Apex) save only the input and the 1/rms (4 bytes). The plan uses
 
 RMSNorm feeding n linears:  input s.d + 4 [+ s.d composite] + inputs of the linears, which are
     autocast: one cast copy per linear, n.c.d (autocast casts the input again for each linear);
-    otherwise the norm output, s.d, shared by the n linears (under sequence parallelism: every
-    column-parallel linear all-gathers its own full-sequence copy, n.s.d).
+    otherwise the norm output, s.d, shared by the n linears (under sequence parallelism the norm and
+    the residual stream hold T / tp tokens, s.d / tp, and the linears share one all-gathered
+    full-sequence copy, s.d).
 Transformer layer (pre-norm), attention mixer, its input included:
     attn norm feeding wq, wk, wv (+ the LT2 output gate)
     + SDPA: c.(q + 2k) (q, k after RoPE; v) + c.q (its output, wo's input) + 4.H (logsumexp);
@@ -122,7 +123,7 @@ def lin_inputs(z: _Dims, n: int) -> float:
     """The saved inputs of n linears fed by one norm output."""
     if z.autocast:
         return n * z.c * z.d_full
-    return n * z.s * z.d_full if z.sp else z.s * z.d_full
+    return z.s * z.d_full  # under SP: the one all-gathered full-sequence copy
 
 
 def norm(z: _Dims, consumers: int = 0) -> float:
@@ -155,7 +156,7 @@ def layer(cfg: Config, z: _Dims, mixer: str = "attn", q_source: bool = False) ->
         if mixer == "dsa":  # the indexer's (detached) inputs and top-k selection: small, approximate
             b += z.c * (m.dsa_index_heads * m.dsa_index_dim + m.dsa_index_dim) + 8 * m.dsa_topk
     if q_source:
-        b += _rstd(z) + (z.s * z.d if z.composite else 0.0) + (0.0 if z.autocast or z.sp else z.s * z.d_full)
+        b += _rstd(z) + (z.s * z.d if z.composite else 0.0) + (0.0 if z.autocast else z.s * z.d_full)
     if m.norm_style == "sandwich":  # post norms on the sub-layer outputs
         b += 2 * (z.c * z.d + _rstd(z) + (z.s * z.d if z.composite else 0.0))
     elif m.norm_style == "huginn":  # post norms on the stream: each saves the residual sum
