@@ -31,9 +31,10 @@ Transformer layer (pre-norm), attention mixer, its input included:
     loop starting from e) does not count its input again.
 GatedDeltaNet mixer, as megaloop's torch chunked scan saves it (k' = heads x head_dim, v' = k' x
     gdn_expand_v, C = gdn_chunk_size): norm feeding six projections + c.(3.(2k' + v') (convolution
-    input, output, silu) + 2k' (normalised q, k) + 6.H.C (the per-chunk C x C matrices) + 2k' + 3v'
-    (triangular solve, k.beta, output) + 5v' (output norm and gate)) + 40.H. flash-linear-attention's
-    kernel (CUDA, when it is used) saves less: there the figure is an upper bound.
+    input, output, silu) + 2k' (normalised q, k) + 5v' (output norm and gate)) + the scan, in fp32:
+    4.(6.H.C (the per-chunk C x C matrices) + 2k' + 3v' (triangular solve, k.beta, output)) [+ 4.(2k'
+    + v'): the fp32 copies of half q, k, v] + 40.H. flash-linear-attention's kernel (CUDA, when it is
+    used) saves less: there the figure is an upper bound.
     DeepSeek sparse attention: as attention plus the indexer's inputs (approximate).
 Per loop that carries gradients, outside the layers: the outer norm between loops (when
     normalization=outer; not after the last loop unless Ouro shares it with the final norm):
@@ -141,8 +142,9 @@ def layer(cfg: Config, z: _Dims, mixer: str = "attn", q_source: bool = False) ->
         kk = z.H * m.attn_head_dim
         vv = kk * m.gdn_expand_v
         qkv = (2 * kk + vv) * (3 + (m.conv_size - 1) / cfg.data.seq_len)  # conv in (padded), out, silu
-        scan = 6 * z.H * m.gdn_chunk_size + (kk + vv) + (kk + 2 * vv)  # chunk matrices, solve, k*beta, o
-        b = norm(z, 6) + z.c * (qkv + 2 * kk + scan + 5 * vv) + 40 * z.H
+        # the scan runs in fp32 (half inputs are copied up): chunk matrices, solve, k*beta, o
+        scan = 4 * (6 * z.H * m.gdn_chunk_size + (kk + vv) + (kk + 2 * vv)) + (4 * (2 * kk + vv) if z.c != 4 else 0)
+        b = norm(z, 6) + z.c * (qkv + 2 * kk + 5 * vv) + scan + 40 * z.H
     else:
         b = norm(z, 3 + int(gate))
         if mixer == "swa" and m.window < cfg.data.seq_len:  # blockwise: grouped q, k/v blocks, probs
