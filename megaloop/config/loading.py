@@ -4,6 +4,7 @@ validation (megaloop.config.validation)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -69,12 +70,18 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls) -> dict:
+    """The section dataclass's resolved field types (resolving them is slow, and they never change)."""
+    return typing.get_type_hints(cls)
+
+
 def _build(cls, data: dict, where: str):
     if not isinstance(data, dict):
         if where:
             raise ConfigError(f"config section '{where}' must be a mapping (key: value), got {data!r}")
         raise ConfigError(f"config: the top level must be a mapping of sections (model:, train:, ...), got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     fields = {yaml_key(f): f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
@@ -102,8 +109,7 @@ def _apply_override(tree: dict, override: str) -> None:
         if key not in fields:
             place = f"'{prefix}'" if prefix else "the top level"
             raise ConfigError(f"override '{override}': unknown key '{key}' in {place}{_suggest(key, fields)}")
-        hints = {yaml_key(f): h for f in dataclasses.fields(node_cls)
-                 for h in [typing.get_type_hints(node_cls)[f.name]]}
+        hints = {yaml_key(f): _type_hints(node_cls)[f.name] for f in dataclasses.fields(node_cls)}
         if i == len(keys) - 1:
             if dataclasses.is_dataclass(hints[key]):
                 raise ConfigError(f"override '{override}': '{dotted}' is a section; set one of its keys")
