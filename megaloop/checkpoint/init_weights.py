@@ -79,6 +79,14 @@ def check_state_dict(sd: Dict[str, torch.Tensor], mc: ModelConfig, where: str, s
 
 def init_state_dict(path, mc: ModelConfig) -> Tuple[Dict[str, torch.Tensor], str]:
     """(state dict for LoopedLM(mc), a note naming what was read) from `path` (see the module doc)."""
+    sd, src_cfg, source = init_state_dict_source(path)
+    sm = src_cfg.model
+    sd = check_state_dict(sd, mc, f"init.from {source}", sm.vocab_size, sm.tie_embeddings)
+    return sd, f"initialised the weights from {source} (weights only: fresh optimizer, step 0)"
+
+
+def init_state_dict_source(path):
+    """(the source's full state dict, its run config, the file or tag folder read), unchecked."""
     source = Path(path)
     if not source.exists():
         raise _refuse(path, "does not exist (name a run folder, a checkpoint root, a step_N folder or an "
@@ -88,6 +96,4 @@ def init_state_dict(path, mc: ModelConfig) -> Tuple[Dict[str, torch.Tensor], str
         sd, src_cfg = load(source)
     except CheckpointError as e:
         raise _refuse(path, str(e)) from e
-    sm = src_cfg.model
-    sd = check_state_dict(sd, mc, f"init.from {source}", sm.vocab_size, sm.tie_embeddings)
-    return sd, f"initialised the weights from {source} (weights only: fresh optimizer, step 0)"
+    return sd, src_cfg, source

@@ -260,6 +260,10 @@ class InitConfig:
     # The model's weights are loaded from it into this run's layout, with a fresh optimizer at step 0.
     # Applied only when the run starts; a resume of this run continues from its own checkpoints.
     from_: Optional[str] = field(default=None, metadata={"yaml": "from"})
+    # Convert the source's softmax-attention looped layers into other mixers (LT2): the new per-layer
+    # pattern, in model.mixer's syntax ("gdn,gdn,gdn,attn" or "3:1"); model.mixer must give the same pattern.
+    # The rule (q/k/v/o from the attention, new parts at their own init): megaloop/checkpoint/convert_mixers.py.
+    convert_mixers: Optional[str] = None
 
 
 @dataclass

@@ -87,6 +87,20 @@ def _check_ranges(cfg: Config) -> None:
                               f"{' or null' if optional else ''}, got {value!r}")
 
 
+def check_converted_pattern(spec: str, m: ModelConfig) -> None:
+    """init.convert_mixers must give the looped layers the pattern the run's model.mixer gives (the converted
+    model is the run's model; megaloop/checkpoint/convert_mixers.py)."""
+    try:
+        want = mixer_pattern(str(spec), m.n_loop, m.linear_mixer)
+    except ConfigError as exc:
+        raise ConfigError(f"init.convert_mixers={spec!r}: {exc}") from None
+    have = mixer_pattern(m.mixer, m.n_loop, m.linear_mixer)
+    if want != have:
+        raise ConfigError(f"init.convert_mixers={spec!r} gives the looped layers {','.join(want)}, but model.mixer="
+                          f"{m.mixer!r} gives {','.join(have)}: set model.mixer to {','.join(want)!r} (the "
+                          f"converted model is the run's model)")
+
+
 def validate(cfg: Config) -> None:
     m, lp, t, p = cfg.model, cfg.loop, cfg.train, cfg.parallel
     _check_ranges(cfg)
@@ -239,6 +253,11 @@ def validate(cfg: Config) -> None:
     src = cfg.init.from_
     if src is not None and not str(src).strip():
         raise ConfigError("init.from is empty: name a run folder, checkpoint root or tag folder (or leave it null)")
+    if cfg.init.convert_mixers is not None:
+        if src is None:
+            raise ConfigError(f"init.convert_mixers={cfg.init.convert_mixers!r} needs init.from (the checkpoint whose "
+                              f"attention layers it converts)")
+        check_converted_pattern(cfg.init.convert_mixers, m)
     if src is not None and t.load:
         raise ConfigError(f"init.from={src!r} and train.load={t.load!r} are both set: train.load continues a run "
                           f"(weights, optimizer, step), init.from starts a new one from weights only; set one")

@@ -119,7 +119,8 @@ class TrainingEngine:
 def build_engine(cfg: Config, state, console, device: str, init_state: Optional[dict] = None) -> TrainingEngine:
     """console: a function printing one set-up line (the trainer prints on rank 0). init_state: the full
     LoopedLM state dict a new run starts from (init.from; megaloop.checkpoint.init_weights), loaded into the
-    full model before it is sharded, split and wrapped, so it lands in any layout."""
+    full model before it is sharded, split and wrapped, so it lands in any layout; or (init.convert_mixers) a
+    function of the freshly initialised model's state dict returning that state dict."""
     import deepspeed
     t, p = cfg.train, cfg.parallel
     prepare = None
@@ -140,7 +141,9 @@ def build_engine(cfg: Config, state, console, device: str, init_state: Optional[
         # initial-state broadcast) must see device tensors.
         lm = build_model(cfg)
         if init_state is not None:
-            lm.load_state_dict(init_state, strict=True)
+            # (init.convert_mixers: a function filling the fresh model's state with the converted source)
+            sd = init_state(lm.state_dict()) if callable(init_state) else init_state
+            lm.load_state_dict(sd, strict=True)
         return lm.to(device)
 
     if state.pp_size > 1:

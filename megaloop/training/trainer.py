@@ -97,9 +97,13 @@ class Trainer:
         self.resume_tag = self._resume_tag()
         init_state, self.init_note = None, None
         if self.resume_tag is None and cfg.init.from_:
+            from megaloop.checkpoint.convert_mixers import converted_init
             from megaloop.checkpoint.init_weights import init_state_dict
             try:
-                init_state, self.init_note = init_state_dict(cfg.init.from_, cfg.model)
+                if cfg.init.convert_mixers:  # a function of the fresh model's state (new parts' own init)
+                    init_state, self.init_note = converted_init(cfg.init.from_, cfg.model, cfg.init.convert_mixers)
+                else:
+                    init_state, self.init_note = init_state_dict(cfg.init.from_, cfg.model)
             except ckpt.CheckpointError as exc:
                 raise ConfigError(str(exc)) from exc
         self.te = build_engine(cfg, st, console, acc.current_device_name(), init_state)
