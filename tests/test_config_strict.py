@@ -1,6 +1,7 @@
 """Issue 12, items 6 and 7: YAML oddities and out-of-range numbers are refused in one line naming the
 place (file:line for YAML, the field and its allowed range for values), never accepted silently."""
 import glob
+import dataclasses
 import typing
 from pathlib import Path
 
@@ -166,19 +167,25 @@ BAD_VALUES = {
     "train.sample_top_k": ("-1", ">= 0"),
     "train.exit_gate_margin": ("-0.1", ">= 0"),
     "train.exit_gate_slope": ("0", "> 0"),
+    "train.distill.kl_weight": ("-1", ">= 0"),
+    "train.distill.ce_weight": ("nan", "finite"),
+    "train.distill.temperature": ("0", "> 0"),
+    "train.distill.warmup_steps": ("-1", ">= 0"),
     "parallel.tensor_parallel": ("0", "> 0"),
     "parallel.pipeline_parallel": ("0", "> 0"),
     "parallel.zero_stage": ("4", "zero_stage"),
 }
 
 
-def _numeric_fields():
+def _numeric_fields(cls=Config, prefix=""):
     out = []
-    for section, cls in typing.get_type_hints(Config).items():
-        for name, ann in typing.get_type_hints(cls).items():
-            args = set(typing.get_args(ann)) - {type(None)} or {ann}
-            if args & {int, float}:
-                out.append(f"{section}.{name}")
+    for name, ann in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(ann):  # a section, or a nested one (train.distill)
+            out += _numeric_fields(ann, f"{prefix}{name}.")
+            continue
+        args = set(typing.get_args(ann)) - {type(None)} or {ann}
+        if args & {int, float}:
+            out.append(f"{prefix}{name}")
     return out
 
 

@@ -183,6 +183,21 @@ class DataConfig:
 
 
 @dataclass
+class DistillConfig:
+    """train.distill: a frozen teacher beside the student on the same tokens (megaloop/training/distill.py).
+    Off while `teacher` is null."""
+
+    teacher: Optional[str] = None  # any checkpoint megaloop.checkpoint.load_model reads (run folder, tag, plain)
+    # per_loop_kl_then_last: the mean over loops of KL(teacher(t) || student(t)) for warmup_steps steps, then
+    # the final loop's KL (+ ce_weight x the run's loop.loss cross-entropy)
+    schedule: str = "per_loop_kl_then_last"
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    temperature: float = 1.0  # both distributions at softmax(z / T); the KL is multiplied by T^2
+    warmup_steps: int = 0  # steps of the per-loop phase
+
+
+@dataclass
 class TrainConfig:
     seed: int = 1234
     steps: int = 100
@@ -238,6 +253,10 @@ class TrainConfig:
     # loop t (Ouro: slope k = 50, margin gamma = 0.005 nats of token loss).
     exit_gate_margin: float = 0.005
     exit_gate_slope: float = 50.0
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    # all | converted: during train.distill.warmup_steps only the token mixers of the layers init.convert_mixers
+    # converted change (the others' learning rate is 0); all parameters train afterwards
+    trainable: str = "all"
 
 
 @dataclass

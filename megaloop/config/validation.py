@@ -54,6 +54,8 @@ NUMERIC_RANGES = {
     "train.dist_timeout": _GT0, "train.sample_tokens": _GE0, "train.sample_temperature": _GE0,  # 0 = greedy
     "train.sample_top_k": _GE0,  # 0 = no top-k
     "train.exit_gate_margin": _GE0, "train.exit_gate_slope": _GT0,
+    "train.distill.kl_weight": _GE0, "train.distill.ce_weight": _GE0, "train.distill.temperature": _GT0,
+    "train.distill.warmup_steps": _GE0,
     "parallel.tensor_parallel": _GT0, "parallel.pipeline_parallel": _GT0, "parallel.zero_stage": (0, 3, True, True),
 }
 
@@ -73,9 +75,10 @@ def _optional_fields(cls) -> frozenset:
 
 def _check_ranges(cfg: Config) -> None:
     for dotted, (low, high, low_in, high_in) in NUMERIC_RANGES.items():
-        section, name = dotted.split(".")
-        value = getattr(getattr(cfg, section), name)
-        optional = name in _optional_fields(type(getattr(cfg, section)))
+        *path, name = dotted.split(".")
+        section = functools.reduce(getattr, path, cfg)
+        value = getattr(section, name)
+        optional = name in _optional_fields(type(section))
         if value is None and optional:
             continue
         finite = not isinstance(value, float) or math.isfinite(value)
@@ -253,6 +256,26 @@ def validate(cfg: Config) -> None:
     src = cfg.init.from_
     if src is not None and not str(src).strip():
         raise ConfigError("init.from is empty: name a run folder, checkpoint root or tag folder (or leave it null)")
+    dc = t.distill
+    _choice(dc.schedule, ("per_loop_kl_then_last",), "train.distill.schedule")
+    _choice(t.trainable, ("all", "converted"), "train.trainable")
+    if dc.teacher is not None and not str(dc.teacher).strip():
+        raise ConfigError("train.distill.teacher is empty: name the teacher's checkpoint (or leave it null)")
+    if dc.teacher and p.pipeline_parallel > 1:
+        raise ConfigError(f"train.distill with parallel.pipeline_parallel={p.pipeline_parallel}: distillation runs "
+                          f"the teacher beside the whole student on one stage; use pipeline_parallel 1 (TP, DP and "
+                          f"ZeRO work)")
+    if dc.teacher and lp.granularity != "micro_batch":
+        raise ConfigError(f"train.distill with loop.granularity={lp.granularity!r}: the per-loop KL matches loop t of "
+                          f"teacher and student over the whole micro-batch; use loop.granularity='micro_batch'")
+    if dc.teacher and t.stage != "pretrain":
+        raise ConfigError(f"train.distill with train.stage={t.stage!r}: a stage has its own loss and trainable "
+                          f"parameters; distil in train.stage='pretrain'")
+    if dc.teacher and dc.kl_weight == 0 and dc.ce_weight == 0:
+        raise ConfigError("train.distill.kl_weight and train.distill.ce_weight are both 0: nothing to train on")
+    if t.trainable == "converted" and not (dc.teacher and cfg.init.convert_mixers and dc.warmup_steps > 0):
+        raise ConfigError("train.trainable='converted' freezes all but the converted mixers during the distillation "
+                          "warm-up: it needs train.distill.teacher, init.convert_mixers and train.distill.warmup_steps > 0")
     if cfg.init.convert_mixers is not None:
         if src is None:
             raise ConfigError(f"init.convert_mixers={cfg.init.convert_mixers!r} needs init.from (the checkpoint whose "

@@ -143,7 +143,7 @@ class LoopedLM(nn.Module):
                 loops: Optional[int] = None, grad_loops: Optional[int] = None,
                 return_diagnostics: bool = False, exit: Optional[str] = None,
                 exit_threshold: Optional[float] = None,
-                noise_generator: Optional[torch.Generator] = None) -> LMOutput:
+                noise_generator: Optional[torch.Generator] = None, return_per_loop: bool = False) -> LMOutput:
         """tokens: (B, T) ids. labels: (B, T) targets (negative = ignored); gives `.loss`.
 
         loops:      R for this call (default: the config's `model.loops`), or a (B,) tensor: one R per sequence.
@@ -152,6 +152,8 @@ class LoopedLM(nn.Module):
         exit:       None, "q_exit" (Ouro, threshold = cumulative exit probability) or "kl"
                     (Huginn's convergence exit, threshold = KL between successive loops).
         noise_generator: RNG for a random initial loop state (model.state_init=noise).
+        return_per_loop: also give `per_loop_logits` (every loop carrying gradients), whatever the loss
+                    (distillation's per-loop KL).
         """
         cfg = self.cfg
         per_row = torch.is_tensor(loops) and loops.dim() > 0  # one depth per sequence (loop.granularity=sequence)
@@ -165,7 +167,7 @@ class LoopedLM(nn.Module):
         rope = self.rope(tokens.shape[1], tokens.device)
         e = self.embed(tokens, rope)
         ve_tokens = tokens if cfg.value_embeddings else None  # the looped / coda layers need them only then
-        need_per_loop = exit is not None or (labels is not None and self.loss_mode != "last")
+        need_per_loop = return_per_loop or exit is not None or (labels is not None and self.loss_mode != "last")
         if per_row and need_per_loop:
             raise ValueError("per-sequence loop counts support loop.loss='last' without an exit only")
         block_out = self.block(e, rope, loops, grad_loops, collect=need_per_loop,

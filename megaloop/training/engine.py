@@ -174,7 +174,15 @@ def build_engine(cfg: Config, state, console, device: str, init_state: Optional[
     if stage_note:
         console(stage_note)
     device_type = torch.device(device).type
-    optimizer = build_optimizer(module, t, device_type)
+    held, hold_steps = (), 0
+    if t.trainable == "converted":  # only the converted mixers train during the distillation warm-up
+        from megaloop.training.distill import converted_mixer_parameter_names
+        trainable = converted_mixer_parameter_names(module, cfg)
+        held = {n for n, _ in module.named_parameters() if n not in trainable}
+        hold_steps = t.distill.warmup_steps
+        console(f"train.trainable=converted: {len(trainable)} parameter tensors train from step 0, the other "
+                f"{len(held)} from step {hold_steps}")
+    optimizer = build_optimizer(module, t, device_type, held, hold_steps)
     scheduler = build_scheduler(optimizer, t)
     # DeepSpeed clips fp32-weight ZeRO-0 gradients without recording the norm: clip ourselves there.
     self_clip = p.zero_stage == 0 and (t.precision == "fp32" or (t.precision == "bf16" and t.bf16_impl == "autocast"))

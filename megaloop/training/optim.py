@@ -15,18 +15,24 @@ from megaloop.config import TrainConfig
 from megaloop.model.weight_decay import is_no_decay  # noqa: F401  (the rule; also imported from here by tests)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
-    decay, no_decay, seen = [], [], set()
+def param_groups(model: torch.nn.Module, weight_decay: float, held=(), hold_steps: int = 0) -> list:
+    """AdamW groups: decay / no decay; with `held` (parameter names) and hold_steps > 0, those parameters go
+    into groups of their own whose learning rate is 0 for the first hold_steps steps (train.trainable)."""
+    buckets, seen = {}, set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if is_no_decay(name, p) else decay).append(p)
+        key = ("no_decay" if is_no_decay(name, p) else "decay", hold_steps if name in held else 0)
+        buckets.setdefault(key, []).append(p)
     groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay, "name": "decay"})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    for kind in ("decay", "no_decay"):
+        for hold in sorted({h for k, h in buckets if k == kind}):
+            group = {"params": buckets[(kind, hold)], "weight_decay": weight_decay if kind == "decay" else 0.0,
+                     "name": kind}
+            if hold:
+                group["hold_steps"] = hold
+            groups.append(group)
     return groups
 
 
@@ -39,8 +45,9 @@ def optimizer_kernel(impl: str, device_type: str) -> str:
     return "fused" if device_type in ("cuda", "xpu") else "foreach"
 
 
-def build_optimizer(model: torch.nn.Module, t: TrainConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
-    groups = param_groups(model, t.weight_decay)
+def build_optimizer(model: torch.nn.Module, t: TrainConfig, device_type: str = "cpu", held=(),
+                    hold_steps: int = 0) -> torch.optim.Optimizer:
+    groups = param_groups(model, t.weight_decay, held, hold_steps)
     for g in groups:
         g["decay"] = g.pop("name") == "decay"  # (kept in the state: apply_schedule finds the decay group)
     kernel = optimizer_kernel(t.optimizer_impl, device_type)
@@ -72,17 +79,21 @@ class _Multiplier:
 
     _KEYS = ("lr", "min_lr", "warmup_steps", "lr_schedule", "steps", "wsd_decay_fraction")
 
-    def __init__(self, t: TrainConfig):
+    def __init__(self, t: TrainConfig, hold_steps: int = 0):
         # primitives only, so the scheduler state loads under torch.load(weights_only=True)
         self.params = {k: getattr(t, k) for k in self._KEYS}
+        self.params["hold_steps"] = int(hold_steps)  # lr 0 before this step (train.trainable=converted)
 
     def __call__(self, step: int) -> float:
         t = SimpleNamespace(**self.params)
+        if step < getattr(t, "hold_steps", 0):
+            return 0.0
         return lr_at(step, t) / t.lr
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Multiplier(t))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [_Multiplier(t, g.get("hold_steps", 0)) for g in optimizer.param_groups])
 
 
 def apply_schedule(engine, t: TrainConfig) -> None:
@@ -93,7 +104,7 @@ def apply_schedule(engine, t: TrainConfig) -> None:
     if sched is not None:
         for lam in sched.lr_lambdas:
             if isinstance(lam, _Multiplier):
-                lam.params = _Multiplier(t).params
+                lam.params = _Multiplier(t, lam.params.get("hold_steps", 0)).params
         sched.base_lrs = [t.lr for _ in sched.base_lrs]
         for group, lr in zip(opt.param_groups, sched.get_lr()):
             group["lr"] = lr

@@ -112,6 +112,10 @@ class Trainer:
         self.self_clip = self.te.clip is not None
         self.grad_norm = self.te.grad_norm
         self._aux_scale = None
+        self.distiller = None
+        if t.distill.teacher:  # (re-loaded on every start: a resume recomputes the same losses)
+            from megaloop.training.distill import Distiller
+            self.distiller = Distiller(cfg, self.module, acc.current_device_name(), console)
 
     # ------------------------------------------------------------------------------------------
     def _resume_tag(self):
@@ -184,12 +188,17 @@ class Trainer:
             (tokens, loops), labels = next(batches)
             total, grad = unpack_loops(loops)  # per-row (B,) tensors under loop.granularity=sequence
             rs.append(logged_loops(loops))
-            out = self.engine(tokens.to(device, non_blocking=True), labels=labels.to(device, non_blocking=True),
-                              loops=total, grad_loops=grad,
-                              return_diagnostics=want_diag and m == t.grad_accum_steps - 1)
-            self.engine.backward(out.loss)
+            tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            want = want_diag and m == t.grad_accum_steps - 1
+            if self.distiller is not None:  # teacher beside the student (megaloop/training/distill.py)
+                loss, out, self.distill_logged = self.distiller.loss(self.engine, tokens, labels, total, grad, step,
+                                                                     want)
+            else:
+                out = self.engine(tokens, labels=labels, loops=total, grad_loops=grad, return_diagnostics=want)
+                loss = out.loss
+            self.engine.backward(loss)
             self.engine.step()
-            losses.append(out.loss.detach().float())
+            losses.append(loss.detach().float())
             if out.diagnostics is not None:
                 diag = out.diagnostics
         loss = torch.stack(losses).mean()  # on the device: read on logging steps only
@@ -222,20 +231,30 @@ class Trainer:
             return float(total)
         self.engine.eval()
         total = zeros_on_accelerator(1)
+        kl_total = zeros_on_accelerator(1)  # distillation: the final loop's KL to the teacher
         with torch.no_grad():
             for (tokens, lp), labels in batches:
                 labels = labels.to(self.engine.device)
-                out = self.engine(tokens.to(self.engine.device), labels=labels, loops=unpack_loops(lp)[0])
+                tokens = tokens.to(self.engine.device)
+                out = self.engine(tokens, labels=labels, loops=unpack_loops(lp)[0])
                 total += out.loss.detach().float()
+                if self.distiller is not None:
+                    kl_total += self.distiller.kl(out.logits, self.distiller.teacher_logits(
+                        tokens, unpack_loops(lp)[0], None, per_loop=False)[0], labels).float()
                 if self.cfg.data.task:
                     counts += self._exact_match_counts(out.logits, labels)
         self.engine.train()
         total /= t.eval_iters
+        kl_total /= t.eval_iters
         if self.dp > 1:
             dist.all_reduce(total, group=self.state.dp_group)
             dist.all_reduce(counts, group=self.state.dp_group)
+            dist.all_reduce(kl_total, group=self.state.dp_group)
             total /= self.dp
+            kl_total /= self.dp
         self._set_accuracy(counts)
+        if self.distiller is not None:
+            self.last_accuracy = {**(self.last_accuracy or {}), "kl_to_teacher": float(kl_total)}
         return float(total)
 
     def _set_accuracy(self, counts):
@@ -296,6 +315,8 @@ class Trainer:
                 pending.append({"step": step, "loss": loss, "lr": self.engine.get_lr()[0], "R": rs,
                                 "grad_norm": self.grad_norm(), "loss_scale": self.te.loss_scale(), "skipped": skipped,
                                 **stage_fields(t.stage)})
+                if self.distiller is not None:  # [final-loop KL, per-loop KLs during the warm-up] (device)
+                    pending[-1]["distill"] = self.distill_logged
                 evaluate = bool(t.eval_interval and step % t.eval_interval == 0)
                 save = bool(t.save_interval and step % t.save_interval == 0 and step < t.steps)
                 agreement.after_step(step)
@@ -369,6 +390,11 @@ class Trainer:
         rows = []
         for r, lv, gn in zip(pending, loss_vals, norms):
             row = dict(r, loss=lv, grad_norm=None if gn is None else float(gn))
+            if "distill" in row:  # (the last micro-batch's, on this rank; settle steps only)
+                kls = row.pop("distill").float().tolist()
+                row["kl"] = kls[0]
+                if len(kls) > 1:
+                    row["kl_per_loop"] = kls[1:]
             rows.append(row)
             self.logger.record(row)
             if math.isfinite(lv):
