@@ -112,6 +112,12 @@ def log_interval(logger: RunLogger, step: int, total_steps: int, row: dict, stat
              f"mem max {fmt_bytes(max(mem))}"]
     if row["loss_scale"] is not None:
         parts.append(f"scale {row['loss_scale']:g}")
+    if "kl" in row:  # train.distill: the final loop's KL to the teacher (and each loop's, in the warm-up)
+        logger.scalars(step, {"distill_kl": row["kl"]})
+        for i, v in enumerate(row.get("kl_per_loop") or []):
+            logger.scalars(step, {f"distill_kl/loop{i + 1:02d}": v}, prefix="loops/")
+        parts.append(f"kl {row['kl']:.4f}" + (" per loop " + " ".join(f"{v:.3f}" for v in row["kl_per_loop"])
+                                              if row.get("kl_per_loop") else ""))
     if diag:
         parts.append("|x(k)| " + " ".join(f"{v:.1f}" for v in diag["residual_norm"]))
     if sn is not None:
