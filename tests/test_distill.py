@@ -48,6 +48,11 @@ def test_bad_distill_configs_are_refused():
         config_from_dict({**base, "train": {"distill": {"teacher": "x", "schedule": "kl"}}})
     with pytest.raises(ConfigError, match="train.trainable='converted'"):
         config_from_dict({**base, "train": {"trainable": "converted", "distill": {"teacher": "x"}}})
+    with pytest.raises(ConfigError, match="loop.granularity"):
+        config_from_dict({**base, "train": {"distill": {"teacher": "x"}}, "loop": {"granularity": "sequence"}})
+    with pytest.raises(ConfigError, match="train.stage"):
+        config_from_dict({**base, "train": {"distill": {"teacher": "x"}, "stage": "exit_gate"},
+                          "model": {"max_seq_len": 32, "exit_gate": True}})
     with pytest.raises(ConfigError, match="train.distill.temperature"):
         config_from_dict({**base, "train": {"distill": {"teacher": "x", "temperature": 0}}})
 
