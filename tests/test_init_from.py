@@ -119,7 +119,7 @@ def test_mismatched_model_is_refused_naming_the_key(source):
 
 def test_init_section_is_validated():
     cfg = load_config(None, ["init.from=runs/a"])
-    assert cfg.init.from_ == "runs/a" and cfg.to_dict()["init"] == {"from": "runs/a"}
+    assert cfg.init.from_ == "runs/a" and cfg.to_dict()["init"] == {"from": "runs/a", "convert_mixers": None}
     assert config_from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="init.from='runs/a' and train.load='runs/b' are both set"):
         load_config(None, ["init.from=runs/a", "train.load=runs/b"])
