@@ -50,12 +50,12 @@ def _lm_name(ds_name: str) -> str:
 def _pipeline_param_layers(mc) -> List[Tuple[Optional[str], List[Tuple[str, torch.nn.Parameter]]]]:
     """Per pipeline layer: (tie key or None, its (LoopedLM name, meta parameter) list)."""
     from megaloop.model import LoopedLM
-    from megaloop.parallel.pipeline import _build_layers, _Source, pipeline_layers
+    from megaloop.parallel.pipeline import build_layers, LayerSource, pipeline_layers
 
     with torch.device("meta"):
         lm = LoopedLM(mc)
     out, tied = [], {}
-    for layer, created, _ in _build_layers(pipeline_layers(mc), _Source(lambda: lm)):
+    for layer, created, _ in build_layers(pipeline_layers(mc), LayerSource(lambda: lm)):
         if layer.tie_key is not None:
             if created is not None:
                 tied[layer.tie_key] = list(created.named_parameters())

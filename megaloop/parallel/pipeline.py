@@ -47,7 +47,7 @@ from megaloop.model.loop_schedule import expected_loop_counts, unpack_loops
 from megaloop.model.looped_lm import LoopedLM
 
 
-class _Source:
+class LayerSource:
     """Holds the full model while the pipeline is built; each layer takes its submodules from it."""
 
     def __init__(self, build_fn):
@@ -90,7 +90,7 @@ class EmbeddingPipe(nn.Module):
     output_logits = LoopedLM.output_logits
     real_vocab_logits = LoopedLM.real_vocab_logits
 
-    def __init__(self, source: _Source, with_head: bool = True):
+    def __init__(self, source: LayerSource, with_head: bool = True):
         super().__init__()
         lm = source.lm
         self.cfg = lm.cfg
@@ -118,7 +118,7 @@ class HeadPipe(nn.Module):
     output_logits = LoopedLM.output_logits
     real_vocab_logits = LoopedLM.real_vocab_logits
 
-    def __init__(self, source: _Source):
+    def __init__(self, source: LayerSource):
         super().__init__()
         lm = source.lm
         self.cfg = lm.cfg
@@ -143,7 +143,7 @@ def _coda_norm_if_first(lm, first: bool) -> Optional[nn.Module]:
 class EmbedNormPipe(nn.Module):
     """The embedding scale and norm; without prelude layers also the prelude norm that follows them."""
 
-    def __init__(self, source: _Source):
+    def __init__(self, source: LayerSource):
         super().__init__()
         lm = source.lm
         self.embed_scale = lm.cfg.embed_scale
@@ -167,7 +167,7 @@ class StackLayerPipe(_RopeMixin, nn.Module):
     activation or a tuple whose first entry is it (the loop counts or per-loop outputs ride along).
     The last prelude layer also holds the prelude norm (prelude_norm.weight), applied after it."""
 
-    def __init__(self, source: _Source, stack: str, index: int):
+    def __init__(self, source: LayerSource, stack: str, index: int):
         super().__init__()
         lm = source.lm
         setattr(self, stack, nn.ModuleDict({str(index): getattr(lm, stack)[index]}))
@@ -201,7 +201,7 @@ class LoopedBlockPipe(_RopeMixin, nn.Module):
 
     exit_distribution = LoopedLM.exit_distribution
 
-    def __init__(self, source: _Source, collect: bool):
+    def __init__(self, source: LayerSource, collect: bool):
         super().__init__()
         lm = source.lm
         self.block = lm.block
@@ -232,7 +232,7 @@ class LoopedBlockPipe(_RopeMixin, nn.Module):
 
 
 class FinalNormPipe(nn.Module):
-    def __init__(self, source: _Source):
+    def __init__(self, source: LayerSource):
         super().__init__()
         lm = source.lm
         self.final_norm = None if lm.block.outer_is_final else lm.final_norm
@@ -288,7 +288,7 @@ class PipelineLayer:
     tie_key: Optional[str] = None  # layers with one key share one module (DeepSpeed's TiedLayerSpec)
     forward_fn: Optional[Callable] = None  # run as forward_fn(shared module, x) instead of module(x)
 
-    def spec(self, source: _Source):
+    def spec(self, source: LayerSource):
         from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
         if self.tie_key is None:
@@ -318,7 +318,7 @@ def layer_names(model_cfg) -> list:
     return [layer.name for layer in pipeline_layers(model_cfg)]
 
 
-def _build_layers(layers: List[PipelineLayer], source: _Source) -> List[Tuple[PipelineLayer, Optional[nn.Module],
+def build_layers(layers: List[PipelineLayer], source: LayerSource) -> List[Tuple[PipelineLayer, Optional[nn.Module],
                                                                             Callable]]:
     """(layer, the module it creates or None when it reuses a tied one, its forward) for each layer, built
     in one process the way DeepSpeed builds the layers of a stage."""
@@ -339,7 +339,7 @@ def _build_layers(layers: List[PipelineLayer], source: _Source) -> List[Tuple[Pi
 def local_layers(lm, collect: bool = False) -> list:
     """The pipeline layers of `lm` as one-process callables (sharing lm's modules): running them in
     sequence is what the stages of a PipelineModule compute (tests)."""
-    return [fwd for _, _, fwd in _build_layers(pipeline_layers(lm.cfg, collect), _Source(lambda: lm))]
+    return [fwd for _, _, fwd in build_layers(pipeline_layers(lm.cfg, collect), LayerSource(lambda: lm))]
 
 
 def layer_state_keys(model_cfg) -> List[Tuple[str, Optional[List[str]]]]:
@@ -349,7 +349,7 @@ def layer_state_keys(model_cfg) -> List[Tuple[str, Optional[List[str]]]]:
     with torch.device("meta"):
         lm = LoopedLM(model_cfg)
     return [(layer.name, None if created is None else list(created.state_dict().keys()))
-            for layer, created, _ in _build_layers(pipeline_layers(model_cfg), _Source(lambda: lm))]
+            for layer, created, _ in build_layers(pipeline_layers(model_cfg), LayerSource(lambda: lm))]
 
 
 def balanced_partition(weights, num_parts: int) -> list:
@@ -399,7 +399,9 @@ def _pipeline_module_class():
     return LoopedPipelineModule
 
 
-def _layer_weights(cfg: Config, names) -> list:
+def layer_flop_weights(cfg: Config, names) -> list:
+    """Each named pipeline layer's share of the step's FLOPs (the looped block weighted by its expected
+    loop counts): what the loop-weighted partition balances, and what the planner reports per stage."""
     from megaloop.model.flops import pipeline_layer_weights
 
     return pipeline_layer_weights(cfg, names, *expected_loop_counts(cfg))
@@ -408,7 +410,7 @@ def _layer_weights(cfg: Config, names) -> list:
 def stage_plan(cfg: Config, num_stages: int, method: Optional[str] = None) -> list:
     """Which layer names each stage holds under the loop-weighted partition (for logs and tests)."""
     names = layer_names(cfg.model)
-    parts = balanced_partition(_layer_weights(cfg, names), num_stages)
+    parts = balanced_partition(layer_flop_weights(cfg, names), num_stages)
     return [names[parts[s]:parts[s + 1]] for s in range(num_stages)]
 
 
@@ -426,10 +428,10 @@ def build_pipeline_module(cfg: Config, build_lm, topology, activation_checkpoint
             prepare_lm(lm)
         return lm
 
-    source = _Source(_build)
+    source = LayerSource(_build)
     layers = pipeline_layers(cfg.model, collect)
     specs = [layer.spec(source) for layer in layers]
-    weights = _layer_weights(cfg, [layer.name for layer in layers])
+    weights = layer_flop_weights(cfg, [layer.name for layer in layers])
     # Token loss: the LM's (tensor parallelism may have swapped in the vocab-parallel one).
     loss_fn = LoopLoss(cfg.loop.loss, source.lm.token_loss_fn, cfg.loop.exit_entropy_weight, collect)
     dynamic = collect  # the stacked per-loop outputs change shape with R (sampled, or eval's R)

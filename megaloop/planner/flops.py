@@ -48,7 +48,7 @@ def stage_flops(cfg: Config, parts: List[int]) -> dict:
     names = pl.layer_names(cfg.model)
     total, grad = loop_counts(cfg)
     model = layer_model_flops(cfg, names, total, grad)
-    weights = pl._layer_weights(cfg, names)
+    weights = pl.layer_flop_weights(cfg, names)
     pp = len(parts) - 1
     return {
         "loops_total": total, "loops_grad": grad,

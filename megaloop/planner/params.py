@@ -56,7 +56,7 @@ def _collect(cfg: Config) -> bool:
 
 def built_layers(cfg: Config, lm):
     """[(PipelineLayer, module it uses)] as a stage builds them: a tied layer reuses the first one's."""
-    built = pl._build_layers(pl.pipeline_layers(cfg.model, _collect(cfg)), pl._Source(lambda: lm))
+    built = pl.build_layers(pl.pipeline_layers(cfg.model, _collect(cfg)), pl.LayerSource(lambda: lm))
     out, tied = [], {}
     for layer, created, fwd in built:
         if created is not None:
@@ -79,7 +79,7 @@ def stage_parts(cfg: Config, pp: int, tp: int = 1) -> List[int]:
     method = cfg.parallel.pipeline_partition
     names = pl.layer_names(cfg.model)
     if method == "loop_weighted":
-        return pl.balanced_partition(pl._layer_weights(cfg, names), pp)
+        return pl.balanced_partition(pl.layer_flop_weights(cfg, names), pp)
     from deepspeed.runtime import utils as ds_utils
 
     if method == "uniform":
