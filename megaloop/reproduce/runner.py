@@ -1,0 +1,325 @@
+"""What every claim shares: train variants through `pretrain_looped.py` (one rank, a subprocess each), read
+their metrics.jsonl, build the demo corpus once, evaluate task accuracy with megaloop's own code, and write
+summary.csv / figure.png / result.json.
+
+A claim module (megaloop/reproduce/<claim>.py) builds a list of `Variant`s (name + config dict), calls
+`train_variants`, measures, and returns a `ClaimResult` (rows for summary.csv, a figure-drawing function,
+the verdict line computed from the measurements and whether the claim held).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXIT_NONFINITE = 3  # megaloop.training.cli: training stopped on a non-finite loss
+
+
+@dataclass
+class Context:
+    """Where a claim writes (out_dir/<claim>/), how big it runs (quick), how many trainings at once."""
+
+    out_dir: str
+    quick: bool = False
+    jobs: int = 1
+    python: str = sys.executable
+    verbose: bool = True
+
+    def claim_dir(self, claim: str) -> str:
+        path = os.path.join(os.path.abspath(self.out_dir), claim)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def log(self, text: str) -> None:
+        if self.verbose:
+            print(f"[reproduce {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+@dataclass
+class Variant:
+    name: str
+    config: dict  # a full pretrain_looped.py config (sections model, loop, data, train, parallel)
+
+
+@dataclass
+class RunResult:
+    name: str
+    run_dir: str
+    returncode: int
+    wall_s: float
+    rows: List[dict] = field(default_factory=list)
+
+    @property
+    def diverged(self) -> bool:
+        return self.returncode == EXIT_NONFINITE
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def train_losses(self) -> Dict[int, float]:
+        return {r["step"]: r["loss"] for r in self.rows if "loss" in r}
+
+    def grad_norms(self) -> Dict[int, float]:
+        return {r["step"]: r["grad_norm"] for r in self.rows if "loss" in r and r.get("grad_norm") is not None}
+
+    def per_loop(self) -> Dict[int, dict]:
+        """step -> {residual_norm: [per loop], state_norm: [...], state_delta: [...], relative_residual: [...]}"""
+        return {r["step"]: r["per_loop"] for r in self.rows if "per_loop" in r}
+
+    def last_per_loop(self) -> dict:
+        pl = self.per_loop()
+        return pl[max(pl)] if pl else {}
+
+    def valid_rows(self) -> List[dict]:
+        return [r for r in self.rows if "valid_loss" in r]
+
+    def final_loss(self, fraction: float = 0.2) -> float:
+        """Mean training loss over the last `fraction` of the logged steps (NaN if none, inf if diverged)."""
+        losses = self.train_losses()
+        if self.diverged:
+            return float("inf")
+        if not losses:
+            return float("nan")
+        steps = sorted(losses)
+        tail = steps[-max(1, int(len(steps) * fraction)):]
+        return sum(losses[s] for s in tail) / len(tail)
+
+    def final_valid_loss(self) -> float:
+        rows = self.valid_rows()
+        if self.diverged:
+            return float("inf")
+        return rows[-1]["valid_loss"] if rows else float("nan")
+
+
+@dataclass
+class ClaimResult:
+    rows: List[dict]  # summary.csv rows (the same keys in each)
+    verdict: str  # one line, with the numbers
+    held: bool
+    draw: Callable  # draw(fig) -> None: fills a matplotlib figure
+    figsize: tuple = (10, 4)
+
+
+def deep_update(base: dict, *updates: dict) -> dict:
+    out = copy.deepcopy(base)
+    for upd in updates:
+        for key, value in (upd or {}).items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "task_params":
+                out[key] = deep_update(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
+
+
+def base_config(**sections) -> dict:
+    """A one-rank CPU run: fp32, no TensorBoard, no intermediate checkpoints (the final one is saved)."""
+    cfg = {
+        "model": {"pad_vocab_multiple": 1, "n_prelude": 0, "n_coda": 0},
+        "loop": {"sampling": "fixed"},
+        "data": {},
+        "train": {"seed": 1234, "grad_accum_steps": 1, "warmup_steps": 5, "lr_schedule": "cosine",
+                  "precision": "fp32", "eval_interval": 0, "save_interval": 0, "tensorboard": False,
+                  "weight_decay": 0.1, "grad_clip": 1.0},
+        "parallel": {"pipeline_parallel": 1, "tensor_parallel": 1, "zero_stage": 0},
+    }
+    return deep_update(cfg, sections)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read_metrics(run_dir: str) -> List[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _start(ctx: Context, variant: Variant, claim_dir: str):
+    run_dir = os.path.join(claim_dir, "runs", variant.name)
+    if os.path.isdir(run_dir):  # train afresh: never resume a previous reproduction
+        import shutil
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir)
+    cfg = deep_update(variant.config, {"train": {"output_dir": run_dir}})
+    cfg_path = os.path.join(run_dir, "reproduce_config.yaml")
+    with open(cfg_path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    env = dict(os.environ)
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    env.pop("MEGALOOP_FAULT", None)
+    log = open(os.path.join(run_dir, "train.log"), "w")
+    cmd = [ctx.python, os.path.join(REPO, "pretrain_looped.py"), "--config", cfg_path, "--no-auto-resume"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return proc, log, run_dir, time.time()
+
+
+def train_variants(ctx: Context, claim_dir: str, variants: List[Variant]) -> Dict[str, RunResult]:
+    """Train every variant (ctx.jobs at a time). A run that stops on a non-finite loss is kept (diverged);
+    any other failure raises with the tail of its log."""
+    pending, running, results = list(variants), [], {}
+    while pending or running:
+        while pending and len(running) < max(1, ctx.jobs):
+            v = pending.pop(0)
+            ctx.log(f"training {v.name}")
+            running.append((v, *_start(ctx, v, claim_dir)))
+        still = []
+        for v, proc, log, run_dir, t0 in running:
+            if proc.poll() is None:
+                still.append((v, proc, log, run_dir, t0))
+                continue
+            log.close()
+            res = RunResult(v.name, run_dir, proc.returncode, time.time() - t0, _read_metrics(run_dir))
+            if not (res.ok or res.diverged):
+                with open(os.path.join(run_dir, "train.log")) as f:
+                    tail = f.read()[-2500:]
+                raise RuntimeError(f"training variant {v.name!r} failed (exit {proc.returncode}); "
+                                   f"log {run_dir}/train.log ends:\n{tail}")
+            ctx.log(f"{v.name}: {'diverged (non-finite loss)' if res.diverged else 'done'} in {res.wall_s:.1f}s")
+            results[v.name] = res
+        running = still
+        if running:
+            time.sleep(0.2)
+    return {v.name: results[v.name] for v in variants}
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo corpus (tools/make_demo_corpus.py -> train_tokenizer.py -> preprocess_data.py), built once.
+
+def demo_corpus(ctx: Context) -> dict:
+    """{"data_path": [...], "tokenizer_type": "sentencepiece", "tokenizer_model": ..., "vocab_size": ...} of the
+    demo corpus under OUT/_data (the Python standard library's sources, no download), made on first use."""
+    max_bytes, vocab = (1_000_000, 512) if ctx.quick else (4_000_000, 1024)
+    data_dir = os.path.join(os.path.abspath(ctx.out_dir), "_data", f"demo_{max_bytes // 1000}k_v{vocab}")
+    prefix = os.path.join(data_dir, "demo")
+    spm = os.path.join(data_dir, "spm.model")
+    if not os.path.isfile(prefix + "_text_document.idx"):
+        os.makedirs(data_dir, exist_ok=True)
+        ctx.log(f"building the demo corpus in {data_dir}")
+        tools = os.path.join(REPO, "tools")
+        jsonl = os.path.join(data_dir, "demo.jsonl")
+        steps = [
+            ["make_demo_corpus.py", "--output", jsonl, "--max-bytes", str(max_bytes)],
+            ["train_tokenizer.py", "--input", jsonl, "--model-prefix", spm[:-len(".model")], "--vocab-size",
+             str(vocab), "--model-type", "bpe", "--num-threads", "1"],
+            ["preprocess_data.py", "--input", jsonl, "--tokenizer-type", "sentencepiece", "--tokenizer-model", spm,
+             "--append-eod", "--output-prefix", prefix, "--workers", "1", "--quiet"],
+        ]
+        for step in steps:
+            out = subprocess.run([ctx.python, os.path.join(tools, step[0]), *step[1:]], cwd=REPO,
+                                 capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO})
+            if out.returncode != 0:
+                raise RuntimeError(f"{step[0]} failed: {(out.stdout + out.stderr)[-1500:]}")
+    return {"data_path": [prefix + "_text_document"], "tokenizer_type": "sentencepiece", "tokenizer_model": spm,
+            "vocab_size": vocab, "split": "95,5,0"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation with megaloop's own code.
+
+def load_trained(run: RunResult):
+    """The trained LoopedLM of a run (its final checkpoint), in eval mode; None if it saved none."""
+    from megaloop.checkpoint import load_model
+
+    if not os.path.isdir(os.path.join(run.run_dir, "checkpoints")):
+        return None
+    model, _ = load_model(run.run_dir)
+    return model.eval()
+
+
+def task_accuracy(model, task, loops: int, num: int = 256, batch: int = 64, offset: int = 0) -> tuple:
+    """(per-sequence, per-position) exact-match accuracy of `model` at `loops` on `num` examples of `task`
+    (megaloop.tasks exact_match_counts); (nan, nan) without a model."""
+    import torch
+
+    from megaloop.tasks import exact_match_counts
+
+    if model is None:
+        return float("nan"), float("nan")
+    sr = sn = pr = pn = 0
+    with torch.no_grad():
+        for start in range(0, num, batch):
+            idx = range(offset + start, offset + min(num, start + batch))
+            pairs = [task.example(i) for i in idx]
+            tokens = torch.stack([p[0] for p in pairs])
+            labels = torch.stack([p[1] for p in pairs])
+            torch.manual_seed(0)  # a fixed draw for a noise initial state
+            logits = model(tokens, loops=loops).logits
+            a, b, c, d = exact_match_counts(logits, labels)
+            sr, sn, pr, pn = sr + a, sn + b, pr + c, pn + d
+    return (sr / sn if sn else float("nan")), (pr / pn if pn else float("nan"))
+
+
+def param_count(config: dict) -> int:
+    """Parameters of the model a config builds (megaloop.model.build_model), without training it."""
+    from megaloop.config.loading import config_from_dict
+    from megaloop.model import build_model
+
+    cfg = config_from_dict(deep_update(config, {"train": {"output_dir": os.devnull}}))
+    return build_model(cfg).num_params()
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs.
+
+def fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        if math.isinf(x):
+            return "diverged" if x > 0 else "-inf"
+        return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:.3e}"
+    return str(x)
+
+
+def write_outputs(ctx: Context, claim: str, result: ClaimResult, command: str, wall_s: float) -> dict:
+    """summary.csv, figure.png and result.json under OUT/<claim>/; returns the result record."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = ctx.claim_dir(claim)
+    columns = list(result.rows[0].keys())
+    with open(os.path.join(d, "summary.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for row in result.rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    fig = plt.figure(figsize=result.figsize)
+    result.draw(fig)
+    fig.suptitle(f"{claim}{' (--quick)' if ctx.quick else ''}: {'held' if result.held else 'did not hold'}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(d, "figure.png"), dpi=80)
+    plt.close(fig)
+    record = {"claim": claim, "command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "quick": ctx.quick, "verdict": result.verdict, "held": result.held, "wall_s": round(wall_s, 1),
+              "load_avg_1m": round(os.getloadavg()[0], 2), "columns": columns}
+    with open(os.path.join(d, "result.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def read_summary(path: str) -> List[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
