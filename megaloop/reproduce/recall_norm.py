@@ -5,7 +5,7 @@ longer inputs (2n .. 4n) and gets better with more test-time loops; without reca
 Variants, as yaml_configs/tiny/{lt, inject_add_inner, inject_add, inject_internal}.yaml configure them:
 no recall (injection none, outer norm), recall + inner norm, recall + outer norm, internal recall (outer
 norm). Trained with data.task=parity at length n; evaluated with megaloop.tasks (exact_match_counts) on
-held-out examples at lengths n, 2n, 3n, 4n and 1 .. 4R loops (model.max_seq_len covers 4n from the start,
+held-out examples at lengths n, 2n, 3n, 4n and 1, R/2, R, 2R, 3R, 4R loops (model.max_seq_len covers 4n from the start,
 RoPE positions beyond n are never trained).
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ from megaloop.reproduce.runner import (ClaimResult, Context, Variant, base_confi
 NAME = "recall_norm"
 SUMMARY = ("prefix parity trained at length n with R loops, evaluated at n..4n with 1..4R loops: no recall vs "
            "recall+inner norm vs recall+outer norm vs internal recall")
-EVAL_SEED = 99_991  # held-out examples: the trainer draws from train.seed (training) and train.seed + 1
+EVAL_SEED = 99_991
+MARGIN = 0.01  # "improves with more loops": the best accuracy beyond R loops is at least this much higher  # held-out examples: the trainer draws from train.seed (training) and train.seed + 1
 
 VARIANTS = {
     "no_recall": {"injection": "none", "normalization": "outer"},
@@ -30,7 +31,7 @@ VARIANTS = {
 def settings(ctx: Context) -> dict:
     if ctx.quick:
         return {"n": 8, "R": 2, "d_model": 32, "n_heads": 2, "steps": 15, "batch": 16, "eval_num": 64}
-    return {"n": 16, "R": 4, "d_model": 64, "n_heads": 4, "steps": 600, "batch": 32, "eval_num": 256}
+    return {"n": 16, "R": 4, "d_model": 64, "n_heads": 4, "steps": 600, "batch": 32, "eval_num": 128}
 
 
 def run(ctx: Context) -> ClaimResult:
@@ -50,7 +51,7 @@ def run(ctx: Context) -> ClaimResult:
         vs.append(Variant(name, cfg))
     runs = train_variants(ctx, ctx.claim_dir(NAME), vs)
     lengths = [n, 2 * n, 3 * n, 4 * n]
-    loops = list(range(1, 4 * R + 1))
+    loops = sorted({1, max(1, R // 2), R, 2 * R, 3 * R, 4 * R})
     rows, acc = [], {}
     for name, r in runs.items():
         model = load_trained(r)
@@ -64,14 +65,16 @@ def run(ctx: Context) -> ClaimResult:
                              "final_train_loss": r.final_loss(), "diverged": int(r.diverged)})
     L = 4 * n
     outer_R, outer_4R = acc["recall_outer", L, R], acc["recall_outer", L, 4 * R]
+    outer_more = max(acc["recall_outer", L, k] for k in loops if k > R)
     best = {name: max(acc[name, L, k] for k in loops) for name in VARIANTS}
-    improves = outer_4R > outer_R
+    improves = outer_more >= outer_R + MARGIN
     beats_no_recall = best["recall_outer"] > best["no_recall"]
     no_recall_gain = acc["no_recall", L, 4 * R] - acc["no_recall", L, R]
     held = improves and beats_no_recall
     verdict = (f"recall_norm: {'HELD' if held else 'DID NOT HOLD'} at this scale (parity, trained n={n} R={R}, "
-               f"{s['steps']} steps; per-position accuracy at length {L}): recall+outer norm {fmt(outer_R)} at R={R} "
-               f"-> {fmt(outer_4R)} at {4 * R} loops ({'improves' if improves else 'does not improve'} with loops), "
+               f"{s['steps']} steps; per-position accuracy at length {L}): recall+outer norm {fmt(outer_R)} at R={R}, "
+               f"best beyond R {fmt(outer_more)}, {fmt(outer_4R)} at {4 * R} loops "
+               f"({'improves' if improves else 'does not improve'} with loops, margin {MARGIN}), "
                f"best {fmt(best['recall_outer'])} vs no recall best {fmt(best['no_recall'])} "
                f"(no recall R->4R change {no_recall_gain:+.3f}); recall+inner best {fmt(best['recall_inner'])}, "
                f"internal recall best {fmt(best['internal_recall'])}; at the training length n={n}, R={R}: "

@@ -1,0 +1,113 @@
+"""tools/reproduce.py: every claim's --quick mode runs through pretrain_looped.py and writes a well-formed
+summary.csv, a PNG figure and one verdict line with numbers (whether the claim holds is not tested: at quick
+scale it usually does not). Also --list, --write-docs and the one-line errors."""
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(REPO, "tools", "reproduce.py")
+CLAIMS = ["flt_stability", "recall_norm", "parcae_injection", "lt2_mixers", "test_time_compute"]
+
+# claim -> (columns summary.csv must have, the number of rows it must have)
+EXPECTED = {
+    "flt_stability": ({"variant", "loops_K", "final_train_loss", "valid_loss", "residual_norm_loop1",
+                       "residual_norm_loopK", "residual_growth", "diverged"}, 4),
+    # 4 variants x 4 evaluation lengths (n..4n, n=8) x loops {1, R, 2R, 3R, 4R} (R=2)
+    "recall_norm": ({"variant", "eval_length", "eval_loops", "accuracy_position", "accuracy_sequence"}, 4 * 4 * 5),
+    "parcae_injection": ({"variant", "injection", "lr", "state_norm_loop1", "state_norm_loopR", "state_growth",
+                          "final_train_loss", "injection_spectral_norm"}, 4),
+    "lt2_mixers": ({"task", "variant", "loops", "params", "accuracy_position", "accuracy_sequence"}, 8),
+    # per model: 1..4R fixed loop counts (R=2) + its exits (2 KL for no_gate; 2 KL + 2 Q-exit for exit_gate)
+    "test_time_compute": ({"variant", "mode", "threshold", "loops", "avg_loops", "ppl"}, 8 + 2 + 8 + 4),
+}
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+
+def _run(*args, timeout=240):
+    return subprocess.run([sys.executable, TOOL, *args], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("reproduce")
+
+
+def test_list_names_every_claim_in_order():
+    out = _run("--list")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == CLAIMS
+    assert all(len(line.split()) > 5 for line in lines)  # a description on each line
+
+
+@pytest.mark.parametrize("claim", CLAIMS)
+def test_quick_mode_writes_summary_figure_and_verdict(claim, out_dir):
+    out = _run(claim, "--quick", "--out", str(out_dir), "--jobs", "2")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    d = out_dir / claim
+    with open(d / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns, n_rows = EXPECTED[claim]
+    assert columns <= set(rows[0]), sorted(set(rows[0]))
+    assert len(rows) == n_rows
+    png = (d / "figure.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    verdicts = [line for line in out.stdout.splitlines() if line.startswith(f"{claim}: ")]
+    assert len(verdicts) == 1, out.stdout[-2000:]
+    verdict = verdicts[0]
+    assert re.search(r"\b(HELD|DID NOT HOLD) at this scale\b", verdict)
+    assert len(re.findall(r"\d+\.\d+", verdict)) >= 2  # measured numbers, not just a word
+    record = json.loads((d / "result.json").read_text())
+    assert record["verdict"] == verdict and record["quick"] is True
+    assert record["held"] == verdict.startswith(f"{claim}: HELD")
+    # every variant trained through pretrain_looped.py: its own run folder with metrics.jsonl
+    assert all((p / "metrics.jsonl").is_file() for p in (d / "runs").iterdir())
+
+
+def test_summary_numbers_come_from_the_runs(out_dir):
+    """flt_stability's residual columns are the per-loop norms the trainer logged at its last logging step."""
+    d = out_dir / "flt_stability"
+    if not (d / "summary.csv").is_file():
+        pytest.skip("needs the flt_stability quick run")
+    with open(d / "summary.csv", newline="") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    for name, row in rows.items():
+        with open(d / "runs" / name / "metrics.jsonl") as f:
+            per_loop = [json.loads(line)["per_loop"] for line in f if '"per_loop"' in line][-1]
+        res = per_loop["residual_norm"]
+        assert len(res) == int(row["loops_K"])
+        assert float(row["residual_norm_loop1"]) == pytest.approx(res[0], rel=1e-4)
+        assert float(row["residual_growth"]) == pytest.approx(res[-1] / res[0], rel=1e-4)
+
+
+def test_write_docs_renders_every_result(out_dir, tmp_path):
+    have = [c for c in CLAIMS if (out_dir / c / "result.json").is_file()]
+    if not have:
+        pytest.skip("needs the quick runs")
+    docs = tmp_path / "docs" / "reproductions.md"
+    out = _run("--write-docs", "--out", str(out_dir), "--docs", str(docs))
+    assert out.returncode == 0, out.stderr
+    text = docs.read_text()
+    for claim in CLAIMS:
+        assert f"<!-- claim:{claim} -->" in text
+    for claim in have:
+        record = json.loads((out_dir / claim / "result.json").read_text())
+        assert record["verdict"] in text and record["command"] in text
+        assert (tmp_path / "docs" / "reproductions" / f"{claim}.png").is_file()
+
+
+def test_errors_are_one_line():
+    out = _run("no_such_claim")
+    assert out.returncode == 2 and "unknown claim 'no_such_claim'" in out.stderr and "Traceback" not in out.stderr
+    out = _run()
+    assert out.returncode == 2 and "--list" in out.stderr
