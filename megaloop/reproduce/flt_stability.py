@@ -26,7 +26,7 @@ def variants(ctx: Context):
         train = {"steps": 12, "micro_batch_size": 4, "log_interval": 4, "eval_interval": 12, "eval_iters": 2}
     else:
         size = {"d_model": 64, "n_heads": 4, "n_loop": 2, "max_seq_len": 64}
-        train = {"steps": 500, "micro_batch_size": 8, "log_interval": 25, "eval_interval": 500, "eval_iters": 8,
+        train = {"steps": 400, "micro_batch_size": 8, "log_interval": 20, "eval_interval": 400, "eval_iters": 8,
                  "warmup_steps": 20}
     out = []
     for name, arch in ARCHS.items():
