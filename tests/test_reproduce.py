@@ -111,3 +111,16 @@ def test_errors_are_one_line():
     assert out.returncode == 2 and "unknown claim 'no_such_claim'" in out.stderr and "Traceback" not in out.stderr
     out = _run()
     assert out.returncode == 2 and "--list" in out.stderr
+
+
+def test_reuse_measures_finished_runs_without_training(out_dir):
+    d = out_dir / "flt_stability"
+    if not (d / "summary.csv").is_file():
+        pytest.skip("needs the flt_stability quick run")
+    before = (d / "summary.csv").read_text()
+    logs = {p.name: (p / "train.log").stat().st_mtime_ns for p in (d / "runs").iterdir()}
+    out = _run("flt_stability", "--quick", "--out", str(out_dir), "--reuse")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert out.stdout.count("reusing the finished run") == 4 and "training " not in out.stdout
+    assert {p.name: (p / "train.log").stat().st_mtime_ns for p in (d / "runs").iterdir()} == logs
+    assert (d / "summary.csv").read_text() == before

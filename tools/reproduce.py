@@ -36,6 +36,9 @@ def _main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny models and a few steps (seconds per claim)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
     p.add_argument("--jobs", type=int, default=1, help="variants trained at once (one process, one thread each)")
+    p.add_argument("--reuse", action="store_true",
+                   help="measure again the finished runs under OUT/<claim>/runs whose config is unchanged, "
+                        "train only the others")
     p.add_argument("--write-docs", action="store_true", help="update docs/reproductions.md from the results")
     p.add_argument("--docs", default=DOCS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -51,7 +54,7 @@ def _main(argv=None):
         raise UsageError(f"unknown claim {args.claim!r}; known: {', '.join(CLAIMS)} (see --list)")
     records = {}
     if args.claim is not None:
-        ctx = Context(args.out, quick=args.quick, jobs=args.jobs)
+        ctx = Context(args.out, quick=args.quick, jobs=args.jobs, reuse=args.reuse)
         command = "python tools/reproduce.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                    else sys.argv[1:]))
         record = run_claim(args.claim, ctx, command)

@@ -65,7 +65,8 @@ def run(ctx: Context) -> ClaimResult:
     verdict = (f"flt_stability: {'HELD' if held else 'DID NOT HOLD'} at this scale (K={K}, {lt['steps']} steps): "
                f"||x(K)||/||x(1)|| LT {fmt(lt['residual_growth'])} ({'grows' if lt_grows else 'does not grow'}, "
                f"threshold {GROWTH}), FLT {fmt(flt['residual_growth'])} "
-               f"({'bounded' if flt_bounded else 'not bounded'}); final train loss LT {fmt(lt['final_train_loss'])} vs "
+               f"({'bounded' if flt_bounded else 'not bounded'}); ||x(K)|| LT {fmt(lt['residual_norm_loopK'])} vs "
+               f"FLT {fmt(flt['residual_norm_loopK'])}; final train loss LT {fmt(lt['final_train_loss'])} vs "
                f"FLT {fmt(flt['final_train_loss'])} ({'LT worse or diverged' if lt_worse else 'LT better'}); "
                f"LT_i {fmt(by['LT_i']['residual_growth'])}x / loss {fmt(by['LT_i']['final_train_loss'])}, "
                f"LT_ia {fmt(by['LT_ia']['residual_growth'])}x / loss {fmt(by['LT_ia']['final_train_loss'])}")

@@ -33,6 +33,7 @@ class Context:
     out_dir: str
     quick: bool = False
     jobs: int = 1
+    reuse: bool = False  # keep a finished run whose config is unchanged instead of training it again
     python: str = sys.executable
     verbose: bool = True
 
@@ -151,13 +152,31 @@ def _read_metrics(run_dir: str) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _run_config(variant: Variant, run_dir: str) -> dict:
+    return deep_update(variant.config, {"train": {"output_dir": run_dir}})
+
+
+def _finished(variant: Variant, run_dir: str) -> Optional[RunResult]:
+    """The finished run of `variant` in run_dir (same config, exit status recorded), or None."""
+    try:
+        with open(os.path.join(run_dir, "reproduce_config.yaml")) as f:
+            same = yaml.safe_load(f) == _run_config(variant, run_dir)
+        with open(os.path.join(run_dir, "status.json")) as f:
+            status = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not same or status.get("returncode") not in (0, EXIT_NONFINITE):
+        return None
+    return RunResult(variant.name, run_dir, status["returncode"], status["wall_s"], _read_metrics(run_dir))
+
+
 def _start(ctx: Context, variant: Variant, claim_dir: str):
     run_dir = os.path.join(claim_dir, "runs", variant.name)
     if os.path.isdir(run_dir):  # train afresh: never resume a previous reproduction
         import shutil
         shutil.rmtree(run_dir)
     os.makedirs(run_dir)
-    cfg = deep_update(variant.config, {"train": {"output_dir": run_dir}})
+    cfg = _run_config(variant, run_dir)
     cfg_path = os.path.join(run_dir, "reproduce_config.yaml")
     with open(cfg_path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
@@ -174,8 +193,16 @@ def _start(ctx: Context, variant: Variant, claim_dir: str):
 
 def train_variants(ctx: Context, claim_dir: str, variants: List[Variant]) -> Dict[str, RunResult]:
     """Train every variant (ctx.jobs at a time). A run that stops on a non-finite loss is kept (diverged);
-    any other failure raises with the tail of its log."""
+    any other failure raises with the tail of its log. With ctx.reuse, a finished run of the same config
+    under claim_dir/runs/<name> is read back instead of trained again."""
     pending, running, results = list(variants), [], {}
+    if ctx.reuse:
+        for v in variants:
+            done = _finished(v, os.path.join(claim_dir, "runs", v.name))
+            if done is not None:
+                ctx.log(f"{v.name}: reusing the finished run in {done.run_dir}")
+                results[v.name] = done
+                pending.remove(v)
     while pending or running:
         while pending and len(running) < max(1, ctx.jobs):
             v = pending.pop(0)
@@ -188,6 +215,8 @@ def train_variants(ctx: Context, claim_dir: str, variants: List[Variant]) -> Dic
                 continue
             log.close()
             res = RunResult(v.name, run_dir, proc.returncode, time.time() - t0, _read_metrics(run_dir))
+            with open(os.path.join(run_dir, "status.json"), "w") as f:
+                json.dump({"returncode": res.returncode, "wall_s": round(res.wall_s, 1)}, f)
             if not (res.ok or res.diverged):
                 with open(os.path.join(run_dir, "train.log")) as f:
                     tail = f.read()[-2500:]
