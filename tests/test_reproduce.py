@@ -23,8 +23,10 @@ EXPECTED = {
     "parcae_injection": ({"variant", "injection", "lr", "state_norm_loop1", "state_norm_loopR", "state_growth",
                           "final_train_loss", "injection_spectral_norm"}, 4),
     "lt2_mixers": ({"task", "variant", "loops", "params", "accuracy_position", "accuracy_sequence"}, 8),
-    # per model: 1..4R fixed loop counts (R=2) + its exits (2 KL for no_gate; 2 KL + 2 Q-exit for exit_gate)
-    "test_time_compute": ({"variant", "mode", "threshold", "loops", "avg_loops", "ppl"}, 8 + 2 + 8 + 4),
+    # demo and parity, each: per model 1..4R fixed loop counts (R=2) + its exits (2 KL for no_gate; 2 KL +
+    # 2 Q-exit for exit_gate)
+    "test_time_compute": ({"variant", "data", "mode", "threshold", "loops", "avg_loops", "ppl",
+                           "accuracy_position"}, 2 * (8 + 2 + 8 + 4)),
 }
 
 

@@ -297,6 +297,29 @@ def task_accuracy(model, task, loops: int, num: int = 256, batch: int = 64, offs
     return (sr / sn if sn else float("nan")), (pr / pn if pn else float("nan"))
 
 
+def task_accuracy_exit(model, task, loops: int, exit: str, threshold: float, num: int = 256,
+                       batch: int = 64) -> tuple:
+    """(per-position accuracy, average loops used at the answer positions) of `model` run with at most
+    `loops` loops and the exit strategy `exit` ("kl" or "q_exit") at `threshold` (LoopedLM.forward's exit)."""
+    import torch
+
+    from megaloop.tasks import exact_match_counts
+
+    right = total = 0
+    loop_sum = 0.0
+    with torch.no_grad():
+        for start in range(0, num, batch):
+            pairs = [task.example(i) for i in range(start, min(num, start + batch))]
+            tokens = torch.stack([p[0] for p in pairs])
+            labels = torch.stack([p[1] for p in pairs])
+            torch.manual_seed(0)
+            out = model(tokens, loops=loops, exit=exit, exit_threshold=threshold)
+            _, _, c, d = exact_match_counts(out.logits, labels)
+            right, total = right + c, total + d
+            loop_sum += float(out.exit_loops[labels >= 0].float().sum())
+    return right / total, loop_sum / total
+
+
 def param_count(config: dict) -> int:
     """Parameters of the model a config builds (megaloop.model.build_model), without training it."""
     from megaloop.config.loading import config_from_dict

@@ -1,11 +1,13 @@
-"""Claim 5 (Huginn / Ouro / Parcae): more test-time loops lower the perplexity until the gains saturate, and an
+"""Claim 5 (Huginn / Ouro / Parcae): more test-time loops improve the model until the gains saturate, and an
 adaptive exit (Huginn's KL convergence exit, Ouro's learned exit gate "Q-exit") reaches the plateau with
 fewer loops on average than a fixed loop count needs.
 
-Variants on the demo corpus, both FLTs trained with R ~ max(1, Poisson(3)) clipped to 6 (as
-yaml_configs/demo_cpu.yaml): without an exit gate (last-loop loss), and with Ouro's exit gate and
-exit-weighted loss. Measured with tools/eval_loops.py (validation perplexity at 1..4x the mean training R,
-and each exit at the largest loop count with the average loops it used).
+Two models per domain, trained with R ~ max(1, Poisson(R)) clipped to 2R (as yaml_configs/demo_cpu.yaml):
+without an exit gate (last-loop loss), and with Ouro's exit gate and exit-weighted loss.
+- demo corpus (FLTs): validation perplexity with tools/eval_loops.py at 1..4R loops, each exit at 4R loops
+  with the average loops it used;
+- prefix parity (recall + outer norm, the recall_norm claim's best variant): per-position exact-match accuracy
+  with megaloop.tasks at 1..4R loops, and with LoopedLM.forward's exits (average loops at the answer positions).
 """
 from __future__ import annotations
 
@@ -14,20 +16,48 @@ import os
 import subprocess
 
 from megaloop.reproduce.runner import (REPO, ClaimResult, Context, Variant, base_config, demo_corpus, fmt,
-                                       train_variants)
+                                       load_trained, task_accuracy, task_accuracy_exit, train_variants)
 
 NAME = "test_time_compute"
-SUMMARY = ("validation perplexity vs test-time loops on the demo corpus, fixed loops vs the KL exit and the "
+SUMMARY = ("perplexity (demo corpus) and parity accuracy vs test-time loops, fixed loops vs the KL exit and the "
            "Ouro exit gate")
 SATURATE = 0.1  # gains saturate: the gain from R to 4R is under this fraction of the gain from 1 to R
-PLATEAU = 0.02  # within 2% of the best fixed-loop perplexity counts as on the plateau
+PLATEAU = {"ppl": 0.02, "accuracy": 0.02}  # on the plateau: ppl within 2% of the best, accuracy within 0.02
 EXITS = {"no_gate": ["kl:1e-2", "kl:1e-3"], "exit_gate": ["kl:1e-2", "kl:1e-3", "q_exit:0.5", "q_exit:0.8"]}
+EVAL_SEED = 99_991
+GATE = ({"exit_gate": True}, {"loss": "exit_weighted"})
 
 
 def settings(ctx: Context) -> dict:
     if ctx.quick:
-        return {"R": 2, "d_model": 32, "n_heads": 2, "seq": 32, "steps": 10, "batch": 4, "windows": 8}
-    return {"R": 3, "d_model": 64, "n_heads": 4, "seq": 64, "steps": 800, "batch": 8, "windows": 128}
+        return {"R": 2, "d_model": 32, "n_heads": 2, "seq": 32, "steps": 10, "batch": 4, "windows": 8,
+                "n": 8, "task_steps": 10, "task_batch": 16, "eval_num": 64}
+    return {"R": 3, "d_model": 64, "n_heads": 4, "seq": 64, "steps": 800, "batch": 8, "windows": 128,
+            "n": 16, "task_steps": 600, "task_batch": 32, "eval_num": 128}
+
+
+def _variants(s: dict, data: dict) -> list:
+    R, out = s["R"], []
+    for gate in ("no_gate", "exit_gate"):
+        model, loop = GATE if gate == "exit_gate" else ({}, {})
+        schedule = {"sampling": "poisson", "mean": R, "min": 1, "max": 2 * R, **loop}
+        out.append(Variant(f"demo_{gate}", base_config(
+            model={"vocab_size": data["vocab_size"], "d_model": s["d_model"], "n_heads": s["n_heads"],
+                   "max_seq_len": s["seq"], "n_loop": 2, "loops": R, "arch": "flt", **model},
+            loop=schedule,
+            data={"data_path": data["data_path"], "split": data["split"], "seq_len": s["seq"],
+                  "tokenizer_type": data["tokenizer_type"], "tokenizer_model": data["tokenizer_model"]},
+            train={"steps": s["steps"], "micro_batch_size": s["batch"], "lr": 3e-3, "min_lr": 3e-4,
+                   "warmup_steps": min(20, s["steps"] // 4), "log_interval": max(1, s["steps"] // 20)})))
+        out.append(Variant(f"parity_{gate}", base_config(
+            model={"vocab_size": 4, "d_model": s["d_model"], "n_heads": s["n_heads"], "max_seq_len": s["n"] + 1,
+                   "n_loop": 2, "loops": R, "arch": "recurrent", "injection": "add", "normalization": "outer",
+                   **model},
+            loop=schedule,
+            data={"task": "parity", "task_params": {"length": s["n"]}, "seq_len": s["n"] + 1},
+            train={"steps": s["task_steps"], "micro_batch_size": s["task_batch"], "lr": 3e-3, "min_lr": 3e-4,
+                   "log_interval": max(1, s["task_steps"] // 20)})))
+    return out
 
 
 def _eval_loops(ctx: Context, run_dir: str, data: dict, loops: str, exits, windows: int, out_dir: str) -> list:
@@ -42,69 +72,86 @@ def _eval_loops(ctx: Context, run_dir: str, data: dict, loops: str, exits, windo
         return list(csv.DictReader(f))
 
 
+def _measure(ctx, s, data, runs, claim_dir):
+    """rows for summary.csv; fixed[(variant, loops)] = value; exits[(variant, 'kl:1e-3')] = row."""
+    R = s["R"]
+    rows, fixed, exits = [], {}, {}
+    for name, r in runs.items():
+        gate = name.split("_", 1)[1]
+        base = {"variant": name, "data": "demo" if name.startswith("demo") else "parity"}
+        if base["data"] == "demo":
+            ctx.log(f"tools/eval_loops.py on {name}")
+            table = _eval_loops(ctx, r.run_dir, data, f"1-{4 * R}", EXITS[gate], s["windows"],
+                                os.path.join(claim_dir, "eval", name))
+            measured = [(t["mode"], t["threshold"], int(t["loops"]), float(t["avg_loops"]), float(t["ppl"]),
+                         float("nan")) for t in table]
+        else:
+            from megaloop.tasks import build_task
+            model, task = load_trained(r), build_task("parity", length=s["n"], seed=EVAL_SEED)
+            measured = [("fixed", "", k, float(k), float("nan"), task_accuracy(model, task, k, num=s["eval_num"])[1])
+                        for k in range(1, 4 * R + 1)]
+            for item in EXITS[gate]:
+                mode, thr = item.split(":")
+                acc, used = task_accuracy_exit(model, task, 4 * R, mode, float(thr), num=s["eval_num"])
+                measured.append((mode, thr, 4 * R, used, float("nan"), acc))
+        for mode, thr, loops, used, ppl, acc in measured:
+            row = {**base, "mode": mode, "threshold": thr, "loops": loops, "avg_loops": used, "ppl": ppl,
+                   "accuracy_position": acc, "final_train_loss": r.final_loss()}
+            rows.append(row)
+            value = ppl if base["data"] == "demo" else acc
+            if mode == "fixed":
+                fixed[name, loops] = value
+            else:
+                exits[name, f"{mode}:{thr}"] = (used, value)
+    return rows, fixed, exits
+
+
 def run(ctx: Context) -> ClaimResult:
     s = settings(ctx)
     data = demo_corpus(ctx)
     R = s["R"]
-    vs = []
-    for name, extra in (("no_gate", ({}, {})), ("exit_gate", ({"exit_gate": True}, {"loss": "exit_weighted"}))):
-        cfg = base_config(
-            model={"vocab_size": data["vocab_size"], "d_model": s["d_model"], "n_heads": s["n_heads"],
-                   "max_seq_len": s["seq"], "n_loop": 2, "loops": R, "arch": "flt", **extra[0]},
-            loop={"sampling": "poisson", "mean": R, "min": 1, "max": 2 * R, **extra[1]},
-            data={"data_path": data["data_path"], "split": data["split"], "seq_len": s["seq"],
-                  "tokenizer_type": data["tokenizer_type"], "tokenizer_model": data["tokenizer_model"]},
-            train={"steps": s["steps"], "micro_batch_size": s["batch"], "lr": 3e-3, "min_lr": 3e-4,
-                   "warmup_steps": min(20, s["steps"] // 4), "log_interval": max(1, s["steps"] // 20)})
-        vs.append(Variant(name, cfg))
     claim_dir = ctx.claim_dir(NAME)
-    runs = train_variants(ctx, claim_dir, vs)
+    runs = train_variants(ctx, claim_dir, _variants(s, data))
+    rows, fixed, exits = _measure(ctx, s, data, runs, claim_dir)
     loops = list(range(1, 4 * R + 1))
-    rows, fixed, exits = [], {}, {}
-    for name, r in runs.items():
-        ctx.log(f"tools/eval_loops.py on {name}")
-        table = _eval_loops(ctx, r.run_dir, data, f"1-{4 * R}", EXITS[name], s["windows"],
-                            os.path.join(claim_dir, "eval", name))
-        for t in table:
-            row = {"variant": name, "mode": t["mode"], "threshold": t["threshold"], "loops": int(t["loops"]),
-                   "avg_loops": float(t["avg_loops"]), "ppl": float(t["ppl"]), "final_train_loss": r.final_loss()}
-            rows.append(row)
-            if t["mode"] == "fixed":
-                fixed[name, row["loops"]] = row["ppl"]
-            else:
-                exits[name, f"{t['mode']}:{t['threshold']}"] = row
-    parts, saturates, exit_ok = [], {}, []
+    parts, saturates, exit_ok = [], {}, {"demo": False, "parity": False}
     for name in runs:
-        ppl = {k: fixed[name, k] for k in loops}
-        best = min(ppl.values())
-        early, late = ppl[1] - ppl[R], ppl[R] - min(ppl[k] for k in loops if k >= R)
+        dom = "demo" if name.startswith("demo") else "parity"
+        sign = 1.0 if dom == "parity" else -1.0  # "better" = higher accuracy, lower perplexity
+        v = {k: sign * fixed[name, k] for k in loops}
+        best = max(v.values())
+        early, late = v[R] - v[1], max(v[k] for k in loops if k >= R) - v[R]
         saturates[name] = early > 0 and late < SATURATE * early
-        to_plateau = min(k for k in loops if ppl[k] <= best * (1 + PLATEAU))
+        tol = PLATEAU["accuracy"] if dom == "parity" else PLATEAU["ppl"] * abs(best)
+        to_plateau = min(k for k in loops if v[k] >= best - tol)
         ex = []
-        for key, row in exits.items():
-            if key[0] != name:
+        for (n, key), (used, value) in exits.items():
+            if n != name:
                 continue
-            ok = row["ppl"] <= best * (1 + PLATEAU) and row["avg_loops"] < to_plateau
-            exit_ok.append(ok)
-            ex.append(f"{key[1]} ppl {fmt(row['ppl'])} at {row['avg_loops']:.2f} avg loops"
-                      f"{' (plateau with fewer loops)' if ok else ''}")
-        parts.append(f"{name}: ppl {fmt(ppl[1])} at 1 loop, {fmt(ppl[R])} at R={R}, best {fmt(best)}, plateau "
-                     f"(within {PLATEAU:.0%}) from {to_plateau} loops, gain R->{4 * R} {late:.3g} vs 1->R {early:.3g} "
-                     f"({'saturates' if saturates[name] else 'does not saturate'}); " + ", ".join(ex))
-    held = all(saturates.values()) and any(exit_ok)
-    verdict = (f"test_time_compute: {'HELD' if held else 'DID NOT HOLD'} at this scale ({s['steps']} steps, "
-               f"R~Poisson({R})): " + " | ".join(parts))
+            ok = sign * value >= best - tol and used < to_plateau
+            exit_ok[dom] = exit_ok[dom] or ok
+            ex.append(f"{key} {fmt(value)} at {used:.2f} avg loops{' (plateau, fewer loops)' if ok else ''}")
+        what = "acc" if dom == "parity" else "ppl"
+        parts.append(f"{name}: {what} {fmt(fixed[name, 1])} at 1 loop, {fmt(fixed[name, R])} at R={R}, best "
+                     f"{fmt(sign * best)}, plateau from {to_plateau} loops, best change 1->R {sign * early:+.3g} vs R->{4 * R} "
+                     f"{sign * late:+.3g} ({'saturates' if saturates[name] else 'does not saturate'}); "
+                     + ", ".join(ex))
+    held = all(saturates.values()) and all(exit_ok.values())
+    verdict = (f"test_time_compute: {'HELD' if held else 'DID NOT HOLD'} at this scale (R~Poisson({R}); demo "
+               f"{s['steps']} steps, parity n={s['n']} {s['task_steps']} steps; saturation: gain R->4R under "
+               f"{SATURATE:.0%} of 1->R; plateau: ppl within {PLATEAU['ppl']:.0%} / accuracy within "
+               f"{PLATEAU['accuracy']}): " + " | ".join(parts))
 
     def draw(fig):
-        axes = fig.subplots(1, len(runs), sharey=True)
+        axes = fig.subplots(1, len(runs))
         for ax, name in zip(axes, runs):
             ax.plot(loops, [fixed[name, k] for k in loops], "o-", ms=3, label="fixed loops")
-            for (n, key), row in exits.items():
+            for (n, key), (used, value) in exits.items():
                 if n == name:
-                    ax.plot([row["avg_loops"]], [row["ppl"]], "s", label=f"{key} (avg loops)")
+                    ax.plot([used], [value], "s", label=f"{key} (avg loops)")
             ax.axvline(R, color="gray", ls="--", lw=1)
             ax.set_xlabel("test-time loops")
+            ax.set_ylabel("validation perplexity" if name.startswith("demo") else "per-position accuracy")
             ax.set_title(name, fontsize=9)
-            ax.legend(fontsize=7)
-        axes[0].set_ylabel("validation perplexity")
-    return ClaimResult(rows, verdict, held, draw, figsize=(10, 3.8))
+            ax.legend(fontsize=6)
+    return ClaimResult(rows, verdict, held, draw, figsize=(15, 3.8))
