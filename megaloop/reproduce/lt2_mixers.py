@@ -27,7 +27,7 @@ def settings(ctx: Context) -> dict:
         return {"R": 2, "d_model": 32, "n_heads": 2, "steps": 6, "batch": 8, "eval_num": 32,
                 "tasks": {"mqar": {"num_kv_pairs": 4, "num_keys": 16, "num_values": 16},
                           "s5": {"length": 8}}}
-    return {"R": 4, "d_model": 64, "n_heads": 4, "steps": 300, "batch": 16, "eval_num": 256,
+    return {"R": 4, "d_model": 64, "n_heads": 4, "steps": 250, "batch": 16, "eval_num": 128,
             "tasks": {"mqar": {"num_kv_pairs": 8, "num_keys": 32, "num_values": 32},
                       "s5": {"length": 12}}}
 
