@@ -21,6 +21,7 @@ the papers', and states whether the claim held **at this scale**; the verdict is
 measurements in the table. `tools/reproduce.py --list` lists the claims; README.md has the commands.
 """
 FIGURE_LIMIT = 200 * 1024  # figures larger than this stay under the run folder
+LONG_TABLE = 12  # rows; a longer summary table is folded in <details>
 
 
 def _sections(text: str) -> dict:
@@ -37,10 +38,15 @@ def render_section(record: dict, claim_dir: str, docs_path: str) -> str:
              f"- Date: {record['date']}; wall time {record['wall_s']:.0f} s (1-minute load average at the end: "
              f"{record['load_avg_1m']}){'; --quick mode' if record['quick'] else ''}",
              f"- Verdict: {record['verdict']}", ""]
+    long = len(rows) > LONG_TABLE
+    if long:  # a long table folds away on GitHub
+        lines += [f"<details><summary>summary.csv ({len(rows)} rows)</summary>", ""]
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "---|" * len(cols))
     for row in rows:
         lines.append("| " + " | ".join(row[c] for c in cols) + " |")
+    if long:
+        lines += ["", "</details>"]
     fig = os.path.join(claim_dir, "figure.png")
     docs_dir = os.path.dirname(os.path.abspath(docs_path))
     if os.path.isfile(fig) and os.path.getsize(fig) <= FIGURE_LIMIT:
