@@ -28,6 +28,13 @@ def _sections(text: str) -> dict:
     return {m.group(1): m.group(0) for m in re.finditer(r"<!-- claim:(\w+) -->.*?<!-- /claim:\1 -->", text, re.S)}
 
 
+def _training(record: dict) -> str:
+    if not record.get("reused_runs"):
+        return ""
+    return (f", of which {record['reused_runs']} variant run(s) were reused (--reuse); the variants' training "
+            f"took {record['train_wall_s']:.0f} s when they ran")
+
+
 def render_section(record: dict, claim_dir: str, docs_path: str) -> str:
     """The markdown section of one claim's result (figure copied next to the docs when small)."""
     name = record["claim"]
@@ -35,8 +42,8 @@ def render_section(record: dict, claim_dir: str, docs_path: str) -> str:
     cols = record["columns"]
     lines = [f"<!-- claim:{name} -->", f"## {name}", "", claim_module(name).SUMMARY + ".", "",
              f"- Command: `{record['command']}`",
-             f"- Date: {record['date']}; wall time {record['wall_s']:.0f} s (1-minute load average at the end: "
-             f"{record['load_avg_1m']}){'; --quick mode' if record['quick'] else ''}",
+             f"- Date: {record['date']}; wall time {record['wall_s']:.0f} s{_training(record)} (1-minute load "
+             f"average at the end: {record['load_avg_1m']}){'; --quick mode' if record['quick'] else ''}",
              f"- Verdict: {record['verdict']}", ""]
     long = len(rows) > LONG_TABLE
     if long:  # a long table folds away on GitHub

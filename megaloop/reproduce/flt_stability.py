@@ -4,7 +4,8 @@ loop index k (and its loss is worse, or it diverges), while the FLT's stays boun
 Variants, one config apart (model.arch; docs/looped_models.md sections 2 and 4): LT (recurrent, no injection,
 outer norm), LT_i, LT_ia, FLT; trained on the demo corpus with R = K fixed. Measured from the trainer's
 metrics.jsonl: the training loss curve, the validation loss at the end, and the per-loop mean token norm
-||x(k)|| of the un-normalized loop output at the last logged step (the paper's residual-explosion probe).
+||x(k)|| of the un-normalized loop output (the paper's residual-explosion probe) at the last logged step and,
+for the last loop, over training.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def run(ctx: Context) -> ClaimResult:
                f"LT_ia {fmt(by['LT_ia']['residual_growth'])}x / loss {fmt(by['LT_ia']['final_train_loss'])}")
 
     def draw(fig):
-        ax1, ax2 = fig.subplots(1, 2)
+        ax1, ax2, ax3 = fig.subplots(1, 3)
         for name, r in runs.items():
             losses = r.train_losses()
             steps = sorted(losses)
@@ -82,10 +83,15 @@ def run(ctx: Context) -> ClaimResult:
             ax1.plot(steps, smooth, label=name + (" (diverged)" if r.diverged else ""))
             res = r.last_per_loop().get("residual_norm", [])
             ax2.plot(range(1, len(res) + 1), res, "o-", ms=3, label=name)
+            pl = r.per_loop()
+            ax3.plot(sorted(pl), [pl[k]["residual_norm"][-1] for k in sorted(pl)], label=name)
         ax1.set_xlabel("step")
         ax1.set_ylabel("training loss (moving mean)")
         ax1.legend()
         ax2.set_xlabel("loop k")
         ax2.set_ylabel("||x(k)|| (mean token norm, last logged step)")
         ax2.legend()
-    return ClaimResult(rows, verdict, held, draw)
+        ax3.set_xlabel("step")
+        ax3.set_ylabel(f"||x(K={K})|| over training")
+        ax3.set_yscale("log")
+    return ClaimResult(rows, verdict, held, draw, figsize=(13, 3.8))

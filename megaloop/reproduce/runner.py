@@ -34,6 +34,8 @@ class Context:
     quick: bool = False
     jobs: int = 1
     reuse: bool = False  # keep a finished run whose config is unchanged instead of training it again
+    train_wall_s: float = 0.0  # the variants' training wall times, summed (reused runs: as first measured)
+    reused: int = 0  # variants read back instead of trained
     python: str = sys.executable
     verbose: bool = True
 
@@ -202,6 +204,8 @@ def train_variants(ctx: Context, claim_dir: str, variants: List[Variant]) -> Dic
             if done is not None:
                 ctx.log(f"{v.name}: reusing the finished run in {done.run_dir}")
                 results[v.name] = done
+                ctx.train_wall_s += done.wall_s
+                ctx.reused += 1
                 pending.remove(v)
     while pending or running:
         while pending and len(running) < max(1, ctx.jobs):
@@ -223,6 +227,7 @@ def train_variants(ctx: Context, claim_dir: str, variants: List[Variant]) -> Dic
                 raise RuntimeError(f"training variant {v.name!r} failed (exit {proc.returncode}); "
                                    f"log {run_dir}/train.log ends:\n{tail}")
             ctx.log(f"{v.name}: {'diverged (non-finite loss)' if res.diverged else 'done'} in {res.wall_s:.1f}s")
+            ctx.train_wall_s += res.wall_s
             results[v.name] = res
         running = still
         if running:
@@ -366,6 +371,7 @@ def write_outputs(ctx: Context, claim: str, result: ClaimResult, command: str, w
     plt.close(fig)
     record = {"claim": claim, "command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "quick": ctx.quick, "verdict": result.verdict, "held": result.held, "wall_s": round(wall_s, 1),
+              "train_wall_s": round(ctx.train_wall_s, 1), "reused_runs": ctx.reused,
               "load_avg_1m": round(os.getloadavg()[0], 2), "columns": columns}
     with open(os.path.join(d, "result.json"), "w") as f:
         json.dump(record, f, indent=1)
