@@ -133,8 +133,8 @@ def run(ctx: Context) -> ClaimResult:
             ex.append(f"{key} {fmt(value)} at {used:.2f} avg loops{' (plateau, fewer loops)' if ok else ''}")
         what = "acc" if dom == "parity" else "ppl"
         parts.append(f"{name}: {what} {fmt(fixed[name, 1])} at 1 loop, {fmt(fixed[name, R])} at R={R}, best "
-                     f"{fmt(sign * best)}, plateau from {to_plateau} loops, best change 1->R {sign * early:+.3g} vs R->{4 * R} "
-                     f"{sign * late:+.3g} ({'saturates' if saturates[name] else 'does not saturate'}); "
+                     f"{fmt(sign * best)}, plateau from {to_plateau} loops, best change 1->R {sign * early + 0.0:+.3g} vs "
+                     f"R->{4 * R} {sign * late + 0.0:+.3g} ({'saturates' if saturates[name] else 'does not saturate'}); "
                      + ", ".join(ex))
     held = all(saturates.values()) and all(exit_ok.values())
     verdict = (f"test_time_compute: {'HELD' if held else 'DID NOT HOLD'} at this scale (R~Poisson({R}); demo "
