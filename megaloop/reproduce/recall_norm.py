@@ -16,8 +16,8 @@ from megaloop.reproduce.runner import (ClaimResult, Context, Variant, base_confi
 NAME = "recall_norm"
 SUMMARY = ("prefix parity trained at length n with R loops, evaluated at n..4n with 1..4R loops: no recall vs "
            "recall+inner norm vs recall+outer norm vs internal recall")
-EVAL_SEED = 99_991
-MARGIN = 0.01  # "improves with more loops": the best accuracy beyond R loops is at least this much higher  # held-out examples: the trainer draws from train.seed (training) and train.seed + 1
+EVAL_SEED = 99_991  # held-out examples: the trainer draws from train.seed (training) and train.seed + 1
+MARGIN = 0.01  # "improves with more loops": the best accuracy beyond R loops is at least this much higher
 
 VARIANTS = {
     "no_recall": {"injection": "none", "normalization": "outer"},

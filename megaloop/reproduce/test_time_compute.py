@@ -134,14 +134,15 @@ def run(ctx: Context) -> ClaimResult:
             exit_ok[dom] = exit_ok[dom] or ok
             ex.append(f"{key} {fmt(value)} at {used:.2f} avg loops{' (plateau, fewer loops)' if ok else ''}")
         what = "acc" if dom == "parity" else "ppl"
+        trend = "saturates" if saturates[name] else "does not saturate"
         parts.append(f"{name}: {what} {fmt(fixed[name, 1])} at 1 loop, {fmt(fixed[name, R])} at R={R}, best "
-                     f"{fmt(sign * best)}, plateau from {to_plateau} loops, best change 1->R {sign * early + 0.0:+.3g} vs "
-                     f"R->{4 * R} {sign * late + 0.0:+.3g} ({'saturates' if saturates[name] else 'does not saturate'}); "
-                     + ", ".join(ex))
+                     f"{fmt(sign * best)}, plateau from {to_plateau} loops, best change 1->R "
+                     f"{sign * early + 0.0:+.3g} vs R->{4 * R} {sign * late + 0.0:+.3g} ({trend}); " + ", ".join(ex))
     held = all(saturates.values()) and all(exit_ok.values())
     verdict = (f"test_time_compute: {'HELD' if held else 'DID NOT HOLD'} at this scale (R~Poisson({R}); demo "
                f"{s['steps']} steps, parity n={s['n']} {s['task_steps']} steps; saturation: gain R->4R under "
-               f"{SATURATE:.0%} of 1->R; plateau: within {PLATEAU:.0%} of the looping gain of the best): " + " | ".join(parts))
+               f"{SATURATE:.0%} of 1->R; plateau: within {PLATEAU:.0%} of the looping gain of the best): "
+               + " | ".join(parts))
 
     def draw(fig):
         axes = fig.subplots(1, len(runs))
