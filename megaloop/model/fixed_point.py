@@ -19,7 +19,7 @@ exactly what the block's forward computes between loops. The maps see the state 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -49,25 +49,49 @@ def last_iterate(model, tokens: torch.Tensor, loops: int,
         return _iterate(block, e, rope, loops, model.final_norm, s0), e, rope
 
 
+def _seq_sum(x: torch.Tensor, seq_comm) -> torch.Tensor:
+    """A sum over this rank's part of the state, completed over the sequence-parallel group (if any)."""
+    if seq_comm is not None and seq_comm.size > 1:
+        x = seq_comm.all_reduce(x.reshape(1).clone()).reshape(())
+    return x
+
+
+def _random_like_state(shape, seed: int, device, dtype, seq_comm) -> torch.Tensor:
+    """A seeded standard-normal tensor of the state's shape: under sequence parallelism the whole
+    sequence's draw (identical to one process's) and this rank's chunk of it."""
+    full = list(shape)
+    if seq_comm is not None and seq_comm.size > 1:
+        full[1] *= seq_comm.size
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    u = torch.randn(full, generator=g, dtype=torch.float32)
+    if seq_comm is not None and seq_comm.size > 1:
+        u = u.chunk(seq_comm.size, dim=1)[seq_comm.rank].contiguous()
+    return u.to(device=device, dtype=dtype)
+
+
 def loop_map_spectral_norm(model, tokens: torch.Tensor, loops: int, iters: int = 8, seed: int = 0,
-                           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                           generator: Optional[torch.Generator] = None, seq_comm=None) -> torch.Tensor:
     """Estimate sigma_max(J), J = d f / d h at h = h(R), f = the state map of the next loop
     (`block.loop_map(R, ., e, rope)`; the per-loop rho gate, if any, clamps to its last row). < 1 means
     the loop contracts around its last iterate (a locally stable fixed point).
 
-    Method: `iters` steps of Lanczos on J^T J (each step one J v by torch.func.jvp and one J^T (J v) by
-    torch.func.vjp), full reorthogonalisation, sigma = sqrt(largest Ritz value). Same products as
+    Method: `iters` steps of Lanczos on J^T J (each step one J v by forward-mode AD,
+    torch.autograd.forward_ad, and one J^T (J v) by a backward through one loop step kept for the
+    purpose), full reorthogonalisation, sigma = sqrt(largest Ritz value). Same products as
     `iters` power-iteration steps but a far better estimate when the top singular values cluster (as
     they do near init, where J is close to a projection); like power iteration it converges from below.
 
-    Cost: last_iterate (R no-grad loop steps) + one loop step with autograd kept (vjp) + `iters`
+    Cost: last_iterate (R no-grad loop steps) + one loop step with its autograd graph kept + `iters`
     Jacobian-vector products (each about one more loop step forward, forward-mode AD through the step)
     + `iters` vector-Jacobian products (each about one loop step's backward): roughly 2 * iters + 2
     extra loop-step evaluations; memory: one loop step's activations + `iters` float32 copies of the
     state. Attention runs on SDPA's math kernel here (the fused kernels lack forward-mode AD); mixers
-    with custom kernels must support torch.func.jvp (DSA's sparse attention, an autograd.Function
-    without functorch support, does not yet: RuntimeError).
+    with custom kernels must define forward-mode AD (`jvp` of their autograd.Function): DSA's sparse
+    attention does not (RuntimeError). Under tensor parallelism every TP rank calls it (the TP
+    operators define their tangents); `seq_comm`: the TP group when the state is a sequence shard
+    (sequence parallelism), over which the Lanczos dot products are summed.
     Deterministic for a given `seed` (the start vector). Returns a float32 scalar tensor."""
+    import torch.autograd.forward_ad as fwAD
     block = model.block
     h, e, rope = last_iterate(model, tokens, loops, generator)
     final_norm = model.final_norm
@@ -75,31 +99,37 @@ def loop_map_spectral_norm(model, tokens: torch.Tensor, loops: int, iters: int =
     def f(x):
         return block.loop_map(loops, x, e, rope, final_norm)
 
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    v = torch.randn(h.numel(), generator=g, dtype=torch.float32).to(h.device)
-    basis = [v / v.norm()]
+    def dot(a, b):
+        return _seq_sum(torch.dot(a, b), seq_comm)
+
+    v = _random_like_state(h.shape, seed, h.device, torch.float32, seq_comm).reshape(-1)
+    basis = [v / dot(v, v).sqrt()]
     alphas, betas = [], []
     with _params_frozen(model), _math_attention():
-        _, vjp_fn = torch.func.vjp(f, h)
+        h_in = h.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = f(h_in)
 
         def jtj(x):
-            _, jv = torch.func.jvp(f, (h,), (x.to(h.dtype).reshape(h.shape),))
-            (w,) = vjp_fn(jv)
+            with torch.no_grad(), fwAD.dual_level():
+                jv = fwAD.unpack_dual(f(fwAD.make_dual(h, x.to(h.dtype).reshape(h.shape)))).tangent
+            (w,) = torch.autograd.grad(y, h_in, jv, retain_graph=True)
             return w.reshape(-1).float()
 
         for j in range(max(1, iters)):
             w = jtj(basis[j])
-            a = torch.dot(w, basis[j])
+            a = dot(w, basis[j])
             alphas.append(a)
             for q in basis:  # full reorthogonalisation (twice is enough)
-                w = w - torch.dot(w, q) * q
+                w = w - dot(w, q) * q
             for q in basis:
-                w = w - torch.dot(w, q) * q
-            b = w.norm()
+                w = w - dot(w, q) * q
+            b = dot(w, w).sqrt()
             if j == iters - 1 or b <= 1e-7 * a.abs().clamp_min(1e-30):
                 break
             betas.append(b)
             basis.append(w / b)
+        del y
     n = len(alphas)
     T = torch.diag(torch.stack(alphas).double())
     if n > 1:
@@ -110,21 +140,22 @@ def loop_map_spectral_norm(model, tokens: torch.Tensor, loops: int, iters: int =
 
 
 def input_dependence(model, tokens: torch.Tensor, loops: int, eps: float = 1e-3, seed: int = 0,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                     generator: Optional[torch.Generator] = None, seq_comm=None) -> torch.Tensor:
     """||h(R)(e + eps u) - h(R)(e)|| / (eps ||u||) for a random unit direction u of the injected signal e
     (a (B, T, d) tensor, seeded by `seed`): a finite-difference estimate of how strongly the fixed
     point depends on its input (~ ||(I - J)^{-1} d f/d e u|| at a fixed point; 0 would mean the loop
     forgets its input). e is perturbed wherever the loop reads it (injection, and the initial state when
     state_init=embed); a random initial state (state_init=noise) is drawn once and shared by both runs.
     eps is absolute: keep eps well above the dtype's rounding of ||h|| (float32: 1e-3 is fine).
+    `seq_comm`: as in loop_map_spectral_norm (sequence parallelism: u is the whole sequence's draw, the
+    norms are summed over the group).
 
     Cost: 2 * R no-grad loop steps (+ one embed), no autograd graph. Returns a float32 scalar tensor."""
     block = model.block
     with torch.no_grad():
         e, rope = _embed(model, tokens)
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        u = torch.randn(e.shape, generator=g, dtype=torch.float32).to(device=e.device, dtype=e.dtype)
-        u = u / u.norm()
+        u = _random_like_state(e.shape, seed, e.device, torch.float32, seq_comm)
+        u = (u / _seq_sum(u.pow(2).sum(), seq_comm).sqrt()).to(e.dtype)
         e2 = e + eps * u
         if block.arch != "recurrent":
             s0, s0_2 = e, e2
@@ -135,7 +166,8 @@ def input_dependence(model, tokens: torch.Tensor, loops: int, eps: float = 1e-3,
             s0_2 = s0
         h1 = _iterate(block, e, rope, loops, model.final_norm, s0)
         h2 = _iterate(block, e2, rope, loops, model.final_norm, s0_2)
-        return ((h2.float() - h1.float()).norm() / (eps * u.float().norm())).detach()
+        diff = _seq_sum((h2.float() - h1.float()).pow(2).sum(), seq_comm).sqrt()
+        return (diff / (eps * _seq_sum(u.float().pow(2).sum(), seq_comm).sqrt())).detach()
 
 
 def _math_attention():
@@ -202,7 +234,21 @@ def per_loop_grad_contributions(model, tokens: torch.Tensor, labels: torch.Tenso
     Leaves every `.grad` untouched (torch.autograd.grad w.r.t. the copies only); the block's step is
     patched for the call and restored. Cost: one training forward + backward, plus R copies of the
     shared block's parameters and of their gradients (memory R x block params x 2). Losses other than
-    the model's own (`labels`) are not supported; forward_kwargs go to model(...)."""
+    the model's own (`labels`) are not supported; forward_kwargs go to model(...). On one process;
+    under tensor parallelism see megaloop/training/diagnostics.py (per_loop_grads + contribution_stats
+    with the TP reductions)."""
+    loss, groups, grads = per_loop_grads(model, tokens, labels, loops, grad_loops, **forward_kwargs)
+    norm, cos = contribution_stats(grads, groups)
+    result = {"groups": groups, "grad_norm": norm, "grad_cosine": cos, "loss": loss}
+    if return_grads:
+        result["grads"] = grads
+    return result
+
+
+def per_loop_grads(model, tokens: torch.Tensor, labels: torch.Tensor, loops: Optional[int] = None,
+                   grad_loops: Optional[int] = None, **forward_kwargs):
+    """(loss, groups, {param name in the block: (R, *shape) per-loop gradient contributions}): the
+    computation behind per_loop_grad_contributions (same cost)."""
     block = model.block
     loops = model.cfg.loops if loops is None else int(loops)
     names = [(n, p) for n, p in block.named_parameters() if _group(n) is not None]
@@ -226,18 +272,36 @@ def per_loop_grad_contributions(model, tokens: torch.Tensor, labels: torch.Tenso
     per = [{n: (next(it) if c[n].requires_grad else None) for n, _ in names} for c in copies]
     per = [{n: (g if g is not None else torch.zeros_like(c[n])) for n, g in d.items()}
            for d, c in zip(per, copies)]
+    del copies
+    stacked = {n: torch.stack([per[t][n] for t in range(loops)]) for n, _ in names}
+    return out.loss.detach(), groups, stacked
 
-    R, G = loops, len(groups)
-    norm = torch.zeros(R, G, dtype=torch.float64)
-    cos = torch.full((R, G), float("nan"), dtype=torch.float64)
+
+def contribution_stats(grads: Dict[str, torch.Tensor], groups: List[str],
+                       counted: Optional[Callable[[str], bool]] = None,
+                       sum_over_ranks: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+    """(grad_norm, grad_cosine), both (R, G) float64 on the host, from per-loop contributions
+    {name: (R, *shape)} (see per_loop_grad_contributions). counted(name): whether this process's
+    copy of the parameter counts (a model split over ranks counts each distinct element once);
+    sum_over_ranks: sums the (2, R, G) float64 device tensor of partial squared norms and dot products
+    over those ranks (in place or returned). One host read."""
+    members = {g: [n for n in grads if _group(n) == g and (counted is None or counted(n))] for g in groups}
+    R = next(iter(grads.values())).shape[0] if grads else 0
+    device = next(iter(grads.values())).device if grads else torch.device("cpu")
+    sums = torch.zeros(2, R, len(groups), dtype=torch.float64, device=device)  # [squared norm, dot with t-1]
     for gi, grp in enumerate(groups):
-        members = [n for n, _ in names if _group(n) == grp]
-        vecs = [torch.cat([per[t][n].detach().double().reshape(-1) for n in members]) for t in range(R)]
-        for t in range(R):
-            norm[t, gi] = vecs[t].norm()
-            if t > 0 and norm[t, gi] > 0 and norm[t - 1, gi] > 0:
-                cos[t, gi] = vecs[t] @ vecs[t - 1] / (norm[t, gi] * norm[t - 1, gi])
-    result = {"groups": groups, "grad_norm": norm, "grad_cosine": cos, "loss": out.loss.detach()}
-    if return_grads:
-        result["grads"] = {n: torch.stack([per[t][n] for t in range(R)]) for n, _ in names}
-    return result
+        for n in members[grp]:
+            v = grads[n].detach().double().reshape(R, -1)
+            sums[0, :, gi] += (v * v).sum(1)
+            if R > 1:
+                sums[1, 1:, gi] += (v[1:] * v[:-1]).sum(1)
+    if sum_over_ranks is not None:
+        out = sum_over_ranks(sums)
+        sums = sums if out is None else out
+    sums = sums.cpu()
+    norm = sums[0].sqrt()
+    cos = torch.full((R, len(groups)), float("nan"), dtype=torch.float64)
+    if R > 1:
+        denom = norm[1:] * norm[:-1]
+        cos[1:] = torch.where(denom > 0, sums[1, 1:] / denom.clamp_min(1e-300), cos[1:])
+    return norm, cos

@@ -340,21 +340,33 @@ def install_tp_grad_hooks(model: nn.Module) -> int:
         return 0
     n = 0
     for p in model.parameters():
-        part = partition_of(p)
-        if part.kind == "replicated_partial_grad":
-            p.register_hook(lambda g, comm=comm: comm.all_reduce(g.clone()))
-        elif part.kind == "kv_replicated":
-            slot, slots = comm.rank // part.replicas, comm.size // part.replicas
-
-            def hook(g, comm=comm, slot=slot, slots=slots):
-                buf = torch.zeros((slots,) + tuple(g.shape), dtype=g.dtype, device=g.device)
-                buf[slot] = g
-                return comm.all_reduce(buf)[slot].clone()
-            p.register_hook(hook)
-        else:
+        reduce = tp_grad_reduction(p, comm)
+        if reduce is None:
             continue
+        p.register_hook(reduce)
         n += 1
     return n
+
+
+def tp_grad_reduction(p: torch.Tensor, comm: Optional[TPComm]):
+    """The reduction `install_tp_grad_hooks` applies to the gradient of `p` (a function of the gradient,
+    returning the reduced one), or None when the gradient is complete on its own. Linear, and shape-
+    agnostic over leading dimensions for the all-reduce kinds, so it also reduces gradients computed
+    outside `.grad` (the per-loop contributions of megaloop/training/diagnostics.py)."""
+    if comm is None or comm.size == 1:
+        return None
+    part = partition_of(p)
+    if part.kind == "replicated_partial_grad":
+        return lambda g, comm=comm: comm.all_reduce(g.clone())
+    if part.kind == "kv_replicated":
+        slot, slots = comm.rank // part.replicas, comm.size // part.replicas
+
+        def hook(g, comm=comm, slot=slot, slots=slots):
+            buf = torch.zeros((slots,) + tuple(g.shape), dtype=g.dtype, device=g.device)
+            buf[slot] = g
+            return comm.all_reduce(buf)[slot].clone()
+        return hook
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

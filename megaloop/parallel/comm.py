@@ -226,15 +226,24 @@ class _CopyToTP(torch.autograd.Function):
             out[i] = g
         return (None, *out)
 
+    @staticmethod
+    def jvp(ctx, _, *tangents):  # forward-mode AD (fixed-point diagnostics): identity, like forward
+        return tangents if len(tangents) > 1 else tangents[0]
+
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, comm: TPComm, x):
+        ctx.comm = comm
         return comm.all_reduce(x.contiguous().clone(), phase="forward")
 
     @staticmethod
     def backward(ctx, g):
         return None, g
+
+    @staticmethod
+    def jvp(ctx, _, t):  # forward-mode AD: the forward is linear, so its tangent is summed the same way
+        return ctx.comm.all_reduce(t.contiguous().clone(), phase="forward")
 
 
 def _all_gather(comm: TPComm, t: torch.Tensor, dim: int, phase: str) -> torch.Tensor:
@@ -261,6 +270,10 @@ def _conjugate_pair(name: str, forward_op, backward_op):
         @staticmethod
         def backward(ctx, g):
             return None, backward_op(ctx.comm, g, ctx.dim, "backward"), None
+
+        @staticmethod
+        def jvp(ctx, _, t, __):  # forward-mode AD: forward_op is linear, applied to the tangent
+            return forward_op(ctx.comm, t, ctx.dim, "forward")
 
     Op.__name__ = Op.__qualname__ = name
     return Op

@@ -153,6 +153,10 @@ class _ScaleGrad(torch.autograd.Function):
     def backward(ctx, g):
         return g * ctx.scale, None
 
+    @staticmethod
+    def jvp(ctx, t, _):  # forward-mode AD: the identity
+        return t.view_as(t)
+
 
 def _replicated_branch(module: nn.Module, tp: int) -> None:
     """A replicated module fed from inside a sharded region (after f): every rank computes the same
