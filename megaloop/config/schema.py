@@ -237,6 +237,9 @@ class TrainConfig:
     peak_flops: Optional[float] = None  # peak FLOP/s of ONE device, for the achieved-FLOP/s share
     dist_timeout: float = 600.0  # seconds: a collective waiting longer (dead rank) fails the run
     tensorboard: bool = True
+    # every N steps: fixed-point and per-loop gradient diagnostics of the looped block on the step's first
+    # micro-batch (megaloop/training/diagnostics.py; extra passes, see there); 0 = off (costs nothing)
+    diag_interval: int = 0
     # DeepSpeed's activation checkpointing for the looped block's per-loop / per-layer checkpoints
     # (need activation_checkpointing 'loop' or 'layer'):
     partition_activations: bool = False  # split checkpointed activations across TP ranks (TP > 1)

@@ -56,6 +56,7 @@ NUMERIC_RANGES = {
     "train.exit_gate_margin": _GE0, "train.exit_gate_slope": _GT0,
     "train.distill.kl_weight": _GE0, "train.distill.ce_weight": _GE0, "train.distill.temperature": _GT0,
     "train.distill.warmup_steps": _GE0,
+    "train.diag_interval": _GE0,  # 0 = off
     "parallel.tensor_parallel": _GT0, "parallel.pipeline_parallel": _GT0, "parallel.zero_stage": (0, 3, True, True),
 }
 
@@ -214,6 +215,8 @@ def validate(cfg: Config) -> None:
                           "sub-module break each compiled layer into one graph per linear layer (slower than eager, "
                           "long compile); use zero_stage 1 or 2 with train.compile, or train.compile=false")
     _stage_problems(cfg)
+    if t.diag_interval:
+        _check_diag_interval(t, p, bool(getattr(cfg.model, "value_embeddings", False)))
     if t.min_lr > t.lr:
         raise ConfigError(f"need train.min_lr <= train.lr, got lr={t.lr}, min_lr={t.min_lr}")
     # Parallel layout.
@@ -402,3 +405,20 @@ def tensor_parallel_problems(m: ModelConfig, tp: int, seq_len: Optional[int] = N
         problems.append(f"model.value_embeddings is not supported with parallel.tensor_parallel={tp} yet (the "
                         f"tables are not sharded over the kv heads); set model.value_embeddings=false")
     return problems
+
+
+def _check_diag_interval(t, p, value_embeddings: bool) -> None:
+    """train.diag_interval > 0: the layouts the training diagnostics (megaloop/training/diagnostics.py) run on."""
+    why = None
+    if p.pipeline_parallel > 1:
+        why = (f"parallel.pipeline_parallel={p.pipeline_parallel} (the per-loop gradient contributions need the loss, "
+               f"on another stage than the looped block; not implemented)")
+    elif p.zero_stage == 3:
+        why = "parallel.zero_stage=3 (the diagnostics call the model outside DeepSpeed's parameter gathering)"
+    elif t.compile:
+        why = "train.compile (forward-mode AD and per-loop parameter copies through compiled layers are untested)"
+    elif value_embeddings:
+        why = "model.value_embeddings (the loop map of megaloop/model/fixed_point.py does not pass the token ids on)"
+    if why:
+        raise ConfigError(f"train.diag_interval={t.diag_interval} is not supported with {why}; "
+                          f"set train.diag_interval=0 or change the layout")

@@ -1,9 +1,10 @@
 """Fixed-point and gradient diagnostics of the looped block (issue 13), computed on request only.
 
 Nothing here runs unless called; the model's forward is untouched (the cheap per-loop numbers, among
-them `relative_residual`, come from `model(..., return_diagnostics=True)`). All three functions work
-on one process on the plain model; under tensor / pipeline parallelism the looped stage must call
-them and reduce the norms over TP ranks (not done here).
+them `relative_residual`, come from `model(..., return_diagnostics=True)`). The functions work on the
+plain model and on a tensor-parallel one (every TP rank calls them; `seq_comm` under sequence
+parallelism); megaloop/training/diagnostics.py calls them during training (`train.diag_interval`) and
+reduces the per-loop gradient norms over TP ranks.
 
   loop_map_spectral_norm   ||d f / d h|| (spectral norm) of one loop's state map f at the last iterate
   input_dependence         how far the state after R loops moves for a small perturbation of e

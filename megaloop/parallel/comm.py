@@ -228,7 +228,8 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _, *tangents):  # forward-mode AD (fixed-point diagnostics): identity, like forward
-        return tangents if len(tangents) > 1 else tangents[0]
+        views = tuple(t.view_as(t) for t in tangents)  # (forward returns its inputs: tangents as views)
+        return views if len(views) > 1 else views[0]
 
 
 class _ReduceFromTP(torch.autograd.Function):

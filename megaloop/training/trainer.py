@@ -116,6 +116,10 @@ class Trainer:
         if t.distill.teacher:  # (re-loaded on every start: a resume recomputes the same losses)
             from megaloop.training.distill import Distiller
             self.distiller = Distiller(cfg, self.module, acc.current_device_name(), console)
+        self.diagnostics = None  # train.diag_interval: megaloop/training/diagnostics.py (None: off, no cost)
+        if t.diag_interval:
+            from megaloop.training.diagnostics import TrainingDiagnostics
+            self.diagnostics = TrainingDiagnostics(cfg, st, self.module, self.logger, console)
 
     # ------------------------------------------------------------------------------------------
     def _resume_tag(self):
@@ -189,6 +193,8 @@ class Trainer:
             total, grad = unpack_loops(loops)  # per-row (B,) tensors under loop.granularity=sequence
             rs.append(logged_loops(loops))
             tokens, labels = tokens.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if m == 0 and self.diagnostics is not None and self.diagnostics.due(step + 1):
+                self.diagnostics.run(step + 1, tokens, labels, total, grad)
             want = want_diag and m == t.grad_accum_steps - 1
             if self.distiller is not None:  # teacher beside the student (megaloop/training/distill.py)
                 loss, out, self.distill_logged = self.distiller.loss(self.engine, tokens, labels, total, grad, step,
