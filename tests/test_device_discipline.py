@@ -3,7 +3,8 @@ gloo accepts them, so CPU runs alone never showed it). tests/device_guard.py giv
 "host" so that a stray `torch.tensor(...)` / `.cpu()` handed to a collective fails here as it would on a
 GPU. The runs cover the trainer's own collectives: stop/NaN flags, the loss average over data
 parallel, validation, the stats gathered at log steps, the self-clipping grad norm (fp32 ZeRO 0) over
-pipeline stages and TP ranks, the TP RNG check, checkpoint saves and the closing sample.
+pipeline stages and TP ranks, the TP RNG check, checkpoint saves, the closing sample and the training
+diagnostics' TP sums (train.diag_interval).
 """
 import os
 
@@ -75,5 +76,8 @@ def test_data_parallel_and_pipeline_collectives_on_device(tmp_path, data):
 
 
 def test_tensor_parallel_self_clip_collectives_on_device(tmp_path, data):
-    # TP 2, fp32 ZeRO 0: the trainer clips itself (grad-norm all-reduce over TP), RNG check, sample.
-    _run(tmp_path, data, 2, {"tensor_parallel": 2, "zero_stage": 0}, train={"grad_clip": 0.5})
+    # TP 2, fp32 ZeRO 0: the trainer clips itself (grad-norm all-reduce over TP), RNG check, sample,
+    # the training diagnostics at step 2 (their TP sums; forward-mode AD through the TP operators).
+    text = _run(tmp_path, data, 2, {"tensor_parallel": 2, "zero_stage": 0}, train={"grad_clip": 0.5, "diag_interval": 2})
+    from test_train_support import metrics
+    assert [r["step"] for r in metrics(str(tmp_path / "run")) if "diagnostics" in r] == [2], text[-3000:]
