@@ -171,6 +171,7 @@ BAD_VALUES = {
     "train.distill.ce_weight": ("nan", "finite"),
     "train.distill.temperature": ("0", "> 0"),
     "train.distill.warmup_steps": ("-1", ">= 0"),
+    "train.diag_interval": ("-1", ">= 0"),
     "parallel.tensor_parallel": ("0", "> 0"),
     "parallel.pipeline_parallel": ("0", "> 0"),
     "parallel.zero_stage": ("4", "zero_stage"),
@@ -215,7 +216,8 @@ def test_non_finite_floats_are_refused(field, value):
 
 @pytest.mark.parametrize("overrides", [
     ["train.warmup_steps=0", "train.grad_clip=0", "train.weight_decay=0", "train.beta1=0", "train.beta2=0"],
-    ["train.min_lr=0", "train.eval_iters=0", "train.sample_temperature=0", "train.sample_top_k=0"],
+    ["train.min_lr=0", "train.eval_iters=0", "train.sample_temperature=0", "train.sample_top_k=0",
+     "train.diag_interval=0"],
     ["model.dropout=0", "model.dsa_indexer_loss_coef=0", "loop.sigma=0", "loop.exit_entropy_weight=0"],
     ["model.pad_vocab_multiple=1", "train.seed=0", "train.initial_scale_power=0", "data.num_workers=0"],
     ["train.lr_schedule=wsd", "train.wsd_decay_fraction=1"],

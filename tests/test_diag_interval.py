@@ -207,3 +207,15 @@ def test_tensor_parallel_2_matches_one_process():
         for rank in (0, 1):
             for sp in (False, True):
                 _assert_same(res[rank][(name, sp)], ref, rel=1e-4)
+
+
+@pytest.mark.parametrize("ckpt", ["loop", "layer"])
+def test_activation_checkpointing_gives_the_same_diagnostics(ckpt):
+    x, y = _batch(seed=2)
+    out = {}
+    for mode in ("none", ckpt):
+        torch.manual_seed(0)
+        model = build_model(load_config(None, SMALL + ["model.arch=flt"]))
+        model.block.activation_checkpointing = mode  # what the training set-up sets
+        out[mode] = compute_diagnostics(model, x, y, loops=3, seed=4)
+    _assert_same(out[ckpt], out["none"], rel=1e-6)

@@ -273,8 +273,10 @@ def per_loop_grads(model, tokens: torch.Tensor, labels: torch.Tensor, loops: Opt
     per = [{n: (next(it) if c[n].requires_grad else None) for n, _ in names} for c in copies]
     per = [{n: (g if g is not None else torch.zeros_like(c[n])) for n, g in d.items()}
            for d, c in zip(per, copies)]
-    del copies
-    stacked = {n: torch.stack([per[t][n] for t in range(loops)]) for n, _ in names}
+    del copies, flat, grads, it
+    stacked = {}
+    for n, _ in names:  # one parameter at a time, freeing the per-loop pieces as they are stacked
+        stacked[n] = torch.stack([d.pop(n) for d in per])
     return out.loss.detach(), groups, stacked
 
 
