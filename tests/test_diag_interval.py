@@ -145,7 +145,12 @@ def test_dsa_model_skips_the_spectral_norm_only():
     x, y = _batch(seed=1)
     d = compute_diagnostics(model, x, y, loops=2, spectral=False)
     assert d["loop_map_spectral_norm"] is None and d["input_dependence"] > 0
+    assert "spectral_norm_skipped" not in d
     assert all(v >= 0 for row in d["grad_norm"] for v in row)
+    # asked anyway: the kernel's missing forward-mode AD is caught, the rest still computed
+    d2 = compute_diagnostics(model, x, y, loops=2, spectral=True)
+    assert d2["loop_map_spectral_norm"] is None and "jvp" in d2["spectral_norm_skipped"]
+    assert d2["input_dependence"] == d["input_dependence"] and d2["grad_norm"] == d["grad_norm"]
 
 
 @pytest.mark.parametrize("over,match", [

@@ -12,7 +12,9 @@ and its `.grad` are untouched, so a run with diagnostics trains exactly like one
   loop_map_spectral_norm  sigma_max of the loop map's Jacobian d h(R+1)/d h(R) at the last iterate
                           (8 Lanczos steps on J^T J; megaloop.model.fixed_point). Skipped, with one
                           warning at start-up, for models with DSA layers (its sparse-attention kernel has
-                          no forward-mode AD).
+                          no forward-mode AD), and from the first failure on, with one warning, when
+                          another kernel lacks forward-mode AD (NotImplementedError; e.g. an external
+                          GPU kernel).
   input_dependence        ||h(R)(e + eps u) - h(R)(e)|| / eps for a random unit direction u of the
                           injected signal e.
   per-loop gradients      for every loop t and every group of the shared block's parameters (layer i of
@@ -95,6 +97,10 @@ class TrainingDiagnostics:
         result = compute_diagnostics(self.model, tokens, labels, loops, grad_loops, seed=self.seed + step,
                                      spectral=self.spectral, comm=self.comm, seq_comm=self.seq_comm,
                                      tp_rank=self.tp_rank)
+        if "spectral_norm_skipped" in result:  # (every TP rank runs the same kernels: all skip alike)
+            self.spectral = False
+            self.logger.console(f"warning: train.diag_interval: the loop map's spectral norm is skipped from now on "
+                                f"(a kernel without forward-mode AD: {result['spectral_norm_skipped']})")
         log_diagnostics(self.logger, step, result)
         return result
 
@@ -113,8 +119,13 @@ def compute_diagnostics(model, tokens: torch.Tensor, labels: torch.Tensor, loops
     def gen():
         return torch.Generator(device=device).manual_seed(seed)
     try:
-        sn = (loop_map_spectral_norm(model, tokens, loops, iters=LANCZOS_STEPS, seed=seed, generator=gen(),
-                                     seq_comm=seq_comm) if spectral else None)
+        sn, skipped = None, None
+        if spectral:
+            try:
+                sn = loop_map_spectral_norm(model, tokens, loops, iters=LANCZOS_STEPS, seed=seed, generator=gen(),
+                                            seq_comm=seq_comm)
+            except NotImplementedError as exc:  # a kernel without forward-mode AD (custom autograd.Function)
+                skipped = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         dep = input_dependence(model, tokens, loops, seed=seed, generator=gen(), seq_comm=seq_comm)
         _, groups, grads = per_loop_grads(model, tokens, labels, loops, grad_loops, noise_generator=gen())
         counted, sum_over_ranks = None, None
@@ -125,9 +136,12 @@ def compute_diagnostics(model, tokens: torch.Tensor, labels: torch.Tensor, loops
     finally:
         model.train(was_training)
     scalars = torch.stack([dep.float()] + ([sn.float()] if sn is not None else [])).tolist()  # (one read)
-    return {"loops": int(loops), "loop_map_spectral_norm": scalars[1] if sn is not None else None,
-            "input_dependence": scalars[0], "groups": groups,
-            "grad_norm": norm.tolist(), "grad_cosine": [[_finite_or_none(c) for c in row] for row in cos.tolist()]}
+    out = {"loops": int(loops), "loop_map_spectral_norm": scalars[1] if sn is not None else None,
+           "input_dependence": scalars[0], "groups": groups,
+           "grad_norm": norm.tolist(), "grad_cosine": [[_finite_or_none(c) for c in row] for row in cos.tolist()]}
+    if skipped:
+        out["spectral_norm_skipped"] = skipped
+    return out
 
 
 def _tp_reductions(model, grads: dict, comm, tp_rank: int):
