@@ -88,7 +88,7 @@ def loop_map_spectral_norm(model, tokens: torch.Tensor, loops: int, iters: int =
     extra loop-step evaluations; memory: one loop step's activations + `iters` float32 copies of the
     state. Attention runs on SDPA's math kernel here (the fused kernels lack forward-mode AD); mixers
     with custom kernels must define forward-mode AD (`jvp` of their autograd.Function): DSA's sparse
-    attention does not (RuntimeError). Under tensor parallelism every TP rank calls it (the TP
+    attention does not (NotImplementedError). Under tensor parallelism every TP rank calls it (the TP
     operators define their tangents); `seq_comm`: the TP group when the state is a sequence shard
     (sequence parallelism), over which the Lanczos dot products are summed.
     Deterministic for a given `seed` (the start vector). Returns a float32 scalar tensor."""
