@@ -62,7 +62,8 @@ def runs(tmp_path_factory):
     for interval in (0, 2):
         cfg = tiny_config(data, str(root / f"run{interval}"),
                           model={"n_loop": 2, "dropout": 0.1},  # dropout on: diagnostics must not draw from its RNG
-                          train={"steps": 5, "log_interval": 3, "diag_interval": interval, "tensorboard": True})
+                          train={"steps": 5, "log_interval": 3, "diag_interval": interval, "tensorboard": True},
+                          parallel={"zero_stage": 2})  # (DeepSpeed's gradient hooks must survive the diagnostics)
         path = write_config(str(root / f"cfg{interval}.yaml"), cfg)
         (res,) = run_distributed(_train, world_size=1, args=(path,), timeout=240)
         out[interval] = (res, metrics(str(root / f"run{interval}")), str(root / f"run{interval}"))
