@@ -5,7 +5,8 @@
 - diag_interval=0 builds nothing and calls none of the diagnostic functions;
 - the logged per-loop gradient norms are those of the per-loop contributions that sum to `.grad`;
 - TP = 2 (with and without sequence parallelism, kv heads replicated) gives the TP = 1 numbers;
-- models with DSA layers skip the spectral norm only; unsupported layouts are refused by validation.
+- models with DSA layers skip the spectral norm only; unsupported layouts are refused by validation;
+- per-sequence loop counts: the rows sharing the first row's depth are the batch.
 """
 import pytest
 import torch
@@ -158,6 +159,7 @@ def test_dsa_model_skips_the_spectral_norm_only():
     (["train.diag_interval=2", "parallel.pipeline_parallel=2"], "diag_interval=2 .*pipeline_parallel=2"),
     (["train.diag_interval=2", "parallel.zero_stage=3"], "diag_interval=2 .*zero_stage=3"),
     (["train.diag_interval=2", "train.compile=true"], "diag_interval=2 .*train.compile"),
+    (["train.diag_interval=2", "model.value_embeddings=true"], "diag_interval=2 .*value_embeddings"),
     (["train.diag_interval=-1"], "train.diag_interval"),
 ])
 def test_unsupported_layouts_refused(over, match):
@@ -225,3 +227,19 @@ def test_activation_checkpointing_gives_the_same_diagnostics(ckpt):
         model.block.activation_checkpointing = mode  # what the training set-up sets
         out[mode] = compute_diagnostics(model, x, y, loops=3, seed=4)
     _assert_same(out[ckpt], out["none"], rel=1e-6)
+
+
+def test_per_sequence_loops_use_the_rows_sharing_the_first_rows_depth():
+    """loop.granularity=sequence: the diagnostics run on the rows with the first row's (R, R_grad)."""
+    from types import SimpleNamespace
+    from megaloop.training.diagnostics import TrainingDiagnostics
+    cfg = load_config(None, SMALL + ["train.diag_interval=1", "train.seed=3"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    x, y = _batch(B=4, seed=6)
+    state = SimpleNamespace(dp_rank=0, tp_rank=0, sequence_parallel=False)
+    diag = TrainingDiagnostics(cfg, state, model, None, print)
+    got = diag.run(5, x, y, torch.tensor([3, 2, 3, 3]), torch.tensor([3, 2, 3, 1]))
+    rows = torch.tensor([0, 2])
+    want = compute_diagnostics(model, x[rows], y[rows], loops=3, grad_loops=3, seed=3 + 5)
+    assert got == want

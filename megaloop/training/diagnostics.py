@@ -4,7 +4,8 @@
 On a diagnostic step (steps N, 2N, ...; 1-based, as logged) the trainer hands over the step's FIRST
 micro-batch before training on it, so the numbers are taken at the weights the step's gradient is computed
 at, on data the run trains on (a fixed held-out batch would compare steps better but needs its own data
-path; the micro-batch's own loop count R is used). They are computed on the bare model (outside the
+path; the micro-batch's own loop count R is used; with per-sequence counts, loop.granularity=sequence,
+the rows sharing the first row's R and gradient loops). They are computed on the bare model (outside the
 DeepSpeed engine: no autocast, in the weights' dtype), in eval mode (no dropout), with a random initial
 state (state_init=noise) drawn from a generator seeded by (train.seed, step): the run's own random streams
 and its `.grad` are untouched, so a run with diagnostics trains exactly like one without.
@@ -36,7 +37,8 @@ R 4 the spectral norm costs 6.8x the micro-batch's forward + backward, the input
 per-loop gradients 1.1x (all 8.5x); with d_model 128, R 8: 2.7x, 0.6x, 1.1x (4.4x). Forward-mode AD is
 the dear part; its share shrinks as R grows. One host read of the results per diagnostic step.
 
-Layouts: pipeline_parallel 1 (PP > 1, ZeRO-3 and train.compile are refused by config validation), any
+Layouts: pipeline_parallel 1 (PP > 1, ZeRO-3, train.compile and model.value_embeddings are refused by
+config validation), any
 tensor parallelism (with or without sequence parallelism), any data parallelism. Only data-parallel
 rank 0's TP group computes (on its micro-batch); its TP ranks run the diagnostics together (the model's
 TP collectives, plus: under sequence parallelism the state's dot products summed over TP; the per-loop
@@ -90,17 +92,24 @@ class TrainingDiagnostics:
     def due(self, step: int) -> bool:
         return diag_due(step, self.interval)
 
-    def run(self, step: int, tokens: torch.Tensor, labels: torch.Tensor, loops: int,
-            grad_loops: Optional[int] = None) -> Optional[dict]:
+    def run(self, step: int, tokens: torch.Tensor, labels: torch.Tensor, loops, grad_loops=None) -> Optional[dict]:
+        """loops, grad_loops: ints, or (B,) per-row counts (loop.granularity=sequence): then the rows that
+        share the first row's (R, R_grad) are the batch (each row trains as if run alone)."""
         if not self.active:
             return None
+        if torch.is_tensor(loops) and loops.dim() > 0:
+            total, grad = loops.cpu(), grad_loops.cpu()
+            rows = ((total == total[0]) & (grad == grad[0])).nonzero().flatten().to(tokens.device)
+            tokens, labels = tokens.index_select(0, rows), labels.index_select(0, rows)
+            loops, grad_loops = int(total[0]), int(grad[0])
         result = compute_diagnostics(self.model, tokens, labels, loops, grad_loops, seed=self.seed + step,
                                      spectral=self.spectral, comm=self.comm, seq_comm=self.seq_comm,
                                      tp_rank=self.tp_rank)
         if "spectral_norm_skipped" in result:  # (every TP rank runs the same kernels: all skip alike)
             self.spectral = False
-            self.logger.console(f"warning: train.diag_interval: the loop map's spectral norm is skipped from now on "
-                                f"(a kernel without forward-mode AD: {result['spectral_norm_skipped']})")
+            if self.logger is not None:
+                self.logger.console(f"warning: train.diag_interval: the loop map's spectral norm is skipped from now on "
+                                    f"(a kernel without forward-mode AD: {result['spectral_norm_skipped']})")
         log_diagnostics(self.logger, step, result)
         return result
 
