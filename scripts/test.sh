@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 PATH="$PWD/.venv/bin:$PATH"
-exec .venv/bin/python -m pytest tests -q -p no:cacheprovider --timeout=600 "$@"
+exec .venv/bin/python -m pytest tests -q -p no:cacheprovider --timeout=600 --durations=15 "$@"
