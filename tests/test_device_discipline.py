@@ -4,7 +4,7 @@ gloo accepts them, so CPU runs alone never showed it). tests/device_guard.py giv
 GPU. The runs cover the trainer's own collectives: stop/NaN flags, the loss average over data
 parallel, validation, the stats gathered at log steps, the self-clipping grad norm (fp32 ZeRO 0) over
 pipeline stages and TP ranks, the TP RNG check, checkpoint saves, the closing sample and the training
-diagnostics' TP sums (train.diag_interval).
+diagnostics' TP sums and pipeline sends (train.diag_interval).
 """
 import os
 
@@ -70,9 +70,12 @@ def _guard_probe(rank, world):
 
 def test_data_parallel_and_pipeline_collectives_on_device(tmp_path, data):
     # PP 2 x DP 2 (4 ranks), ZeRO 1, bf16 (torch.autocast): loss average over DP, stats, flags, eval
-    # through the pipe engine.
-    _run(tmp_path, data, 4, {"pipeline_parallel": 2, "zero_stage": 1},
-         train={"sample_tokens": 0, "precision": "bf16"})
+    # through the pipe engine; the training diagnostics at step 2 (their point-to-point sends between
+    # the stages and to the logging rank).
+    text = _run(tmp_path, data, 4, {"pipeline_parallel": 2, "zero_stage": 1},
+                train={"sample_tokens": 0, "precision": "bf16", "diag_interval": 2})
+    from test_train_support import metrics
+    assert [r["step"] for r in metrics(str(tmp_path / "run")) if "diagnostics" in r] == [2], text[-3000:]
 
 
 def test_tensor_parallel_self_clip_collectives_on_device(tmp_path, data):

@@ -156,7 +156,6 @@ def test_dsa_model_skips_the_spectral_norm_only():
 
 
 @pytest.mark.parametrize("over,match", [
-    (["train.diag_interval=2", "parallel.pipeline_parallel=2"], "diag_interval=2 .*pipeline_parallel=2"),
     (["train.diag_interval=2", "parallel.zero_stage=3"], "diag_interval=2 .*zero_stage=3"),
     (["train.diag_interval=2", "train.compile=true"], "diag_interval=2 .*train.compile"),
     (["train.diag_interval=2", "model.value_embeddings=true"], "diag_interval=2 .*value_embeddings"),

@@ -410,10 +410,7 @@ def tensor_parallel_problems(m: ModelConfig, tp: int, seq_len: Optional[int] = N
 def _check_diag_interval(t, p, value_embeddings: bool) -> None:
     """train.diag_interval > 0: the layouts the training diagnostics (megaloop/training/diagnostics.py) run on."""
     why = None
-    if p.pipeline_parallel > 1:
-        why = (f"parallel.pipeline_parallel={p.pipeline_parallel} (the per-loop gradient contributions need the loss, "
-               f"on another stage than the looped block; not implemented)")
-    elif p.zero_stage == 3:
+    if p.zero_stage == 3:
         why = "parallel.zero_stage=3 (the diagnostics call the model outside DeepSpeed's parameter gathering)"
     elif t.compile:
         why = "train.compile (forward-mode AD and per-loop parameter copies through compiled layers are untested)"

@@ -14,7 +14,9 @@ reduces the per-loop gradient norms over TP ranks.
 
 The loop's state map is `LoopedBlock.loop_map(t, h, e, rope, final_norm)`: h(t-1) -> h(t) =
 carry(step(t, h(t-1))) with the injected signal e (embedding after the prelude) and rope held fixed,
-exactly what the block's forward computes between loops. The maps see the state of the whole batch,
+exactly what the block's forward computes between loops. The block-level forms (`block_spectral_norm`,
+`block_input_dependence`, `per_loop_copies`) start from (block, e, rope, final_norm) instead of the
+tokens: a pipeline stage holding the looped block but not the embedding calls them. The maps see the state of the whole batch,
 (B, T, d), as one vector: attention couples the tokens, so the Jacobian is (B*T*d) x (B*T*d).
 """
 from __future__ import annotations
@@ -43,11 +45,18 @@ def last_iterate(model, tokens: torch.Tensor, loops: int,
     """(h(R), e, rope) without gradients: the state the loop carries after `loops` iterations (for the
     loop's last output this is carry(x(R)), i.e. normalised where the loop normalises between loops).
     Cost: one embed + `loops` loop steps, no autograd graph."""
-    block = model.block
     with torch.no_grad():
         e, rope = _embed(model, tokens)
+    return last_iterate_of_block(model.block, e, rope, loops, model.final_norm, generator), e, rope
+
+
+def last_iterate_of_block(block, e: torch.Tensor, rope, loops: int, final_norm,
+                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """h(R) from the injected signal e (what `last_iterate` computes after the embedding): the block-level
+    form, for a pipeline stage that holds the block but not the embedding."""
+    with torch.no_grad():
         s0 = block.initial_state(e, generator) if block.arch == "recurrent" else e
-        return _iterate(block, e, rope, loops, model.final_norm, s0), e, rope
+        return _iterate(block, e, rope, loops, final_norm, s0)
 
 
 def _seq_sum(x: torch.Tensor, seq_comm) -> torch.Tensor:
@@ -92,10 +101,17 @@ def loop_map_spectral_norm(model, tokens: torch.Tensor, loops: int, iters: int =
     operators define their tangents); `seq_comm`: the TP group when the state is a sequence shard
     (sequence parallelism), over which the Lanczos dot products are summed.
     Deterministic for a given `seed` (the start vector). Returns a float32 scalar tensor."""
+    with torch.no_grad():
+        e, rope = _embed(model, tokens)
+    return block_spectral_norm(model.block, e, rope, loops, model.final_norm, iters, seed, generator, seq_comm)
+
+
+def block_spectral_norm(block, e: torch.Tensor, rope, loops: int, final_norm=None, iters: int = 8, seed: int = 0,
+                        generator: Optional[torch.Generator] = None, seq_comm=None) -> torch.Tensor:
+    """loop_map_spectral_norm from the injected signal e (the block-level form: a pipeline stage holding
+    the block, e, rope and, for Ouro, the shared final norm). Same method, cost and result."""
     import torch.autograd.forward_ad as fwAD
-    block = model.block
-    h, e, rope = last_iterate(model, tokens, loops, generator)
-    final_norm = model.final_norm
+    h = last_iterate_of_block(block, e, rope, loops, final_norm, generator)
 
     def f(x):
         return block.loop_map(loops, x, e, rope, final_norm)
@@ -106,7 +122,7 @@ def loop_map_spectral_norm(model, tokens: torch.Tensor, loops: int, iters: int =
     v = _random_like_state(h.shape, seed, h.device, torch.float32, seq_comm).reshape(-1)
     basis = [v / dot(v, v).sqrt()]
     alphas, betas = [], []
-    with _params_frozen(model), _math_attention():
+    with _params_frozen(block, final_norm), _math_attention():
         h_in = h.detach().requires_grad_(True)
         with torch.enable_grad():
             y = f(h_in)
@@ -152,9 +168,16 @@ def input_dependence(model, tokens: torch.Tensor, loops: int, eps: float = 1e-3,
     norms are summed over the group).
 
     Cost: 2 * R no-grad loop steps (+ one embed), no autograd graph. Returns a float32 scalar tensor."""
-    block = model.block
     with torch.no_grad():
         e, rope = _embed(model, tokens)
+    return block_input_dependence(model.block, e, rope, loops, model.final_norm, eps, seed, generator, seq_comm)
+
+
+def block_input_dependence(block, e: torch.Tensor, rope, loops: int, final_norm=None, eps: float = 1e-3,
+                           seed: int = 0, generator: Optional[torch.Generator] = None,
+                           seq_comm=None) -> torch.Tensor:
+    """input_dependence from the injected signal e (the block-level form). Same method, cost and result."""
+    with torch.no_grad():
         u = _random_like_state(e.shape, seed, e.device, torch.float32, seq_comm)
         u = (u / _seq_sum(u.pow(2).sum(), seq_comm).sqrt()).to(e.dtype)
         e2 = e + eps * u
@@ -165,8 +188,8 @@ def input_dependence(model, tokens: torch.Tensor, loops: int, eps: float = 1e-3,
         else:
             s0 = block.initial_state(e, generator)
             s0_2 = s0
-        h1 = _iterate(block, e, rope, loops, model.final_norm, s0)
-        h2 = _iterate(block, e2, rope, loops, model.final_norm, s0_2)
+        h1 = _iterate(block, e, rope, loops, final_norm, s0)
+        h2 = _iterate(block, e2, rope, loops, final_norm, s0_2)
         diff = _seq_sum((h2.float() - h1.float()).pow(2).sum(), seq_comm).sqrt()
         return (diff / (eps * _seq_sum(u.float().pow(2).sum(), seq_comm).sqrt())).detach()
 
@@ -179,9 +202,9 @@ def _math_attention():
 
 
 @contextlib.contextmanager
-def _params_frozen(model):
+def _params_frozen(*modules):
     """Parameters as constants for the torch.func transforms (no parameter gradients are built)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    flags = [(p, p.requires_grad) for m in modules if m is not None for p in m.parameters()]
     try:
         for p, _ in flags:
             p.requires_grad_(False)
@@ -250,34 +273,59 @@ def per_loop_grads(model, tokens: torch.Tensor, labels: torch.Tensor, loops: Opt
                    grad_loops: Optional[int] = None, **forward_kwargs):
     """(loss, groups, {param name in the block: (R, *shape) per-loop gradient contributions}): the
     computation behind per_loop_grad_contributions (same cost)."""
-    block = model.block
     loops = model.cfg.loops if loops is None else int(loops)
-    names = [(n, p) for n, p in block.named_parameters() if _group(n) is not None]
-    groups = list(dict.fromkeys(_group(n) for n, _ in names))  # in registration order
-    copies: List[Dict[str, torch.Tensor]] = [
-        {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in names} for _ in range(loops)]
+    with per_loop_copies(model.block, loops) as copies:
+        out = model(tokens, labels=labels, loops=loops, grad_loops=grad_loops, **forward_kwargs)
+    return out.loss.detach(), copies.groups, copies.grads(out.loss)
+
+
+class PerLoopCopies:
+    """One copy of the shared block's parameters per loop (see per_loop_copies); `grads` backpropagates
+    into them."""
+
+    def __init__(self, block, loops: int):
+        self.names = [(n, p) for n, p in block.named_parameters() if _group(n) is not None]
+        self.groups = list(dict.fromkeys(_group(n) for n, _ in self.names))  # in registration order
+        self.copies: List[Dict[str, torch.Tensor]] = [
+            {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in self.names} for _ in range(loops)]
+
+    def grads(self, outputs, grad_outputs=None) -> Dict[str, torch.Tensor]:
+        """{param name in the block: (R, *shape)}: d outputs / d copy_t (outputs: the loss, or tensors with
+        their incoming gradients `grad_outputs`, e.g. from the next pipeline stage); zeros where the
+        outputs do not reach a copy. `.grad` is untouched."""
+        names, copies = self.names, self.copies
+        flat = [c[n] for c in copies for n, _ in names]
+        wanted = [x for x in flat if x.requires_grad]
+        grads = torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True) if wanted else []
+        it = iter(grads)
+        per = [{n: (next(it) if c[n].requires_grad else None) for n, _ in names} for c in copies]
+        per = [{n: (g if g is not None else torch.zeros_like(c[n])) for n, g in d.items()}
+               for d, c in zip(per, copies)]
+        del flat, wanted, grads, it
+        self.copies = None
+        stacked = {}
+        for n, _ in names:  # one parameter at a time, freeing the per-loop pieces as they are stacked
+            stacked[n] = torch.stack([d.pop(n) for d in per])
+        return stacked
+
+
+@contextlib.contextmanager
+def per_loop_copies(block, loops: int):
+    """Within the context, loop t of `block` runs its step with its own copy of the shared parameters
+    (`torch.func.functional_call`), so that d loss / d copy_t is loop t's contribution to the shared
+    parameter's gradient. Yields the PerLoopCopies; the block's step is restored on exit."""
+    copies = PerLoopCopies(block, int(loops))
     wrapper = _Step(block)
 
     def patched_step(t, s, e, rope):
-        params = {f"block.{n}": c for n, c in copies[t].items()}
+        params = {f"block.{n}": c for n, c in copies.copies[t].items()}
         return torch.func.functional_call(wrapper, params, (t, s, e, rope), strict=False)
 
     block.step = patched_step
     try:
-        out = model(tokens, labels=labels, loops=loops, grad_loops=grad_loops, **forward_kwargs)
+        yield copies
     finally:
         del block.step
-    flat = [c[n] for c in copies for n, _ in names]
-    grads = torch.autograd.grad(out.loss, [x for x in flat if x.requires_grad], allow_unused=True)
-    it = iter(grads)
-    per = [{n: (next(it) if c[n].requires_grad else None) for n, _ in names} for c in copies]
-    per = [{n: (g if g is not None else torch.zeros_like(c[n])) for n, g in d.items()}
-           for d, c in zip(per, copies)]
-    del copies, flat, grads, it
-    stacked = {}
-    for n, _ in names:  # one parameter at a time, freeing the per-loop pieces as they are stacked
-        stacked[n] = torch.stack([d.pop(n) for d in per])
-    return out.loss.detach(), groups, stacked
 
 
 def contribution_stats(grads: Dict[str, torch.Tensor], groups: List[str],

@@ -213,12 +213,14 @@ class LoopedBlockPipe(_RopeMixin, nn.Module):
         self.want_diagnostics = False
         self.last_diagnostics = None
         self.last_loops = None
+        self.noise_generator = None  # RNG of a random initial state; None: torch's (the training diagnostics set one)
 
     def forward(self, inputs):
         e, loops = inputs
         total, grad = unpack_loops(loops)  # per-row (B,) tensors under loop.granularity=sequence
         out = self.block(e, self._rope(e), total, grad, collect=self.collect,
-                         diagnostics=self.want_diagnostics, final_norm=self.final_norm)
+                         diagnostics=self.want_diagnostics, final_norm=self.final_norm,
+                         generator=self.noise_generator)
         self.last_loops = (total, grad)
         if self.want_diagnostics and out.diagnostics is not None:
             self.last_diagnostics = {k: v.detach() for k, v in out.diagnostics.items()}

@@ -37,14 +37,21 @@ R 4 the spectral norm costs 6.8x the micro-batch's forward + backward, the input
 per-loop gradients 1.1x (all 8.5x); with d_model 128, R 8: 2.7x, 0.6x, 1.1x (4.4x). Forward-mode AD is
 the dear part; its share shrinks as R grows. One host read of the results per diagnostic step.
 
-Layouts: pipeline_parallel 1 (PP > 1, ZeRO-3, train.compile and model.value_embeddings are refused by
-config validation), any
-tensor parallelism (with or without sequence parallelism), any data parallelism. Only data-parallel
-rank 0's TP group computes (on its micro-batch); its TP ranks run the diagnostics together (the model's
-TP collectives, plus: under sequence parallelism the state's dot products summed over TP; the per-loop
-gradients reduced like `.grad` (megaloop.parallel.apply_tp.tp_grad_reduction) and their squared norms and
-dot products summed over TP counting each distinct element once, megaloop.parallel.grad_norm's rule).
-The logging rank (DP 0, TP 0) writes a row {"step", "diagnostics": {...}} to metrics.jsonl and
+Layouts: any tensor parallelism (with or without sequence parallelism), any data parallelism, any
+pipeline parallelism (ZeRO-3, train.compile and model.value_embeddings are refused by config validation).
+Only data-parallel rank 0's model replica computes (on its micro-batch); its TP ranks run the diagnostics
+together (the model's TP collectives, plus: under sequence parallelism the state's dot products summed
+over TP; the per-loop gradients reduced like `.grad` (megaloop.parallel.apply_tp.tp_grad_reduction) and
+their squared norms and dot products summed over TP counting each distinct element once,
+megaloop.parallel.grad_norm's rule). Under pipeline parallelism (megaloop/training/pipeline_diagnostics.py)
+all stages of that replica pass the micro-batch through by hand before the pipeline engine's step: the
+stages before the looped block forward it without gradients, the looped stage computes the spectral norm
+and input dependence from the block's input (fixed_point.block_spectral_norm / block_input_dependence)
+and the per-loop gradients from the gradient the later stages (layers + the pipeline's loss) send back;
+its TP rank 0 sends the numbers to the logging rank. Same numbers as one stage; extra cost under PP: the
+stages run one after the other once (no overlap), one point-to-point transfer per stage boundary
+(two after the looped block: its output and that output's gradient back) and the result to the logging rank.
+The logging rank (last stage, DP 0, TP 0) writes a row {"step", "diagnostics": {...}} to metrics.jsonl and
 TensorBoard scalars diag/loop_map_spectral_norm, diag/input_dependence,
 diag/grad_norm/<group>/loopNN, diag/grad_cosine/<group>/loopNN (from loop 2).
 """
@@ -62,6 +69,7 @@ LANCZOS_STEPS = 8
 
 
 def has_dsa(model) -> bool:
+    """Whether the looped block of `model` (a LoopedLM or the pipeline's LoopedBlockPipe) has DSA layers."""
     from megaloop.model.sparse_attention import DeepSeekSparseAttention
     return any(isinstance(m, DeepSeekSparseAttention) for m in model.block.modules())
 
@@ -72,19 +80,28 @@ def diag_due(step: int, interval: int) -> bool:
 
 
 class TrainingDiagnostics:
-    """Built by the trainer only when train.diag_interval > 0. `run` is called on every rank of the
-    looped stage with the step's first micro-batch on diagnostic steps; it returns the numbers (on the
-    ranks that computed them) and logs them on the logging rank."""
+    """Built by the trainer only when train.diag_interval > 0. On diagnostic steps, with one stage `run`
+    is called on every rank with the step's first micro-batch; it returns the numbers (on the ranks that
+    computed them) and logs them on the logging rank. Under pipeline parallelism `run_pipeline` is
+    called on every rank instead (before the pipeline engine's step)."""
 
     def __init__(self, cfg, state, model, logger, console: Callable[[str], None]):
         self.interval, self.seed = int(cfg.train.diag_interval), int(cfg.train.seed)
         self.model, self.logger = model, logger
         self.active = state.dp_rank == 0  # DP rank 0's TP group computes; the other replicas skip
-        comm = getattr(model, "tp_comm", None)
+        self.pipe = None
+        if getattr(state, "pp_size", 1) > 1:  # every stage of DP replica 0 takes part (megaloop/training/pipeline_diagnostics.py)
+            from megaloop.parallel.comm import TPComm
+            from megaloop.training.pipeline_diagnostics import PipelineDiagnostics
+            self.pipe = PipelineDiagnostics(cfg, state, model)
+            comm = TPComm.from_state(state)
+        else:
+            comm = getattr(model, "tp_comm", None)
         self.comm = comm if (comm is not None and comm.size > 1) else None
         self.seq_comm = self.comm if (self.comm is not None and state.sequence_parallel) else None
         self.tp_rank = state.tp_rank
-        self.spectral = not has_dsa(model)
+        holder = model if self.pipe is None else self.pipe.layer  # (None: a stage without the looped block)
+        self.spectral = holder is None or not has_dsa(holder)
         if not self.spectral:
             console("warning: train.diag_interval: the loop map's spectral norm is skipped for this model "
                     "(DSA's sparse attention has no forward-mode AD); the other diagnostics are logged")
@@ -113,6 +130,30 @@ class TrainingDiagnostics:
         log_diagnostics(self.logger, step, result)
         return result
 
+    def run_pipeline(self, step: int, batches):
+        """PP > 1, called on every rank before the pipeline engine trains step `step`: DP replica 0's
+        stages compute the diagnostics of the step's first micro-batch together (outside DeepSpeed's
+        schedule) and the logging rank logs them. Returns the iterator the engine reads this step's
+        micro-batches from (the first and last stages peek at the first micro-batch and put it back)."""
+        import itertools
+        batch = None
+        if self.pipe.reads_batch:
+            batch = next(batches)
+            batches = itertools.chain([batch], batches)
+        if not self.active:
+            return batches
+        result = self.pipe.run(batch, seed=self.seed + step, spectral=self.spectral, comm=self.comm,
+                               seq_comm=self.seq_comm, tp_rank=self.tp_rank)
+        if result is not None and "spectral_norm_skipped" in result:
+            self.spectral = False
+        result = self.pipe.to_logging_rank(result)
+        if result is not None and "spectral_norm_skipped" in result and self.logger is not None:
+            self.logger.console(f"warning: train.diag_interval: the loop map's spectral norm is skipped from now on "
+                                f"(a kernel without forward-mode AD: {result['spectral_norm_skipped']})")
+        if result is not None:
+            log_diagnostics(self.logger, step, result)
+        return batches
+
 
 def compute_diagnostics(model, tokens: torch.Tensor, labels: torch.Tensor, loops: int,
                         grad_loops: Optional[int] = None, seed: int = 0, spectral: bool = True,
@@ -128,22 +169,37 @@ def compute_diagnostics(model, tokens: torch.Tensor, labels: torch.Tensor, loops
     def gen():
         return torch.Generator(device=device).manual_seed(seed)
     try:
-        sn, skipped = None, None
-        if spectral:
-            try:
-                sn = loop_map_spectral_norm(model, tokens, loops, iters=LANCZOS_STEPS, seed=seed, generator=gen(),
-                                            seq_comm=seq_comm)
-            except NotImplementedError as exc:  # a kernel without forward-mode AD (custom autograd.Function)
-                skipped = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        sn, skipped = spectral_or_skipped(lambda: loop_map_spectral_norm(
+            model, tokens, loops, iters=LANCZOS_STEPS, seed=seed, generator=gen(), seq_comm=seq_comm), spectral)
         dep = input_dependence(model, tokens, loops, seed=seed, generator=gen(), seq_comm=seq_comm)
         _, groups, grads = per_loop_grads(model, tokens, labels, loops, grad_loops, noise_generator=gen())
-        counted, sum_over_ranks = None, None
-        if comm is not None:
-            grads, counted, sum_over_ranks = _tp_reductions(model, grads, comm, tp_rank)
-        norm, cos = contribution_stats(grads, groups, counted, sum_over_ranks)
+        norm, cos = grad_stats(model.block, grads, groups, comm, tp_rank)
         del grads
     finally:
         model.train(was_training)
+    return diagnostics_result(loops, sn, skipped, dep, groups, norm, cos)
+
+
+def spectral_or_skipped(fn, spectral: bool):
+    """(fn() or None, None or why it was skipped): a kernel without forward-mode AD skips it."""
+    if not spectral:
+        return None, None
+    try:
+        return fn(), None
+    except NotImplementedError as exc:  # a kernel without forward-mode AD (custom autograd.Function)
+        return None, (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def grad_stats(block, grads: dict, groups, comm=None, tp_rank: int = 0):
+    """contribution_stats of the per-loop gradients, with the TP reductions when comm is given."""
+    counted, sum_over_ranks = None, None
+    if comm is not None:
+        grads, counted, sum_over_ranks = _tp_reductions(block, grads, comm, tp_rank)
+    return contribution_stats(grads, groups, counted, sum_over_ranks)
+
+
+def diagnostics_result(loops, sn, skipped, dep, groups, norm, cos) -> dict:
+    """The numbers as plain Python values (the format compute_diagnostics documents); one host read."""
     scalars = torch.stack([dep.float()] + ([sn.float()] if sn is not None else [])).tolist()  # (one read)
     out = {"loops": int(loops), "loop_map_spectral_norm": scalars[1] if sn is not None else None,
            "input_dependence": scalars[0], "groups": groups,
@@ -153,12 +209,12 @@ def compute_diagnostics(model, tokens: torch.Tensor, labels: torch.Tensor, loops
     return out
 
 
-def _tp_reductions(model, grads: dict, comm, tp_rank: int):
+def _tp_reductions(block, grads: dict, comm, tp_rank: int):
     """Per-loop gradients made what `.grad` would hold on this TP rank (the TP grad hooks' reduction), the
     grad-norm counting rule, and the sum over the TP group (on the accelerator's device)."""
     from megaloop.parallel.apply_tp import tp_grad_reduction
     from megaloop.parallel.grad_norm import counts_toward_grad_norm
-    params = dict(model.block.named_parameters())
+    params = dict(block.named_parameters())
     reduced = {}
     for name, g in grads.items():
         reduce = tp_grad_reduction(params[name], comm)

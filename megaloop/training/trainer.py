@@ -180,8 +180,10 @@ class Trainer:
             if layer is not None:
                 layer.want_diagnostics = want_diag
                 layer.last_diagnostics = None
-            rs = []
-            loss = self.engine.train_batch(data_iter=_Recording(batches, rs))
+            rs, it = [], batches
+            if self.diagnostics is not None and self.diagnostics.due(step + 1):  # (peeks at the first micro-batch)
+                it = self.diagnostics.run_pipeline(step + 1, batches)
+            loss = self.engine.train_batch(data_iter=_Recording(it, rs))
             diag = layer.last_diagnostics if layer is not None else None
             if layer is not None:
                 layer.want_diagnostics = False
