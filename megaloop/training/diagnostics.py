@@ -100,8 +100,7 @@ class TrainingDiagnostics:
         self.comm = comm if (comm is not None and comm.size > 1) else None
         self.seq_comm = self.comm if (self.comm is not None and state.sequence_parallel) else None
         self.tp_rank = state.tp_rank
-        holder = model if self.pipe is None else self.pipe.layer  # (None: a stage without the looped block)
-        self.spectral = holder is None or not has_dsa(holder)
+        self.spectral = not has_dsa(model if self.pipe is None else self.pipe.meta_model(cfg))
         if not self.spectral:
             console("warning: train.diag_interval: the loop map's spectral norm is skipped for this model "
                     "(DSA's sparse attention has no forward-mode AD); the other diagnostics are logged")

@@ -104,6 +104,14 @@ class PipelineDiagnostics:
         # The first stage reads the tokens and loop counts, the last the labels (as the engine does).
         self.reads_batch = state.is_first_stage or state.is_last_stage
 
+    @staticmethod
+    def meta_model(cfg):
+        """The full LoopedLM on the meta device (no memory): what every stage can ask about the model
+        (e.g. whether the looped block has DSA layers) without holding it."""
+        from megaloop.model.looped_lm import LoopedLM
+        with torch.device("meta"):
+            return LoopedLM(cfg.model)
+
     # ------------------------------------------------------------------------------------------
     def run(self, batch, seed: int, spectral: bool, comm=None, seq_comm=None, tp_rank: int = 0) -> Optional[dict]:
         """This stage's part; returns the diagnostics on the looped stage's ranks, else None."""
