@@ -278,3 +278,30 @@ def test_loop_max_clipping_a_heavy_tailed_schedule_is_reported():
                                                              max=wide)) is None
     assert clipping_warning(LoopScheduleConfig(sampling="poisson", mean=4, max=32)) is None
     assert clipping_warning(LoopScheduleConfig(sampling="fixed", mean=4)) is None
+
+
+def test_keyed_noise_start_ignores_the_global_rng_and_follows_step_and_micro_batch():
+    # Training keys the noise start of micro-batch m by (seed, step, m) (LoopedBlock.set_noise_key), so
+    # every pipeline stage / TP rank / resumed run draws the same whatever drew from torch's RNG before.
+    from megaloop.model.looped_block import noise_generator
+    torch.manual_seed(0)
+    model = build_model(load_config(ROOT / "yaml_configs/tiny/parcae.yaml"))
+    x, _ = _batch(2, 16)
+
+    def run(step, dp_rank=0, dp_size=1, micro_batches=1, global_seed=0):
+        model.block.set_noise_key(7, step, dp_rank, dp_size)
+        torch.manual_seed(global_seed)
+        return [model(x, loops=3).logits for _ in range(micro_batches)]
+
+    a0, a1 = run(5, micro_batches=2)
+    b0, b1 = run(5, micro_batches=2, global_seed=123)  # another global RNG state: the same draws
+    torch.testing.assert_close(a0, b0, rtol=0, atol=0)
+    torch.testing.assert_close(a1, b1, rtol=0, atol=0)
+    assert not torch.allclose(a0, a1)  # micro-batches 0 and 1 draw different noise
+    assert not torch.allclose(a0, run(6)[0])  # ... so do steps
+    # DP rank 1 of 2 draws what one rank draws for its second accumulated micro-batch
+    torch.testing.assert_close(run(5, dp_rank=1, dp_size=2)[0], a1, rtol=0, atol=0)
+    # the reference: micro-batch 1's explicit generator
+    model.block.noise_key = None
+    ref = model(x, loops=3, noise_generator=noise_generator(7, 5, 1, x.device)).logits
+    torch.testing.assert_close(ref, a1, rtol=0, atol=0)

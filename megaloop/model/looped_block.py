@@ -17,6 +17,7 @@ with R = 1 every architecture reduces to the plain transformer x -> layers -> fi
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -29,6 +30,14 @@ from megaloop.model.injection import ParcaeInjection, build_injection
 from megaloop.model.layers import RMSNorm, TransformerLayer, rms_norm
 from megaloop.config import mixer_pattern
 from megaloop.model.mixers import build_mixer
+
+
+def noise_generator(seed: int, step: int, index: int, device) -> torch.Generator:
+    """The generator of the random initial state (state_init=noise) of micro-batch `index` in optimizer
+    step `step`: a pure function of (seed, step, index), like the loop counts, so every pipeline stage,
+    TP rank and resumed run draws the same noise, whatever else drew from torch's global RNG before."""
+    h = hashlib.blake2b(repr(("state-noise", int(seed), int(step), int(index))).encode(), digest_size=8)
+    return torch.Generator(device=device).manual_seed(int.from_bytes(h.digest(), "little") >> 1)
 
 
 @dataclass
@@ -73,6 +82,23 @@ class LoopedBlock(nn.Module):
         # setup swaps it in. It must be non-reentrant (the pipeline engine's partial backward).
         self.checkpoint_fn: Callable = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
         self.eps = cfg.norm_eps
+        # The training loop's key of this step's noise starts (`set_noise_key`): (seed, step, dp_rank,
+        # dp_size); forward k of the step (micro-batch k, no explicit generator) draws from
+        # noise_generator(seed, step, k * dp_size + dp_rank). None: torch's global RNG (inference).
+        self.noise_key: Optional[tuple] = None
+        self.noise_draws = 0
+
+    def set_noise_key(self, seed: int, step: int, dp_rank: int = 0, dp_size: int = 1) -> None:
+        """Key the noise start of the next forwards (one per micro-batch, in order) by the optimizer step."""
+        self.noise_key, self.noise_draws = (int(seed), int(step), int(dp_rank), int(dp_size)), 0
+
+    def _keyed_generator(self, e: torch.Tensor) -> Optional[torch.Generator]:
+        if self.noise_key is None or self.arch != "recurrent" or self.cfg.state_init != "noise":
+            return None
+        seed, step, dp_rank, dp_size = self.noise_key
+        index = self.noise_draws * dp_size + dp_rank  # DP 2 draws what one rank accumulating 2 draws
+        self.noise_draws += 1
+        return noise_generator(seed, step, index, e.device)
 
     # ------------------------------------------------------------------------------------------
     def initial_state(self, e: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -239,11 +265,14 @@ class LoopedBlock(nn.Module):
         `grad_loops`) may also be (B,) tensors: one depth per sequence (`_forward_rows`).
 
         final_norm: the LM's final norm, needed only when it is shared with the loop (Ouro).
-        generator:  RNG for the random initial state (state_init=noise); default: torch's global one.
+        generator:  RNG for the random initial state (state_init=noise); default: the step's keyed one
+                    (`set_noise_key`), else torch's global one.
         tokens:     the token ids (B, T), for layers with a value embedding (model.value_embeddings).
         collect:    also return the output of every loop that carries gradients (per-loop losses,
                     exit gates). For Ouro those outputs are already final-normed.
         """
+        if generator is None:
+            generator = self._keyed_generator(e)
         if torch.is_tensor(loops) and loops.dim() > 0:
             return self._forward_rows(e, rope, loops, grad_loops, collect, diagnostics, final_norm, generator,
                                       tokens)
