@@ -175,10 +175,8 @@ class Trainer:
         if self._aux_scale is None or t.precision == "fp16":
             self._aux_scale = main_loss_backward_scale(self.engine)
             set_aux_loss_backward_scale(self.module, self._aux_scale)
-        # The noise start (state_init=noise) of micro-batch m is keyed by (seed, step, m), as R is: every
-        # layout and a resumed run draw the same, whatever else drew from the stage's global RNG.
         block = self.module.block if self.pp == 1 else getattr(self.te.looped_layer(), "block", None)
-        if block is not None:
+        if block is not None:  # noise start keyed by (seed, step, micro-batch), as R is: any layout, resume
             block.set_noise_key(t.seed, step, self.state.dp_rank, self.dp)
         if self.pp > 1:
             layer = self.te.looped_layer()
