@@ -194,6 +194,11 @@ def build_engine(cfg: Config, state, console, device: str, init_state: Optional[
     mpu = state.grid if (state.tp_size > 1 and state.pp_size == 1) else None
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=mpu)
+    if state.pp_size > 1:
+        # DeepSpeed reuses receive buffers by tuple position whatever their dtype: a middle looped stage
+        # would receive the long loop counts into a float gradient buffer (megaloop/parallel/pipe_buffers.py)
+        from megaloop.parallel.pipe_buffers import key_receive_buffers_by_dtype
+        key_receive_buffers_by_dtype(engine)
 
     from megaloop.model.loop_schedule import clipping_warning
     clipped = clipping_warning(cfg.loop, t.seed)
