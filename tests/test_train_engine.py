@@ -129,7 +129,7 @@ def test_ouro_with_the_looped_block_on_a_middle_stage_matches_single_stage(env):
     # the stacked size every micro-batch, and validation runs through the same stages.
     loop, train = {"loss": "exit_weighted", "exit_entropy_weight": 0.05}, {"steps": 3, "save_interval": 0,
                                                                           "eval_interval": 3, "eval_iters": 2}
-    # (ZeRO 0: under ZeRO 1, PP 3 hangs in the first optimizer step whatever the loss - a separate issue)
+    # (ZeRO 0: ZeRO >= 1 is refused for this split, see the next test)
     pp1, _, _ = env("pp1_ouro", 1, parallel={"zero_stage": 0}, loop=loop, model=OURO, train=train)
     pp3, results, _ = env("pp3_ouro", 3, parallel={"pipeline_parallel": 3, "zero_stage": 0}, loop=loop, model=OURO,
                           train=train)
@@ -145,6 +145,18 @@ def test_ouro_with_the_looped_block_on_a_middle_stage_matches_single_stage(env):
     va = [row["valid_loss"] for row in metrics(pp1) if "valid_loss" in row]
     vb = [row["valid_loss"] for row in metrics(pp3) if "valid_loss" in row]
     assert len(va) == len(vb) == 1 and vb[0] == pytest.approx(va[0], rel=1e-5)
+
+
+def test_zero_with_a_stage_lacking_a_norm_is_refused_not_hung(env):
+    # The head stage holds the tied head alone (Ouro's final norm sits with the loop): one AdamW group
+    # against two elsewhere. DeepSpeed's ZeRO all-reduces the grad norm once per group over all stages,
+    # so this hung in the first optimizer step; now every rank stops at start-up with one line.
+    _, results, _ = env("pp3_ouro_zero1", 3, parallel={"pipeline_parallel": 3, "zero_stage": 1}, model=OURO,
+                        train={"steps": 2, "save_interval": 0}, expect_ok=False)
+    assert [rc for rc, _ in results] == [2, 2, 2], [out[-2000:] for _, out in results]
+    out = results[0][1]  # one rank reports the error (megaloop.errors.should_report)
+    assert "different numbers of AdamW groups" in out and "parallel.zero_stage=0" in out, out[-2000:]
+    assert all("Traceback" not in o for _, o in results)
 
 
 def test_per_loop_activation_checkpointing_same_gradients_through_pipeline(env):

@@ -116,6 +116,29 @@ class TrainingEngine:
         return lm.eval()
 
 
+def _check_same_group_count_on_every_stage(optimizer, state, zero_stage: int) -> None:
+    """ZeRO all-reduces the gradient norm once per optimizer group over all pipeline stages (DeepSpeed drops
+    empty groups), so a stage with fewer groups than the others leaves them waiting forever in the first
+    step: e.g. a last stage holding the tied head alone has no norm, hence no no-decay group. Refused here,
+    on every rank, with one line instead of a hang."""
+    import torch.distributed as tdist
+
+    from megaloop.config import ConfigError
+    from megaloop.parallel.device import on_accelerator, zeros_on_accelerator
+
+    mine = on_accelerator([sum(1 for g in optimizer.param_groups if g["params"])], dtype=torch.long)
+    counts = zeros_on_accelerator(state.world_size, dtype=torch.long)
+    tdist.all_gather_into_tensor(counts, mine)
+    counts = counts.tolist()  # once, at start-up
+    if len(set(counts)) > 1:
+        raise ConfigError(
+            f"parallel.zero_stage={zero_stage} with pipeline_parallel={state.pp_size}: the pipeline stages hold "
+            f"different numbers of AdamW groups (decay / no-decay; per global rank: {counts}), on which DeepSpeed's "
+            f"ZeRO hangs in the first step (one gradient-norm all-reduce per group over all stages); use "
+            f"parallel.zero_stage=0, or a split whose every stage holds a norm (e.g. model.share_outer_final_norm"
+            f"=false, or fewer pipeline stages)")
+
+
 def build_engine(cfg: Config, state, console, device: str, init_state: Optional[dict] = None) -> TrainingEngine:
     """console: a function printing one set-up line (the trainer prints on rank 0). init_state: the full
     LoopedLM state dict a new run starts from (init.from; megaloop.checkpoint.init_weights), loaded into the
@@ -183,6 +206,8 @@ def build_engine(cfg: Config, state, console, device: str, init_state: Optional[
         console(f"train.trainable=converted: {len(trainable)} parameter tensors train from step 0, the other "
                 f"{len(held)} from step {hold_steps}")
     optimizer = build_optimizer(module, t, device_type, held, hold_steps)
+    if state.pp_size > 1 and p.zero_stage >= 1:
+        _check_same_group_count_on_every_stage(optimizer, state, p.zero_stage)
     scheduler = build_scheduler(optimizer, t)
     # DeepSpeed clips fp32-weight ZeRO-0 gradients without recording the norm: clip ourselves there.
     self_clip = p.zero_stage == 0 and (t.precision == "fp32" or (t.precision == "bf16" and t.bf16_impl == "autocast"))
