@@ -43,10 +43,8 @@ def send_tensors(tensors: List[torch.Tensor], dst: int, device) -> None:
     shape) and the data. The receiver needs to know nothing (recv_tensors)."""
     dist.send(torch.tensor([len(tensors)], dtype=torch.long, device=device), dst)
     for t in tensors:
-        head = torch.zeros(2 + _MAX_DIMS, dtype=torch.long)
-        head[0], head[1] = _DTYPES.index(t.dtype), t.dim()
-        head[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.long)
-        dist.send(head.to(device), dst)
+        head = [_DTYPES.index(t.dtype), t.dim(), *t.shape] + [0] * (_MAX_DIMS - t.dim())
+        dist.send(torch.tensor(head, dtype=torch.long, device=device), dst)
         dist.send(t.detach().contiguous(), dst)
 
 
