@@ -22,6 +22,8 @@ setup(
         "safetensors",
         "tqdm",
         "psutil",
+        "tokenizers",  # Hugging Face tokenizer.json files (Llama 3, Qwen, Ouro), fast batched encoding
+        "xxhash",  # checkpoint file checksums
     ],
     entry_points={"console_scripts": ["megaloop-pretrain=megaloop.training.cli:main"]},
     extras_require={
@@ -29,6 +31,10 @@ setup(
         # Apex's fused kernels are used only when a user has built it on their cluster.
         "test": ["pytest", "pytest-timeout"],
         "hf": ["transformers"],
-        "eval": ["matplotlib"],  # tools/eval_loops.py's PNG plot
+        "eval": ["matplotlib", "lm-eval"],  # tools/eval_loops.py's PNG plot; tools/eval_harness.py
+        # Corpora as they ship: parquet, .jsonl.zst, `datasets` save_to_disk folders; tiktoken vocabularies.
+        "data": ["pyarrow", "zstandard", "datasets", "tiktoken"],
+        # Experiment trackers (imported only when named in train.loggers; offline modes work without network).
+        "track": ["wandb", "mlflow-skinny"],
     },
 )

@@ -4,7 +4,7 @@
 # CPU machines (the default here): torch is pinned to the local CPU wheel torch==2.13.0, installed
 # before megaloop so nothing pulls a multi-GB CUDA build.
 # GPU clusters: create the environment with the torch build that matches your CUDA first, then run
-# this script with MEGALOOP_TORCH=keep (it leaves torch alone), or simply `pip install -e .[test,hf,eval]`.
+# this script with MEGALOOP_TORCH=keep (it leaves torch alone), or simply `pip install -e .[test,hf,eval,data,track]`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,6 +18,7 @@ if [ "${MEGALOOP_TORCH:-cpu}" = "cpu" ]; then
   .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
     || pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -c "import megaloop, deepspeed, transformers, pytest, pytest_timeout, sentencepiece, matplotlib" \
-  2>/dev/null || pip install -q -e ".[test,hf,eval]"
+.venv/bin/python -c "import megaloop, deepspeed, transformers, pytest, pytest_timeout, sentencepiece, matplotlib, \
+tokenizers, xxhash, pyarrow, zstandard, datasets, tiktoken, wandb, mlflow, lm_eval" \
+  2>/dev/null || pip install -q -e ".[test,hf,eval,data,track]"
 .venv/bin/python -c "import torch, deepspeed; print(f'environment ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}')" 2>&1 | grep -v WARNING
