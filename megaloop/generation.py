@@ -62,7 +62,14 @@ def wrap_megaloop(model, tokenizer=None) -> LoadedLM:
 
 
 def wrap_hf(model, tokenizer=None) -> LoadedLM:
+    """An exported model with its tokenizer: a transformers tokenizer, or a megaloop Tokenizer (the
+    tokenizer.json of an export, read with the `tokenizers` library as every other stage reads it)."""
+    from megaloop.data.tokenizer import Tokenizer
+
     cfg = model.config
+    if isinstance(tokenizer, Tokenizer):
+        return LoadedLM(model.eval(), "hf", cfg.num_loops, cfg.max_seq_len, tokenizer.encode, tokenizer.decode,
+                        tokenizer.eod_id, bool(cfg.exit_gate), cfg.vocab_size)
     enc = (lambda s: tokenizer(s, verbose=False)["input_ids"]) if tokenizer is not None else (lambda s: list(s.encode("utf-8")))
     dec = (lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)) if tokenizer is not None else \
         (lambda ids: bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace"))
@@ -81,7 +88,11 @@ def load_lm(source, step: Optional[int] = None) -> LoadedLM:
         model = load_exported(path)
         tokenizer = None
         tok_cfg = path / "tokenizer_config.json"
-        if tok_cfg.is_file():
+        if (path / "tokenizer.json").is_file():
+            from megaloop.data.tokenizer_hf import HFTokenizer
+
+            tokenizer = HFTokenizer(path)
+        elif tok_cfg.is_file():
             from megaloop.export.hf_template import tokenization_megaloop as tm
 
             cls = getattr(tm, json.loads(tok_cfg.read_text()).get("tokenizer_class", ""), None)
@@ -92,7 +103,7 @@ def load_lm(source, step: Optional[int] = None) -> LoadedLM:
     from megaloop.data.tokenizer import build_tokenizer
 
     model, cfg = load_model(path, step)
-    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, eod_token=cfg.data.tokenizer_eod)
     return wrap_megaloop(model, tokenizer)
 
 

@@ -67,7 +67,7 @@ def load_model_for_cli(model, step=None, tokenizer_model=None):
     # plain file holds both, so it is read once.
     lm_model, cfg = (None, load_config(path, step)) if is_deepspeed_checkpoint(path) else load_model(path, step)
     tok_path = checkpoint_tokenizer_model(model, cfg.data, tokenizer_model)
-    tokenizer = build_tokenizer(cfg.data.tokenizer_type, tok_path)
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, tok_path, eod_token=cfg.data.tokenizer_eod)
     if lm_model is None:
         lm_model, _ = load_model(path, step)
     return wrap_megaloop(lm_model, tokenizer)
@@ -75,9 +75,9 @@ def load_model_for_cli(model, step=None, tokenizer_model=None):
 
 def checkpoint_tokenizer_model(model, data_cfg, tokenizer_model=None):
     """The tokenizer model file of a checkpoint's run (None for the byte tokenizer), resolved for this cwd."""
-    from megaloop.data.tokenizer import _TOKENIZER_ALIASES, resolve_tokenizer_model
+    from megaloop.data.tokenizer import normalize_tokenizer_type, resolve_tokenizer_model
 
-    kind = _TOKENIZER_ALIASES.get(str(data_cfg.tokenizer_type).lower().replace("-", "").replace("_", ""))
+    kind = normalize_tokenizer_type(data_cfg.tokenizer_type)
     if kind == "byte":
         if tokenizer_model:
             raise UsageError(f"--tokenizer-model: {model} was trained with the byte tokenizer, which has no model "
@@ -97,6 +97,8 @@ def model_tokenizer_reference(model, step=None, tokenizer_model=None):
     path = Path(model)
     if path.is_dir() and _is_hf_folder(path):
         tok_cfg = path / "tokenizer_config.json"
+        if (path / "tokenizer.json").is_file():
+            return {"type": "hf", "model": str(path / "tokenizer.json")}
         if not tok_cfg.is_file():
             return None
         cls = json.loads(tok_cfg.read_text()).get("tokenizer_class", "")
@@ -108,7 +110,8 @@ def model_tokenizer_reference(model, step=None, tokenizer_model=None):
     from megaloop.checkpoint import load_config
 
     data_cfg = load_config(path, step).data
-    return {"type": data_cfg.tokenizer_type, "model": checkpoint_tokenizer_model(model, data_cfg, tokenizer_model)}
+    return {"type": data_cfg.tokenizer_type, "model": checkpoint_tokenizer_model(model, data_cfg, tokenizer_model),
+            "eod": data_cfg.tokenizer_eod}
 
 
 def load_eval_tokens(lm, data=None, text=None, split="969,30,1", max_tokens=1 << 20, tokenizer_ref=None):
@@ -457,7 +460,7 @@ def _main(argv=None):
                    help="strategy:threshold items, e.g. kl:1e-3 q_exit:0.5 (q_exit only with an exit gate)")
     p.add_argument("--out-dir", default="eval_loops_out")
     p.add_argument("--tokenizer-model", default=None,
-                   help="the sentencepiece model file, when the run's recorded (relative) path does not resolve")
+                   help="the tokenizer model file (sentencepiece .model, tokenizer.json or its folder, .tiktoken), when the run's recorded (relative) path does not resolve")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--task", default=None, help="score a synthetic task (default: the run's data.task when "
                    "neither --data nor --text is given)")

@@ -42,7 +42,7 @@ def _main(argv=None):
     p.add_argument("--noise-init", default="seeded", choices=["seeded", "global_rng", "zeros"],
                    help="how the exported model draws a `noise` initial state (see README in the folder)")
     p.add_argument("--noise-seed", type=int, default=0)
-    p.add_argument("--tokenizer-model", default=None, help="override the sentencepiece model path of the run")
+    p.add_argument("--tokenizer-model", default=None, help="override the tokenizer model path of the run (.model, tokenizer.json or its folder, .tiktoken)")
     p.add_argument("--no-verify", action="store_true", help="skip the logits check against megaloop")
     p.add_argument("--format", choices=["megaloop", "llama"], default="megaloop",
                    help="megaloop: remote-code folder (every architecture); llama: unrolled LlamaForCausalLM, "
@@ -68,7 +68,7 @@ def _main(argv=None):
         state_dict, cfg, data_cfg = load_checkpoint(args.checkpoint, args.step)
         from tools.eval_loops import checkpoint_tokenizer_model
 
-        tok = {"type": data_cfg.tokenizer_type,
+        tok = {"type": data_cfg.tokenizer_type, "eod": getattr(data_cfg, "tokenizer_eod", None),
                "model": checkpoint_tokenizer_model(args.checkpoint, data_cfg, args.tokenizer_model)}
         if args.format == "llama":
             from megaloop.export.llama_export import export_llama

@@ -5,6 +5,8 @@ Flags follow Megatron-LM's tools/preprocess_data.py (GPT-NeoX's --jsonl-keys wor
     python tools/preprocess_data.py --input 'data/*.jsonl.gz' --json-keys text \\
         --output-prefix data/corpus --tokenizer-type sentencepiece --tokenizer-model spm.model \\
         --append-eod --workers 16
+    python tools/preprocess_data.py --input data/corpus.jsonl --output-prefix data/corpus --append-eod \\
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model path/to/Llama-3.2-1B --workers 16
 
 Inputs: .jsonl/.json (one JSON object per line), .txt (one document per line, or per file with
 --text-documents file), each optionally gzipped. Bad records are skipped and reported with file and
@@ -43,8 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True,
-                       help="'sentencepiece' (also SentencePieceTokenizer, GPTSentencePieceTokenizer) or 'byte'")
-    group.add_argument("--tokenizer-model", default=None, help="sentencepiece .model file")
+                       help="'hf' (also HuggingFaceTokenizer: a Hugging Face tokenizer.json), 'sentencepiece' (also "
+                            "SentencePieceTokenizer, GPTSentencePieceTokenizer), 'tiktoken' or 'byte'")
+    group.add_argument("--tokenizer-model", default=None,
+                       help="hf: a tokenizer.json or a model folder holding one; sentencepiece: the .model file; "
+                            "tiktoken: a local .tiktoken file")
+    group.add_argument("--tokenizer-eod", default=None,
+                       help="hf / tiktoken: the end-of-document token, when tokenizer_config.json names no eos_token "
+                            "and the tokenizer has no <|endoftext|>, <|end_of_text|>, </s> or <eos>")
     group.add_argument("--vocab-size", type=int, default=None,
                        help="optional check: the tokenizer must have exactly this vocabulary size")
     group.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
@@ -74,7 +82,7 @@ def _main(argv=None) -> int:
     if args.partitions < 1:
         raise PreprocessError("--partitions must be at least 1")
     if args.vocab_size is not None:
-        actual = build_tokenizer(args.tokenizer_type, args.tokenizer_model).vocab_size
+        actual = build_tokenizer(args.tokenizer_type, args.tokenizer_model, eod_token=args.tokenizer_eod).vocab_size
         if actual != args.vocab_size:
             raise PreprocessError(f"--vocab-size {args.vocab_size} does not match the tokenizer's {actual}")
     config = PreprocessConfig(
@@ -82,6 +90,7 @@ def _main(argv=None) -> int:
         output_prefix=args.output_prefix,
         tokenizer_type=args.tokenizer_type,
         tokenizer_model=args.tokenizer_model,
+        tokenizer_eod=args.tokenizer_eod,
         json_keys=args.json_keys,
         append_eod=args.append_eod,
         workers=args.workers,

@@ -1,9 +1,21 @@
-"""Train a sentencepiece tokenizer (BPE or unigram) from jsonl or text files.
+"""Train a tokenizer from jsonl or text files: a Hugging Face byte-level BPE tokenizer.json (--type bpe)
+or a sentencepiece model (BPE or unigram, the default --type sentencepiece).
 
+    python tools/train_tokenizer.py --type bpe --input data/stdlib.jsonl --model-prefix data/bpe32k \
+        --vocab-size 32000
     python tools/train_tokenizer.py --input data/stdlib.jsonl --model-prefix data/spm32k \
         --vocab-size 32000 --model-type bpe --input-sentence-size 2000000
 
-Writes {model-prefix}.model and {model-prefix}.vocab. The model always has these ids:
+--type bpe writes the folder {model-prefix}/ with tokenizer.json and tokenizer_config.json (trained with
+the `tokenizers` library; GPT-2's byte-level scheme, so every string is encodable): preprocess it with
+`--tokenizer-type hf --tokenizer-model {model-prefix}` (Megatron-LM's `--tokenizer-type HuggingFaceTokenizer
+--tokenizer-model {model-prefix}` reads the same folder), and `AutoTokenizer.from_pretrained` loads it.
+Its ids: 0 the end-of-document token (--eod-piece, default <|endoftext|>, the eos_token), 1 the pad token
+(--pad-piece, default <|pad|>), then --user-defined-symbols, the 256 bytes and the merges;
+--input-sentence-size N trains on the first N documents.
+
+--type sentencepiece:
+writes {model-prefix}.model and {model-prefix}.vocab. The model always has these ids:
 0 <unk>, 1 <s>, 2 the end-of-document piece (--eod-piece, default <eod>, sentencepiece's eos),
 3 the pad piece (--pad-piece, default <pad>); --user-defined-symbols adds more pieces that are
 matched verbatim in text. Text is kept as-is (identity normalization, whitespace preserved), which
@@ -45,16 +57,20 @@ def _main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="files or globs (.jsonl, .jsonl.gz, .txt, .txt.gz)")
     parser.add_argument("--json-keys", "--jsonl-keys", dest="json_keys", nargs="+", default=["text"])
-    parser.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    parser.add_argument("--type", choices=["sentencepiece", "bpe"], default="sentencepiece",
+                        help="bpe: a Hugging Face byte-level BPE tokenizer.json; sentencepiece: a .model file")
+    parser.add_argument("--model-prefix", "--output", dest="model_prefix", required=True,
+                        help="sentencepiece: writes PREFIX.model and PREFIX.vocab; bpe: the folder PREFIX/ with "
+                             "tokenizer.json and tokenizer_config.json")
     parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece's algorithm")
     parser.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--character-coverage", type=float, default=0.9995)
     parser.add_argument("--input-sentence-size", type=int, default=0,
                         help="train on a random sample of this many lines (0: all); bounds time and memory")
     parser.add_argument("--max-sentence-length", type=int, default=4192, help="longer lines are skipped (bytes)")
-    parser.add_argument("--eod-piece", default="<eod>")
-    parser.add_argument("--pad-piece", default="<pad>")
+    parser.add_argument("--eod-piece", default=None, help="default <eod> (sentencepiece), <|endoftext|> (bpe)")
+    parser.add_argument("--pad-piece", default=None, help="default <pad> (sentencepiece), <|pad|> (bpe)")
     parser.add_argument("--user-defined-symbols", nargs="*", default=[])
     parser.add_argument("--split-digits", action="store_true")
     parser.add_argument("--num-threads", type=int, default=os.cpu_count() or 1)
@@ -64,6 +80,9 @@ def _main(argv=None):
     from tqdm import tqdm
 
     paths = expand_inputs(args.input)
+    if args.type == "bpe":
+        return _train_bpe(args, paths)
+    args.eod_piece, args.pad_piece = args.eod_piece or "<eod>", args.pad_piece or "<pad>"
     if args.vocab_size < 4 + len(args.user_defined_symbols):
         raise DataError(f"--vocab-size {args.vocab_size}: too small for the 4 special pieces and "
                         f"{len(args.user_defined_symbols)} --user-defined-symbols")
@@ -124,6 +143,31 @@ def _main(argv=None):
                     os.remove(tmp_prefix + ext)
     print(f"wrote {args.model_prefix}.model ({args.model_type}, vocab {args.vocab_size}) from {len(paths)} files",
           file=sys.stderr)
+
+
+def _train_bpe(args, paths):
+    """--type bpe: megaloop.data.tokenizer_hf.train_bpe on the documents (whole: byte-level BPE needs no
+    sentence split), first checking that there is text at all."""
+    from itertools import islice
+
+    from megaloop.data.tokenizer_hf import train_bpe
+
+    specials = [args.eod_piece or "<|endoftext|>", args.pad_piece or "<|pad|>"] + list(args.user_defined_symbols)
+    if args.vocab_size < 256 + len(specials):
+        raise DataError(f"--vocab-size {args.vocab_size}: a byte-level BPE needs at least 256 byte tokens plus "
+                        f"{len(specials)} special tokens")
+    skipped = SkipCounter()
+    if next(iter_documents(paths, args.json_keys, skipped), None) is None:
+        raise DataError(no_text_message(paths, args.json_keys, skipped))
+    os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, args.num_threads)))  # the trainer's thread pool
+    documents = iter_documents(paths, args.json_keys)
+    if args.input_sentence_size > 0:
+        documents = islice(documents, args.input_sentence_size)
+    reached = train_bpe(documents, args.model_prefix, args.vocab_size, specials[0], specials[1], specials[2:],
+                        split_digits=args.split_digits, show_progress=sys.stderr.isatty())
+    print(f"wrote {os.path.join(args.model_prefix, 'tokenizer.json')} (byte-level BPE, vocab {reached}"
+          f"{f' of the {args.vocab_size} asked: the text allows no more merges' if reached < args.vocab_size else ''}"
+          f") from {len(paths)} files", file=sys.stderr)
 
 
 class _NoProgress:

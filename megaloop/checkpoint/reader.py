@@ -291,6 +291,7 @@ def checkpoint_config(ci: CheckpointInfo) -> Config:
     if tok.get("type"):
         cfg.data.tokenizer_type = tok["type"]
         cfg.data.tokenizer_model = tok.get("model")
+        cfg.data.tokenizer_eod = tok.get("eod", cfg.data.tokenizer_eod)
     return cfg
 
 

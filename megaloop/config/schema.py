@@ -171,8 +171,13 @@ class DataConfig:
     data_path: list = field(default_factory=list)
     split: str = "969,30,1"
     seq_len: int = 128
-    tokenizer_type: str = "byte"  # byte | sentencepiece
-    tokenizer_model: Optional[str] = None
+    # byte | sentencepiece | hf (Megatron's HuggingFaceTokenizer: a tokenizer.json or a model folder holding
+    # one) | tiktoken (a local .tiktoken file); megaloop/data/tokenizer.py
+    tokenizer_type: str = "byte"
+    tokenizer_model: Optional[str] = None  # the model file (sentencepiece .model, tokenizer.json / folder, .tiktoken)
+    # hf / tiktoken: the end-of-document token when the tokenizer does not name one (tokenizer_config.json's
+    # eos_token, else <|endoftext|>, <|end_of_text|>, </s>, <eos>)
+    tokenizer_eod: Optional[str] = None
     cache_dir: Optional[str] = None  # index cache; None: next to the data
     num_workers: int = 0
     # A synthetic task (megaloop.tasks: parity, prefix_sum, mqar, s5, a5, z5, z60, state_tracking, sudoku)

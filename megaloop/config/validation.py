@@ -195,14 +195,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loop.max={lp.max} exceeds model.max_loops={m.max_loops} (per-loop gate table)")
     if cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    _choice(cfg.data.tokenizer_type, ("byte", "sentencepiece"), "data.tokenizer_type")
+    from megaloop.data.tokenizer import TOKENIZER_TYPES, normalize_tokenizer_type
+    tokenizer_kind = normalize_tokenizer_type(cfg.data.tokenizer_type)
+    if tokenizer_kind is None:
+        raise ConfigError(f"data.tokenizer_type={cfg.data.tokenizer_type!r} is not one of "
+                          f"{', '.join(TOKENIZER_TYPES)} (Megatron's HuggingFaceTokenizer, SentencePieceTokenizer work too)")
     if not isinstance(cfg.data.task_params, dict):
         raise ConfigError(f"data.task_params must be a mapping of the task's parameters, e.g. {{length: 16}}, "
                           f"got {cfg.data.task_params!r}")
     if cfg.data.task_params and not cfg.data.task:
         raise ConfigError("data.task_params is set but data.task is not: name the task (e.g. data.task=parity)")
-    if cfg.data.tokenizer_type == "sentencepiece" and not cfg.data.tokenizer_model:
-        raise ConfigError("data.tokenizer_type='sentencepiece' needs data.tokenizer_model")
+    if tokenizer_kind != "byte" and not cfg.data.tokenizer_model:
+        raise ConfigError(f"data.tokenizer_type={cfg.data.tokenizer_type!r} needs data.tokenizer_model")
+    if cfg.data.tokenizer_eod and tokenizer_kind not in ("hf", "tiktoken"):
+        raise ConfigError(f"data.tokenizer_eod applies to hf and tiktoken tokenizers, not "
+                          f"data.tokenizer_type={cfg.data.tokenizer_type!r}")
     # Training.
     _choice(t.lr_schedule, ("cosine", "wsd", "constant"), "train.lr_schedule")
     _choice(t.precision, ("fp32", "bf16", "fp16"), "train.precision")

@@ -5,9 +5,11 @@ tools/preprocess_data.py writes `{prefix}.tokenizer.json` next to `{prefix}.bin`
     {"format": "megaloop-dataset-tokenizer/1", "type": "sentencepiece", "vocab_size": 32000,
      "model_sha256": "9f2c...", "model": "/abs/path/spm.model", "eod_id": 2}
 
-(`model` / `model_sha256` are null for the byte tokenizer). Megatron-LM reads only .bin/.idx and ignores
+`type` is byte | sentencepiece | hf | tiktoken; `model` is the file that defines the tokenizer (the
+sentencepiece .model, the tokenizer.json, also when given as its folder, the .tiktoken file), null with
+its hash for the byte tokenizer. Megatron-LM reads only .bin/.idx and ignores
 it. `check_dataset_tokenizer(prefix, reference)` compares it with the tokenizer a model was trained
-with (type, vocabulary size, sha256 of the model file) and raises DatasetTokenizerError, a ConfigError
+with (type, vocabulary size, sha256 of the model file, end-of-document id) and raises DatasetTokenizerError, a ConfigError
 with a one-line message, on a mismatch. A dataset without the file (made by Megatron-LM or an older
 megaloop) is accepted; the token-id range checks (`check_token_ids`) still apply to it.
 """
@@ -43,30 +45,39 @@ def file_sha256(path) -> str:
 
 
 def _normalized_type(kind: str) -> str:
-    from megaloop.data.tokenizer import _TOKENIZER_ALIASES
+    from megaloop.data.tokenizer import normalize_tokenizer_type
 
-    return _TOKENIZER_ALIASES.get(str(kind).lower().replace("-", "").replace("_", ""), str(kind))
+    return normalize_tokenizer_type(kind) or str(kind)
+
+
+def _model_file(tokenizer) -> Optional[str]:
+    """The file whose bytes define the tokenizer: the sentencepiece .model, the tokenizer.json (also when
+    the tokenizer was given as its folder), the .tiktoken file; None for the byte tokenizer."""
+    return getattr(tokenizer, "json_path", None) or getattr(tokenizer, "model_path", None) \
+        or getattr(tokenizer, "path", None)
 
 
 def tokenizer_record(reference) -> Optional[Dict[str, Any]]:
-    """{"type", "vocab_size", "model_sha256", "model"} of a tokenizer reference, with what is known:
-    a megaloop Tokenizer, a Config / DataConfig (data.tokenizer_type / tokenizer_model), a reference
-    dict {"type", "model"} (what checkpoints store, megaloop.training.data.tokenizer_reference) or a
-    record read from a sidecar. None: nothing known."""
-    from megaloop.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, build_tokenizer
+    """{"type", "vocab_size", "model_sha256", "model", "eod_id"} of a tokenizer reference, with what is
+    known: a megaloop Tokenizer, a Config / DataConfig (data.tokenizer_type / tokenizer_model /
+    tokenizer_eod), a reference dict {"type", "model", "eod"} (what checkpoints store,
+    megaloop.training.data.tokenizer_reference) or a record read from a sidecar. None: nothing known."""
+    from megaloop.data.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
+    from megaloop.data.tokenizer_hf import HFTokenizer, TiktokenTokenizer
 
     if reference is None:
         return None
     if hasattr(reference, "data") and hasattr(reference.data, "tokenizer_type"):  # a Config
         reference = reference.data
     if hasattr(reference, "tokenizer_type"):  # a DataConfig
-        reference = {"type": reference.tokenizer_type, "model": reference.tokenizer_model}
-    if isinstance(reference, ByteTokenizer):
-        return {"type": "byte", "vocab_size": reference.vocab_size, "model_sha256": None, "model": None}
-    if isinstance(reference, SentencePieceTokenizer):
-        path = reference.model_path
-        return {"type": "sentencepiece", "vocab_size": reference.vocab_size, "model_sha256": file_sha256(path),
-                "model": os.path.abspath(path)}
+        reference = {"type": reference.tokenizer_type, "model": reference.tokenizer_model,
+                     "eod": getattr(reference, "tokenizer_eod", None)}
+    if isinstance(reference, Tokenizer):
+        kind = "byte" if isinstance(reference, ByteTokenizer) else "hf" if isinstance(reference, HFTokenizer) \
+            else "tiktoken" if isinstance(reference, TiktokenTokenizer) else "sentencepiece"
+        path = _model_file(reference)
+        return {"type": kind, "vocab_size": reference.vocab_size, "model_sha256": file_sha256(path) if path else None,
+                "model": os.path.abspath(path) if path else None, "eod_id": int(reference.eod_id)}
     if not isinstance(reference, dict) or not reference.get("type"):
         raise TypeError(f"not a tokenizer reference: {reference!r}")
     if "vocab_size" in reference:  # already a record
@@ -74,7 +85,7 @@ def tokenizer_record(reference) -> Optional[Dict[str, Any]]:
     kind, model = _normalized_type(reference["type"]), reference.get("model")
     record = {"type": kind, "vocab_size": None, "model_sha256": None, "model": model}
     try:
-        record = tokenizer_record(build_tokenizer(kind, model))
+        record = tokenizer_record(build_tokenizer(kind, model, eod_token=reference.get("eod")))
     except (ValueError, OSError):
         if model and os.path.isfile(model):  # a model file that does not load: still compare its bytes
             record["model_sha256"] = file_sha256(model)
@@ -83,7 +94,7 @@ def tokenizer_record(reference) -> Optional[Dict[str, Any]]:
 
 def write_sidecar(prefix, tokenizer) -> str:
     """Write {prefix}.tokenizer.json for `tokenizer` atomically; returns its path."""
-    record = dict(tokenizer_record(tokenizer), format=SIDECAR_FORMAT, eod_id=int(tokenizer.eod_id))
+    record = dict(tokenizer_record(tokenizer), format=SIDECAR_FORMAT)
     path = sidecar_path(prefix)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -134,6 +145,8 @@ def tokenizer_mismatch(data: Dict[str, Any], model: Dict[str, Any]) -> Optional[
         return "another vocabulary size"
     if data.get("model_sha256") and model.get("model_sha256") and data["model_sha256"] != model["model_sha256"]:
         return "another tokenizer model file"
+    if data.get("eod_id") is not None and model.get("eod_id") is not None and int(data["eod_id"]) != int(model["eod_id"]):
+        return "another end-of-document id"
     return None
 
 

@@ -43,6 +43,7 @@ class PreprocessConfig:
     output_prefix: str
     tokenizer_type: str = "byte"
     tokenizer_model: Optional[str] = None
+    tokenizer_eod: Optional[str] = None  # hf / tiktoken: the end-of-document token, when the tokenizer names none
     json_keys: Sequence[str] = ("text",)
     append_eod: bool = False
     workers: int = 1
@@ -185,8 +186,11 @@ class UnitResult:
 _worker = {}  # per-process state set by _init_worker: the tokenizer is loaded once per process
 
 
-def _init_worker(tokenizer_type, tokenizer_model, json_keys, append_eod, dtype):
-    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
+def _init_worker(tokenizer_type, tokenizer_model, json_keys, append_eod, dtype, tokenizer_eod=None):
+    # One thread per worker, as sentencepiece's num_threads=1: --workers is the parallelism (Hugging Face
+    # tokenizers would otherwise start a thread per core in every worker).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, eod_token=tokenizer_eod)
     _worker.update(tokenizer=tokenizer, json_keys=list(json_keys), append_eod=append_eod, dtype=np.dtype(dtype))
 
 
@@ -365,7 +369,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     if "text" in formats and len(keys) != 1:
         raise PreprocessError(f"text inputs hold one document per {config.text_documents}, so they take exactly "
                               f"one json key (--json-keys; it names the output); got {keys}")
-    tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)  # fail fast, before forking
+    # fail fast, before forking
+    tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model, eod_token=config.tokenizer_eod)
     dtype = token_dtype_for_vocab(tokenizer.vocab_size)
     outputs = {key: output_prefix_for_key(config.output_prefix, key) for key in keys}
     summary = PreprocessSummary(output_paths=outputs, tokens={key: 0 for key in keys})
@@ -377,7 +382,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     pool = multiprocessing.get_context(method).Pool(
         config.workers, initializer=_init_worker,
-        initargs=(config.tokenizer_type, config.tokenizer_model, keys, config.append_eod, dtype))
+        initargs=(config.tokenizer_type, config.tokenizer_model, keys, config.append_eod, dtype, config.tokenizer_eod))
     writers: Dict[str, IndexedDatasetWriter] = {}
     progress = _Progress(total_bytes, config.log_interval, config.show_progress)
     # Pool.imap reads its input eagerly; this bounds the units in flight (gzip units carry data).

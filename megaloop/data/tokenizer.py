@@ -1,7 +1,10 @@
-"""Tokenizers: one small interface over sentencepiece, plus a byte-level tokenizer that needs no model file.
+"""Tokenizers: one small interface over sentencepiece, Hugging Face tokenizer.json files and tiktoken
+files (megaloop/data/tokenizer_hf.py), plus a byte-level tokenizer that needs no model file.
 
 Every tokenizer exposes encode / decode / vocab_size / eod_id / pad_id, and encode_batch, which the
-preprocessing workers use because sentencepiece encodes a list of strings in one C++ call.
+preprocessing workers use because each library encodes a list of strings in one native call.
+Every stage builds its tokenizer here (build_tokenizer): preprocessing, training, the end-of-run
+sample, generate / eval_loops, the Hugging Face export.
 """
 import os
 from typing import Iterable, List, Optional, Sequence
@@ -119,20 +122,49 @@ _TOKENIZER_ALIASES = {
     "gptsentencepiecetokenizer": "sentencepiece",
     "llama2tokenizer": "sentencepiece",
     "spm": "sentencepiece",
+    "hf": "hf",
+    "huggingface": "hf",
+    "huggingfacetokenizer": "hf",
+    "tokenizerjson": "hf",
+    "tiktoken": "tiktoken",
+    "tiktokenizer": "tiktoken",
 }
+TOKENIZER_TYPES = ("byte", "sentencepiece", "hf", "tiktoken")
 
 
-def build_tokenizer(kind: str, model_path: Optional[str] = None, num_threads: int = 1) -> Tokenizer:
-    """Factory: kind is "byte" or "sentencepiece" (Megatron's names such as SentencePieceTokenizer work too)."""
-    normalized = _TOKENIZER_ALIASES.get(kind.lower().replace("-", "").replace("_", ""))
+def normalize_tokenizer_type(kind) -> Optional[str]:
+    """megaloop's name of a tokenizer type (Megatron-LM / GPT-NeoX spellings accepted), None if unknown."""
+    return _TOKENIZER_ALIASES.get(str(kind).lower().replace("-", "").replace("_", ""))
+
+
+def build_tokenizer(kind: str, model_path: Optional[str] = None, num_threads: int = 1,
+                    eod_token: Optional[str] = None) -> Tokenizer:
+    """Factory: kind is "byte", "sentencepiece", "hf" (a tokenizer.json or a folder holding one) or "tiktoken"
+    (a local .tiktoken file); Megatron's names (SentencePieceTokenizer, HuggingFaceTokenizer) work too.
+    eod_token names the end-of-document token of an hf / tiktoken tokenizer (see tokenizer_hf.py)."""
+    normalized = normalize_tokenizer_type(kind)
     if normalized is None:
-        raise TokenizerError(f"unknown tokenizer type {kind!r}; use 'byte' or 'sentencepiece'")
+        raise TokenizerError(f"unknown tokenizer type {kind!r}; use one of {', '.join(TOKENIZER_TYPES)} "
+                             f"(Megatron's HuggingFaceTokenizer / SentencePieceTokenizer work too)")
     if normalized == "byte":
         if model_path:
             raise TokenizerError("the byte tokenizer takes no model file; drop --tokenizer-model")
         return ByteTokenizer()
     if not model_path:
-        raise TokenizerError(f"tokenizer type {kind!r} needs a model file (--tokenizer-model)")
+        what = {"hf": "a tokenizer.json or a model folder holding one", "tiktoken": "a .tiktoken file"}
+        raise TokenizerError(f"tokenizer type {kind!r} needs {what.get(normalized, 'a model file')} "
+                             f"(--tokenizer-model / data.tokenizer_model)")
+    if eod_token and normalized == "sentencepiece":
+        raise TokenizerError("--tokenizer-eod / data.tokenizer_eod applies to hf and tiktoken tokenizers; a "
+                             "sentencepiece model names its own eos piece")
+    if normalized == "hf":
+        from megaloop.data.tokenizer_hf import HFTokenizer
+
+        return HFTokenizer(model_path, eod_token=eod_token)
+    if normalized == "tiktoken":
+        from megaloop.data.tokenizer_hf import TiktokenTokenizer
+
+        return TiktokenTokenizer(model_path, eod_token=eod_token)
     return SentencePieceTokenizer(model_path, num_threads=num_threads)
 
 
@@ -142,11 +174,12 @@ def resolve_tokenizer_model(path: Optional[str], anchors: Iterable = (), overrid
     config recorded) as it stands, else a relative `path` found under one of `anchors` (a run / checkpoint
     folder) or their parent folders, where the run was likely started. TokenizerError (one line) when none
     exists. None stays None (the byte tokenizer)."""
+    # A Hugging Face tokenizer may be a folder holding tokenizer.json.
     if override:
-        if not os.path.isfile(override):
+        if not os.path.exists(override):
             raise TokenizerError(f"--tokenizer-model {override}: no such file (from {os.getcwd()})")
         return override
-    if not path or os.path.isfile(path):
+    if not path or os.path.exists(path):
         return path
     tried = [os.getcwd()]
     if not os.path.isabs(path):
@@ -156,7 +189,7 @@ def resolve_tokenizer_model(path: Optional[str], anchors: Iterable = (), overrid
                 folder = os.path.dirname(folder)
             for _ in range(8):
                 candidate = os.path.join(folder, path)
-                if os.path.isfile(candidate):
+                if os.path.exists(candidate):
                     return candidate
                 tried.append(folder)
                 parent = os.path.dirname(folder)

@@ -60,26 +60,58 @@ def hf_config(mc: ModelConfig, **kwargs):
 
 
 def tokenizer_info(tokenizer_spec) -> Optional[Dict[str, Any]]:
-    """Normalise a tokenizer spec: a megaloop Tokenizer, {"type": "byte"|"sentencepiece", "model": path},
-    a DataConfig / Config (tokenizer_type, tokenizer_model) or None (no tokenizer is written)."""
+    """Normalise a tokenizer spec: a megaloop Tokenizer, {"type": "byte"|"sentencepiece"|"hf"|"tiktoken",
+    "model": path, "eod": token}, a DataConfig / Config (tokenizer_type, tokenizer_model, tokenizer_eod) or
+    None (no tokenizer is written)."""
     if tokenizer_spec is None:
         return None
     from megaloop.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, build_tokenizer
+    from megaloop.data.tokenizer_hf import HFTokenizer, TiktokenTokenizer
 
     if isinstance(tokenizer_spec, Config):
         tokenizer_spec = tokenizer_spec.data
     if hasattr(tokenizer_spec, "tokenizer_type"):
-        tokenizer_spec = {"type": tokenizer_spec.tokenizer_type, "model": tokenizer_spec.tokenizer_model}
+        tokenizer_spec = {"type": tokenizer_spec.tokenizer_type, "model": tokenizer_spec.tokenizer_model,
+                          "eod": getattr(tokenizer_spec, "tokenizer_eod", None)}
     if isinstance(tokenizer_spec, dict):
         try:
-            tokenizer_spec = build_tokenizer(tokenizer_spec.get("type", "byte"), tokenizer_spec.get("model"))
+            tokenizer_spec = build_tokenizer(tokenizer_spec.get("type", "byte"), tokenizer_spec.get("model"),
+                                             eod_token=tokenizer_spec.get("eod"))
         except (ValueError, OSError) as e:
             raise ExportError(f"tokenizer: {e}") from e
     if isinstance(tokenizer_spec, ByteTokenizer):
         return {"type": "byte", "tokenizer": tokenizer_spec}
     if isinstance(tokenizer_spec, SentencePieceTokenizer):
         return {"type": "sentencepiece", "tokenizer": tokenizer_spec, "model": tokenizer_spec.model_path}
+    if isinstance(tokenizer_spec, HFTokenizer):
+        return {"type": "hf", "tokenizer": tokenizer_spec, "model": tokenizer_spec.json_path}
+    if isinstance(tokenizer_spec, TiktokenTokenizer):
+        return {"type": "tiktoken", "tokenizer": tokenizer_spec, "model": tokenizer_spec.path}
     raise ExportError(f"unsupported tokenizer spec {tokenizer_spec!r}")
+
+
+# Entries of the source folder's tokenizer_config.json that an hf export keeps (they name tokens or
+# templates; the ids come from tokenizer.json, copied byte for byte).
+_KEPT_HF_CONFIG = ("bos_token", "unk_token", "chat_template", "add_bos_token", "add_eos_token")
+
+
+def _write_standard_tokenizer(info: Dict[str, Any], out: Path):
+    """tokenizer.json + tokenizer_config.json that plain transformers loads (PreTrainedTokenizerFast, no
+    remote code): the source tokenizer.json copied as it is (so its sha256, which dataset records compare,
+    is unchanged), or a tiktoken file converted by transformers' TikTokenConverter."""
+    from megaloop.data.tokenizer_hf import read_tokenizer_config
+
+    tok = info["tokenizer"]
+    cfg: Dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if info["type"] == "hf":
+        shutil.copyfile(info["model"], out / "tokenizer.json")
+        source = read_tokenizer_config(Path(info["model"]).parent)
+        cfg.update({k: source[k] for k in _KEPT_HF_CONFIG if k in source})
+    else:
+        tok.to_hf_tokenizer().save(str(out / "tokenizer.json"))
+    eos = tok.tok.id_to_token(tok.eod_id) if info["type"] == "hf" else tok.eod_name
+    pad = tok.tok.id_to_token(tok.pad_id) if info["type"] == "hf" else eos
+    return cfg, eos, pad
 
 
 def _write_tokenizer(info: Dict[str, Any], out: Path, mc: ModelConfig) -> Dict[str, Any]:
@@ -90,14 +122,18 @@ def _write_tokenizer(info: Dict[str, Any], out: Path, mc: ModelConfig) -> Dict[s
         eos, pad = "<eod>", "<pad>"
         cfg = {"tokenizer_class": "MegaloopByteTokenizer",
                "auto_map": {"AutoTokenizer": ["tokenization_megaloop.MegaloopByteTokenizer", None]}}
+    elif info["type"] in ("hf", "tiktoken"):
+        cfg, eos, pad = _write_standard_tokenizer(info, out)
     else:
         shutil.copyfile(info["model"], out / "tokenizer.model")
         eos, pad = tok.sp.id_to_piece(tok.eod_id), tok.sp.id_to_piece(tok.pad_id)
         cfg = {"tokenizer_class": "MegaloopSentencePieceTokenizer",
                "auto_map": {"AutoTokenizer": ["tokenization_megaloop.MegaloopSentencePieceTokenizer", None]},
                "unk_token": tok.sp.id_to_piece(tok.sp.unk_id()) if tok.sp.unk_id() >= 0 else None}
-    cfg.update({"eos_token": eos, "pad_token": pad, "add_bos_token": False, "add_eos_token": False,
-                "clean_up_tokenization_spaces": False, "model_max_length": mc.max_seq_len})
+    cfg.update({"eos_token": eos, "pad_token": pad, "clean_up_tokenization_spaces": False,
+                "model_max_length": mc.max_seq_len})
+    if info["type"] in ("byte", "sentencepiece"):  # hf / tiktoken: tokenizer.json's post-processor decides
+        cfg.update(add_bos_token=False, add_eos_token=False)
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps({"eos_token": eos, "pad_token": pad}, indent=2) + "\n")
     return {"eos_token_id": tok.eod_id, "pad_token_id": tok.pad_id}

@@ -139,7 +139,7 @@ def export_llama(full_state_dict: Dict[str, torch.Tensor], model_config, tokeniz
     n_layers = mc.n_prelude + loops * mc.n_loop + mc.n_coda
     with staged_output(out_dir) as tmp:  # renamed into place at the end; removed on any failure
         special = _write_tokenizer(tok_info, tmp, mc) if tok_info else {}
-        if tok_info:
+        if tok_info and tok_info["type"] in ("byte", "sentencepiece"):  # hf / tiktoken: plain tokenizer.json
             from megaloop.export.hf_files import TEMPLATE_DIR
 
             shutil.copyfile(TEMPLATE_DIR / "tokenization_megaloop.py", tmp / "tokenization_megaloop.py")

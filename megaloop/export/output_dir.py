@@ -58,7 +58,7 @@ def make_temp_dir(out_dir: Path) -> Path:
 # Every name an export (remote-code or llama format) writes into its folder: --overwrite replaces a
 # folder holding these only, so a folder with anything else in it (someone's files) is never deleted.
 EXPORT_FILES = frozenset(("config.json", "model.safetensors", "generation_config.json", "README.md",
-                          "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                          "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "tokenizer.json",
                           "megaloop_unrolled.json", "__pycache__") + TEMPLATE_FILES)
 
 

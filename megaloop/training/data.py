@@ -162,9 +162,12 @@ def samples_needed(cfg: Config, dp_size: int) -> tuple:
 
 
 def tokenizer_reference(cfg: Config) -> dict:
-    return {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model}
+    ref = {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model}
+    if cfg.data.tokenizer_eod:
+        ref["eod"] = cfg.data.tokenizer_eod
+    return ref
 
 
 def build_tokenizer_for(cfg: Config) -> Optional[object]:
     from megaloop.data import build_tokenizer
-    return build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    return build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model, eod_token=cfg.data.tokenizer_eod)
