@@ -56,6 +56,9 @@ def _main(argv=None):
     print(f"imported {args.model} -> {out} (config.yaml, model.pt, import.json); start a run with:\n"
           f"  python pretrain_looped.py --config {out}/config.yaml init.from={out} train.output_dir=RUN "
           f"data.data_path=[...]")
+    if (out / "tokenizer.json").is_file():  # the folder's Hugging Face tokenizer came along
+        print(f"tokenize its data with:\n  python tools/preprocess_data.py --tokenizer-type hf --tokenizer-model {out} "
+              f"--input ... --output-prefix ... --append-eod")
     return 0
 
 

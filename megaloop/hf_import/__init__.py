@@ -17,6 +17,13 @@ failure leaves nothing):
     model.pt       the weights as one LoopedLM state dict + the config (megaloop.checkpoint.plain's format)
     import.json    source folder, format, notes, the megaloop parameters left at megaloop's own init
     tokenizer.model  (a sentencepiece tokenizer of a megaloop export, referenced by config.yaml)
+    tokenizer.json, tokenizer_config.json  (a Hugging Face tokenizer: Ouro's, Qwen's, Llama 3's, a megaloop
+                   export's; config.yaml: data.tokenizer_type hf, data.tokenizer_model RUN_DIR/tokenizer.json)
+
+The tokenizer comes along, so `tools/preprocess_data.py --tokenizer-type hf --tokenizer-model RUN_DIR`,
+`pretrain_looped.py --config RUN_DIR/config.yaml init.from=RUN_DIR` and the export use it without its
+path typed again. A Hugging Face tokenizer is loaded at import: one with more ids than the model's
+vocabulary, or whose end-of-document token cannot be told (pass data.tokenizer_eod=TOKEN), is refused.
 
 A new run starts from it with `init.from: RUN_DIR` (weights only, any TP x PP x ZeRO layout, fresh
 optimizer, step 0); megaloop.checkpoint.load_model(RUN_DIR), tools/export_hf.py, tools/eval_loops.py
@@ -72,20 +79,50 @@ def read_source(model_dir, overrides: Optional[List[str]] = None, retrofit: Opti
         cfg = config_from_dict(tree, list(overrides or []))
     except ConfigError as e:
         raise ConfigError(f"importing {folder}: {e}") from e
+    _check_hf_tokenizer(folder, m, cfg)
     sd, kept = map_weights(m, tensors, cfg)
     return m, cfg, sd, kept
 
 
 def _tokenizer(folder: Path, m) -> None:
-    """A sentencepiece tokenizer.model in the folder (Llama 2's, a megaloop llama-format export's) is
-    copied and used; any other tokenizer (tokenizer.json: BPE of Qwen / Ouro, Llama 3) is not one megaloop
-    reads: the run keeps the byte tokenizer setting, with a note."""
+    """The folder's tokenizer is copied and used: a sentencepiece tokenizer.model (Llama 2's, a megaloop
+    llama-format export's), else a Hugging Face tokenizer.json (Qwen / Ouro, Llama 3) with its
+    tokenizer_config.json (which names the eos token). Without either the run keeps the byte tokenizer
+    setting, with a note."""
     if (folder / "tokenizer.model").is_file():
         m.files["tokenizer.model"] = folder / "tokenizer.model"
         m.config["data"] = {"tokenizer_type": "sentencepiece", "tokenizer_model": "tokenizer.model"}
+    elif (folder / "tokenizer.json").is_file():
+        add_hf_tokenizer(folder, m)
     else:
-        m.notes.append("tokenizer not imported (megaloop reads byte and sentencepiece tokenizers only): set "
+        m.notes.append("tokenizer not imported (the folder has no tokenizer.json or tokenizer.model): set "
                        "data.tokenizer_type / data.tokenizer_model to the tokenizer your data was preprocessed with")
+
+
+def add_hf_tokenizer(folder: Path, m) -> None:
+    """Copy the folder's tokenizer.json (+ tokenizer_config.json) and make it the run's tokenizer."""
+    m.files["tokenizer.json"] = folder / "tokenizer.json"
+    if (folder / "tokenizer_config.json").is_file():
+        m.files["tokenizer_config.json"] = folder / "tokenizer_config.json"
+    m.config["data"] = {"tokenizer_type": "hf", "tokenizer_model": "tokenizer.json"}
+
+
+def _check_hf_tokenizer(folder: Path, m, cfg) -> None:
+    """A Hugging Face tokenizer that comes along must load, name its end of document and fit the model."""
+    from megaloop.config import ConfigError
+    from megaloop.data.tokenizer import TokenizerError
+    from megaloop.data.tokenizer_hf import HFTokenizer
+
+    if "tokenizer.json" not in m.files or cfg.data.tokenizer_model != "tokenizer.json":
+        return  # none, or the user's overrides chose another tokenizer
+    try:
+        tok = HFTokenizer(m.files["tokenizer.json"], eod_token=cfg.data.tokenizer_eod)
+    except TokenizerError as e:
+        raise HFImportError(f"importing {folder}: {e}".replace("--tokenizer-eod TOKEN (data.tokenizer_eod in a "
+                                                              "config)", "the override data.tokenizer_eod=TOKEN")) from None
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"importing {folder}: its tokenizer.json has {tok.vocab_size} ids but the model's vocabulary "
+                          f"(model.vocab_size) has {cfg.model.vocab_size}: the folder's tokenizer is not the model's")
 
 
 def import_hf(model_dir, output_dir, overrides: Optional[List[str]] = None,

@@ -3,8 +3,8 @@
 The export stores the whole ModelConfig under `megaloop_model_config` and the weights under
 LoopedLM's own names (a tied head once, as embedding.weight), so the import is the identity on
 names; `num_loops` (the default R a user may have edited in config.json) becomes model.loops. The
-tokenizer reference comes back too: the byte tokenizer, or the sentencepiece tokenizer.model the
-export copied (copied again into the run folder).
+tokenizer reference comes back too: the byte tokenizer, or the sentencepiece tokenizer.model or the
+tokenizer.json the export copied (copied again into the run folder).
 """
 from __future__ import annotations
 
@@ -42,7 +42,11 @@ def read(folder: Path, hf: dict, tensors: Tensors) -> Mapping:
     config = {"model": mcd, "loop": loop}
     m = Mapping("megaloop", config, weights)
     tok = _tokenizer(folder)
-    if tok == "sentencepiece":
+    if tok == "hf":
+        from megaloop.hf_import import add_hf_tokenizer
+
+        add_hf_tokenizer(folder, m)
+    elif tok == "sentencepiece":
         m.files["tokenizer.model"] = folder / "tokenizer.model"
         config["data"] = {"tokenizer_type": "sentencepiece", "tokenizer_model": "tokenizer.model"}
     elif tok == "byte":
@@ -57,4 +61,6 @@ def _tokenizer(folder: Path):
         return None
     if cls == "MegaloopSentencePieceTokenizer" and (folder / "tokenizer.model").is_file():
         return "sentencepiece"
+    if (folder / "tokenizer.json").is_file():
+        return "hf"
     return "byte" if cls == "MegaloopByteTokenizer" else None
