@@ -55,7 +55,8 @@ _RUSAGE = ("import resource, subprocess, sys\n"
 def measured(cmd, env=None):
     """(wall s, CPU s, peak RSS MiB) of a Python script's whole process (cmd: the script and its arguments)."""
     start = time.time()
-    proc = subprocess.run([sys.executable, "-c", _RUSAGE, sys.executable] + cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", _RUSAGE, sys.executable] + cmd, cwd=REPO, capture_output=True,
+                          text=True, env=env)
     wall = time.time() - start
     rc, cpu, rss = proc.stdout.split()
     if int(rc) != 0:

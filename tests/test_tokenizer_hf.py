@@ -215,5 +215,25 @@ def test_a_tokenizer_larger_than_the_model_is_refused_at_import(bpe, tmp_path, c
     capsys.readouterr()  # (transformers' progress bar)
     assert run_cli(_main, ["--model", str(folder), "--output", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "tokenizer.json has 300 ids but the model's vocabulary (model.vocab_size) has 200" in err[0]
+    assert len(err) == 1 and "has 300 ids but the model's vocabulary (model.vocab_size) has 200" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_tiktoken_run_exports_a_plain_tokenizer_json(tiktoken_file, tmp_path):
+    from export_support import perturbed_model, tiny_config
+    from transformers import AutoTokenizer
+
+    from megaloop.export import export_hf
+
+    cfg = tiny_config("lt", ["model.vocab_size=263", "data.tokenizer_type=tiktoken",
+                             f"data.tokenizer_model={tiktoken_file}"])
+    out = export_hf(perturbed_model(cfg).state_dict(), cfg, cfg.data, tmp_path / "m", verify=False)
+    plain, ours = AutoTokenizer.from_pretrained(out), build_tokenizer("tiktoken", tiktoken_file)
+    assert [plain(t).input_ids for t in TEXTS] == ours.encode_batch(TEXTS)
+    assert (plain.eos_token_id, plain.eos_token) == (262, "<|endoftext|>")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 262
+    small = tiny_config("lt", ["model.vocab_size=200", "data.tokenizer_type=tiktoken",
+                               f"data.tokenizer_model={tiktoken_file}"])
+    from megaloop.export import ExportError
+    with pytest.raises(ExportError, match="the tokenizer has 263 ids but model.vocab_size=200"):
+        export_hf(perturbed_model(small).state_dict(), small, small.data, tmp_path / "small", verify=False)

@@ -460,7 +460,8 @@ def _main(argv=None):
                    help="strategy:threshold items, e.g. kl:1e-3 q_exit:0.5 (q_exit only with an exit gate)")
     p.add_argument("--out-dir", default="eval_loops_out")
     p.add_argument("--tokenizer-model", default=None,
-                   help="the tokenizer model file (sentencepiece .model, tokenizer.json or its folder, .tiktoken), when the run's recorded (relative) path does not resolve")
+                   help="the tokenizer model file (sentencepiece .model, tokenizer.json or its folder, .tiktoken), "
+                        "when the run's recorded (relative) path does not resolve")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--task", default=None, help="score a synthetic task (default: the run's data.task when "
                    "neither --data nor --text is given)")

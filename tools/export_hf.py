@@ -42,7 +42,8 @@ def _main(argv=None):
     p.add_argument("--noise-init", default="seeded", choices=["seeded", "global_rng", "zeros"],
                    help="how the exported model draws a `noise` initial state (see README in the folder)")
     p.add_argument("--noise-seed", type=int, default=0)
-    p.add_argument("--tokenizer-model", default=None, help="override the tokenizer model path of the run (.model, tokenizer.json or its folder, .tiktoken)")
+    p.add_argument("--tokenizer-model", default=None,
+                   help="override the run's tokenizer model path (.model, tokenizer.json or its folder, .tiktoken)")
     p.add_argument("--no-verify", action="store_true", help="skip the logits check against megaloop")
     p.add_argument("--format", choices=["megaloop", "llama"], default="megaloop",
                    help="megaloop: remote-code folder (every architecture); llama: unrolled LlamaForCausalLM, "

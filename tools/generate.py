@@ -35,8 +35,8 @@ def _main(argv=None):
     p.add_argument("--exit", choices=["q_exit", "kl"], default=None)
     p.add_argument("--exit-threshold", type=float, default=None)
     p.add_argument("--tokenizer-model", default=None,
-                   help="the tokenizer model file (sentencepiece .model, tokenizer.json or its folder, .tiktoken), when "
-                        "the run's recorded (relative) path does not resolve")
+                   help="the tokenizer model file (sentencepiece .model, tokenizer.json or its folder, .tiktoken), "
+                        "when the run's recorded (relative) path does not resolve")
     args = p.parse_args(argv)
     if args.loops is not None and args.loops < 1:
         raise UsageError(f"--loops {args.loops}: the loop count must be at least 1")

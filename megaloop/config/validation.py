@@ -199,7 +199,8 @@ def validate(cfg: Config) -> None:
     tokenizer_kind = normalize_tokenizer_type(cfg.data.tokenizer_type)
     if tokenizer_kind is None:
         raise ConfigError(f"data.tokenizer_type={cfg.data.tokenizer_type!r} is not one of "
-                          f"{', '.join(TOKENIZER_TYPES)} (Megatron's HuggingFaceTokenizer, SentencePieceTokenizer work too)")
+                          f"{', '.join(TOKENIZER_TYPES)} (Megatron's HuggingFaceTokenizer, SentencePieceTokenizer "
+                          f"work too)")
     if not isinstance(cfg.data.task_params, dict):
         raise ConfigError(f"data.task_params must be a mapping of the task's parameters, e.g. {{length: 16}}, "
                           f"got {cfg.data.task_params!r}")

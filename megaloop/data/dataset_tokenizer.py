@@ -9,7 +9,8 @@ tools/preprocess_data.py writes `{prefix}.tokenizer.json` next to `{prefix}.bin`
 sentencepiece .model, the tokenizer.json, also when given as its folder, the .tiktoken file), null with
 its hash for the byte tokenizer. Megatron-LM reads only .bin/.idx and ignores
 it. `check_dataset_tokenizer(prefix, reference)` compares it with the tokenizer a model was trained
-with (type, vocabulary size, sha256 of the model file, end-of-document id) and raises DatasetTokenizerError, a ConfigError
+with (type, vocabulary size, sha256 of the model file, end-of-document id) and raises DatasetTokenizerError,
+a ConfigError
 with a one-line message, on a mismatch. A dataset without the file (made by Megatron-LM or an older
 megaloop) is accepted; the token-id range checks (`check_token_ids`) still apply to it.
 """
@@ -145,7 +146,8 @@ def tokenizer_mismatch(data: Dict[str, Any], model: Dict[str, Any]) -> Optional[
         return "another vocabulary size"
     if data.get("model_sha256") and model.get("model_sha256") and data["model_sha256"] != model["model_sha256"]:
         return "another tokenizer model file"
-    if data.get("eod_id") is not None and model.get("eod_id") is not None and int(data["eod_id"]) != int(model["eod_id"]):
+    if data.get("eod_id") is not None and model.get("eod_id") is not None \
+            and int(data["eod_id"]) != int(model["eod_id"]):
         return "another end-of-document id"
     return None
 

@@ -118,8 +118,9 @@ def _check_hf_tokenizer(folder: Path, m, cfg) -> None:
     try:
         tok = HFTokenizer(m.files["tokenizer.json"], eod_token=cfg.data.tokenizer_eod)
     except TokenizerError as e:
-        raise HFImportError(f"importing {folder}: {e}".replace("--tokenizer-eod TOKEN (data.tokenizer_eod in a "
-                                                              "config)", "the override data.tokenizer_eod=TOKEN")) from None
+        why = str(e).replace("--tokenizer-eod TOKEN (data.tokenizer_eod in a config)",
+                             "the override data.tokenizer_eod=TOKEN")
+        raise HFImportError(f"importing {folder}: {why}") from None
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"importing {folder}: its tokenizer.json has {tok.vocab_size} ids but the model's vocabulary "
                           f"(model.vocab_size) has {cfg.model.vocab_size}: the folder's tokenizer is not the model's")
