@@ -82,6 +82,7 @@ def tiktoken_file(tmp_path_factory):
     """A small .tiktoken file: the 256 bytes, then a few merges."""
     import base64
 
+    pytest.importorskip("tiktoken")  # setup.py extra `data`
     path = tmp_path_factory.mktemp("tiktoken") / "tiny.tiktoken"
     tokens = [bytes([b]) for b in range(256)] + [b"th", b"the", b" the", b"in", b"ing", b" q"]
     path.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(tokens)))

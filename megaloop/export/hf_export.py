@@ -16,7 +16,8 @@ The written folder:
     modeling_megaloop.py           } copied from megaloop/export/hf_template; import only torch/transformers
     tokenization_megaloop.py      /
     model.safetensors             the weights (the tied head is stored once, as embedding.weight)
-    tokenizer_config.json (+ tokenizer.model for sentencepiece), special_tokens_map.json
+    tokenizer_config.json (+ tokenizer.model for sentencepiece, tokenizer.json for hf / tiktoken: plain
+                                  PreTrainedTokenizerFast, no remote code), special_tokens_map.json
     generation_config.json
     README.md                     what the folder is and how to load it
 Everything is written to a temporary directory next to `output_dir` and renamed into place at the

@@ -20,7 +20,8 @@ table (rms_norm(E) * w per row, computed with megaloop's own ops), so the Llama 
 head keeps the raw E). The padded vocabulary rows are dropped (vocab_size = the real vocabulary). An
 exit gate is dropped (a fixed-R model has no exits).
 
-The tokenizer files are the same as the remote-code export (custom tokenizer classes, which need
+The tokenizer files are the same as the remote-code export: tokenizer.json + tokenizer_config.json for an
+hf / tiktoken run (plain transformers), megaloop's tokenizer classes for byte / sentencepiece (they need
 trust_remote_code for AutoTokenizer); the model itself loads with plain transformers.
 """
 from __future__ import annotations
