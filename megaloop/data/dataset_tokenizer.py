@@ -7,11 +7,10 @@ tools/preprocess_data.py writes `{prefix}.tokenizer.json` next to `{prefix}.bin`
 
 `type` is byte | sentencepiece | hf | tiktoken; `model` is the file that defines the tokenizer (the
 sentencepiece .model, the tokenizer.json, also when given as its folder, the .tiktoken file), null with
-its hash for the byte tokenizer. Megatron-LM reads only .bin/.idx and ignores
-it. `check_dataset_tokenizer(prefix, reference)` compares it with the tokenizer a model was trained
-with (type, vocabulary size, sha256 of the model file, end-of-document id) and raises DatasetTokenizerError,
-a ConfigError
-with a one-line message, on a mismatch. A dataset without the file (made by Megatron-LM or an older
+its hash for the byte tokenizer. Megatron-LM reads only .bin/.idx and ignores it.
+`check_dataset_tokenizer(prefix, reference)` compares it with the tokenizer a model was trained with
+(type, vocabulary size, sha256 of the model file, end-of-document id) and raises DatasetTokenizerError, a
+ConfigError with a one-line message, on a mismatch. A dataset without the file (made by Megatron-LM or an older
 megaloop) is accepted; the token-id range checks (`check_token_ids`) still apply to it.
 """
 from __future__ import annotations
