@@ -203,6 +203,38 @@ class DistillConfig:
 
 
 @dataclass
+class WandbConfig:
+    """train.wandb: Weights & Biases, when train.loggers names wandb (megaloop/training/trackers.py)."""
+
+    project: str = "megaloop"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # None: the output folder's name
+    # online | offline (no network: `wandb sync` later) | disabled; None: wandb's own default (WANDB_MODE)
+    mode: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class MlflowConfig:
+    """train.mlflow: MLflow, when train.loggers names mlflow (megaloop/training/trackers.py)."""
+
+    # None: $MLFLOW_TRACKING_URI, else a local file store at <output_dir>/mlruns (no server, no network)
+    tracking_uri: Optional[str] = None
+    experiment: str = "megaloop"
+    run_name: Optional[str] = None  # None: the output folder's name
+
+
+@dataclass
+class ProfileConfig:
+    """train.profile: a torch.profiler trace of steps start .. start+steps-1 (megaloop/training/profiling.py)."""
+
+    start: int = 5  # the first profiled step (1-based, as the console counts)
+    steps: int = 0  # 0 = off (costs nothing)
+    ranks: List[int] = field(default_factory=lambda: [0])  # global ranks that write a trace
+    memory_snapshot: bool = True  # CUDA only: also the allocator's memory history (pytorch.org/memory_viz)
+
+
+@dataclass
 class TrainConfig:
     seed: int = 1234
     steps: int = 100
@@ -241,7 +273,18 @@ class TrainConfig:
     initial_scale_power: int = 16  # fp16 dynamic loss scaling starts at 2**this
     peak_flops: Optional[float] = None  # peak FLOP/s of ONE device, for the achieved-FLOP/s share
     dist_timeout: float = 600.0  # seconds: a collective waiting longer (dead rank) fails the run
-    tensorboard: bool = True
+    # Where the logged numbers go (megaloop/training/trackers.py): tensorboard (<output_dir>/tensorboard), jsonl
+    # (<output_dir>/metrics.jsonl), wandb, mlflow (the `track` extra; imported only when named here)
+    loggers: List[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])
+    tensorboard: bool = True  # false drops tensorboard from train.loggers (older configs)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    # Stop before the job's allocation ends (megaloop/training/time_limit.py): minutes of wall clock from this
+    # process's start, or "slurm" (the job's end time, $SLURM_JOB_END_TIME). time_limit_margin minutes before
+    # it every rank saves a checkpoint and exits with code 75 (EX_TEMPFAIL: "time's up, requeue me").
+    time_limit: Optional[str] = None
+    time_limit_margin: float = 5.0
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     # every N steps: fixed-point and per-loop gradient diagnostics of the looped block on the step's first
     # micro-batch (megaloop/training/diagnostics.py; extra passes, see there); 0 = off (costs nothing)
     diag_interval: int = 0

@@ -7,6 +7,7 @@ import math
 import typing
 from typing import List, Optional, Union
 
+from megaloop.config.operations import check_operations
 from megaloop.config.schema import (ARCHITECTURES, FLT_FAMILY, INJECTIONS, Config, ConfigError, ModelConfig,
                                     mixer_pattern)
 
@@ -57,6 +58,7 @@ NUMERIC_RANGES = {
     "train.distill.kl_weight": _GE0, "train.distill.ce_weight": _GE0, "train.distill.temperature": _GT0,
     "train.distill.warmup_steps": _GE0,
     "train.diag_interval": _GE0,  # 0 = off
+    "train.time_limit_margin": _GE0, "train.profile.start": _GE1, "train.profile.steps": _GE0,  # 0 = off
     "parallel.tensor_parallel": _GT0, "parallel.pipeline_parallel": _GT0, "parallel.zero_stage": (0, 3, True, True),
 }
 
@@ -108,6 +110,7 @@ def check_converted_pattern(spec: str, m: ModelConfig) -> None:
 def validate(cfg: Config) -> None:
     m, lp, t, p = cfg.model, cfg.loop, cfg.train, cfg.parallel
     _check_ranges(cfg)
+    check_operations(t)  # loggers, trackers, time limit, profiler (megaloop/config/operations.py)
     _choice(m.mlp, ("swiglu", "relu2"), "model.mlp")
     _choice(m.norm_style, ("pre", "sandwich", "huginn"), "model.norm_style")
     _choice(m.arch, ARCHITECTURES, "model.arch")

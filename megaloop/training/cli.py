@@ -2,7 +2,8 @@
 
 Every rank runs `main`: parse the flags, load and validate the config, run the Trainer. Known failures end
 in one line on stderr (megaloop.errors.run_cli) and an exit code: 2 for what the user can fix (config,
-data, checkpoint, output folder), 3 when training stopped (a non-finite loss).
+data, checkpoint, output folder), 3 when training stopped (a non-finite loss). A run stopped by
+train.time_limit (checkpoint saved) exits with 75 (megaloop.training.time_limit.EXIT_TIME_LIMIT): requeue it.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 from megaloop.config import ConfigError, load_config
 from megaloop.errors import run_cli, should_report
 from megaloop.training.faults import FaultPlan
+from megaloop.training.time_limit import EXIT_TIME_LIMIT
 from megaloop.training.trainer import Trainer, TrainingError
 
 EXIT_NONFINITE = 3
@@ -33,7 +35,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     """Every rank: one line and exit 2 for a problem the user can fix (config, data, checkpoint, output
-    folder; rank 0 prints it, MEGALOOP_DEBUG=1 or --debug adds tracebacks), 3 for a non-finite loss."""
+    folder; rank 0 prints it, MEGALOOP_DEBUG=1 or --debug adds tracebacks), 3 for a non-finite loss, 75 when
+    train.time_limit stopped the run."""
     return run_cli(_main, argv)
 
 
@@ -54,7 +57,18 @@ def _main(argv) -> int:
         if should_report():
             print(f"training stopped: {exc}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
+    if result.get("time_limit"):
+        _all_ranks_done()
+        return EXIT_TIME_LIMIT
     return 0 if result.get("ok", True) else 1
+
+
+def _all_ranks_done() -> None:
+    """Before a non-zero exit that is not a failure: every rank has finished (checkpoint, logs, lock), since
+    a launcher (deepspeed's launch.py, torchrun) tears the other ranks down when one exits non-zero."""
+    import deepspeed.comm as dist
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Process-group setup and the parallel layout (DP x PP x TP) of a training run.
 
 Everything goes through `deepspeed.comm` and `deepspeed.accelerator`: the same code runs with gloo on
-CPU (`DS_ACCELERATOR=cpu`) and with NCCL on CUDA clusters. `python pretrain_looped.py` without the
-launcher gets a one-rank world (RANK/WORLD_SIZE/MASTER_* filled in here).
+CPU (`DS_ACCELERATOR=cpu`) and with NCCL on CUDA clusters. The rank's place comes from the environment the
+launcher sets (deepspeed and torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), from
+SLURM's variables for ranks started by srun itself, and `python pretrain_looped.py` without a launcher gets a
+one-rank world (filled in here).
 """
 from __future__ import annotations
 
@@ -19,8 +21,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm hostlist ("gpu[003-005,9],cpu1" -> "gpu003"; "a[1-2]-b[07-08]" -> "a1-b07")."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first entry: up to the first comma outside brackets
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            end = i
+            break
+    entry, out = nodelist[:end].strip(), ""
+    while "[" in entry:
+        head, rest = entry.split("[", 1)
+        ranges, entry = rest.split("]", 1)
+        out += head + ranges.split(",")[0].split("-")[0]
+    return out + entry
+
+
+def _tasks_on_node(spec: str, node: int) -> int:
+    """The task count of node `node` in SLURM_STEP_TASKS_PER_NODE ("4(x2),3": nodes 0-1 have 4, node 2 has 3)."""
+    counts = []
+    for part in spec.split(","):
+        n, _, rep = part.partition("(x")
+        counts += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+    return counts[min(node, len(counts) - 1)]
+
+
+def fill_from_slurm(env=None) -> bool:
+    """Ranks started by srun itself (one task per GPU, no launcher in between): RANK, WORLD_SIZE, LOCAL_RANK,
+    LOCAL_SIZE from the step's task ids and MASTER_ADDR from its first node (MASTER_PORT, unless given, from
+    the job id, the same on every task). Left alone when a launcher (deepspeed, torchrun) set RANK, and
+    outside an srun step of several tasks. Returns whether it filled anything."""
+    env = os.environ if env is None else env
+    if "RANK" in env or int(env.get("SLURM_STEP_NUM_TASKS", "1")) < 2 or "SLURM_PROCID" not in env:
+        return False
+    node = int(env.get("SLURM_NODEID", "0"))
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_STEP_NUM_TASKS"],
+               LOCAL_RANK=env.get("SLURM_LOCALID", "0"), LOCAL_SIZE=str(_tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", "1"), node)))
+    env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")))
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    return True
+
+
 def _fill_single_rank_env() -> None:
-    """A run started with plain `python`: a world of one rank."""
+    """A run started with plain `python`: a world of one rank (or srun's tasks: fill_from_slurm)."""
+    fill_from_slurm()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         os.environ.setdefault("LOCAL_RANK", "0")
         return

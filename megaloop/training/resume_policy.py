@@ -5,7 +5,8 @@ A resume compares the config saved in the checkpoint with the one the run was st
 - **applied** (the new value rules from the resumed step on): the length and shape of the schedule
   (`train.steps`, `lr`, `min_lr`, `warmup_steps`, `lr_schedule`, `wsd_decay_fraction`; the learning rate
   is recomputed from the new config at the resumed step), the optimizer's hyper-parameters (`weight_decay`,
-  `beta1`, `beta2`, `eps`, `grad_clip`), logging / evaluation / checkpoint intervals and their options,
+  `beta1`, `beta2`, `eps`, `grad_clip`), logging / evaluation / checkpoint intervals and their options
+  (trackers, `time_limit`, `profile` too),
   speed settings that do not change the function computed (`compile`, `activation_checkpointing`,
   `optimizer_impl`, ...), the loop-count schedule (`loop.*`: a curriculum over R is legitimate; R stays a
   pure function of (seed, step, micro-batch)), and where the run reads and writes (`output_dir`, `load`,
@@ -29,7 +30,8 @@ from typing import Any, Dict, List, Tuple
 
 from megaloop.config import Config, ConfigError
 
-APPLIED_PREFIXES = ("loop.", "init.")  # init.*: applied when a run starts, never on a resume
+APPLIED_PREFIXES = ("loop.", "init.",  # init.*: applied when a run starts, never on a resume
+                    "train.wandb.", "train.mlflow.", "train.profile.")  # trackers and profiler: this job's
 APPLIED = {
     "train.steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.lr_schedule", "train.wsd_decay_fraction",
     "train.weight_decay", "train.beta1", "train.beta2", "train.eps", "train.grad_clip",
@@ -39,6 +41,7 @@ APPLIED = {
     "train.sample_temperature", "train.sample_top_k", "train.compile", "train.compile_mode",
     "train.optimizer_impl", "train.activation_checkpointing", "train.partition_activations",
     "train.cpu_checkpointing", "data.cache_dir", "data.num_workers", "train.exit_gate_margin", "train.exit_gate_slope",
+    "train.loggers", "train.time_limit", "train.time_limit_margin",
 }
 LAYOUT_PREFIX = "parallel."
 

@@ -134,3 +134,20 @@ def write_run_config(cfg, out_dir: str, rank: int, resumed_step=None) -> None:
     save_config(cfg, os.path.join(out_dir, "config.yaml"))
     if resumed_step is not None:
         save_config(cfg, os.path.join(out_dir, f"config.{int(resumed_step)}.yaml"))
+
+
+STATUS_NAME = "run_status.json"
+
+
+def write_run_status(out_dir: str, rank: int, status: str, step: int, exit_code: int) -> None:
+    """`<output_dir>/run_status.json` (rank 0, written whole then renamed into place): how the latest start of
+    the run ended so far: running | finished | stopped (a signal) | time_limit (train.time_limit: requeue it).
+    A requeue script reads it where the launcher hides the exit code (torchrun exits 1 for any failed rank)."""
+    if rank != 0:
+        return
+    path = os.path.join(out_dir, STATUS_NAME)
+    rec = {"status": status, "step": int(step), "exit_code": int(exit_code), "host": socket.gethostname(),
+           "pid": os.getpid(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with open(path + ".tmp", "w") as f:
+        json.dump(rec, f)
+    os.replace(path + ".tmp", path)

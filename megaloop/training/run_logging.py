@@ -1,4 +1,5 @@
-"""Run logging: TensorBoard scalars, a console line per interval, metrics.jsonl, memory per rank."""
+"""Run logging: a console line per interval, metrics.jsonl, the trackers of train.loggers (TensorBoard, W&B,
+MLflow: megaloop/training/trackers.py), memory per rank."""
 from __future__ import annotations
 
 import json
@@ -26,33 +27,39 @@ def peak_rss_bytes() -> float:
 
 
 class RunLogger:
-    """Writes only on the logging rank (last stage, DP 0, TP 0); a no-op elsewhere."""
+    """Writes only on the logging rank (last stage, DP 0, TP 0); a no-op elsewhere.
 
-    def __init__(self, output_dir: str, active: bool, tensorboard: bool = True):
+    `cfg` (the Config) names the sinks in train.loggers: metrics.jsonl here, TensorBoard / W&B / MLflow through
+    megaloop.training.trackers (each gets every scalar, under the same name); the config and `describe()` (the
+    git commit and layout: trackers.run_description) are logged once to each tracker."""
+
+    def __init__(self, output_dir: str, active: bool, cfg=None, describe=None):
+        from megaloop.config.schema import Config
         self.active = active
-        self.writer = None
+        self.trackers = []
         self.metrics = None
         if not active:
             return
+        cfg = cfg if cfg is not None else Config()
         os.makedirs(output_dir, exist_ok=True)
-        self.metrics = open(os.path.join(output_dir, "metrics.jsonl"), "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-            except Exception as exc:  # tensorboard missing: keep training, say so once
-                print(f"[megaloop] TensorBoard disabled: {exc}", flush=True)
+        if "jsonl" in cfg.train.loggers:
+            self.metrics = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        from megaloop.training.trackers import build_trackers
+        self.trackers = build_trackers(cfg.train, output_dir)
+        if self.trackers:
+            config, description = cfg.to_dict(), (describe() if describe is not None else {})
+            for tracker in self.trackers:
+                tracker.describe(config, description)
 
     def scalars(self, step: int, values: dict, prefix: str = "train/") -> None:
-        if not self.active or self.writer is None:
+        if not self.trackers:
             return
-        for k, v in values.items():
-            if v is None:
-                continue
-            self.writer.add_scalar(prefix + k, float(v), step)
+        named = {prefix + k: float(v) for k, v in values.items() if v is not None}
+        for tracker in self.trackers:
+            tracker.scalars(step, named)
 
     def record(self, row: dict) -> None:
-        if not self.active:
+        if self.metrics is None:
             return
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
@@ -62,11 +69,12 @@ class RunLogger:
             print(f"[megaloop {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
         if self.metrics is not None:
             self.metrics.close()
+            self.metrics = None
 
 
 def fmt_bytes(n: Optional[float]) -> str:
@@ -79,24 +87,37 @@ def fmt_bytes(n: Optional[float]) -> str:
     return str(n)
 
 
+def fmt_duration(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def fmt_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
 def log_interval(logger: RunLogger, step: int, total_steps: int, row: dict, stats: dict, tok_s: float,
-                 flop_s: float, r_mean: float, world: int, peak_flops: Optional[float]) -> None:
-    """One logging step: TensorBoard scalars, the throughput row of metrics.jsonl and the console line."""
+                 flop_s: float, r_mean: float, world: int, peak_flops: Optional[float], tokens_seen: float = 0.0,
+                 eta_s: Optional[float] = None) -> None:
+    """One logging step: the trackers' scalars, the throughput row of metrics.jsonl and the console line
+    (with the tokens seen so far and the ETA at this interval's speed)."""
     share = (flop_s / world / peak_flops) if peak_flops else None
     mem = stats["memory"]
     logger.scalars(step, {"loss": row["loss"], "lr": row["lr"], "grad_norm": row["grad_norm"],
                           "loss_scale": row["loss_scale"], "tokens_per_s": tok_s, "flops_per_s": flop_s,
                           "flops_per_s_per_device": flop_s / world, "peak_flops_share": share,
-                          "loops_R": r_mean, "memory_max_bytes": max(mem)})
+                          "loops_R": r_mean, "memory_max_bytes": max(mem), "tokens_seen": tokens_seen})
     logger.record({"step": step, "tokens_per_s": tok_s, "flops_per_s": flop_s, "peak_flops_share": share,
-                   "memory_max_bytes": max(mem)})
-    for r, m in enumerate(mem):
-        logger.scalars(step, {f"rank{r}": m}, prefix="memory/")
+                   "memory_max_bytes": max(mem), "tokens_seen": tokens_seen, "eta_s": eta_s})
+    logger.scalars(step, {f"rank{r}": m for r, m in enumerate(mem)}, prefix="memory/")
     diag = stats.get("diag")
     if diag:
-        for k, vals in diag.items():
-            for i, v in enumerate(vals):
-                logger.scalars(step, {f"{k}/loop{i + 1:02d}": v}, prefix="loops/")
+        logger.scalars(step, {f"{k}/loop{i + 1:02d}": v for k, vals in diag.items() for i, v in enumerate(vals)},
+                       prefix="loops/")
         logger.record({"step": step, "per_loop": diag})  # {key: [loop 1, loop 2, ...]}
     sn = stats.get("injection_spectral_norm")
     if sn is not None:
@@ -109,7 +130,9 @@ def log_interval(logger: RunLogger, step: int, total_steps: int, row: dict, stat
     parts = [f"step {step}/{total_steps}", f"{loss_name} {row['loss']:.4f}", f"lr {row['lr']:.2e}",
              f"gnorm {gn:.3f}" if gn is not None else "gnorm -", f"R {r_mean:g}",
              f"tok/s {tok_s:,.0f}", f"FLOP/s {flop_s:.3g}" + (f" ({100 * share:.1f}% of peak)" if share else ""),
-             f"mem max {fmt_bytes(max(mem))}"]
+             f"mem max {fmt_bytes(max(mem))}", f"tokens {fmt_count(tokens_seen)}"]
+    if eta_s is not None:
+        parts.append(f"ETA {fmt_duration(eta_s)}")
     if row["loss_scale"] is not None:
         parts.append(f"scale {row['loss_scale']:g}")
     if "kl" in row:  # train.distill: the final loop's KL to the teacher (and each loop's, in the warm-up)

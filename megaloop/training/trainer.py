@@ -1,14 +1,14 @@
 """The training loop: steps, validation, checkpoints, stopping, logging. Nothing else.
 
 The engine (model, parallelism, optimizer, DeepSpeed) comes from megaloop.training.engine, the data from
-megaloop.training.data, the numbers gathered on logging steps from megaloop.training.stats. The loop count
-R of every micro-batch comes with the data, so all stages / TP ranks agree and a resumed run redraws the
-same R. Device values (loss, grad norm, stop flags) are read on logging / eval / save steps only, in one
-transfer, so a GPU never waits for the host between steps.
+megaloop.training.data, the logging steps' numbers from megaloop.training.progress, what stops a run early
+from megaloop.training.stopping. The loop count R of every micro-batch comes with the data, so all stages /
+TP ranks agree and a resumed run redraws the same R. Device values (loss, grad norm, stop flags) are read
+on logging / eval / save steps only, in one transfer (megaloop.training.settle), so a GPU never waits for
+the host between steps.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Optional
@@ -16,28 +16,29 @@ from typing import Optional
 import torch
 
 from megaloop.config import Config, ConfigError
-from megaloop.errors import MegaloopError
-from megaloop.model.flops import train_flops_per_token
-from megaloop.model.loop_schedule import grad_loops, logged_loops, unpack_loops
+from megaloop.model.loop_schedule import logged_loops, unpack_loops
 from megaloop.parallel.device import on_accelerator, zeros_on_accelerator
 from megaloop import checkpoint as ckpt
+from megaloop.training.end_sample import sample_after_training
 from megaloop.training.data import (EvalBatches, TrainBatches, build_split_datasets, build_tokenizer_for,
                                     samples_needed, tokenizer_reference)
 from megaloop.training.distributed import build_state, init_distributed, is_logging_rank, quiet_deepspeed
 from megaloop.training.ds_config import check_supported
 from megaloop.training.engine import build_engine, main_loss_backward_scale
 from megaloop.training.faults import FaultPlan
-from megaloop.training.run_logging import RunLogger, log_interval
-from megaloop.training.stats import gather_stats
+from megaloop.training.pipeline_step import pipeline_train_batch
+from megaloop.training.init_from import initial_weights
 from megaloop.training.optim import apply_schedule
+from megaloop.training.profiling import StepProfiler
+from megaloop.training.progress import Progress
 from megaloop.training.resume_policy import check_resumable
-from megaloop.training.run_dir import lock_output_dir, write_run_config
+from megaloop.training.run_dir import lock_output_dir, write_run_config, write_run_status
+from megaloop.training.run_logging import RunLogger
+from megaloop.training.settle import TrainingError, settle
 from megaloop.training.stages import stage_fields
-from megaloop.training.stopping import LauncherWatchdog, StopAgreement, StopFlag
-
-
-class TrainingError(MegaloopError, RuntimeError):
-    """Training stopped (a non-finite loss): the message names the step and the last good checkpoint."""
+from megaloop.training.stopping import TIME_UP, RunStops
+from megaloop.training.time_limit import EXIT_TIME_LIMIT
+from megaloop.training.trackers import run_description
 
 
 class Trainer:
@@ -68,7 +69,9 @@ class Trainer:
         self.lock = lock_output_dir(self.out_dir, self.rank)
         if self.rank == 0:
             os.makedirs(self.ckpt_root, exist_ok=True)
-        self.logger = RunLogger(self.out_dir, self.log_rank, t.tensorboard)
+        self.logger = RunLogger(self.out_dir, self.log_rank, cfg,  # + the config, git commit, layout, once
+                                lambda: run_description(cfg, st, self.world, acc.device_name()))
+        write_run_status(self.out_dir, self.rank, "running", 0, 0)
         if self.lock is not None and self.lock.note:
             self.logger.console(self.lock.note)
         self.logger.console(f"world {self.world}: pp {st.pp_size} x dp {st.dp_size} x tp {st.tp_size}"
@@ -95,17 +98,7 @@ class Trainer:
         # Continue a run (train.load, or this output folder's own checkpoint) or start one, from
         # init.from's weights if set (weights only; never re-applied on a resume).
         self.resume_tag = self._resume_tag()
-        init_state, self.init_note = None, None
-        if self.resume_tag is None and cfg.init.from_:
-            from megaloop.checkpoint.convert_mixers import converted_init
-            from megaloop.checkpoint.init_weights import init_state_dict
-            try:
-                if cfg.init.convert_mixers:  # a function of the fresh model's state (new parts' own init)
-                    init_state, self.init_note = converted_init(cfg.init.from_, cfg.model, cfg.init.convert_mixers)
-                else:
-                    init_state, self.init_note = init_state_dict(cfg.init.from_, cfg.model)
-            except ckpt.CheckpointError as exc:
-                raise ConfigError(str(exc)) from exc
+        init_state, self.init_note = initial_weights(cfg) if self.resume_tag is None else (None, None)
         self.te = build_engine(cfg, st, console, acc.current_device_name(), init_state)
         del init_state
         self.engine, self.module = self.te.engine, self.te.module
@@ -120,6 +113,7 @@ class Trainer:
         if t.diag_interval:
             from megaloop.training.diagnostics import TrainingDiagnostics
             self.diagnostics = TrainingDiagnostics(cfg, st, self.module, self.logger, console)
+        self.profiler = StepProfiler.from_config(t.profile, self.out_dir, self.rank, print)  # train.profile
 
     # ------------------------------------------------------------------------------------------
     def _resume_tag(self):
@@ -178,19 +172,8 @@ class Trainer:
         block = self.module.block if self.pp == 1 else getattr(self.te.looped_layer(), "block", None)
         if block is not None:  # noise start keyed by (seed, step, micro-batch), as R is: any layout, resume
             block.set_noise_key(t.seed, step, self.state.dp_rank, self.dp)
-        if self.pp > 1:
-            layer = self.te.looped_layer()
-            if layer is not None:
-                layer.want_diagnostics = want_diag
-                layer.last_diagnostics = None
-            rs, it = [], batches
-            if self.diagnostics is not None and self.diagnostics.due(step + 1):  # (peeks at the first micro-batch)
-                it = self.diagnostics.run_pipeline(step + 1, batches)
-            loss = self.engine.train_batch(data_iter=_Recording(it, rs))
-            diag = layer.last_diagnostics if layer is not None else None
-            if layer is not None:
-                layer.want_diagnostics = False
-            return loss.detach().float().reshape(()), rs, diag
+        if self.pp > 1:  # DeepSpeed's pipeline engine runs the micro-batches
+            return pipeline_train_batch(self.te, batches, self.diagnostics, step, want_diag)
         losses, rs, diag = [], [], None
         device = self.engine.device
         for m in range(t.grad_accum_steps):
@@ -301,16 +284,14 @@ class Trainer:
         consumed = int(client.get("consumed_samples", 0))
         global_batch = t.micro_batch_size * t.grad_accum_steps * self.dp
         batches = TrainBatches(self.train_ds, cfg, self.state.dp_rank, self.dp, consumed)
-        stop = StopFlag()
-        stop.install()
-        agreement = StopAgreement(stop, self.engine.device)
-        watchdog = LauncherWatchdog.start_if_launched(stop)
-        tokens_per_step = global_batch * cfg.data.seq_len
-        interval_t0, interval_tokens, interval_flops = time.time(), 0, 0.0
+        stops = RunStops(t, self.engine.device, self.logger.console)  # signals, launcher watchdog, time limit
+        progress = Progress(cfg, self.state, self.rank, self.world, self.logger,
+                            self.pp == 1 or self.te.looped_layer() is not None, global_batch)
         losses, pending = [], []
         try:
             while step < t.steps:
                 self.faults.before_step(step, self.rank)
+                self.profiler.before_step(step + 1)  # (train.profile; a no-op when off)
                 want_diag = (step + 1) % t.log_interval == 0
                 skipped_before = getattr(self.engine, "skipped_steps", 0)
                 loss, rs, diag = self.train_step(batches, step, want_diag)
@@ -318,11 +299,8 @@ class Trainer:
                 skipped = getattr(self.engine, "skipped_steps", 0) > skipped_before
                 step += 1
                 consumed += global_batch
-                r_mean = sum(rs) / max(1, len(rs))
-                if self.log_rank:
-                    grads = grad_loops(cfg.loop, r_mean)
-                    interval_flops += tokens_per_step * train_flops_per_token(cfg, r_mean, grads, cfg.data.seq_len)
-                interval_tokens += tokens_per_step
+                r_mean = progress.after_step(rs)
+                self.profiler.after_step(step)
                 pending.append({"step": step, "loss": loss, "lr": self.engine.get_lr()[0], "R": rs,
                                 "grad_norm": self.grad_norm(), "loss_scale": self.te.loss_scale(), "skipped": skipped,
                                 **stage_fields(t.stage)})
@@ -330,25 +308,15 @@ class Trainer:
                     pending[-1]["distill"] = self.distill_logged
                 evaluate = bool(t.eval_interval and step % t.eval_interval == 0)
                 save = bool(t.save_interval and step % t.save_interval == 0 and step < t.steps)
-                agreement.after_step(step)
-                stop_now = agreement.should_stop(step)  # (a request from 2 steps ago, agreed by all ranks)
+                stop_now = stops.after_step(step)  # (a request from 2 steps ago, agreed by all ranks)
                 if not (want_diag or evaluate or save or stop_now or step == t.steps):
                     continue  # no host sync on this step: the GPU keeps running ahead
-                # Settle the steps since the last sync: one device->host read of their losses and grad
-                # norms, and one all-reduce of (stop signal on any rank, non-finite loss on any rank).
-                rows, stopping = self._settle(pending, stop)
-                stopping = stopping or stop_now
+                rows, stopping = settle(pending, stops.flag.code, t.precision, self.logger, self.last_good)
+                stopping = max(stopping, stop_now)  # (the stop code: TIME_UP outranks a signal's)
                 pending = []
                 losses.extend(r["loss"] for r in rows)
                 if want_diag:
-                    holds_block = self.pp == 1 or self.te.looped_layer() is not None
-                    reports = holds_block and self.state.dp_rank == 0 and self.state.tp_rank == 0
-                    K = max(cfg.loop.max, cfg.model.loops, t.eval_loops or 1)
-                    stats = gather_stats(diag, K, self.rank, self.world, reports)
-                    elapsed = time.time() - interval_t0
-                    log_interval(self.logger, step, t.steps, rows[-1], stats, interval_tokens / elapsed,
-                                 interval_flops / elapsed, r_mean, self.world, t.peak_flops)
-                    interval_t0, interval_tokens, interval_flops = time.time(), 0, 0.0
+                    progress.log(step, rows[-1], diag, r_mean, consumed)
                 if evaluate:
                     vl = self.evaluate()
                     if vl is not None:
@@ -359,99 +327,22 @@ class Trainer:
                         self.logger.record({"step": step, "valid_loss": vl, **acc})
                 if stopping:
                     self.save(step, consumed)
-                    self.logger.console(f"stopped ({stop.reason or 'a stop request on another rank'}) at step "
-                                        f"{step}; checkpoint saved")
-                    return {"ok": True, "losses": losses, "step": step, "stopped": True}
+                    time_up = stopping >= TIME_UP  # -> exit code 75 (megaloop/training/time_limit.py)
+                    self.logger.console(f"stopped ({stops.flag.reason or 'a stop request on another rank'}) at "
+                                        f"step {step}; checkpoint saved" + ("; exit code 75" if time_up else ""))
+                    write_run_status(self.out_dir, self.rank, "time_limit" if time_up else "stopped", step,
+                                     EXIT_TIME_LIMIT if time_up else 0)
+                    return {"ok": True, "losses": losses, "step": step, "stopped": True, "time_limit": time_up}
                 if save:
                     self.save(step, consumed)
             if t.save_interval or t.steps > 0:
                 if self.last_good is None or not self.last_good.endswith(ckpt.tag_for(step)):
                     self.save(step, consumed)
             if t.sample_tokens and not cfg.data.task:
-                self.sample()
+                sample_after_training(cfg, self.te, self.tokenizer, self.state, self.logger, self.out_dir)
+            write_run_status(self.out_dir, self.rank, "finished", step, 0)
         finally:
-            stop.restore()
-            if watchdog is not None:
-                watchdog.stop()
+            stops.close()
+            self.profiler.close()
             self.logger.close()
         return {"ok": True, "losses": losses, "step": step}
-
-    def _settle(self, pending: list, stop: StopFlag):
-        """Read the pending steps' device values in one transfer and agree across ranks on stopping.
-
-        Called on logging, evaluation and checkpoint steps and at the end (never per step): a stop
-        signal is acted on at the next of those steps, and a non-finite loss stops the run there,
-        naming the first bad step, before any checkpoint could save it. Returns (rows with floats,
-        stop requested on some rank)."""
-        import deepspeed.comm as dist
-        losses = torch.stack([r["loss"].detach().float().reshape(()) for r in pending])
-        norms = [r["grad_norm"] for r in pending]
-        norm_t = [i for i, n in enumerate(norms) if isinstance(n, torch.Tensor)]
-        flags = torch.stack([on_accelerator(1.0 if stop.signum is not None else 0.0),
-                             (~torch.isfinite(losses)).any().float()])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        parts = [flags, losses] + ([torch.stack([norms[i].detach().float().reshape(()) for i in norm_t])]
-                                   if norm_t else [])
-        host = torch.cat(parts).tolist()  # the one host sync
-        stopping, any_nonfinite = host[0] > 0, host[1] > 0
-        loss_vals = host[2:2 + len(pending)]
-        for i, v in zip(norm_t, host[2 + len(pending):]):
-            norms[i] = v
-        last_good = self.last_good or "none (no checkpoint saved yet)"
-        rows = []
-        for r, lv, gn in zip(pending, loss_vals, norms):
-            row = dict(r, loss=lv, grad_norm=None if gn is None else float(gn))
-            if "distill" in row:  # (the last micro-batch's, on this rank; settle steps only)
-                kls = row.pop("distill").float().tolist()
-                row["kl"] = kls[0]
-                if len(kls) > 1:
-                    row["kl_per_loop"] = kls[1:]
-            rows.append(row)
-            self.logger.record(row)
-            if math.isfinite(lv):
-                continue
-            if self.cfg.train.precision == "fp16" and row["skipped"]:
-                self.logger.console(f"step {row['step']}: non-finite loss, step skipped by fp16 loss scaling "
-                                    f"(scale now {row['loss_scale']})")
-                continue
-            raise TrainingError(f"non-finite loss ({lv}) at step {row['step']}; last good checkpoint: {last_good}")
-        if any_nonfinite and all(math.isfinite(v) for v in loss_vals):
-            raise TrainingError(f"non-finite loss on another rank by step {pending[-1]['step']}; "
-                                f"last good checkpoint: {last_good}")
-        return rows, stopping
-
-    # ------------------------------------------------------------------------------------------
-    def sample(self):
-        """Continue train.sample_prompt with the trained weights (gathered to rank 0) through
-        megaloop.generation: top-k sampling at train.sample_temperature (seeded), greedy at 0."""
-        from megaloop.generation import generate, wrap_megaloop
-        t = self.cfg.train
-        if self.state.tp_size > 1 or self.cfg.parallel.zero_stage == 3:
-            self.logger.console("sample skipped: needs tensor_parallel 1 and zero_stage < 3")
-            return
-        lm = self.te.gathered_model()
-        if lm is None:  # (not rank 0)
-            return
-        loops = t.eval_loops or self.cfg.model.loops
-        out = generate(wrap_megaloop(lm, self.tokenizer), self.tokenizer.encode(t.sample_prompt),
-                       max_new_tokens=t.sample_tokens, loops=loops, temperature=t.sample_temperature,
-                       top_k=t.sample_top_k or None, seed=t.seed, stop_at_eos=False)
-        text = self.tokenizer.decode(out.tokens[0].tolist())
-        print(f"[megaloop] sample (R={loops}): {text!r}", flush=True)
-        with open(os.path.join(self.out_dir, "sample.txt"), "w") as f:
-            f.write(text + "\n")
-
-
-class _Recording:
-    """Passes batches through, recording each micro-batch's R (for the logs)."""
-
-    def __init__(self, it, rs: list):
-        self.it, self.rs = it, rs
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self.it)
-        self.rs.append(logged_loops(batch[0][1]))  # R, or the mean of the rows' R (loop.granularity=sequence)
-        return batch
