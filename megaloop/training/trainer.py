@@ -34,7 +34,7 @@ from megaloop.training.progress import Progress
 from megaloop.training.resume_policy import check_resumable
 from megaloop.training.run_dir import lock_output_dir, write_run_config, write_run_status
 from megaloop.training.run_logging import RunLogger
-from megaloop.training.settle import TrainingError, settle
+from megaloop.training.settle import TrainingError, settle  # noqa: F401 (TrainingError: re-exported)
 from megaloop.training.stages import stage_fields
 from megaloop.training.stopping import TIME_UP, RunStops
 from megaloop.training.time_limit import EXIT_TIME_LIMIT
