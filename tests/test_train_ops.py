@@ -126,7 +126,7 @@ def test_time_limit_saves_a_checkpoint_exits_75_and_the_requeued_run_resumes(tmp
     assert json.load(open(os.path.join(out, "run_status.json")))["status"] == "finished"
 
 
-def test_time_limit_from_slurm_and_the_refused_values(monkeypatch):
+def test_time_limit_from_slurm_and_the_refused_values(tmp_path, monkeypatch):
     cfg = load_config(None, ["train.time_limit=slurm", "train.time_limit_margin=10"])
     assert Deadline.from_config(cfg.train, {"SLURM_JOB_END_TIME": "100000"}).at == 100000 - 600
     with pytest.raises(ConfigError, match="SLURM_JOB_END_TIME"):
@@ -138,6 +138,11 @@ def test_time_limit_from_slurm_and_the_refused_values(monkeypatch):
                        ("train.profile.ranks=[]", "train.profile.ranks")]:
         with pytest.raises(ConfigError, match=words.replace("[", r"\[")):
             load_config(None, [bad])
+    from megaloop.training.trackers import build_trackers
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    with pytest.raises(ConfigError, match="train.loggers: mlflow could not start .*bogus"):
+        build_trackers(load_config(None, ["train.loggers=[mlflow]", "train.mlflow.tracking_uri=bogus://x"]).train,
+                       str(tmp_path))
     import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))

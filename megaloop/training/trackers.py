@@ -170,8 +170,15 @@ def build_trackers(t, out_dir: str) -> List[object]:
             out.append(TensorBoardTracker(out_dir))
         except Exception as exc:  # noqa: BLE001 - tensorboard missing: keep training, say so once
             print(f"[megaloop] TensorBoard disabled: {exc}", flush=True)
-    if "wandb" in loggers:
-        out.append(WandbTracker(out_dir, t.wandb, ids))
-    if "mlflow" in loggers:
-        out.append(MlflowTracker(out_dir, t.mlflow, ids))
+    for name, cls, section in (("wandb", WandbTracker, t.wandb), ("mlflow", MlflowTracker, t.mlflow)):
+        if name not in loggers:
+            continue
+        try:
+            out.append(cls(out_dir, section, ids))
+        except Exception as exc:  # noqa: BLE001 - no network, a bad URI, no login: one line, not a traceback
+            from megaloop.config import ConfigError
+            why = " ".join(str(exc).split())[:300]
+            raise ConfigError(f"train.loggers: {name} could not start ({type(exc).__name__}: {why}); check "
+                              f"train.{name}.* (offline: train.wandb.mode=offline; MLflow: leave tracking_uri "
+                              f"null for a file store in the run folder), or drop {name} from train.loggers") from exc
     return out
