@@ -254,6 +254,8 @@ def test_generate_and_eval_loops_read_deepspeed_checkpoints(runs, tmp_path, caps
     from megaloop.data.tokenizer import ByteTokenizer
     from megaloop.export import load_checkpoint
     from megaloop.generation import generate, wrap_megaloop
+    from megaloop.evaluation.inputs import load_eval_tokens, windows
+    from megaloop.evaluation.loops import evaluate
     from tools import eval_loops
     from tools.generate import main as generate_main
 
@@ -272,10 +274,10 @@ def test_generate_and_eval_loops_read_deepspeed_checkpoints(runs, tmp_path, caps
                             "--out-dir", str(tmp_path / "ev")]) == 0
     rows = (tmp_path / "ev" / "eval_loops.csv").read_text().strip().splitlines()
     assert len(rows) == 3
-    lm = eval_loops.load_eval_tokens(ref, data, None, "95,5,0", max_tokens=4 * cfg.model.max_seq_len + 1)
-    batches = eval_loops.windows(lm, cfg.model.max_seq_len, 4, 8)
+    lm = load_eval_tokens(ref, data, None, "95,5,0", max_tokens=4 * cfg.model.max_seq_len + 1)
+    batches = windows(lm, cfg.model.max_seq_len, 4, 8)
     nll3 = float(rows[2].split(",")[4])
-    assert nll3 == pytest.approx(eval_loops.evaluate(ref, batches, 3)[0], rel=1e-6)
+    assert nll3 == pytest.approx(evaluate(ref, batches, 3)[0], rel=1e-6)
 
     # a damaged checkpoint: a clear message, no traceback
     root, tag = _copy(out_dir, tmp_path)

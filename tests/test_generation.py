@@ -101,7 +101,8 @@ def test_eval_loops_reads_an_indexed_dataset(pair, tmp_path):
     import numpy as np
 
     from megaloop.data.indexed_dataset import IndexedDatasetWriter
-    from tools.eval_loops import load_eval_tokens, main
+    from megaloop.evaluation.inputs import load_eval_tokens
+    from tools.eval_loops import main
 
     _, _, ckpt, _ = pair
     prefix = str(tmp_path / "val_text_document")

@@ -172,7 +172,7 @@ def test_import_preprocess_init_from_train_export_with_one_tokenizer(bpe, llama_
 
     from megaloop.checkpoint import load_config
     from megaloop.hf_import import import_hf
-    from tools.eval_loops import load_model_for_cli, model_tokenizer_reference
+    from megaloop.evaluation.inputs import load_model_for_cli, model_tokenizer_reference
     from tools.export_hf import main as export_main
     from tools.preprocess_data import main as preprocess_main
 

@@ -67,7 +67,7 @@ def _main(argv=None):
         if ckpt.is_deepspeed_checkpoint(args.checkpoint):
             print(f"reading {ckpt.resolve(args.checkpoint, args.step)}", file=sys.stderr)
         state_dict, cfg, data_cfg = load_checkpoint(args.checkpoint, args.step)
-        from tools.eval_loops import checkpoint_tokenizer_model
+        from megaloop.evaluation.inputs import checkpoint_tokenizer_model
 
         tok = {"type": data_cfg.tokenizer_type, "eod": getattr(data_cfg, "tokenizer_eod", None),
                "model": checkpoint_tokenizer_model(args.checkpoint, data_cfg, args.tokenizer_model)}

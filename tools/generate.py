@@ -48,7 +48,7 @@ def _main(argv=None):
     import torch
 
     from megaloop.generation import generate
-    from tools.eval_loops import load_model_for_cli
+    from megaloop.evaluation.inputs import load_model_for_cli
 
     lm = load_model_for_cli(args.model, args.step, args.tokenizer_model)
     if args.exit == "q_exit" and not lm.has_exit_gate:
