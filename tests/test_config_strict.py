@@ -176,6 +176,8 @@ BAD_VALUES = {
     "train.profile.start": ("0", ">= 1"),
     "train.profile.steps": ("-1", ">= 0"),
     "train.profile.ranks": ("[-1]", "list of global ranks"),
+    "train.harness_interval": ("-1", ">= 0"),
+    "train.harness_limit": ("0", "> 0"),
     "parallel.tensor_parallel": ("0", "> 0"),
     "parallel.pipeline_parallel": ("0", "> 0"),
     "parallel.zero_stage": ("4", "zero_stage"),

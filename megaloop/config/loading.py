@@ -26,6 +26,8 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
             return None
+        if len(args) > 1 and isinstance(value, tuple(a for a in args if isinstance(a, type))):
+            return value  # Union[list, dict]: a value of one of the types stays as it is
         return _convert(value, args[0], where)
     if annotation is bool:
         if isinstance(value, bool):

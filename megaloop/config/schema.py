@@ -5,7 +5,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional, Union
 
 from megaloop.errors import MegaloopError
 
@@ -165,11 +165,28 @@ class LoopScheduleConfig:
     granularity: str = "micro_batch"
 
 
+def named_blends(spec, default_name: str) -> Dict[str, list]:
+    """data.valid_data_path / test_data_path -> {set name: blend}: a blend (a list, or one path) is one set
+    called default_name; a mapping names its sets (a set's blend may be one path)."""
+    if not spec:
+        return {}
+    if isinstance(spec, dict):
+        return {str(k): (v if isinstance(v, list) else [v]) for k, v in spec.items()}
+    return {default_name: spec if isinstance(spec, list) else [spec]}
+
+
 @dataclass
 class DataConfig:
     # Megatron-style weighted list: [path] or [w1, path1, w2, path2, ...] (paths without .bin/.idx)
     data_path: list = field(default_factory=list)
     split: str = "969,30,1"
+    # Megatron's --valid-data-path / --test-data-path: validation (test) sets of their own instead of data.split's
+    # valid (test) documents. A blend like data_path (one set, named "valid" / "test"), or named sets, each a
+    # blend: {wiki: [wiki_text_document], code: [0.5, py_text_document, 0.5, c_text_document]}. Every document
+    # of these datasets is used; each set is validated (at every train.eval_loops R) and logged under its name.
+    # Test sets are evaluated once, after the last step.
+    valid_data_path: Union[list, dict] = field(default_factory=list)
+    test_data_path: Union[list, dict] = field(default_factory=list)
     seq_len: int = 128
     # byte | sentencepiece | hf (Megatron's HuggingFaceTokenizer: a tokenizer.json or a model folder holding
     # one) | tiktoken (a local .tiktoken file); megaloop/data/tokenizer.py
@@ -268,7 +285,18 @@ class TrainConfig:
     load: Optional[str] = None
     auto_resume: bool = True  # resume from the latest complete checkpoint in output_dir
     keep_checkpoints: int = 0  # keep only the newest N complete checkpoints; 0 = keep all
-    eval_loops: Optional[int] = None  # R used for validation; None: model.loops
+    # the loop counts R of validation: one (4) or several ([1, 4, 8]: each logged as its own record, R named);
+    # None: model.loops
+    eval_loops: Optional[list] = None
+    # exit strategies validated too, at the largest eval_loops R ("strategy:threshold": kl:1e-3 Huginn's
+    # KL-convergence exit, q_exit:0.5 Ouro's exit gate); each record names its exit and the average loops used
+    eval_exits: list = field(default_factory=list)
+    # every N steps (0 = off): lm-evaluation-harness on the current weights at each eval_loops R, on rank 0
+    # between steps (the weights are exported to a temporary HF folder; megaloop/training/harness.py)
+    harness_interval: int = 0
+    harness_tasks: list = field(default_factory=list)  # lm-eval task names (or a local task's name)
+    harness_include_path: Optional[str] = None  # a folder of your own lm-eval task YAMLs
+    harness_limit: Optional[int] = None  # at most this many examples per task (None: all)
     loss_scale: float = 0.0  # fp16 only: 0 = dynamic loss scaling, > 0 = static scale
     initial_scale_power: int = 16  # fp16 dynamic loss scaling starts at 2**this
     peak_flops: Optional[float] = None  # peak FLOP/s of ONE device, for the achieved-FLOP/s share

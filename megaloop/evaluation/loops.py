@@ -45,16 +45,19 @@ def parse_loops(spec, train_loops):
     return sorted(set(out))
 
 
-def parse_exit(item):
-    """'kl:1e-3' -> ("kl", "1e-3", 0.001); ValueError naming --exits otherwise."""
+def parse_exit(item, where="--exits", error=UsageError):
+    """'kl:1e-3' -> ("kl", "1e-3", 0.001); `error` (a UsageError, or the config's ConfigError) naming `where`
+    otherwise."""
     strategy, _, thr = item.partition(":")
     if strategy not in EXIT_STRATEGIES:
-        raise UsageError(f"--exits {item!r}: unknown strategy {strategy!r}; use one of {', '.join(EXIT_STRATEGIES)} "
-                         f"as strategy:threshold, e.g. kl:1e-3")
+        raise error(f"{where} {item!r}: unknown strategy {strategy!r}; use one of {', '.join(EXIT_STRATEGIES)} "
+                    f"as strategy:threshold, e.g. kl:1e-3")
     try:
         threshold = float(thr) if thr else None
     except ValueError:
-        raise UsageError(f"--exits {item!r}: the threshold {thr!r} is not a number; e.g. {strategy}:1e-3") from None
+        threshold = math.nan
+    if threshold is not None and not math.isfinite(threshold):
+        raise error(f"{where} {item!r}: the threshold {thr!r} is not a finite number; e.g. {strategy}:1e-3")
     return strategy, thr, threshold
 
 

@@ -86,6 +86,33 @@ def build_split_datasets(cfg: Config, num_train: int, num_valid: int, tokenizer=
                           tokenizer=tokenizer)
 
 
+def build_run_datasets(cfg: Config, num_train: int, num_valid: int, num_test: int = 0, tokenizer=None) -> tuple:
+    """(train dataset, {validation set name: dataset}, {test set name: dataset}). Validation is data.split's
+    valid documents (the set "valid"; a task's seed + 1 stream), or the named sets of data.valid_data_path;
+    test sets come from data.test_data_path only (data.split's test documents are left unread, as before)."""
+    from megaloop.config.schema import named_blends
+    d = cfg.data
+    valid_paths, test_paths = named_blends(d.valid_data_path, "valid"), named_blends(d.test_data_path, "test")
+    split = build_split_datasets(cfg, num_train, 0 if valid_paths else num_valid, tokenizer)
+    valid = {"valid": split["valid"]} if split.get("valid") is not None else {}
+    if num_valid and valid_paths:
+        valid = {name: _whole_dataset(cfg, blend, "valid", num_valid, tokenizer) for name, blend in valid_paths.items()}
+    test = {name: _whole_dataset(cfg, blend, "test", num_test, tokenizer)
+            for name, blend in test_paths.items()} if num_test else {}
+    return split["train"], valid, test
+
+
+def _whole_dataset(cfg: Config, blend: list, kind: str, num: int, tokenizer):
+    """Every document of a blend (data.valid_data_path / test_data_path) as `num` samples of the kind's split."""
+    from megaloop.data import build_datasets, parse_data_paths
+    from megaloop.data.dataset_tokenizer import check_dataset_tokenizer
+    for prefix in parse_data_paths(blend)[0]:
+        check_dataset_tokenizer(prefix, tokenizer if tokenizer is not None else cfg)
+    split = "0,1,0" if kind == "valid" else "0,0,1"
+    return build_datasets(blend, split=split, seq_len=cfg.data.seq_len, num_samples={kind: int(num)},
+                          seed=cfg.train.seed, cache_dir=cfg.data.cache_dir, tokenizer=tokenizer)[kind]
+
+
 class TrainBatches:
     """Iterator over this rank's training micro-batches, starting after `consumed_samples`.
 
@@ -155,10 +182,11 @@ class EvalBatches:
 
 
 def samples_needed(cfg: Config, dp_size: int) -> tuple:
+    """(train, valid per validation set, test per test set) samples."""
     t = cfg.train
     global_batch = t.micro_batch_size * t.grad_accum_steps * dp_size
-    valid = t.eval_iters * t.micro_batch_size * dp_size if t.eval_interval else 0
-    return t.steps * global_batch, valid
+    per_eval = t.eval_iters * t.micro_batch_size * dp_size
+    return t.steps * global_batch, per_eval if t.eval_interval else 0, per_eval if cfg.data.test_data_path else 0
 
 
 def tokenizer_reference(cfg: Config) -> dict:

@@ -10,6 +10,7 @@ import time
 
 from megaloop.model.flops import train_flops_per_token
 from megaloop.model.loop_schedule import grad_loops
+from megaloop.training.evaluation import eval_loop_counts
 from megaloop.training.run_logging import log_interval
 from megaloop.training.stats import gather_stats
 
@@ -39,7 +40,7 @@ class Progress:
     def log(self, step: int, row: dict, diag, r_mean: float, consumed_samples: int) -> None:
         """A logging step (collective: every rank gathers its memory and the block's diagnostics)."""
         cfg, t = self.cfg, self.cfg.train
-        K = max(cfg.loop.max, cfg.model.loops, t.eval_loops or 1)
+        K = max(cfg.loop.max, cfg.model.loops, *eval_loop_counts(cfg))
         stats = gather_stats(diag, K, self.rank, self.world, self.reports)
         elapsed = max(time.time() - self.t0, 1e-9)
         eta = (t.steps - step) * elapsed / max(1, self.steps)

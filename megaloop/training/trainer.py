@@ -17,14 +17,14 @@ import torch
 
 from megaloop.config import Config, ConfigError
 from megaloop.model.loop_schedule import logged_loops, unpack_loops
-from megaloop.parallel.device import on_accelerator, zeros_on_accelerator
 from megaloop import checkpoint as ckpt
 from megaloop.training.end_sample import sample_after_training
-from megaloop.training.data import (EvalBatches, TrainBatches, build_split_datasets, build_tokenizer_for,
-                                    samples_needed, tokenizer_reference)
+from megaloop.training.data import (TrainBatches, build_run_datasets, build_tokenizer_for, samples_needed,
+                                    tokenizer_reference)
 from megaloop.training.distributed import build_state, init_distributed, is_logging_rank, quiet_deepspeed
 from megaloop.training.ds_config import check_supported
 from megaloop.training.engine import build_engine, main_loss_backward_scale
+from megaloop.training.evaluation import Evaluation
 from megaloop.training.faults import FaultPlan
 from megaloop.training.pipeline_step import pipeline_train_batch
 from megaloop.training.init_from import initial_weights
@@ -81,13 +81,13 @@ class Trainer:
 
         # Data (rank 0 builds the index caches first, the others then read them).
         self.tokenizer = build_tokenizer_for(cfg)
-        n_train, n_valid = samples_needed(cfg, self.dp)
+        counts = samples_needed(cfg, self.dp)  # (train, per validation set, per test set)
         if self.rank == 0:
-            datasets = build_split_datasets(cfg, n_train, n_valid, self.tokenizer)
+            datasets = build_run_datasets(cfg, *counts, self.tokenizer)
         dist.barrier()
         if self.rank != 0:
-            datasets = build_split_datasets(cfg, n_train, n_valid, self.tokenizer)
-        self.train_ds, self.valid_ds = datasets["train"], datasets.get("valid")
+            datasets = build_run_datasets(cfg, *counts, self.tokenizer)
+        self.train_ds, valid_sets, test_sets = datasets
         if not cfg.data.task and self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} ids but model.vocab_size="
                               f"{cfg.model.vocab_size}")
@@ -114,6 +114,8 @@ class Trainer:
             from megaloop.training.diagnostics import TrainingDiagnostics
             self.diagnostics = TrainingDiagnostics(cfg, st, self.module, self.logger, console)
         self.profiler = StepProfiler.from_config(t.profile, self.out_dir, self.rank, print)  # train.profile
+        # validation / test sets at each train.eval_loops R and exit (megaloop/training/evaluation.py)
+        self.evaluation = Evaluation(cfg, st, self.te, self.logger, valid_sets, test_sets, self.distiller)
 
     # ------------------------------------------------------------------------------------------
     def _resume_tag(self):
@@ -201,72 +203,6 @@ class Trainer:
             loss = loss / self.dp
         return loss, rs, diag
 
-    def evaluate(self) -> Optional[float]:
-        import deepspeed.comm as dist
-        t = self.cfg.train
-        if self.valid_ds is None:
-            return None
-        loops = t.eval_loops or self.cfg.model.loops
-        batches = EvalBatches(self.valid_ds, self.cfg, self.state.dp_rank, self.dp, t.eval_iters, loops)
-        counts = zeros_on_accelerator(4, dtype=torch.float64)  # exact match on task data (see below)
-        if self.pp > 1:
-            # The last stage's loss function sees the final logits: it counts exact matches there.
-            loss_fn = self.module.loss_fn
-            if self.cfg.data.task:
-                loss_fn.eval_hook = lambda logits, labels: counts.add_(self._exact_match_counts(logits, labels))
-            try:
-                total = self.engine.eval_batch(batches, num_micro_batches=t.eval_iters)
-            finally:
-                loss_fn.eval_hook = None
-            self.engine.train()
-            if self.cfg.data.task and self.dp > 1:
-                dist.all_reduce(counts, group=self.state.dp_group)
-            self._set_accuracy(counts)
-            return float(total)
-        self.engine.eval()
-        total = zeros_on_accelerator(1)
-        kl_total = zeros_on_accelerator(1)  # distillation: the final loop's KL to the teacher
-        with torch.no_grad():
-            for (tokens, lp), labels in batches:
-                labels = labels.to(self.engine.device)
-                tokens = tokens.to(self.engine.device)
-                out = self.engine(tokens, labels=labels, loops=unpack_loops(lp)[0])
-                total += out.loss.detach().float()
-                if self.distiller is not None:
-                    kl_total += self.distiller.kl(out.logits, self.distiller.teacher_logits(
-                        tokens, unpack_loops(lp)[0], None, per_loop=False)[0], labels).float()
-                if self.cfg.data.task:
-                    counts += self._exact_match_counts(out.logits, labels)
-        self.engine.train()
-        total /= t.eval_iters
-        kl_total /= t.eval_iters
-        if self.dp > 1:
-            dist.all_reduce(total, group=self.state.dp_group)
-            dist.all_reduce(counts, group=self.state.dp_group)
-            dist.all_reduce(kl_total, group=self.state.dp_group)
-            total /= self.dp
-            kl_total /= self.dp
-        self._set_accuracy(counts)
-        if self.distiller is not None:
-            self.last_accuracy = {**(self.last_accuracy or {}), "kl_to_teacher": float(kl_total)}
-        return float(total)
-
-    def _set_accuracy(self, counts):
-        self.last_accuracy = None
-        if self.cfg.data.task:
-            sr, sn, pr, pn = counts.tolist()
-            self.last_accuracy = {"exact_match_sequence": sr / max(sn, 1), "exact_match_position": pr / max(pn, 1)}
-
-    def _exact_match_counts(self, logits, labels):
-        """(sequences right, sequences, answer positions right, answer positions) of one micro-batch
-        (megaloop.tasks.exact_match_counts); under TP the vocab-parallel logits are gathered first."""
-        from megaloop.tasks.base import exact_match_counts
-        if self.state.tp_size > 1:
-            from megaloop.parallel.comm import TPComm
-            from megaloop.parallel.cross_entropy import gather_vocab_logits
-            logits = gather_vocab_logits(logits, TPComm.coerce(self.state), self.cfg.model.vocab_size)
-        return on_accelerator(exact_match_counts(logits, labels), dtype=torch.float64)
-
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict:
         try:
@@ -318,13 +254,7 @@ class Trainer:
                 if want_diag:
                     progress.log(step, rows[-1], diag, r_mean, consumed)
                 if evaluate:
-                    vl = self.evaluate()
-                    if vl is not None:
-                        acc = getattr(self, "last_accuracy", None) or {}
-                        self.logger.console(f"step {step} | validation loss {vl:.4f} (R={t.eval_loops or cfg.model.loops})"
-                                            + "".join(f" | {k.replace('_', ' ')} {v:.3f}" for k, v in acc.items()))
-                        self.logger.scalars(step, {"loss": vl, **acc}, prefix="valid/")
-                        self.logger.record({"step": step, "valid_loss": vl, **acc})
+                    self.evaluation.validate(step)
                 if stopping:
                     self.save(step, consumed)
                     time_up = stopping >= TIME_UP  # -> exit code 75 (megaloop/training/time_limit.py)
@@ -338,6 +268,7 @@ class Trainer:
             if t.save_interval or t.steps > 0:
                 if self.last_good is None or not self.last_good.endswith(ckpt.tag_for(step)):
                     self.save(step, consumed)
+            self.evaluation.test(step)  # data.test_data_path's sets, once
             if t.sample_tokens and not cfg.data.task:
                 sample_after_training(cfg, self.te, self.tokenizer, self.state, self.logger, self.out_dir)
             write_run_status(self.out_dir, self.rank, "finished", step, 0)
