@@ -31,7 +31,7 @@ setup(
         # Apex's fused kernels are used only when a user has built it on their cluster.
         "test": ["pytest", "pytest-timeout"],
         "hf": ["transformers"],
-        "eval": ["matplotlib", "lm-eval"],  # tools/eval_loops.py's PNG plot; tools/eval_harness.py
+        "eval": ["matplotlib", "lm-eval", "accelerate"],  # eval_loops PNG; eval_harness (lm-eval hf model: accelerate)
         # Corpora as they ship: parquet, .jsonl.zst, `datasets` save_to_disk folders; tiktoken vocabularies.
         "data": ["pyarrow", "zstandard", "datasets", "tiktoken"],
         # Experiment trackers (imported only when named in train.loggers; offline modes work without network).

@@ -19,6 +19,6 @@ if [ "${MEGALOOP_TORCH:-cpu}" = "cpu" ]; then
     || pip install -q "torch==2.13.0"
 fi
 .venv/bin/python -c "import megaloop, deepspeed, transformers, pytest, pytest_timeout, sentencepiece, matplotlib, \
-tokenizers, xxhash, pyarrow, zstandard, datasets, tiktoken, wandb, mlflow, lm_eval" \
+tokenizers, xxhash, pyarrow, zstandard, datasets, tiktoken, wandb, mlflow, lm_eval, accelerate" \
   2>/dev/null || pip install -q -e ".[test,hf,eval,data,track]"
 .venv/bin/python -c "import torch, deepspeed; print(f'environment ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}')" 2>&1 | grep -v WARNING

@@ -1,7 +1,9 @@
 """Evaluation during training (megaloop/training/evaluation.py): every named validation set of
 data.valid_data_path at each train.eval_loops R and with each train.eval_exits exit, one record per (set, R)
 naming both, equal to the loss computed independently from the final checkpoint; data.test_data_path's sets
-once after the last step; an int eval_loops (and a saved config holding one) still reads as one R."""
+once after the last step; train.harness_interval's lm-eval records (a local task) equal the perplexity of the
+final weights at each R; an int eval_loops (and a saved config holding one) still reads as one R."""
+import importlib.util
 import math
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from test_eval_harness import TASK, reference_perplexity, write_tiny_task
 from test_train_support import make_byte_dataset, metrics, run_ranks, tiny_config, write_config
 
 STEPS, ITERS, LOOPS, EXIT = 4, 2, [1, 3], "kl:1e-3"
@@ -30,12 +33,14 @@ def run(tmp_path_factory):
     a = make_byte_dataset(str(tmp / "a_text_document"), max_bytes=120_000)
     b = _reversed_dataset(str(tmp / "b_text_document"), a)
     out = tmp / "run"
+    harness = {"harness_interval": STEPS, "harness_tasks": [TASK], "harness_include_path": write_tiny_task(tmp / "t")} \
+        if importlib.util.find_spec("lm_eval") and importlib.util.find_spec("accelerate") else {}
     cfg = tiny_config(a, str(out), data={"split": "100,0,0", "valid_data_path": {"code": [a], "reversed": [b]},
                                          "test_data_path": [0.5, a, 0.5, b]},
                       train={"steps": STEPS, "eval_interval": 2, "eval_iters": ITERS, "eval_loops": LOOPS,
-                             "eval_exits": [EXIT], "log_interval": 2})
+                             "eval_exits": [EXIT], "log_interval": 2, **harness})
     path = write_config(str(tmp / "run.yaml"), cfg)
-    (rc, log), = run_ranks(1, ["--config", path], timeout=300)
+    (rc, log), = run_ranks(1, ["--config", path], timeout=600, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     assert rc == 0, log[-3000:]
     return path, out, log
 
@@ -84,6 +89,20 @@ def test_records_equal_the_final_checkpoints_loss(run):
                 ex = rows[(name, r, EXIT)]
                 assert ex["valid_loss"] == pytest.approx(exit_nll / ITERS, rel=1e-5)
                 assert ex["avg_loops"] == pytest.approx(exit_loops / answers, rel=1e-6)
+
+
+def test_harness_interval_logs_lm_eval_per_R(run):
+    """train.harness_interval=4: lm-eval on the step-4 weights (exported by the trainer) at each eval_loops R."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    from megaloop.checkpoint import load_model
+    _, out, log = run
+    rows = [r for r in metrics(str(out)) if "harness_task" in r]
+    assert [(r["step"], r["harness_task"], r["R"]) for r in rows] == [(STEPS, TASK, 1), (STEPS, TASK, 3)]
+    model, _ = load_model(out)
+    for r in rows:
+        assert r["perplexity"] == pytest.approx(reference_perplexity(model.eval(), r["R"]), rel=1e-4)
+    assert f"step {STEPS} | lm-eval {TASK} | R=1 " in log and not list(out.glob(".harness-*"))
 
 
 def test_an_int_eval_loops_is_one_R(tmp_path):

@@ -116,6 +116,10 @@ class Trainer:
         self.profiler = StepProfiler.from_config(t.profile, self.out_dir, self.rank, print)  # train.profile
         # validation / test sets at each train.eval_loops R and exit (megaloop/training/evaluation.py)
         self.evaluation = Evaluation(cfg, st, self.te, self.logger, valid_sets, test_sets, self.distiller)
+        self.harness = None  # train.harness_interval: lm-eval every N steps (megaloop/training/harness.py)
+        if t.harness_interval:
+            from megaloop.training.harness import PeriodicHarness
+            self.harness = PeriodicHarness(cfg, self.te, self.logger, self.evaluation.loops)
 
     # ------------------------------------------------------------------------------------------
     def _resume_tag(self):
@@ -244,8 +248,9 @@ class Trainer:
                     pending[-1]["distill"] = self.distill_logged
                 evaluate = bool(t.eval_interval and step % t.eval_interval == 0)
                 save = bool(t.save_interval and step % t.save_interval == 0 and step < t.steps)
+                harness = self.harness is not None and self.harness.due(step)
                 stop_now = stops.after_step(step)  # (a request from 2 steps ago, agreed by all ranks)
-                if not (want_diag or evaluate or save or stop_now or step == t.steps):
+                if not (want_diag or evaluate or harness or save or stop_now or step == t.steps):
                     continue  # no host sync on this step: the GPU keeps running ahead
                 rows, stopping = settle(pending, stops.flag.code, t.precision, self.logger, self.last_good)
                 stopping = max(stopping, stop_now)  # (the stop code: TIME_UP outranks a signal's)
@@ -255,6 +260,8 @@ class Trainer:
                     progress.log(step, rows[-1], diag, r_mean, consumed)
                 if evaluate:
                     self.evaluation.validate(step)
+                if harness:
+                    self.harness.run(step)
                 if stopping:
                     self.save(step, consumed)
                     time_up = stopping >= TIME_UP  # -> exit code 75 (megaloop/training/time_limit.py)
