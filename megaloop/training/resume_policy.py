@@ -10,8 +10,9 @@ A resume compares the config saved in the checkpoint with the one the run was st
   speed settings that do not change the function computed (`compile`, `activation_checkpointing`,
   `optimizer_impl`, ...), the loop-count schedule (`loop.*`: a curriculum over R is legitimate; R stays a
   pure function of (seed, step, micro-batch)), and where the run reads and writes (`output_dir`, `load`,
-  the index cache), and `init.*` (where a new run took its first weights from: a resume continues from
-  the run's own checkpoint, so init.from is never re-applied);
+  the index cache, the validation / test sets `data.valid_data_path` / `test_data_path`), and `init.*`
+  (where a new run took its first weights from: a resume continues from the run's own checkpoint, so
+  init.from is never re-applied);
 - **refused** unless `--override-resume-config` is given: everything else, in particular the model
   (`model.*`), the tokenizer and the data (`data.*`: another corpus, split or sequence length would not
   continue the same stream), `train.seed`, the batch (`micro_batch_size`, `grad_accum_steps`) and the
@@ -31,7 +32,8 @@ from typing import Any, Dict, List, Tuple
 from megaloop.config import Config, ConfigError
 
 APPLIED_PREFIXES = ("loop.", "init.",  # init.*: applied when a run starts, never on a resume
-                    "train.wandb.", "train.mlflow.", "train.profile.")  # trackers and profiler: this job's
+                    "train.wandb.", "train.mlflow.", "train.profile.",  # trackers and profiler: this job's
+                    "data.valid_data_path", "data.test_data_path")  # validation / test sets (a mapping: keys)
 APPLIED = {
     "train.steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.lr_schedule", "train.wsd_decay_fraction",
     "train.weight_decay", "train.beta1", "train.beta2", "train.eps", "train.grad_clip",
@@ -42,6 +44,8 @@ APPLIED = {
     "train.optimizer_impl", "train.activation_checkpointing", "train.partition_activations",
     "train.cpu_checkpointing", "data.cache_dir", "data.num_workers", "train.exit_gate_margin", "train.exit_gate_slope",
     "train.loggers", "train.time_limit", "train.time_limit_margin",
+    "train.eval_exits", "train.harness_interval", "train.harness_tasks", "train.harness_include_path",
+    "train.harness_limit",
 }
 LAYOUT_PREFIX = "parallel."
 
