@@ -1,7 +1,7 @@
 """Pretraining under DeepSpeed, one idea per file:
 
 cli          the entry point (`pretrain_looped.py` -> `megaloop.training.cli.main`): flags, config, exit codes
-trainer      the loop: steps, validation, checkpoints, stopping, logging
+trainer      the loop: steps, validation (evaluation), checkpoints, stopping, logging
 settle       the one host read of the steps since the last sync; the non-finite loss stop
 pipeline_step  one optimizer step through DeepSpeed's pipeline engine
 progress     tokens, FLOPs, tokens seen and ETA between logging steps
@@ -9,6 +9,8 @@ engine       the model built, parallelised (TP, compile, pipeline) and wrapped b
 ds_config    the DeepSpeed config built from megaloop's config; layouts DeepSpeed cannot run are refused
 optim        AdamW groups and kernels, learning-rate schedules
 data         training / validation batches with their loop counts, the tokenizer of a run
+evaluation   validation / test sets at each train.eval_loops R and train.eval_exits exit, records per (set, R)
+harness      train.harness_interval: lm-evaluation-harness on the current weights
 stats        the numbers gathered on logging steps (per-loop diagnostics, memory per rank)
 run_logging  console, metrics.jsonl, the trackers' scalars
 trackers     train.loggers: TensorBoard, W&B, MLflow (config, git commit and layout logged once)
