@@ -75,3 +75,18 @@ def test_tool_scores_a_local_task_at_each_R(tmp_path, monkeypatch, capsys):
     # an unknown task is one line, before any export
     assert eval_harness.main([str(ckpt), "--tasks", "no_such_task", "--include-path", tasks]) == 2
     assert "no_such_task" in capsys.readouterr().err
+
+
+def test_the_trainers_harness_leaves_the_global_rngs_as_they_were():
+    """lm-eval seeds Python's, numpy's and torch's generators; rank 0 trains on afterwards as if it had not."""
+    import random
+
+    import numpy as np
+    from megaloop.training.harness import _global_rngs_kept
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    want = torch.rand(3), random.random(), np.random.rand()
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    with _global_rngs_kept():
+        torch.manual_seed(1234), random.seed(0), np.random.seed(1234)  # what simple_evaluate does
+    got = torch.rand(3), random.random(), np.random.rand()
+    assert torch.equal(got[0], want[0]) and got[1:] == want[1:]

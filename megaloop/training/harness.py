@@ -11,6 +11,7 @@ tools/eval_harness.py on the checkpoints for long suites).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import List
@@ -59,9 +60,31 @@ class PeriodicHarness:
         from megaloop.evaluation.harness import export_weights, run_harness
         from megaloop.training.data import tokenizer_reference
         t = self.cfg.train
-        with tempfile.TemporaryDirectory(prefix=".harness-", dir=t.output_dir) as tmp:
+        with tempfile.TemporaryDirectory(prefix=".harness-", dir=t.output_dir) as tmp, _global_rngs_kept():
             folder = export_weights(lm.state_dict(), self.cfg, tokenizer_reference(self.cfg), os.path.join(tmp, "hf"))
             del lm
             return run_harness(folder, t.harness_tasks, self.loops, t.harness_include_path, t.harness_limit,
                                t.micro_batch_size, device=get_accelerator().current_device_name(),
                                manager=self.manager)
+
+
+@contextlib.contextmanager
+def _global_rngs_kept():
+    """lm-eval seeds Python's, numpy's and torch's global generators: rank 0's training RNG (dropout, ...)
+    continues afterwards as if the harness had not run."""
+    import random
+
+    import numpy as np
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    acc = get_accelerator()
+    device = acc.device_name() != "cpu"
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state(), acc.get_rng_state() if device else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if device:
+            acc.set_rng_state(states[3])
