@@ -49,8 +49,10 @@ PARITY = {"task": "parity", "task_params": {"length": 12}, "seq_len": 13}
 
 
 def _layout_cfg(tmp_path, name, parallel, gas=2, **train):
+    # validation at two R, and with the KL exit where the layout allows it (PP 1)
     t = {"steps": 6, "grad_accum_steps": gas, "log_interval": 1, "eval_interval": 3, "eval_iters": 2,
-         "save_interval": 3, "lr": 3e-3, "warmup_steps": 0}
+         "save_interval": 3, "lr": 3e-3, "warmup_steps": 0, "eval_loops": [1, 2],
+         "eval_exits": [] if parallel.get("pipeline_parallel", 1) > 1 else ["kl:0.01"]}
     t.update(train)
     cfg = tiny_config("unused", str(tmp_path / name), train=t, data=dict(PARITY), parallel=parallel,
                       model={"vocab_size": 16, "pad_vocab_multiple": 8, "n_prelude": 1, "n_coda": 1})
@@ -60,7 +62,7 @@ def _layout_cfg(tmp_path, name, parallel, gas=2, **train):
 
 
 def _valid(out):
-    return {r["step"]: r for r in metrics(out) if "valid_loss" in r}
+    return {(r["step"], r["R"], r.get("exit")): r for r in metrics(out) if "valid_loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +86,15 @@ def test_task_stream_is_the_same_under_tp_and_pp(one_rank, name, parallel):
     out = str(tmp / name)
     _same_losses(ref_out, out, [1, 2, 3, 4, 5, 6])
     ref, got = _valid(ref_out), _valid(out)
-    assert sorted(got) == [3, 6]
-    for s in (3, 6):  # validation: loss and exact-match accuracy as on one rank (PP counts on its last stage)
-        assert math.isclose(got[s]["valid_loss"], ref[s]["valid_loss"], rel_tol=1e-5)
+    exits = [] if name == "pp2" else [(2, "kl:0.01")]
+    assert sorted(got, key=str) == sorted([(s, r, None) for s in (3, 6) for r in (1, 2)]
+                                          + [(s, r, e) for s in (3, 6) for r, e in exits], key=str)
+    for key in got:  # validation at each R and exit: loss, exact match (PP counts on its last stage), loops used
+        assert math.isclose(got[key]["valid_loss"], ref[key]["valid_loss"], rel_tol=1e-5), key
         for k in ("exact_match_sequence", "exact_match_position"):
-            assert got[s][k] == ref[s][k], (name, s, k, got[s][k], ref[s][k])
+            assert got[key][k] == ref[key][k], (name, key, k, got[key][k], ref[key][k])
+        if key[2] is not None:
+            assert got[key]["avg_loops"] == pytest.approx(ref[key]["avg_loops"], rel=1e-6), (name, key)
 
 
 def test_task_stream_sharded_by_dp_and_resumed_exactly(one_rank):
