@@ -65,9 +65,9 @@ def run_harness(folder, tasks: Sequence[str], loops: Sequence[int], include_path
     except ImportError as exc:
         raise HarnessError(f"lm-eval's hf model cannot be imported ({exc}): pip install -e '.[eval]'") from None
     manager = manager or task_manager(tasks, include_path)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
     with _quiet():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     rows = []
     for r in loops:
