@@ -47,6 +47,17 @@ def test_unknown_key_in_yaml(tmp_path):
     (["parallel.tensor_parallel=3"], ["tensor_parallel=3", "n_heads"]),
     (["parallel.pipeline_parallel=2", "parallel.zero_stage=2"], ["zero_stage=2", "pipeline"]),
     (["data.seq_len=1024"], ["seq_len=1024", "max_seq_len"]),
+    # evaluation (megaloop/config/evaluation.py)
+    (["train.eval_loops=[1, 0]"], ["train.eval_loops", "> 0"]),
+    (["train.eval_exits=[kl1e-3]"], ["train.eval_exits", "strategy:threshold"]),
+    (["train.eval_exits=[q_exit:0.5]"], ["q_exit", "model.exit_gate"]),
+    (["train.eval_exits=[kl:1e-3]", "parallel.pipeline_parallel=2"], ["train.eval_exits", "pipeline_parallel=1"]),
+    (["data.valid_data_path={'wiki text': [a]}"], ["data.valid_data_path", "'wiki text'"]),
+    (["data.test_data_path={t: []}"], ["data.test_data_path", "names no dataset"]),
+    (["data.task=parity", "data.valid_data_path=[a]"], ["data.valid_data_path", "data.task"]),
+    (["train.harness_interval=100"], ["train.harness_interval", "train.harness_tasks"]),
+    (["train.harness_interval=100", "train.harness_tasks=[x]", "parallel.tensor_parallel=2"],
+     ["train.harness_interval", "tensor_parallel=1"]),
 ])
 def test_impossible_combinations_name_the_fields(override, words):
     with pytest.raises(ConfigError) as err:
@@ -69,3 +80,12 @@ def test_every_shipped_yaml_loads():
     assert paths
     for p in paths:
         load_config(p)
+
+
+def test_validation_sets_parse_as_blends_or_named_blends():
+    from megaloop.config.schema import named_blends
+    named = load_config(None, ["data.valid_data_path={wiki: [w], mix: [0.5, a, 0.5, b]}"]).data.valid_data_path
+    assert named_blends(named, "valid") == {"wiki": ["w"], "mix": [0.5, "a", 0.5, "b"]}
+    assert named_blends(load_config(None, ["data.valid_data_path=w"]).data.valid_data_path, "valid") == {"valid": ["w"]}
+    assert named_blends(load_config(None, ["data.test_data_path=[0.3, a, 0.7, b]"]).data.test_data_path, "test") == \
+        {"test": [0.3, "a", 0.7, "b"]}
