@@ -16,6 +16,7 @@ vocabulary (datasets without that file, e.g. from Megatron-LM).
 A checkpoint's relative tokenizer path (data.tokenizer_model) is looked up from the current folder, then
 under the run folder and its parents; --tokenizer-model names the file directly.
 Errors are one line on stderr and exit code 2 (--debug or MEGALOOP_DEBUG=1 adds the traceback).
+The computation is megaloop/evaluation/ (inputs.py, loops.py, report.py); this file is its command line.
 
 Task runs (data.task, megaloop.tasks): with neither --data nor --text, a checkpoint trained on a task is
 scored on that task's examples (--task / --task-params / --task-seed choose another; the default seed is
