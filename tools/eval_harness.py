@@ -36,8 +36,8 @@ def _main(argv=None):
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda:0")
-    p.add_argument("--tokenizer-model", default=None, help="the sentencepiece model file, when the run's recorded "
-                   "(relative) path does not resolve")
+    p.add_argument("--tokenizer-model", default=None, help="the tokenizer model file (sentencepiece .model, "
+                   "tokenizer.json or its folder, .tiktoken), when the run's recorded (relative) path does not resolve")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -83,7 +83,7 @@ def _export(args, out: Path) -> Path:
     if ckpt.is_deepspeed_checkpoint(args.model):
         print(f"reading {ckpt.resolve(args.model, args.step)}", file=sys.stderr)
     state_dict, cfg, data_cfg = load_checkpoint(args.model, args.step)
-    tok = {"type": data_cfg.tokenizer_type,
+    tok = {"type": data_cfg.tokenizer_type, "eod": getattr(data_cfg, "tokenizer_eod", None),
            "model": checkpoint_tokenizer_model(args.model, data_cfg, args.tokenizer_model)}
     return export_weights(state_dict, cfg, tok, out)
 
