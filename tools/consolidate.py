@@ -3,7 +3,8 @@
     python tools/consolidate.py runs/demo_cpu runs/demo_cpu/model.pt [--step N]
 
 The checkpoint is a run folder, its checkpoints/ root or one step_NNNNNNNN/ tag (without --step:
-`latest`, else the newest complete one). The output holds {"model": LoopedLM state dict, "config":
+`latest`, else the newest complete one); its files are first checked against the checksums recorded when it was saved
+(--no-verify-checksums skips that; a damaged file is refused naming it). The output holds {"model": LoopedLM state dict, "config":
 the run config}: the plain format megaloop.checkpoint.load_model, tools/generate.py, tools/eval_loops.py
 and tools/export_hf.py read. Without an output path, only the tensor count is printed. The output is
 written under a temporary name and renamed when complete. Errors are one line on stderr and exit code 2
@@ -21,11 +22,12 @@ def _main(argv=None):
     p.add_argument("checkpoint", help="run folder, checkpoints/ root or step_NNNNNNNN/ tag")
     p.add_argument("output", nargs="?", default=None, help="the .pt file to write")
     p.add_argument("--step", type=int, default=None)
+    p.add_argument("--no-verify-checksums", action="store_true", help="skip checking the checkpoint files against the checksums recorded when it was saved (huge checkpoints on trusted storage)")
     args = p.parse_args(argv)
 
     from megaloop import checkpoint as ckpt
 
-    sd, cfg = ckpt.load(args.checkpoint, args.step)
+    sd, cfg = ckpt.load(args.checkpoint, args.step, verify=not args.no_verify_checksums)
     print(f"{len(sd)} tensors, {sum(t.numel() for t in sd.values()):,} values")
     if args.output:
         ckpt.save_plain(sd, cfg, args.output)

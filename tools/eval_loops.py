@@ -76,6 +76,9 @@ def _main(argv=None):
     p.add_argument("--num-examples", type=int, default=256, help="task examples scored per cell")
     p.add_argument("--lengths", default=None, help="task lengths of the extrapolation grid, e.g. 16,32,64 "
                    "(default n, 2n, 4n; tasks with a length parameter)")
+    p.add_argument("--no-verify-checksums", action="store_true",
+                   help="skip checking the checkpoint files against the checksums recorded when it was "
+                   "saved (huge checkpoints on trusted storage)")
     args = p.parse_args(argv)
     if args.seq_len is not None and args.seq_len < 1:
         raise UsageError(f"--seq-len {args.seq_len}: must be at least 1")
@@ -94,7 +97,7 @@ def _main(argv=None):
     cfg = None if text_mode else run_config(args.model, args.step)
     spec = None if text_mode else task_spec(cfg, args.task, args.task_params, args.task_seed)
 
-    lm = load_model_for_cli(args.model, args.step, args.tokenizer_model)
+    lm = load_model_for_cli(args.model, args.step, args.tokenizer_model, verify=not args.no_verify_checksums)
     if spec is not None:
         return _main_task(args, lm, spec, exits)
     from megaloop.generation import is_causal

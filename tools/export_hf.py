@@ -12,7 +12,8 @@ any TP x PP x DP layout and ZeRO stage, or a plain torch.save'd state dict; it i
 megaloop.checkpoint: the shards are merged into the one-process LoopedLM names, and the resolved
 config and tokenizer reference stored with the checkpoint are used. Without --step the
 checkpoint named by `latest` (or the newest complete one) is exported. An incomplete checkpoint (no
-megaloop_complete.json), a missing shard file or a shard of the wrong shape fails with a message
+megaloop_complete.json), a missing shard file, a file that does not match the checksum recorded when it
+was saved (--no-verify-checksums skips that check) or a shard of the wrong shape fails with a message
 naming the file, and nothing is written.
 
 --output may not be the checkpoint being read, contain it, or lie inside its checkpoints/ tree (symlinks
@@ -45,6 +46,9 @@ def _main(argv=None):
     p.add_argument("--tokenizer-model", default=None,
                    help="override the run's tokenizer model path (.model, tokenizer.json or its folder, .tiktoken)")
     p.add_argument("--no-verify", action="store_true", help="skip the logits check against megaloop")
+    p.add_argument("--no-verify-checksums", action="store_true",
+                   help="skip checking the checkpoint files against the checksums recorded when it was "
+                   "saved (huge checkpoints on trusted storage)")
     p.add_argument("--format", choices=["megaloop", "llama"], default="megaloop",
                    help="megaloop: remote-code folder (every architecture); llama: unrolled LlamaForCausalLM, "
                         "no remote code, fixed --loops, only for plain loops of standard layers")
@@ -66,7 +70,7 @@ def _main(argv=None):
 
         if ckpt.is_deepspeed_checkpoint(args.checkpoint):
             print(f"reading {ckpt.resolve(args.checkpoint, args.step)}", file=sys.stderr)
-        state_dict, cfg, data_cfg = load_checkpoint(args.checkpoint, args.step)
+        state_dict, cfg, data_cfg = load_checkpoint(args.checkpoint, args.step, verify=not args.no_verify_checksums)
         from megaloop.evaluation.inputs import checkpoint_tokenizer_model
 
         tok = {"type": data_cfg.tokenizer_type, "eod": getattr(data_cfg, "tokenizer_eod", None),

@@ -5,7 +5,10 @@ layout  where checkpoints live (<output_dir>/checkpoints/step_NNNNNNNN/, `latest
         marker) and `resolve(path, step)`: which complete tag a run folder, checkpoint root or tag
         folder means (resume, export, generation and evaluation all go through it)
 engine  save_training / load_training: DeepSpeed's save/load on every rank, per-rank RNG states, the
-        marker and `latest` written only once every rank's files are complete
+        marker and `latest` written only once every rank's files are complete; weights that are not
+        finite are never saved (NonFiniteState)
+integrity  checksums of a tag's files (recorded in the marker), verify_tag, resolve_intact (a damaged
+        tag is refused naming the file; a run folder falls back to the previous intact tag)
 reader  load / load_model / load_state_dict / load_config: any TP x PP x DP layout and ZeRO stage merged
         offline into LoopedLM names (and the plain torch.save'd format of plain.py)
 training_state  load_training_state: the AdamW state (fp32 weights, moments, step) of any layout, merged
@@ -17,14 +20,14 @@ init_weights  init_state_dict: a new run's first weights (init.from) from any ch
 
 Errors are CheckpointError (a ValueError) with a one-line message naming the path or file.
 """
-from megaloop.checkpoint.engine import load_training, save_training
+from megaloop.checkpoint.engine import NonFiniteState, load_training, save_training
 from megaloop.checkpoint.layout import (COMPLETE, LATEST, TAG_RE, CheckpointError, complete_tags, is_complete,
                                         is_deepspeed_checkpoint, is_tag_dir, resolve, tag_for, tag_step)
 from megaloop.checkpoint.plain import save_plain, save_plain_checkpoint
 from megaloop.checkpoint.reader import (CheckpointInfo, checkpoint_config, expected_shapes, load, load_config,
                                         load_deepspeed_checkpoint, load_model, load_state_dict, read_info)
 
-__all__ = ["COMPLETE", "LATEST", "TAG_RE", "CheckpointError", "CheckpointInfo", "checkpoint_config",
+__all__ = ["NonFiniteState", "COMPLETE", "LATEST", "TAG_RE", "CheckpointError", "CheckpointInfo", "checkpoint_config",
            "complete_tags", "expected_shapes", "is_complete", "is_deepspeed_checkpoint", "is_tag_dir", "load",
            "load_config", "load_deepspeed_checkpoint", "load_model", "load_state_dict", "load_training",
            "read_info", "resolve", "save_plain", "save_plain_checkpoint", "save_training", "tag_for", "tag_step"]

@@ -4,7 +4,8 @@ completeness marker (collective calls: every rank of the job makes them).
     step_00000100/            DeepSpeed's files (model / layer / ZeRO optimizer states, client_state)
         rng_rank00003.pt      this rank's RNG states (DeepSpeed keeps client_state from DP rank 0 only)
         megaloop_complete.json  written by rank 0 AFTER a barrier that every rank reaches only once its
-                                own files are written; holds the step and consumed samples
+                                own files are written; holds the step, consumed samples and the checksum
+                                of every file (integrity.py: hashed by all ranks in parallel)
     latest                    the newest complete tag (DeepSpeed's format: the tag as text)
 
 DeepSpeed's own `latest` is written by rank 0 right after *its* files, with no barrier before it, so a
@@ -12,6 +13,11 @@ rank still writing (or dying) could leave `latest` naming an incomplete checkpoi
 `save_latest=False` and writes `latest` itself, atomically (tmp + rename), after the barrier. Loading
 trusts only tags with the completeness marker (layout.resolve): a checkpoint whose save was interrupted
 is ignored and the previous complete one loads.
+
+Weights that are not finite are never saved: save_training checks them first (one device reduction and
+one all-reduce on the save step) and raises NonFiniteState, so no tag with NaN / inf weights is written,
+marked complete, named by `latest` or counted by the rotation (which therefore never deletes the newest
+finite checkpoint: every complete tag is finite).
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from megaloop.checkpoint.layout import LATEST, CheckpointError, atomic_write, complete_tags, tag_for, write_marker
+from megaloop.checkpoint.layout import COMPLETE, LATEST, CheckpointError, atomic_write, complete_tags, tag_for, write_marker
 from megaloop.errors import OutputError, os_error_in
 
 
@@ -47,6 +53,27 @@ def save_error(err: BaseException, root, tag_dir) -> OutputError:
             if previous else "no earlier complete checkpoint exists")
     return OutputError(err, root, f"checkpoint {tag_dir} is incomplete (it is never loaded; delete it to free "
                                   f"space); {left}")
+
+
+class NonFiniteState(CheckpointError):
+    """The weights about to be saved are not finite: nothing was written."""
+
+
+def weights_finite(module) -> bool:
+    """Collective (every rank): are all weights finite on every rank? Each rank reduces its own parameters
+    (a ZeRO-3 rank its partition) to one flag on the device (max |w| per tensor: no overflow for large
+    finite weights), the flags are all-reduced, and one value is read (on save steps only)."""
+    import deepspeed.comm as dist
+    from megaloop.parallel.device import zeros_on_accelerator
+    tensors = [getattr(p, "ds_tensor", p).detach() for p in module.parameters()]
+    tensors = [t for t in tensors if t.numel()]
+    bad = zeros_on_accelerator(1)
+    if tensors:
+        amax = torch.stack([n.float().reshape(()) for n in torch._foreach_norm(tensors, ord=float("inf"))])
+        bad = (~torch.isfinite(amax)).any().float().reshape(1).to(bad.device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
 
 
 def _is_write_failure(err: BaseException) -> bool:
@@ -85,11 +112,17 @@ def set_rng_state(state: dict) -> None:
 def save_training(engine, root, step: int, client_state: dict, rank: int, keep: int = 0,
                   fault_hook=None) -> str:
     """Save on every rank (collective) under the checkpoint root `root`; `keep` > 0 deletes all but the
-    newest `keep` complete tags. Returns the tag folder."""
+    newest `keep` complete tags. Returns the tag folder. Raises NonFiniteState (nothing written) when a
+    weight is not finite on any rank."""
     import deepspeed.comm as dist
+    from megaloop.checkpoint.integrity import checksum_tag
     root = str(root)
     tag = tag_for(step)
     tag_dir = os.path.join(root, tag)
+    if not weights_finite(engine.module):
+        raise NonFiniteState(f"the weights after step {step} are not finite: checkpoint {tag_dir} was not saved")
+    if rank == 0 and os.path.exists(os.path.join(tag_dir, COMPLETE)):
+        os.remove(os.path.join(tag_dir, COMPLETE))  # a tag saved again (after a fallback) is incomplete until done
     try:
         engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
         with open(_rng_file(tag_dir, rank), "wb") as f:  # a Python file: a full disk raises OSError
@@ -101,9 +134,10 @@ def save_training(engine, root, step: int, client_state: dict, rank: int, keep: 
     if fault_hook is not None:
         fault_hook(tag)  # tests: die here, after the files and before the marker
     dist.barrier()  # every rank has written everything it writes
+    sums = checksum_tag(tag_dir, rank, dist.get_world_size())  # (collective; rank 0 gets them all)
     if rank == 0:
         try:
-            write_marker(tag_dir, step, client_state.get("consumed_samples"))
+            write_marker(tag_dir, step, client_state.get("consumed_samples"), sums)
             atomic_write(os.path.join(root, LATEST), tag)
         except OSError as e:
             raise save_error(e, root, tag_dir) from e

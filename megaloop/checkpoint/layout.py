@@ -3,7 +3,8 @@
     <output_dir>/checkpoints/                 the checkpoint root
         latest                                the newest complete tag (DeepSpeed's format: the tag as text)
         step_00000100/                        one tag: DeepSpeed's files, rng_rankNNNNN.pt, and
-            megaloop_complete.json            the completeness marker, written last (see engine.py)
+            megaloop_complete.json            the completeness marker, written last (see engine.py), with a
+                                          checksum of every file of the tag (integrity.py)
 
 A tag without the marker is an interrupted save: it is never read (naming it is an error; a root or
 run folder skips it and falls back to the newest complete tag).
@@ -66,8 +67,13 @@ def marker(tag_dir) -> dict:
         return {}
 
 
-def write_marker(tag_dir, step: int, consumed_samples) -> None:
-    atomic_write(Path(tag_dir) / COMPLETE, json.dumps({"step": step, "consumed_samples": consumed_samples}))
+def write_marker(tag_dir, step: int, consumed_samples, checksums: Optional[dict] = None) -> None:
+    """The marker: step, consumed samples, and (integrity.checksum_tag) every file's size and digest; it is
+    written only for weights found finite (engine.save_training), hence "finite": true."""
+    fields = {"step": step, "consumed_samples": consumed_samples, "finite": True}
+    if checksums is not None:
+        fields["checksums"] = checksums
+    atomic_write(Path(tag_dir) / COMPLETE, json.dumps(fields))
 
 
 def tags(root) -> List[Tuple[int, Path]]:

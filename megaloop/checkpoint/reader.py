@@ -266,9 +266,12 @@ def _load_zero3(ci: CheckpointInfo) -> Dict[str, torch.Tensor]:
     return _check_shard(sd, d, keys, shapes, f"ZeRO-3 weights of {ci.dp} data-parallel rank(s)")
 
 
-def load_deepspeed_checkpoint(path, step: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], CheckpointInfo]:
-    """(state dict with LoopedLM names, CheckpointInfo) of the tag `resolve(path, step)` names."""
-    ci = read_info(resolve(path, step))
+def load_deepspeed_checkpoint(path, step: Optional[int] = None,
+                              verify: bool = True) -> Tuple[Dict[str, torch.Tensor], CheckpointInfo]:
+    """(state dict with LoopedLM names, CheckpointInfo) of the tag `resolve(path, step)` names; with
+    verify, its files are first checked against the checksums in its marker (integrity.verify_tag)."""
+    from megaloop.checkpoint.integrity import verified
+    ci = read_info(verified(resolve(path, step), verify))
     if ci.pp > 1:
         sd = _load_pipeline(ci)
     elif ci.zero_stage == 3:
@@ -299,10 +302,10 @@ def checkpoint_config(ci: CheckpointInfo) -> Config:
 # Any checkpoint (DeepSpeed training checkpoint or plain file)
 
 
-def load_state_dict(path, step: Optional[int] = None) -> Dict[str, torch.Tensor]:
-    """The full (merged) LoopedLM state dict of a checkpoint."""
+def load_state_dict(path, step: Optional[int] = None, verify: bool = True) -> Dict[str, torch.Tensor]:
+    """The full (merged) LoopedLM state dict of a checkpoint (verify: see load_deepspeed_checkpoint)."""
     if is_deepspeed_checkpoint(path):
-        return load_deepspeed_checkpoint(path, step)[0]
+        return load_deepspeed_checkpoint(path, step, verify)[0]
     return load_plain_state_dict(path, step)
 
 
@@ -314,21 +317,22 @@ def load_config(path, step: Optional[int] = None) -> Config:
     return load_plain_config(path, step)
 
 
-def load(path, step: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], Config]:
-    """(full LoopedLM state dict, run config) of a checkpoint."""
+def load(path, step: Optional[int] = None, verify: bool = True) -> Tuple[Dict[str, torch.Tensor], Config]:
+    """(full LoopedLM state dict, run config) of a checkpoint; verify: the tag's checksums are checked
+    first (a damaged file is refused naming it; see megaloop.checkpoint.integrity)."""
     if is_deepspeed_checkpoint(path):
-        sd, ci = load_deepspeed_checkpoint(path, step)
+        sd, ci = load_deepspeed_checkpoint(path, step, verify)
         return sd, checkpoint_config(ci)
     cfg = load_plain_config(path, step)
     return load_plain_state_dict(path, step), cfg
 
 
-def load_model(path, step: Optional[int] = None, device=None):
+def load_model(path, step: Optional[int] = None, device=None, verify: bool = True):
     """(LoopedLM with the checkpoint's weights, its run config): the one way to get the trained model in
-    one process (evaluation, sampling, export)."""
+    one process (evaluation, sampling, export); verify: as in `load`."""
     from megaloop.model import build_model
 
-    sd, cfg = load(path, step)
+    sd, cfg = load(path, step, verify)
     model = build_model(cfg)
     model.load_state_dict(_tie_head(sd, cfg.model), strict=not cfg.model.tie_embeddings)
     return (model.to(device) if device is not None else model), cfg

@@ -210,7 +210,7 @@ def load_training_state(tag_dir) -> TrainingState:
         full[key] = _merge([{n: s[n][key] for n in names} for s in per_tp], info,
                            [f"tensor-parallel rank {t}" for t in range(tp)])
     if ci.zero_stage == 0:
-        sd, _ = load_deepspeed_checkpoint(d)
+        sd, _ = load_deepspeed_checkpoint(d, verify=False)  # (the resume verified the tag)
         weights = {n: sd[n].float() for n in names}
     else:
         weights = full["fp32"]

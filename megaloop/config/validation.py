@@ -51,7 +51,7 @@ NUMERIC_RANGES = {
     "train.weight_decay": _GE0, "train.beta1": _UNIT_HALF_OPEN, "train.beta2": _UNIT_HALF_OPEN,
     "train.eps": _GT0, "train.grad_clip": _GE0,  # 0 = no clipping
     "train.log_interval": _GT0, "train.eval_interval": _GE0, "train.eval_iters": _GE0,
-    "train.save_interval": _GE0, "train.keep_checkpoints": _GE0,
+    "train.save_interval": _GE0, "train.keep_checkpoints": _GE0, "train.max_consecutive_skips": _GT0,
     "train.loss_scale": _GE0, "train.initial_scale_power": (0, 64, True, True), "train.peak_flops": _GT0,
     "train.dist_timeout": _GT0, "train.sample_tokens": _GE0, "train.sample_temperature": _GE0,  # 0 = greedy
     "train.sample_top_k": _GE0,  # 0 = no top-k

@@ -16,10 +16,11 @@ from pathlib import Path
 from megaloop.errors import UsageError
 
 
-def load_model_for_cli(model, step=None, tokenizer_model=None):
+def load_model_for_cli(model, step=None, tokenizer_model=None, verify=True):
     """megaloop.generation.load_lm for the tools: an exported folder as it is; for a checkpoint, its
     tokenizer model file found with megaloop.data.tokenizer.resolve_tokenizer_model (--tokenizer-model, or
-    the run's relative path from here, the run folder or its parents) before the weights are read."""
+    the run's relative path from here, the run folder or its parents) before the weights are read. verify:
+    check the checkpoint's files against the checksums recorded when it was saved."""
     from megaloop.generation import _is_hf_folder, load_lm, wrap_megaloop
 
     path = Path(model)
@@ -33,11 +34,12 @@ def load_model_for_cli(model, step=None, tokenizer_model=None):
 
     # A training checkpoint's config is one small file: find the tokenizer before reading the weights. A
     # plain file holds both, so it is read once.
-    lm_model, cfg = (None, load_config(path, step)) if is_deepspeed_checkpoint(path) else load_model(path, step)
+    lm_model, cfg = ((None, load_config(path, step)) if is_deepspeed_checkpoint(path)
+                     else load_model(path, step, verify=verify))
     tok_path = checkpoint_tokenizer_model(model, cfg.data, tokenizer_model)
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, tok_path, eod_token=cfg.data.tokenizer_eod)
     if lm_model is None:
-        lm_model, _ = load_model(path, step)
+        lm_model, _ = load_model(path, step, verify=verify)
     return wrap_megaloop(lm_model, tokenizer)
 
 

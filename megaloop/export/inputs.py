@@ -139,9 +139,10 @@ def load_checkpoint_config(checkpoint_dir, step: Optional[int] = None) -> Config
         return ckpt.load_config(checkpoint_dir, step)
 
 
-def load_checkpoint(checkpoint_dir, step: Optional[int] = None):
+def load_checkpoint(checkpoint_dir, step: Optional[int] = None, verify: bool = True):
     """(merged state dict, Config, tokenizer spec) of a checkpoint: the inputs of export_hf. The
-    tokenizer spec is the run's DataConfig (tokenizer_type, tokenizer_model)."""
+    tokenizer spec is the run's DataConfig (tokenizer_type, tokenizer_model). verify: check the tag's
+    checksums first (megaloop.checkpoint.integrity)."""
     with _as_export_error():
-        sd, cfg = ckpt.load(checkpoint_dir, step)
+        sd, cfg = ckpt.load(checkpoint_dir, step, verify)
     return sd, cfg, cfg.data

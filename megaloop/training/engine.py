@@ -66,8 +66,9 @@ class TrainingEngine:
     """The DeepSpeed engine plus what the loop reads from it: the grad norm, the fp16 loss scale, the
     pipeline layer holding the looped block."""
 
-    def __init__(self, cfg: Config, state, engine, module, clip: Optional[SelfClip]):
+    def __init__(self, cfg: Config, state, engine, module, clip: Optional[SelfClip], skip=None):
         self.cfg, self.state, self.engine, self.module, self.clip = cfg, state, engine, module, clip
+        self.skip = skip  # megaloop.training.nonfinite.SkipNonFinite where megaloop skips non-finite steps
 
     def grad_norm(self):
         """This step's pre-clip global grad norm: a device tensor (read on logging steps), a float or None."""
@@ -209,12 +210,17 @@ def build_engine(cfg: Config, state, console, device: str, init_state: Optional[
     if state.pp_size > 1 and p.zero_stage >= 1:
         _check_same_group_count_on_every_stage(optimizer, state, p.zero_stage)
     scheduler = build_scheduler(optimizer, t)
-    # DeepSpeed clips fp32-weight ZeRO-0 gradients without recording the norm: clip ourselves there.
+    # DeepSpeed clips fp32-weight ZeRO-0 gradients without recording the norm, and steps torch's AdamW
+    # there even when the norm is not finite: megaloop computes the norm (clipping if grad_clip > 0) and
+    # skips a non-finite step itself (megaloop/training/nonfinite.py; DeepSpeed skips on its other paths).
     self_clip = p.zero_stage == 0 and (t.precision == "fp32" or (t.precision == "bf16" and t.bf16_impl == "autocast"))
-    clip = None
-    if self_clip and t.grad_clip > 0:
+    clip = skip = None
+    if self_clip:
+        from megaloop.training.nonfinite import SkipNonFinite
         clip = SelfClip(cfg, state, module)
+        skip = SkipNonFinite(clip)
         optimizer.register_step_pre_hook(clip)
+        optimizer.register_step_pre_hook(skip)  # (after the norm: hooks run in registration order)
     ds_config = build_ds_config(cfg, state.dp_size, clip_in_engine=not self_clip)
     mpu = state.grid if (state.tp_size > 1 and state.pp_size == 1) else None
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
@@ -237,7 +243,7 @@ def build_engine(cfg: Config, state, console, device: str, init_state: Optional[
     from megaloop.ops.gated_delta import describe_kernel_choice
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
     console(f"{describe_kernel_choice(cfg, device, compute)}; {describe_norm_choice(device, compute)}")
-    return TrainingEngine(cfg, state, engine, module, clip)
+    return TrainingEngine(cfg, state, engine, module, clip, skip)
 
 
 class _TensorParallelMPU:

@@ -38,7 +38,7 @@ APPLIED = {
     "train.steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.lr_schedule", "train.wsd_decay_fraction",
     "train.weight_decay", "train.beta1", "train.beta2", "train.eps", "train.grad_clip",
     "train.log_interval", "train.eval_interval", "train.eval_iters", "train.eval_loops", "train.save_interval",
-    "train.keep_checkpoints", "train.output_dir", "train.load", "train.auto_resume", "train.tensorboard",
+    "train.keep_checkpoints", "train.verify_checkpoints", "train.max_consecutive_skips", "train.output_dir", "train.load", "train.auto_resume", "train.tensorboard",
     "train.peak_flops", "train.dist_timeout", "train.sample_tokens", "train.sample_prompt",
     "train.sample_temperature", "train.sample_top_k", "train.compile", "train.compile_mode",
     "train.optimizer_impl", "train.activation_checkpointing", "train.partition_activations",

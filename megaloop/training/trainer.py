@@ -26,6 +26,7 @@ from megaloop.training.ds_config import check_supported
 from megaloop.training.engine import build_engine, main_loss_backward_scale
 from megaloop.training.evaluation import Evaluation
 from megaloop.training.faults import FaultPlan
+from megaloop.training.nonfinite import SkipLedger, step_skipped
 from megaloop.training.pipeline_step import pipeline_train_batch
 from megaloop.training.init_from import initial_weights
 from megaloop.training.optim import apply_schedule
@@ -123,16 +124,22 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _resume_tag(self):
-        """The checkpoint this run continues from (train.load, else auto-resume), or None: a new run."""
+        """The checkpoint this run continues from (train.load, else auto-resume), or None: a new run. Its
+        checksums are verified (rank 0; a damaged tag of a run folder is skipped for the previous one)."""
+        from megaloop.checkpoint.integrity import resolve_intact_agreed
         t = self.cfg.train
-        if t.load:
-            try:
-                return ckpt.resolve(t.load)
-            except ckpt.CheckpointError as exc:
+        if not (t.load or t.auto_resume):
+            return None
+        try:
+            tag, notes = resolve_intact_agreed(t.load or self.ckpt_root, required=bool(t.load),
+                                               verify=t.verify_checkpoints, rank=self.rank, world=self.world)
+        except ckpt.CheckpointError as exc:
+            if t.load:
                 raise ConfigError(f"--load {t.load}: {exc}") from exc
-        if t.auto_resume:
-            return ckpt.resolve(self.ckpt_root, required=False)
-        return None
+            raise
+        for note in notes:
+            self.logger.console(note)
+        return tag
 
     def resume(self) -> dict:
         tag_dir = self.resume_tag
@@ -157,8 +164,11 @@ class Trainer:
         client = {"step": step, "consumed_samples": consumed, "config": self.cfg.to_dict(),
                   "tokenizer": tokenizer_reference(self.cfg), "loop_sampling": {"seed": t.seed, "step": step},
                   "megaloop_format": 1}
-        self.last_good = ckpt.save_training(self.engine, self.ckpt_root, step, client, self.rank, t.keep_checkpoints,
-                                            self.faults.save_hook(step))
+        try:  # (weights that are not finite are never saved: the newest good checkpoint stays the last one)
+            self.last_good = ckpt.save_training(self.engine, self.ckpt_root, step, client, self.rank,
+                                                t.keep_checkpoints, self.faults.save_hook(step))
+        except ckpt.NonFiniteState as exc:
+            raise TrainingError(f"{exc}; last good checkpoint: {self.last_good or 'none'}") from exc
         self.logger.console(f"saved checkpoint {self.last_good}")
         return self.last_good
 
@@ -219,6 +229,7 @@ class Trainer:
         self.setup()
         cfg, t = self.cfg, self.cfg.train
         self.last_good = None
+        skips = SkipLedger(t.max_consecutive_skips, t.precision, self.logger.console)  # (nonfinite.py)
         client = self.resume()
         step = int(client.get("step", 0))
         consumed = int(client.get("consumed_samples", 0))
@@ -236,7 +247,7 @@ class Trainer:
                 skipped_before = getattr(self.engine, "skipped_steps", 0)
                 loss, rs, diag = self.train_step(batches, step, want_diag)
                 loss = self.faults.loss(step, loss)
-                skipped = getattr(self.engine, "skipped_steps", 0) > skipped_before
+                skipped = step_skipped(self.te, skipped_before)  # (a device flag or a bool)
                 step += 1
                 consumed += global_batch
                 r_mean = progress.after_step(rs)
@@ -252,7 +263,7 @@ class Trainer:
                 stop_now = stops.after_step(step)  # (a request from 2 steps ago, agreed by all ranks)
                 if not (want_diag or evaluate or harness or save or stop_now or step == t.steps):
                     continue  # no host sync on this step: the GPU keeps running ahead
-                rows, stopping = settle(pending, stops.flag.code, t.precision, self.logger, self.last_good)
+                rows, stopping = settle(pending, stops.flag.code, skips, self.logger, self.last_good)
                 stopping = max(stopping, stop_now)  # (the stop code: TIME_UP outranks a signal's)
                 pending = []
                 losses.extend(r["loss"] for r in rows)
