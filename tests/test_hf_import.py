@@ -255,13 +255,19 @@ def test_imported_folder_is_an_init_source(tmp_path, llama):
     ("shape", r"'model.layers.0.self_attn.k_proj.weight' has shape \(8, 32\); megaloop's "
               r"'block.layers.0.mixer.wk.weight' needs \(16, 32\)"),
     ("rope", r"rope type 'llama3': megaloop implements the default RoPE only"),
+    ("nan", r"'model.layers.0.mlp.up_proj.weight' in model.safetensors \(megaloop's 'block.layers.0.mlp.w3.weight'\) "
+            r"has 32 non-finite value"),
+    ("flipped", r"'model.norm.weight' in model.safetensors .* has values up to 3.4e\+38"),
 ])
 def test_bad_folders_are_refused_naming_the_problem(tmp_path, case, pattern):
     kw = {"model_type": {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "auto_map": None},
           "unknown": {"extra": {"model.layers.0.self_attn.q_proj.bias": torch.zeros(32)}},
           "missing": {"drop": ["model.layers.1.mlp.up_proj.weight"]},
           "shape": {"reshape": {"model.layers.0.self_attn.k_proj.weight": (8, 32)}},
-          "rope": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}}[case]
+          "rope": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+          "nan": {"extra": {"model.layers.0.mlp.up_proj.weight": torch.zeros(48, 32).index_fill_(0, torch.tensor([3]),
+                                                                                               float("nan"))}},
+          "flipped": {"extra": {"model.norm.weight": torch.ones(32).index_fill_(0, torch.tensor([5]), 3.4e38)}}}[case]
     _ouro_folder(tmp_path / "src", **kw)
     with pytest.raises(HFImportError) as err:
         import_hf(tmp_path / "src", tmp_path / "run")

@@ -146,6 +146,22 @@ class Tensors:
 # Mapping onto LoopedLM
 
 
+# No trained weight comes near this; a flipped exponent bit in a file (3.4e38, 1e37...) does.
+MAX_ABS_WEIGHT = 1e20
+
+
+def check_finite(t: torch.Tensor, folder, name: str, mk: str) -> None:
+    """Refuse a weight with a non-finite value, or one beyond MAX_ABS_WEIGHT (a damaged file)."""
+    if not t.numel():
+        return
+    amax = float(t.abs().max())
+    if not (amax <= MAX_ABS_WEIGHT):  # (also true for NaN)
+        bad = int((~torch.isfinite(t)).sum())
+        what = f"{bad} non-finite value(s)" if bad else f"values up to {amax:.3g} (beyond {MAX_ABS_WEIGHT:.0e})"
+        raise HFImportError(f"{folder}: {name} (megaloop's '{mk}') has {what}: the weights file is damaged or the "
+                            f"model diverged; nothing was imported")
+
+
 def map_weights(m: Mapping, tensors: Tensors, cfg) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """The full LoopedLM state dict for `cfg` (a megaloop Config) from the mapping, checked; and the
     megaloop keys left at megaloop's own init."""
@@ -170,6 +186,7 @@ def map_weights(m: Mapping, tensors: Tensors, cfg) -> Tuple[Dict[str, torch.Tens
             raise HFImportError(f"{tensors.folder}: {name} has shape {tuple(t.shape)}; megaloop's '{mk}' needs "
                                 f"{want} (config.json and the weights disagree, or an override changed a size)")
         out[mk] = t.detach().to(torch.float32).clone()
+        check_finite(out[mk], tensors.folder, name if torch.is_tensor(src) else f"{name} in {tensors.where[src]}", mk)
     unknown = tensors.leftover()
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
