@@ -119,7 +119,7 @@ def save_training(engine, root, step: int, client_state: dict, rank: int, keep: 
     root = str(root)
     tag = tag_for(step)
     tag_dir = os.path.join(root, tag)
-    if not weights_finite(engine.module):
+    if getattr(engine, "module", None) is not None and not weights_finite(engine.module):
         raise NonFiniteState(f"the weights after step {step} are not finite: checkpoint {tag_dir} was not saved")
     if rank == 0 and os.path.exists(os.path.join(tag_dir, COMPLETE)):
         os.remove(os.path.join(tag_dir, COMPLETE))  # a tag saved again (after a fallback) is incomplete until done
