@@ -157,6 +157,7 @@ BAD_VALUES = {
     "train.eval_iters": ("-1", ">= 0"),
     "train.save_interval": ("-1", ">= 0"),
     "train.keep_checkpoints": ("-1", ">= 0"),
+    "train.max_consecutive_skips": ("0", "> 0"),
     "train.eval_loops": ("0", "> 0"),
     "train.loss_scale": ("nan", "finite"),
     "train.initial_scale_power": ("-1", "[0, 64]"),
