@@ -36,6 +36,10 @@ def runs(tmp_path_factory):
     return run
 
 
+DIVERGE = {"lr": 1e3, "warmup_steps": 0, "save_interval": 1, "keep_checkpoints": 2, "steps": 8, "log_interval": 1,
+           "max_consecutive_skips": 3}
+
+
 def _finite(tag) -> bool:
     sd, _ = ckpt.load(tag)
     return all(torch.isfinite(v).all() for v in sd.values())
@@ -46,8 +50,7 @@ def _finite(tag) -> bool:
 
 def test_diverging_run_skips_counts_stops_and_keeps_only_finite_checkpoints(runs):
     # lr=1e3: step 1 moves the weights far, step 2's loss is finite but its gradients are NaN.
-    out, text, _ = runs("diverge", {"lr": 1e3, "warmup_steps": 0, "save_interval": 1, "keep_checkpoints": 2,
-                                    "steps": 8, "log_interval": 1, "max_consecutive_skips": 3}, expect_rc=3)
+    out, text, _ = runs("diverge", DIVERGE, expect_rc=3)
     rows = {r["step"]: r for r in metrics(out) if "loss" in r}
     assert [s for s, r in sorted(rows.items()) if r["skipped"]] == [2, 3, 4], text[-2000:]
     assert math.isfinite(rows[2]["loss"]) and not math.isfinite(rows[2]["grad_norm"])  # finite loss, NaN gradients
@@ -61,6 +64,20 @@ def test_diverging_run_skips_counts_stops_and_keeps_only_finite_checkpoints(runs
     # Skipped steps left the weights as step 1 made them: the checkpoints of steps 1 (rotated out), 2, 3 agree.
     a, b = ckpt.load(tags[0])[0], ckpt.load(tags[1])[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pipeline_stages_agree_on_the_skip(runs):
+    """PP 2 under ZeRO 0 (megaloop's hook; each stage sees only its gradients, the norm is all-reduced over
+    the stages): both ranks skip the same steps and stop together, naming the same good checkpoint."""
+    out = str(runs.root / "diverge_pp2")
+    _, _, cfg_path = runs("diverge", DIVERGE, expect_rc=3)
+    (r0, t0), (r1, t1) = run_ranks(2, ["--config", cfg_path, f"train.output_dir={out}",
+                                       "parallel.pipeline_parallel=2"], timeout=240)
+    assert r0 == 3 and r1 == 3, (t0[-2000:], t1[-2000:])
+    rows = {r["step"]: r for r in metrics(out) if "loss" in r}
+    assert [s for s, r in sorted(rows.items()) if r["skipped"]] == [2, 3, 4]
+    tags = ckpt.complete_tags(os.path.join(out, "checkpoints"))
+    assert "last good checkpoint: " + str(tags[-1]) in t0 and all(_finite(t) for t in tags)
 
 
 def test_save_refuses_non_finite_weights_and_writes_nothing(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from megaloop.checkpoint.layout import (COMPLETE, LATEST, CheckpointError, complete_tags, is_tag_dir, marker,
-                                        resolve, root_of)
+                                        resolve, root_of, tag_step)
 
 ALGORITHM = "xxh3_64"
 _CHUNK = 8 << 20
@@ -124,7 +124,8 @@ def resolve_intact(path, step: Optional[int] = None, *, required: bool = True,
     if step is not None or is_tag_dir(path):
         note = verify_tag(first)
         return first, [note] if note else []
-    candidates = [first] + [d for d in reversed(complete_tags(root_of(path))) if d.resolve() != first.resolve()]
+    older = [d for d in complete_tags(root_of(path)) if (tag_step(d.name) or 0) < (tag_step(first.name) or 0)]
+    candidates = [first] + older[::-1]
     for tag in candidates:
         try:
             note = verify_tag(tag)
