@@ -126,6 +126,22 @@ def test_skip_hook_leaves_weights_and_adam_state_untouched(fused):
     assert all(float(opt.state[p]["step"]) == 1 for p in lin.parameters())
 
 
+def test_skip_ledger_counts_in_a_row_and_leaves_fp16_loss_scaling_alone():
+    from megaloop.training.nonfinite import SkipLedger, TrainingError
+    said = []
+    ledger = SkipLedger(2, "fp16", said.append)
+    row = lambda s, skipped, loss: {"step": s, "skipped": skipped, "loss": loss, "loss_scale": 2.0 ** 15}  # noqa: E731
+    ledger.settle(row(1, True, 3.0), None)  # loss scaling at work: not counted
+    ledger.settle(row(2, True, float("nan")), None)
+    ledger.settle(row(3, False, 3.0), None)  # a good step resets the run of skips
+    ledger.settle(row(4, True, float("inf")), "/ck/step_00000003")
+    with pytest.raises(TrainingError, match=r"2 steps in a row .* step 5.*last good checkpoint: /ck/step_00000003"):
+        ledger.settle(row(5, True, float("nan")), "/ck/step_00000003")
+    assert ledger.total == 3 and "fp16 loss scaling" in said[0]
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 6"):  # not skipped: stop
+        ledger.settle(row(6, False, float("nan")), None)
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. Damaged checkpoints: refused by the tools naming the file; resume falls back with a note
 
