@@ -269,15 +269,18 @@ def _load_zero3(ci: CheckpointInfo) -> Dict[str, torch.Tensor]:
 def load_deepspeed_checkpoint(path, step: Optional[int] = None,
                               verify: bool = True) -> Tuple[Dict[str, torch.Tensor], CheckpointInfo]:
     """(state dict with LoopedLM names, CheckpointInfo) of the tag `resolve(path, step)` names; with
-    verify, its files are first checked against the checksums in its marker (integrity.verify_tag)."""
+    verify, its files are also checked against the checksums in its marker (integrity.verify_tag) before
+    anything is returned: after the structural checks, whose messages name the layer / rank of a missing
+    or mis-shaped file."""
     from megaloop.checkpoint.integrity import verified
-    ci = read_info(verified(resolve(path, step), verify))
+    ci = read_info(resolve(path, step))
     if ci.pp > 1:
         sd = _load_pipeline(ci)
     elif ci.zero_stage == 3:
         sd = _load_zero3(ci)
     else:
         sd = _load_pp1(ci)
+    verified(ci.tag_dir, verify)
     return _tie_head(sd, ci.config.model), ci
 
 
