@@ -131,3 +131,24 @@ def check_resumable(tag_dir, cfg: Config, state, override: bool = False) -> List
                 notes.append("loop counts: drawn per (step, micro-batch), so with another grad_accum_steps "
                              "the samples of a step meet other draws of R")
     return notes + check_resume_config(saved, cfg, str(tag_dir), override)
+
+
+def resume_tag(t, ckpt_root, rank: int, world: int, console):
+    """The tag a run continues from (train.load, else auto-resume from ckpt_root), or None: a new run.
+    Collective: rank 0 verifies the checksums (megaloop.checkpoint.integrity; train.verify_checkpoints) and
+    every rank gets its answer; a damaged tag of a run folder is skipped for the previous intact one, with
+    a note (console); a damaged tag named by train.load is refused naming the file."""
+    from megaloop.checkpoint import CheckpointError
+    from megaloop.checkpoint.integrity import resolve_intact_agreed
+    if not (t.load or t.auto_resume):
+        return None
+    try:
+        tag, notes = resolve_intact_agreed(t.load or ckpt_root, required=bool(t.load), verify=t.verify_checkpoints,
+                                           rank=rank, world=world)
+    except CheckpointError as exc:
+        if t.load:
+            raise ConfigError(f"--load {t.load}: {exc}") from exc
+        raise
+    for note in notes:
+        console(note)
+    return tag

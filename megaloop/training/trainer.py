@@ -32,7 +32,7 @@ from megaloop.training.init_from import initial_weights
 from megaloop.training.optim import apply_schedule
 from megaloop.training.profiling import StepProfiler
 from megaloop.training.progress import Progress
-from megaloop.training.resume_policy import check_resumable
+from megaloop.training.resume_policy import check_resumable, resume_tag
 from megaloop.training.run_dir import lock_output_dir, write_run_config, write_run_status
 from megaloop.training.run_logging import RunLogger
 from megaloop.training.settle import TrainingError, settle  # noqa: F401 (TrainingError: re-exported)
@@ -124,22 +124,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _resume_tag(self):
-        """The checkpoint this run continues from (train.load, else auto-resume), or None: a new run. Its
-        checksums are verified (rank 0; a damaged tag of a run folder is skipped for the previous one)."""
-        from megaloop.checkpoint.integrity import resolve_intact_agreed
-        t = self.cfg.train
-        if not (t.load or t.auto_resume):
-            return None
-        try:
-            tag, notes = resolve_intact_agreed(t.load or self.ckpt_root, required=bool(t.load),
-                                               verify=t.verify_checkpoints, rank=self.rank, world=self.world)
-        except ckpt.CheckpointError as exc:
-            if t.load:
-                raise ConfigError(f"--load {t.load}: {exc}") from exc
-            raise
-        for note in notes:
-            self.logger.console(note)
-        return tag
+        """The checkpoint this run continues from (train.load, else auto-resume), or None: a new run."""
+        return resume_tag(self.cfg.train, self.ckpt_root, self.rank, self.world, self.logger.console)
 
     def resume(self) -> dict:
         tag_dir = self.resume_tag
