@@ -4,6 +4,11 @@ One JSON object {"text": <file contents>, "path": <relative path>} per line, so 
 
     python tools/make_demo_corpus.py --output data/stdlib.jsonl
 
+The files are written in a shuffled order, the same for every run with the same --seed (and the same Python):
+in file order the last documents, which a Megatron-style split (data.split "98,2,0") makes the validation set,
+would all be codec mapping tables (encodings/cp*.py), and --max-bytes would keep only the alphabetically first
+packages. Shuffled, validation and any --max-bytes prefix are a fair sample of the whole library.
+
 Errors (a missing --source-dir, an unwritable or full output folder) are one line on stderr and exit code 2,
 and leave no partial file; --debug or MEGALOOP_DEBUG=1 adds the traceback.
 """
@@ -11,6 +16,7 @@ import argparse
 import errno
 import json
 import os
+import random
 import sys
 
 
@@ -31,12 +37,21 @@ def iter_source_files(root: str, include_site_packages: bool):
                 yield os.path.join(dirpath, name)
 
 
+def shuffled_source_files(root: str, include_site_packages: bool, seed: int):
+    """The sorted file list in a seeded random order: only paths are held, the texts are read one at a time."""
+    paths = list(iter_source_files(root, include_site_packages))
+    random.Random(seed).shuffle(paths)
+    return paths
+
+
 def _main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="jsonl file to write")
     parser.add_argument("--source-dir", default=None, help="directory to gather (default: the standard library)")
     parser.add_argument("--max-bytes", type=int, default=None, help="stop after this many bytes of text")
     parser.add_argument("--include-site-packages", action="store_true")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the document order (the files are shuffled so that a split is representative)")
     args = parser.parse_args(argv)
 
     root = args.source_dir or stdlib_dir()
@@ -47,7 +62,7 @@ def _main(argv=None):
     n_files, n_bytes, n_unreadable = 0, 0, 0
     try:
         with open(tmp_path, "w", encoding="utf-8") as out:
-            for path in iter_source_files(root, args.include_site_packages):
+            for path in shuffled_source_files(root, args.include_site_packages, args.seed):
                 try:
                     with open(path, encoding="utf-8") as f:
                         text = f.read()
