@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from megaloop.data.indexed_dataset import IndexedDataset
+from megaloop.data.indexed_dataset import DataError, IndexedDataset
 from megaloop.data.preprocess import PreprocessConfig, PreprocessError, preprocess
 from tools.preprocess_data import main as preprocess_main
 
@@ -191,3 +191,99 @@ def test_interrupted_run_leaves_no_file_that_looks_valid(tmp_path, monkeypatch):
         preprocess(PreprocessConfig([str(tmp_path / "a.jsonl")], str(tmp_path / "out"), workers=2, chunk_bytes=100,
                                     show_progress=False))
     assert os.listdir(tmp_path) == ["a.jsonl"]
+
+
+@pytest.fixture(scope="module")
+def same_corpus_in_every_format(tmp_path_factory):
+    """One corpus (with a second column) as jsonl, multi-frame .jsonl.zst, a folder of two parquet files of
+    several row groups, and a Hugging Face datasets folder of two Arrow shards."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    root = tmp_path_factory.mktemp("formats")
+    records = [{"text": f"doc {i} " + "abc é " * (i % 7), "meta": f"m{i}"} for i in range(200)]
+    write_jsonl(root / "a.jsonl", records)
+    raw = (root / "a.jsonl").read_bytes()
+    cut = raw.index(b"\n", 3000) + 1 - 7  # a frame boundary inside a line
+    zstd = zstandard.ZstdCompressor()
+    (root / "a.jsonl.zst").write_bytes(zstd.compress(raw[:cut]) + zstd.compress(raw[cut:]))
+    (root / "shards").mkdir()
+    (root / "shards" / "README.md").write_text("not an input")
+    pq.write_table(pa.Table.from_pylist(records[:130]), root / "shards" / "part-0.parquet", row_group_size=30)
+    pq.write_table(pa.Table.from_pylist(records[130:]), root / "shards" / "part-1.parquet", row_group_size=30)
+    datasets.disable_progress_bars()
+    datasets.Dataset.from_list(records).save_to_disk(str(root / "hf"), num_shards=2)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(records[:3]),
+                          "test": datasets.Dataset.from_list(records[3:5])}).save_to_disk(str(root / "hf_dict"))
+    return root
+
+
+@pytest.mark.parametrize("source", ["a.jsonl.zst", "shards", "hf"])
+def test_every_input_format_gives_the_jsonl_dataset_byte_for_byte(same_corpus_in_every_format, tmp_path, source):
+    from megaloop.data.text_inputs import expand_inputs, iter_documents
+
+    root = same_corpus_in_every_format
+    outputs = []
+    for name, inputs in (("ref", str(root / "a.jsonl")), ("fmt", str(root / source))):
+        assert preprocess_main(["--input", inputs, "--json-keys", "text", "meta", "--output-prefix",
+                                str(tmp_path / name), "--tokenizer-type", "byte", "--workers", "2",
+                                "--chunk-bytes", "700", "--quiet"]) == 0
+        outputs.append([(tmp_path / f"{name}_{key}_document{ext}").read_bytes()
+                        for key in ("text", "meta") for ext in (".bin", ".idx")])
+    assert outputs[0] == outputs[1]
+    # tools/train_tokenizer.py reads the same documents
+    paths = expand_inputs([str(root / source)])
+    assert list(iter_documents(paths, ["text"])) == list(iter_documents([str(root / "a.jsonl")], ["text"]))
+
+
+def test_table_bad_rows_are_reported_by_row_and_a_dataset_dict_is_refused(same_corpus_in_every_format, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from megaloop.data.text_inputs import expand_inputs
+
+    values = ["r0", "r1", "r2", "r3", "r4", None, "r6", "  ", "r8"]
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": values}), path, row_group_size=4)  # rows 5 and 7 in the second group
+    summary = preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), workers=2, show_progress=False))
+    assert byte_docs(str(tmp_path / "out_text_document")) == [v.encode() for v in values if v and v.strip()]
+    report = summary.report()
+    assert f"{path} row 5: null value under key 'text'" in report
+    assert f"{path} row 7: empty document under key 'text'" in report
+    with pytest.raises(PreprocessError, match=r"t.parquet row 5: null value"):
+        preprocess(PreprocessConfig([str(path)], str(tmp_path / "strict"), strict=True, show_progress=False))
+    with pytest.raises(DataError, match="a DatasetDict with splits test, train; pass one split's folder"):
+        expand_inputs([str(same_corpus_in_every_format / "hf_dict")])
+
+
+def test_shuffle_seed_permutes_documents_of_every_key_alike(tmp_path, monkeypatch):
+    from megaloop.data import shuffle_documents
+
+    records = [{"text": f"document {i}", "meta": f"m{i}"} for i in range(50)]
+    write_jsonl(tmp_path / "a.jsonl", records)
+
+    def run(name, seed):
+        return preprocess(PreprocessConfig([str(tmp_path / "a.jsonl")], str(tmp_path / name), json_keys=["text", "meta"],
+                                           chunk_bytes=100, workers=2, show_progress=False, shuffle_seed=seed))
+
+    summary = run("s", 3)
+    order = np.random.RandomState(3).permutation(50)
+    assert byte_docs(str(tmp_path / "s_text_document")) == [f"document {i}".encode() for i in order]
+    assert byte_docs(str(tmp_path / "s_meta_document")) == [f"m{i}".encode() for i in order]
+    assert "documents shuffled with seed 3" in summary.report()
+    # small gather blocks (documents one by one) give the same bytes
+    monkeypatch.setattr(shuffle_documents.write_shuffled, "__defaults__", (5,))
+    run("t", 3)
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"t_text_document{ext}").read_bytes() == (tmp_path / f"s_text_document{ext}").read_bytes()
+    before = sorted(os.listdir(tmp_path))
+
+    def interrupted(source, writer, order, block_tokens=0):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shuffle_documents, "write_shuffled", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run("u", 3)
+    assert sorted(os.listdir(tmp_path)) == before  # neither the first pass nor a partial output is left

@@ -9,13 +9,17 @@ Flags follow Megatron-LM's tools/preprocess_data.py (GPT-NeoX's --jsonl-keys wor
         --tokenizer-type HuggingFaceTokenizer --tokenizer-model path/to/Llama-3.2-1B --workers 16
 
 Inputs: .jsonl/.json (one JSON object per line), .txt (one document per line, or per file with
---text-documents file), each optionally gzipped. Bad records are skipped and reported with file and
-line (--strict makes the first one an error). Outputs appear only when complete. Each dataset gets a
+--text-documents file), each plain, gzipped (.gz) or zstandard-compressed (.zst, streamed); .parquet (read a
+row group at a time, --json-keys name string columns); a folder saved by `datasets`' save_to_disk (its
+memory-mapped Arrow files); any other folder stands for the readable files under it. Bad records are skipped
+and reported with file and line, or file and row (from 0) for tables; --strict makes the first one an error.
+--shuffle-seed S writes the documents in a seeded random order (a second pass over the written dataset), for
+corpora that come sorted. Outputs appear only when complete. Each dataset gets a
 small {prefix}_{key}_document.tokenizer.json recording the tokenizer (type, vocabulary size, sha256 of
 the model file): megaloop's trainer and tools/eval_loops.py refuse it with a model of another tokenizer;
-Megatron-LM ignores it. Errors (a missing input, a truncated .gz, nothing usable in the inputs, an
-unwritable or full output folder) are one line on stderr and exit code 2, and leave no partial output;
---debug or MEGALOOP_DEBUG=1 adds the traceback.
+Megatron-LM ignores it. Errors (a missing input, a truncated .gz / .zst, a corrupt or empty parquet file, an
+unknown column, nothing usable in the inputs, an unwritable or full output folder) are one line on stderr and
+exit code 2, and leave no partial output; --debug or MEGALOOP_DEBUG=1 adds the traceback.
 """
 import argparse
 import os
@@ -33,15 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("input data")
     group.add_argument("--input", nargs="+", required=True,
-                       help="input files: paths, globs or comma-separated lists (.jsonl, .jsonl.gz, .txt, .txt.gz)")
+                       help="input files or folders: paths, globs or comma-separated lists (.jsonl, .json, .txt, "
+                            "each plain, .gz or .zst; .parquet; a folder saved by datasets' save_to_disk; a folder "
+                            "stands for those files under it)")
     group.add_argument("--json-keys", "--jsonl-keys", dest="json_keys", nargs="+", default=["text"],
-                       help="keys to extract from each json object; one output dataset per key")
+                       help="keys to extract from each json object (columns of a parquet file or datasets folder); "
+                            "one output dataset per key")
     group.add_argument("--text-documents", choices=["line", "file"], default="line",
                        help=".txt inputs: one document per line (default) or per file")
     group.add_argument("--split-sentences", action="store_true", help="not supported (documents are kept whole)")
     group.add_argument("--keep-newlines", action="store_true",
                        help="accepted for compatibility: newlines are always kept, since sentences are never split")
     group.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    group.add_argument("--shuffle-seed", type=int, default=None,
+                       help="write the documents in a random order drawn from this seed (for corpora that come "
+                            "sorted, so that data.split's ranges are fair samples); a second pass over the written "
+                            "dataset that needs its size again in temporary disk space; default: input order")
 
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True,
@@ -99,6 +110,7 @@ def _main(argv=None) -> int:
         chunk_bytes=args.chunk_bytes,
         log_interval=args.log_interval,
         show_progress=not args.quiet,
+        shuffle_seed=args.shuffle_seed,
     )
     if not args.quiet:
         print(f"tokenizing {len(config.input_files)} files with {args.workers} workers", file=sys.stderr)

@@ -1,10 +1,11 @@
 """Raw text -> Megatron-compatible .bin/.idx, tokenized by a pool of worker processes.
 
 How the work is split, and why it is fast:
-  * The main process only cuts the input into work units of about `chunk_bytes`: for a plain file a
-    byte range ending on a newline (the worker reads the range itself, so no text is pickled), for a
-    gzip file a block of decompressed lines, for `text_documents="file"` a whole file.
-  * Each worker parses its lines, encodes all documents of the unit with one batched tokenizer call,
+  * The main process only cuts the input into work units (megaloop/data/work_units.py): a byte range of
+    about `chunk_bytes` ending on a newline of a plain file (the worker reads the range itself, so no text
+    is pickled), a block of decompressed lines of a gzip / zstandard file, a parquet row group, a row range
+    of a `datasets` folder's memory-mapped Arrow file, or a whole file for `text_documents="file"`.
+  * Each worker parses its records, encodes all documents of the unit with one batched tokenizer call,
     and returns flat numpy arrays (tokens, lengths) in the output dtype: a few bytes per token.
   * Pool.imap keeps the units in input order, so the output order is the input order for any
     number of workers, and the main process appends each unit to the writers as it arrives.
@@ -25,14 +26,16 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from megaloop.data.dataset_tokenizer import sidecar_path, write_sidecar
 from megaloop.data.indexed_dataset import DataError, IndexedDatasetWriter, token_dtype_for_vocab
-from megaloop.data.text_inputs import (BadRecord, input_format, is_blank, is_gzip, open_binary, parse_record,
-                                       reading)
+from megaloop.data.shuffle_documents import first_pass_prefix, remove_dataset, shuffle_pass
+from megaloop.data.table_inputs import input_bytes
+from megaloop.data.text_inputs import input_format, record_place
+from megaloop.data.work_units import WorkUnit, check_inputs, iter_work_units, parse_unit
 from megaloop.errors import OutputError
 from megaloop.data.tokenizer import Tokenizer, build_tokenizer
 
@@ -53,6 +56,7 @@ class PreprocessConfig:
     log_interval: int = 10000  # documents between progress lines when stderr is not a terminal
     report_examples: int = 5  # file:line examples printed per kind of skipped record
     show_progress: bool = True
+    shuffle_seed: Optional[int] = None  # None: input order; else documents shuffled (megaloop/data/shuffle_documents.py)
 
 
 class PreprocessError(DataError):
@@ -62,12 +66,12 @@ class PreprocessError(DataError):
 @dataclasses.dataclass
 class SkippedRecord:
     path: str
-    line: int  # 1-based; 0 when the whole file is the record
+    line: int  # 1-based line or row (printed from 0 for rows); 0 when the whole file is the record
     category: str
     detail: str
 
     def where(self) -> str:
-        return f"{self.path}:{self.line}" if self.line else self.path
+        return record_place(self.path, self.line) if self.line else self.path
 
     def __str__(self):
         return f"{self.where()}: {self.category}" + (f" ({self.detail})" if self.detail else "")
@@ -84,6 +88,7 @@ class PreprocessSummary:
     seconds: float = 0.0
     main_process_cpu_seconds: float = 0.0  # reading, dispatching, writing: small, so workers set the pace
     worker_cpu_seconds: float = 0.0
+    shuffle_seed: Optional[int] = None
 
     @property
     def total_tokens(self) -> int:
@@ -101,6 +106,8 @@ class PreprocessSummary:
                  f"main process"]
         for key, prefix in self.output_paths.items():
             lines.append(f"  {key!r}: {self.tokens.get(key, 0):,} tokens -> {prefix}.bin/.idx (+ .tokenizer.json)")
+        if self.shuffle_seed is not None:
+            lines.append(f"documents shuffled with seed {self.shuffle_seed} (input order otherwise)")
         if self.total_skipped:
             lines.append(f"skipped {self.total_skipped:,} records:")
             for category, count in self.skipped.most_common():
@@ -112,59 +119,6 @@ class PreprocessSummary:
         if self.blank_lines:
             lines.append(f"ignored {self.blank_lines:,} blank lines")
         return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Work units, cut by the main process
-# ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class WorkUnit:
-    path: str
-    fmt: str  # "jsonl" | "text" | "text-file"
-    start: int = 0  # byte range of a plain file
-    end: int = 0
-    data: Optional[bytes] = None  # decompressed lines of a gzip file
-
-
-def _plain_file_units(path: str, fmt: str, chunk_bytes: int) -> Iterator[WorkUnit]:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        start = 0
-        while start < size:
-            f.seek(min(start + chunk_bytes, size))
-            f.readline()  # move the cut to just after the next newline, so no line is split
-            end = min(f.tell(), size)
-            yield WorkUnit(path, fmt, start, end)
-            start = end
-
-
-def _gzip_file_units(path: str, fmt: str, chunk_bytes: int) -> Iterator[WorkUnit]:
-    with reading(path), open_binary(path) as f:
-        carry = b""
-        while True:
-            block = f.read(chunk_bytes)
-            if not block:
-                break
-            block = carry + block
-            cut = block.rfind(b"\n") + 1
-            if cut == 0:  # one line longer than the block: keep reading
-                carry = block
-                continue
-            carry = block[cut:]
-            yield WorkUnit(path, fmt, data=block[:cut])
-        if carry:
-            yield WorkUnit(path, fmt, data=carry)
-
-
-def iter_work_units(paths: Sequence[str], text_documents: str, chunk_bytes: int) -> Iterator[WorkUnit]:
-    for path in paths:
-        fmt = input_format(path)
-        if fmt == "text" and text_documents == "file":
-            yield WorkUnit(path, "text-file")
-        elif is_gzip(path):
-            yield from _gzip_file_units(path, fmt, chunk_bytes)
-        else:
-            yield from _plain_file_units(path, fmt, chunk_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,57 +161,12 @@ def _flatten(encoded, dtype: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
     return flat.astype(dtype), lengths
 
 
-def _read_unit(unit: WorkUnit) -> bytes:
-    if unit.data is not None:
-        return unit.data
-    if unit.fmt == "text-file":
-        with reading(unit.path), open_binary(unit.path) as f:  # gzip or plain
-            return f.read()
-    with open(unit.path, "rb") as f:
-        f.seek(unit.start)
-        return f.read(unit.end - unit.start)
-
-
-def _parse_unit(unit: WorkUnit, data: bytes, keys: List[str]):
-    """(lines, texts per document, line number per document, skipped records, blank line count)."""
-    texts: List[Tuple[str, ...]] = []
-    line_numbers: List[int] = []
-    skipped: List[Tuple[int, str, str]] = []
-    blank = 0
-    if unit.fmt == "text-file":
-        lines = [data]
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            skipped.append((0, "invalid UTF-8", f"byte {e.start} of the file"))
-        else:
-            if text.strip():
-                texts.append((text,))
-                line_numbers.append(0)
-            else:
-                skipped.append((0, "empty document", ""))
-        return lines, texts, line_numbers, skipped, blank
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()  # the nothing after the final newline
-    for line_no, line in enumerate(lines, start=1):
-        if is_blank(line):
-            blank += 1
-            continue
-        try:
-            texts.append(parse_record(line, unit.fmt, keys))
-            line_numbers.append(line_no)
-        except BadRecord as e:
-            skipped.append((line_no, e.category, e.detail))
-    return lines, texts, line_numbers, skipped, blank
-
-
 def tokenize_unit(unit: WorkUnit) -> UnitResult:
     cpu_start = time.process_time()
     tokenizer: Tokenizer = _worker["tokenizer"]
     keys: List[str] = _worker["json_keys"]
-    data = _read_unit(unit)
-    lines, texts, line_numbers, skipped, blank = _parse_unit(unit, data, keys)
+    parsed = parse_unit(unit, keys)
+    texts, line_numbers, skipped = parsed.texts, parsed.record_numbers, parsed.skipped
     per_key = [_flatten(tokenizer.encode_batch([t[k] for t in texts]), _worker["dtype"]) for k in range(len(keys))]
     # A document that tokenizes to nothing is an empty document: drop it from every key, so the
     # datasets of all keys stay aligned document for document.
@@ -273,13 +182,13 @@ def tokenize_unit(unit: WorkUnit) -> UnitResult:
         per_key = [_append_eod(tokens, lengths, tokenizer.eod_id) for tokens, lengths in per_key]
     return UnitResult(
         path=unit.path,
-        num_lines=len(lines),
+        num_lines=parsed.num_records,
         num_documents=int((~empty).sum()),
         tokens=[tokens for tokens, _ in per_key],
         lengths=[lengths for _, lengths in per_key],
         skipped=skipped,
-        blank_lines=blank,
-        input_bytes=len(data),
+        blank_lines=parsed.blank_lines,
+        input_bytes=parsed.input_bytes,
         cpu_seconds=time.process_time() - cpu_start,
     )
 
@@ -369,12 +278,14 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     if "text" in formats and len(keys) != 1:
         raise PreprocessError(f"text inputs hold one document per {config.text_documents}, so they take exactly "
                               f"one json key (--json-keys; it names the output); got {keys}")
+    check_inputs(config.input_files, keys)
     # fail fast, before forking
     tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model, eod_token=config.tokenizer_eod)
     dtype = token_dtype_for_vocab(tokenizer.vocab_size)
     outputs = {key: output_prefix_for_key(config.output_prefix, key) for key in keys}
-    summary = PreprocessSummary(output_paths=outputs, tokens={key: 0 for key in keys})
-    total_bytes = sum(os.path.getsize(p) for p in config.input_files)
+    summary = PreprocessSummary(output_paths=outputs, tokens={key: 0 for key in keys},
+                                shuffle_seed=config.shuffle_seed)
+    total_bytes = sum(input_bytes(p, input_format(p)) for p in config.input_files)
     lines_before: Dict[str, int] = defaultdict(int)  # lines of each file already seen, for line numbers
     worker_cpu: List[float] = []
 
@@ -398,7 +309,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
 
     try:
         for key, prefix in outputs.items():
-            writers[key] = IndexedDatasetWriter(prefix, dtype)
+            writers[key] = IndexedDatasetWriter(first_pass_prefix(prefix, config.shuffle_seed), dtype)
         for result in pool.imap(tokenize_unit, bounded_units()):
             in_flight.release()
             for line_no, category, detail in result.skipped:
@@ -421,6 +332,10 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
         pool.close()
         if summary.documents == 0:
             raise PreprocessError(no_document_message(summary, config))
+        if config.shuffle_seed is not None:
+            if config.show_progress:
+                print(f"shuffling {summary.documents:,} documents (seed {config.shuffle_seed})", file=sys.stderr)
+            writers = shuffle_pass(writers, outputs, config.shuffle_seed, summary.documents)
         # The tokenizer record ({prefix}.tokenizer.json) describes the new data only: a stale one goes
         # first, so an interruption leaves no record (accepted, like Megatron data), never a wrong one.
         for prefix in outputs.values():
@@ -444,6 +359,9 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     finally:
         progress.close()
         pool.join()
+        if config.shuffle_seed is not None:
+            for prefix in outputs.values():
+                remove_dataset(first_pass_prefix(prefix, config.shuffle_seed))
     summary.seconds = time.time() - start
     own = resource.getrusage(resource.RUSAGE_SELF)
     summary.main_process_cpu_seconds = (own.ru_utime - cpu_start.ru_utime) + (own.ru_stime - cpu_start.ru_stime)

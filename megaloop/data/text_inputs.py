@@ -1,12 +1,15 @@
-"""Where raw documents come from: input globs, jsonl / text files (optionally gzip), and record checks.
+"""Where raw documents come from: input globs and folders, line files (jsonl / text, plain, gzip or zstandard)
+and tables (parquet, a Hugging Face `datasets` folder), and record checks.
 
-A record is one line. In a jsonl file it is a JSON object whose `keys` hold strings; in a text file the
-whole line is the document for the single key. parse_record either returns the document texts or raises
-BadRecord with a reason fit for a report ("malformed json: ...", "missing key 'text'", ...).
+A record of a line file is one line. In a jsonl file it is a JSON object whose `keys` hold strings; in a text
+file the whole line is the document for the single key. A record of a table is one row, whose `keys` name
+string columns (megaloop/data/table_inputs.py). parse_record / parse_row either return the document texts or
+raise BadRecord with a reason fit for a report ("malformed json: ...", "missing key 'text'", ...).
 """
 import contextlib
 import glob
 import gzip
+import io
 import json
 import os
 import zlib
@@ -15,8 +18,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from megaloop.data.indexed_dataset import DataError
 
-JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-TEXT_SUFFIXES = (".txt", ".txt.gz")
+COMPRESSIONS = ("", ".gz", ".zst")
+JSONL_SUFFIXES = tuple(base + c for base in (".jsonl", ".json") for c in COMPRESSIONS)
+TEXT_SUFFIXES = tuple(".txt" + c for c in COMPRESSIONS)
+TABLE_SUFFIXES = (".parquet",)
+HF_DATASET_FOLDER = "a Hugging Face datasets folder (save_to_disk)"
+LINE_FORMATS = ("jsonl", "text")  # records are lines; "parquet" and "arrow" records are table rows
 
 
 class BadRecord(DataError):
@@ -29,42 +36,144 @@ class BadRecord(DataError):
 
 
 def expand_inputs(patterns: Sequence[str]) -> List[str]:
-    """Expand globs (and comma-separated lists, as Megatron users write them) into a list of files.
+    """Expand globs, folders (and comma-separated lists, as Megatron users write them) into a list of inputs.
 
-    Order is the order of the patterns, then sorted within a pattern, so outputs are reproducible.
+    Order is the order of the patterns, then sorted within a pattern, so outputs are reproducible. A folder
+    saved by `datasets.Dataset.save_to_disk` is one input; any other folder stands for the readable files
+    under it (recursively; other files, such as a README, are left out).
     """
-    files: List[str] = []
+    from megaloop.data.table_inputs import hf_arrow_files, is_hf_dataset_folder
+
+    inputs: List[str] = []
     for pattern in patterns:
         for part in pattern.split(","):
             part = part.strip()
             if not part:
                 continue
-            matches = sorted(p for p in glob.glob(part, recursive=True) if os.path.isfile(p))
-            if not matches:
+            matches = sorted(p for p in glob.glob(part, recursive=True) if os.path.exists(p))
+            found = []
+            for path in matches:
+                if os.path.isfile(path) or is_hf_dataset_folder(path):
+                    found.append(path)
+                elif not glob.has_magic(part):  # a folder named as such; a glob's folders are left out
+                    found.extend(_files_in_folder(path))
+            if not found and not matches:
                 raise InputNotFoundError(f"--input {part!r} matches no file: check the path or glob (quote globs "
                                          f"so the tool expands them)")
-            for path in matches:
-                input_format(path)  # fail early on an extension we cannot read
-                if path not in files:
-                    files.append(path)
-    return files
+            if not found:
+                raise InputNotFoundError(f"--input {part!r}: no readable file in that folder (names ending in "
+                                         f"{', '.join(JSONL_SUFFIXES + TEXT_SUFFIXES + TABLE_SUFFIXES)}, or "
+                                         f"{HF_DATASET_FOLDER})")
+            for path in found:
+                if input_format(path) == "arrow":  # fail early on an extension we cannot read
+                    hf_arrow_files(path)  # and on a DatasetDict or a folder with files missing
+                if path not in inputs:
+                    inputs.append(path)
+    return inputs
+
+
+def _files_in_folder(folder: str) -> List[str]:
+    from megaloop.data.table_inputs import is_hf_dataset_folder
+
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        saved = [d for d in dirnames if is_hf_dataset_folder(os.path.join(dirpath, d))]
+        found.extend(os.path.join(dirpath, d) for d in saved)
+        dirnames[:] = [d for d in dirnames if d not in saved and not d.startswith(".")]
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(
+            JSONL_SUFFIXES + TEXT_SUFFIXES + TABLE_SUFFIXES))
+    return sorted(found)
 
 
 def input_format(path: str) -> str:
-    """'jsonl' or 'text', from the file name."""
+    """'jsonl', 'text', 'parquet' or 'arrow' (a `datasets` folder), from the name."""
     if path.endswith(JSONL_SUFFIXES):
         return "jsonl"
     if path.endswith(TEXT_SUFFIXES):
         return "text"
-    raise DataError(f"{path}: unknown input type; name it with one of {', '.join(JSONL_SUFFIXES + TEXT_SUFFIXES)}")
+    if path.endswith(TABLE_SUFFIXES):
+        return "parquet"
+    if os.path.isdir(path):
+        from megaloop.data.table_inputs import is_hf_dataset_folder
+
+        if is_hf_dataset_folder(path):
+            return "arrow"
+    raise DataError(f"{path}: unknown input type; name it with one of "
+                    f"{', '.join(JSONL_SUFFIXES + TEXT_SUFFIXES + TABLE_SUFFIXES)}, or give {HF_DATASET_FOLDER}")
 
 
-def is_gzip(path: str) -> bool:
-    return path.endswith(".gz")
+def compression(path: str) -> str:
+    """'gzip', 'zstd' or '' (plain), from the file name."""
+    return {".gz": "gzip", ".zst": "zstd"}.get(os.path.splitext(path)[1], "")
+
+
+def is_compressed(path: str) -> bool:
+    return compression(path) != ""
+
+
+class TruncatedZstd(EOFError):
+    """The zstandard stream ended inside a frame."""
+
+
+class ZstdStream(io.RawIOBase):
+    """A streamed zstandard file, frame after frame (pzstd and concatenated .zst files hold several).
+
+    zstandard's stream_reader returns a clean end of file for a truncated stream, so frames are decoded with
+    decompressobj here and a stream that ends inside a frame raises TruncatedZstd. Memory: one read block.
+    """
+
+    def __init__(self, path: str, read_size: int = 1 << 20):
+        import zstandard
+
+        self._file = open(path, "rb")
+        # Files written with --long (up to 2 GiB windows) decode too.
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=1 << 31)
+        self._obj = self._dctx.decompressobj()
+        self._in_frame = False  # input fed since the last frame ended
+        self._pending = b""
+        self._read_size = read_size
+
+    def readable(self):
+        return True
+
+    def _fill(self) -> bool:
+        while not self._pending:
+            data = self._file.read(self._read_size)
+            if not data:
+                if self._in_frame:
+                    raise TruncatedZstd("the stream ends inside a frame")
+                return False
+            while data:
+                self._in_frame = True
+                self._pending += self._obj.decompress(data)
+                if not self._obj.eof:
+                    break
+                data, self._in_frame = self._obj.unused_data, False
+                self._obj = self._dctx.decompressobj()
+        return True
+
+    def readinto(self, buffer) -> int:
+        if not self._fill():
+            return 0
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self):
+        self._file.close()
+        super().close()
 
 
 def open_binary(path: str):
-    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+    """A binary line file, decompressed as a stream."""
+    kind = compression(path)
+    if kind == "gzip":
+        return gzip.open(path, "rb")
+    if kind == "zstd":
+        return io.BufferedReader(ZstdStream(path), buffer_size=1 << 20)
+    return open(path, "rb")
 
 
 class InputNotFoundError(DataError, FileNotFoundError):
@@ -73,11 +182,14 @@ class InputNotFoundError(DataError, FileNotFoundError):
 
 @contextlib.contextmanager
 def reading(path: str):
-    """Turn a truncated or corrupt gzip stream of `path` into a one-line DataError naming the file."""
+    """Turn a truncated or corrupt gzip / zstandard stream of `path` into a one-line DataError naming the file."""
+    import zstandard
+
     try:
         yield
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{path}: truncated or corrupt gzip file ({e}): re-download or re-compress it, or leave "
+    except (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as e:
+        kind = "zstandard" if compression(path) == "zstd" else "gzip"
+        raise DataError(f"{path}: truncated or corrupt {kind} file ({e}): re-download or re-compress it, or leave "
                         f"it out of --input") from None
 
 
@@ -137,16 +249,41 @@ def parse_record(line: bytes, fmt: str, keys: Sequence[str]) -> Tuple[str, ...]:
     return tuple(texts)
 
 
+def parse_row(values: Sequence[Optional[str]], keys: Sequence[str]) -> Tuple[str, ...]:
+    """A table row's texts (column types were checked up front), or BadRecord."""
+    for key, value in zip(keys, values):
+        if value is None:
+            raise BadRecord(f"null value under key {key!r}")
+        if not value.strip():
+            raise BadRecord(f"empty document under key {key!r}")
+    return tuple(values)
+
+
 def is_blank(line: bytes) -> bool:
     return not line.strip()
 
 
+def record_place(path: str, number: int) -> str:
+    """'a.jsonl:3' for line 3 of a line file; 'b.parquet row 2' for a table's row 2 (from 0, as ds[2])."""
+    return f"{path}:{number}" if input_format(path) in LINE_FORMATS else f"{path} row {number - 1}"
+
+
 def iter_documents(paths: Sequence[str], keys: Sequence[str],
                    skipped: Optional[SkipCounter] = None) -> Iterator[str]:
-    """Every valid document text (all keys), skipping bad records (counted in `skipped`, with file:line);
-    for tokenizer training. A truncated gzip input raises DataError naming it."""
+    """Every valid document text (all keys), skipping bad records (counted in `skipped`, with file:line or file
+    row); for tokenizer training. A truncated or corrupt input raises DataError naming it."""
+    from megaloop.data.table_inputs import iter_table_rows
+
     for path in paths:
         fmt = input_format(path)
+        if fmt not in LINE_FORMATS:
+            for row, values in iter_table_rows(path, fmt, keys):
+                try:
+                    yield from parse_row(values, keys)
+                except BadRecord as e:
+                    if skipped is not None:
+                        skipped.add(e.category, record_place(path, row + 1))
+            continue
         with reading(path), open_binary(path) as f:
             for line_no, line in enumerate(f, start=1):
                 if is_blank(line):
