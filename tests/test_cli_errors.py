@@ -124,6 +124,17 @@ def files(tmp_path_factory):
     gz = root / "trunc.jsonl.gz"
     gz.write_bytes(gzip.compress(good.read_bytes() * 50)[:-40])
     _jsonl(root / "bad.jsonl", [{"txt": "a"}, {"txt": "b"}, "{not json", {"text": 3}])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    (root / "trunc.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(good.read_bytes() * 50)[:-40])
+    pq.write_table(pa.table({"body": ["a", "b"]}), root / "body.parquet")
+    (root / "empty.parquet").write_bytes(b"")
+    pq.write_table(pa.table({"text": ["x" * 50] * 200}), root / "corrupt.parquet", compression="snappy")
+    corrupt = bytearray((root / "corrupt.parquet").read_bytes())
+    corrupt[40:140] = bytes(100)  # inside the column chunk: the footer still reads
+    (root / "corrupt.parquet").write_bytes(bytes(corrupt))
     (root / "empty.jsonl").write_text("")
     (root / "bad.yaml").write_text("model:\n  vocab_size: [1, 2\n")
     (root / "list.yaml").write_text("- a\n- b\n")
@@ -195,6 +206,18 @@ CASES = [
      lambda f: ["list.yaml", "must be a mapping"]),
     ("truncated-gz", lambda f: ["preprocess_data", "--input", f["gz"], "--output-prefix", f["root"] / "gzout",
                                 "--tokenizer-type", "byte", "--quiet"], lambda f: [f["gz"], "truncated"]),
+    ("truncated-zst", lambda f: ["preprocess_data", "--input", f["root"] / "trunc.jsonl.zst", "--output-prefix",
+                                 f["root"] / "zstout", "--tokenizer-type", "byte", "--quiet"],
+     lambda f: ["trunc.jsonl.zst", "truncated or corrupt zstandard"]),
+    ("parquet-unknown-column", lambda f: ["preprocess_data", "--input", f["root"] / "body.parquet",
+                                          "--output-prefix", f["root"] / "pqout", "--tokenizer-type", "byte"],
+     lambda f: ["body.parquet", "no column 'text'", "--json-keys", "body"]),
+    ("parquet-empty", lambda f: ["preprocess_data", "--input", f["root"] / "empty.parquet", "--output-prefix",
+                                 f["root"] / "pqout", "--tokenizer-type", "byte"],
+     lambda f: ["empty.parquet", "empty file (0 bytes)"]),
+    ("parquet-corrupt", lambda f: ["preprocess_data", "--input", f["root"] / "corrupt.parquet", "--output-prefix",
+                                   f["root"] / "pqout", "--tokenizer-type", "byte", "--workers", "2", "--quiet"],
+     lambda f: ["corrupt.parquet", "corrupt or not a parquet file", "row group 0"]),
     ("all-records-skipped", lambda f: ["preprocess_data", "--input", f["root"] / "bad.jsonl", "--output-prefix",
                                        f["root"] / "badout", "--tokenizer-type", "byte", "--quiet"],
      lambda f: ["no valid document", "missing key 'text'", "bad.jsonl:1", "malformed json", "--json-keys"]),
@@ -230,10 +253,11 @@ def test_one_line(files, name, argv, must):
 def test_no_partial_output_left(files):
     """The failed preprocess runs above leave nothing under their output names."""
     root = files["root"]
-    for case in ("truncated-gz", "all-records-skipped"):
+    for case in ("truncated-gz", "all-records-skipped", "truncated-zst", "parquet-corrupt"):
         proc = run(dict((c[0], c[1]) for c in CASES)[case](files))
         assert proc.returncode == 2
-    assert not [p.name for p in root.iterdir() if p.name.startswith(("gzout", "badout", "spm_", "o1", "o2", "o3"))]
+    assert not [p.name for p in root.iterdir() if p.name.startswith(("gzout", "badout", "spm_", "o1", "o2", "o3",
+                                                                     "zstout", "pqout"))]
 
 
 @pytest.mark.parametrize("fault, must", [("full", ["no space left on device", "free space"]),

@@ -112,8 +112,6 @@ def _main(argv=None) -> int:
         show_progress=not args.quiet,
         shuffle_seed=args.shuffle_seed,
     )
-    if not args.quiet:
-        print(f"tokenizing {len(config.input_files)} files with {args.workers} workers", file=sys.stderr)
     summary = preprocess(config)
     print(summary.report(), file=sys.stderr)
     return 0

@@ -282,6 +282,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     # fail fast, before forking
     tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model, eod_token=config.tokenizer_eod)
     dtype = token_dtype_for_vocab(tokenizer.vocab_size)
+    if config.show_progress:  # after the up-front checks, so that an error is the only line
+        print(f"tokenizing {len(config.input_files)} inputs with {config.workers} workers", file=sys.stderr)
     outputs = {key: output_prefix_for_key(config.output_prefix, key) for key in keys}
     summary = PreprocessSummary(output_paths=outputs, tokens={key: 0 for key in keys},
                                 shuffle_seed=config.shuffle_seed)
