@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job end to end on CPU, from a fresh machine:
-#   environment -> demo corpus (the Python standard library's sources, no download) -> sentencepiece
-#   tokenizer -> Megatron-format token dataset -> pretraining with the deepspeed launcher on 2 CPU ranks
-#   (a 2-stage pipeline, the looped block held whole by one stage) -> export to Hugging Face -> sample
-#   perplexity vs test-time loops -> text sampled from the exported folder with transformers.
+#   environment -> demo corpus (the Python standard library's sources in a seeded shuffled order, no
+#   download) -> sentencepiece tokenizer -> Megatron-format token dataset -> pretraining with the
+#   deepspeed launcher on 2 CPU ranks (a 2-stage pipeline, the looped block held whole by one stage) ->
+#   export to Hugging Face -> validation perplexity vs test-time loops -> text sampled from the exported
+#   folder with transformers.
 # Everything lands under data/ and runs/demo_cpu/. Re-running reuses the data and resumes the run from its
 # latest checkpoint (a finished run goes straight to export); delete runs/demo_cpu to train afresh.
 set -euo pipefail
@@ -32,8 +33,9 @@ echo "== 5/7 export to Hugging Face: runs/demo_cpu/hf"
 $PY tools/export_hf.py --checkpoint runs/demo_cpu --output runs/demo_cpu/hf --overwrite
 
 echo "== 6/7 validation perplexity vs test-time loops: runs/demo_cpu/eval/eval_loops.{csv,png}"
+# The run's own validation documents (data.split 98,2,0), all of them (about 750 windows of 64 tokens).
 $PY tools/eval_loops.py --model runs/demo_cpu --data data/demo_text_document --out-dir runs/demo_cpu/eval \
-    --max-windows 64 --exits kl:1e-3
+    --split 98,2,0 --max-windows 1024 --exits kl:1e-3
 
 echo "== 7/7 sample from the exported folder with transformers (no megaloop import)"
 $PY - <<'PY'

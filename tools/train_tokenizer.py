@@ -1,5 +1,6 @@
-"""Train a tokenizer from jsonl or text files: a Hugging Face byte-level BPE tokenizer.json (--type bpe)
-or a sentencepiece model (BPE or unigram, the default --type sentencepiece).
+"""Train a tokenizer from jsonl, text or parquet files or a datasets folder (the inputs tools/preprocess_data.py
+reads): a Hugging Face byte-level BPE tokenizer.json (--type bpe) or a sentencepiece model (BPE or unigram, the
+default --type sentencepiece).
 
     python tools/train_tokenizer.py --type bpe --input data/stdlib.jsonl --model-prefix data/bpe32k \
         --vocab-size 32000
@@ -20,7 +21,8 @@ writes {model-prefix}.model and {model-prefix}.vocab. The model always has these
 3 the pad piece (--pad-piece, default <pad>); --user-defined-symbols adds more pieces that are
 matched verbatim in text. Text is kept as-is (identity normalization, whitespace preserved), which
 code and markup need; --byte-fallback (default on) makes every string encodable without <unk>.
-Errors (no usable text in the inputs, with the reasons records were skipped; a truncated .gz; a vocabulary
+Errors (no usable text in the inputs, with the reasons records were skipped; a truncated .gz / .zst, a corrupt
+parquet file; a vocabulary
 too large for the text) are one line on stderr and exit code 2, and leave no model file; --debug or
 MEGALOOP_DEBUG=1 adds the traceback.
 """
@@ -55,7 +57,9 @@ def no_text_message(paths, keys, skipped) -> str:
 
 def _main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help="files or globs (.jsonl, .jsonl.gz, .txt, .txt.gz)")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="files, globs or folders, as tools/preprocess_data.py reads them (.jsonl, .json, .txt, "
+                             "plain, .gz or .zst; .parquet; a datasets save_to_disk folder)")
     parser.add_argument("--json-keys", "--jsonl-keys", dest="json_keys", nargs="+", default=["text"])
     parser.add_argument("--type", choices=["sentencepiece", "bpe"], default="sentencepiece",
                         help="bpe: a Hugging Face byte-level BPE tokenizer.json; sentencepiece: a .model file")

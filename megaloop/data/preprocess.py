@@ -56,7 +56,7 @@ class PreprocessConfig:
     log_interval: int = 10000  # documents between progress lines when stderr is not a terminal
     report_examples: int = 5  # file:line examples printed per kind of skipped record
     show_progress: bool = True
-    shuffle_seed: Optional[int] = None  # None: input order; else documents shuffled (megaloop/data/shuffle_documents.py)
+    shuffle_seed: Optional[int] = None  # None: input order; else a seeded document order (shuffle_documents.py)
 
 
 class PreprocessError(DataError):

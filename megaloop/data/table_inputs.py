@@ -13,6 +13,7 @@ import os
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 from megaloop.data.indexed_dataset import DataError
+from megaloop.data.text_inputs import require
 
 HF_STATE = "state.json"  # written by Dataset.save_to_disk next to its data-*.arrow files
 HF_DICT = "dataset_dict.json"  # written by DatasetDict.save_to_disk above one folder per split
@@ -61,8 +62,7 @@ _open_cache: dict = {}
 
 
 def _parquet_file(path: str):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa, pq = require("pyarrow", path), require("pyarrow.parquet", path)
 
     if _open_cache.get("parquet", (None,))[0] != path:
         if os.path.getsize(path) == 0:
@@ -76,7 +76,7 @@ def _parquet_file(path: str):
 
 def _arrow_table(path: str):
     """A saved Dataset's Arrow file (IPC stream format), memory-mapped: slicing it copies nothing."""
-    import pyarrow as pa
+    pa = require("pyarrow", path)
 
     if _open_cache.get("arrow", (None,))[0] != path:
         try:
@@ -88,7 +88,7 @@ def _arrow_table(path: str):
 
 def check_columns(path: str, fmt: str, keys: Sequence[str]) -> None:
     """Refuse, naming the file, a table that cannot be read or lacks a string column per key."""
-    import pyarrow as pa
+    pa = require("pyarrow", path)
 
     if fmt == "parquet":
         schema = _parquet_file(path).schema_arrow
@@ -136,7 +136,7 @@ def table_units(path: str, fmt: str, chunk_bytes: int) -> Iterator[Tuple[str, in
 def read_rows(path: str, fmt: str, file: str, part: int, start: int, end: int,
               keys: Sequence[str]) -> List[Tuple[Optional[str], ...]]:
     """The values of `keys` in each row of one unit (None for a null)."""
-    import pyarrow as pa
+    pa = require("pyarrow", path)
 
     try:
         if fmt == "parquet":

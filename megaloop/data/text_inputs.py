@@ -124,8 +124,7 @@ class ZstdStream(io.RawIOBase):
     """
 
     def __init__(self, path: str, read_size: int = 1 << 20):
-        import zstandard
-
+        zstandard = require("zstandard", path)
         self._file = open(path, "rb")
         # Files written with --long (up to 2 GiB windows) decode too.
         self._dctx = zstandard.ZstdDecompressor(max_window_size=1 << 31)
@@ -180,14 +179,32 @@ class InputNotFoundError(DataError, FileNotFoundError):
     """An --input path or glob that matches no file (still a FileNotFoundError)."""
 
 
+def require(module: str, path: str):
+    """An optional reader library (setup.py's `data` extra), or a one-line error naming the input."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(f"{path}: reading it needs the {module} package: pip install {module} (or megaloop's "
+                        f"'data' extra: pip install -e '.[data]')") from None
+
+
+def _stream_errors() -> tuple:
+    errors = (EOFError, gzip.BadGzipFile, zlib.error)
+    try:
+        import zstandard
+    except ImportError:
+        return errors
+    return errors + (zstandard.ZstdError,)
+
+
 @contextlib.contextmanager
 def reading(path: str):
     """Turn a truncated or corrupt gzip / zstandard stream of `path` into a one-line DataError naming the file."""
-    import zstandard
-
     try:
         yield
-    except (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as e:
+    except _stream_errors() as e:
         kind = "zstandard" if compression(path) == "zstd" else "gzip"
         raise DataError(f"{path}: truncated or corrupt {kind} file ({e}): re-download or re-compress it, or leave "
                         f"it out of --input") from None
