@@ -102,7 +102,8 @@ def check_columns(path: str, fmt: str, keys: Sequence[str]) -> None:
             raise DataError(f"{path}: no column {key!r} (--json-keys); its columns are "
                             f"{', '.join(schema.names) or '(none)'}")
         kind = schema.field(key).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        string_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or string_view(kind)):
             raise DataError(f"{path}: column {key!r} holds {kind}, not strings; name a text column with --json-keys")
 
 
