@@ -22,9 +22,8 @@ writes {model-prefix}.model and {model-prefix}.vocab. The model always has these
 matched verbatim in text. Text is kept as-is (identity normalization, whitespace preserved), which
 code and markup need; --byte-fallback (default on) makes every string encodable without <unk>.
 Errors (no usable text in the inputs, with the reasons records were skipped; a truncated .gz / .zst, a corrupt
-parquet file; a vocabulary
-too large for the text) are one line on stderr and exit code 2, and leave no model file; --debug or
-MEGALOOP_DEBUG=1 adds the traceback.
+parquet file; a vocabulary too large for the text) are one line on stderr and exit code 2, and leave no model
+file; --debug or MEGALOOP_DEBUG=1 adds the traceback.
 """
 import argparse
 import os
