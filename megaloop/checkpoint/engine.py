@@ -113,31 +113,58 @@ def save_training(engine, root, step: int, client_state: dict, rank: int, keep: 
                   fault_hook=None) -> str:
     """Save on every rank (collective) under the checkpoint root `root`; `keep` > 0 deletes all but the
     newest `keep` complete tags. Returns the tag folder. Raises NonFiniteState (nothing written) when a
-    weight is not finite on any rank."""
-    import deepspeed.comm as dist
-    from megaloop.checkpoint.integrity import checksum_tag
+    weight is not finite on any rank. (async_save.py: the same save, written in the background and
+    finalized later by finalize_save.)"""
     root = str(root)
     tag = tag_for(step)
-    tag_dir = os.path.join(root, tag)
-    if getattr(engine, "module", None) is not None and not weights_finite(engine.module):
-        raise NonFiniteState(f"the weights after step {step} are not finite: checkpoint {tag_dir} was not saved")
-    if rank == 0 and os.path.exists(os.path.join(tag_dir, COMPLETE)):
-        os.remove(os.path.join(tag_dir, COMPLETE))  # a tag saved again (after a fallback) is incomplete until done
+    tag_dir = prepare_save(engine, root, step, rank)
     try:
         engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
         with open(_rng_file(tag_dir, rank), "wb") as f:  # a Python file: a full disk raises OSError
             torch.save(rng_state(), f)
     except Exception as e:
-        if _is_write_failure(e):
-            raise save_error(e, root, tag_dir) from e
-        raise
+        raise write_error(e, root, tag_dir)
     if fault_hook is not None:
         fault_hook(tag)  # tests: die here, after the files and before the marker
+    return finalize_save(root, step, client_state.get("consumed_samples"), rank, keep)
+
+
+def prepare_save(engine, root: str, step: int, rank: int) -> str:
+    """What every save does before writing (collective): the weights must be finite on every rank (else
+    NonFiniteState, nothing written; under async_save these are the weights the host copy then takes), and
+    a tag saved again loses its marker first. Returns the tag folder."""
+    tag_dir = os.path.join(str(root), tag_for(step))
+    if getattr(engine, "module", None) is not None and not weights_finite(engine.module):
+        raise NonFiniteState(f"the weights after step {step} are not finite: checkpoint {tag_dir} was not saved")
+    if rank == 0 and os.path.exists(os.path.join(tag_dir, COMPLETE)):
+        os.remove(os.path.join(tag_dir, COMPLETE))  # a tag saved again (after a fallback) is incomplete until done
+    return tag_dir
+
+
+def write_error(err: Exception, root, tag_dir) -> Exception:
+    """The exception to raise for an error while writing a tag's files (save_error for a write failure)."""
+    if _is_write_failure(err):
+        out = save_error(err, root, tag_dir)
+        out.__cause__ = err
+        return out
+    return err
+
+
+def finalize_save(root, step: int, consumed_samples, rank: int, keep: int = 0) -> str:
+    """Collective, once every rank has written all its files of step `step`'s tag: the completeness
+    marker, then `latest`, then rotation (complete tags only: never the tag being written, and never the
+    newest complete one, `keep` >= 1). The checksums are of the files as written (all ranks hash them,
+    integrity.py). Returns the tag folder."""
+    import deepspeed.comm as dist
+    from megaloop.checkpoint.integrity import checksum_tag
+    root = str(root)
+    tag = tag_for(step)
+    tag_dir = os.path.join(root, tag)
     dist.barrier()  # every rank has written everything it writes
     sums = checksum_tag(tag_dir, rank, dist.get_world_size())  # (collective; rank 0 gets them all)
     if rank == 0:
         try:
-            write_marker(tag_dir, step, client_state.get("consumed_samples"), sums)
+            write_marker(tag_dir, step, consumed_samples, sums)
             atomic_write(os.path.join(root, LATEST), tag)
         except OSError as e:
             raise save_error(e, root, tag_dir) from e

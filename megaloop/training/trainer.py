@@ -103,6 +103,8 @@ class Trainer:
         self.te = build_engine(cfg, st, console, acc.current_device_name(), init_state)
         del init_state
         self.engine, self.module = self.te.engine, self.te.module
+        from megaloop.checkpoint.async_save import CheckpointSaver  # (train.async_save: background writes)
+        self.saver = CheckpointSaver(self.engine, self.ckpt_root, self.rank, t, self.logger.console)
         self.self_clip = self.te.clip is not None
         self.grad_norm = self.te.grad_norm
         self._aux_scale = None
@@ -137,26 +139,23 @@ class Trainer:
         applied = check_resumable(tag_dir, self.cfg, self.state, self.override_resume_config)
         from megaloop.checkpoint.relayout import load_training as load_any_layout  # (another layout too)
         client = load_any_layout(self.te, tag_dir, self.state, self.cfg, self.rank)
-        self.last_good = os.path.abspath(tag_dir)
+        self.saver.last_good = os.path.abspath(tag_dir)
         apply_schedule(self.engine, self.cfg.train)  # the schedule of the config given now, at this step
-        self.logger.console(f"resumed from {self.last_good} at step {client.get('step')}"
+        self.logger.console(f"resumed from {self.saver.last_good} at step {client.get('step')}"
                             + (f"; applied: {'; '.join(applied)}" if applied else "")
                             + ("; init.from is not re-applied on a resume" if self.cfg.init.from_ else ""))
         write_run_config(self.cfg, self.out_dir, self.rank, client.get("step"))
         return client
 
-    def save(self, step: int, consumed: int) -> str:
+    def save(self, step: int, consumed: int, wait: bool = False):
         t = self.cfg.train
         client = {"step": step, "consumed_samples": consumed, "config": self.cfg.to_dict(),
                   "tokenizer": tokenizer_reference(self.cfg), "loop_sampling": {"seed": t.seed, "step": step},
                   "megaloop_format": 1}
         try:  # (weights that are not finite are never saved: the newest good checkpoint stays the last one)
-            self.last_good = ckpt.save_training(self.engine, self.ckpt_root, step, client, self.rank,
-                                                t.keep_checkpoints, self.faults.save_hook(step))
+            self.saver.save(step, client, wait, self.faults.save_hook(step), self.faults.slow_hook(step))
         except ckpt.NonFiniteState as exc:
-            raise TrainingError(f"{exc}; last good checkpoint: {self.last_good or 'none'}") from exc
-        self.logger.console(f"saved checkpoint {self.last_good}")
-        return self.last_good
+            raise TrainingError(f"{exc}; last good checkpoint: {self.saver.last_good or 'none'}") from exc
 
     # ------------------------------------------------------------------------------------------
     def train_step(self, batches: TrainBatches, step: int, want_diag: bool):
@@ -214,7 +213,6 @@ class Trainer:
     def _run(self) -> dict:
         self.setup()
         cfg, t = self.cfg, self.cfg.train
-        self.last_good = None
         skips = SkipLedger(t.max_consecutive_skips, t.precision, self.logger.console)  # (nonfinite.py)
         client = self.resume()
         step = int(client.get("step", 0))
@@ -249,7 +247,7 @@ class Trainer:
                 stop_now = stops.after_step(step)  # (a request from 2 steps ago, agreed by all ranks)
                 if not (want_diag or evaluate or harness or save or stop_now or step == t.steps):
                     continue  # no host sync on this step: the GPU keeps running ahead
-                rows, stopping = settle(pending, stops.flag.code, skips, self.logger, self.last_good)
+                rows, stopping = settle(pending, stops.flag.code, skips, self.logger, self.saver.last_good)
                 stopping = max(stopping, stop_now)  # (the stop code: TIME_UP outranks a signal's)
                 pending = []
                 losses.extend(r["loss"] for r in rows)
@@ -259,8 +257,9 @@ class Trainer:
                     self.evaluation.validate(step)
                 if harness:
                     self.harness.run(step)
+                self.saver.poll(step)  # async_save: the previous write, if every rank is done
                 if stopping:
-                    self.save(step, consumed)
+                    self.save(step, consumed, wait=True)
                     time_up = stopping >= TIME_UP  # -> exit code 75 (megaloop/training/time_limit.py)
                     self.logger.console(f"stopped ({stops.flag.reason or 'a stop request on another rank'}) at "
                                         f"step {step}; checkpoint saved" + ("; exit code 75" if time_up else ""))
@@ -269,9 +268,10 @@ class Trainer:
                     return {"ok": True, "losses": losses, "step": step, "stopped": True, "time_limit": time_up}
                 if save:
                     self.save(step, consumed)
+            self.saver.wait(step)
             if t.save_interval or t.steps > 0:
-                if self.last_good is None or not self.last_good.endswith(ckpt.tag_for(step)):
-                    self.save(step, consumed)
+                if not (self.saver.last_good or "").endswith(ckpt.tag_for(step)):
+                    self.save(step, consumed, wait=True)
             self.evaluation.test(step)  # data.test_data_path's sets, once
             if t.sample_tokens and not cfg.data.task:
                 sample_after_training(cfg, self.te, self.tokenizer, self.state, self.logger, self.out_dir)
