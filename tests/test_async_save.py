@@ -92,3 +92,60 @@ def test_crash_during_async_write_leaves_the_previous_latest(runs, tmp_path):
     results = run_ranks(1, ["--config", cfg], timeout=200)
     assert_ok(results)
     assert "resumed from" in results[0][1] and "step_00000002" in results[0][1]
+
+
+class _FakeEngine:
+    """DeepSpeed's save_checkpoint as far as the saver sees it: state dicts handed to its checkpoint engine."""
+
+    def __init__(self):
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+        self.checkpoint_engine = TorchCheckpointEngine()
+        self.w = torch.ones(4)
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        os.makedirs(os.path.join(root, tag), exist_ok=True)
+        self.checkpoint_engine.save({"w": self.w, "client": client_state}, os.path.join(root, tag, "model.pt"))
+
+
+def _saver(tmp_path):
+    from types import SimpleNamespace
+    from megaloop.checkpoint.async_save import CheckpointSaver
+    cfg = SimpleNamespace(async_save=True, dist_timeout=60.0, keep_checkpoints=0)
+    return CheckpointSaver(_FakeEngine(), str(tmp_path / "checkpoints"), 0, cfg, console=lambda s: None)
+
+
+def test_async_write_holds_the_save_steps_values(tmp_path, monkeypatch):
+    import threading
+    from megaloop.checkpoint import engine as ckpt_engine
+    finalized = []
+    monkeypatch.setattr(ckpt_engine, "finalize_save", lambda root, step, consumed, rank, keep:
+                        finalized.append((step, consumed)) or os.path.join(root, f"step_{step:08d}"))
+    saver, go = _saver(tmp_path), threading.Event()
+    assert saver.save(2, {"consumed_samples": 8}, slow_hook=lambda: go.wait(30)) is None  # not complete yet
+    saver.engine.w.fill_(7.0)  # the next optimizer step changes the weights in place before the write
+    go.set()
+    assert saver.wait(3).endswith("step_00000002") and finalized == [(2, 8)]
+    assert saver.history == [{"step": 2, "complete_at": 3}] and saver.last_good.endswith("step_00000002")
+    saved = torch.load(tmp_path / "checkpoints" / "step_00000002" / "model.pt", weights_only=True)
+    assert torch.equal(saved["w"], torch.ones(4))
+    assert (tmp_path / "checkpoints" / "step_00000002" / "rng_rank00000.pt").is_file()
+
+
+def test_async_write_failure_is_one_line_naming_the_intact_checkpoint(tmp_path, monkeypatch):
+    import errno
+    from megaloop.checkpoint import layout
+    from megaloop.errors import OutputError, one_line
+    prev = tmp_path / "checkpoints" / layout.tag_for(1)
+    prev.mkdir(parents=True)
+    layout.write_marker(prev, 1, 4)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", full)  # (the writer thread's torch.save)
+    saver = _saver(tmp_path)
+    saver.save(2, {"consumed_samples": 8})
+    with pytest.raises(OutputError) as info:
+        saver.wait(3)
+    text = one_line(info.value)
+    assert text.startswith("no space left on device") and str(prev) in text and "intact" in text, text
+    assert layout.resolve(tmp_path / "checkpoints") == prev and saver.pending is None
