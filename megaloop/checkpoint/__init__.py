@@ -9,6 +9,8 @@ engine  save_training / load_training: DeepSpeed's save/load on every rank, per-
         finite are never saved (NonFiniteState)
 integrity  checksums of a tag's files (recorded in the marker), verify_tag, resolve_intact (a damaged
         tag is refused naming the file; a run folder falls back to the previous intact tag)
+async_save  CheckpointSaver (the trainer's saves): the same save written by a background thread per rank
+        from host copies (train.async_save); marker and `latest` once every rank's write is done
 reader  load / load_model / load_state_dict / load_config: any TP x PP x DP layout and ZeRO stage merged
         offline into LoopedLM names (and the plain torch.save'd format of plain.py)
 training_state  load_training_state: the AdamW state (fp32 weights, moments, step) of any layout, merged
