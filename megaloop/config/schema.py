@@ -285,6 +285,9 @@ class TrainConfig:
     load: Optional[str] = None
     auto_resume: bool = True  # resume from the latest complete checkpoint in output_dir
     keep_checkpoints: int = 0  # keep only the newest N complete checkpoints; 0 = keep all
+    # write checkpoints in the background: a save step waits only for the device -> host copy, `latest`
+    # moves once every rank's write is done (megaloop/checkpoint/async_save.py); the run's end waits for it
+    async_save: bool = False
     # the loop counts R of validation: one (4) or several ([1, 4, 8]: each logged as its own record, R named);
     # None: model.loops
     eval_loops: Optional[list] = None
@@ -303,9 +306,6 @@ class TrainConfig:
     # a step with non-finite gradients is skipped (weights and AdamW state unchanged) and counted; this many
     # skipped in a row stop the run (exit code 3) naming the newest good checkpoint
     max_consecutive_skips: int = 10
-    # write checkpoints in the background: a save step waits only for the device -> host copy, `latest`
-    # moves once every rank's write is done (megaloop/checkpoint/async_save.py); the run's end waits for it
-    async_save: bool = False
     loss_scale: float = 0.0  # fp16 only: 0 = dynamic loss scaling, > 0 = static scale
     initial_scale_power: int = 16  # fp16 dynamic loss scaling starts at 2**this
     peak_flops: Optional[float] = None  # peak FLOP/s of ONE device, for the achieved-FLOP/s share
