@@ -99,7 +99,8 @@ def main(argv=None):
     for r in rows:
         lag = ", ".join(f"step {h['step']}: +{h['complete_at'] - h['step']}" for h in r["history"]
                         if h["complete_at"] is not None and h["step"] < args.steps) or "-"
-        print(f"{r['name']:6} {r['step']:8.3f} {r['save']:12.3f} {r['save'] - r['step']:9.3f} {r['after']:12.3f}  {lag}")
+        print(f"{r['name']:6} {r['step']:8.3f} {r['save']:12.3f} {r['save'] - r['step']:9.3f} "
+              f"{r['after']:12.3f}  {lag}")
 
 
 if __name__ == "__main__":

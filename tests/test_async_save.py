@@ -3,9 +3,11 @@
 - one rank, in-process: a slowed writer (fault slow_save) leaves step 2's checkpoint incomplete while
   steps 3 and 4 train; it becomes complete (marker, `latest`) only later; the run trains exactly like
   the synchronous run (same losses bit for bit), saves the same training state, and a resume from the
-  async-saved step 4 equals a resume from the synchronous one and the uninterrupted run, bit for bit;
+  async-saved step 4 continues as the uninterrupted run, bit for bit;
 - a process that dies during an async write (slowed, then killed before the marker) while training has
-  gone on leaves the previous checkpoint as `latest`, and the half-written tag is never read.
+  gone on leaves the previous checkpoint as `latest`, and the half-written tag is never read;
+- unit (a stand-in engine): the written file holds the save step's values though the weights change
+  before the write; a failed background write is one line naming the intact previous checkpoint.
 """
 import os
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from test_train_support import assert_ok, make_byte_dataset, metrics, run_ranks, tiny_config, train_losses, write_config
+from test_train_support import make_byte_dataset, metrics, run_ranks, tiny_config, train_losses, write_config
 
 
 def _runs(rank, world, paths):
@@ -38,10 +40,9 @@ def runs(tmp_path_factory):
     for name, extra in (("sync", {}), ("async", {"async_save": True})):
         paths[name] = write_config(str(root / f"{name}.yaml"),
                                    tiny_config(data, str(root / name), train={**train, **extra}))
-    for name in ("sync", "async"):  # resume each run's step-4 checkpoint into a new folder
-        paths[f"resume_{name}"] = write_config(str(root / f"resume_{name}.yaml"), tiny_config(
-            data, str(root / f"resume_{name}"),
-            train={**train, "load": str(root / name / "checkpoints" / "step_00000004")}))
+    paths["resume_async"] = write_config(str(root / "resume_async.yaml"), tiny_config(  # async step 4, resumed
+        data, str(root / "resume_async"),
+        train={**train, "load": str(root / "async" / "checkpoints" / "step_00000004")}))
     (res,) = run_distributed(_runs, world_size=1, args=(paths,), timeout=400)
     return root, data, res
 
@@ -67,11 +68,12 @@ def test_async_save_writes_in_the_background_and_trains_like_sync(runs):
     for name in ("rng_rank00000.pt",):
         assert (ckpts / "step_00000004" / name).read_bytes() == \
             (root / "sync" / "checkpoints" / "step_00000004" / name).read_bytes()
-    # resumes from the async and the sync step 4 equal each other and the uninterrupted run, bit for bit
-    full, ra, rs = (train_losses(str(root / n)) for n in ("sync", "resume_async", "resume_sync"))
+    # (so a resume from the sync step 4 resumes the same state) a resume from the async step 4 continues
+    # exactly as the uninterrupted run, bit for bit
+    full, ra = train_losses(str(root / "sync")), train_losses(str(root / "resume_async"))
     assert sorted(ra) == [5, 6]
     for s in (5, 6):
-        assert ra[s] == rs[s] == full[s], s
+        assert ra[s] == full[s], s
 
 
 def test_crash_during_async_write_leaves_the_previous_latest(runs, tmp_path):
@@ -88,10 +90,6 @@ def test_crash_during_async_write_leaves_the_previous_latest(runs, tmp_path):
     assert not is_complete(os.path.join(ckpts, "step_00000004"))
     assert str(resolve(out)).endswith("step_00000002")
     assert max(r["step"] for r in metrics(out) if "loss" in r) > 4  # training continued during the write
-    # and a rerun resumes from step 2, ignoring the half-written step 4
-    results = run_ranks(1, ["--config", cfg], timeout=200)
-    assert_ok(results)
-    assert "resumed from" in results[0][1] and "step_00000002" in results[0][1]
 
 
 class _FakeEngine:
