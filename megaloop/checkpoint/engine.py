@@ -19,9 +19,9 @@ one all-reduce on the save step) and raises NonFiniteState, so no tag with NaN /
 marked complete, named by `latest` or counted by the rotation (which therefore never deletes the newest
 finite checkpoint: every complete tag is finite).
 
-A save is prepare_save (the finite check, before anything is written), the files, then finalize_save (checksums, marker,
-`latest`, rotation): save_training runs them in a row; async_save.py writes the files in a background
-thread and calls finalize_save once every rank's thread has finished.
+A save is prepare_save (the finite check, before anything is written), the files, then finalize_save
+(checksums, marker, `latest`, rotation): save_training runs them in a row; async_save.py writes the files
+in a background thread and calls finalize_save once every rank's thread has finished.
 """
 from __future__ import annotations
 
