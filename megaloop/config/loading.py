@@ -11,6 +11,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from megaloop.config.recipes import apply_recipe
 from megaloop.config.schema import Config, ConfigError, yaml_key
 from megaloop.config.validation import _suggest, validate
 
@@ -136,7 +137,7 @@ def config_from_dict(data: dict, overrides: Optional[list] = None) -> Config:
     tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
     for override in overrides or []:
         _apply_override(tree, override)
-    cfg = _build(Config, tree, "")
+    cfg = _build(Config, apply_recipe(tree), "")  # the preset under the keys given (theirs win)
     validate(cfg)
     return cfg
 

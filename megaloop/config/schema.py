@@ -21,6 +21,11 @@ INJECTIONS = ("none", "add", "concat_adapter", "parcae")
 
 @dataclass
 class ModelConfig:
+    # Named preset of the init and block details below (megaloop/config/recipes.py): megaloop (these
+    # defaults) | flt_reference | parcae_reference. Applied under the keys the config sets (explicit keys win);
+    # config.yaml records the resolved values. A looped LT needs flt_reference to train at R > 1 (issue 23).
+    recipe: str = "megaloop"
+
     # --- vocabulary and embedding ---
     vocab_size: int = 258
     # Megatron's make-vocab-size-divisible-by: the embedding is padded so that every TP rank gets an
@@ -49,6 +54,10 @@ class ModelConfig:
     logit_softcap: Optional[float] = None
     zero_init_out: bool = False  # zero-init attention/MLP output projections
     init_std: float = 0.02
+    # normal: every matrix N(0, init_std) (GPT-2 / Megatron) | nanochat: the FLT / nanochat reference's init:
+    # token embedding N(0, 1), untied head N(0, 0.001), other matrices uniform with std 1/sqrt(fan_in),
+    # output projections zero when zero_init_out (other embedding tables uniform with std 1/sqrt(d)).
+    init_scheme: str = "normal"
     dropout: float = 0.0
     # Token mixer of each looped layer (megaloop/model/mixers.py): one name for all ("attn", "gdn",
     # "swa", "dsa"), a comma list tiled along depth ("gdn,gdn,gdn,attn"), or a ratio "N:M" = N layers

@@ -9,6 +9,7 @@ from typing import List, Optional, Union
 
 from megaloop.config.evaluation import check_evaluation
 from megaloop.config.operations import check_operations
+from megaloop.config.recipes import recipe_values
 from megaloop.config.schema import (ARCHITECTURES, FLT_FAMILY, INJECTIONS, Config, ConfigError, ModelConfig,
                                     mixer_pattern)
 
@@ -123,6 +124,8 @@ def validate(cfg: Config) -> None:
     _choice(m.normalization, ("inner", "outer"), "model.normalization")
     _choice(m.state_init, ("embed", "zeros", "noise"), "model.state_init")
     _choice(m.gdn_kernel, ("auto", "fla", "torch"), "model.gdn_kernel")
+    _choice(m.init_scheme, ("normal", "nanochat"), "model.init_scheme")
+    recipe_values(m.recipe)  # an unknown name: one line naming the recipes
     if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
     if m.head_dim is None and m.d_model % m.n_heads:

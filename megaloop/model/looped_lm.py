@@ -63,7 +63,10 @@ class LoopedLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def init_weights(self):
+        """model.init_scheme: "normal" draws every matrix from N(0, init_std); "nanochat" is the FLT / nanochat
+        reference's init (megaloop/config/recipes.py). zero_init / keep_init marks and zero_init_out apply to both."""
         std = self.cfg.init_std
+        nanochat = self.cfg.init_scheme == "nanochat"
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 if getattr(module, "keep_init", False):
@@ -71,8 +74,17 @@ class LoopedLM(nn.Module):
                 if getattr(module, "zero_init", False) or (
                         self.cfg.zero_init_out and getattr(module, "is_output_projection", False)):
                     nn.init.zeros_(module.weight)
-                else:
+                elif not nanochat:
                     nn.init.normal_(module.weight, mean=0.0, std=std)
+                elif module is self.embedding:
+                    nn.init.normal_(module.weight, mean=0.0, std=1.0)
+                elif module is self.head:
+                    if not self.cfg.tie_embeddings:  # tied: the embedding's N(0, 1) is the head
+                        nn.init.normal_(module.weight, mean=0.0, std=0.001)
+                else:  # uniform, bound sqrt(3) * std so that its std is 1/sqrt(fan_in) (nanochat)
+                    fan_in = module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
+                    bound = (3.0 / fan_in) ** 0.5
+                    nn.init.uniform_(module.weight, -bound, bound)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 

@@ -1,0 +1,52 @@
+"""Named model recipes (`model.recipe`): a reference implementation's init and block details as one preset.
+
+A recipe is a set of `model.*` values applied *under* the user's: keys written in the YAML file or given as
+`model.key=value` overrides win over the preset. The resolved values are what a run's config.yaml records, so
+a saved run reads back the same even if this table changes later (its config names every field explicitly).
+
+- `megaloop`: the library defaults (init std 0.02 everywhere, learned RMSNorm scales, SwiGLU, no QK-norm,
+  tied embeddings, no logit soft-cap). Kept as the default so that saved configs, which predate the field,
+  load unchanged.
+- `flt_reference`: the Fully Looped Transformer repository's `nanochat/gpt.py` (FuRuF-11/FullyLoopedTransformer):
+  QK-norm, RMSNorm without a learned scale, ReLU² MLP of width 4d, untied embedding and head, logit soft-cap
+  15, nanochat's init (embedding N(0, 1), head N(0, 0.001), q/k/v and MLP input uniform with std 1/sqrt(d),
+  attention and MLP output projections zero). With it the baseline LT trains at R > 1 where the `megaloop`
+  recipe collapses (docs/looped_models.md section 11).
+- `parcae_reference`: Parcae is built on karpathy/nanochat: the same block details and init as
+  `flt_reference`, plus nanochat's value embeddings (on in the readable copy of Parcae's code; section 10).
+"""
+from __future__ import annotations
+
+from megaloop.config.schema import ConfigError
+
+_NANOCHAT = {
+    "mlp": "relu2",
+    "norm_scale": False,
+    "qk_norm": True,
+    "logit_softcap": 15.0,
+    "zero_init_out": True,
+    "tie_embeddings": False,
+    "embed_norm": True,
+    "init_scheme": "nanochat",
+}
+
+RECIPES = {
+    "megaloop": {},
+    "flt_reference": dict(_NANOCHAT),
+    "parcae_reference": {**_NANOCHAT, "value_embeddings": True},
+}
+
+
+def recipe_values(name) -> dict:
+    """The `model.*` values recipe `name` sets; an unknown name is a ConfigError naming the choices."""
+    if name not in RECIPES:
+        raise ConfigError(f"model.recipe={name!r} is not a known recipe; choose one of {', '.join(RECIPES)}")
+    return dict(RECIPES[name])
+
+
+def apply_recipe(tree: dict) -> dict:
+    """The config tree with `model.recipe`'s values filled in under the keys the user gave (theirs win)."""
+    model = tree.get("model")
+    if not isinstance(model, dict) or model.get("recipe") in (None, "megaloop"):
+        return tree
+    return {**tree, "model": {**recipe_values(str(model["recipe"])), **model}}
