@@ -10,12 +10,14 @@ a saved run reads back the same even if this table changes later (its config nam
 - `flt_reference`: the Fully Looped Transformer repository's `nanochat/gpt.py` (FuRuF-11/FullyLoopedTransformer):
   QK-norm, RMSNorm without a learned scale, ReLU² MLP of width 4d, untied embedding and head, logit soft-cap
   15, nanochat's init (embedding N(0, 1), head N(0, 0.001), q/k/v and MLP input uniform with std 1/sqrt(d),
-  attention and MLP output projections zero). With it the baseline LT trains at R > 1 where the `megaloop`
-  recipe collapses (docs/looped_models.md section 11).
+  attention and MLP output projections zero). It does not rescue the tiny baseline LT at R > 1, which ends at
+  the unigram loss under either recipe (docs/looped_models.md section 11).
 - `parcae_reference`: Parcae is built on karpathy/nanochat: the same block details and init as
   `flt_reference`, plus nanochat's value embeddings (on in the readable copy of Parcae's code; section 10).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 from megaloop.config.schema import ConfigError
 
@@ -50,3 +52,17 @@ def apply_recipe(tree: dict) -> dict:
     if not isinstance(model, dict) or model.get("recipe") in (None, "megaloop"):
         return tree
     return {**tree, "model": {**recipe_values(str(model["recipe"])), **model}}
+
+
+def collapse_warning(cfg) -> Optional[str]:
+    """A one-line warning when the config trains the baseline LT (whole-stack loop, no injection, no Ouro
+    final-norm feedback, no LT2 residual gate) at R > 1: at tiny scale it ends at the unigram loss under both
+    recipes measured (docs/looped_models.md section 11). Studying that baseline is legitimate, so it is not an error."""
+    m, lp = cfg.model, cfg.loop
+    if (m.arch != "recurrent" or m.injection != "none" or m.share_outer_final_norm or m.loop_residual_gate
+            or max(lp.mean, lp.max if lp.sampling != "fixed" else 1) <= 1):
+        return None
+    return ("model.arch=recurrent with model.injection=none (the baseline LT) trained at R > 1 collapsed to the "
+            "unigram loss in megaloop's tiny runs under the megaloop and flt_reference recipes (docs/looped_models.md "
+            "section 11); unless "
+            "you study that baseline, use input injection (model.injection: add) or model.arch: flt")

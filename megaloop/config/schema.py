@@ -23,7 +23,7 @@ INJECTIONS = ("none", "add", "concat_adapter", "parcae")
 class ModelConfig:
     # Named preset of the init and block details below (megaloop/config/recipes.py): megaloop (these
     # defaults) | flt_reference | parcae_reference. Applied under the keys the config sets (explicit keys win);
-    # config.yaml records the resolved values. A looped LT needs flt_reference to train at R > 1 (issue 23).
+    # config.yaml records the resolved values. docs/looped_models.md section 11.
     recipe: str = "megaloop"
 
     # --- vocabulary and embedding ---

@@ -235,6 +235,10 @@ def build_engine(cfg: Config, state, console, device: str, init_state: Optional[
     clipped = clipping_warning(cfg.loop, t.seed)
     if clipped:
         console(f"warning: {clipped}")
+    from megaloop.config.recipes import collapse_warning
+    collapse = collapse_warning(cfg)
+    if collapse:
+        console(f"warning: {collapse}")
     recipe = {"bf16": f"bf16 ({t.bf16_impl})"}.get(t.precision, t.precision)
     console(f"precision {recipe}, AdamW {optimizer_kernel(t.optimizer_impl, device_type)}"
             f"{', torch.compile per layer' if t.compile else ''}")
