@@ -67,5 +67,7 @@ def test_saved_config_reads_back_the_same_after_the_table_changes(tmp_path, monk
 def test_the_baseline_lt_looped_in_training_is_warned_about():
     assert "model.injection: add" in recipes.collapse_warning(load_config(TINY))
     assert recipes.collapse_warning(load_config(TINY, ["loop.mean=1", "model.loops=1"])) is None
-    for other in ("flt", "inject_add", "ouro", "lt2_gates", "plain"):
+    assert recipes.collapse_warning(load_config("yaml_configs/tiny/lt2_gates.yaml"))  # collapsed as well
+    assert recipes.collapse_warning(load_config(TINY, ["loop.loss=mean"])) is None
+    for other in ("flt", "inject_add", "ouro", "plain"):
         assert recipes.collapse_warning(load_config(f"yaml_configs/tiny/{other}.yaml")) is None, other
