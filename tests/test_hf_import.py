@@ -240,7 +240,7 @@ def test_imported_folder_is_an_init_source(tmp_path, llama):
     import_hf(folder, tmp_path / "run", ["parallel.tensor_parallel=2"])
     lm, cfg = load_model(tmp_path / "run")
     sd, note = init_state_dict(tmp_path / "run", cfg.model)
-    assert "model.pt" in note
+    assert "model.safetensors" in note
     assert all(torch.equal(sd[k], v) for k, v in lm.state_dict().items())
 
 
@@ -285,7 +285,7 @@ def test_existing_output_is_refused_and_an_empty_one_is_used(tmp_path):
     assert sorted(os.listdir(tmp_path / "run")) == ["notes.txt"]
     (tmp_path / "empty").mkdir()
     import_hf(tmp_path / "src", tmp_path / "empty")
-    assert sorted(os.listdir(tmp_path / "empty")) == ["config.yaml", "import.json", "model.pt"]
+    assert sorted(os.listdir(tmp_path / "empty")) == ["config.yaml", "import.json", "model.safetensors"]
 
 
 def test_cli_one_line_error_and_success(tmp_path, capsys):

@@ -1,12 +1,14 @@
 """Merge a training checkpoint (any TP x PP x DP layout, ZeRO 0-3) into one plain state-dict file.
 
-    python tools/consolidate.py runs/demo_cpu runs/demo_cpu/model.pt [--step N]
+    python tools/consolidate.py runs/demo_cpu runs/demo_cpu/model.safetensors [--step N]
 
 The checkpoint is a run folder, its checkpoints/ root or one step_NNNNNNNN/ tag (without --step:
-`latest`, else the newest complete one); its files are first checked against the checksums recorded when it was saved
-(--no-verify-checksums skips that; a damaged file is refused naming it). The output holds {"model": LoopedLM state dict, "config":
-the run config}: the plain format megaloop.checkpoint.load_model, tools/generate.py, tools/eval_loops.py
-and tools/export_hf.py read. Without an output path, only the tensor count is printed. The output is
+`latest`, else the newest complete one); its files are first checked against the checksums recorded when it was
+saved (--no-verify-checksums skips that; a damaged file is refused naming it). The output holds the LoopedLM state
+dict and the run config: safetensors (config in its metadata) for a .safetensors name, else a torch.save'd
+{"model", "config"} dict (read back with weights_only=True). This is the plain format
+megaloop.checkpoint.load_model, tools/generate.py, tools/eval_loops.py and tools/export_hf.py read. Without an
+output path, only the tensor count is printed. The output is
 written under a temporary name and renamed when complete. Errors are one line on stderr and exit code 2
 (--debug or MEGALOOP_DEBUG=1 adds the traceback).
 """
@@ -20,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def _main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="run folder, checkpoints/ root or step_NNNNNNNN/ tag")
-    p.add_argument("output", nargs="?", default=None, help="the .pt file to write")
+    p.add_argument("output", nargs="?", default=None, help="the file to write (.safetensors, or .pt)")
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--no-verify-checksums", action="store_true", help="skip checking the checkpoint files against the checksums recorded when it was saved (huge checkpoints on trusted storage)")
     args = p.parse_args(argv)

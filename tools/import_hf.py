@@ -12,7 +12,7 @@ Formats (megaloop/hf_import/: one module each, with the key and config mapping a
             original model's logits)
 
 RUN_DIR gets config.yaml (the resolved run config: the source's model section plus your overrides),
-model.pt (the weights, megaloop.checkpoint.plain's format) and import.json (what was mapped, what kept
+model.safetensors (the weights, megaloop.checkpoint.plain's format) and import.json (what was mapped, what kept
 megaloop's init). pretrain_looped.py loads it through **init.from** (weights only, into any TP x PP x
 ZeRO layout, fresh optimizer, step 0), not through train.load / auto-resume (there is no optimizer
 state to continue):
@@ -53,7 +53,7 @@ def _main(argv=None):
     from megaloop.hf_import import import_hf
 
     out = import_hf(args.model, args.output, args.overrides, args.retrofit, args.block_from)
-    print(f"imported {args.model} -> {out} (config.yaml, model.pt, import.json); start a run with:\n"
+    print(f"imported {args.model} -> {out} (config.yaml, model.safetensors, import.json); start a run with:\n"
           f"  python pretrain_looped.py --config {out}/config.yaml init.from={out} train.output_dir=RUN "
           f"data.data_path=[...]")
     if (out / "tokenizer.json").is_file():  # the folder's Hugging Face tokenizer came along

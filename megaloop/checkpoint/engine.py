@@ -95,7 +95,10 @@ def rng_state() -> dict:
     from deepspeed.accelerator import get_accelerator
     import random
     import numpy as np
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's key array as a tensor: the file then loads with torch.load(weights_only=True) (safe_load)
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
     acc = get_accelerator()
     if acc.device_name() != "cpu":
         state["accelerator"] = acc.get_rng_state()
@@ -108,7 +111,9 @@ def set_rng_state(state: dict) -> None:
     import numpy as np
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    keys = keys.numpy() if torch.is_tensor(keys) else keys  # (files before the tensor form: a numpy array)
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     if "accelerator" in state:
         get_accelerator().set_rng_state(state["accelerator"])
 
@@ -182,12 +187,15 @@ def finalize_save(root, step: int, consumed_samples, rank: int, keep: int = 0) -
 def load_training(engine, tag_dir, rank: int) -> dict:
     """Load weights, optimizer, scheduler and this rank's RNG states from a (complete) tag folder, as
     layout.resolve returns it; returns the client state saved with it."""
+    from megaloop.checkpoint.safe_load import check_folder, load
+
     tag_dir = Path(tag_dir)
+    check_folder(tag_dir)  # DeepSpeed unpickles with weights_only=False: nothing in the folder may name a callable
     path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
     rng_file = _rng_file(tag_dir, rank)
     if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(load(rng_file))
     return client_state or {}

@@ -4,7 +4,7 @@
 
 `path` is anything megaloop.checkpoint.reader reads: a run folder, a checkpoint root or one tag folder
 (resolved with layout.resolve: the newest complete tag), of any TP x PP x DP x ZeRO layout, or a plain
-checkpoint (model.pt + config, e.g. what tools/import_hf.py writes). The state dict returned has
+checkpoint (model.safetensors / model.pt + config, e.g. what tools/import_hf.py writes). The state dict returned has
 exactly the keys and shapes of LoopedLM(mc).state_dict(); the trainer loads it into the full model on
 every rank before tensor parallelism shards it, the pipeline splits it and DeepSpeed wraps it, so it
 lands in any layout of the new run. The optimizer is built afresh afterwards and the run starts at

@@ -1,10 +1,18 @@
-"""The plain checkpoint format: one `torch.save`d file holding a one-process LoopedLM state dict (under
-"model" / "state_dict" / "module", or the dict of tensors itself) and, optionally, the run config
-under "config" (else config.yaml beside the file or in its parent folder). tools/consolidate.py writes
-it; tests and demos save one with save_plain_checkpoint.
+"""The plain checkpoint format: one file holding a one-process LoopedLM state dict and, optionally, the run
+config (else config.yaml beside the file or in its parent folder). Two forms:
+
+- `*.safetensors` (what tools/import_hf.py writes, and tools/consolidate.py for such an output name): the
+  tensors, the config as JSON under the metadata key "megaloop_config" (a tied head is stored once, as
+  embedding.weight); the format holds no code.
+- any other name (model.pt, ...): a `torch.save`d dict, the state dict under "model" / "state_dict" /
+  "module" (or the dict of tensors itself) and the config under "config"; read with
+  torch.load(weights_only=True) (megaloop.checkpoint.safe_load): a pickle naming any other callable is refused.
+
+Tests and demos save one with save_plain_checkpoint.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Dict, Optional
@@ -16,7 +24,8 @@ from megaloop.config import Config, ConfigError, config_from_dict
 from megaloop.checkpoint.saved_config import saved_config_from_dict
 from megaloop.errors import OutputError, os_error_in
 
-PLAIN_NAMES = ("model.pt", "model.pth", "pytorch_model.bin", "consolidated.pt", "state_dict.pt")
+CONFIG_KEY = "megaloop_config"  # the safetensors metadata key holding the run config (JSON)
+PLAIN_NAMES = ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bin", "consolidated.pt", "state_dict.pt")
 
 
 def plain_file(checkpoint, step: Optional[int] = None) -> Path:
@@ -45,10 +54,19 @@ def plain_file(checkpoint, step: Optional[int] = None) -> Path:
 
 
 def _read(f: Path):
-    try:
-        return torch.load(f, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - a truncated / foreign file: name it
-        raise CheckpointError(f"cannot read {f}: {type(e).__name__}: {e}") from e
+    """The file's contents as the torch.save form's dict ({"model": tensors, "config": dict} for safetensors)."""
+    from megaloop.checkpoint.safe_load import load, load_safetensors
+
+    if f.suffix != ".safetensors":
+        return load(f)
+    tensors, meta = load_safetensors(f)
+    obj = {"model": tensors}
+    if CONFIG_KEY in meta:
+        try:
+            obj["config"] = json.loads(meta[CONFIG_KEY])
+        except ValueError as e:
+            raise CheckpointError(f"{f}: its '{CONFIG_KEY}' metadata is not JSON ({e})") from e
+    return obj
 
 
 def load_plain_state_dict(checkpoint, step: Optional[int] = None) -> Dict[str, torch.Tensor]:
@@ -80,16 +98,42 @@ def load_plain_config(checkpoint, step: Optional[int] = None) -> Config:
     raise CheckpointError(f"no config for {f}: save it in the checkpoint under 'config' or as config.yaml beside it")
 
 
+def _save_safetensors(state_dict: Dict[str, torch.Tensor], config: Config, tmp: Path) -> None:
+    import errno
+
+    from safetensors.torch import save_file
+
+    tensors, seen = {}, set()
+    for k, t in state_dict.items():
+        if k == "head.weight" and config.model.tie_embeddings:
+            continue  # the reader ties it back to embedding.weight
+        t = t.detach().cpu().contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        tensors[k] = t.clone() if key in seen else t  # safetensors refuses tensors sharing memory
+        seen.add(key)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_KEY: json.dumps(config.to_dict())})
+    except Exception as e:  # noqa: BLE001 - safetensors reports a failed write in its own error type
+        full = "no space left" in str(e).lower()
+        raise OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else str(e)) from e
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def save_plain(state_dict: Dict[str, torch.Tensor], config: Config, path) -> Path:
-    """torch.save a one-process state dict + its run config in the plain format."""
+    """Write a one-process state dict + its run config in the plain format (safetensors for a .safetensors
+    name, else torch.save), under a temporary name renamed into place."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:  # a Python file: a full disk raises OSError (ENOSPC), not RuntimeError
-            torch.save({"model": state_dict, "config": config.to_dict()}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        if path.suffix == ".safetensors":
+            _save_safetensors(state_dict, config, tmp)
+        else:
+            with open(tmp, "wb") as f:  # a Python file: a full disk raises OSError (ENOSPC), not RuntimeError
+                torch.save({"model": state_dict, "config": config.to_dict()}, f)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         if tmp.exists():
@@ -102,5 +146,5 @@ def save_plain(state_dict: Dict[str, torch.Tensor], config: Config, path) -> Pat
 
 
 def save_plain_checkpoint(model, config: Config, path) -> Path:
-    """torch.save a one-process model + config in the plain format (tests, demos)."""
+    """Save a one-process model + config in the plain format (tests, demos)."""
     return save_plain(model.state_dict(), config, path)

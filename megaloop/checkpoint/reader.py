@@ -72,10 +72,9 @@ class CheckpointInfo:
 
 
 def _load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - a truncated / foreign file: name it
-        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+    from megaloop.checkpoint.safe_load import load
+
+    return load(path)
 
 
 def read_info(tag_dir: Path) -> CheckpointInfo:
@@ -252,7 +251,9 @@ def _load_zero3(ci: CheckpointInfo) -> Dict[str, torch.Tensor]:
             raise CheckpointError(f"checkpoint {d} is missing zero_pp_rank_{r}_mp_rank_00_optim_states.pt (ZeRO-3 "
                                   f"data-parallel rank {r} of {ci.dp}: it holds that rank's partition of the weights)")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from megaloop.checkpoint.safe_load import check_folder
 
+    check_folder(d)  # zero_to_fp32 unpickles with weights_only=False: nothing in d may name a callable
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):

@@ -14,7 +14,7 @@ The run folder written (staged in a temporary folder beside it, renamed at the e
 failure leaves nothing):
 
     config.yaml    the resolved run config (the source's model, the user's `section.key=value` overrides)
-    model.pt       the weights as one LoopedLM state dict + the config (megaloop.checkpoint.plain's format)
+    model.safetensors  the weights (one LoopedLM state dict) + the config (megaloop.checkpoint.plain's format)
     import.json    source folder, format, notes, the megaloop parameters left at megaloop's own init
     tokenizer.model  (a sentencepiece tokenizer of a megaloop export, referenced by config.yaml)
     tokenizer.json, tokenizer_config.json  (a Hugging Face tokenizer: Ouro's, Qwen's, Llama 3's, a megaloop
@@ -147,7 +147,7 @@ def import_hf(model_dir, output_dir, overrides: Optional[List[str]] = None,
         for name, src in m.files.items():
             shutil.copyfile(src, tmp / name)
         save_config(cfg, tmp / "config.yaml")
-        save_plain(sd, cfg, tmp / "model.pt")
+        save_plain(sd, cfg, tmp / "model.safetensors")
         (tmp / "import.json").write_text(json.dumps({
             "source": str(Path(model_dir).resolve()), "format": m.fmt, "notes": m.notes,
             "overrides": list(overrides or []), "at_megaloop_init": kept,

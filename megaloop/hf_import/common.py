@@ -28,7 +28,7 @@ from megaloop.errors import MegaloopError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-RUN_FILES = ("config.yaml", "model.pt", "import.json")
+RUN_FILES = ("config.yaml", "model.safetensors", "import.json")
 
 
 class HFImportError(MegaloopError, ValueError):
