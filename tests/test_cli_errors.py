@@ -180,6 +180,17 @@ def _load_yaml(path):
             f"sys.exit(run_cli(lambda argv: load_config({str(path)!r})))")
 
 
+PLAN_CFG = ROOT / "yaml_configs" / "tiny" / "lt.yaml"
+
+
+def _world_check(expected):
+    """What every rank does at start-up (megaloop.parallel.topology.build_parallel_state), here on one process."""
+    return ("import sys\nfrom megaloop.errors import run_cli\nfrom megaloop.config import load_config\n"
+            "from megaloop.parallel.topology import build_parallel_state\n"
+            f"cfg = load_config({str(PLAN_CFG)!r}, ['parallel.expected_world_size={expected}'])\n"
+            "sys.exit(run_cli(lambda argv: build_parallel_state(cfg.parallel)))")
+
+
 # (id, argv builder, strings the line must hold)
 CASES = [
     ("truncated-idx", lambda f: ["merge_datasets", "--datasets", f["root"] / "trunc" / "d", "--output-prefix",
@@ -242,6 +253,25 @@ CASES = [
      lambda f: [f["gz"], "truncated"]),
     ("merge-missing-folder", lambda f: ["merge_datasets", "--input", f["root"] / "nofolder", "--output-prefix",
                                         f["root"] / "o4"], lambda f: ["nofolder", "no such folder"]),
+    # issue 21: numbers that ran on silently (or without end) before
+    ("generate-negative-temperature", lambda f: ["generate", "--model", "nowhere", "--temperature", "-1"],
+     lambda f: ["--temperature -1", ">= 0"]),
+    ("generate-nan-temperature", lambda f: ["generate", "--model", "nowhere", "--temperature", "nan"],
+     lambda f: ["--temperature nan", "finite"]),
+    ("generate-loops-bound", lambda f: ["generate", "--model", "nowhere", "--loops", "1000000000"],
+     lambda f: ["--loops 1000000000", "--max-loops 256"]),
+    ("eval-loops-bound", lambda f: ["eval_loops", "--model", "nowhere", "--text", "x", "--loops", "1000000"],
+     lambda f: ["--loops 1000000", "--max-loops 256"]),
+    ("plan-loops-bound", lambda f: ["plan", "--config", PLAN_CFG, "loop.mean=1e9", "loop.max=1000000000"],
+     lambda f: ["loop.mean=1e+09", "--max-loops 256"]),
+    ("plan-negative-peak", lambda f: ["plan", "--config", PLAN_CFG, "--gpu", "X:-1e15:80:8e12"],
+     lambda f: ["--gpu 'X:-1e15:80:8e12'", "peak_flops"]),
+    ("plan-zero-memory", lambda f: ["plan", "--config", PLAN_CFG, "--gpu", "X:1e15:0:8e12"],
+     lambda f: ["mem_gib", "positive"]),
+    ("plan-negative-tokens", lambda f: ["plan", "--config", PLAN_CFG, "--tokens", "-1"],
+     lambda f: ["--tokens -1", "positive"]),
+    ("expected-world-size", lambda f: ["-c", _world_check(8)],
+     lambda f: ["parallel.expected_world_size=8", "1 rank(s)", "--hostfile"]),
 ]
 
 
@@ -313,6 +343,12 @@ def test_relative_tokenizer_path(models, files, tmp_path):
     moved.write_bytes(Path(models["sp"]).read_bytes())
     one_line(run(["eval_loops", "--model", moved, "--text", files["good"], "--seq-len", "8"], cwd=tmp_path),
              "'tok/spm.model'", "data.tokenizer_model", "--tokenizer-model")
+
+
+def test_eval_loops_seq_len_above_the_model(models, files):
+    """--seq-len 1000 on a max_seq_len 64 model evaluated 64-token windows without a word; now refused."""
+    one_line(run(["eval_loops", "--model", models["byte"], "--text", files["good"], "--seq-len", "1000"]),
+             "--seq-len 1000", "at most 64 tokens", "model.max_seq_len")
 
 
 def test_debug_shows_the_traceback(files):

@@ -4,7 +4,8 @@
   run at 1e-2; before, the checkpoint's LR multiplier kept 1e-3 while config.yaml said 1e-2) and keeps
   each resume's config as config.<step>.yaml.
 - It refuses a change it cannot apply (train.seed) with one line naming the field and the override flag,
-  leaves config.yaml as it was, and accepts it with --override-resume-config.
+  leaves config.yaml as it was, and accepts it with --override-resume-config. It refuses another corpus
+  behind the same data.data_path (the dataset fingerprint saved in the checkpoint differs).
 - A second run in the same folder is refused while the first holds it; the lock record is empty after a
   clean end. SIGTERM to a single rank saves a checkpoint within two steps and exits 0.
 """
@@ -37,6 +38,12 @@ def test_resume_applies_the_new_schedule_and_refuses_what_it_cannot_apply(tmp_pa
     assert lrs == {1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 1e-2, 5: 1e-2, 6: 1e-2}
     assert yaml.safe_load(open(os.path.join(run, "config.3.yaml")))["train"]["lr"] == 1e-2
     before = open(os.path.join(run, "config.yaml")).read()
+    # Another corpus behind the same data.data_path (the checkpoint's dataset fingerprint differs): refused.
+    make_byte_dataset(data, max_bytes=60_000)
+    (rc, out), = run_ranks(1, ["--config", _cfg(tmp_path, data, "b2", lr=1e-2, steps=8)])
+    line = [ln for ln in out.splitlines() if "not the one the checkpoint was trained on" in ln]
+    assert rc == 2 and line and data in line[0] and "documents" in line[0] and "--override-resume-config" in line[0]
+    make_byte_dataset(data, max_bytes=100_000)  # the original corpus again (same bytes: the same fingerprint)
     (rc, out), = run_ranks(1, ["--config", _cfg(tmp_path, data, "c", lr=1e-2, steps=8, seed=5)])
     assert rc == 2
     line = [ln for ln in out.splitlines() if "train.seed" in ln]

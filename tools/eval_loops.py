@@ -6,7 +6,8 @@
 --model: a checkpoint (a training run / DeepSpeed checkpoint dir, any layout, or a plain model.pt; --step
 picks one) or an exported HF folder. Data: --data, a megaloop indexed dataset prefix (the
 validation documents of --split are used, as training splits them), or --text, a raw UTF-8 file.
-Token windows of --seq-len (+1 for the labels), non-overlapping, at most --max-windows.
+Token windows of --seq-len (+1 for the labels; at most the model's max_seq_len), non-overlapping, at most
+--max-windows. A loop count above --max-loops (default 256) is refused.
 Writes a table to stdout, OUT/eval_loops.csv and OUT/eval_loops.png (if matplotlib is installed).
 --loops defaults to 1 .. 2x the trained loop count; each exit (strategy:threshold) is evaluated at the
 largest loop count and reports the average number of loops used.
@@ -42,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megaloop.cli_checks import add_max_loops_flag, check_loops, check_seq_len  # noqa: E402
 from megaloop.errors import UsageError  # noqa: E402
 from megaloop.evaluation.inputs import load_eval_tokens, load_model_for_cli, model_tokenizer_reference, \
     run_config, windows  # noqa: E402
@@ -79,6 +81,7 @@ def _main(argv=None):
     p.add_argument("--no-verify-checksums", action="store_true",
                    help="skip checking the checkpoint files against the checksums recorded when it was "
                    "saved (huge checkpoints on trusted storage)")
+    add_max_loops_flag(p)
     args = p.parse_args(argv)
     if args.seq_len is not None and args.seq_len < 1:
         raise UsageError(f"--seq-len {args.seq_len}: must be at least 1")
@@ -87,7 +90,7 @@ def _main(argv=None):
     if args.num_examples < 1:
         raise UsageError(f"--num-examples {args.num_examples}: must be at least 1")
     if args.loops is not None:
-        parse_loops(args.loops, 1)  # a bad --loops fails before the model is read
+        check_loops(f"--loops {args.loops}", parse_loops(args.loops, 1), args.max_loops)  # before the model is read
     if args.lengths is not None:
         parse_lengths(args.lengths, 1)
     exits = [parse_exit(item) for item in args.exits or []]
@@ -106,7 +109,7 @@ def _main(argv=None):
         raise UsageError(f"{args.model} was trained with model.causal=false (bidirectional attention): every position "
                          f"sees its next-token target, so --data / --text perplexity means nothing; score its task "
                          f"(drop --data / --text, or give --task)")
-    seq_len = min(args.seq_len or lm.max_seq_len, lm.max_seq_len)
+    seq_len = check_seq_len(args.seq_len, lm.max_seq_len, args.model)
     ref = model_tokenizer_reference(args.model, args.step, args.tokenizer_model) if args.data is not None else None
     tokens = load_eval_tokens(lm, args.data, args.text, args.split, max_tokens=args.max_windows * seq_len + 1,
                               tokenizer_ref=ref)

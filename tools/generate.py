@@ -17,6 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megaloop.cli_checks import add_max_loops_flag, check_finite, check_loops, check_temperature  # noqa: E402
 from megaloop.errors import UsageError  # noqa: E402
 
 
@@ -37,9 +38,15 @@ def _main(argv=None):
     p.add_argument("--tokenizer-model", default=None,
                    help="the tokenizer model file (sentencepiece .model, tokenizer.json or its folder, .tiktoken), "
                         "when the run's recorded (relative) path does not resolve")
+    add_max_loops_flag(p)
     args = p.parse_args(argv)
     if args.loops is not None and args.loops < 1:
         raise UsageError(f"--loops {args.loops}: the loop count must be at least 1")
+    check_loops(f"--loops {args.loops}", [args.loops or 0], args.max_loops)
+    check_temperature(args.temperature)
+    check_finite("--exit-threshold", args.exit_threshold)
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k {args.top_k}: must be at least 1 (leave it out to keep every token)")
     if args.max_new_tokens < 0 or args.num_samples < 1:
         raise UsageError("--max-new-tokens must be >= 0 and --num-samples >= 1")
     if not 0 < args.top_p <= 1:

@@ -13,15 +13,20 @@ and that fit, fastest first, as override lines.
 
 --gpu: h100 | h200 (989 TFLOP/s dense bf16, 80 / 141 GiB) | a100 (312 TFLOP/s, 80 GiB) |
 NAME:peak_flops:mem_gib:bw. --world defaults to tensor_parallel x pipeline_parallel (DP 1). Positional
-key=value arguments override the config as in pretrain_looped.py. Errors are one line on stderr and
-exit code 2.
+key=value arguments override the config as in pretrain_looped.py. The GPU's numbers and --tokens must be
+positive; a loop count (the fixed loop.mean, or loop.max when sampled; model.loops) above --max-loops
+(default 256) is refused. Errors are one line on stderr and exit code 2.
 """
 import argparse
 import json
+import math
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megaloop.cli_checks import add_max_loops_flag, check_loops  # noqa: E402
+from megaloop.errors import UsageError  # noqa: E402
 
 
 def _main(argv=None):
@@ -39,6 +44,7 @@ def _main(argv=None):
     p.add_argument("--top", type=int, default=5, help="--search: how many layouts to print")
     p.add_argument("--headroom", type=float, default=0.9,
                    help="--search: fraction of the GPU memory a layout may plan for (default 0.9)")
+    add_max_loops_flag(p)
     args = p.parse_args(argv)
     if args.world is not None and (args.nodes is not None or args.gpus_per_node is not None):
         p.error("give either --world or --nodes with --gpus-per-node")
@@ -53,6 +59,11 @@ def _main(argv=None):
 
     cfg = load_config(args.config, args.overrides)
     gpu = parse_gpu(args.gpu)
+    if args.tokens is not None and not (math.isfinite(args.tokens) and args.tokens > 0):
+        raise UsageError(f"--tokens {args.tokens:g}: the token budget must be a positive finite number")
+    # The loop counts the plan models: the fixed R, or the largest sampled one (and the trained model.loops).
+    check_loops(f"loop.mean={cfg.loop.mean:g} / loop.max={cfg.loop.max} / model.loops={cfg.model.loops}",
+                [cfg.loop.mean if cfg.loop.sampling == "fixed" else cfg.loop.max, cfg.model.loops], args.max_loops)
     if args.search:
         from megaloop.planner.search import format_search, search
 

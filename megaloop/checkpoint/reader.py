@@ -69,6 +69,7 @@ class CheckpointInfo:
     dp: int
     zero_stage: int
     meta_file: Path
+    data_fingerprint: Optional[dict] = None  # megaloop.data.fingerprint (None: saved before it was recorded)
 
 
 def _load(path: Path):
@@ -103,7 +104,7 @@ def read_info(tag_dir: Path) -> CheckpointInfo:
     tok = meta.get("tokenizer") or {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model}
     step = marker(tag_dir).get("step", meta.get("step"))
     return CheckpointInfo(tag_dir, None if step is None else int(step), cfg, dict(tok), pp, tp,
-                          int(meta.get("dp_world_size") or 1), zero, meta_file)
+                          int(meta.get("dp_world_size") or 1), zero, meta_file, meta.get("data_fingerprint"))
 
 
 def _shard_shapes(mc, tp: int) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, object]]:

@@ -365,6 +365,10 @@ class ParallelConfig:
     # how pipeline stages are balanced: loop_weighted (layers weighted by FLOPs, the looped block by
     # its loop count) | uniform (layer count) | parameters (DeepSpeed's default; wrong for a looped block)
     pipeline_partition: str = "loop_weighted"
+    # the number of ranks this config is meant for (0: not checked). The deepspeed launcher given a hostfile
+    # it cannot read (`--hostfile /nonexistent`) warns and runs on this machine's GPUs alone; with this set,
+    # every rank refuses a launch of any other world size at start-up.
+    expected_world_size: int = 0
 
 
 @dataclass

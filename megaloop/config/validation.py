@@ -45,7 +45,7 @@ NUMERIC_RANGES = {
     "model.state_init_std": _GT0, "model.parcae_init_decay": (0, 1, False, False), "model.embed_scale": _GT0,
     "loop.mean": _GE1, "loop.sigma": _GE0, "loop.min": _GE1, "loop.max": _GE1, "loop.backprop_loops": _GE1,
     "loop.exit_entropy_weight": _GE0,
-    "data.seq_len": _GT0, "data.num_workers": _GE0,
+    "data.seq_len": _GT0, "data.num_workers": _GE0, "parallel.expected_world_size": _GE0,
     "train.seed": (0, 2 ** 32 - 1, True, True),  # numpy's RandomState takes [0, 2**32)
     "train.steps": _GT0, "train.micro_batch_size": _GT0, "train.grad_accum_steps": _GT0, "train.lr": _GT0,
     "train.min_lr": _GE0, "train.warmup_steps": _GE0, "train.wsd_decay_fraction": (0, 1, False, True),

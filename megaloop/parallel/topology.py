@@ -126,6 +126,18 @@ def _ensure_deepspeed_comm(backend: Optional[str]) -> None:
                                  dist_init_required=False)
 
 
+def check_world_size(parallel_cfg) -> None:
+    """parallel.expected_world_size (when set) must be the launched world size: the deepspeed launcher runs
+    on local resources alone, after a warning, when its --hostfile cannot be read."""
+    expected = int(getattr(parallel_cfg, "expected_world_size", 0) or 0)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if expected and world != expected:
+        raise ParallelLayoutError(
+            f"parallel.expected_world_size={expected} but {world} rank(s) were launched: check the launcher's "
+            f"--hostfile (deepspeed falls back to this machine alone when it cannot read it) and --num_gpus / "
+            f"--num_nodes, or set parallel.expected_world_size={world}")
+
+
 def build_parallel_state(parallel_cfg=None, *, tensor_parallel: Optional[int] = None,
                          pipeline_parallel: Optional[int] = None,
                          sequence_parallel: Optional[bool] = None) -> ParallelState:
@@ -138,6 +150,7 @@ def build_parallel_state(parallel_cfg=None, *, tensor_parallel: Optional[int] = 
     tp = tensor_parallel if tensor_parallel is not None else getattr(parallel_cfg, "tensor_parallel", 1)
     pp = pipeline_parallel if pipeline_parallel is not None else getattr(parallel_cfg, "pipeline_parallel", 1)
     sp = sequence_parallel if sequence_parallel is not None else getattr(parallel_cfg, "sequence_parallel", False)
+    check_world_size(parallel_cfg)
     if not (dist.is_available() and dist.is_initialized()):
         if tp != 1 or pp != 1:
             raise ParallelLayoutError(

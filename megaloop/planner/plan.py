@@ -8,10 +8,12 @@ Per-rank memory = states + activations. Not counted: the CUDA context and NCCL /
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 from megaloop.config import Config
+from megaloop.errors import UsageError
 from megaloop.planner.activations import activation_bytes, stage_names
 from megaloop.planner.comm import stage_tp_comm
 from megaloop.planner.flops import bubble_fraction, stage_flops, step_estimate
@@ -57,9 +59,15 @@ def parse_gpu(spec: str) -> GPU:
     if len(fields) != 4:
         raise ValueError(f"--gpu {spec!r}: a preset ({', '.join(GPUS)}) or NAME:peak_flops:mem_gib:bw")
     try:
-        return GPU(fields[0], float(fields[1]), float(fields[2]), float(fields[3]))
+        values = [float(v) for v in fields[1:]]
     except ValueError:
         raise ValueError(f"--gpu {spec!r}: peak_flops, mem_gib and bw must be numbers") from None
+    bad = [name for name, v in zip(("peak_flops", "mem_gib", "bw"), values) if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise UsageError(f"--gpu {spec!r}: {', '.join(bad)} must be "
+                         + ("a positive finite number" if len(bad) == 1 else "positive finite numbers")
+                         + " (e.g. X:989e12:80:3.35e12)")
+    return GPU(fields[0], *values)
 
 
 def _cached(cache: Optional[dict], key, fn):
@@ -81,6 +89,8 @@ def make_plan(cfg: Config, world: Optional[int] = None, gpu: GPU = GPUS["h100"],
         raise ValueError(f"world size {world} is not a multiple of tensor_parallel x pipeline_parallel = {tp * pp}")
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+    if tokens is not None and not (math.isfinite(tokens) and tokens > 0):
+        raise UsageError(f"--tokens {tokens:g}: the token budget must be a positive finite number")
     dp = world // (tp * pp)
     ac = t.activation_checkpointing
     parts = _cached(cache, ("parts", tp, pp, ac), lambda: stage_parts(cfg, pp, tp))

@@ -131,7 +131,28 @@ def check_resumable(tag_dir, cfg: Config, state, override: bool = False) -> List
             if cfg.loop.sampling != "fixed":
                 notes.append("loop counts: drawn per (step, micro-batch), so with another grad_accum_steps "
                              "the samples of a step meet other draws of R")
-    return notes + check_resume_config(saved, cfg, str(tag_dir), override)
+    return notes + check_data_fingerprint(info.data_fingerprint, cfg, str(tag_dir), override) + \
+        check_resume_config(saved, cfg, str(tag_dir), override)
+
+
+def check_data_fingerprint(saved_fp, cfg: Config, where: str, override: bool = False) -> List[str]:
+    """The datasets behind the same data.data_path must be the ones the checkpoint was trained on (sizes,
+    document count, index hash: megaloop.data.fingerprint); raise ResumeConfigError naming each changed one
+    unless override (then one note line). A checkpoint saved before fingerprints were recorded is not checked."""
+    from megaloop.data.fingerprint import data_fingerprint, fingerprint_changes
+
+    if not saved_fp:
+        return []
+    changed = fingerprint_changes(saved_fp, data_fingerprint(cfg))
+    if not changed:
+        return []
+    listed = "; ".join(changed)
+    if not override:
+        raise ResumeConfigError(f"resuming {where}: the dataset behind data.data_path is not the one the checkpoint "
+                                f"was trained on: {listed}. Point data.data_path at the original files, start a new "
+                                f"run (--no-auto-resume or another train.output_dir), or accept it with "
+                                f"--override-resume-config")
+    return [f"dataset changed: {listed} (accepted by --override-resume-config)"]
 
 
 def resume_tag(t, ckpt_root, rank: int, world: int, console):

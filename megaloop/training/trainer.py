@@ -33,6 +33,7 @@ from megaloop.training.optim import apply_schedule
 from megaloop.training.profiling import StepProfiler
 from megaloop.training.progress import Progress
 from megaloop.training.resume_policy import check_resumable, resume_tag
+from megaloop.data.fingerprint import data_fingerprint
 from megaloop.training.run_dir import lock_output_dir, write_run_config, write_run_status
 from megaloop.training.run_logging import RunLogger
 from megaloop.training.settle import TrainingError, settle  # noqa: F401 (TrainingError: re-exported)
@@ -89,6 +90,7 @@ class Trainer:
         if self.rank != 0:
             datasets = build_run_datasets(cfg, *counts, self.tokenizer)
         self.train_ds, valid_sets, test_sets = datasets
+        self.data_fingerprint = data_fingerprint(cfg)  # saved with each checkpoint, compared on resume
         if not cfg.data.task and self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} ids but model.vocab_size="
                               f"{cfg.model.vocab_size}")
@@ -151,7 +153,7 @@ class Trainer:
         t = self.cfg.train
         client = {"step": step, "consumed_samples": consumed, "config": self.cfg.to_dict(),
                   "tokenizer": tokenizer_reference(self.cfg), "loop_sampling": {"seed": t.seed, "step": step},
-                  "megaloop_format": 1}
+                  "megaloop_format": 1, "data_fingerprint": self.data_fingerprint}
         try:  # (weights that are not finite are never saved: the newest good checkpoint stays the last one)
             self.saver.save(step, client, wait, self.faults.save_hook(step), self.faults.slow_hook(step))
         except ckpt.NonFiniteState as exc:
