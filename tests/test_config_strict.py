@@ -182,6 +182,7 @@ BAD_VALUES = {
     "parallel.tensor_parallel": ("0", "> 0"),
     "parallel.pipeline_parallel": ("0", "> 0"),
     "parallel.zero_stage": ("4", "zero_stage"),
+    "parallel.expected_world_size": ("-1", ">= 0"),
 }
 
 

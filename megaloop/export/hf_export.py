@@ -126,7 +126,7 @@ def load_exported(path, **config_overrides):
     if not weights.is_file():
         raise ExportError(f"{weights}: no such file; re-export the model with tools/export_hf.py")
     try:
-        return MegaloopForCausalLM.from_pretrained(path, config=cfg).eval()
+        return MegaloopForCausalLM.from_pretrained(path, config=cfg, use_safetensors=True).eval()
     except Exception as e:  # safetensors' SafetensorError, a truncated file's OSError / RuntimeError, bad shapes
         raise ExportError(f"{weights}: cannot load the weights, the file is corrupted or truncated "
                           f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); re-export the model with "

@@ -111,7 +111,8 @@ class Tensors:
             if f.suffix == ".safetensors":
                 from safetensors.torch import load_file
                 return load_file(str(f))
-            obj = torch.load(f, map_location="cpu", weights_only=True)
+            from megaloop.checkpoint.safe_load import load
+            obj = load(f)  # weights_only (a pytorch_model.bin is a pickle)
         except Exception as e:  # noqa: BLE001 - a truncated / foreign file: name it
             raise HFImportError(f"{f}: cannot read the weights ({type(e).__name__}: "
                                 f"{' '.join(str(e).split())[:200]})") from e
