@@ -6,16 +6,17 @@ re-tokenised or replaced .bin/.idx) would be read on silently. Each checkpoint's
     data_fingerprint: {prefix: {"bin_bytes", "idx_bytes", "documents", "sequences", "index_xxh64"}}
 
 and megaloop.training.resume_policy refuses a resume whose datasets differ (`--override-resume-config`
-accepts it). index_xxh64 hashes the whole .idx file up to 64 MiB; a larger one is hashed in three 4 MiB
-pieces (head, middle, tail) plus its size, so a resume of a corpus of billions of tokens costs milliseconds.
+accepts it). index_xxh64 hashes the whole .idx file up to 8 MiB; a larger one is hashed in three 1 MiB
+pieces (head, middle, tail; its size is in idx_bytes), so every rank of a large job computes it at start-up and
+on resume for a few MiB read, whatever the corpus size.
 """
 from __future__ import annotations
 
 import os
 from typing import Dict, List
 
-FULL_HASH_BYTES = 64 << 20
-PIECE_BYTES = 4 << 20
+FULL_HASH_BYTES = 8 << 20
+PIECE_BYTES = 1 << 20
 
 
 def _index_hash(path: str, size: int) -> str:
