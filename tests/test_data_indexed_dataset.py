@@ -193,3 +193,28 @@ def test_merge_datasets_tool_keeps_document_boundaries(tmp_path):
     assert merge_main(["--datasets", str(tmp_path / "shards" / "s0"), str(tmp_path / "missing"),
                        "--output-prefix", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x.bin").exists()
+
+
+def test_dataset_fingerprint_sees_another_corpus_behind_the_same_prefix(tmp_path, monkeypatch):
+    """What a checkpoint records of its data (megaloop.data.fingerprint): the same files give the same
+    fingerprint; another corpus under the same prefix differs (also through the sampled hash of a large index)."""
+    from megaloop.data import fingerprint as fp
+    from megaloop.data.indexed_dataset import IndexedDatasetWriter
+
+    prefix = str(tmp_path / "c_text_document")
+
+    def write(docs):
+        with IndexedDatasetWriter(prefix, np.uint16) as w:
+            for d in docs:
+                w.add_document(d)
+        return fp.dataset_fingerprint(prefix)
+
+    a = write([[1, 2, 3], [4, 5]])
+    assert fp.fingerprint_changes({prefix: a}, {prefix: write([[1, 2, 3], [4, 5]])}) == []
+    changed = fp.fingerprint_changes({prefix: a}, {prefix: write([[1, 2], [3, 4, 5]])})  # same sizes and count
+    assert len(changed) == 1 and "index_xxh64" in changed[0] and "documents" not in changed[0]
+    monkeypatch.setattr(fp, "FULL_HASH_BYTES", 128)  # (a 2 KiB index: hashed in three 64-byte pieces)
+    monkeypatch.setattr(fp, "PIECE_BYTES", 64)
+    b = write([[1, 2, 3], [4, 5]] * 50)
+    assert fp.dataset_fingerprint(prefix) == b
+    assert fp.fingerprint_changes({prefix: b}, {prefix: write([[4, 5], [1, 2, 3]] + [[1, 2, 3], [4, 5]] * 49)})
