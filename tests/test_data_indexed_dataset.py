@@ -218,3 +218,14 @@ def test_dataset_fingerprint_sees_another_corpus_behind_the_same_prefix(tmp_path
     b = write([[1, 2, 3], [4, 5]] * 50)
     assert fp.dataset_fingerprint(prefix) == b
     assert fp.fingerprint_changes({prefix: b}, {prefix: write([[4, 5], [1, 2, 3]] + [[1, 2, 3], [4, 5]] * 49)})
+    # resume_policy: refused in one line naming the prefix, or accepted (one note) with --override-resume-config
+    from megaloop.config import load_config
+    from megaloop.training.resume_policy import ResumeConfigError, check_data_fingerprint
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "yaml_configs", "tiny", "lt.yaml"),
+                      [f"data.data_path=[{prefix}]"])
+    with pytest.raises(ResumeConfigError, match="--override-resume-config") as err:
+        check_data_fingerprint({prefix: b}, cfg, "ckpt")
+    assert prefix in str(err.value) and "\n" not in str(err.value)
+    assert len(check_data_fingerprint({prefix: b}, cfg, "ckpt", override=True)) == 1
+    assert check_data_fingerprint(None, cfg, "ckpt") == []  # a checkpoint from before fingerprints: not checked
