@@ -65,9 +65,13 @@ def unsafe_globals(path) -> List[str]:
     try:
         with _allowed():
             return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except (ValueError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: refused: not a torch.save archive megaloop can check without running it "
+    except (pickle.UnpicklingError, EOFError) as e:  # an opcode the static reader (and torch's) does not accept
+        raise CheckpointError(f"{path}: refused: its pickle cannot be checked without running it "
                               f"({type(e).__name__}: {' '.join(str(e).split())[:120]}); {_WHY}") from e
+    except (ValueError, RuntimeError, OSError) as e:  # not a zip archive (a bare pickle), truncated, unreadable
+        raise CheckpointError(f"{path}: refused: not a complete torch.save archive ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:120]}); a truncated copy, or a bare pickle, which "
+                              f"megaloop does not run") from e
 
 
 def _refused(path, names: List[str]) -> CheckpointError:
