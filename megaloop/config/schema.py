@@ -211,6 +211,16 @@ class DataConfig:
     # accuracy in validation. task_params: the task's keyword arguments, e.g. {length: 16}.
     task: Optional[str] = None
     task_params: dict = field(default_factory=dict)
+    # Packed documents (Megatron-LM's flags of the same names; a sample is a window of documents, each ended
+    # by the tokenizer's end-of-document token, which belongs to the document it ends):
+    # reset_attention_mask: no token attends across a document start, in every layer and loop iteration and in
+    #   every mixer (softmax attention block-diagonal causal, the sliding window and DSA's top-k within the
+    #   document, Gated DeltaNet's conv and state restarting at each document); megaloop/model/documents.py
+    # reset_position_ids: RoPE positions (DSA's indexer's too) restart at 0 at each document start
+    # eod_mask_loss: no loss on the prediction made at an end-of-document token (the next document's first token)
+    reset_attention_mask: bool = False
+    reset_position_ids: bool = False
+    eod_mask_loss: bool = False
 
 
 @dataclass

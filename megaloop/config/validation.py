@@ -219,6 +219,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.tokenizer_eod and tokenizer_kind not in ("hf", "tiktoken"):
         raise ConfigError(f"data.tokenizer_eod applies to hf and tiktoken tokenizers, not "
                           f"data.tokenizer_type={cfg.data.tokenizer_type!r}")
+    _check_document_packing(cfg)
     # Training.
     _choice(t.lr_schedule, ("cosine", "wsd", "constant"), "train.lr_schedule")
     _choice(t.precision, ("fp32", "bf16", "fp16"), "train.precision")
@@ -308,6 +309,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} with parallel.pipeline_parallel="
                           f"{p.pipeline_parallel}: DeepSpeed's pipeline engine supports ZeRO 0 and 1 only. "
                           f"Use zero_stage 1 with pipeline parallelism, or pipeline_parallel 1 for ZeRO 2/3")
+
+
+def _check_document_packing(cfg: Config) -> None:
+    """data.reset_attention_mask / reset_position_ids / eod_mask_loss: documents packed into a corpus sample."""
+    d = cfg.data
+    on = [f"data.{n}" for n in ("reset_attention_mask", "reset_position_ids", "eod_mask_loss") if getattr(d, n)]
+    if not on:
+        return
+    if d.task:
+        raise ConfigError(f"{', '.join(on)}: data.task={d.task!r} generates one example per sequence, with no "
+                          f"end-of-document tokens to cut at; set them to false for tasks")
+    if d.reset_attention_mask and not cfg.model.causal:
+        raise ConfigError("data.reset_attention_mask is implemented for causal models only (a block-diagonal causal "
+                          "mask); set model.causal=true or data.reset_attention_mask=false")
 
 
 def noncausal_problem(m: ModelConfig, cfg: Optional[Config] = None) -> Optional[str]:

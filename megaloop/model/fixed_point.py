@@ -29,7 +29,7 @@ import torch.nn as nn
 
 
 def _embed(model, tokens: torch.Tensor):
-    rope = model.rope(tokens.shape[1], tokens.device)
+    rope = model.rope(tokens.shape[1], tokens.device, tokens)
     return model.embed(tokens, rope), rope
 
 

@@ -15,6 +15,8 @@ Across loops, each loop runs the scan from a zero state over the updated hidden 
 Carrying the final state of loop k into loop k+1 would let position 0 of loop k+1 see every token of
 the sequence, which breaks causality in training; a causal carry is an open design question.
 With FLT's attention injection (q_input), queries come from the previous loop's stream.
+Packed documents (data.reset_attention_mask; the ids ride in `rope`, megaloop/model/documents.py): the
+short convolutions do not reach across a document start and the scan restarts from a zero state there.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaloop.config import ModelConfig
+from megaloop.model.documents import doc_ids_of
 from megaloop.model.layers import rms_norm
 from megaloop.ops import causal_depthwise_conv1d, gated_delta_rule
 
@@ -68,16 +71,18 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, rope=None, q_input: Optional[torch.Tensor] = None):
         B, T, _ = x.shape
         dk, dv = self.head_k_dim, self.head_v_dim
-        q, _ = causal_depthwise_conv1d(self.wq(x if q_input is None else q_input), self.q_conv)
-        k, _ = causal_depthwise_conv1d(self.wk(x), self.k_conv)
-        v, _ = causal_depthwise_conv1d(self.wv(x), self.v_conv)
+        doc_ids = doc_ids_of(rope)
+        q, _ = causal_depthwise_conv1d(self.wq(x if q_input is None else q_input), self.q_conv, doc_ids=doc_ids)
+        k, _ = causal_depthwise_conv1d(self.wk(x), self.k_conv, doc_ids=doc_ids)
+        v, _ = causal_depthwise_conv1d(self.wv(x), self.v_conv, doc_ids=doc_ids)
         q = F.normalize(F.silu(q).view(B, T, -1, dk), dim=-1)
         k = F.normalize(F.silu(k).view(B, T, -1, dk), dim=-1)
         v = F.silu(v).view(B, T, -1, dv)
         g = -torch.exp(self.A_log.float()) * F.softplus(self.w_a(x).float() + self.dt_bias.float())
         beta = torch.sigmoid(self.w_b(x).float())
+        kwargs = self._kernel_kwargs if doc_ids is None else {**self._kernel_kwargs, "doc_ids": doc_ids}
         o, _ = gated_delta_rule(q, k, v, g.to(q.dtype), beta.to(q.dtype), scale=1.0 / math.sqrt(dk),
-                                chunk_size=self.chunk_size, **self._kernel_kwargs)
+                                chunk_size=self.chunk_size, **kwargs)
         o = rms_norm(o, self.eps) * self.out_norm_weight
         o = o * F.silu(self.w_gate(x).view(B, T, -1, dv))
         return self.wo(o.reshape(B, T, -1))

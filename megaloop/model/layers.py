@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaloop.config import ModelConfig
+from megaloop.model.documents import docs_of
 from megaloop.ops.fused import rms_norm_affine
 
 
@@ -86,9 +87,13 @@ class Attention(nn.Module):
         self.value_embed = None  # model.value_embeddings: set on the chosen layers (megaloop/model/value_embeddings.py)
 
     def forward(self, x: torch.Tensor, rope, q_input: Optional[torch.Tensor] = None, tokens=None):
-        q, k, v = self.project(x, q_input, *rope)
+        """rope: (cos, sin), or a RopeCache that also carries packed documents (megaloop/model/documents.py)."""
+        q, k, v = self.project(x, q_input, rope[0], rope[1])
         if self.value_embed is not None:
             v = self.value_embed(v, x, tokens)
+        docs = docs_of(rope)
+        if docs is not None:  # (a plain call otherwise: subclasses' attend need not know docs)
+            return self.output(self.attend(q, k, v, x=x, q_input=q_input, docs=docs), x)
         return self.output(self.attend(q, k, v, x=x, q_input=q_input), x)
 
     def project(self, x, q_input, cos, sin):
@@ -111,12 +116,17 @@ class Attention(nn.Module):
             y = y * torch.sigmoid(self.gate(x))
         return self.wo(y)
 
-    def attend(self, q, k, v, x=None, q_input=None):
+    def attend(self, q, k, v, x=None, q_input=None, docs=None):
         """(B, H, T, D) queries, (B, Hkv, T, D) keys/values -> (B, H, T, D). Sparse variants override
-        this; x and q_input are the (normalised) streams, for mixers that score keys themselves."""
+        this; x and q_input are the (normalised) streams, for mixers that score keys themselves.
+        docs: packed documents (data.reset_attention_mask): a query sees the earlier keys of its own
+        document only, through SDPA's boolean mask built once per micro-batch (`Documents.attn_mask`)."""
+        dropout = self.dropout if self.training else 0.0
+        if docs is not None and docs.attn_mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=docs.attn_mask, dropout_p=dropout,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
         return F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal, enable_gqa=q.shape[1] != k.shape[1],
-            dropout_p=self.dropout if self.training else 0.0)
+            q, k, v, is_causal=self.causal, enable_gqa=q.shape[1] != k.shape[1], dropout_p=dropout)
 
 
 class MLP(nn.Module):

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from megaloop.config import ModelConfig
+from megaloop.model.documents import select_rows
 from megaloop.model.injection import ParcaeInjection, build_injection
 from megaloop.model.layers import RMSNorm, TransformerLayer, rms_norm
 from megaloop.config import mixer_pattern
@@ -256,6 +257,7 @@ class LoopedBlock(nn.Module):
         if sel is not None:
             e = e.index_select(0, sel)
             tokens = None if tokens is None else tokens.index_select(0, sel)
+            rope = select_rows(rope, sel)  # packed documents: these rows' structure
         return self._step_of_state(t, e, rope, s, tokens)
 
     def forward(self, e: torch.Tensor, rope, loops: int, grad_loops: Optional[int] = None,

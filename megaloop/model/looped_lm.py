@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from megaloop.config import ModelConfig
+from megaloop.model.documents import DocumentPacking, document_ids, packed_rope
 from megaloop.model.layers import RMSNorm, TransformerLayer, rope_cache
 from megaloop.model.looped_block import LoopedBlock
 from megaloop.model.value_embeddings import attach_value_embeddings
@@ -59,6 +60,9 @@ class LoopedLM(nn.Module):
         self.token_loss_fn = loop_losses.token_cross_entropy
         # KL between successive loops' next-token distributions (Huginn's exit); TP swaps it too.
         self.successive_kl_fn = loop_losses.successive_kl
+        # Packed documents (data.reset_attention_mask / reset_position_ids): set by the training set-up
+        # (megaloop/training/documents.py); None: every row is one sequence (inference, generation).
+        self.packing: Optional[DocumentPacking] = None
         self.init_weights()
 
     # ------------------------------------------------------------------------------------------
@@ -92,8 +96,16 @@ class LoopedLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # --- the three stages ---------------------------------------------------------------------
-    def rope(self, seq_len: int, device):
-        return rope_cache(seq_len, self.cfg.attn_head_dim, self.cfg.rope_theta, device)
+    def rope(self, seq_len: int, device, tokens: Optional[torch.Tensor] = None):
+        """The `rope` argument of every layer: (cos, sin), or with packed documents (self.packing and the
+        tokens given) a RopeCache that also carries the document structure of `tokens`, computed here
+        once per forward and reused by every layer and loop (megaloop/model/documents.py)."""
+        if tokens is None or self.packing is None:
+            return rope_cache(seq_len, self.cfg.attn_head_dim, self.cfg.rope_theta, device)
+        return self.packed_rope(document_ids(tokens, self.packing.eod_id))
+
+    def packed_rope(self, doc_ids: torch.Tensor):
+        return packed_rope(self.packing, doc_ids, self.cfg.attn_head_dim, self.cfg.rope_theta)
 
     def embed(self, tokens: torch.Tensor, rope) -> torch.Tensor:
         """Token ids -> the injected signal e (embedding x embed_scale, its norm, the prelude, then the prelude norm)."""
@@ -176,7 +188,7 @@ class LoopedLM(nn.Module):
         if stage is not None and labels is not None:
             from megaloop.model.stage_losses import stage_forward
             return stage_forward(self, stage, tokens, labels, loops, noise_generator)
-        rope = self.rope(tokens.shape[1], tokens.device)
+        rope = self.rope(tokens.shape[1], tokens.device, tokens)
         e = self.embed(tokens, rope)
         ve_tokens = tokens if cfg.value_embeddings else None  # the looped / coda layers need them only then
         need_per_loop = return_per_loop or exit is not None or (labels is not None and self.loss_mode != "last")

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megaloop.config import ModelConfig
-from megaloop.model.layers import Attention, apply_rope, rope_cache
+from megaloop.model.layers import Attention, apply_rope, rope_cache, rope_for_positions
 from megaloop.ops import lightning_indexer_topk, sliding_window_attention, sparse_attention_from_indices
 from megaloop.ops.indexer_loss import dense_indexer_kl_from_probs, indexer_kl_loss_from_probs
 
@@ -92,8 +92,8 @@ class SlidingWindowAttention(Attention):
         super().__init__(cfg, layer_idx)
         self.window = cfg.window
 
-    def attend(self, q, k, v, x=None, q_input=None):
-        return sliding_window_attention(q, k, v, self.window)
+    def attend(self, q, k, v, x=None, q_input=None, docs=None):
+        return sliding_window_attention(q, k, v, self.window, doc_ids=None if docs is None else docs.ids)
 
 
 class DeepSeekSparseAttention(Attention):
@@ -115,7 +115,7 @@ class DeepSeekSparseAttention(Attention):
         self.k_index_norm = nn.LayerNorm(di, eps=1e-6) if v32 else None
         self.w_index = nn.Linear(d, hi, bias=False)
 
-    def index_inputs(self, x, q_input=None):
+    def index_inputs(self, x, q_input=None, docs=None):
         # Detached, as in DeepSeek-V3.2: the indexer is optimised separately, by its own KL loss only,
         # and sends no gradient into the main model's stream.
         x = x.detach()
@@ -124,22 +124,28 @@ class DeepSeekSparseAttention(Attention):
         q_idx = self.wq_index(qx).view(B, T, self.index_heads, self.index_dim)
         k_idx = indexer_key_norm(self.wk_index(x), self.k_index_norm)
         if self.rope_dim:
-            cos, sin = rope_cache(T, self.rope_dim, self.rope_theta, x.device)
+            if docs is not None and docs.positions is not None:  # positions restart per packed document
+                cos, sin = rope_for_positions(docs.positions, self.rope_dim, self.rope_theta)
+            else:
+                cos, sin = rope_cache(T, self.rope_dim, self.rope_theta, x.device)
             q_idx = indexer_rope(q_idx, cos, sin, self.rope_dim)
             k_idx = indexer_rope(k_idx[:, :, None], cos, sin, self.rope_dim)[:, :, 0]
         w = self.w_index(qx) * self.score_scale
         return q_idx, k_idx, w
 
-    def attend(self, q, k, v, x=None, q_input=None):
-        return self.sparse_attend(q, k, v, x, q_input)
+    def attend(self, q, k, v, x=None, q_input=None, docs=None):
+        return self.sparse_attend(q, k, v, x, q_input, docs=docs)
 
-    def dense_attend(self, q, k, v, x, q_input, head_reduce=None, total_heads=None):
+    def dense_attend(self, q, k, v, x, q_input, head_reduce=None, total_heads=None, docs=None):
         """The dense warm-up: causal attention over all keys; the indexer's KL to the head-averaged
         dense attention distribution (over all causal keys) is appended to `warmup_losses`.
         O(H T^2) memory, as the warm-up is in DeepSeek-V3.2 (a short stage)."""
         from megaloop.ops.dense_attention import _default_scale, _group_queries
         B, H, T, D = q.shape
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        doc_ids = None if docs is None else docs.ids
+        if doc_ids is not None:  # (B, 1, 1, T, T): packed documents
+            causal = docs.attn_mask[:, :, None]
         qg = _group_queries(q, k)                                                  # (B, Hkv, G, T, D)
         logits = torch.einsum("bhgtd,bhsd->bhgts", qg, k).float() * _default_scale(q, None)
         probs = logits.masked_fill(~causal, float("-inf")).softmax(-1).reshape(B, H, T, T)
@@ -148,20 +154,22 @@ class DeepSeekSparseAttention(Attention):
         if head_reduce is not None:
             target = head_reduce(target)
         target = target / (total_heads or H)
-        q_idx, k_idx, w = self.index_inputs(x, q_input)
-        self.warmup_losses.append(dense_indexer_kl_from_probs(q_idx, k_idx, w, target))
+        q_idx, k_idx, w = self.index_inputs(x, q_input, docs)
+        self.warmup_losses.append(dense_indexer_kl_from_probs(q_idx, k_idx, w, target, doc_ids))
         return y
 
-    def sparse_attend(self, q, k, v, x=None, q_input=None, head_reduce=None, total_heads=None):
+    def sparse_attend(self, q, k, v, x=None, q_input=None, head_reduce=None, total_heads=None, docs=None):
         """Select with the blockwise indexer (no (T, T) matrix), attend, and when the indexer trains
         attach its KL loss, whose target (the head-averaged attention probabilities over the selected
         keys) comes out of the attention itself: O(T * topk) memory throughout.
         head_reduce / total_heads: under tensor parallelism this rank holds only some heads; the
-        target's head sum goes through head_reduce (an all-reduce) and is divided by total_heads."""
+        target's head sum goes through head_reduce (an all-reduce) and is divided by total_heads.
+        docs: packed documents; no key of another document is selected (megaloop/model/documents.py)."""
         if self.dense_warmup:
-            return self.dense_attend(q, k, v, x, q_input, head_reduce, total_heads)
-        q_idx, k_idx, w = self.index_inputs(x, q_input)
-        indices, valid = lightning_indexer_topk(q_idx, k_idx, w, self.topk)
+            return self.dense_attend(q, k, v, x, q_input, head_reduce, total_heads, docs)
+        q_idx, k_idx, w = self.index_inputs(x, q_input, docs)
+        indices, valid = lightning_indexer_topk(q_idx, k_idx, w, self.topk,
+                                                doc_ids=None if docs is None else docs.ids)
         train_indexer = self.training and torch.is_grad_enabled() and self.loss_coef > 0
         if not train_indexer:
             return sparse_attention_from_indices(q, k, v, indices, valid)

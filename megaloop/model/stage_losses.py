@@ -51,7 +51,7 @@ def stage_forward(model, stage: str, tokens: torch.Tensor, labels: torch.Tensor,
                   noise_generator: Optional[torch.Generator] = None):
     """LMOutput of one stage micro-batch: `.loss` the stage's loss, `.logits` the last loop's."""
     from megaloop.model.looped_lm import LMOutput
-    rope = model.rope(tokens.shape[1], tokens.device)
+    rope = model.rope(tokens.shape[1], tokens.device, tokens)
     ve = tokens if model.cfg.value_embeddings else None  # the token ids, for value embeddings
     if stage == "dsa_warmup":
         layers = _dsa_layers(model)

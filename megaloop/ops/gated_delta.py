@@ -21,6 +21,12 @@ them) and producing g/beta from the hidden states are the caller's job.
 
 Precision: half/bfloat16 inputs are computed in float32 internally and the output is cast back;
 the returned state stays in the compute dtype (float32 or float64), as it is a carry.
+
+Packed documents (doc_ids (B, T), megaloop/model/documents.py): the state is zeroed where a new
+document starts, S_t = beta_t k_t v_t^T there (alpha_t = 0, i.e. g_t = -inf). The chunked form does not
+put -inf into its cumulative log-decays (differences of huge numbers lose the within-document decays);
+it keeps g finite and multiplies each decay factor e^{G_i - G_j} by "no document start in (j, i]"
+(see `gated_delta_rule_chunked`), which is exact.
 """
 import functools
 import math
@@ -55,9 +61,17 @@ def _check_shapes(q, k, v, g, beta, initial_state):
         raise ValueError(f"initial_state must be (B, H, Dk, Dv) = ({B}, {H}, {Dk}, {Dv}), got {tuple(initial_state.shape)}")
 
 
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the token starts a new document (its predecessor is in another one; never at t = 0,
+    whose state is the carried initial state)."""
+    starts = torch.zeros_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
 def gated_delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                               initial_state: Optional[torch.Tensor] = None, scale: Optional[float] = None
-                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+                               initial_state: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                               doc_ids: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Naive token-by-token gated delta rule. The reference the chunked form is tested against,
     and the right tool for single-token decode. Returns (o (B, T, H, Dv), final_state (B, H, Dk, Dv))."""
     _check_shapes(q, k, v, g, beta, initial_state)
@@ -72,10 +86,13 @@ def gated_delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         state = q.new_zeros(B, H, Dk, Dv)
     else:
         state = initial_state.to(dtype)
+    keep = None if doc_ids is None else (~document_starts(doc_ids)).to(dtype)  # 0: a document starts
     outputs = []
     for t in range(T):
         k_t, q_t = k[:, t], q[:, t]                                      # (B, H, Dk)
         state = state * g[:, t].exp()[..., None, None]                   # S' = alpha S
+        if keep is not None:
+            state = state * keep[:, t, None, None, None]
         stored = torch.einsum("bhkv,bhk->bhv", state, k_t)               # S'^T k
         correction = beta[:, t, :, None] * (v[:, t] - stored)            # u
         state = state + k_t[..., :, None] * correction[..., None, :]     # S' + k u^T
@@ -86,7 +103,8 @@ def gated_delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                              initial_state: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                             chunk_size: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
+                             chunk_size: int = 64, doc_ids: Optional[torch.Tensor] = None
+                             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise-parallel gated delta rule, numerically equal to `gated_delta_rule_recurrent`.
 
     Inside a chunk of C tokens, with S_0 the state entering the chunk and G_i = g_1 + ... + g_i
@@ -109,6 +127,9 @@ def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     T need not be a multiple of chunk_size: the tail is padded with k = v = q = 0, g = 0, beta = 0,
     which leaves the state untouched (alpha = 1, nothing written).
+
+    doc_ids: with n_i the number of document starts in the chunk up to i, e^{G_i - G_j} is kept only
+    where n_i = n_j, e^{G_i} (from S_0) only where n_i = 0, e^{G_C - G_j} only where n_C = n_j.
     """
     _check_shapes(q, k, v, g, beta, initial_state)
     if chunk_size < 1:
@@ -134,6 +155,13 @@ def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return x.reshape(B, H, N, C, *x.shape[3:])
 
     q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))
+    same_doc = from_start = to_end = None
+    if doc_ids is not None:  # documents started in the chunk up to i, (B, 1, N, C) (heads broadcast)
+        starts = document_starts(doc_ids).to(dtype)
+        n = F.pad(starts, (0, pad)).view(B, 1, N, C).cumsum(-1)
+        same_doc = (n[..., :, None] == n[..., None, :]).to(dtype)             # (B, 1, N, C, C)
+        from_start = (n == 0).to(dtype)                                       # no start in [0, i]
+        to_end = (n == n[..., -1:]).to(dtype)                                 # no start in (j, C)
 
     # --- everything below, up to the chunk loop, is parallel over (B, H, N) ---
     log_decay = g.cumsum(dim=-1)                                             # G_i   (B, H, N, C)
@@ -141,22 +169,29 @@ def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     pair_log_decay = log_decay[..., :, None] - log_decay[..., None, :]
     decay_mask = pair_log_decay.masked_fill(~causal, 0.0).exp() * causal    # (B, H, N, C, C)
+    decay = log_decay.exp()                                                 # e^{G_i}
+    if same_doc is not None:
+        decay_mask = decay_mask * same_doc
+        decay = decay * from_start
 
     # UT transform: solve (I + A) X = [diag(beta) V | diag(beta e^G) K] with A strictly lower.
     k_beta = k * beta[..., None]
     strictly_lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
     A = (k_beta @ k.transpose(-1, -2)) * decay_mask * strictly_lower
     eye = torch.eye(C, dtype=dtype, device=q.device)
-    rhs = torch.cat([v * beta[..., None], k_beta * log_decay.exp()[..., None]], dim=-1)
+    rhs = torch.cat([v * beta[..., None], k_beta * decay[..., None]], dim=-1)
     solved = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
     u_from_values, w = solved[..., :Dv], solved[..., Dv:]                   # U = U_v - W S_0
 
     # Intra-chunk attention (decayed, causal incl. the diagonal) and the inter-chunk read-out terms.
     intra_attention = (q @ k.transpose(-1, -2)) * decay_mask * scale        # (B, H, N, C, C)
-    q_decayed = q * (log_decay.exp()[..., None] * scale)                    # e^{G_i} q_i
+    q_decayed = q * (decay[..., None] * scale)                              # e^{G_i} q_i
     chunk_log_decay = log_decay[..., -1:]                                   # G_C   (B, H, N, 1)
-    k_to_chunk_end = k * (chunk_log_decay - log_decay).exp()[..., None]     # e^{G_C - G_j} k_j
-    chunk_decay = chunk_log_decay.exp()[..., None]                          # (B, H, N, 1, 1)
+    to_chunk_end = (chunk_log_decay - log_decay).exp()                      # e^{G_C - G_j}
+    chunk_decay = decay[..., -1:, None]                                     # e^{G_C} (B, H, N, 1, 1)
+    if to_end is not None:
+        to_chunk_end = to_chunk_end * to_end
+    k_to_chunk_end = k * to_chunk_end[..., None]
 
     # --- sequential hand-off of the state between chunks ---
     outputs = []
@@ -247,19 +282,35 @@ def reset_kernel_cache() -> None:
     _compiled_chunked.cache_clear()
 
 
-def _torch_run(q, k, v, g, beta, initial_state, scale, chunk_size):
+def _torch_run(q, k, v, g, beta, initial_state, scale, chunk_size, doc_ids=None):
     return gated_delta_rule_chunked(q, k, v, g, beta, initial_state=initial_state, scale=scale,
-                                    chunk_size=chunk_size)
+                                    chunk_size=chunk_size, doc_ids=doc_ids)
 
 
 def _fla_run_for(chunk_fn: Callable) -> Callable:
     # Never traced by Dynamo (train.compile compiles whole layers): fla's Triton autograd functions
     # run as fla ships them, at the cost of one graph break around the scan.
     @torch.compiler.disable
-    def run(q, k, v, g, beta, initial_state, scale, chunk_size):
+    def run(q, k, v, g, beta, initial_state, scale, chunk_size, doc_ids=None):
         # fla's chunk length is its own (64); the result is the same operator either way.
-        return chunk_fn(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=True)
+        if doc_ids is None:
+            return chunk_fn(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=True)
+        return _fla_varlen(chunk_fn, q, k, v, g, beta, scale, doc_ids)
     return run
+
+
+def _fla_varlen(chunk_fn, q, k, v, g, beta, scale, doc_ids):
+    """Packed documents on fla: its variable-length mode, the (B, T) batch flattened to one row of B*T
+    tokens cut at `cu_seqlens` (every row start and document start); each piece starts from a zero state.
+    No final state (None): the mixer never carries one. (The nonzero() is one host sync per call.)"""
+    B, T = doc_ids.shape
+    starts = document_starts(doc_ids)
+    starts[:, 0] = True
+    cu = torch.cat([starts.reshape(-1).nonzero().reshape(-1),
+                    torch.tensor([B * T], device=doc_ids.device)])
+    flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, g, beta)]
+    o, _ = chunk_fn(*flat, scale=scale, initial_state=None, output_final_state=False, cu_seqlens=cu)
+    return o.reshape(B, T, *o.shape[2:]), None
 
 
 @functools.lru_cache(maxsize=None)
@@ -270,10 +321,11 @@ def _compiled_chunked() -> Callable:
 
 
 def _compiled_run_for(compiled: Callable) -> Callable:
-    def run(q, k, v, g, beta, initial_state, scale, chunk_size):
+    def run(q, k, v, g, beta, initial_state, scale, chunk_size, doc_ids=None):
         if not torch.is_grad_enabled():
-            return _torch_run(q, k, v, g, beta, initial_state, scale, chunk_size)
-        return compiled(q, k, v, g, beta, initial_state=initial_state, scale=scale, chunk_size=chunk_size)
+            return _torch_run(q, k, v, g, beta, initial_state, scale, chunk_size, doc_ids)
+        return compiled(q, k, v, g, beta, initial_state=initial_state, scale=scale, chunk_size=chunk_size,
+                        doc_ids=doc_ids)
     return run
 
 
@@ -413,15 +465,19 @@ def describe_kernel_choice(cfg, device, dtype) -> str:
 
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                      initial_state: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                     chunk_size: int = 64, kernel: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+                     chunk_size: int = 64, kernel: str = "auto", doc_ids: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dispatcher over the kernels above (see `select_gdn_kernel`); same conventions whichever runs.
 
     fla is imported lazily and only when `fla_device_supported` accepts the tensors (CUDA,
     half/bfloat16) and kernel is not "torch", so CPU runs never import Triton. On CPU the default
-    is exactly `gated_delta_rule_chunked`.
+    is exactly `gated_delta_rule_chunked`. doc_ids (B, T): packed documents, each starting from a zero
+    state (fla: its cu_seqlens mode, and no final state is returned).
     """
     if (kernel == "torch" or (kernel == "auto" and fla_device_supported(q.device, q.dtype) is not None)) \
             and not _want_compile(q.device, None):
-        return _torch_run(q, k, v, g, beta, initial_state, scale, chunk_size)  # CPU: no lookup, no probe
+        return _torch_run(q, k, v, g, beta, initial_state, scale, chunk_size, doc_ids)  # CPU: no lookup, no probe
     choice = select_gdn_kernel(kernel, q.device, q.dtype, q.shape[-1], v.shape[-1])
-    return choice.fn(q, k, v, g, beta, initial_state, scale, chunk_size)
+    if doc_ids is None:
+        return choice.fn(q, k, v, g, beta, initial_state, scale, chunk_size)
+    return choice.fn(q, k, v, g, beta, initial_state, scale, chunk_size, doc_ids=doc_ids)

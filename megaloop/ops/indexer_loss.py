@@ -88,11 +88,14 @@ def indexer_kl_loss_from_probs(
 
 
 def dense_indexer_kl_from_probs(q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor,
-                                target: torch.Tensor) -> torch.Tensor:
+                                target: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The dense warm-up stage: KL(target || softmax of I(t, .) over all causal keys), averaged over
     queries. target (B, T, T): the head-averaged dense attention probabilities (zero on future keys).
-    O(T^2) memory (the warm-up is short and dense by definition). Gradients reach q_idx, k_idx, w only."""
+    O(T^2) memory (the warm-up is short and dense by definition). Gradients reach q_idx, k_idx, w only.
+    doc_ids (B, T): packed documents, the keys of the query's own document only."""
     T = q_idx.shape[1]
     scores = lightning_indexer_scores(q_idx, k_idx, w).float()  # the KL in fp32 (scores may be bf16)
-    causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril().expand_as(scores)
-    return _kl_to_target(target.detach().float(), scores, causal)
+    allowed = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril().expand_as(scores)
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    return _kl_to_target(target.detach().float(), scores, allowed)

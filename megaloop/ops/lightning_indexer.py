@@ -21,9 +21,10 @@ from torch.utils.checkpoint import checkpoint
 __all__ = ["indexer_scores_at", "lightning_indexer_scores", "lightning_indexer_topk", "select_topk_keys"]
 
 
-def _indexer_scores_block(q_idx_block, k_idx, w_block, first_query: int) -> torch.Tensor:
+def _indexer_scores_block(q_idx_block, k_idx, w_block, first_query: int, doc_ids=None) -> torch.Tensor:
     """Indexer scores for queries [first_query, first_query + block) against the keys k_idx (the
-    first k_idx.shape[1] positions), future keys set to -inf.
+    first k_idx.shape[1] positions), future keys set to -inf, and with doc_ids (B, T) the keys of
+    another document too (packed documents).
     Shapes: (B, blk, Hi, Di), (B, S, Di), (B, blk, Hi) -> (B, blk, S)."""
     dots = torch.einsum("btjd,bsd->btjs", q_idx_block, k_idx).relu_()
     scores = torch.einsum("btjs,btj->bts", dots, w_block)
@@ -31,11 +32,25 @@ def _indexer_scores_block(q_idx_block, k_idx, w_block, first_query: int) -> torc
     t = torch.arange(first_query, first_query + q_idx_block.shape[1], device=k_idx.device)
     s = torch.arange(first_query, k_idx.shape[1], device=k_idx.device)
     scores[..., first_query:].masked_fill_(s[None, :] > t[:, None], float("-inf"))
+    if doc_ids is not None:
+        q_docs = doc_ids[:, first_query:first_query + q_idx_block.shape[1]]
+        scores.masked_fill_(q_docs[:, :, None] != doc_ids[:, None, :k_idx.shape[1]], float("-inf"))
     return scores
 
 
+def _valid_slots(indices: torch.Tensor, doc_ids=None) -> torch.Tensor:
+    """(B, T, K): the selected key is causal (and, with doc_ids, of the query's own document)."""
+    T = indices.shape[1]
+    valid = indices <= torch.arange(T, device=indices.device)[None, :, None]
+    if doc_ids is not None:
+        B, _, K = indices.shape
+        key_docs = doc_ids.gather(1, indices.reshape(B, T * K)).view(B, T, K)
+        valid = valid & (key_docs == doc_ids[:, :, None])
+    return valid
+
+
 def lightning_indexer_scores(
-    q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor, query_block_size: int = 256
+    q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor, query_block_size: int = 256, doc_ids=None
 ) -> torch.Tensor:
     """I(t, s) = sum_j w(t, j) ReLU(q_idx(t, j) . k_idx(s)) for s <= t, and -inf for s > t.
 
@@ -46,7 +61,8 @@ def lightning_indexer_scores(
     """
     T = q_idx.shape[1]
     blocks = [
-        _indexer_scores_block(q_idx[:, t0:t0 + query_block_size], k_idx, w[:, t0:t0 + query_block_size], t0)
+        _indexer_scores_block(q_idx[:, t0:t0 + query_block_size], k_idx, w[:, t0:t0 + query_block_size], t0,
+                              doc_ids)
         for t0 in range(0, T, query_block_size)
     ]
     return torch.cat(blocks, dim=1)
@@ -123,7 +139,8 @@ def _topk_rows(x: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def lightning_indexer_topk(
-    q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor, topk: int, query_block_size: int = 64
+    q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor, topk: int, query_block_size: int = 64,
+    doc_ids=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The selection of `select_topk_keys(lightning_indexer_scores(...), topk)` without the (T, T)
     matrix: blocks of queries score only their causal keys [0, block end), and each row's top-k is
@@ -140,6 +157,10 @@ def lightning_indexer_topk(
     the matmul does. No separate down-cast is applied: on CPU bf16 matmuls are not faster, and the
     exported HF model (which scores with the same einsums in the same dtype) must select the very
     same keys. Ties, common in low precision, are broken deterministically towards the earlier key.
+
+    doc_ids (B, T): packed documents; a key of another document scores -inf, so a query selects among
+    its own document's keys exactly what it selects with that document alone (ties go to the earlier
+    key either way), and slots beyond them are invalid.
     """
     B, T = k_idx.shape[:2]
     K = min(topk, T)
@@ -149,10 +170,9 @@ def lightning_indexer_topk(
         if t1 <= K:  # every key up to t1 - 1 fits: the first K positions, in order
             indices[:, t0:t1] = torch.arange(K, device=k_idx.device)
             continue
-        scores = _indexer_scores_block(q_idx[:, t0:t1], k_idx[:, :t1], w[:, t0:t1], t0)  # (B, n, t1)
+        scores = _indexer_scores_block(q_idx[:, t0:t1], k_idx[:, :t1], w[:, t0:t1], t0, doc_ids)  # (B, n, t1)
         indices[:, t0:t1] = _topk_rows(scores.reshape(B * (t1 - t0), t1), K).view(B, t1 - t0, K)
-    valid = indices <= torch.arange(T, device=k_idx.device)[None, :, None]
-    return indices, valid
+    return indices, _valid_slots(indices, doc_ids)
 
 
 def indexer_scores_at(

@@ -22,6 +22,11 @@ a long tensor (no gradient; DeepSpeed skips non-float tensors in the backward se
 loop.granularity='sequence' one such pair per row, shape (B, 2). After the block,
 the last loop's output x; with a per-loop loss (mean / last_third / exit_weighted) the outputs of every
 gradient-carrying loop stacked on the batch axis, plus Ouro's exit-gate probabilities.
+Packed documents (data.reset_attention_mask / reset_position_ids, LoopedLM.packing): the embedding
+layer also computes the (B, T) document ids from the tokens (megaloop/model/documents.py) and they ride
+as the LAST entry of the tuple (a long tensor: no gradient, like the loop counts) up to the last layer
+that needs them (the last coda layer, else the looped block), which drops them; each stage derives its
+RoPE and masks from them.
 
 Every stage builds its pieces from one full LoopedLM created with the run's seed, so PP = N starts from
 exactly the weights of PP = 1 (the full model exists only while the PipelineModule is being built). The
@@ -43,6 +48,7 @@ import torch
 import torch.nn as nn
 
 from megaloop.config import Config
+from megaloop.model.documents import document_ids, packed_rope, repeat_rows
 from megaloop.model.loop_schedule import expected_loop_counts, unpack_loops
 from megaloop.model.looped_lm import LoopedLM
 
@@ -65,7 +71,13 @@ class LayerSource:
 
 
 class _RopeMixin:
-    def _rope(self, x):
+    def _init_packing(self, lm):
+        """Packed documents (lm.packing): the settings only, no reference to the full LM."""
+        self._packing, self._head_dim, self._theta = lm.packing, lm.cfg.attn_head_dim, lm.cfg.rope_theta
+
+    def _rope(self, x, doc_ids=None):
+        if doc_ids is not None:  # per micro-batch; repeated for the per-loop outputs stacked on the batch axis
+            return repeat_rows(packed_rope(self._packing, doc_ids, self._head_dim, self._theta), x.shape[0])
         T = x.shape[-2]
         key = (T, x.device)
         if getattr(self, "_rope_key", None) != key:
@@ -96,10 +108,13 @@ class EmbeddingPipe(nn.Module):
         self.cfg = lm.cfg
         self.embedding = lm.embedding
         self.head = lm.head if with_head else None
+        self.packing = lm.packing
         _take_real_vocab(self, lm)
 
     def forward(self, inputs):
         tokens, loops = inputs
+        if self.packing is not None:  # the document ids travel on with the activations (see the module doc)
+            return self.embedding(tokens), loops, document_ids(tokens, self.packing.eod_id)
         return self.embedding(tokens), loops
 
 
@@ -151,14 +166,14 @@ class EmbedNormPipe(nn.Module):
         self.prelude_norm = _prelude_norm_if_last(lm, len(lm.prelude) == 0)
 
     def forward(self, inputs):
-        e, loops = inputs
+        e, *rest = inputs  # (loops, and with packed documents their ids)
         if self.embed_scale != 1:
             e = e * self.embed_scale
         if self.embed_norm is not None:
             e = self.embed_norm(e)
         if self.prelude_norm is not None:
             e = self.prelude_norm(e)
-        return e, loops
+        return (e, *rest)
 
 
 class StackLayerPipe(_RopeMixin, nn.Module):
@@ -173,6 +188,9 @@ class StackLayerPipe(_RopeMixin, nn.Module):
         setattr(self, stack, nn.ModuleDict({str(index): getattr(lm, stack)[index]}))
         self._stack, self._key = stack, str(index)
         self._rope_fn = lm.rope
+        self._init_packing(lm)
+        # Packed documents: the last coda layer is the last one that needs the document ids.
+        self._drops_docs = lm.packing is not None and stack == "coda" and index == len(lm.coda) - 1
         self.prelude_norm = _prelude_norm_if_last(lm, stack == "prelude" and index == len(lm.prelude) - 1)
         self.coda_norm = _coda_norm_if_first(lm, stack == "coda" and index == 0)
 
@@ -180,15 +198,20 @@ class StackLayerPipe(_RopeMixin, nn.Module):
     def layer(self):
         return getattr(self, self._stack)[self._key]
 
-    def _run(self, x):
+    def _run(self, x, doc_ids=None):
         if self.coda_norm is not None:
             x = self.coda_norm(x)
-        x = self.layer(x, self._rope(x))
+        x = self.layer(x, self._rope(x, doc_ids))
         return x if self.prelude_norm is None else self.prelude_norm(x)
 
     def forward(self, x):
         if isinstance(x, tuple):
-            return (self._run(x[0]), *x[1:])
+            doc_ids = x[-1] if self._packing is not None else None
+            out = (self._run(x[0], doc_ids), *x[1:])
+            if self._drops_docs:
+                out = out[:-1]
+                return out[0] if len(out) == 1 else out
+            return out
         return self._run(x)
 
 
@@ -210,15 +233,27 @@ class LoopedBlockPipe(_RopeMixin, nn.Module):
         self.exit_gate = lm.exit_gate
         self.collect = collect
         self._rope_fn = lm.rope
+        self._init_packing(lm)
+        self._passes_docs = lm.packing is not None and len(lm.coda) > 0  # the coda layers need them too
         self.want_diagnostics = False
         self.last_diagnostics = None
         self.last_loops = None
         self.noise_generator = None  # RNG of a random initial state; None: torch's (the training diagnostics set one)
 
+    def doc_ids_of(self, inputs):
+        """The document ids in this layer's input tuple (None without packed documents)."""
+        return inputs[2] if self._packing is not None else None
+
     def forward(self, inputs):
-        e, loops = inputs
+        out = self._forward(inputs)
+        if self._passes_docs:
+            return (*out, inputs[2]) if isinstance(out, tuple) else (out, inputs[2])
+        return out
+
+    def _forward(self, inputs):
+        e, loops = inputs[0], inputs[1]
         total, grad = unpack_loops(loops)  # per-row (B,) tensors under loop.granularity=sequence
-        out = self.block(e, self._rope(e), total, grad, collect=self.collect,
+        out = self.block(e, self._rope(e, self.doc_ids_of(inputs)), total, grad, collect=self.collect,
                          diagnostics=self.want_diagnostics, final_norm=self.final_norm,
                          generator=self.noise_generator)
         self.last_loops = (total, grad)

@@ -238,10 +238,10 @@ class _TPSparseAttend:
     def __init__(self, attn: nn.Module, comm: TPComm):
         self.attn, self.comm = attn, comm
 
-    def __call__(self, q, k, v, x=None, q_input=None):
+    def __call__(self, q, k, v, x=None, q_input=None, docs=None):
         return self.attn.sparse_attend(q, k, v, x, q_input,
                                        head_reduce=lambda t: self.comm.all_reduce(t, phase="forward"),
-                                       total_heads=q.shape[1] * self.comm.size)
+                                       total_heads=q.shape[1] * self.comm.size, docs=docs)
 
 
 @register_tp_plan(MLP)

@@ -29,6 +29,7 @@ import torch
 
 from megaloop.config import Config
 from megaloop.model.loop_schedule import fixed_loops_tensor, loops_tensor
+from megaloop.training.documents import eod_loss_mask_id, mask_eod_labels
 
 
 def build_task_datasets(cfg: Config, num_train: int, num_valid: int) -> dict:
@@ -134,6 +135,7 @@ class TrainBatches:
         self.loader = build_data_loader(dataset, consumed_samples, self.mbs, dp_rank, dp_size,
                                         num_workers=cfg.data.num_workers)
         self.sampler = self.loader.batch_sampler
+        self.eod_mask = eod_loss_mask_id(cfg)  # data.eod_mask_loss
         self._it = None
         self._micro = consumed_samples // (self.mbs * dp_size)  # global micro-batch counter
 
@@ -150,6 +152,8 @@ class TrainBatches:
         step, m = divmod(self._micro, self.gas)
         self._micro += 1
         tokens, labels = _split(sample)
+        if self.eod_mask is not None:
+            labels = mask_eod_labels(tokens, labels, self.eod_mask)
         return (tokens, self.loops_for(step, m)), labels
 
 
@@ -168,6 +172,7 @@ class EvalBatches:
         # Rank r's k-th micro-batch: the samples after k global micro batches and r slices (wrapping).
         indices = [[((k * dp_size + dp_rank) * mbs + b) % n for b in range(mbs)] for k in range(iters)]
         self.loader = data_loader(dataset, indices, num_workers=0)
+        self.eod_mask = eod_loss_mask_id(cfg)  # data.eod_mask_loss
         self.reset()
 
     def reset(self):
@@ -178,6 +183,8 @@ class EvalBatches:
 
     def __next__(self):
         tokens, labels = _split(next(self._it))
+        if self.eod_mask is not None:
+            labels = mask_eod_labels(tokens, labels, self.eod_mask)
         return (tokens, fixed_loops_tensor(self.cfg.loop, self.loops, tokens.shape[0])), labels
 
 

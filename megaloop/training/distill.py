@@ -109,6 +109,7 @@ class Distiller:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
         teacher = teacher.to(device=device, dtype=torch.float32 if self.autocast else dtype).eval()
         teacher.requires_grad_(False)
+        teacher.packing = getattr(module, "packing", None)  # packed documents: the student's boundaries
         self.teacher, self.device_type = teacher, torch.device(device).type
         self.comm = getattr(module, "tp_comm", None)
         self.vocab_start = int(getattr(module.embedding, "vocab_start", 0))

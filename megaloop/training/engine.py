@@ -157,6 +157,9 @@ def build_engine(cfg: Config, state, console, device: str, init_state: Optional[
         from megaloop.model.compile import compile_after
         prepare = compile_after(prepare, cfg)
 
+    from megaloop.training.documents import document_packing
+    packing = document_packing(cfg)
+
     def build_lm():
         from megaloop.model import build_model
         torch.manual_seed(t.seed)
@@ -164,6 +167,7 @@ def build_engine(cfg: Config, state, console, device: str, init_state: Optional[
         # before tensor parallelism shards it: TP's set-up collectives (the replica checksum, the
         # initial-state broadcast) must see device tensors.
         lm = build_model(cfg)
+        lm.packing = packing  # data.reset_attention_mask / reset_position_ids (before TP / the pipeline split)
         if init_state is not None:
             # (init.convert_mixers: a function filling the fresh model's state with the converted source)
             sd = init_state(lm.state_dict()) if callable(init_state) else init_state

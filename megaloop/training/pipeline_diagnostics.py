@@ -144,10 +144,10 @@ class PipelineDiagnostics:
             with torch.no_grad():
                 for f in self.funcs[:self.loop_local]:
                     x = f(x)
-            e, loop_counts = x
+            e, loop_counts = x[0], x[1]  # (and with packed documents their ids, last)
             R, R_grad = unpack_loops(loop_counts)
             layer = self.layer
-            block, rope, final_norm = layer.block, layer._rope(e), layer.final_norm
+            block, rope, final_norm = layer.block, layer._rope(e, layer.doc_ids_of(x)), layer.final_norm
             sn, skipped = spectral_or_skipped(lambda: block_spectral_norm(
                 block, e, rope, R, final_norm, iters=LANCZOS_STEPS, seed=seed, generator=gen(),
                 seq_comm=seq_comm), spectral)
@@ -156,7 +156,7 @@ class PipelineDiagnostics:
             with per_loop_copies(block, R) as copies:
                 layer.noise_generator = gen()
                 try:
-                    y = layer((e, loop_counts))
+                    y = layer(x)
                 finally:
                     layer.noise_generator = None
             for f in self.funcs[self.loop_local + 1:]:

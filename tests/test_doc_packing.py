@@ -1,0 +1,185 @@
+"""Document-aware packing (data.reset_attention_mask / reset_position_ids / eod_mask_loss, Megatron's
+semantics): a packed sample gives each document the logits it gets alone, for every architecture and
+mixer; the kernels' document-aware forms equal their references."""
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+
+from megaloop.config import load_config
+from megaloop.model import build_model
+from megaloop.model.documents import DocumentPacking, document_ids, positions_in_document
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = sorted(glob.glob(str(ROOT / "yaml_configs/tiny/*.yaml")))
+EOD = 256
+# Two rows of 48 tokens: documents of these lengths (each ends with EOD but a row's last one, cut off).
+SPLITS = [(11, 30, 7), (25, 23)]
+PACKING = DocumentPacking(EOD, reset_attention_mask=True, reset_position_ids=True)
+
+
+def packed_rows(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows, docs = [], []
+    for split in SPLITS:
+        pieces = []
+        for i, n in enumerate(split):
+            d = torch.randint(0, 256, (n,), generator=g)
+            if i < len(split) - 1:
+                d[-1] = EOD
+            pieces.append(d)
+        rows.append(torch.cat(pieces))
+        docs.append(pieces)
+    return torch.stack(rows), docs
+
+
+def test_document_ids_and_positions_follow_megatron():
+    tokens = torch.tensor([[5, EOD, 7, 8, EOD, EOD, 9]])
+    ids = document_ids(tokens, EOD)
+    assert ids.tolist() == [[0, 0, 1, 1, 1, 2, 3]]  # the eod belongs to the document it ends
+    assert positions_in_document(ids).tolist() == [[0, 1, 0, 1, 2, 0, 0]]
+
+
+@pytest.mark.parametrize("path", TINY, ids=[Path(p).stem for p in TINY])
+def test_packed_documents_give_each_document_its_own_logits(path):
+    over = ["model.gdn_chunk_size=16"]
+    cfg = load_config(path)
+    if cfg.model.state_init == "noise":  # a random start differs per call; the masks are what is tested
+        over.append("model.state_init=zeros")
+    cfg = load_config(path, over)
+    torch.manual_seed(0)
+    model = build_model(cfg).double().eval()
+    model.packing = PACKING
+    tokens, docs = packed_rows()
+    with torch.no_grad():
+        packed = model(tokens).logits
+        for b, pieces in enumerate(docs):
+            start = 0
+            for d in pieces:
+                alone = model(d[None]).logits[0]
+                torch.testing.assert_close(packed[b, start:start + len(d)], alone, rtol=1e-7, atol=1e-7)
+                start += len(d)
+        model.packing = None  # one document: the packed path is the plain one
+        torch.testing.assert_close(model(docs[0][0][None]).logits[0], packed[0, :len(docs[0][0])],
+                                   rtol=1e-7, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernels: with document ids, each document computes what it computes alone.
+
+def _doc_ids(T=37, cuts=(5, 6, 20, 33)):
+    """Two rows: the first cut at `cuts` (a one-token document included), the second one document."""
+    ids = torch.zeros(2, T, dtype=torch.long)
+    for c in cuts:
+        ids[0, c:] += 1
+    return ids
+
+
+def _per_document(fn, ids, *xs, dim=1):
+    """fn on each document of each row alone, the results put back in place along `dim`."""
+    rows = []
+    for b in range(ids.shape[0]):
+        pieces = []
+        for d in ids[b].unique():
+            sel = (ids[b] == d).nonzero().flatten()
+            pieces.append(fn(*(x[b:b + 1].index_select(dim, sel) for x in xs)))
+        rows.append(torch.cat(pieces, dim=dim))
+    return torch.cat(rows, dim=0)
+
+
+def test_gated_delta_rule_restarts_its_state_at_each_document():
+    from megaloop.ops.gated_delta import gated_delta_rule_chunked, gated_delta_rule_recurrent
+    g = torch.Generator().manual_seed(0)
+    B, T, H, D = 2, 37, 2, 8
+    q = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g, dtype=torch.float64), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g, dtype=torch.float64), dim=-1)
+    v = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
+    gate = -torch.nn.functional.softplus(torch.randn(B, T, H, generator=g, dtype=torch.float64))
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=g, dtype=torch.float64))
+    ids = _doc_ids(T)
+    ref = _per_document(lambda *x: gated_delta_rule_recurrent(*x)[0], ids, q, k, v, gate, beta)
+    rec, _ = gated_delta_rule_recurrent(q, k, v, gate, beta, doc_ids=ids)
+    torch.testing.assert_close(rec, ref)
+    for chunk in (4, 8, 64):  # boundaries inside chunks, at chunk starts, one chunk for all
+        out, _ = gated_delta_rule_chunked(q, k, v, gate, beta, chunk_size=chunk, doc_ids=ids)
+        torch.testing.assert_close(out, ref)
+
+
+def test_short_conv_does_not_reach_across_a_document_start():
+    from megaloop.ops.short_conv import causal_depthwise_conv1d
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 37, 6, generator=g, dtype=torch.float64)
+    w, bias = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    ids = _doc_ids()
+    ref = _per_document(lambda t: causal_depthwise_conv1d(t, w, bias)[0], ids, x)
+    torch.testing.assert_close(causal_depthwise_conv1d(x, w, bias, doc_ids=ids)[0], ref)
+
+
+@pytest.mark.parametrize("window", [3, 8, 64])
+def test_sliding_window_stays_inside_the_document(window):
+    from megaloop.ops.sliding_window import sliding_window_attention, sliding_window_attention_dense
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 37, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 37, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    ids = _doc_ids()
+    ref = _per_document(lambda a, b, c: sliding_window_attention(a, b, c, window), ids, q, k, v, dim=2)
+    torch.testing.assert_close(sliding_window_attention(q, k, v, window, doc_ids=ids), ref)
+    torch.testing.assert_close(sliding_window_attention_dense(q, k, v, window, doc_ids=ids), ref)
+
+
+def test_dsa_indexer_selects_only_keys_of_the_document():
+    from megaloop.ops.lightning_indexer import lightning_indexer_topk
+    g = torch.Generator().manual_seed(3)
+    T, K = 150, 8  # long enough for the staged top-k (several query blocks, strided bounds)
+    q_idx = torch.randn(2, T, 2, 8, generator=g)
+    k_idx, w = torch.randn(2, T, 8, generator=g), torch.randn(2, T, 2, generator=g)
+    ids = _doc_ids(T, cuts=(3, 40, 41, 120))
+    idx, valid = lightning_indexer_topk(q_idx, k_idx, w, K, doc_ids=ids)
+    for b in range(2):
+        for d in ids[b].unique():
+            sel = (ids[b] == d).nonzero().flatten()
+            start = int(sel[0])
+            i1, v1 = lightning_indexer_topk(q_idx[b:b + 1, sel], k_idx[b:b + 1, sel], w[b:b + 1, sel], K)
+            for j, t in enumerate(sel.tolist()):  # the same set of valid keys (slot order may differ)
+                assert sorted((idx[b, t][valid[b, t]] - start).tolist()) == sorted(i1[0, j][v1[0, j]].tolist())
+
+
+# ------------------------------------------------------------------------------------------------
+# The pipeline layers carry the document ids from the embedding to the last layer that needs them.
+
+@pytest.mark.parametrize("overrides", [
+    ["model.n_prelude=1", "model.n_coda=1", "model.tie_embeddings=false"],
+    ["model.n_prelude=1", "model.n_coda=2", "model.n_loop=2", "model.mixer=gdn,swa", "model.window=4",
+     "loop.loss=mean"],  # per-loop outputs stacked on the batch axis through the coda
+    ["model.mixer=dsa", "model.dsa_topk=4", "model.exit_gate=true", "loop.loss=exit_weighted"],
+])
+def test_pipeline_layers_in_sequence_equal_the_model_with_packed_documents(overrides):
+    from megaloop.parallel import pipeline as pl
+    cfg = load_config(None, ["model.d_model=32", "model.n_heads=4", "model.vocab_size=100", "model.max_seq_len=16",
+                             "data.seq_len=16", *overrides])
+    torch.manual_seed(0)
+    lm = build_model(cfg)
+    lm.packing = DocumentPacking(99, reset_attention_mask=True, reset_position_ids=True)
+    tokens = torch.randint(0, 99, (2, 16))
+    tokens[0, [3, 9]] = 99
+    tokens[1, 6] = 99
+    labels = torch.randint(0, 99, (2, 16))
+    R, G = 3, 2
+    ref = lm(tokens, labels=labels, loops=R, grad_loops=G).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+    lm.zero_grad()
+    collect = cfg.loop.loss != "last"
+    loss_fn = pl.LoopLoss(cfg.loop.loss, lm.token_loss_fn, cfg.loop.exit_entropy_weight, collect)
+    x = (tokens, torch.tensor([R, G]))
+    for layer in pl.local_layers(lm, collect):
+        x = layer(x)
+    loss = loss_fn(x, labels)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    loss.backward()
+    for n, p in lm.named_parameters():
+        if n in ref_grads:
+            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    lm.packing = None  # ... and the masks matter here
+    assert not torch.allclose(lm(tokens, labels=labels, loops=R, grad_loops=G).loss, ref)
