@@ -65,6 +65,34 @@ def test_packed_documents_give_each_document_its_own_logits(path):
                                    rtol=1e-7, atol=1e-7)
 
 
+def test_eod_mask_loss_ignores_the_prediction_made_at_each_eod():
+    import numpy as np
+
+    from megaloop.training.data import EvalBatches, TrainBatches
+    rows = [np.array([1, 2, EOD, 3, EOD, EOD, 4, 5, 6]), np.array([EOD, 7, 8, 9, 10, 11, 12, 13, 14])]
+    on = load_config(None, ["data.seq_len=8", "model.max_seq_len=8", "data.eod_mask_loss=true",
+                            "train.micro_batch_size=2"])
+    (tokens, _), labels = next(TrainBatches(rows, on, 0, 1))
+    # Megatron's loss_mask[tokens == eod] = 0: the eod itself is still predicted, what follows it is not
+    assert labels.tolist() == [[2, EOD, -1, EOD, -1, -1, 5, 6], [-1, 8, 9, 10, 11, 12, 13, 14]]
+    assert tokens.tolist() == [[1, 2, EOD, 3, EOD, EOD, 4, 5], [EOD, 7, 8, 9, 10, 11, 12, 13]]
+    (_, _), eval_labels = next(EvalBatches(rows, on, 0, 1, iters=1, loops=1))
+    assert torch.equal(eval_labels, labels)
+    off = load_config(None, ["data.seq_len=8", "model.max_seq_len=8", "train.micro_batch_size=2"])
+    assert (next(TrainBatches(rows, off, 0, 1))[1] >= 0).all()
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["data.task=parity", "data.reset_attention_mask=true"], "data.reset_attention_mask: data.task='parity'"),
+    (["data.task=parity", "data.eod_mask_loss=true"], "data.eod_mask_loss"),
+    (["data.reset_position_ids=true", "model.causal=false", "data.task=sudoku"], "data.reset_position_ids: data.task"),
+])
+def test_unsupported_packing_combinations_are_refused_naming_the_field(overrides, words):
+    from megaloop.config import ConfigError
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace("[", r"\[")):
+        load_config(None, overrides)
+
+
 # ------------------------------------------------------------------------------------------------
 # The kernels: with document ids, each document computes what it computes alone.
 
@@ -183,3 +211,48 @@ def test_pipeline_layers_in_sequence_equal_the_model_with_packed_documents(overr
             torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
     lm.packing = None  # ... and the masks matter here
     assert not torch.allclose(lm(tokens, labels=labels, loops=R, grad_loops=G).loss, ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the trainer: TP 2 with sequence parallelism and PP 2 follow the one-rank run, all flags on.
+
+def _short_document_dataset(prefix: str, n_docs: int = 3000) -> str:
+    """Lines of the standard library's sources as documents (3 to 60 bytes, each + eod 256): a 32-token
+    sample holds several documents."""
+    import os
+
+    import numpy as np
+
+    from megaloop.data.indexed_dataset import IndexedDatasetWriter
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    lines = [ln for ln in open(os.path.join(os.path.dirname(os.__file__), "os.py"), "rb").read().splitlines()
+             if 3 <= len(ln.strip()) <= 60]
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        for i in range(n_docs):
+            w.add_document(list(lines[i % len(lines)].strip()) + [EOD])
+    return prefix
+
+
+def test_trainer_tp2_sp_and_pp2_match_single_rank_with_packed_documents(tmp_path):
+    pytest.importorskip("deepspeed")
+    from test_train_support import assert_ok, run_ranks, tiny_config, train_losses, train_rows, write_config
+    data = _short_document_dataset(str(tmp_path / "data" / "docs"))
+    model = {"n_prelude": 1, "n_coda": 1, "n_loop": 2, "mixer": "gdn,dsa", "dsa_topk": 8, "n_kv_heads": 2}
+    flags = {"reset_attention_mask": True, "reset_position_ids": True, "eod_mask_loss": True}
+    train = {"steps": 4, "log_interval": 1, "eval_interval": 4, "eval_iters": 1}
+    runs = {}
+    for name, world, par in [("single", 1, {"zero_stage": 1}),
+                             ("tp2_sp", 2, {"zero_stage": 1, "tensor_parallel": 2, "sequence_parallel": True}),
+                             ("pp2", 2, {"zero_stage": 1, "pipeline_parallel": 2})]:
+        out = str(tmp_path / name)
+        cfg = write_config(str(tmp_path / f"{name}.yaml"),
+                           tiny_config(data, out, model=model, train=train, parallel=par, data=flags))
+        assert_ok(run_ranks(world, ["--config", cfg], timeout=240))
+        runs[name] = out
+    a = train_losses(runs["single"])
+    assert sorted(a) == [1, 2, 3, 4]
+    for name in ("tp2_sp", "pp2"):
+        b, rb = train_losses(runs[name]), train_rows(runs[name])
+        for s in a:
+            assert b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-6), (name, s, a[s], b[s])
+            assert rb[s]["grad_norm"] == pytest.approx(train_rows(runs["single"])[s]["grad_norm"], rel=1e-3)

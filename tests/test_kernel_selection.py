@@ -411,3 +411,30 @@ def test_rms_norm_traces_inside_a_compiled_region(fresh_norms):
     compiled = torch.compile(norm, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), fused.rms_norm_reference(x, norm.weight, 1e-6))
     torch._dynamo.reset()
+
+
+def test_packed_documents_reach_fla_as_cu_seqlens(monkeypatch, cpu_counts_as_supported):
+    # data.reset_attention_mask on fla: the (B, T) batch flattened to one row cut at every row and document
+    # start (fla's variable-length mode); the same output as the torch chunked form restarting per document.
+    seen = []
+
+    def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                               cu_seqlens=None, **_):
+        if cu_seqlens is None:  # (the probe)
+            o, s = gd.gated_delta_rule_recurrent(q, k, v, g, beta, initial_state=initial_state, scale=scale)
+            return o, (s if output_final_state else None)
+        assert q.shape[0] == 1 and initial_state is None
+        seen.append(cu_seqlens.tolist())
+        cuts = cu_seqlens.tolist()
+        pieces = [gd.gated_delta_rule_recurrent(*(x[:, a:b] for x in (q, k, v, g, beta)), scale=scale)[0]
+                  for a, b in zip(cuts[:-1], cuts[1:])]
+        return torch.cat(pieces, dim=1), None
+
+    _install_fake_fla(monkeypatch, chunk_gated_delta_rule)
+    inputs = _inputs(T=37)
+    ids = torch.zeros(2, 37, dtype=torch.long)
+    ids[0, 10:] += 1
+    ids[0, 30:] += 1
+    o, s = gd.gated_delta_rule(*inputs, chunk_size=8, doc_ids=ids)
+    assert seen == [[0, 10, 30, 37, 74]] and s is None
+    torch.testing.assert_close(o, gd.gated_delta_rule_chunked(*inputs, chunk_size=8, doc_ids=ids)[0])

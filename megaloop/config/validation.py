@@ -320,9 +320,7 @@ def _check_document_packing(cfg: Config) -> None:
     if d.task:
         raise ConfigError(f"{', '.join(on)}: data.task={d.task!r} generates one example per sequence, with no "
                           f"end-of-document tokens to cut at; set them to false for tasks")
-    if d.reset_attention_mask and not cfg.model.causal:
-        raise ConfigError("data.reset_attention_mask is implemented for causal models only (a block-diagonal causal "
-                          "mask); set model.causal=true or data.reset_attention_mask=false")
+    # (model.causal=false is refused for corpora already, and tasks here: the block-diagonal mask is causal.)
 
 
 def noncausal_problem(m: ModelConfig, cfg: Optional[Config] = None) -> Optional[str]:
