@@ -65,6 +65,24 @@ def test_packed_documents_give_each_document_its_own_logits(path):
                                    rtol=1e-7, atol=1e-7)
 
 
+def test_per_sequence_loop_counts_with_packed_documents():
+    # loop.granularity=sequence runs a loop on the rows still updating only: their document structure too.
+    cfg = load_config(str(ROOT / "yaml_configs/tiny/parcae.yaml"), ["model.state_init=zeros"])
+    torch.manual_seed(0)
+    model = build_model(cfg).double().eval()
+    model.packing = PACKING
+    tokens, docs = packed_rows()
+    loops = torch.tensor([2, 4])
+    with torch.no_grad():
+        packed = model(tokens, loops=loops).logits
+        for b, pieces in enumerate(docs):
+            start = 0
+            for d in pieces:
+                alone = model(d[None], loops=int(loops[b])).logits[0]
+                torch.testing.assert_close(packed[b, start:start + len(d)], alone, rtol=1e-7, atol=1e-7)
+                start += len(d)
+
+
 def test_eod_mask_loss_ignores_the_prediction_made_at_each_eod():
     import numpy as np
 

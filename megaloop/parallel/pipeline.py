@@ -22,11 +22,9 @@ a long tensor (no gradient; DeepSpeed skips non-float tensors in the backward se
 loop.granularity='sequence' one such pair per row, shape (B, 2). After the block,
 the last loop's output x; with a per-loop loss (mean / last_third / exit_weighted) the outputs of every
 gradient-carrying loop stacked on the batch axis, plus Ouro's exit-gate probabilities.
-Packed documents (data.reset_attention_mask / reset_position_ids, LoopedLM.packing): the embedding
-layer also computes the (B, T) document ids from the tokens (megaloop/model/documents.py) and they ride
-as the LAST entry of the tuple (a long tensor: no gradient, like the loop counts) up to the last layer
-that needs them (the last coda layer, else the looped block), which drops them; each stage derives its
-RoPE and masks from them.
+Packed documents (LoopedLM.packing): the embedding layer adds the (B, T) document ids of the tokens as the
+tuple's LAST entry (a long tensor, like the loop counts), dropped by the last layer that needs them (the last
+coda layer, else the looped block); each stage derives RoPE and masks from them (megaloop/model/documents.py).
 
 Every stage builds its pieces from one full LoopedLM created with the run's seed, so PP = N starts from
 exactly the weights of PP = 1 (the full model exists only while the PipelineModule is being built). The
@@ -205,14 +203,12 @@ class StackLayerPipe(_RopeMixin, nn.Module):
         return x if self.prelude_norm is None else self.prelude_norm(x)
 
     def forward(self, x):
-        if isinstance(x, tuple):
-            doc_ids = x[-1] if self._packing is not None else None
-            out = (self._run(x[0], doc_ids), *x[1:])
-            if self._drops_docs:
-                out = out[:-1]
-                return out[0] if len(out) == 1 else out
-            return out
-        return self._run(x)
+        if not isinstance(x, tuple):
+            return self._run(x)
+        out = (self._run(x[0], x[-1] if self._packing is not None else None), *x[1:])
+        if self._drops_docs:
+            out = out[:-1]
+        return out[0] if len(out) == 1 else out
 
 
 class LoopedBlockPipe(_RopeMixin, nn.Module):
