@@ -13,7 +13,8 @@ which calls main(argv) and turns what a user can fix into one line on stderr and
 
 `--debug` anywhere in argv (it is removed before main sees it) or MEGALOOP_DEBUG=1 also prints the
 traceback before the line. Under a launcher (RANK set), only rank 0 prints the line; other ranks exit 2
-silently, unless MEGALOOP_DEBUG=1, where every rank prints "error: [rank N] ..." and its traceback. A
+silently, unless MEGALOOP_DEBUG=1, where every rank prints "error: [rank N] ..." and its traceback, or the
+error names the rank that reports it (`report_on_this_rank`: a lost peer, when rank 0 is the one lost). A
 failure on a non-zero rank alone is then visible with MEGALOOP_DEBUG=1 (the launcher reports the exit).
 
 Writers that hit an OSError re-raise it as OutputError(err, folder, note), which keeps the errno (it is
@@ -159,7 +160,8 @@ def run_cli(main: Callable[[list], Optional[int]], argv: Optional[Sequence[str]]
         rank = _rank()
         if debug and (rank == 0 or _debug_env()):
             traceback.print_exc()
-        if should_report():
+        # (an error may decide itself which rank reports: a lost peer is named by the lowest rank still alive)
+        if getattr(e, "report_on_this_rank", should_report()) or _debug_env():
             where = f"[rank {rank}] " if rank else ""
             hint = "" if isinstance(e, MegaloopError) or debug else " (--debug or MEGALOOP_DEBUG=1 shows the traceback)"
             print(f"error: {where}{one_line(e)}{hint}", file=sys.stderr, flush=True)

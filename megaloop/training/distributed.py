@@ -85,6 +85,7 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     if dist.is_initialized():
         return
     _fill_single_rank_env()
+    nccl_watchdog_env(timeout_s)
     acc = get_accelerator()
     if acc.device_name() == "cpu" and os.environ.get("MEGALOOP_DS_SHM_OP", "0") != "1":
         # DeepSpeed's CPU backend JIT-builds a shared-memory op that only serves
@@ -97,6 +98,7 @@ def init_distributed(timeout_s: float = 600.0) -> None:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
     timeout = datetime.timedelta(seconds=float(timeout_s))
+    bound_group_timeouts(timeout)
     if acc.device_name() != "cpu":
         # The rank's device first, then the process group bound to it (`device_id`): NCCL then neither
         # guesses the device ("using GPU N ... guessing device ID") nor puts two ranks on one GPU.
@@ -111,6 +113,37 @@ def init_distributed(timeout_s: float = 600.0) -> None:
                 tdist.init_process_group(backend, timeout=timeout)
     # (DeepSpeed adopts a process group that already exists.)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
+
+
+def nccl_watchdog_env(timeout_s: float, environ=None) -> dict:
+    """The environment that makes NCCL honour the timeout, set before the first process group (values the
+    user exported win). Returns what was set.
+
+    TORCH_NCCL_ASYNC_ERROR_HANDLING=1: the watchdog thread, on a collective past the timeout (or an NCCL
+    error), aborts the communicators and ends the process (torch's default, 3, skips the abort, and 0 would
+    hang). TORCH_NCCL_ENABLE_MONITORING / TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC: a watchdog stuck itself (a hung
+    CUDA call) ends the process after the timeout plus a minute, not the default 8 minutes.
+    TORCH_NCCL_BLOCKING_WAIT is left off: it makes every wait() a host sync."""
+    env = os.environ if environ is None else environ
+    wanted = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_ENABLE_MONITORING": "1",
+              "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": str(int(float(timeout_s)) + 60)}
+    set_now = {k: v for k, v in wanted.items() if not env.get(k)}
+    env.update(set_now)
+    return set_now
+
+
+def bound_group_timeouts(timeout: datetime.timedelta) -> None:
+    """Make `timeout` the default of every process group created from now on in this process.
+
+    DeepSpeed creates the data-, pipeline-, tensor- and ZeRO-parallel groups with `new_group(ranks)`,
+    passing no timeout; torch then gives each of them its backend's default (30 minutes for gloo, 10 for
+    NCCL), not the world group's. A rank that stopped answering (SIGSTOP, a hung host) left the others
+    blocked in a data-parallel all-reduce for 30 minutes although train.dist_timeout was 20 s. torch
+    reads these two module defaults whenever a group is created without a timeout."""
+    from torch.distributed import distributed_c10d as c10d
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
 
 
 def build_state(parallel_cfg):

@@ -1,0 +1,164 @@
+"""A rank that stopped answering or died: bounded waits, and one line naming it.
+
+Every collective is bounded by `train.dist_timeout` (megaloop.training.distributed sets it on every
+process group, and the NCCL watchdog's environment). When one fails on a survivor, gloo's error says
+"Timed out waiting 20000ms for recv operation" or "Connection closed by peer [10.0.0.2]:41234": neither
+names the rank. So each rank runs a `Heartbeat`: a daemon thread that bumps its own counter in the
+rendezvous store (the TCPStore at MASTER_ADDR:MASTER_PORT) every few seconds. A rank stopped (SIGSTOP, a
+hung host) or dead bumps no more; on a failed collective `diagnose` reads the counters twice, a few beats
+apart, and the ranks whose counter did not move are the ones named. The lowest rank still alive prints the
+one line (run_cli: `report_on_this_rank`), every survivor exits with code 2, and the launcher then ends the
+remaining ranks. The checkpoints are untouched: `latest` only moves once every rank has saved.
+"""
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+from typing import List, Optional, Sequence
+
+from megaloop.errors import MegaloopError
+
+KEY = "megaloop/heartbeat/{}"
+LEFT = "megaloop/left/{}"  # a survivor that diagnosed a failure and exits (not a lost rank)
+
+# What gloo / NCCL / the store say when a peer is gone (the exceptions are plain RuntimeErrors).
+_PEER_TEXT = ("timed out waiting", "connection closed by peer", "connection reset by peer", "broken pipe",
+              "socket timeout", "watchdog caught collective operation timeout", "nccl communicator was aborted",
+              "connection refused", "no route to host", "collective operation timeout")
+
+
+class PeerLost(MegaloopError, RuntimeError):
+    """A collective failed because another rank stopped answering or died; names the rank(s)."""
+
+    def __init__(self, message: str, report_on_this_rank: bool):
+        super().__init__(message)
+        self.report_on_this_rank = report_on_this_rank
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception it was raised from) is a collective or store failing on a lost peer."""
+    import torch.distributed as tdist
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, getattr(tdist, "DistError", ())) and not isinstance(exc, MegaloopError):
+            return True
+        if isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _PEER_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def beat_interval(dist_timeout: float) -> float:
+    """Seconds between beats: a tenth of the timeout, between 1 and 10 (a 600 s timeout: one store write per
+    rank every 10 s; the diagnosis after a failure waits about 2.5 beats)."""
+    return min(10.0, max(1.0, dist_timeout / 10.0))
+
+
+def _store():
+    from torch.distributed import distributed_c10d as c10d
+    return c10d._get_default_store()
+
+
+class Heartbeat(threading.Thread):
+    """This rank's counter in the rendezvous store, bumped every `interval` seconds until `stop()`."""
+
+    def __init__(self, store, rank: int, interval: float):
+        super().__init__(name="megaloop-heartbeat", daemon=True)
+        self.store, self.key, self.interval = store, KEY.format(rank), interval
+        self._done = threading.Event()
+
+    @classmethod
+    def start_for(cls, rank: int, world: int, dist_timeout: float) -> Optional["Heartbeat"]:
+        if world <= 1:
+            return None
+        try:
+            store = _store()
+        except Exception:  # noqa: BLE001 - no default store (a group made without one): nothing to beat on
+            return None
+        beat = cls(store, rank, beat_interval(dist_timeout))
+        beat.store.add(beat.key, 1)  # (before any collective can fail: every live rank has a counter)
+        beat.start()
+        return beat
+
+    def run(self):
+        while not self._done.wait(self.interval):
+            try:
+                self.store.add(self.key, 1)
+            except Exception:  # noqa: BLE001 - the store's host is gone: the collectives will say so
+                return
+
+    def stop(self):
+        self._done.set()
+
+
+def silent_ranks(store, world: int, interval: float, sleep=time.sleep) -> Optional[List[int]]:
+    """The ranks whose counter did not move over ~2.5 beats, less those that left after a diagnosis of their
+    own; None if the store itself did not answer (its host, rank 0, is the one gone)."""
+    keys = [KEY.format(r) for r in range(world)]
+
+    def read():
+        return [int(store.add(k, 0)) for k in keys]  # add(k, 0): a read that does not wait for a missing key
+
+    try:
+        store.set_timeout(datetime.timedelta(seconds=max(5.0, 3 * interval)))
+        before = read()
+        sleep(2.5 * interval)
+        after = read()
+        left = [int(store.add(LEFT.format(r), 0)) for r in range(world)]
+    except Exception:  # noqa: BLE001 - DistStoreError, timeout, connection refused
+        return None
+    return [r for r in range(world) if before[r] == after[r] and not left[r]]
+
+
+def describe(exc: BaseException, rank: int, world: int, silent: Optional[Sequence[int]], dist_timeout: float,
+             last_good: Optional[str]) -> PeerLost:
+    """The one line for a collective that failed on rank `rank` (its own exception `exc`)."""
+    text = str(exc).lower()
+    closed = any(t in text for t in ("closed by peer", "reset by peer", "broken pipe", "connection refused"))
+    if silent is None:
+        gone, who = [0], "rank 0 (it hosts the rendezvous store at MASTER_ADDR:MASTER_PORT)"
+    else:
+        gone = sorted(set(silent) - {rank})
+        who = ("rank " if len(gone) == 1 else "ranks ") + ", ".join(map(str, gone))
+    if not gone:
+        reason = (f"a collective waited train.dist_timeout={dist_timeout:g} s although every rank is alive: ranks "
+                  f"out of step, or a step slower than that (raise train.dist_timeout)")
+    elif closed:
+        reason = f"{who} died (connection closed by peer)"
+    else:
+        reason = (f"{who} stopped answering: no reply within train.dist_timeout={dist_timeout:g} s (stopped, hung, "
+                  f"or its host unreachable)")
+    ckpt = (f"the last complete checkpoint is {last_good}" if last_good else "no checkpoint was saved in this run")
+    report = rank == min(set(range(world)) - set(gone))  # the lowest rank still alive prints the line
+    return PeerLost(f"{reason}; {ckpt}; restart the job to resume from it", report)
+
+
+class PeerWatch:
+    """What the trainer holds: this rank's heartbeat, and the translation of a failed collective into PeerLost."""
+
+    def __init__(self, rank: int, world: int, dist_timeout: float):
+        self.rank, self.world, self.dist_timeout = rank, world, dist_timeout
+        self.heartbeat = Heartbeat.start_for(rank, world, dist_timeout)
+
+    def error(self, exc: BaseException, last_good: Optional[str]) -> Optional[PeerLost]:
+        """PeerLost naming the lost rank(s) if `exc` is a collective failing on a lost peer, else None. This
+        rank keeps beating while it diagnoses (other survivors may be reading the counters too), then marks
+        itself as left."""
+        if self.world <= 1 or isinstance(exc, MegaloopError) or not is_peer_failure(exc):
+            return None
+        beat = self.heartbeat
+        store = beat.store if beat is not None else None
+        silent = silent_ranks(store, self.world, beat.interval) if store is not None else None
+        self.stop()
+        if store is not None and silent is not None:
+            try:
+                store.add(LEFT.format(self.rank), 1)
+            except Exception:  # noqa: BLE001
+                pass
+        return describe(exc, self.rank, self.world, silent, self.dist_timeout, last_good)
+
+    def stop(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
