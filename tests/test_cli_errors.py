@@ -413,3 +413,144 @@ def test_checkpoint_save_disk_full_names_the_intact_checkpoint(tmp_path):
     assert info.value.errno == errno.ENOSPC and "\n" not in text
     assert text.startswith(f"no space left on device: {root}") and str(prev) in text and "intact" in text, text
     assert layout.resolve(root) == prev  # `latest` / newest complete tag unchanged
+
+
+# ---- issue 21 item 6: tracebacks that became one line (in-process: run_cli as every entry point runs it) ----
+
+def _line(capsys, main):
+    from megaloop.errors import run_cli
+    code = run_cli(main, [])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def rank0(monkeypatch):
+    for k in ("RANK", "MEGALOOP_DEBUG"):
+        monkeypatch.delenv(k, raising=False)
+
+
+@pytest.mark.parametrize("override, must", [
+    ("data.data_path=[A", ["override 'data.data_path=[A'", "not valid YAML", "[a, b]"]),
+    ("model.d_model={a:", ["override 'model.d_model={a:'", "not valid YAML"]),
+    ("model.d_model=!!python/object/apply:os.system [ls]", ["python/object/apply:os.system", "not valid YAML"]),
+], ids=["unclosed-list", "unclosed-mapping", "yaml-tag"])
+def test_malformed_override_value(capsys, rank0, override, must):
+    from megaloop.config import load_config
+    line = _line(capsys, lambda argv: load_config(None, [override]))
+    for m in must:
+        assert m in line, line
+
+
+def test_override_resume_config_refuses_a_model_the_weights_do_not_fit(capsys, rank0):
+    from megaloop.config import load_config
+    from megaloop.training.resume_policy import check_resume_config
+    saved = load_config(None, ["model.d_model=64", "model.n_heads=4"])
+    wider = load_config(None, ["model.d_model=96", "model.n_heads=4"])
+    line = _line(capsys, lambda argv: check_resume_config(saved, wider, "run/step_00000002", override=True))
+    assert "--override-resume-config cannot change model.d_model: 64 in the checkpoint, 96 now" in line, line
+    # a model field the weights still fit (the loop count) stays accepted
+    more_loops = load_config(None, ["model.d_model=64", "model.n_heads=4", f"model.loops={saved.model.loops + 2}"])
+    assert any("accepted by --override-resume-config" in x
+               for x in check_resume_config(saved, more_loops, "run", override=True))
+
+
+def test_truncated_rng_file_on_resume(capsys, rank0, tmp_path):
+    import torch
+    from megaloop.checkpoint import engine
+    tag = tmp_path / "step_00000004"
+    tag.mkdir()
+    rng = tag / "rng_rank00000.pt"
+    torch.save(engine.rng_state(), rng)
+    rng.write_bytes(rng.read_bytes()[:200])
+
+    class Engine:
+        def load_checkpoint(self, root, tag, **kw):
+            return str(tmp_path / tag), {"step": 4}
+
+    line = _line(capsys, lambda argv: engine.load_training(Engine(), tag, rank=0))
+    assert str(rng) in line and "damaged or truncated" in line and "--load" in line, line
+
+
+def test_tensorboard_full_disk_is_one_line_without_the_thread_traceback(capsys, rank0, tmp_path, monkeypatch):
+    """TensorBoard's writer thread hits ENOSPC: no 'Exception in thread' traceback, one line naming the folder."""
+    import errno
+    import threading
+    import time
+
+    import tensorboard.summary.writer.record_writer as rw
+    from megaloop.training.run_logging import RunLogger
+
+    thread_errors = []
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)
+    writes = []
+    real_write = rw.RecordWriter.write
+
+    def write(self, data):
+        writes.append(1)
+        if len(writes) > 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(self, data)
+
+    monkeypatch.setattr(rw.RecordWriter, "write", write)
+
+    def main(argv):
+        logger = RunLogger(str(tmp_path / "run"), True, tensorboard=True)
+        try:
+            for step in range(200):
+                logger.scalars(step, {"loss": 1.0})
+                time.sleep(0.02)
+        finally:
+            logger.close()
+
+    line = _line(capsys, main)
+    assert line.startswith(f"error: no space left on device: {tmp_path / 'run' / 'tensorboard'}"), line
+    assert thread_errors == [] and threading.excepthook == thread_errors.append  # (restored)
+
+
+def test_master_port_in_use_is_refused_at_start():
+    import socket
+
+    from megaloop.training.distributed import DistributedSetupError, check_master_port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = str(s.getsockname()[1])
+        with pytest.raises(DistributedSetupError, match=f"MASTER_PORT {port} is already in use.*--master_port"):
+            check_master_port({"RANK": "0", "MASTER_PORT": port})
+        check_master_port({"RANK": "1", "MASTER_PORT": port})  # (only rank 0 opens the store)
+        check_master_port({"RANK": "0", "MASTER_PORT": port, "TORCHELASTIC_USE_AGENT_STORE": "True"})
+    check_master_port({"RANK": "0", "MASTER_PORT": port})  # free again
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(files, tmp_path):
+    """preprocess_data / export_hf killed mid-write leave '<name>.tmp-<host>-<pid>-...'; the next writer of the same
+    name removes those whose process is gone, and leaves a live process's and another host's alone."""
+    from megaloop.export.output_dir import make_temp_dir
+    from megaloop.tempfiles import temp_suffix
+    dead, host = _dead_pid(), temp_suffix().split("-")[1]
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [f"new_text_document.bin.tmp-{host}-{dead}-7f00", f"new_text_document.idx.tmp-{dead}-7f00",
+             f"new_text_document.tokenizer.json.tmp-{host}-{dead}"]
+    kept = [f"new_text_document.bin.tmp-{host}-{os.getpid()}-1", f"new_text_document.bin.tmp-otherhost-{dead}-1",
+            f"other_text_document.bin.tmp-{host}-{dead}-1"]
+    for name in stale + kept:
+        (out / name).write_bytes(b"partial")
+    proc = run(["preprocess_data", "--input", files["good"], "--output-prefix", out / "new", "--tokenizer-type",
+                "byte", "--quiet"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = {p.name for p in out.iterdir()}
+    assert not names & set(stale) and set(kept) <= names, names
+    (out / f".hf.tmp-{host}-{dead}-abc").mkdir()
+    (out / f".hf.tmp-{host}-{dead}-abc" / "model.safetensors").write_bytes(b"partial")
+    tmp = make_temp_dir(out / "hf")
+    assert not (out / f".hf.tmp-{host}-{dead}-abc").exists() and tmp.is_dir()

@@ -75,6 +75,28 @@ def test_heartbeat_names_the_silent_rank_and_the_lowest_survivor_reports():
     assert "every rank is alive" in str(e) and e.report_on_this_rank
 
 
+def test_a_rank_that_failed_on_its_own_is_named_with_its_line():
+    """Under the launcher rank 1 hits ENOSPC in a checkpoint save (its node's disk) and exits without printing
+    (not rank 0); rank 0, in the save barrier, sees "Connection closed by peer" and prints rank 1's line."""
+    from torch.distributed import HashStore
+
+    from megaloop.errors import OutputError
+    store = HashStore()
+    rank1 = peers.PeerWatch.__new__(peers.PeerWatch)
+    rank1.rank, rank1.world, rank1.dist_timeout = 1, 2, 20
+    rank1.heartbeat = peers.Heartbeat(store, 1, 1.0)  # (not started)
+    import errno
+    rank1.record(OutputError(OSError(errno.ENOSPC, "No space left on device"), "/run/checkpoints",
+                             "the previous checkpoint /run/checkpoints/step_00000002 is intact"))
+    causes = peers.read_errors(store, 2)
+    e = peers.describe(RuntimeError("Connection closed by peer [127.0.0.1]:5"), 0, 2, [1], 20,
+                       "/run/checkpoints/step_00000002", causes)
+    assert str(e).startswith("rank 1 stopped with: no space left on device: ")
+    assert str(e).endswith("free space there or choose another folder); the previous checkpoint "
+                           "/run/checkpoints/step_00000002 is intact")
+    assert e.report_on_this_rank
+
+
 def test_run_cli_prints_on_the_rank_the_error_names(capsys, monkeypatch):
     from megaloop.errors import run_cli
     monkeypatch.delenv("MEGALOOP_DEBUG", raising=False)

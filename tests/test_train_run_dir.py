@@ -5,7 +5,8 @@
   each resume's config as config.<step>.yaml.
 - It refuses a change it cannot apply (train.seed) with one line naming the field and the override flag,
   leaves config.yaml as it was, and accepts it with --override-resume-config. It refuses another corpus
-  behind the same data.data_path (the dataset fingerprint saved in the checkpoint differs).
+  behind the same data.data_path (the dataset fingerprint saved in the checkpoint differs), and train.steps
+  below the checkpoint's step, naming both.
 - A second run in the same folder is refused while the first holds it; the lock record is empty after a
   clean end. SIGTERM to a single rank saves a checkpoint within two steps and exits 0.
 """
@@ -53,6 +54,10 @@ def test_resume_applies_the_new_schedule_and_refuses_what_it_cannot_apply(tmp_pa
                                "--override-resume-config"])
     assert rc == 0 and "(accepted by --override-resume-config)" in out
     assert max(train_rows(run)) == 8 and os.path.isfile(os.path.join(run, "config.6.yaml"))
+    # train.steps below the checkpoint's step: one line saying so (was: "the run has used up its dataset")
+    (rc, out), = run_ranks(1, ["--config", _cfg(tmp_path, data, "d", lr=1e-2, steps=5, seed=5)])
+    assert rc == 2 and "Traceback" not in out, out[-3000:]
+    assert "error: train.steps=5 is below the step of the checkpoint this run resumes" in out and "step 8)" in out
 
 
 def test_one_run_per_output_folder_and_a_clean_stop_on_sigterm(tmp_path):

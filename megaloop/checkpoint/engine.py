@@ -131,10 +131,10 @@ def save_training(engine, root, step: int, client_state: dict, rank: int, keep: 
         engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
         with open(_rng_file(tag_dir, rank), "wb") as f:  # a Python file: a full disk raises OSError
             torch.save(rng_state(), f)
+        if fault_hook is not None:
+            fault_hook(tag)  # tests: die or fail here, after the files and before the marker
     except Exception as e:
         raise write_error(e, root, tag_dir)
-    if fault_hook is not None:
-        fault_hook(tag)  # tests: die here, after the files and before the marker
     return finalize_save(root, step, client_state.get("consumed_samples"), rank, keep)
 
 
@@ -195,7 +195,21 @@ def load_training(engine, tag_dir, rank: int) -> dict:
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    rng_file = _rng_file(tag_dir, rank)
-    if os.path.isfile(rng_file):
-        set_rng_state(load(rng_file))
+    load_rng(_rng_file(tag_dir, rank))
     return client_state or {}
+
+
+def load_rng(rng_file) -> None:
+    """Restore this rank's RNG states from its file in a tag folder, if there is one. A file that does not read
+    (truncated, or not an RNG record) is refused naming it, instead of torch's unpickling traceback."""
+    from megaloop.checkpoint.safe_load import load
+    if not os.path.isfile(rng_file):
+        return
+    try:
+        set_rng_state(load(rng_file))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zip / pickle / key errors: all mean a damaged file
+        raise CheckpointError(f"checkpoint file {rng_file} is damaged or truncated ({' '.join(str(e).split())[:120]}); "
+                              f"resume from an earlier complete checkpoint (--load its step folder) or delete this "
+                              f"step folder") from None

@@ -66,7 +66,7 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         return str(value)
     if annotation is list or origin is list:
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [value]
+            value = _override_value(f"{where}={value}", value) if value.strip().startswith("[") else [value]
         if not isinstance(value, list):
             value = [value]
         return value
@@ -100,6 +100,19 @@ def _build(cls, data: dict, where: str):
     return cls(**kwargs)
 
 
+def _override_value(override: str, raw: str) -> Any:
+    """The YAML value of an override (`[a, b]`, `{length: 16}`, `3e-4`); a malformed one, or one with a YAML tag
+    (`!!python/...`, never constructed: safe_load), is refused naming the override."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override '{override}': the value {raw!r} is not valid YAML ({' '.join(problem.split())}); "
+                          f"write a list as [a, b], a mapping as {{key: value}}, quote text with [ {{ or !") from None
+
+
 def _apply_override(tree: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override '{override}' must look like section.key=value")
@@ -117,7 +130,7 @@ def _apply_override(tree: dict, override: str) -> None:
             if dataclasses.is_dataclass(hints[key]):
                 raise ConfigError(f"override '{override}': '{dotted}' is a section; set one of its keys")
             # Strings stay verbatim (YAML would read "4:1" as the base-60 integer 241).
-            node[key] = raw if hints[key] is str else (yaml.safe_load(raw) if raw.strip() else "")
+            node[key] = raw if hints[key] is str else _override_value(override, raw)
         else:
             if not dataclasses.is_dataclass(hints[key]):
                 raise ConfigError(f"override '{override}': '{'.'.join(keys[:i + 1])}' is not a section")

@@ -96,7 +96,9 @@ def write_sidecar(prefix, tokenizer) -> str:
     """Write {prefix}.tokenizer.json for `tokenizer` atomically; returns its path."""
     record = dict(tokenizer_record(tokenizer), format=SIDECAR_FORMAT)
     path = sidecar_path(prefix)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    from megaloop.tempfiles import remove_stale, temp_suffix
+    remove_stale(os.path.dirname(os.path.abspath(path)), os.path.basename(path))  # a killed run's leftover
+    tmp = f"{path}{temp_suffix()}"
     try:
         with open(tmp, "w") as f:
             json.dump(record, f, indent=1)

@@ -24,6 +24,7 @@ from typing import Optional, Union
 import numpy as np
 
 from megaloop.errors import MegaloopError, OutputError
+from megaloop.tempfiles import remove_stale, temp_suffix
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -118,7 +119,9 @@ class IndexedDatasetWriter:
         self._dtype_code = dtype_code(self.dtype)
         self.bin_path, self.idx_path = dataset_paths(path_prefix)
         self.folder = os.path.dirname(os.path.abspath(self.bin_path))
-        suffix = f".tmp-{os.getpid()}-{id(self):x}"
+        suffix = f"{temp_suffix()}-{id(self):x}"
+        for final in (self.bin_path, self.idx_path):  # what a killed writer of this dataset left
+            remove_stale(self.folder, os.path.basename(final))
         self._tmp_bin_path = self.bin_path + suffix
         self._tmp_idx_path = self.idx_path + suffix
         try:

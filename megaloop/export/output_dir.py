@@ -21,6 +21,7 @@ from megaloop import checkpoint as ckpt
 from megaloop.errors import OutputError, os_error_in
 from megaloop.export.hf_files import TEMPLATE_FILES
 from megaloop.export.inputs import ExportError
+from megaloop.tempfiles import remove_stale, temp_suffix
 
 
 def output_failure(err: BaseException, out_dir: Path, tmp: Optional[Path] = None) -> Optional[OutputError]:
@@ -50,7 +51,8 @@ def make_temp_dir(out_dir: Path) -> Path:
     """The temporary folder beside out_dir that an export is written into before it is renamed."""
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        remove_stale(out_dir.parent, f".{out_dir.name}")  # what a killed export to out_dir left behind
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{temp_suffix()}-", dir=out_dir.parent))
     except OSError as e:
         raise output_failure(e, out_dir) from e
 
@@ -135,7 +137,7 @@ def move_into_place(tmp: Path, out_dir: Path) -> None:
     export (see previous_export_problem) is refused, untouched."""
     if out_dir.exists() or out_dir.is_symlink():
         check_output_dir(out_dir, overwrite=True)
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{temp_suffix('old')}-", dir=out_dir.parent))
         os.rename(out_dir, old / "x")
         os.rename(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)

@@ -9,10 +9,13 @@ one-rank world (filled in here).
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import socket
 
 import torch
+
+from megaloop.errors import MegaloopError
 
 
 def free_port() -> int:
@@ -85,6 +88,7 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     if dist.is_initialized():
         return
     _fill_single_rank_env()
+    check_master_port()
     nccl_watchdog_env(timeout_s)
     acc = get_accelerator()
     if acc.device_name() == "cpu" and os.environ.get("MEGALOOP_DS_SHM_OP", "0") != "1":
@@ -113,6 +117,32 @@ def init_distributed(timeout_s: float = 600.0) -> None:
                 tdist.init_process_group(backend, timeout=timeout)
     # (DeepSpeed adopts a process group that already exists.)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
+
+
+class DistributedSetupError(MegaloopError, RuntimeError):
+    """The process group cannot start (the rendezvous port is taken, ...); the message says what to change."""
+
+
+def check_master_port(environ=None) -> None:
+    """On rank 0, which opens the rendezvous store on MASTER_PORT: refuse a port another program already listens
+    on, at once (torch would retry for its connect timeout and then print EADDRINUSE on every rank). Skipped
+    under torchrun's agent, whose own store holds the port on purpose."""
+    env = os.environ if environ is None else environ
+    if env.get("RANK", "0") != "0" or env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return
+    port = env.get("MASTER_PORT")
+    if not port or not port.isdigit():
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (a port left in TIME_WAIT is free to listen on)
+        try:
+            s.bind(("", int(port)))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                return
+            raise DistributedSetupError(
+                f"MASTER_PORT {port} is already in use on this host (another run or program listens there): "
+                f"choose a free port (deepspeed --master_port N, or MASTER_PORT=N)") from None
 
 
 def nccl_watchdog_env(timeout_s: float, environ=None) -> dict:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import datetime
 import threading
 import time
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from megaloop.errors import MegaloopError
 
 KEY = "megaloop/heartbeat/{}"
 LEFT = "megaloop/left/{}"  # a survivor that diagnosed a failure and exits (not a lost rank)
+ERROR = "megaloop/error/{}"  # the one line a rank exits with (a full disk on its node, ...), for the survivors
 
 # What gloo / NCCL / the store say when a peer is gone (the exceptions are plain RuntimeErrors).
 _PEER_TEXT = ("timed out waiting", "connection closed by peer", "connection reset by peer", "broken pipe",
@@ -51,9 +52,9 @@ def is_peer_failure(exc: BaseException) -> bool:
 
 
 def beat_interval(dist_timeout: float) -> float:
-    """Seconds between beats: a tenth of the timeout, between 1 and 10 (a 600 s timeout: one store write per
-    rank every 10 s; the diagnosis after a failure waits about 2.5 beats)."""
-    return min(10.0, max(1.0, dist_timeout / 10.0))
+    """Seconds between beats: a twentieth of the timeout, between 0.5 and 5 (a 600 s timeout: one store write
+    per rank every 5 s; the diagnosis after a failure waits 2.5 beats)."""
+    return min(5.0, max(0.5, dist_timeout / 20.0))
 
 
 def _store():
@@ -112,8 +113,20 @@ def silent_ranks(store, world: int, interval: float, sleep=time.sleep) -> Option
     return [r for r in range(world) if before[r] == after[r] and not left[r]]
 
 
+def read_errors(store, world: int) -> Dict[int, str]:
+    """The one-line errors other ranks left in the store before exiting (PeerWatch.record)."""
+    out = {}
+    for r in range(world):
+        try:
+            if store.check([ERROR.format(r)]):
+                out[r] = store.get(ERROR.format(r)).decode("utf-8", "replace")
+        except Exception:  # noqa: BLE001
+            pass
+    return out
+
+
 def describe(exc: BaseException, rank: int, world: int, silent: Optional[Sequence[int]], dist_timeout: float,
-             last_good: Optional[str]) -> PeerLost:
+             last_good: Optional[str], causes: Optional[Dict[int, str]] = None) -> PeerLost:
     """The one line for a collective that failed on rank `rank` (its own exception `exc`)."""
     text = str(exc).lower()
     closed = any(t in text for t in ("closed by peer", "reset by peer", "broken pipe", "connection refused"))
@@ -122,7 +135,12 @@ def describe(exc: BaseException, rank: int, world: int, silent: Optional[Sequenc
     else:
         gone = sorted(set(silent) - {rank})
         who = ("rank " if len(gone) == 1 else "ranks ") + ", ".join(map(str, gone))
-    if not gone:
+    causes = {r: c for r, c in (causes or {}).items() if r != rank}
+    if causes:  # a rank that failed on its own (a full disk on its node): its line, not "died"
+        r, cause = min(causes.items())
+        gone = sorted(set(gone) | set(causes))
+        reason = f"rank {r} stopped with: {cause}"
+    elif not gone:
         reason = (f"a collective waited train.dist_timeout={dist_timeout:g} s although every rank is alive: ranks "
                   f"out of step, or a step slower than that (raise train.dist_timeout)")
     elif closed:
@@ -131,8 +149,11 @@ def describe(exc: BaseException, rank: int, world: int, silent: Optional[Sequenc
         reason = (f"{who} stopped answering: no reply within train.dist_timeout={dist_timeout:g} s (stopped, hung, "
                   f"or its host unreachable)")
     ckpt = (f"the last complete checkpoint is {last_good}" if last_good else "no checkpoint was saved in this run")
+    if causes and "checkpoint" in reason:  # (the rank's own line already says what became of the checkpoints)
+        ckpt = ""
+    ending = f"; {ckpt}; restart the job to resume from it" if ckpt else ""
     report = rank == min(set(range(world)) - set(gone))  # the lowest rank still alive prints the line
-    return PeerLost(f"{reason}; {ckpt}; restart the job to resume from it", report)
+    return PeerLost(reason + ending, report)
 
 
 class PeerWatch:
@@ -146,7 +167,12 @@ class PeerWatch:
         """PeerLost naming the lost rank(s) if `exc` is a collective failing on a lost peer, else None. This
         rank keeps beating while it diagnoses (other survivors may be reading the counters too), then marks
         itself as left."""
-        if self.world <= 1 or isinstance(exc, MegaloopError) or not is_peer_failure(exc):
+        if self.world <= 1:
+            return None
+        if isinstance(exc, (MegaloopError, OSError, ValueError)):  # this rank's own one-line error
+            self.record(exc)
+            return None
+        if not is_peer_failure(exc):
             return None
         beat = self.heartbeat
         store = beat.store if beat is not None else None
@@ -157,7 +183,19 @@ class PeerWatch:
                 store.add(LEFT.format(self.rank), 1)
             except Exception:  # noqa: BLE001
                 pass
-        return describe(exc, self.rank, self.world, silent, self.dist_timeout, last_good)
+        causes = read_errors(store, self.world) if store is not None and silent is not None else {}
+        return describe(exc, self.rank, self.world, silent, self.dist_timeout, last_good, causes)
+
+    def record(self, exc: BaseException) -> None:
+        """Leave this rank's one-line error in the store: the rank that reports (usually rank 0, which did not
+        fail itself) names it instead of only "rank N died"."""
+        from megaloop.errors import one_line
+        if self.heartbeat is None:
+            return
+        try:
+            self.heartbeat.store.set(ERROR.format(self.rank), one_line(exc))
+        except Exception:  # noqa: BLE001
+            pass
 
     def stop(self) -> None:
         if self.heartbeat is not None:

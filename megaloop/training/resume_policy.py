@@ -86,8 +86,39 @@ def check_resume_config(saved: Config, now: Config, where: str, override: bool =
         raise ResumeConfigError(f"resuming {where} with a config that changes what a resume cannot apply: {listed}. "
                                 f"Restore those values, start a new run (--no-auto-resume or another "
                                 f"train.output_dir), or accept them with --override-resume-config")
+    model_changes = [d for d in refused if d[0].startswith("model.")]
+    if model_changes:  # (only reached with --override-resume-config)
+        _check_weight_shapes(saved, now, model_changes, where)
     return [f"{k}: {old!r} -> {new!r}" + ("" if is_applied(k) else " (accepted by --override-resume-config)")
             for k, old, new in diffs]
+
+
+def _check_weight_shapes(saved: Config, now: Config, changes, where: str) -> None:
+    """--override-resume-config accepts a model change only where the checkpoint's weights still fit the model
+    (e.g. model.loops, rope_theta); a change of shapes or parameters (d_model, heads, layers, mixer, ...) is
+    refused here, naming the fields, instead of a size-mismatch traceback from the loader."""
+    from megaloop.checkpoint.reader import expected_shapes
+    a, b = expected_shapes(saved.model), expected_shapes(now.model)
+    if a == b:
+        return
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    first = diff[0]
+    shown = f"{first}: {list(a[first]) if first in a else 'absent'} in the checkpoint, " \
+            f"{list(b[first]) if first in b else 'absent'} now"
+    listed = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in changes)
+    raise ResumeConfigError(f"resuming {where}: --override-resume-config cannot change {listed}: the checkpoint's "
+                            f"weights do not fit that model ({len(diff)} tensor(s) differ, e.g. {shown}). Restore "
+                            f"those values, or start a new run from the weights where they fit (init.from)")
+
+
+def check_steps(step, cfg: Config, tag_dir) -> None:
+    """train.steps is the run's total length: below the checkpoint's step there is nothing left to train (and
+    the data built for train.steps would not reach the checkpoint's position)."""
+    if step is not None and cfg.train.steps < int(step):
+        raise ConfigError(f"train.steps={cfg.train.steps} is below the step of the checkpoint this run resumes "
+                          f"({tag_dir}, step {step}): train.steps counts from the start of the run, so set it above "
+                          f"{step} to train further, or start a new run (--no-auto-resume or another "
+                          f"train.output_dir)")
 
 
 def check_resumable(tag_dir, cfg: Config, state, override: bool = False) -> List[str]:
@@ -100,6 +131,7 @@ def check_resumable(tag_dir, cfg: Config, state, override: bool = False) -> List
     from megaloop.checkpoint.reader import read_info
     from megaloop.checkpoint.relayout import layout_of, supported_change
     info = read_info(Path(tag_dir))
+    check_steps(info.step, cfg, tag_dir)
     then = (info.tp, info.pp, info.dp, info.zero_stage)
     now = (state.tp_size, state.pp_size, state.dp_size, cfg.parallel.zero_stage)
     saved, notes = info.config, []

@@ -1,5 +1,6 @@
 """Run logging: a console line per interval, metrics.jsonl, the trackers of train.loggers (TensorBoard, W&B,
-MLflow: megaloop/training/trackers.py), memory per rank."""
+MLflow: megaloop/training/trackers.py), memory per rank. A log that cannot be written (a full disk) ends the
+run with one line naming the folder (`output_error`)."""
 from __future__ import annotations
 
 import json
@@ -41,9 +42,12 @@ class RunLogger:
         if not active:
             return
         cfg = cfg if cfg is not None else Config()
-        os.makedirs(output_dir, exist_ok=True)
-        if "jsonl" in cfg.train.loggers:
-            self.metrics = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            if "jsonl" in cfg.train.loggers:
+                self.metrics = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        except OSError as e:
+            raise output_error(e, output_dir, "metrics.jsonl") from None
         from megaloop.training.trackers import build_trackers
         self.trackers = build_trackers(cfg.train, output_dir)
         if self.trackers:
@@ -61,20 +65,34 @@ class RunLogger:
     def record(self, row: dict) -> None:
         if self.metrics is None:
             return
-        self.metrics.write(json.dumps(row) + "\n")
-        self.metrics.flush()
+        try:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+        except OSError as e:  # a full disk: one line naming the folder
+            raise output_error(e, os.path.dirname(self.metrics.name), "metrics.jsonl") from None
 
     def console(self, text: str) -> None:
         if self.active:
             print(f"[megaloop {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
     def close(self) -> None:
-        for tracker in self.trackers:
-            tracker.close()
-        self.trackers = []
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
+        trackers, self.trackers = self.trackers, []
+        try:
+            for tracker in trackers:
+                tracker.close()
+        finally:
+            if self.metrics is not None:
+                try:
+                    self.metrics.close()
+                except OSError:
+                    pass  # (its rows were flushed one by one; a failed flush was reported there)
+                self.metrics = None
+
+
+def output_error(e: OSError, folder: str, what: str):
+    """The one line for a log that cannot be written (a full disk): names the folder (megaloop.errors.OutputError)."""
+    from megaloop.errors import OutputError
+    return OutputError(e, folder, f"writing {what} failed; the checkpoints are as the last save left them")
 
 
 def fmt_bytes(n: Optional[float]) -> str:

@@ -11,9 +11,11 @@ their run ids are kept in `<output_dir>/trackers.json`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+import threading
 import time
 import uuid
 from typing import Dict, List, Optional
@@ -74,23 +76,72 @@ class _RunIds:
         os.replace(tmp, self.path)
 
 
+class _QuietTensorBoardThreads:
+    """threading.excepthook while a SummaryWriter is open: an OSError in TensorBoard's writer thread (a full disk)
+    is left to the main thread, which tensorboard raises it in at the next write and TensorBoardTracker turns into
+    one line; anything else goes to the hook that was there before."""
+
+    def __init__(self):
+        self.previous = threading.excepthook
+        threading.excepthook = self
+
+    def __call__(self, args):
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard."):
+            return
+        self.previous(args)
+
+    def restore(self):
+        if threading.excepthook is self:
+            threading.excepthook = self.previous
+
+
 class TensorBoardTracker:
+    """A write that fails (a full disk under tensorboard/) raises OutputError naming the folder."""
+
     def __init__(self, out_dir: str):
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        self.dir = os.path.join(out_dir, "tensorboard")
+        self.writer, self._quiet = None, _QuietTensorBoardThreads()
+        with self._failing_write():
+            self.writer = SummaryWriter(self.dir)
+
+    @contextlib.contextmanager
+    def _failing_write(self):
+        try:
+            yield
+        except OSError as e:  # (from the writer thread, raised at the next write)
+            from megaloop.training.run_logging import output_error
+            self._shut()
+            raise output_error(e, self.dir, "the TensorBoard event file") from None
 
     def describe(self, config: dict, description: dict) -> None:
         import yaml
-        self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
-        self.writer.add_text("run", "```\n" + json.dumps(description, indent=1) + "\n```", 0)
+        with self._failing_write():
+            self.writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
+            self.writer.add_text("run", "```\n" + json.dumps(description, indent=1) + "\n```", 0)
 
     def scalars(self, step: int, values: dict) -> None:
-        for k, v in values.items():
-            self.writer.add_scalar(k, v, step)
+        if self.writer is None:
+            return
+        with self._failing_write():
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
 
     def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
+        if self.writer is not None:
+            with self._failing_write():
+                self.writer.flush()
+        self._shut()
+
+    def _shut(self) -> None:
+        writer, self.writer = self.writer, None
+        try:
+            if writer is not None:
+                writer.close()
+        except OSError:
+            pass  # (reported already, or the run ends on another error)
+        finally:
+            self._quiet.restore()
 
 
 class WandbTracker:
@@ -168,6 +219,8 @@ def build_trackers(t, out_dir: str) -> List[object]:
     if "tensorboard" in loggers and t.tensorboard:
         try:
             out.append(TensorBoardTracker(out_dir))
+        except OSError:  # (OutputError: a full disk, a read-only folder)
+            raise
         except Exception as exc:  # noqa: BLE001 - tensorboard missing: keep training, say so once
             print(f"[megaloop] TensorBoard disabled: {exc}", flush=True)
     for name, cls, section in (("wandb", WandbTracker, t.wandb), ("mlflow", MlflowTracker, t.mlflow)):

@@ -158,7 +158,7 @@ class Trainer:
                   "tokenizer": tokenizer_reference(self.cfg), "loop_sampling": {"seed": t.seed, "step": step},
                   "megaloop_format": 1, "data_fingerprint": self.data_fingerprint}
         try:  # (weights that are not finite are never saved: the newest good checkpoint stays the last one)
-            self.saver.save(step, client, wait, self.faults.save_hook(step), self.faults.slow_hook(step))
+            self.saver.save(step, client, wait, self.faults.save_hook(step, self.rank), self.faults.slow_hook(step))
         except ckpt.NonFiniteState as exc:
             raise TrainingError(f"{exc}; last good checkpoint: {self.saver.last_good or 'none'}") from exc
 
