@@ -328,7 +328,7 @@ class TrainConfig:
     loss_scale: float = 0.0  # fp16 only: 0 = dynamic loss scaling, > 0 = static scale
     initial_scale_power: int = 16  # fp16 dynamic loss scaling starts at 2**this
     peak_flops: Optional[float] = None  # peak FLOP/s of ONE device, for the achieved-FLOP/s share
-    dist_timeout: float = 600.0  # seconds: a collective waiting longer (dead rank) fails the run
+    dist_timeout: float = 600.0  # seconds: bounds every collective (all groups, NCCL watchdog); names a silent rank
     # Where the logged numbers go (megaloop/training/trackers.py): tensorboard (<output_dir>/tensorboard), jsonl
     # (<output_dir>/metrics.jsonl), wandb, mlflow (the `track` extra; imported only when named here)
     loggers: List[str] = field(default_factory=lambda: ["tensorboard", "jsonl"])

@@ -12,10 +12,11 @@ remaining ranks. The checkpoints are untouched: `latest` only moves once every r
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import threading
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from megaloop.errors import MegaloopError
 
@@ -159,9 +160,26 @@ def describe(exc: BaseException, rank: int, world: int, silent: Optional[Sequenc
 class PeerWatch:
     """What the trainer holds: this rank's heartbeat, and the translation of a failed collective into PeerLost."""
 
-    def __init__(self, rank: int, world: int, dist_timeout: float):
+    def __init__(self):
+        self.rank, self.world, self.dist_timeout, self.heartbeat = 0, 1, 0.0, None
+
+    def start(self, rank: int, world: int, dist_timeout: float) -> None:
         self.rank, self.world, self.dist_timeout = rank, world, dist_timeout
         self.heartbeat = Heartbeat.start_for(rank, world, dist_timeout)
+
+    @contextlib.contextmanager
+    def name_lost_ranks(self, last_good: Callable[[], Optional[str]]):
+        """Around the whole run: a collective failing on a lost rank becomes PeerLost (one line naming it); this
+        rank's own one-line error is left in the store for the others; the heartbeat stops at the end."""
+        try:
+            yield
+        except Exception as exc:
+            lost = self.error(exc, last_good())
+            if lost is None:
+                raise
+            raise lost from exc
+        finally:
+            self.stop()
 
     def error(self, exc: BaseException, last_good: Optional[str]) -> Optional[PeerLost]:
         """PeerLost naming the lost rank(s) if `exc` is a collective failing on a lost peer, else None. This

@@ -50,7 +50,7 @@ class Trainer:
         self.faults = faults or FaultPlan()
         self.override_resume_config = override_resume_config
         self.lock = None
-        self.peers = None
+        self.peers = PeerWatch()
 
     # ------------------------------------------------------------------------------------------
     def setup(self):
@@ -63,7 +63,7 @@ class Trainer:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
         acc = get_accelerator()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.peers = PeerWatch(self.rank, self.world, t.dist_timeout)  # names a rank that stops answering
+        self.peers.start(self.rank, self.world, t.dist_timeout)  # heartbeat: names a rank that stops answering
         check_supported(cfg, self.world, acc.device_name(),
                         fp16_supported=acc.is_fp16_supported(), bf16_supported=acc.is_bf16_supported())
         self.state = st = build_state(p)
@@ -210,15 +210,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict:
         try:
-            return self._run()
-        except Exception as exc:  # a collective failing on a lost rank: one line naming it (peers.py)
-            lost = self.peers.error(exc, getattr(self, "last_good", None)) if self.peers else None
-            if lost is None:
-                raise
-            raise lost from exc
+            with self.peers.name_lost_ranks(lambda: getattr(self, "last_good", None)):  # (peers.py)
+                return self._run()
         finally:
-            if self.peers:
-                self.peers.stop()
             if self.lock is not None:
                 self.lock.release()
 
