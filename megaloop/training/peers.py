@@ -54,8 +54,14 @@ def is_peer_failure(exc: BaseException) -> bool:
 
 def beat_interval(dist_timeout: float) -> float:
     """Seconds between beats: a twentieth of the timeout, between 0.5 and 5 (a 600 s timeout: one store write
-    per rank every 5 s; the diagnosis after a failure waits 2.5 beats)."""
+    per rank every 5 s; the diagnosis after a failure watches 3 beats, at least 5 s)."""
     return min(5.0, max(0.5, dist_timeout / 20.0))
+
+
+def window(interval: float) -> float:
+    """How long the diagnosis watches the counters: three beats, at least 5 s (a busy rank's heartbeat thread may
+    wait for the GIL a while; a live rank wrongly named would mislead more than a few seconds cost)."""
+    return max(3.0 * interval, 5.0)
 
 
 def _store():
@@ -96,8 +102,8 @@ class Heartbeat(threading.Thread):
 
 
 def silent_ranks(store, world: int, interval: float, sleep=time.sleep) -> Optional[List[int]]:
-    """The ranks whose counter did not move over ~2.5 beats, less those that left after a diagnosis of their
-    own; None if the store itself did not answer (its host, rank 0, is the one gone)."""
+    """The ranks whose counter did not move over `window(interval)` seconds, less those that left after a
+    diagnosis of their own; None if the store itself did not answer (its host, rank 0, is the one gone)."""
     keys = [KEY.format(r) for r in range(world)]
 
     def read():
@@ -106,7 +112,7 @@ def silent_ranks(store, world: int, interval: float, sleep=time.sleep) -> Option
     try:
         store.set_timeout(datetime.timedelta(seconds=max(5.0, 3 * interval)))
         before = read()
-        sleep(2.5 * interval)
+        sleep(window(interval))
         after = read()
         left = [int(store.add(LEFT.format(r), 0)) for r in range(world)]
     except Exception:  # noqa: BLE001 - DistStoreError, timeout, connection refused
