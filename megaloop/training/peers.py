@@ -58,6 +58,24 @@ def beat_interval(dist_timeout: float) -> float:
     return min(5.0, max(0.5, dist_timeout / 20.0))
 
 
+def bounded(fn: Callable[[], object], seconds: float):
+    """fn() run on a daemon thread, its result, or None if it raised or did not return within `seconds`. A store
+    call to a host that is stopped (SIGSTOP) blocks in recv() for ever, whatever the store's timeout, and holds
+    the store client's lock; the thread is left behind (daemon: it does not keep the process alive)."""
+    out = []
+
+    def run():
+        try:
+            out.append(fn())
+        except Exception:  # noqa: BLE001 - the store's host is gone or refuses: no answer
+            pass
+
+    t = threading.Thread(target=run, name="megaloop-peer-diagnosis", daemon=True)
+    t.start()
+    t.join(seconds)
+    return out[0] if out else None
+
+
 def window(interval: float) -> float:
     """How long the diagnosis watches the counters: three beats, at least 5 s (a busy rank's heartbeat thread may
     wait for the GIL a while; a live rank wrongly named would mislead more than a few seconds cost)."""
@@ -199,27 +217,28 @@ class PeerWatch:
         if not is_peer_failure(exc):
             return None
         beat = self.heartbeat
-        store = beat.store if beat is not None else None
-        silent = silent_ranks(store, self.world, beat.interval) if store is not None else None
+        if beat is None:
+            return describe(exc, self.rank, self.world, None, self.dist_timeout, last_good)
+
+        def diagnose():
+            silent = silent_ranks(beat.store, self.world, beat.interval)
+            if silent is None:
+                return None, {}
+            beat.store.add(LEFT.format(self.rank), 1)
+            return silent, read_errors(beat.store, self.world)
+
+        found = bounded(diagnose, window(beat.interval) + 10.0)
         self.stop()
-        if store is not None and silent is not None:
-            try:
-                store.add(LEFT.format(self.rank), 1)
-            except Exception:  # noqa: BLE001
-                pass
-        causes = read_errors(store, self.world) if store is not None and silent is not None else {}
+        silent, causes = found if found is not None else (None, {})
         return describe(exc, self.rank, self.world, silent, self.dist_timeout, last_good, causes)
 
     def record(self, exc: BaseException) -> None:
         """Leave this rank's one-line error in the store: the rank that reports (usually rank 0, which did not
         fail itself) names it instead of only "rank N died"."""
         from megaloop.errors import one_line
-        if self.heartbeat is None:
-            return
-        try:
-            self.heartbeat.store.set(ERROR.format(self.rank), one_line(exc))
-        except Exception:  # noqa: BLE001
-            pass
+        if self.heartbeat is not None:
+            store, line = self.heartbeat.store, one_line(exc)
+            bounded(lambda: store.set(ERROR.format(self.rank), line), 5.0)
 
     def stop(self) -> None:
         if self.heartbeat is not None:
