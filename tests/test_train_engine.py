@@ -209,7 +209,7 @@ def test_dead_rank_makes_the_others_exit_in_bounded_time(env):
     assert rcs[1] == 13
     assert sorted(train_losses(out)) == [1, 2, 3]
     assert rcs[0] is not None and rcs[0] != 0, "rank 0 hung or succeeded although rank 1 died"
-    assert elapsed < 80
+    assert elapsed < 90  # (start-up, 3 steps, and the ~5 s in which rank 0 watches the heartbeats to name rank 1)
     # one line naming the dead rank and the last complete checkpoint (megaloop/training/peers.py)
     assert rcs[0] == 2 and "Traceback" not in results[0][1], results[0][1][-3000:]
     assert "error: rank 1 died (connection closed by peer); the last complete checkpoint is " in results[0][1]
