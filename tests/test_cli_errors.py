@@ -554,3 +554,15 @@ def test_stale_temporaries_of_a_killed_run_are_removed(files, tmp_path):
     (out / f".hf.tmp-{host}-{dead}-abc" / "model.safetensors").write_bytes(b"partial")
     tmp = make_temp_dir(out / "hf")
     assert not (out / f".hf.tmp-{host}-{dead}-abc").exists() and tmp.is_dir()
+
+
+def test_rendezvous_that_never_completes_is_one_line(tmp_path):
+    """Rank 0 of a world of 2 whose rank 1 never starts: after train.dist_timeout, one line naming MASTER_ADDR:PORT
+    (was DistStoreError's traceback)."""
+    from test_train_support import free_port
+    port = free_port()
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain_looped.py"), "train.dist_timeout=2",
+                           f"train.output_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                                                MASTER_PORT=str(port)))
+    one_line(proc, "rank 0 of 2 could not join", f"127.0.0.1:{port}", "train.dist_timeout=2 s", "MASTER_PORT")

@@ -79,8 +79,10 @@ def _fill_single_rank_env() -> None:
 def init_distributed(timeout_s: float = 600.0) -> None:
     """Initialise deepspeed.comm with the accelerator's backend and a bounded timeout.
 
-    The timeout bounds how long a collective waits for a rank that died: the survivors fail with an
-    error instead of hanging (the deepspeed launcher then kills the remaining siblings)."""
+    The timeout bounds the rendezvous and every collective of every process group (bound_group_timeouts; NCCL:
+    nccl_watchdog_env): the survivors of a rank that died or stopped fail with an error instead of hanging, and
+    megaloop.training.peers names that rank. A rendezvous that fails (a port taken, rank 0 unreachable) is one
+    line (DistributedSetupError)."""
     import deepspeed
     import deepspeed.comm as dist
     from deepspeed.accelerator import get_accelerator
@@ -103,20 +105,32 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
     timeout = datetime.timedelta(seconds=float(timeout_s))
     bound_group_timeouts(timeout)
-    if acc.device_name() != "cpu":
-        # The rank's device first, then the process group bound to it (`device_id`): NCCL then neither
-        # guesses the device ("using GPU N ... guessing device ID") nor puts two ranks on one GPU.
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        acc.set_device(local)
-        import torch.distributed as tdist
-        if not tdist.is_initialized():
-            try:
-                tdist.init_process_group(backend, timeout=timeout,
-                                         device_id=torch.device(acc.device_name(), local))
-            except TypeError:  # a torch without device_id
-                tdist.init_process_group(backend, timeout=timeout)
-    # (DeepSpeed adopts a process group that already exists.)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
+    import torch.distributed as tdist
+    try:
+        if acc.device_name() != "cpu":
+            # The rank's device first, then the process group bound to it (`device_id`): NCCL then neither
+            # guesses the device ("using GPU N ... guessing device ID") nor puts two ranks on one GPU.
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            acc.set_device(local)
+            if not tdist.is_initialized():
+                try:
+                    tdist.init_process_group(backend, timeout=timeout,
+                                             device_id=torch.device(acc.device_name(), local))
+                except TypeError:  # a torch without device_id
+                    tdist.init_process_group(backend, timeout=timeout)
+        # (DeepSpeed adopts a process group that already exists.)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
+    except getattr(tdist, "DistError", RuntimeError) as e:  # the rendezvous store: refused, timed out, port taken
+        from megaloop.errors import one_line
+        env = os.environ
+        err = DistributedSetupError(
+            f"rank {env.get('RANK')} of {env.get('WORLD_SIZE')} could not join the others at MASTER_ADDR:MASTER_PORT "
+            f"{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')} within train.dist_timeout={float(timeout_s):g} s "
+            f"({one_line(e)[:160]}): start every rank with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, and "
+            f"check that rank 0 runs and its host is reachable")
+        # A rank that could not even reach rank 0's store says so itself (rank 0, which would, is missing).
+        err.report_on_this_rank = env.get("RANK", "0") == "0" or isinstance(e, getattr(tdist, "DistNetworkError", ()))
+        raise err from None
 
 
 class DistributedSetupError(MegaloopError, RuntimeError):
