@@ -497,7 +497,7 @@ def test_tensorboard_full_disk_is_one_line_without_the_thread_traceback(capsys, 
     monkeypatch.setattr(rw.RecordWriter, "write", write)
 
     def main(argv):
-        logger = RunLogger(str(tmp_path / "run"), True, tensorboard=True)
+        logger = RunLogger(str(tmp_path / "run"), True)  # (train.loggers: tensorboard and jsonl by default)
         try:
             for step in range(200):
                 logger.scalars(step, {"loss": 1.0})

@@ -187,9 +187,12 @@ class PeerWatch:
     def __init__(self):
         self.rank, self.world, self.dist_timeout, self.heartbeat = 0, 1, 0.0, None
 
-    def start(self, rank: int, world: int, dist_timeout: float) -> None:
-        self.rank, self.world, self.dist_timeout = rank, world, dist_timeout
-        self.heartbeat = Heartbeat.start_for(rank, world, dist_timeout)
+    def start(self, dist_timeout: float):
+        """After init_distributed: this rank's heartbeat. Returns (rank, world size)."""
+        import deepspeed.comm as dist
+        self.rank, self.world, self.dist_timeout = dist.get_rank(), dist.get_world_size(), dist_timeout
+        self.heartbeat = Heartbeat.start_for(self.rank, self.world, dist_timeout)
+        return self.rank, self.world
 
     @contextlib.contextmanager
     def name_lost_ranks(self, last_good: Callable[[], Optional[str]]):

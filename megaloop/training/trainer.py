@@ -49,8 +49,7 @@ class Trainer:
         self.cfg = cfg
         self.faults = faults or FaultPlan()
         self.override_resume_config = override_resume_config
-        self.lock = None
-        self.peers = PeerWatch()
+        self.lock, self.peers = None, PeerWatch()
 
     # ------------------------------------------------------------------------------------------
     def setup(self):
@@ -62,8 +61,7 @@ class Trainer:
         init_distributed(t.dist_timeout)
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
         acc = get_accelerator()
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.peers.start(self.rank, self.world, t.dist_timeout)  # heartbeat: names a rank that stops answering
+        self.rank, self.world = self.peers.start(t.dist_timeout)  # (rank, world); a heartbeat names a lost rank
         check_supported(cfg, self.world, acc.device_name(),
                         fp16_supported=acc.is_fp16_supported(), bf16_supported=acc.is_bf16_supported())
         self.state = st = build_state(p)
