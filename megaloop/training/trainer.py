@@ -208,7 +208,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict:
         try:
-            with self.peers.name_lost_ranks(lambda: getattr(self, "last_good", None)):  # (peers.py)
+            with self.peers.name_lost_ranks(lambda: getattr(getattr(self, "saver", None), "last_good", None)):
                 return self._run()
         finally:
             if self.lock is not None:
