@@ -90,7 +90,8 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     if dist.is_initialized():
         return
     _fill_single_rank_env()
-    check_master_port()
+    if not torch.distributed.is_initialized():  # (a process group made by the caller holds the port itself)
+        check_master_port()
     nccl_watchdog_env(timeout_s)
     acc = get_accelerator()
     if acc.device_name() == "cpu" and os.environ.get("MEGALOOP_DS_SHM_OP", "0") != "1":
