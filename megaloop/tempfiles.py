@@ -24,7 +24,8 @@ def temp_suffix(kind: str = "tmp") -> str:
     return f".{kind}-{_HOST}-{os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -45,7 +46,7 @@ def is_stale(name: str, final_name: str) -> bool:
     if host is not None and host != _HOST:
         return False
     pid = int(m.group("pid"))
-    return pid != os.getpid() and not _alive(pid)
+    return pid != os.getpid() and not pid_alive(pid)
 
 
 def remove_stale(folder, final_name: str) -> List[str]:

@@ -187,7 +187,7 @@ def finalize_save(root, step: int, consumed_samples, rank: int, keep: int = 0) -
 def load_training(engine, tag_dir, rank: int) -> dict:
     """Load weights, optimizer, scheduler and this rank's RNG states from a (complete) tag folder, as
     layout.resolve returns it; returns the client state saved with it."""
-    from megaloop.checkpoint.safe_load import check_folder, load
+    from megaloop.checkpoint.safe_load import check_folder
 
     tag_dir = Path(tag_dir)
     check_folder(tag_dir)  # DeepSpeed unpickles with weights_only=False: nothing in the folder may name a callable

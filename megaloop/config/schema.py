@@ -410,6 +410,17 @@ class Config:
         return _yaml_dict(self)
 
 
+def flat_dict(tree: dict, prefix: str = "") -> dict:
+    """A nested dict (Config.to_dict()) as {"section.key": value}, the names overrides use."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flat_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def yaml_key(f: dataclasses.Field) -> str:
     """The name a config field has in YAML / overrides (its own name unless it is a Python keyword)."""
     return f.metadata.get("yaml", f.name)

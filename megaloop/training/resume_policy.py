@@ -27,9 +27,10 @@ A resume compares the config saved in the checkpoint with the one the run was st
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, List, Tuple
 
 from megaloop.config import Config, ConfigError
+from megaloop.config.schema import flat_dict
 
 APPLIED_PREFIXES = ("loop.", "init.",  # init.*: applied when a run starts, never on a resume
                     "train.wandb.", "train.mlflow.", "train.profile.",  # trackers and profiler: this job's
@@ -55,19 +56,9 @@ class ResumeConfigError(ConfigError):
     """The resumed run's config changes fields a resume cannot apply."""
 
 
-def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def differences(saved: Config, now: Config) -> List[Tuple[str, Any, Any]]:
     """(field, value in the checkpoint, value now) for every field that differs, layout excluded."""
-    a, b = _flatten(saved.to_dict()), _flatten(now.to_dict())
+    a, b = flat_dict(saved.to_dict()), flat_dict(now.to_dict())
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and not k.startswith(LAYOUT_PREFIX)]
 

@@ -17,22 +17,13 @@ import time
 from typing import Optional
 
 from megaloop.config import ConfigError, save_config
+from megaloop.tempfiles import pid_alive
 
 LOCK_NAME = ".megaloop.lock"
 
 
 class RunDirBusy(ConfigError):
     """Another run holds the output folder."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunDirLock:
@@ -82,7 +73,7 @@ class RunDirLock:
             if host != socket.gethostname():
                 raise RunDirBusy(f"output folder {os.path.dirname(self.path)} is locked by {self._describe(previous)}; "
                                  f"if that run is gone, delete {self.path}")
-            if _pid_alive(int(pid)) and int(pid) != os.getpid():
+            if pid_alive(int(pid)) and int(pid) != os.getpid():
                 raise RunDirBusy(f"output folder {os.path.dirname(self.path)} is in use by another run "
                                  f"({self._describe(previous)}); wait for it, stop it, or choose another "
                                  f"train.output_dir")

@@ -20,6 +20,8 @@ import time
 import uuid
 from typing import Dict, List, Optional
 
+from megaloop.config.schema import flat_dict
+
 IDS_FILE = "trackers.json"
 
 
@@ -42,16 +44,6 @@ def run_description(cfg, state, world: int, accelerator: str) -> dict:
         "world": world, "tensor_parallel": state.tp_size, "pipeline_parallel": state.pp_size,
         "data_parallel": state.dp_size, "sequence_parallel": bool(state.sequence_parallel),
         "zero_stage": cfg.parallel.zero_stage, "precision": cfg.train.precision, "accelerator": accelerator}}
-
-
-def _flatten(tree: dict, prefix: str = "") -> Dict[str, object]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class _RunIds:
@@ -193,7 +185,7 @@ class MlflowTracker:
         tags += [RunTag(f"layout.{k}", str(v)) for k, v in layout.items()]
         self.client.log_batch(self.run_id, tags=tags)
         if not self.resumed:  # (params are immutable in MLflow: a resumed run's config is its checkpoint's)
-            params = [Param(k, str(v)[:6000]) for k, v in _flatten(config).items()]
+            params = [Param(k, str(v)[:6000]) for k, v in flat_dict(config).items()]
             for i in range(0, len(params), 100):  # MLflow's limit per batch
                 self.client.log_batch(self.run_id, params=params[i:i + 100])
         self.client.log_dict(self.run_id, config, "config.json")
