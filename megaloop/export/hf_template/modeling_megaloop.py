@@ -385,8 +385,10 @@ class MegaloopSparseAttention(MegaloopAttention):
 
 # Copied from megaloop/ops/short_conv.py:causal_depthwise_conv1d
 def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                            initial_state: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x: (B, T, C), weight: (C, W), bias: (C,), initial_state: (B, C, W-1).
+                            initial_state: Optional[torch.Tensor] = None,
+                            doc_ids: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x: (B, T, C), weight: (C, W), bias: (C,), initial_state: (B, C, W-1), doc_ids: (B, T) packed
+    documents (the carried initial_state belongs to the first token's document).
     Returns y (B, T, C) and final_state (B, C, W-1)."""
     B, T, C = x.shape
     if weight.dim() != 2 or weight.shape[0] != C:
@@ -400,9 +402,24 @@ def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
     # Prepend the carried inputs instead of zero padding: this is what makes the conv causal and
     # resumable. conv1d is a cross-correlation, so weight[:, -1] lands on the newest input.
     history = torch.cat([initial_state.to(x.dtype), x.transpose(1, 2)], dim=2)  # (B, C, W-1+T)
-    y = F.conv1d(history, weight.unsqueeze(1), bias, groups=C)                  # (B, C, T)
     final_state = history[:, :, history.shape[2] - (W - 1):]
+    if doc_ids is not None:
+        return _conv_within_documents(history, weight, bias, doc_ids).transpose(1, 2), final_state
+    y = F.conv1d(history, weight.unsqueeze(1), bias, groups=C)                  # (B, C, T)
     return y.transpose(1, 2), final_state
+
+
+# Copied from megaloop/ops/short_conv.py:_conv_within_documents
+def _conv_within_documents(history, weight, bias, doc_ids):
+    """The conv as W shifted products, tap w reading lag W-1-w only where that token is in the query's
+    document: (B, C, W-1+T) -> (B, C, T). W is small (4): W element-wise products, no (T, W) unfold."""
+    W, T = weight.shape[1], doc_ids.shape[1]
+    docs = torch.cat([doc_ids[:, :1].expand(-1, W - 1), doc_ids], dim=1)          # history's documents
+    y = history[:, :, W - 1:] * weight[:, W - 1, None]
+    for w in range(W - 1):
+        same = (docs[:, w:w + T] == doc_ids).unsqueeze(1)                        # (B, 1, T)
+        y = y + torch.where(same, history[:, :, w:w + T], 0.0) * weight[:, w, None]
+    return y if bias is None else y + bias[:, None]
 
 
 # Copied from megaloop/ops/gated_delta.py:_compute_dtype
@@ -425,10 +442,19 @@ def _check_shapes(q, k, v, g, beta, initial_state):
         raise ValueError(f"initial_state must be (B, H, Dk, Dv) = ({B}, {H}, {Dk}, {Dv}), got {tuple(initial_state.shape)}")
 
 
+# Copied from megaloop/ops/gated_delta.py:document_starts
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the token starts a new document (its predecessor is in another one; never at t = 0,
+    whose state is the carried initial state)."""
+    starts = torch.zeros_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
 # Copied from megaloop/ops/gated_delta.py:gated_delta_rule_recurrent
 def gated_delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                               initial_state: Optional[torch.Tensor] = None, scale: Optional[float] = None
-                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+                               initial_state: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                               doc_ids: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Naive token-by-token gated delta rule. The reference the chunked form is tested against,
     and the right tool for single-token decode. Returns (o (B, T, H, Dv), final_state (B, H, Dk, Dv))."""
     _check_shapes(q, k, v, g, beta, initial_state)
@@ -443,10 +469,13 @@ def gated_delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         state = q.new_zeros(B, H, Dk, Dv)
     else:
         state = initial_state.to(dtype)
+    keep = None if doc_ids is None else (~document_starts(doc_ids)).to(dtype)  # 0: a document starts
     outputs = []
     for t in range(T):
         k_t, q_t = k[:, t], q[:, t]                                      # (B, H, Dk)
         state = state * g[:, t].exp()[..., None, None]                   # S' = alpha S
+        if keep is not None:
+            state = state * keep[:, t, None, None, None]
         stored = torch.einsum("bhkv,bhk->bhv", state, k_t)               # S'^T k
         correction = beta[:, t, :, None] * (v[:, t] - stored)            # u
         state = state + k_t[..., :, None] * correction[..., None, :]     # S' + k u^T
@@ -458,7 +487,8 @@ def gated_delta_rule_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 # Copied from megaloop/ops/gated_delta.py:gated_delta_rule_chunked
 def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                              initial_state: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                             chunk_size: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
+                             chunk_size: int = 64, doc_ids: Optional[torch.Tensor] = None
+                             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise-parallel gated delta rule, numerically equal to `gated_delta_rule_recurrent`.
 
     Inside a chunk of C tokens, with S_0 the state entering the chunk and G_i = g_1 + ... + g_i
@@ -481,6 +511,9 @@ def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     T need not be a multiple of chunk_size: the tail is padded with k = v = q = 0, g = 0, beta = 0,
     which leaves the state untouched (alpha = 1, nothing written).
+
+    doc_ids: with n_i the number of document starts in the chunk up to i, e^{G_i - G_j} is kept only
+    where n_i = n_j, e^{G_i} (from S_0) only where n_i = 0, e^{G_C - G_j} only where n_C = n_j.
     """
     _check_shapes(q, k, v, g, beta, initial_state)
     if chunk_size < 1:
@@ -506,6 +539,13 @@ def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return x.reshape(B, H, N, C, *x.shape[3:])
 
     q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))
+    same_doc = from_start = to_end = None
+    if doc_ids is not None:  # documents started in the chunk up to i, (B, 1, N, C) (heads broadcast)
+        starts = document_starts(doc_ids).to(dtype)
+        n = F.pad(starts, (0, pad)).view(B, 1, N, C).cumsum(-1)
+        same_doc = (n[..., :, None] == n[..., None, :]).to(dtype)             # (B, 1, N, C, C)
+        from_start = (n == 0).to(dtype)                                       # no start in [0, i]
+        to_end = (n == n[..., -1:]).to(dtype)                                 # no start in (j, C)
 
     # --- everything below, up to the chunk loop, is parallel over (B, H, N) ---
     log_decay = g.cumsum(dim=-1)                                             # G_i   (B, H, N, C)
@@ -513,22 +553,29 @@ def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     pair_log_decay = log_decay[..., :, None] - log_decay[..., None, :]
     decay_mask = pair_log_decay.masked_fill(~causal, 0.0).exp() * causal    # (B, H, N, C, C)
+    decay = log_decay.exp()                                                 # e^{G_i}
+    if same_doc is not None:
+        decay_mask = decay_mask * same_doc
+        decay = decay * from_start
 
     # UT transform: solve (I + A) X = [diag(beta) V | diag(beta e^G) K] with A strictly lower.
     k_beta = k * beta[..., None]
     strictly_lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
     A = (k_beta @ k.transpose(-1, -2)) * decay_mask * strictly_lower
     eye = torch.eye(C, dtype=dtype, device=q.device)
-    rhs = torch.cat([v * beta[..., None], k_beta * log_decay.exp()[..., None]], dim=-1)
+    rhs = torch.cat([v * beta[..., None], k_beta * decay[..., None]], dim=-1)
     solved = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
     u_from_values, w = solved[..., :Dv], solved[..., Dv:]                   # U = U_v - W S_0
 
     # Intra-chunk attention (decayed, causal incl. the diagonal) and the inter-chunk read-out terms.
     intra_attention = (q @ k.transpose(-1, -2)) * decay_mask * scale        # (B, H, N, C, C)
-    q_decayed = q * (log_decay.exp()[..., None] * scale)                    # e^{G_i} q_i
+    q_decayed = q * (decay[..., None] * scale)                              # e^{G_i} q_i
     chunk_log_decay = log_decay[..., -1:]                                   # G_C   (B, H, N, 1)
-    k_to_chunk_end = k * (chunk_log_decay - log_decay).exp()[..., None]     # e^{G_C - G_j} k_j
-    chunk_decay = chunk_log_decay.exp()[..., None]                          # (B, H, N, 1, 1)
+    to_chunk_end = (chunk_log_decay - log_decay).exp()                      # e^{G_C - G_j}
+    chunk_decay = decay[..., -1:, None]                                     # e^{G_C} (B, H, N, 1, 1)
+    if to_end is not None:
+        to_chunk_end = to_chunk_end * to_end
+    k_to_chunk_end = k * to_chunk_end[..., None]
 
     # --- sequential hand-off of the state between chunks ---
     outputs = []
