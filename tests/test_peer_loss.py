@@ -23,7 +23,8 @@ def test_new_groups_default_to_the_run_timeout(monkeypatch):
     """DeepSpeed creates the DP / PP / TP / ZeRO groups with new_group(ranks) and no timeout: torch then uses
     _get_default_timeout (30 min for gloo) unless bound_group_timeouts set the run's."""
     from torch.distributed import distributed_c10d as c10d
-    monkeypatch.setattr(c10d, "default_pg_timeout", c10d.default_pg_timeout)
+    # torch's own defaults, whatever an earlier in-process run in this pytest process set (restored after)
+    monkeypatch.setattr(c10d, "default_pg_timeout", datetime.timedelta(minutes=30))
     monkeypatch.setattr(c10d, "default_pg_nccl_timeout", c10d.default_pg_nccl_timeout)
     assert c10d._get_default_timeout(c10d.Backend("gloo")) == datetime.timedelta(minutes=30)
     bound_group_timeouts(datetime.timedelta(seconds=20))
