@@ -4,6 +4,7 @@
     python tools/reproduce.py flt_stability                 # default size: ~10 minutes on 2 CPU cores
     python tools/reproduce.py recall_norm --quick           # tiny models, a few steps (what the tests run)
     python tools/reproduce.py parcae_injection --write-docs # also update docs/reproductions.md
+    python tools/reproduce.py flt_stability --seeds 1234,1235  # per seed; held only if held for every seed
 
 Each claim trains its variants with pretrain_looped.py (one rank each, a subprocess), writes
 OUT/<claim>/summary.csv, OUT/<claim>/figure.png and OUT/<claim>/result.json (OUT: --out, default
@@ -29,12 +30,19 @@ def _main(argv=None):
 
     from megaloop.reproduce import CLAIMS, claim_module, run_claim
     from megaloop.reproduce.runner import Context
+    from megaloop.reproduce.seeds import parse_seeds
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("claim", nargs="?", help=f"one of: {', '.join(CLAIMS)}")
     p.add_argument("--list", action="store_true", help="list the claims, one line each")
     p.add_argument("--quick", action="store_true", help="tiny models and a few steps (seconds per claim)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
+    p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu (default): sized for a few minutes per variant on 2 CPU cores; gpu: each claim's GPU "
+                        "size (~15 minutes of one H100, on the machine's accelerator; see the claim's docstring)")
+    p.add_argument("--seeds", default="1234",
+                   help="comma-separated training seeds (default 1234): each variant trains once per seed (train.seed, "
+                        "which also seeds a task's examples); the verdict holds only if it holds for every seed")
     p.add_argument("--jobs", type=int, default=1, help="variants trained at once (one process, one thread each)")
     p.add_argument("--reuse", action="store_true",
                    help="measure again the finished runs under OUT/<claim>/runs whose config is unchanged, "
@@ -52,9 +60,11 @@ def _main(argv=None):
         raise UsageError(f"name a claim ({', '.join(CLAIMS)}), or --list, or --write-docs")
     if args.claim is not None and args.claim not in CLAIMS:
         raise UsageError(f"unknown claim {args.claim!r}; known: {', '.join(CLAIMS)} (see --list)")
+    seeds = parse_seeds(args.seeds)
     records = {}
     if args.claim is not None:
-        ctx = Context(args.out, quick=args.quick, jobs=args.jobs, reuse=args.reuse)
+        ctx = Context(args.out, quick=args.quick, jobs=args.jobs, reuse=args.reuse, seeds=seeds, seed=seeds[0],
+                      scale=args.scale)
         command = "python tools/reproduce.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                    else sys.argv[1:]))
         record = run_claim(args.claim, ctx, command)

@@ -1,7 +1,7 @@
 """One-command reproductions of the looped-model papers' claims, trained through the real stack.
 
     python tools/reproduce.py --list
-    python tools/reproduce.py flt_stability [--quick] [--out runs/reproduce] [--write-docs]
+    python tools/reproduce.py flt_stability [--quick] [--seeds 1234,1235] [--out runs/reproduce] [--write-docs]
 
 Each claim (one module here) trains its variants with `pretrain_looped.py` (one rank, a subprocess each;
 runner.py), measures them with megaloop's own code, writes OUT/<claim>/{summary.csv, figure.png,
@@ -23,9 +23,14 @@ def claim_module(name: str):
 
 
 def run_claim(name: str, ctx, command: str) -> dict:
-    """Train, measure, write OUT/<name>/{summary.csv, figure.png, result.json}; returns the result record."""
+    """Train, measure (once per seed in ctx.seeds), write OUT/<name>/{summary.csv, figure.png, result.json};
+    returns the result record. The verdict holds only if it holds for every seed (seeds.combine)."""
     from megaloop.reproduce.runner import write_outputs
+    from megaloop.reproduce.seeds import combine
 
     t0 = time.time()
-    result = claim_module(name).run(ctx)
-    return write_outputs(ctx, name, result, command, time.time() - t0)
+    per_seed = []
+    for seed in ctx.seeds:
+        ctx.seed = seed
+        per_seed.append(claim_module(name).run(ctx))
+    return write_outputs(ctx, name, combine(name, ctx.seeds, per_seed), command, time.time() - t0)

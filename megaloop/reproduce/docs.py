@@ -38,12 +38,18 @@ def _training(record: dict) -> str:
 def render_section(record: dict, claim_dir: str, docs_path: str) -> str:
     """The markdown section of one claim's result (figure copied next to the docs when small)."""
     name = record["claim"]
-    rows = read_summary(os.path.join(claim_dir, "summary.csv"))
-    cols = record["columns"]
+    seeds = record.get("seeds") or [1234]  # records written before --seeds ran with train.seed 1234
+    several = bool(record.get("mean_columns"))
+    rows = read_summary(os.path.join(claim_dir, "summary_mean.csv" if several else "summary.csv"))
+    cols = record["mean_columns"] if several else record["columns"]
     lines = [f"<!-- claim:{name} -->", f"## {name}", "", claim_module(name).SUMMARY + ".", "",
              f"- Command: `{record['command']}`",
              f"- Date: {record['date']}; wall time {record['wall_s']:.0f} s{_training(record)} (1-minute load "
              f"average at the end: {record['load_avg_1m']}){'; --quick mode' if record['quick'] else ''}",
+             f"- seeds: {', '.join(map(str, seeds))}"
+             + ("; the verdict holds only if it holds for every seed; the table shows mean ± spread (half the "
+                "range over the seeds) where the seeds differ, the per-seed rows are in summary.csv"
+                if several else ""),
              f"- Verdict: {record['verdict']}", ""]
     long = len(rows) > LONG_TABLE
     if long:  # a long table folds away on GitHub

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -38,6 +38,14 @@ class Context:
     reused: int = 0  # variants read back instead of trained
     python: str = sys.executable
     verbose: bool = True
+    scale: str = "cpu"  # --scale gpu: each claim's GPU-sized settings (~15 minutes of one H100), on the accelerator
+    seeds: Tuple[int, ...] = (1234,)  # --seeds: the claim runs once per seed (megaloop/reproduce/seeds.py)
+    seed: int = 1234  # the seed running now: every variant's train.seed
+
+    def runs_dir(self, claim_dir: str) -> str:
+        """claim_dir/runs (one seed) or claim_dir/runs/seed<N> (several): one folder per variant under it."""
+        runs = os.path.join(claim_dir, "runs")
+        return runs if len(self.seeds) == 1 else os.path.join(runs, f"seed{self.seed}")
 
     def claim_dir(self, claim: str) -> str:
         path = os.path.join(os.path.abspath(self.out_dir), claim)
@@ -111,8 +119,14 @@ class ClaimResult:
     rows: List[dict]  # summary.csv rows (the same keys in each)
     verdict: str  # one line, with the numbers
     held: bool
-    draw: Callable  # draw(fig) -> None: fills a matplotlib figure
+    draw: Callable  # draw(fig) -> None: fills a matplotlib figure (or subfigure)
     figsize: tuple = (10, 4)
+    # the numbers the verdict compares, by name (the multi-seed verdict shows their mean ± spread)
+    headline: Dict[str, float] = field(default_factory=dict)
+    # filled by seeds.combine: headline values per seed, each seed's verdict, summary rows as mean ± spread
+    per_seed: Dict[str, List[float]] = field(default_factory=dict)
+    seed_verdicts: List[str] = field(default_factory=list)
+    mean_rows: Optional[List[dict]] = None
 
 
 def deep_update(base: dict, *updates: dict) -> dict:
@@ -173,7 +187,7 @@ def _finished(variant: Variant, run_dir: str) -> Optional[RunResult]:
 
 
 def _start(ctx: Context, variant: Variant, claim_dir: str):
-    run_dir = os.path.join(claim_dir, "runs", variant.name)
+    run_dir = os.path.join(ctx.runs_dir(claim_dir), variant.name)
     if os.path.isdir(run_dir):  # train afresh: never resume a previous reproduction
         import shutil
         shutil.rmtree(run_dir)
@@ -184,8 +198,9 @@ def _start(ctx: Context, variant: Variant, claim_dir: str):
         yaml.safe_dump(cfg, f, sort_keys=False)
     env = dict(os.environ)
     env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+               MASTER_PORT=str(_free_port()), PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    if ctx.scale == "cpu":  # (--scale gpu: DeepSpeed picks the machine's accelerator)
+        env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     env.pop("MEGALOOP_FAULT", None)
     log = open(os.path.join(run_dir, "train.log"), "w")
     cmd = [ctx.python, os.path.join(REPO, "pretrain_looped.py"), "--config", cfg_path, "--no-auto-resume"]
@@ -196,11 +211,15 @@ def _start(ctx: Context, variant: Variant, claim_dir: str):
 def train_variants(ctx: Context, claim_dir: str, variants: List[Variant]) -> Dict[str, RunResult]:
     """Train every variant (ctx.jobs at a time). A run that stops on a non-finite loss is kept (diverged);
     any other failure raises with the tail of its log. With ctx.reuse, a finished run of the same config
-    under claim_dir/runs/<name> is read back instead of trained again."""
+    under claim_dir/runs/<name> is read back instead of trained again. Every variant trains with train.seed =
+    ctx.seed (seeds.seeded); with several --seeds its folder is claim_dir/runs/seed<N>/<name>."""
+    from megaloop.reproduce.seeds import seeded
+
+    variants = [Variant(v.name, seeded(v.config, ctx.seed)) for v in variants]
     pending, running, results = list(variants), [], {}
     if ctx.reuse:
         for v in variants:
-            done = _finished(v, os.path.join(claim_dir, "runs", v.name))
+            done = _finished(v, os.path.join(ctx.runs_dir(claim_dir), v.name))
             if done is not None:
                 ctx.log(f"{v.name}: reusing the finished run in {done.run_dir}")
                 results[v.name] = done
@@ -210,7 +229,7 @@ def train_variants(ctx: Context, claim_dir: str, variants: List[Variant]) -> Dic
     while pending or running:
         while pending and len(running) < max(1, ctx.jobs):
             v = pending.pop(0)
-            ctx.log(f"training {v.name}")
+            ctx.log(f"training {v.name}" + (f" (seed {ctx.seed})" if len(ctx.seeds) > 1 else ""))
             running.append((v, *_start(ctx, v, claim_dir)))
         still = []
         for v, proc, log, run_dir, t0 in running:
@@ -241,7 +260,8 @@ def train_variants(ctx: Context, claim_dir: str, variants: List[Variant]) -> Dic
 def demo_corpus(ctx: Context) -> dict:
     """{"data_path": [...], "tokenizer_type": "sentencepiece", "tokenizer_model": ..., "vocab_size": ...} of the
     demo corpus under OUT/_data (the Python standard library's sources, no download), made on first use."""
-    max_bytes, vocab = (1_000_000, 512) if ctx.quick else (4_000_000, 1024)
+    max_bytes, vocab = ((1_000_000, 512) if ctx.quick else (16_000_000, 4096) if ctx.scale == "gpu"
+                        else (4_000_000, 1024))
     data_dir = os.path.join(os.path.abspath(ctx.out_dir), "_data", f"demo_{max_bytes // 1000}k_v{vocab}")
     prefix = os.path.join(data_dir, "demo")
     spm = os.path.join(data_dir, "spm.model")
@@ -279,9 +299,11 @@ def load_trained(run: RunResult):
     return model.eval()
 
 
-def task_accuracy(model, task, loops: int, num: int = 256, batch: int = 64, offset: int = 0) -> tuple:
+def task_accuracy(model, task, loops: int, num: int = 256, batch: int = 64, offset: int = 0,
+                  min_position: int = 0) -> tuple:
     """(per-sequence, per-position) exact-match accuracy of `model` at `loops` on `num` examples of `task`
-    (megaloop.tasks exact_match_counts); (nan, nan) without a model."""
+    (megaloop.tasks exact_match_counts), scoring answers at token positions >= min_position only (position 1
+    of a prefix-composition target is a copy of the input); (nan, nan) without a model."""
     import torch
 
     from megaloop.tasks import exact_match_counts
@@ -295,6 +317,7 @@ def task_accuracy(model, task, loops: int, num: int = 256, batch: int = 64, offs
             pairs = [task.example(i) for i in idx]
             tokens = torch.stack([p[0] for p in pairs])
             labels = torch.stack([p[1] for p in pairs])
+            labels[:, :min_position] = -100
             torch.manual_seed(0)  # a fixed draw for a noise initial state
             logits = model(tokens, loops=loops).logits
             a, b, c, d = exact_match_counts(logits, labels)
@@ -357,25 +380,39 @@ def write_outputs(ctx: Context, claim: str, result: ClaimResult, command: str, w
 
     d = ctx.claim_dir(claim)
     columns = list(result.rows[0].keys())
-    with open(os.path.join(d, "summary.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        for row in result.rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    fig = plt.figure(figsize=result.figsize)
+    _write_csv(os.path.join(d, "summary.csv"), columns, result.rows)
+    mean_path = os.path.join(d, "summary_mean.csv")
+    if result.mean_rows:  # several seeds: one row per variant, mean ± spread where the seeds differ
+        _write_csv(mean_path, list(result.mean_rows[0]), result.mean_rows)
+    elif os.path.isfile(mean_path):
+        os.remove(mean_path)  # a stale table of an earlier multi-seed run
+    several = len(ctx.seeds) > 1
+    fig = plt.figure(figsize=result.figsize, layout="constrained" if several else None)
     result.draw(fig)
-    fig.suptitle(f"{claim}{' (--quick)' if ctx.quick else ''}: {'held' if result.held else 'did not hold'}",
+    fig.suptitle(f"{claim}{' (--quick)' if ctx.quick else ''}: {'held' if result.held else 'did not hold'}"
+                 + (f" for every seed ({', '.join(map(str, ctx.seeds))})" if several and result.held else ""),
                  fontsize=10)
-    fig.tight_layout()
+    if not several:
+        fig.tight_layout()
     fig.savefig(os.path.join(d, "figure.png"), dpi=80)
     plt.close(fig)
     record = {"claim": claim, "command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "quick": ctx.quick, "verdict": result.verdict, "held": result.held, "wall_s": round(wall_s, 1),
               "train_wall_s": round(ctx.train_wall_s, 1), "reused_runs": ctx.reused,
-              "load_avg_1m": round(os.getloadavg()[0], 2), "columns": columns}
+              "load_avg_1m": round(os.getloadavg()[0], 2), "columns": columns, "seeds": list(ctx.seeds),
+              "seed_verdicts": result.seed_verdicts, "headline": result.per_seed,
+              "mean_columns": list(result.mean_rows[0]) if result.mean_rows else None}
     with open(os.path.join(d, "result.json"), "w") as f:
         json.dump(record, f, indent=1)
     return record
+
+
+def _write_csv(path: str, columns: List[str], rows: List[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def read_summary(path: str) -> List[dict]:
