@@ -126,3 +126,53 @@ def test_reuse_measures_finished_runs_without_training(out_dir):
     assert out.stdout.count("reusing the finished run") == 4 and "training " not in out.stdout
     assert {p.name: (p / "train.log").stat().st_mtime_ns for p in (d / "runs").iterdir()} == logs
     assert (d / "summary.csv").read_text() == before
+
+
+def test_seeds_each_seed_trains_and_the_verdict_needs_every_seed(tmp_path, monkeypatch):
+    """--seeds: run_claim runs the claim once per seed with train.seed = that seed (runs/seed<N>/<variant>),
+    summary.csv has a seed column, summary_mean.csv and the verdict show mean ± spread, and the verdict holds
+    only if it holds for every seed. In-process, with a stand-in claim (no training)."""
+    import types
+
+    import megaloop.reproduce as rep
+    from megaloop.reproduce.docs import write_docs
+    from megaloop.reproduce.runner import ClaimResult, Context, Variant, base_config
+    from megaloop.reproduce.seeds import mean_spread, parse_seeds, seeded
+
+    seen = []
+
+    def fake_run(ctx):
+        v = Variant("a", seeded(base_config(data={"task": "mqar", "task_params": {"seed": 1}}), ctx.seed))
+        seen.append((ctx.seed, v.config["train"]["seed"], v.config["data"]["task_params"]["seed"],
+                     ctx.runs_dir(ctx.claim_dir("flt_stability"))))
+        loss = {1234: 2.0, 1235: 3.0}[ctx.seed]
+        return ClaimResult([{"variant": "a", "loops": 3, "loss": loss}], f"flt_stability: HELD at this scale: {loss}",
+                           held=ctx.seed == 1234, draw=lambda fig: fig.subplots(1, 2)[0].plot([1, 2]),
+                           headline={"loss": loss})
+
+    monkeypatch.setattr(rep, "claim_module", lambda name: types.SimpleNamespace(run=fake_run, SUMMARY="s"))
+    seeds = parse_seeds("1234,1235")
+    ctx = Context(str(tmp_path), seeds=seeds, seed=seeds[0], verbose=False)
+    record = rep.run_claim("flt_stability", ctx, "cmd")
+    assert [s[:3] for s in seen] == [(1234, 1234, 1234), (1235, 1235, 1235)]
+    assert seen[0][3].endswith("runs/seed1234") and seen[1][3].endswith("runs/seed1235")
+    assert record["seeds"] == [1234, 1235] and record["held"] is False  # seed 1235 did not hold
+    assert record["verdict"].startswith("flt_stability: DID NOT HOLD at this scale for 1234 only (seeds: 1234, 1235")
+    assert "loss 2.5 ± 0.5" in record["verdict"] and record["headline"] == {"loss": [2.0, 3.0]}
+    d = tmp_path / "flt_stability"
+    assert [r["seed"] for r in csv.DictReader(open(d / "summary.csv"))] == ["1234", "1235"]
+    mean = list(csv.DictReader(open(d / "summary_mean.csv")))
+    assert mean == [{"variant": "a", "loops": "3", "loss": "2.5 ± 0.5"}]
+    assert (d / "figure.png").read_bytes()[:4] == b"\x89PNG"
+    docs = tmp_path / "docs" / "reproductions.md"
+    monkeypatch.setattr("megaloop.reproduce.docs.claim_module", rep.claim_module)
+    text = open(write_docs({"flt_stability": record}, str(tmp_path), str(docs))).read()
+    assert "- seeds: 1234, 1235" in text and "| 2.5 ± 0.5 |" in text
+    assert mean_spread([1.0, float("inf")])[0] == float("inf")
+    with pytest.raises(ValueError, match="--seeds"):
+        parse_seeds("1234,1234")
+
+
+def test_bad_seeds_flag_is_one_line():
+    out = _run("flt_stability", "--seeds", "12a")
+    assert out.returncode == 2 and "--seeds '12a'" in out.stderr and "Traceback" not in out.stderr
