@@ -5,11 +5,12 @@ Why not DeepSpeed's universal checkpoint: its per-parameter slicing knows DeepSp
 n_kv_heads < tp) nor the pipeline layer classes' LoopedLM names; megaloop's own reader already merges
 any layout's weights with the same partition rules as training (megaloop.parallel.apply_tp). So:
 
-1. training_state.load_training_state merges the old checkpoint's fp32 weights, AdamW exp_avg / exp_avg_sq and
-   step into one-process tensors keyed by LoopedLM parameter name (ZeRO 0: the torch optimizer's
-   state_dict; ZeRO 1/2: the flat partitions of every data-parallel rank, cut back by their names);
-2. the engine built for the new layout takes, per parameter, this rank's TP shard (apply_tp's
-   shard_state_dict): the module weights, and the optimizer state - ZeRO 0: `optimizer.state[p]`;
+1. training_state.TrainingStateReader maps the old checkpoint's files (memory-mapped) to the fp32 weights,
+   AdamW exp_avg / exp_avg_sq and step of each parameter keyed by LoopedLM name (ZeRO 0: the torch
+   optimizer's state_dict; ZeRO 1/2: the flat partitions of every data-parallel rank, cut by their names);
+2. the engine built for the new layout takes, one parameter at a time, this rank's TP slice (read from
+   only the old shards it overlaps; apply_tp's partition convention) of this stage's parameters: the
+   module weights, and the optimizer state - ZeRO 0: `optimizer.state[p]`;
    ZeRO 1/2: the fp32 partition (deepspeed.utils.safe_set_full_fp32_param) and the flat exp_avg /
    exp_avg_sq of this rank's partition, assembled through each parameter's DeepSpeed hp mapping (the
    base optimizer's state is created lazily at the first step, so safe_set_full_optimizer_state has
@@ -56,14 +57,6 @@ def supported_change(saved_cfg, cfg, then_zero: int, now_zero: int) -> Optional[
     return None
 
 
-def _local(full: torch.Tensor, part, tp_rank: int, tp: int) -> torch.Tensor:
-    if part is None or not part.sharded or tp == 1:
-        return full
-    n = tp // part.replicas
-    size = full.shape[part.dim] // n
-    return full.narrow(part.dim, (tp_rank // part.replicas) * size, size)
-
-
 def _lm_params(module):
     """(LoopedLM name, parameter) of the engine's module (PipelineModule names mapped back)."""
     from megaloop.checkpoint.training_state import _lm_name
@@ -79,56 +72,60 @@ def load_training_any_layout(te, tag_dir, state, cfg) -> dict:
     collectives). te: megaloop.training.engine.TrainingEngine. Returns the checkpoint's client state."""
     from deepspeed.runtime.base_optimizer import ZeROOptimizer
     from deepspeed.utils import safe_set_full_fp32_param
-    from megaloop.checkpoint.training_state import load_training_state
+    from megaloop.checkpoint.training_state import TrainingStateReader
     from megaloop.parallel.apply_tp import partition_info_for
     from megaloop.parallel.random import set_parallel_seed
 
-    ts = load_training_state(tag_dir)
+    ts = TrainingStateReader(tag_dir)
     engine, module = te.engine, te.engine.module
     tp, tp_rank = state.tp_size, state.tp_rank
     info = partition_info_for(cfg.model, tp) if tp > 1 else {}
     params = dict(_lm_params(module))
-    missing = sorted(set(params) - set(ts.weights))
+    missing = sorted(set(params) - set(ts.names))
     if missing:
         raise CheckpointError(f"{tag_dir} holds no optimizer state for {', '.join(missing[:6])}")
     opt = engine.optimizer
     step_t = float(ts.adam_step)
-    local = {}
+    zero = isinstance(opt, ZeROOptimizer)
+    if zero:
+        if not hasattr(opt, "single_partition_of_fp32_groups"):
+            raise CheckpointError(f"resuming {tag_dir} on another layout: {type(opt).__name__} is not supported")
+        flats = opt.single_partition_of_fp32_groups
+        moments = [(torch.zeros_like(f), torch.zeros_like(f)) for f in flats]
+        group_of = {id(p): i for i, group in enumerate(opt.bit16_groups) for p in group}
+    elif not isinstance(opt, torch.optim.Optimizer):
+        raise CheckpointError(f"resuming {tag_dir} on another layout: optimizer {type(opt).__name__} not supported")
+    # One parameter at a time: its slice for this rank is read, put in place and dropped (host memory: the
+    # rank's own state plus one parameter, whatever the old layout).
     with torch.no_grad():
         for n, p in params.items():
-            part = info.get(n)
-            w, m, v = (_local(x[n], part, tp_rank, tp) for x in (ts.weights, ts.exp_avg, ts.exp_avg_sq))
+            w = ts.local(n, "fp32", info.get(n), tp_rank, tp)
             if tuple(w.shape) != tuple(p.shape):
                 raise CheckpointError(f"{tag_dir}: {n} is {tuple(w.shape)} for tensor-parallel rank {tp_rank} of "
                                       f"{tp}, the engine holds {tuple(p.shape)}")
             p.data.copy_(w.to(p.device, p.dtype))
-            local[id(p)] = (w, m, v)
-    if isinstance(opt, ZeROOptimizer):
-        if not hasattr(opt, "single_partition_of_fp32_groups"):
-            raise CheckpointError(f"resuming {tag_dir} on another layout: {type(opt).__name__} is not supported")
-        for p in params.values():
-            safe_set_full_fp32_param(p, local[id(p)][0].to(p.device, torch.float32))
+            if zero:
+                safe_set_full_fp32_param(p, w.to(p.device, torch.float32))
+            del w
+            m, v = (ts.local(n, k, info.get(n), tp_rank, tp) for k in ("exp_avg", "exp_avg_sq"))
+            if not zero:
+                opt.state[p] = {"step": _step_tensor(opt, p, step_t), "exp_avg": m.to(p.device, p.dtype),
+                                "exp_avg_sq": v.to(p.device, p.dtype)}
+                continue
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:  # (no fragment of this parameter in this rank's partition)
+                continue
+            lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+            avg, sq = moments[group_of[id(p)]]
+            avg.narrow(0, hp.start, hp.numel).copy_(m.reshape(-1).narrow(0, lp.start, lp.numel))
+            sq.narrow(0, hp.start, hp.numel).copy_(v.reshape(-1).narrow(0, lp.start, lp.numel))
+    if zero:
         base = opt.optimizer
-        for i, flat in enumerate(opt.single_partition_of_fp32_groups):
-            avg, sq = torch.zeros_like(flat), torch.zeros_like(flat)
-            for p in opt.bit16_groups[i]:
-                mapping = getattr(p, "_hp_mapping", None)
-                if mapping is None:
-                    continue
-                lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-                _, m, v = local[id(p)]
-                avg.narrow(0, hp.start, hp.numel).copy_(m.reshape(-1).narrow(0, lp.start, lp.numel))
-                sq.narrow(0, hp.start, hp.numel).copy_(v.reshape(-1).narrow(0, lp.start, lp.numel))
+        for flat, (avg, sq) in zip(flats, moments):
             base.state[flat] = {"step": _step_tensor(base, flat, step_t), "exp_avg": avg, "exp_avg_sq": sq}
         if hasattr(opt, "_hp_optimizer_states_linked"):
             opt._hp_optimizer_states_linked = False  # re-linked lazily at the next step
-    elif isinstance(opt, torch.optim.Optimizer):
-        for p in params.values():
-            _, m, v = local[id(p)]
-            opt.state[p] = {"step": _step_tensor(opt, p, step_t), "exp_avg": m.to(p.device, p.dtype).clone(),
-                            "exp_avg_sq": v.to(p.device, p.dtype).clone()}
-    else:
-        raise CheckpointError(f"resuming {tag_dir} on another layout: optimizer {type(opt).__name__} not supported")
+    ts.close()
 
     es = ts.engine_state
     sched = engine.lr_scheduler

@@ -1,7 +1,10 @@
-"""A training checkpoint's full optimizer state, for resuming on another layout (megaloop.checkpoint.relayout).
+"""A training checkpoint's optimizer state, for resuming on another layout (megaloop.checkpoint.relayout).
 
-The weights of any layout are merged by megaloop.checkpoint.reader; this module merges the AdamW state
-(fp32 master weights, exp_avg, exp_avg_sq, step) the same way, keyed by LoopedLM parameter name.
+TrainingStateReader maps a tag's files (memory-mapped, weights_only) to the AdamW state (fp32 master
+weights, exp_avg, exp_avg_sq, step) of every LoopedLM parameter, per old TP rank, and reads one
+parameter's slice for a rank of the new layout at a time (megaloop.checkpoint.sharded_read): a rank
+holds its own share, not the model. load_training_state merges everything (the whole state in one
+process: tests, tools).
 """
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from megaloop.checkpoint.layout import CheckpointError
-from megaloop.checkpoint.reader import (CheckpointInfo, _load, _merge, _require, _shard_shapes,
-                                        load_deepspeed_checkpoint, read_info)
+from megaloop.checkpoint.reader import CheckpointInfo, _require, _shard_shapes, read_info
+from megaloop.checkpoint.sharded_read import Shard, load_mapped, tp_slice
 
 # ------------------------------------------------------------------------------------------------
 # The optimizer state too (resuming on another layout: megaloop.checkpoint.relayout)
@@ -98,18 +101,27 @@ def _zero0_match(groups, opt: dict, shapes) -> bool:
     return True
 
 
-def _zero0_rank_state(opt: dict, groups, f: Path) -> Dict[str, Dict[str, torch.Tensor]]:
+def _zero0_rank_state(opt: dict, groups, f: Path, shapes) -> Dict[str, dict]:
     out = {}
     for (_, names), sg in zip(groups, opt["param_groups"]):
         for n, i in zip(names, sg["params"]):
             st = opt["state"].get(i)
             if st is None:
                 raise CheckpointError(f"{f}: AdamW holds no state for {n} (a step before the first?)")
-            out[n] = {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"], "step": st["step"]}
+            out[n] = {k: _whole(st[k], shapes[n], f, n) for k in ("exp_avg", "exp_avg_sq")} | {"step": st["step"]}
     return out
 
 
-def _zero12_rank_state(ci: CheckpointInfo, mp: int, meta: dict, f_meta: Path) -> Dict[str, Dict[str, torch.Tensor]]:
+def _whole(t, shape, f: Path, name: str) -> Shard:
+    if not torch.is_tensor(t) or tuple(t.shape) != tuple(shape):
+        got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+        raise CheckpointError(f"{f}: {name} is {got}, the saved config needs {tuple(shape)}")
+    return Shard(tuple(shape), [t], str(f))
+
+
+def _zero12_rank_state(ci: CheckpointInfo, mp: int, meta: dict, f_meta: Path, keep: list) -> Dict[str, dict]:
+    """Per parameter of model-parallel rank mp: its fp32 / exp_avg / exp_avg_sq as Shards over the flat
+    (memory-mapped) partitions of the data-parallel ranks (nothing is read here)."""
     d = ci.tag_dir
     shapes = meta.get("param_shapes")
     if not shapes:
@@ -120,7 +132,9 @@ def _zero12_rank_state(ci: CheckpointInfo, mp: int, meta: dict, f_meta: Path) ->
         if not found:
             raise CheckpointError(f"checkpoint {d} is missing zero_pp_rank_{r}_mp_rank_{mp:02d}_optim_states.pt "
                                   f"(ZeRO {ci.zero_stage} data-parallel rank {r} of {ci.dp}, model-parallel rank {mp})")
-        osd = _load(found[0]).get("optimizer_state_dict") or {}
+        obj = load_mapped(found[0])
+        keep.append(obj)
+        osd = obj.get("optimizer_state_dict") or {}
         base = osd.get("base_optimizer_state")
         states = list(base["state"].values()) if isinstance(base, dict) else list(base or [])
         if "param_slice_mappings" not in osd or not states:
@@ -130,91 +144,140 @@ def _zero12_rank_state(ci: CheckpointInfo, mp: int, meta: dict, f_meta: Path) ->
     for g, group_shapes in enumerate(shapes):
         for name, shape in group_shapes.items():
             pieces = {"fp32": [], "exp_avg": [], "exp_avg_sq": []}
-            step = None
+            step, where = None, []
             for f, fp32, states, maps in parts:
                 frag = maps[g].get(name)
                 if frag is None:
                     continue
+                where.append(f.name)
                 pieces["fp32"].append(fp32[g].narrow(0, frag.start, frag.numel))
                 for k in ("exp_avg", "exp_avg_sq"):
                     pieces[k].append(states[g][k].narrow(0, frag.start, frag.numel))
                 step = states[g].get("step", step)
-            full = {k: torch.cat(v) if v else torch.empty(0) for k, v in pieces.items()}
             numel = int(torch.Size(shape).numel())
-            if full["fp32"].numel() != numel:
+            held = sum(p.numel() for p in pieces["fp32"])
+            if held != numel:
                 raise CheckpointError(f"checkpoint {d}: the ZeRO partitions of {name} (model-parallel rank {mp}) "
-                                      f"hold {full['fp32'].numel()} elements, its shape {tuple(shape)} needs {numel}")
-            out[_lm_name(name)] = {k: v.reshape(tuple(shape)).clone() for k, v in full.items()} | {"step": step}
+                                      f"hold {held} elements, its shape {tuple(shape)} needs {numel}")
+            src = f"{d} ({', '.join(where)}) {name}"
+            out[_lm_name(name)] = {k: Shard(tuple(shape), v, src) for k, v in pieces.items()} | {"step": step}
     return out
+
+
+class TrainingStateReader:
+    """A training checkpoint's per-parameter AdamW state (fp32 weights, exp_avg, exp_avg_sq), memory-mapped and
+    read one parameter at a time (megaloop.checkpoint.sharded_read): `local(name, key, partition, tp_rank, tp)`
+    is that parameter's slice for a TP rank of another layout; only the old shards it overlaps are read.
+    ZeRO 0-2, any TP x PP x DP. Raises CheckpointError for ZeRO 3 or a state it cannot map."""
+    KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+
+    def __init__(self, tag_dir):
+        ci = read_info(Path(tag_dir))
+        mc, tp, pp, d = ci.config.model, ci.tp, ci.pp, ci.tag_dir
+        if ci.zero_stage not in (0, 1, 2):
+            raise CheckpointError(f"{d}: reading the optimizer state of a ZeRO {ci.zero_stage} checkpoint is not "
+                                  f"supported")
+        self.info, self._keep = ci, []
+        shapes, self.partitions = _shard_shapes(mc, tp)
+        files = [d / f"mp_rank_{m:02d}_model_states.pt" for m in range(pp * tp)]
+        _require([(f, f"model-parallel rank {m} of {pp * tp}") for m, f in enumerate(files)], d)
+        layers = _pipeline_param_layers(mc) if pp > 1 else None
+        if pp == 1:
+            from megaloop.model import LoopedLM
+            with torch.device("meta"):
+                lm = LoopedLM(mc)
+            seen, flat = set(), []
+            for n, p in lm.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    flat.append((n, p))
+        per_tp: List[Dict[str, dict]] = [{} for _ in range(tp)]
+        self.engine_state = {}
+        start = [0] * tp
+        for m, f in enumerate(files):
+            stage, t = divmod(m, tp)
+            meta = load_mapped(f)
+            self._keep.append(meta)
+            if m == 0:
+                self.engine_state = {k: v for k, v in meta.items() if k not in ("module", "optimizer")}
+            if ci.zero_stage == 0:
+                opt = meta.get("optimizer")
+                if not isinstance(opt, dict) or "state" not in opt:
+                    raise CheckpointError(f"{f} has no optimizer state under 'optimizer'")
+                if pp == 1:
+                    named = flat
+                else:
+                    last = stage == pp - 1
+                    ends = [len(layers)] if last else range(start[t] + 1, len(layers))
+                    named = None
+                    for b in ends:
+                        cand = _stage_names(layers, start[t], b)
+                        if _zero0_match(_groups(cand), opt, shapes):
+                            named, start[t] = cand, b
+                            break
+                    if named is None:
+                        raise CheckpointError(f"{f}: cannot tell which pipeline layers stage {stage} held (its AdamW "
+                                              f"state matches no contiguous layer range of the saved config)")
+                groups = _groups(named)
+                if not _zero0_match(groups, opt, shapes):
+                    raise CheckpointError(f"{f}: the AdamW state does not match the saved config's parameters")
+                rank_state = _zero0_rank_state(opt, groups, f, shapes)
+                for n, st in rank_state.items():
+                    st["fp32"] = self._zero0_weight(meta, f, n, t, shapes)
+            else:
+                rank_state = _zero12_rank_state(ci, m, meta, f, self._keep)
+            for n, st in rank_state.items():
+                per_tp[t].setdefault(n, st)  # (a tied parameter on two stages: the same values, take the first)
+        self.names = list(per_tp[0])
+        if any(set(s) != set(self.names) for s in per_tp):
+            raise CheckpointError(f"{d}: the tensor-parallel ranks hold different parameters")
+        steps = {float(s[n]["step"]) for s in per_tp for n in self.names if s[n]["step"] is not None}
+        if len(steps) != 1:
+            raise CheckpointError(f"{d}: AdamW step counts differ across parameters ({sorted(steps)[:4]})")
+        self.adam_step = int(steps.pop())
+        self._per_tp = per_tp
+
+    def _zero0_weight(self, meta: dict, f: Path, name: str, t: int, shapes) -> Shard:
+        """ZeRO 0's weights: the module of mp_rank_MM (PP = 1), else the pipeline layer file holding `name`."""
+        ci = self.info
+        if ci.pp == 1:
+            module = meta.get("module")
+            if not isinstance(module, dict) or name not in module:
+                raise CheckpointError(f"{f} has no model weight {name} under 'module'")
+            return _whole(module[name], shapes[name], f, name)
+        if not hasattr(self, "_layer_of"):
+            from megaloop.parallel.pipeline import layer_state_keys
+            self._layer_of, self._layer_files = {}, {}
+            for idx, (_, keys) in enumerate(layer_state_keys(ci.config.model)):
+                for k in keys or ():
+                    self._layer_of.setdefault(k, idx)
+        idx = self._layer_of.get(name)
+        lf = ci.tag_dir / f"layer_{idx:02d}-model_{t:02d}-model_states.pt"
+        if ci.tp == 1 and not lf.exists() and (ci.tag_dir / f"layer_{idx:02d}-model_states.pt").exists():
+            lf = ci.tag_dir / f"layer_{idx:02d}-model_states.pt"  # a topology without a model axis
+        if lf not in self._layer_files:
+            _require([(lf, f"pipeline layer {idx}, tensor-parallel rank {t} of {ci.tp}")], ci.tag_dir)
+            self._layer_files[lf] = load_mapped(lf)
+        sd = self._layer_files[lf]
+        if not isinstance(sd, dict) or name not in sd:
+            raise CheckpointError(f"{lf} has no {name}")
+        return _whole(sd[name], shapes[name], lf, name)
+
+    def local(self, name: str, key: str, partition=None, tp_rank: int = 0, tp: int = 1) -> torch.Tensor:
+        """fp32 tensor of `key` ("fp32", "exp_avg", "exp_avg_sq") of parameter `name` for TP rank tp_rank of tp
+        (its Partition under the new layout; None or tp 1: the full tensor), in memory of its own."""
+        return tp_slice([s[name][key] for s in self._per_tp], self.partitions.get(name), self.info.tp,
+                        partition, tp_rank, tp, torch.float32)
+
+    def close(self) -> None:
+        """Drop the mapped files (the tensors `local` returned stay valid)."""
+        self._keep, self._per_tp, self._layer_files = [], [], {}
 
 
 def load_training_state(tag_dir) -> TrainingState:
     """Weights, AdamW moments and step of a complete tag folder, merged to the one-process LoopedLM
-    (ZeRO 0-2, any TP x PP x DP). Raises CheckpointError for ZeRO 3 or a state it cannot map."""
-    ci = read_info(Path(tag_dir))
-    mc, tp, pp, d = ci.config.model, ci.tp, ci.pp, ci.tag_dir
-    if ci.zero_stage not in (0, 1, 2):
-        raise CheckpointError(f"{d}: reading the optimizer state of a ZeRO {ci.zero_stage} checkpoint is not supported")
-    shapes, info = _shard_shapes(mc, tp)
-    files = [d / f"mp_rank_{m:02d}_model_states.pt" for m in range(pp * tp)]
-    _require([(f, f"model-parallel rank {m} of {pp * tp}") for m, f in enumerate(files)], d)
-    layers = _pipeline_param_layers(mc) if pp > 1 else None
-    if pp == 1:
-        from megaloop.model import LoopedLM
-        with torch.device("meta"):
-            lm = LoopedLM(mc)
-        seen, flat = set(), []
-        for n, p in lm.named_parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                flat.append((n, p))
-    per_tp: List[Dict[str, Dict[str, torch.Tensor]]] = [{} for _ in range(tp)]
-    engine_state = {}
-    start = [0] * tp
-    for m, f in enumerate(files):
-        stage, t = divmod(m, tp)
-        meta = _load(f)
-        if m == 0:
-            engine_state = {k: v for k, v in meta.items() if k not in ("module", "optimizer")}
-        if ci.zero_stage == 0:
-            opt = meta.get("optimizer")
-            if not isinstance(opt, dict) or "state" not in opt:
-                raise CheckpointError(f"{f} has no optimizer state under 'optimizer'")
-            if pp == 1:
-                named = flat
-            else:
-                last = stage == pp - 1
-                ends = [len(layers)] if last else range(start[t] + 1, len(layers))
-                named = None
-                for b in ends:
-                    cand = _stage_names(layers, start[t], b)
-                    if _zero0_match(_groups(cand), opt, shapes):
-                        named, start[t] = cand, b
-                        break
-                if named is None:
-                    raise CheckpointError(f"{f}: cannot tell which pipeline layers stage {stage} held (its AdamW "
-                                          f"state matches no contiguous layer range of the saved config)")
-            groups = _groups(named)
-            if not _zero0_match(groups, opt, shapes):
-                raise CheckpointError(f"{f}: the AdamW state does not match the saved config's parameters")
-            rank_state = _zero0_rank_state(opt, groups, f)
-        else:
-            rank_state = _zero12_rank_state(ci, m, meta, f)
-        for n, st in rank_state.items():
-            per_tp[t].setdefault(n, st)  # (a tied parameter on two stages: the same values, take the first)
-    names = list(per_tp[0])
-    if any(set(s) != set(names) for s in per_tp):
-        raise CheckpointError(f"{d}: the tensor-parallel ranks hold different parameters")
-    full = {}
-    for key in ("exp_avg", "exp_avg_sq") + (("fp32",) if ci.zero_stage else ()):
-        full[key] = _merge([{n: s[n][key] for n in names} for s in per_tp], info,
-                           [f"tensor-parallel rank {t}" for t in range(tp)])
-    if ci.zero_stage == 0:
-        sd, _ = load_deepspeed_checkpoint(d, verify=False)  # (the resume verified the tag)
-        weights = {n: sd[n].float() for n in names}
-    else:
-        weights = full["fp32"]
-    steps = {float(s[n]["step"]) for s in per_tp for n in names if s[n]["step"] is not None}
-    if len(steps) != 1:
-        raise CheckpointError(f"{d}: AdamW step counts differ across parameters ({sorted(steps)[:4]})")
-    return TrainingState(ci, weights, full["exp_avg"], full["exp_avg_sq"], int(steps.pop()), engine_state)
+    (ZeRO 0-2, any TP x PP x DP): the whole state in memory (a resume reads per rank: TrainingStateReader)."""
+    r = TrainingStateReader(tag_dir)
+    full = {k: {n: r.local(n, k) for n in r.names} for k in r.KEYS}
+    r.close()
+    return TrainingState(r.info, full["fp32"], full["exp_avg"], full["exp_avg_sq"], r.adam_step, r.engine_state)
