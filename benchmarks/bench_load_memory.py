@@ -166,6 +166,9 @@ def measure(kind: str, tag: str, d: int, layers: int, tp_new: int, tp_rank: int)
     import deepspeed.utils  # noqa: F401
     import megaloop.checkpoint.init_weights  # noqa: F401
     import megaloop.checkpoint.relayout  # noqa: F401
+    import megaloop.model  # noqa: F401
+    import megaloop.parallel.apply_tp  # noqa: F401
+    import megaloop.parallel.pipeline  # noqa: F401
     cfg = run_config(d, layers, tp_new)
     out = {"kind": kind}
     if kind == "resume":

@@ -55,10 +55,11 @@ def plain_file(checkpoint, step: Optional[int] = None) -> Path:
 
 def _read(f: Path):
     """The file's contents as the torch.save form's dict ({"model": tensors, "config": dict} for safetensors)."""
-    from megaloop.checkpoint.safe_load import load, load_safetensors
+    from megaloop.checkpoint.safe_load import load_safetensors
+    from megaloop.checkpoint.sharded_read import load_mapped
 
     if f.suffix != ".safetensors":
-        return load(f)
+        return load_mapped(f)
     tensors, meta = load_safetensors(f)
     obj = {"model": tensors}
     if CONFIG_KEY in meta:

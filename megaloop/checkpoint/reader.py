@@ -73,9 +73,11 @@ class CheckpointInfo:
 
 
 def _load(path: Path):
-    from megaloop.checkpoint.safe_load import load
+    """A checkpoint file, memory-mapped (megaloop.checkpoint.sharded_read.load_mapped): what is not read of it
+    (the optimizer state beside the weights, another rank's shard) is never resident."""
+    from megaloop.checkpoint.sharded_read import load_mapped
 
-    return load(path)
+    return load_mapped(path)
 
 
 def read_info(tag_dir: Path) -> CheckpointInfo:
