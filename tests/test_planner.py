@@ -202,6 +202,7 @@ def test_tool_prints_a_table_and_json(capsys):
     assert tool.main(["--config", cfg, "--world", "8", "--gpu", "h200"]) == 0
     out = capsys.readouterr().out
     assert "TP 1 x PP 1 x DP 8" in out and "fits: the largest rank needs" in out and "tokens/s per GPU" in out
+    assert "GiB per node (8 ranks x" in out  # host memory at start / resume
     assert tool.main(["--config", cfg, "--nodes", "2", "--gpus-per-node", "8", "--gpu", "h100", "--json",
                       "parallel.pipeline_parallel=2", "parallel.tensor_parallel=2"]) == 0
     plan = json.loads(capsys.readouterr().out)
@@ -212,6 +213,12 @@ def test_tool_prints_a_table_and_json(capsys):
         assert r["total_gib"] == pytest.approx(total / 2 ** 30)
         assert r["activations"]["in_flight"] == min(2 - r["stage"], 4)  # 1F1B, grad_accum_steps 4
         assert r["tp_comm_bytes_per_step"]["total"] > 0
+    # host memory: each rank builds the full fp32 model; a resume reads at most the rank's share (no gradients)
+    host, big = plan["host_memory"], max(plan["ranks"], key=lambda r: r["params"])
+    m = big["memory_bytes"]
+    assert host["build_bytes_per_rank"] == 4 * plan["total_params"]
+    assert host["resume_bytes_per_rank"] == m["weights"] + m["master"] + m["optimizer"]
+    assert host["per_node_bytes"] == 8 * max(host["build_bytes_per_rank"], host["resume_bytes_per_rank"])
     assert tool.main(["--config", cfg, "--world", "6", "parallel.tensor_parallel=4"]) == 2
     assert "world size 6" in capsys.readouterr().err
 

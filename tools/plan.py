@@ -75,7 +75,7 @@ def _main(argv=None):
                         headroom=args.headroom, top=args.top)
         print(json.dumps(result, indent=2) if args.json else format_search(result))
         return 0
-    plan = make_plan(cfg, world=world, gpu=gpu, mfu=args.mfu, tokens=args.tokens)
+    plan = make_plan(cfg, world=world, gpu=gpu, mfu=args.mfu, tokens=args.tokens, gpus_per_node=args.gpus_per_node)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
 

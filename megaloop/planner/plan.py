@@ -17,6 +17,7 @@ from megaloop.errors import UsageError
 from megaloop.planner.activations import activation_bytes, stage_names
 from megaloop.planner.comm import stage_tp_comm
 from megaloop.planner.flops import bubble_fraction, stage_flops, step_estimate
+from megaloop.planner.host import host_load_bytes
 from megaloop.planner.memory import recipe, state_bytes
 from megaloop.planner.params import stage_params, stage_parts, total_params
 
@@ -79,9 +80,11 @@ def _cached(cache: Optional[dict], key, fn):
 
 
 def make_plan(cfg: Config, world: Optional[int] = None, gpu: GPU = GPUS["h100"], mfu: float = 0.4,
-              tokens: Optional[float] = None, cache: Optional[dict] = None) -> dict:
-    """The plan of `cfg` on `world` GPUs. cache: a dict shared by calls on variants of one model (the
-    search), keeping the meta-device parameter counts per (TP, PP, partition)."""
+              tokens: Optional[float] = None, cache: Optional[dict] = None,
+              gpus_per_node: Optional[int] = None) -> dict:
+    """The plan of `cfg` on `world` GPUs (gpus_per_node: default 8, for the host memory per node). cache: a
+    dict shared by calls on variants of one model (the search), keeping the meta-device parameter counts
+    per (TP, PP, partition)."""
     p, t = cfg.parallel, cfg.train
     tp, pp = p.tensor_parallel, p.pipeline_parallel
     world = tp * pp if world is None else int(world)
@@ -127,6 +130,9 @@ def make_plan(cfg: Config, world: Optional[int] = None, gpu: GPU = GPUS["h100"],
     step_s = step_estimate(fl["train_flops_per_token"], tokens_per_step, world, gpu.peak_flops, mfu)
     tokens = float(t.steps * tokens_per_step if tokens is None else tokens)
     weights = fl["stage_weight"]
+    total = _cached(cache, ("total",), lambda: total_params(cfg))
+    host = host_load_bytes(total, max(r["params"] for r in rows), t.precision, t.bf16_impl, p.zero_stage, dp,
+                           min(world, gpus_per_node or 8))
     plan = {
         "config": {"arch": cfg.model.arch, "precision": recipe(t.precision, t.bf16_impl), "zero_stage": p.zero_stage,
                    "seq_len": seq, "micro_batch_size": t.micro_batch_size, "grad_accum_steps": micro,
@@ -134,7 +140,7 @@ def make_plan(cfg: Config, world: Optional[int] = None, gpu: GPU = GPUS["h100"],
                    "pipeline_partition": p.pipeline_partition},
         "gpu": gpu.to_dict(),
         "world": world, "tp": tp, "pp": pp, "dp": dp,
-        "total_params": _cached(cache, ("total",), lambda: total_params(cfg)),
+        "total_params": total,
         "stage_parts": parts,
         "loops": {"expected_total": fl["loops_total"], "expected_grad": fl["loops_grad"]},
         "train_flops_per_token": fl["train_flops_per_token"],
@@ -143,6 +149,7 @@ def make_plan(cfg: Config, world: Optional[int] = None, gpu: GPU = GPUS["h100"],
         "ranks": rows,
         "max_rank_gib": max(r["total_gib"] for r in rows),
         "fits": all(r["fits"] for r in rows),
+        "host_memory": host,
         "mfu": mfu,
         "tokens_per_step": tokens_per_step,
         "step_time_s": step_s,
@@ -198,6 +205,15 @@ def _bytes(b: float) -> str:
     return f"{b / 1024 ** 3:.2f}G" if b >= 1024 ** 3 / 100 else f"{b / 1024 ** 2:.1f}M"
 
 
+def _host_line(h: dict) -> str:
+    return (f"host memory at start / resume (megaloop/planner/host.py): {h['per_node_bytes'] / GIB:.1f} GiB per node "
+            f"({h['ranks_per_node']} ranks x {h['per_rank_bytes'] / GIB:.2f} GiB): each rank builds the full fp32 "
+            f"model ({h['build_bytes_per_rank'] / GIB:.2f} GiB, transient) and reads at most its own share of a "
+            f"checkpoint ({h['resume_bytes_per_rank'] / GIB:.2f} GiB; another layout: one parameter at a time, "
+            f"memory-mapped); init.from from a checkpoint saved with TP > 1 adds {h['build_bytes_per_rank'] / GIB:.2f}"
+            f" GiB per rank (the merged source); page cache of the files not counted")
+
+
 def format_plan(plan: dict) -> str:
     g, c = plan["gpu"], plan["config"]
     r0 = plan["ranks"][0]["activations"]
@@ -229,6 +245,7 @@ def format_plan(plan: dict) -> str:
               f"'in flight' micro-batches' saved tensors and the backward transients); {verdict}; not counted: "
               f"CUDA context, NCCL / DeepSpeed buffers, allocator fragmentation, attention workspaces "
               f"(leave 5-10%)",
+              _host_line(plan["host_memory"]),
               f"model FLOPs per token {_si(plan['train_flops_per_token'], 'FLOP')}; stage imbalance (heaviest / "
               f"mean, with recompute) {plan['stage_imbalance']:.3f}; pipeline bubble (p-1)/(m+p-1) = "
               f"{plan['bubble_fraction']:.3f} (m = {c['grad_accum_steps']} micro-batches)",
