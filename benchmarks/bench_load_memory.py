@@ -15,9 +15,22 @@ built), and the checkpoint's total size and the rank's share of it (its slices o
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 python benchmarks/bench_load_memory.py [--d 1024 --layers 2]
 
-Measured on the 2-core CPU machine, 2026-12-07 (d 1024, n_loop 2: 29.7 M parameters, checkpoint 357 MiB):
+Measured on the 2-core CPU machine, 2026-12-07 (d 1024, 8 heads / 2 kv heads, n_loop 2: 22.5 M parameters;
+"before" = the same script run on main before the sharded read, copied beside main's megaloop/):
 
-    see the table at the end of this docstring (filled in from the run below)
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 python benchmarks/bench_load_memory.py --workdir /tmp/blm_big
+    checkpoint: TP 2, ZeRO 0, 259 MiB (weights + exp_avg + exp_avg_sq, fp32)
+                                     rank share   peak private MiB     peak RSS MiB
+    load                                    MiB      now    before      now  before
+    resume TP 2 -> 4, rank 1                 67       80       646      189     649
+    resume TP 2 -> 1                        257      258       647      517     650
+    whole state merged (load_training_state)  -      258       646      521     653
+    init.from (full model)                    -       86       259      222     395
+
+A resume's growth is the rank's AdamW moments (kept: 2/3 of its share) plus one parameter's slices and
+allocator slack; before, every rank held the files whole and the merged whole state (~2.5x the state).
+init.from holds the merged weights of the TP 2 source (86 MiB) and no longer the optimizer state in the same
+files. Peak RSS adds the mapped pages read (page cache: shared by a node's ranks, reclaimable).
 """
 from __future__ import annotations
 
@@ -27,7 +40,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -180,8 +192,8 @@ def measure(kind: str, tag: str, d: int, layers: int, tp_new: int, tp_rank: int)
     elif kind == "merged":
         from megaloop.checkpoint.training_state import load_training_state
         with PeakMemory() as pm:
-            ts = load_training_state(tag)
-        del ts
+            held = load_training_state(tag)
+        assert held.adam_step == 3
     else:
         from megaloop.checkpoint.init_weights import init_state_dict
         with PeakMemory() as pm:
@@ -207,7 +219,7 @@ def main():
     size = sum(f.stat().st_size for f in Path(tag).glob("*.pt"))
     env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")}
     rows = [("resume TP 2 -> 4, rank 1", "resume", 4, 1), ("resume TP 2 -> 1", "resume", 1, 0),
-            ("whole state merged (before)", "merged", 1, 0), ("init.from (full model)", "init_from", 1, 0)]
+            ("whole state merged", "merged", 1, 0), ("init.from (full model)", "init_from", 1, 0)]
     print(f"checkpoint: TP 2, ZeRO 0, {size / MIB:.0f} MiB (weights + exp_avg + exp_avg_sq, fp32)")
     print(f"{'load':32s} {'rank share MiB':>14s} {'peak private MiB':>17s} {'peak RSS MiB':>13s}")
     for label, kind, tp_new, rank in rows:
@@ -221,5 +233,4 @@ def main():
 
 
 if __name__ == "__main__":
-    t0 = time.time()
     main()
