@@ -107,13 +107,13 @@ def load_training_any_layout(te, tag_dir, state, cfg) -> dict:
             if zero:
                 safe_set_full_fp32_param(p, w.to(p.device, torch.float32))
             del w
+            mapping = getattr(p, "_hp_mapping", None) if zero else None
+            if zero and mapping is None:  # (no fragment of this parameter in this rank's ZeRO partition)
+                continue
             m, v = (ts.local(n, k, info.get(n), tp_rank, tp) for k in ("exp_avg", "exp_avg_sq"))
             if not zero:
                 opt.state[p] = {"step": _step_tensor(opt, p, step_t), "exp_avg": m.to(p.device, p.dtype),
                                 "exp_avg_sq": v.to(p.device, p.dtype)}
-                continue
-            mapping = getattr(p, "_hp_mapping", None)
-            if mapping is None:  # (no fragment of this parameter in this rank's partition)
                 continue
             lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
             avg, sq = moments[group_of[id(p)]]
