@@ -13,10 +13,11 @@ async_save  CheckpointSaver (the trainer's saves): the same save written by a ba
         from host copies (train.async_save); marker and `latest` once every rank's write is done
 reader  load / load_model / load_state_dict / load_config: any TP x PP x DP layout and ZeRO stage merged
         offline into LoopedLM names (and the plain torch.save'd format of plain.py)
-training_state  load_training_state: the AdamW state (fp32 weights, moments, step) of any layout, merged
-        the same way
+training_state  TrainingStateReader: the AdamW state (fp32 weights, moments, step) of any layout, read one
+        parameter's slice for a rank of another layout at a time; load_training_state: all of it merged
+sharded_read  memory-mapped reads (load_mapped) and a TP slice cut from only the old shards it overlaps
 relayout  load_training: resume a run on the checkpoint's layout (DeepSpeed's loader) or on another one
-        (the merged state sliced for each rank of the new layout)
+        (each rank reads its own slices, one parameter at a time)
 init_weights  init_state_dict: a new run's first weights (init.from) from any checkpoint, checked key by key
         against this run's model (weights only: the optimizer starts fresh at step 0)
 
