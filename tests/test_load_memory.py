@@ -82,7 +82,7 @@ def test_resume_on_a_new_tp_layout_holds_the_ranks_share_not_the_whole_state(ckp
     share = share_bytes(module)
     assert share < whole / 3
     # what rank 1 keeps (its two moments: 2/3 of its share) plus one parameter's slice and small objects
-    assert pm.anon < share + 4 * MIB, (pm.anon / MIB, share / MIB, whole / MIB)
+    assert pm.anon < share + 8 * MIB < whole / 2, (pm.anon / MIB, share / MIB, whole / MIB)
     with PeakMemory() as merged:
         ts = load_training_state(tag)  # the whole state in one process (what every rank held before)
     assert merged.anon > 0.9 * whole, (merged.anon / MIB, whole / MIB)
@@ -98,4 +98,4 @@ def test_init_from_reads_the_weights_not_the_optimizer_state_beside_them(ckpt):
         sd, _ = init_state_dict(tag, run_config(512, 1, 1).model)
     assert all(torch.equal(sd[k], full[k]) for k in full)
     # the merged weights (saved on TP 2); the files also hold exp_avg and exp_avg_sq (2 x weights)
-    assert pm.anon < weights + 4 * MIB, (pm.anon / MIB, weights / MIB)
+    assert pm.anon < weights + 8 * MIB < 3 * weights, (pm.anon / MIB, weights / MIB)
