@@ -84,6 +84,9 @@ def main():
     p.add_argument("--copies", type=int, default=3, help="memory check: megaloop on this many copies of the corpus")
     p.add_argument("--megatron", default=None, help="a Megatron-LM checkout: also run its tools/preprocess_data.py")
     p.add_argument("--megatron-pythonpath", default="", help="prepended to PYTHONPATH for Megatron's run")
+    p.add_argument("--source-dir", default=None, help="time on the .py files under this folder (make_demo_corpus.py "
+                   "--source-dir) instead of the demo corpus; the tokenizer is still trained on the demo corpus")
+    p.add_argument("--max-mb", type=int, default=None, help="with --source-dir: this many MB of it")
     args = p.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     py = sys.executable
@@ -95,6 +98,12 @@ def main():
         wall, _, _ = measured(["tools/train_tokenizer.py", "--type", "bpe", "--input", corpus, "--model-prefix",
                                tok_dir, "--vocab-size", str(args.vocab_size)])
         print(f"trained {tok_dir} in {wall:.1f}s")
+    if args.source_dir:
+        corpus = os.path.join(args.workdir, f"source_{args.max_mb or 'all'}mb.jsonl")
+        if not os.path.exists(corpus):
+            limit = ["--max-bytes", str(args.max_mb * 10**6)] if args.max_mb else []
+            subprocess.run([py, "tools/make_demo_corpus.py", "--output", corpus, "--source-dir", args.source_dir,
+                            "--include-site-packages"] + limit, cwd=REPO, check=True)
     docs = sum(1 for _ in open(corpus))
     print(f"corpus {corpus}: {os.path.getsize(corpus) / 1e6:.1f} MB, {docs} documents; tokenizer {tok_dir}; "
           f"--workers {args.workers}", flush=True)
