@@ -75,6 +75,49 @@ def same_bytes(a, b) -> bool:
     return all(open(f"{a}{ext}", "rb").read() == open(f"{b}{ext}", "rb").read() for ext in (".bin", ".idx"))
 
 
+def per_token(corpus, tok_dir, megabytes, rounds=2):
+    """CPU seconds of the three encoders on the first `megabytes` of the corpus, in this one process,
+    taking turns (best of `rounds`): Megatron-LM's call (transformers per document), the tokenizers batch
+    call megaloop used before piece_cache.py, and megaloop's encode_batch_flat from an empty piece dict
+    (every distinct piece of the sample through the BPE model: a large corpus's dict is warmer). Their ids
+    must agree."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from megaloop.data.tokenizer_hf import HFTokenizer
+
+    texts, size = [], 0
+    with open(corpus) as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            size += len(line)
+            if size >= megabytes * 10**6:
+                break
+    hf, ours = AutoTokenizer.from_pretrained(tok_dir), HFTokenizer(tok_dir)
+    ours.encode_batch_flat(texts[:1])  # builds the fast path (~0.4 s once per worker), not timed
+    encoders = {"megatron (transformers per document)": lambda: [hf(t).input_ids for t in texts],
+                "tokenizers encode_batch_fast": lambda: [e.ids for e in hf.backend_tokenizer.encode_batch_fast(
+                    texts, add_special_tokens=True)],
+                "megaloop encode_batch_flat": lambda: ours._fast.pieces.reset() or ours.encode_batch_flat(texts)}
+    best, outputs = {}, {}
+    for _ in range(rounds):
+        for name, encode in encoders.items():
+            start = time.process_time()
+            outputs[name] = encode()
+            best[name] = min(best.get(name, 1e9), time.process_time() - start)
+    flat, lengths = outputs["megaloop encode_batch_flat"]
+    same = all(np.concatenate([np.asarray(ids, dtype=np.int64) for ids in out]).tolist() == flat.tolist()
+               for name, out in outputs.items() if name != "megaloop encode_batch_flat")
+    tokens = int(lengths.sum())
+    print(f"per token, one process, {size / 1e6:.1f} MB / {len(texts)} documents / {tokens:,} tokens, best of "
+          f"{rounds} (CPU s; megaloop's piece dict emptied before each round):")
+    for name, seconds in best.items():
+        print(f"  {name:40s} {seconds:6.2f}s  {tokens / seconds / 1e6:5.2f} M tokens/s  "
+              f"{best['megatron (transformers per document)'] / seconds:4.2f}x Megatron's")
+    print(f"  same ids: {same}")
+    return best
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="/tmp/bench_preprocess_hf")
@@ -87,6 +130,8 @@ def main():
     p.add_argument("--source-dir", default=None, help="time on the .py files under this folder (make_demo_corpus.py "
                    "--source-dir) instead of the demo corpus; the tokenizer is still trained on the demo corpus")
     p.add_argument("--max-mb", type=int, default=None, help="with --source-dir: this many MB of it")
+    p.add_argument("--per-token", type=float, default=0, metavar="MB", help="also time the encoders alone, "
+                   "in this process, on the first MB of the corpus (0: skip)")
     args = p.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     py = sys.executable
@@ -107,6 +152,8 @@ def main():
     docs = sum(1 for _ in open(corpus))
     print(f"corpus {corpus}: {os.path.getsize(corpus) / 1e6:.1f} MB, {docs} documents; tokenizer {tok_dir}; "
           f"--workers {args.workers}", flush=True)
+    if args.per_token:
+        per_token(corpus, tok_dir, args.per_token)
     common = ["--input", corpus, "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tok_dir,
               "--append-eod", "--workers", str(args.workers)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
