@@ -211,6 +211,7 @@ class FastEncoder:
         self.added_starts = {a[:2] for a in self.added}  # Llama 3's 256 specials: one search for "<|"
         self.verified, self.refused = set(), set()
         self._verify(set(map(chr, range(128))))
+        self.ascii_verified = len(self.verified) == 128  # else ASCII documents are checked character by character
 
     def _splits_agree(self, chars) -> bool:
         probe = "\n".join(context.format(c, c) for c in chars for context in _PROBE_CONTEXTS)
@@ -236,17 +237,16 @@ class FastEncoder:
     def _takes_fast_path(self, text: str) -> bool:
         if any(s in text for s in self.added_starts) and any(a in text for a in self.added):
             return False
-        if text.isascii():
+        if text.isascii() and self.ascii_verified:
             return True
-        if self.ascii_only:
+        if self.ascii_only and not text.isascii():
             return False
-        if not self.verified.issuperset(text):
-            new = set(text) - self.verified
-            if new & self.refused:
-                return False
+        if self.verified.issuperset(text):
+            return True
+        new = set(text) - self.verified
+        if not new & self.refused:
             self._verify(new)
-            return not new & self.refused
-        return True
+        return not new & self.refused
 
     def encode_batch_flat(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
         """All documents' ids concatenated (int64) and the ids per document, as tokenizers gives them."""
