@@ -1,5 +1,7 @@
 """megaloop.generation: sampler, megaloop vs exported generation, tools/generate.py, tools/eval_loops.py."""
 import csv
+import dataclasses
+import json
 
 import pytest
 import torch
@@ -101,7 +103,7 @@ def test_eval_loops_reads_an_indexed_dataset(pair, tmp_path):
     import numpy as np
 
     from megaloop.data.indexed_dataset import IndexedDatasetWriter
-    from megaloop.evaluation.inputs import load_eval_tokens
+    from megaloop.evaluation.inputs import eval_split, load_eval_tokens
     from tools.eval_loops import main
 
     _, _, ckpt, _ = pair
@@ -114,5 +116,14 @@ def test_eval_loops_reads_an_indexed_dataset(pair, tmp_path):
     assert tokens.size == 10 * 40 and tokens[0] == 90  # the validation documents 90..99
     res = tmp_path / "res"
     main(["--model", str(ckpt), "--data", prefix, "--split", "90,10,0", "--seq-len", "32", "--loops", "1,3",
-          "--exits", "--out-dir", str(res)])
+          "--exits", "--out-dir", str(res), "--json", str(tmp_path / "a.json")])
     assert [r["loops"] for r in csv.DictReader(open(res / "eval_loops.csv"))] == ["1", "3"]
+    assert json.load(open(tmp_path / "a.json"))["tokens"] == 12 * 32  # 10 documents: 399 labels, 12 windows
+    # Without --split, a run evaluated on its own dataset gets its data.split's validation documents.
+    cfg, model, _, _ = pair
+    own = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_path=[prefix], split="80,20,0"))
+    own_ckpt = save_plain_checkpoint(model, own, tmp_path / "own" / "model.pt")
+    main(["--model", str(own_ckpt), "--data", prefix, "--seq-len", "32", "--loops", "1", "--exits",
+          "--out-dir", str(res), "--json", str(tmp_path / "b.json")])
+    assert json.load(open(tmp_path / "b.json"))["tokens"] == 24 * 32  # 20 documents
+    assert eval_split(ckpt, None, prefix) == "969,30,1"  # another run's data: Megatron's default

@@ -101,6 +101,54 @@ def test_tiktoken_round_trips(tiktoken_file):
     assert [converted.encode(t, add_special_tokens=False).ids for t in TEXTS] == tok.encode_batch(TEXTS)
 
 
+def _pipeline(tokenizer_json, kind):
+    """The trained BPE as GPT-2 has it, or split as Llama 3 (Split + ByteLevel, a BOS added; Qwen: + NFC)."""
+    from tokenizers import Tokenizer as RustTokenizer
+
+    from megaloop.data.tokenizer_hf import CL100K_PATTERN
+
+    spec = json.load(open(tokenizer_json))
+    if kind in ("llama3", "qwen"):
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": CL100K_PATTERN}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+        spec["post_processor"] = {"type": "TemplateProcessing", "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+                                  "single": [{"SpecialToken": {"id": "<|pad|>", "type_id": 0}},
+                                             {"Sequence": {"id": "A", "type_id": 0}}],
+                                  "special_tokens": {"<|pad|>": {"id": "<|pad|>", "ids": [1], "tokens": ["<|pad|>"]}}}
+    if kind == "qwen":
+        spec["normalizer"] = {"type": "NFC"}
+    if kind == "digits":  # a \d pattern: not a shape the fast path takes
+        spec["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "\\d+|\\D+"}, "behavior": "Isolated",
+                                 "invert": False}
+    return RustTokenizer.from_str(json.dumps(spec))
+
+
+def test_the_piece_cache_gives_the_tokenizers_ids(bpe, monkeypatch):
+    """piece_cache.py (Python split, BPE once per distinct piece) equals encode_batch_fast on text mixing
+    scripts, Unicode spaces, combining marks, astral letters (refused, so the tokenizers path), emoji,
+    contractions in either case, and a literal added token; also after the piece dict is emptied."""
+    import random
+
+    from megaloop.data import piece_cache
+
+    monkeypatch.setattr(piece_cache, "MAX_PIECES", 50)
+    rng = random.Random(0)
+    alphabet = (list("abcdefgXYZ0123456789") * 3 + [" "] * 12 + list("\n\n\t\r'!?.,_(){}#<>") +
+                list("éüßÅαβΣ中文한١٢½²") + ["\u00a0", "\u2028", "\x85", "\x1c", "\u3000", "\u0301", "\ufeff"] +
+                ["🙂", "👍🏽", "𝐀", "𠀀", "ſ", "K", "<|endoftext|>", "'S", "'ll", "’s"])
+    texts = TEXTS + ["", "   \n\n  ", "it's 'LL"] + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 120)))
+                                                    for _ in range(300)]
+    for kind in ("gpt2", "llama3", "qwen", "digits"):
+        tok = _pipeline(bpe["json"], kind)
+        fast = piece_cache.FastEncoder.build(tok)
+        assert (fast is None) == (kind == "digits"), kind
+        if fast is not None:
+            assert fast.encode_batch(texts) == [e.ids for e in tok.encode_batch_fast(texts)], kind
+            # NFC (qwen) leaves ASCII alone only: other documents take the tokenizers path, unprobed
+            assert ("𝐀" in fast.refused, "é" in fast.verified) == ((kind != "qwen"),) * 2, kind
+
+
 def test_preprocess_with_megatrons_flags_records_and_refuses(bpe, tmp_path):
     from transformers import AutoTokenizer
 

@@ -5,7 +5,8 @@
 
 --model: a checkpoint (a training run / DeepSpeed checkpoint dir, any layout, or a plain model.pt; --step
 picks one) or an exported HF folder. Data: --data, a megaloop indexed dataset prefix (the
-validation documents of --split are used, as training splits them), or --text, a raw UTF-8 file.
+validation documents of --split are used, as training splits them; for a run's own dataset --split defaults
+to the run's data.split, else to 969,30,1), or --text, a raw UTF-8 file.
 Token windows of --seq-len (+1 for the labels; at most the model's max_seq_len), non-overlapping, at most
 --max-windows. A loop count above --max-loops (default 256) is refused.
 Writes a table to stdout, OUT/eval_loops.csv and OUT/eval_loops.png (if matplotlib is installed).
@@ -45,8 +46,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megaloop.cli_checks import add_max_loops_flag, check_loops, check_seq_len  # noqa: E402
 from megaloop.errors import UsageError  # noqa: E402
-from megaloop.evaluation.inputs import load_eval_tokens, load_model_for_cli, model_tokenizer_reference, \
-    run_config, windows  # noqa: E402
+from megaloop.evaluation.inputs import eval_split, load_eval_tokens, load_model_for_cli, \
+    model_tokenizer_reference, run_config, windows  # noqa: E402
 from megaloop.evaluation.loops import parse_exit, parse_lengths, parse_loops, task_spec, task_tables, \
     text_rows  # noqa: E402
 from megaloop.evaluation.report import TEXT_COLUMNS, plot_text, print_task_tables, print_text_table, write_csv, \
@@ -59,7 +60,8 @@ def _main(argv=None):
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--data", default=None, help="indexed dataset path prefix (without .bin/.idx)")
     p.add_argument("--text", default=None, help="raw text file")
-    p.add_argument("--split", default="969,30,1")
+    p.add_argument("--split", default=None, help="train,valid,test weights; --data's validation documents are "
+                   "evaluated (default: the run's data.split when --data is the run's own dataset, else 969,30,1)")
     p.add_argument("--seq-len", type=int, default=None, help="default: the model's max_seq_len")
     p.add_argument("--max-windows", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
@@ -111,7 +113,8 @@ def _main(argv=None):
                          f"(drop --data / --text, or give --task)")
     seq_len = check_seq_len(args.seq_len, lm.max_seq_len, args.model)
     ref = model_tokenizer_reference(args.model, args.step, args.tokenizer_model) if args.data is not None else None
-    tokens = load_eval_tokens(lm, args.data, args.text, args.split, max_tokens=args.max_windows * seq_len + 1,
+    split = eval_split(args.model, args.step, args.data, args.split)
+    tokens = load_eval_tokens(lm, args.data, args.text, split, max_tokens=args.max_windows * seq_len + 1,
                               tokenizer_ref=ref)
     batches = windows(tokens, seq_len, args.max_windows, args.batch_size,
                       f"--data {args.data}" if args.data is not None else f"--text {args.text}")

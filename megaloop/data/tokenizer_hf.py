@@ -21,6 +21,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+from megaloop.data.piece_cache import FastEncoder
 from megaloop.data.tokenizer import Tokenizer, TokenizerError
 
 EOD_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
@@ -85,6 +86,7 @@ class HFTokenizer(Tokenizer):
         pad = token_name(config.get("pad_token"))
         pad_id = self.tok.token_to_id(pad) if pad else None
         self.pad_id = self.eod_id if pad_id is None else pad_id  # padding is masked out of the loss anyway
+        self._fast = None  # FastEncoder, False where the tokenizer's pipeline is not one it knows
 
     def _eod_id(self, config: Dict[str, Any]) -> int:
         if self.eod_token:
@@ -110,9 +112,21 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> List[int]:
         return self.tok.encode(text, add_special_tokens=True).ids
 
+    def _fast_encoder(self) -> Optional[FastEncoder]:
+        if self._fast is None:  # built on first use: preprocessing workers need it, not every user
+            self._fast = FastEncoder.build(self.tok) or False
+        return self._fast or None
+
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        if self._fast_encoder():
+            return self._fast.encode_batch(texts)
         # One call into Rust for the whole batch; the _fast form skips the character offsets we never read.
         return [e.ids for e in self.tok.encode_batch_fast(list(texts), add_special_tokens=True)]
+
+    def encode_batch_flat(self, texts: Sequence[str]):
+        """(all ids as one int64 array, ids per document) for a byte-level BPE tokenizer: the same ids as
+        encode_batch, about 4x cheaper (piece_cache.py); None for other tokenizers."""
+        return self._fast.encode_batch_flat(texts) if self._fast_encoder() else None
 
     def decode(self, ids: Sequence[int]) -> str:
         # Ids past the tokenizer's (a model vocabulary padded beyond it) have no text; specials are not shown.

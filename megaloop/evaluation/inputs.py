@@ -96,7 +96,44 @@ def run_config(model, step=None):
     return load_config(path, step)
 
 
-def load_eval_tokens(lm, data=None, text=None, split="969,30,1", max_tokens=1 << 20, tokenizer_ref=None):
+MEGATRON_SPLIT = "969,30,1"
+
+
+def eval_split(model, step, data, split=None):
+    """The split whose validation documents are evaluated: `split` when given; else the run's data.split
+    when `data` is one of the datasets the run (a checkpoint) trained on, so that its validation documents
+    are the ones training held out; else Megatron's default 969,30,1."""
+    if split is not None or data is None:
+        return split or MEGATRON_SPLIT
+    cfg = run_config(model, step)
+    if cfg is None or not is_run_dataset(data, cfg.data):
+        return MEGATRON_SPLIT
+    print(f"note: validation documents of the run's data.split {cfg.data.split!r} ({data} is its data_path; "
+          f"--split chooses another)", file=sys.stderr)
+    return cfg.data.split
+
+
+def is_run_dataset(data, data_cfg) -> bool:
+    """Whether the dataset prefix `data` is one of data_cfg.data_path's (the same .idx file)."""
+    import os
+
+    from megaloop.data import parse_data_paths
+    from megaloop.data.indexed_dataset import DataError
+
+    try:
+        paths = parse_data_paths(data_cfg.data_path)[0] if data_cfg.data_path else []
+    except DataError:
+        return False
+    for path in paths:
+        try:
+            if os.path.samefile(f"{path}.idx", f"{data}.idx"):
+                return True
+        except OSError:  # the run's path does not resolve from here
+            continue
+    return False
+
+
+def load_eval_tokens(lm, data=None, text=None, split=MEGATRON_SPLIT, max_tokens=1 << 20, tokenizer_ref=None):
     """The one place that reads evaluation data: a 1-D int64 numpy array of token ids. An indexed dataset
     must fit the model: a tokenizer record ({data}.tokenizer.json) naming another tokenizer than
     `tokenizer_ref`, or a token id outside the model's vocabulary, raises DatasetTokenizerError."""
