@@ -4,10 +4,13 @@
     results = run_distributed(fn, world_size=2, args=(cfg_path,), timeout=120)
 
 `fn(rank, world_size, *args)` must be importable by name (a module-level function): each rank is a
-fresh `spawn`ed interpreter that imports it. Each rank gets one thread (`OMP_NUM_THREADS=1`,
+fresh process (see below) that imports it. Each rank gets one thread (`OMP_NUM_THREADS=1`,
 `torch.set_num_threads(1)`), `DS_ACCELERATOR=cpu` unless set, a process group on a free port
 (`gloo` by default), and the usual env:// variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT), so `deepspeed.comm` and launcher-style code work unchanged inside `fn`.
+
+Ranks are forked from tests/preloaded.py's server (torch, DeepSpeed and megaloop imported once per session)
+and take the calling process's environment at the time of the call.
 
 The return value of `fn` on every rank is sent back (serialised with `torch.save`, so tensors and
 plain Python values both work) and `run_distributed` returns the list, indexed by rank. If any rank
@@ -27,7 +30,8 @@ from datetime import timedelta
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
-import torch.multiprocessing as mp
+
+from preloaded import apply_env, context
 
 
 def free_port() -> int:
@@ -53,7 +57,8 @@ def _loads(data: bytes) -> Any:
 
 
 def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple,
-            env: dict, results, collective_timeout_s: float) -> None:
+            caller_env: dict, env: dict, results, collective_timeout_s: float) -> None:
+    apply_env(caller_env)
     os.environ.update({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "LOCAL_SIZE": str(world_size)})
@@ -84,12 +89,12 @@ def run_distributed(fn: Callable, world_size: int = 2, args: Sequence = (), time
     timeout: seconds for the whole job (start-up included); past it, every rank is killed.
     env:     extra environment variables for the ranks.
     """
-    ctx = mp.get_context("spawn")
+    ctx = context()
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, daemon=True,
-                         args=(r, world_size, port, backend, fn, tuple(args), dict(env or {}), results,
-                               max(30.0, timeout)))
+                         args=(r, world_size, port, backend, fn, tuple(args), dict(os.environ), dict(env or {}),
+                               results, max(30.0, timeout)))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from megaloop.data.indexed_dataset import IndexedDatasetWriter
+from preloaded import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
@@ -34,11 +35,21 @@ def _env(**extra):
     return env
 
 
+def _args(argv):
+    return ["-c", argv[1]] if argv[0] == "-c" else [str(TOOLS / f"{argv[0]}.py"), *map(str, argv[1:])]
+
+
 def run(argv, cwd=None, **env):
-    """argv: [tool name, args...] for tools/<name>.py, or ["-c", code]."""
-    cmd = [sys.executable, "-c", argv[1]] if argv[0] == "-c" else [sys.executable, str(TOOLS / f"{argv[0]}.py"),
-                                                                   *map(str, argv[1:])]
-    return subprocess.run(cmd, cwd=cwd or ROOT, env=_env(**env), capture_output=True, text=True, timeout=120)
+    """argv: [tool name, args...] for tools/<name>.py, or ["-c", code]. Runs as `python tools/<name>.py ...` in a
+    process forked from tests/preloaded.py's server (its imports done); test_fresh_interpreter_prints_one_line
+    checks that a fresh interpreter adds no line of its own (import-time warnings)."""
+    return run_python(_args(argv), cwd=str(cwd or ROOT), env=_env(**env), timeout=120)
+
+
+def run_fresh(argv, cwd=None, **env):
+    """run() in a new interpreter, as a user's shell starts it."""
+    return subprocess.run([sys.executable, *_args(argv)], cwd=cwd or ROOT, env=_env(**env), capture_output=True,
+                          text=True, timeout=120)
 
 
 # An `open` that fails for files written under FAULT_DIR: ENOSPC once FAULT_BYTES bytes are written (a disk
@@ -83,8 +94,8 @@ FAULT_PRELUDE = textwrap.dedent("""
 
 
 def run_with_fault(fault_dir, fault, tool, *args):
-    cmd = [sys.executable, "-c", FAULT_PRELUDE, str(fault_dir), fault, str(TOOLS / f"{tool}.py"), *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    return run_python(["-c", FAULT_PRELUDE, str(fault_dir), fault, str(TOOLS / f"{tool}.py"), *map(str, args)],
+                      cwd=str(ROOT), env=_env(), timeout=120)
 
 
 def one_line(proc, *must):
@@ -278,6 +289,14 @@ CASES = [
 @pytest.mark.parametrize("name, argv, must", CASES, ids=[c[0] for c in CASES])
 def test_one_line(files, name, argv, must):
     one_line(run(argv(files)), *must(files))
+
+
+@pytest.mark.parametrize("name", ["missing-input", "generate-negative-temperature", "plan-negative-tokens",
+                                  "merge-missing-folder"])
+def test_fresh_interpreter_prints_one_line(files, name):
+    """A few cases in a new interpreter, as a user starts the tool: its imports print nothing on stderr."""
+    argv, must = dict((c[0], c[1:]) for c in CASES)[name]
+    one_line(run_fresh(argv(files)), *must(files))
 
 
 def test_no_partial_output_left(files):
@@ -561,8 +580,7 @@ def test_rendezvous_that_never_completes_is_one_line(tmp_path):
     (was DistStoreError's traceback)."""
     from test_train_support import free_port
     port = free_port()
-    proc = subprocess.run([sys.executable, str(ROOT / "pretrain_looped.py"), "train.dist_timeout=2",
-                           f"train.output_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                                                MASTER_PORT=str(port)))
+    proc = run_python([ROOT / "pretrain_looped.py", "train.dist_timeout=2", f"train.output_dir={tmp_path / 'run'}"],
+                      cwd=str(ROOT), timeout=300, env=_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0",
+                                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
     one_line(proc, "rank 0 of 2 could not join", f"127.0.0.1:{port}", "train.dist_timeout=2 s", "MASTER_PORT")

@@ -7,7 +7,6 @@ hang fails the test instead of stalling CI.
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 
@@ -78,27 +77,39 @@ def rank_env(rank: int, world: int, port: int, extra=None) -> dict:
 def run_ranks(world: int, args, timeout: float = 120, env=None, rank_env_extra=None, script=None):
     """Run `world` ranks of pretrain_looped.py (or `script`); returns [(returncode, output)] per rank.
 
-    A run that exceeds `timeout` is killed (returncode None)."""
+    Each rank is a process forked from tests/preloaded.py's server, running the script as `python script args`
+    would (its imports already done). A run that exceeds `timeout` is killed (returncode None)."""
+    import tempfile
+    from preloaded import start_script
+
     port = free_port()
-    procs = []
-    for r in range(world):
-        extra = dict(env or {})
-        if rank_env_extra and r in rank_env_extra:
-            extra.update(rank_env_extra[r])
-        procs.append(subprocess.Popen([PYTHON, script or os.path.join(REPO, "pretrain_looped.py"), *args], cwd=REPO,
-                                      env=rank_env(r, world, port, extra), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    deadline = time.time() + timeout
-    results = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.time()))
-            results.append((p.returncode, out))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            out, _ = p.communicate()
-            results.append((None, out))
+    procs, outs = [], []
+    with tempfile.TemporaryDirectory(prefix="megaloop-ranks-") as tmp:
+        for r in range(world):
+            extra = dict(env or {})
+            if rank_env_extra and r in rank_env_extra:
+                extra.update(rank_env_extra[r])
+            outs.append(os.path.join(tmp, f"rank{r}.log"))
+            procs.append(start_script(script or os.path.join(REPO, "pretrain_looped.py"), args,
+                                      rank_env(r, world, port, extra), REPO, outs[-1]))
+        deadline = time.time() + timeout
+        timed_out = False
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.time()))
+            if p.is_alive():
+                timed_out = True
+                break
+        if timed_out:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            for p in procs:
+                p.join(timeout=10)
+        results = []
+        for p, out in zip(procs, outs):
+            with open(out, errors="replace") as f:
+                text = f.read()
+            results.append((None if timed_out and p.exitcode in (None, -9) else p.exitcode, text))
     return results
 
 
