@@ -30,8 +30,8 @@ import statistics
 from megaloop.reproduce.runner import ClaimResult, Context, Variant, base_config, demo_corpus, fmt, train_variants
 
 NAME = "flt_stability"
-SUMMARY = ("LT at K=3 and K=12 vs FLT at K=12 (and LT_i, LT_ia) on the demo corpus, FLT reference recipe: gaps in "
-           "loss, final-loop residual norm ||x(K)|| and gradient spikes")
+SUMMARY = ("LT at K=3 and K=12 vs FLT at K=12 (LT_i, LT_ia too at --scale gpu) on the demo corpus, FLT reference "
+           "recipe: gaps in loss, final-loop residual norm ||x(K)|| and gradient spikes")
 LOSS_GAP = 0.3  # nats: LT@12 at least this much above LT@3 and above FLT@12
 NORM_RATIO = 3.0  # ||x(K)|| of LT@12 at least this many times LT@3's and FLT@12's
 SPIKE_RATIO = 1.5  # LT@12's (max / median grad norm after warm-up) at least this many times FLT@12's
