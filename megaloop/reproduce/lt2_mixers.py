@@ -10,8 +10,9 @@ the GDN block's). Measured with megaloop.tasks exact_match_counts on 512 held-ou
 Tasks, sized so that the effect can show (../shared/reference_recipes.md):
 - MQAR (Zoology's associative recall) with capacity pressure: as many key-value pairs as a GDN head's key
   width (d_model / n_heads), so one pass of the d_k x d_v delta-rule state is short of capacity; 3,000 steps of
-  batch 32 (Zoology trains ~12.5k steps of 512: megaloop's earlier 400 x 16 left three of four variants at the
-  ln(values) plateau);
+  batch 16 (Zoology trains ~12.5k steps of 512: megaloop's earlier 400 x 16 left three of four variants at the
+  ln(values) plateau; not yet run to the end on CPU: a looped GDN variant took 9.5 minutes for 150 steps of
+  batch 32 on the shared 2-core machine);
 - group word problems (state tracking): S3 on CPU (6 elements), S5 at --scale gpu (120 x 120 table, beyond
   20 minutes of 2 CPU cores); answers at positions >= 2 only (position 1 copies the input).
 --scale gpu: MQAR at Zoology's vocabulary (8,192) with 64 pairs at key width 64 (d 128, 2 heads), batch 256,
@@ -46,8 +47,10 @@ def settings(ctx: Context) -> dict:
                 "tasks": {"mqar": ("mqar", {"num_kv_pairs": 64, "num_keys": 4096, "num_values": 4096}, 3000, 0),
                           "s5": ("state_tracking", {"group": "S5", "length": 32}, 2000, 2)}}
     # key width 64 / 4 = 16: 16 pairs fill a GDN head's state; lr 1e-3 with warm-up 50 took looped attention
-    # from 0.115 to 0.515 in 568 steps at batch 32 (lr 3e-3 without warm-up stalled at the plateau)
-    return {"R": 4, "d_model": 64, "n_heads": 4, "batch": 32, "eval_num": 512, "lr": 1e-3, "warmup": 50,
+    # from 0.115 to 0.515 in 568 steps at batch 32 (lr 3e-3 without warm-up stalled at the plateau). Batch 16
+    # for time: looped GDN on MQAR ran at 541 tokens/s at load 16 on 2 cores (unlooped 2,400), so batch 32 x
+    # 3,000 steps is ~3 h there; batch 16 is ~20 minutes per variant only on a quiet core (an estimate).
+    return {"R": 4, "d_model": 64, "n_heads": 4, "batch": 16, "eval_num": 512, "lr": 1e-3, "warmup": 50,
             "tasks": {"mqar": ("mqar", {"num_kv_pairs": 16, "num_keys": 64, "num_values": 64}, 3000, 0),
                       "s3": ("state_tracking", {"group": "S3", "length": 16}, 1500, 2)}}
 
