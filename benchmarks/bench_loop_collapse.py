@@ -9,8 +9,10 @@ looped run whose loss ends more than MARGIN above its R = 1 run. Keep it small: 
 CPU. Tokens per step: batch x seq = 8 x 64.
 
     python benchmarks/bench_loop_collapse.py --steps 150 lt flt inject_add
+    python benchmarks/bench_loop_collapse.py --steps 150 --recipes megaloop lt2_gdn --set loop.loss=last
     # measured (2 shared CPU cores, 150 steps, lr 3e-3, seed 0; lt 3.561 at R = 4 vs 2.739 at R = 1, flt 2.733
-    # vs 2.739): the full table is in docs/looped_models.md section 11
+    # vs 2.739; lt2_gdn as shipped, loop.loss mean, 2.606 vs 2.549, with loop.loss=last 3.177 vs 2.591): the
+    # full table is in docs/looped_models.md section 11
 """
 from __future__ import annotations
 
@@ -69,13 +71,18 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--recipes", default="megaloop,flt_reference")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override applied to every config (e.g. loop.loss=mean), repeatable")
     args = ap.parse_args(argv)
     names = args.configs or sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "yaml_configs/tiny/*.yaml")))
     data = corpus()
+    if args.set:
+        print("overrides: " + " ".join(args.set))
     print(f"{'config':18s} {'recipe':15s} {'R':>3s} {'loss@R':>8s} {'loss@1':>8s} {'gap':>6s}  verdict  wall_s")
     for name in names:
         for recipe in args.recipes.split(","):
-            cfg = load_config(os.path.join(ROOT, "yaml_configs/tiny", name + ".yaml"), [f"model.recipe={recipe}"])
+            cfg = load_config(os.path.join(ROOT, "yaml_configs/tiny", name + ".yaml"),
+                              [f"model.recipe={recipe}", *args.set])
             R = cfg.model.loops
             t0 = time.time()
             at_r = train(cfg, R, data, args.steps, args.lr)

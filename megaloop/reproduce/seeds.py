@@ -99,7 +99,7 @@ def combine(claim: str, seeds: Sequence[int], results: list):
     numbers = "; ".join(f"{k} {fmt_spread(v)}" for k, v in names.items() if len(v) == len(results))
     holds_for = [str(seed) for seed, res in zip(seeds, results) if res.held]
     verdict = (f"{claim}: {'HELD' if held else 'DID NOT HOLD'} at this scale for "
-               f"{'every seed' if held else (', '.join(holds_for) or 'no seed') + ' only'} "
+               f"{'every seed' if held else ', '.join(holds_for) + ' only' if holds_for else 'no seed'} "
                f"(seeds: {', '.join(map(str, seeds))}; mean ± spread over seeds"
                f"{': ' + numbers if numbers else ''}) | "
                + " | ".join(f"seed {seed}: {_body(claim, res.verdict)}" for seed, res in zip(seeds, results)))
