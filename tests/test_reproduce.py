@@ -16,13 +16,14 @@ CLAIMS = ["flt_stability", "recall_norm", "parcae_injection", "lt2_mixers", "tes
 
 # claim -> (columns summary.csv must have, the number of rows it must have)
 EXPECTED = {
-    "flt_stability": ({"variant", "loops_K", "final_train_loss", "valid_loss", "residual_norm_loop1",
-                       "residual_norm_loopK", "residual_growth", "diverged"}, 4),
+    # LT at K=3 and K=12, FLT at K=12 (the ablations LT_i, LT_ia only outside --quick)
+    "flt_stability": ({"seed", "variant", "loops_K", "final_train_loss", "valid_loss", "residual_norm_loop1",
+                       "residual_norm_loopK", "residual_growth", "grad_spike_ratio", "diverged"}, 3),
     # 4 variants x 4 evaluation lengths (n..4n, n=8) x loops {1, R, 2R, 3R, 4R} (R=2)
     "recall_norm": ({"variant", "eval_length", "eval_loops", "accuracy_position", "accuracy_sequence"}, 4 * 4 * 5),
     "parcae_injection": ({"variant", "injection", "lr", "state_norm_loop1", "state_norm_loopR", "state_growth",
                           "final_train_loss", "injection_spectral_norm"}, 4),
-    "lt2_mixers": ({"task", "variant", "loops", "params", "accuracy_position", "accuracy_sequence"}, 8),
+    "lt2_mixers": ({"task", "variant", "loops", "params", "accuracy_position", "accuracy_sequence"}, 8),  # MQAR, S3
     # demo and parity, each: per model 1..4R fixed loop counts (R=2) + its exits (2 KL for no_gate; 2 KL +
     # 2 Q-exit for exit_gate)
     "test_time_compute": ({"variant", "data", "mode", "threshold", "loops", "avg_loops", "ppl",
@@ -123,7 +124,7 @@ def test_reuse_measures_finished_runs_without_training(out_dir):
     logs = {p.name: (p / "train.log").stat().st_mtime_ns for p in (d / "runs").iterdir()}
     out = _run("flt_stability", "--quick", "--out", str(out_dir), "--reuse")
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    assert out.stdout.count("reusing the finished run") == 4 and "training " not in out.stdout
+    assert out.stdout.count("reusing the finished run") == 3 and "training " not in out.stdout
     assert {p.name: (p / "train.log").stat().st_mtime_ns for p in (d / "runs").iterdir()} == logs
     assert (d / "summary.csv").read_text() == before
 

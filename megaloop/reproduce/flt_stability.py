@@ -1,97 +1,168 @@
-"""Claim 1 (Fully Looped Transformer paper): at K = 12 loops the baseline LT's residual stream grows with the
-loop index k (and its loss is worse, or it diverges), while the FLT's stays bounded.
+"""Claim 1 (Fully Looped Transformer paper): the baseline looped transformer (LT) trained at many loops (K = 12)
+ends far worse than the same LT at few loops (K = 3) and than the FLT at K = 12, with a much larger final-loop
+residual norm ||x(K)|| and gradient spikes; the FLT at K = 12 does not.
 
-Variants, one config apart (model.arch; docs/looped_models.md sections 2 and 4): LT (recurrent, no injection,
-outer norm), LT_i, LT_ia, FLT; trained on the demo corpus with R = K fixed. Measured from the trainer's
-metrics.jsonl: the training loss curve, the validation loss at the end, and the per-loop mean token norm
-||x(k)|| of the un-normalized loop output (the paper's residual-explosion probe) at the last logged step and,
-for the last loop, over training.
+Why these measurements: every loop of every variant restarts from norm(x) (the reference does the same), so
+||x(K)|| / ||x(1)|| is ~1 by construction and says nothing. The paper's effect is a K-dependent gap, measured here
+against the K = 3 control and the FLT at the same K:
+- loss gap: final training loss (mean of the last 20% of steps) of LT@12 minus LT@3, and LT@12 minus FLT@12;
+- norm gap: ||x(K)|| (the mean token norm of the un-normalized last-loop output, the trainer's per-loop
+  diagnostics at the last logged step) of LT@12 over LT@3, and LT@12 over FLT@12;
+- gradient spikes: max / median of the per-step gradient norm after warm-up, LT@12 over FLT@12.
+The claim holds if every gap is at least its threshold (a diverged LT@12 counts as every gap met) for every
+seed. At --scale gpu LT_i@12 and LT_ia@12 (the paper's ablations, one config field apart) are trained too and
+reported, not judged.
+
+All variants use the FLT reference recipe (`model.recipe: flt_reference`: the FLT repository's nanochat block
+and init; megaloop/config/recipes.py) on the demo corpus, R = K fixed, loss on the last loop (the reference's
+`--loss_type END`). ../shared/reference_recipes.md has what was observed at this scale.
+
+--scale gpu: the reference's block size (d 384, 6 layers, 3 heads of 128) at sequence 512, batch 32, 300
+steps, bf16, on a 16 MB demo corpus, LT_i and LT_ia included; sized for ~15 minutes of one H100 for the five
+variants per seed (an estimate from the FLOPs: not yet timed).
+Expected there, as in the paper's check.sh at K = 12: LT@12 plateaus well above LT@3 and FLT@12, with
+||x(K)|| an order of magnitude larger and grad-norm spikes; it has not been run on a GPU by this project yet.
 """
 from __future__ import annotations
+
+import statistics
 
 from megaloop.reproduce.runner import ClaimResult, Context, Variant, base_config, demo_corpus, fmt, train_variants
 
 NAME = "flt_stability"
-SUMMARY = "LT vs LT_i vs LT_ia vs FLT at K=12 on the demo corpus: loss curves and per-loop residual norm ||x(k)||"
-GROWTH = 1.5  # ||x(K)|| / ||x(1)|| at or above this counts as "grows with k"; below it as "bounded"
+SUMMARY = ("LT at K=3 and K=12 vs FLT at K=12 (and LT_i, LT_ia) on the demo corpus, FLT reference recipe: gaps in "
+           "loss, final-loop residual norm ||x(K)|| and gradient spikes")
+LOSS_GAP = 0.3  # nats: LT@12 at least this much above LT@3 and above FLT@12
+NORM_RATIO = 3.0  # ||x(K)|| of LT@12 at least this many times LT@3's and FLT@12's
+SPIKE_RATIO = 1.5  # LT@12's (max / median grad norm after warm-up) at least this many times FLT@12's
 
 ARCHS = {"LT": {"arch": "recurrent", "injection": "none", "normalization": "outer"},
          "LT_i": {"arch": "lt_i"}, "LT_ia": {"arch": "lt_ia"}, "FLT": {"arch": "flt"}}
+K_LOW, K_HIGH = 3, 12
+
+
+def settings(ctx: Context) -> dict:
+    if ctx.quick:
+        return {"size": {"d_model": 32, "n_heads": 2, "n_loop": 1, "max_seq_len": 32},
+                "train": {"steps": 12, "micro_batch_size": 4, "log_interval": 4, "eval_interval": 12,
+                          "eval_iters": 2, "warmup_steps": 4},
+                "lr": 3e-3, "runs": [("LT", K_LOW), ("LT", K_HIGH), ("FLT", K_HIGH)]}
+    runs = [("LT", K_LOW), ("LT", K_HIGH), ("FLT", K_HIGH)]
+    if getattr(ctx, "scale", "cpu") == "gpu":
+        runs += [("LT_i", K_HIGH), ("LT_ia", K_HIGH)]
+        return {"size": {"d_model": 384, "n_heads": 3, "n_loop": 6, "max_seq_len": 512},
+                "train": {"steps": 300, "micro_batch_size": 32, "log_interval": 10, "eval_interval": 300,
+                          "eval_iters": 8, "warmup_steps": 20, "precision": "bf16"},
+                "lr": 1e-3, "runs": runs}
+    # ~4 minutes per K=12 variant on 2 lightly loaded CPU cores; the ablations are left to --scale gpu
+    return {"size": {"d_model": 64, "n_heads": 4, "n_loop": 2, "max_seq_len": 64},
+            "train": {"steps": 300, "micro_batch_size": 8, "log_interval": 10, "eval_interval": 300, "eval_iters": 8,
+                      "warmup_steps": 20},
+            "lr": 3e-3, "runs": runs}
 
 
 def variants(ctx: Context):
     data = demo_corpus(ctx)
-    K = 12
-    if ctx.quick:
-        size = {"d_model": 32, "n_heads": 2, "n_loop": 1, "max_seq_len": 32}
-        train = {"steps": 12, "micro_batch_size": 4, "log_interval": 4, "eval_interval": 12, "eval_iters": 2}
-    else:
-        size = {"d_model": 64, "n_heads": 4, "n_loop": 2, "max_seq_len": 64}
-        train = {"steps": 400, "micro_batch_size": 8, "log_interval": 20, "eval_interval": 400, "eval_iters": 8,
-                 "warmup_steps": 20}
+    s = settings(ctx)
     out = []
-    for name, arch in ARCHS.items():
+    for arch, K in s["runs"]:
         cfg = base_config(
-            model={"vocab_size": data["vocab_size"], "loops": K, **size, **arch},
-            loop={"mean": K},
-            data={"data_path": data["data_path"], "split": data["split"], "seq_len": size["max_seq_len"],
+            model={"vocab_size": data["vocab_size"], "loops": K, "recipe": "flt_reference", **s["size"],
+                   **ARCHS[arch]},
+            loop={"mean": K, "loss": "last"},
+            data={"data_path": data["data_path"], "split": data["split"], "seq_len": s["size"]["max_seq_len"],
                   "tokenizer_type": data["tokenizer_type"], "tokenizer_model": data["tokenizer_model"]},
-            train={"lr": 3e-3, "min_lr": 3e-4, **train})
-        out.append(Variant(name, cfg))
-    return out, K
+            train={"lr": s["lr"], "min_lr": s["lr"] / 10, **s["train"]})
+        out.append(Variant(f"{arch}_K{K}", cfg))
+    return out, s
+
+
+def spike_ratio(run, warmup: int) -> float:
+    """max / median of the per-step gradient norm after warm-up (inf if the run diverged)."""
+    if run.diverged:
+        return float("inf")
+    norms = [v for s, v in sorted(run.grad_norms().items()) if s > warmup]
+    med = statistics.median(norms) if norms else float("nan")
+    return max(norms) / med if norms and med > 0 else float("nan")
+
+
+def measure(name: str, K: int, r, warmup: int) -> dict:
+    res = r.last_per_loop().get("residual_norm", [])
+    per_loop = r.per_loop()
+    final_norms = [pl["residual_norm"][-1] for pl in per_loop.values() if pl.get("residual_norm")]
+    return {"variant": name, "loops_K": K, "steps": max(r.train_losses() or [0]), "diverged": int(r.diverged),
+            "final_train_loss": r.final_loss(), "valid_loss": r.final_valid_loss(),
+            "residual_norm_loop1": res[0] if res else float("nan"),
+            "residual_norm_loopK": float("inf") if r.diverged else (res[-1] if res else float("nan")),
+            "max_residual_norm_loopK": max(final_norms) if final_norms else float("nan"),
+            "residual_growth": (res[-1] / res[0]) if res and res[0] > 0 else float("nan"),
+            "grad_spike_ratio": spike_ratio(r, warmup),
+            "max_grad_norm": max(r.grad_norms().values()) if r.grad_norms() else float("nan"),
+            "train_wall_s": round(r.wall_s, 1)}
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
 
 
 def run(ctx: Context) -> ClaimResult:
-    vs, K = variants(ctx)
+    vs, s = variants(ctx)
     runs = train_variants(ctx, ctx.claim_dir(NAME), vs)
-    rows = []
-    for name, r in runs.items():
-        res = r.last_per_loop().get("residual_norm", [])
-        gn = r.grad_norms()
-        rows.append({
-            "variant": name, "loops_K": K, "steps": max(r.train_losses() or [0]), "diverged": int(r.diverged),
-            "final_train_loss": r.final_loss(), "valid_loss": r.final_valid_loss(),
-            "residual_norm_loop1": res[0] if res else float("nan"),
-            "residual_norm_loopK": res[-1] if res else float("nan"),
-            "residual_growth": (res[-1] / res[0]) if res and res[0] > 0 else float("nan"),
-            "max_grad_norm": max(gn.values()) if gn else float("nan"),
-            "train_wall_s": round(r.wall_s, 1),
-        })
+    warmup = s["train"]["warmup_steps"]
+    rows = [measure(v.name, v.config["model"]["loops"], runs[v.name], warmup) for v in vs]
     by = {row["variant"]: row for row in rows}
-    lt, flt = by["LT"], by["FLT"]
-    lt_grows = bool(lt["diverged"]) or lt["residual_growth"] >= GROWTH
-    flt_bounded = not flt["diverged"] and flt["residual_growth"] < GROWTH
-    lt_worse = bool(lt["diverged"]) or lt["final_train_loss"] >= flt["final_train_loss"]
-    held = lt_grows and flt_bounded and lt_worse
-    verdict = (f"flt_stability: {'HELD' if held else 'DID NOT HOLD'} at this scale (K={K}, {lt['steps']} steps): "
-               f"||x(K)||/||x(1)|| LT {fmt(lt['residual_growth'])} ({'grows' if lt_grows else 'does not grow'}, "
-               f"threshold {GROWTH}), FLT {fmt(flt['residual_growth'])} "
-               f"({'bounded' if flt_bounded else 'not bounded'}); ||x(K)|| LT {fmt(lt['residual_norm_loopK'])} vs "
-               f"FLT {fmt(flt['residual_norm_loopK'])}; final train loss LT {fmt(lt['final_train_loss'])} vs "
-               f"FLT {fmt(flt['final_train_loss'])} ({'LT worse or diverged' if lt_worse else 'LT better'}); "
-               f"LT_i {fmt(by['LT_i']['residual_growth'])}x / loss {fmt(by['LT_i']['final_train_loss'])}, "
-               f"LT_ia {fmt(by['LT_ia']['residual_growth'])}x / loss {fmt(by['LT_ia']['final_train_loss'])}")
+    lo, hi, flt = by[f"LT_K{K_LOW}"], by[f"LT_K{K_HIGH}"], by[f"FLT_K{K_HIGH}"]
+    head = {"loss LT@12-LT@3": hi["final_train_loss"] - lo["final_train_loss"],
+            "loss LT@12-FLT@12": hi["final_train_loss"] - flt["final_train_loss"],
+            "||x(K)|| LT@12/LT@3": _ratio(hi["residual_norm_loopK"], lo["residual_norm_loopK"]),
+            "||x(K)|| LT@12/FLT@12": _ratio(hi["residual_norm_loopK"], flt["residual_norm_loopK"]),
+            "spikes LT@12/FLT@12": _ratio(hi["grad_spike_ratio"], flt["grad_spike_ratio"])}
+    diverged = bool(hi["diverged"])
+    checks = {"loss gap": diverged or (head["loss LT@12-LT@3"] >= LOSS_GAP and head["loss LT@12-FLT@12"] >= LOSS_GAP),
+              "norm gap": diverged or min(head["||x(K)|| LT@12/LT@3"], head["||x(K)|| LT@12/FLT@12"]) >= NORM_RATIO,
+              "spikes": diverged or head["spikes LT@12/FLT@12"] >= SPIKE_RATIO}
+    held = all(checks.values())
+    failed = [k for k, ok in checks.items() if not ok]
+    ablations = ", ".join(f"{n} loss {fmt(by[n]['final_train_loss'])} ||x(K)|| {fmt(by[n]['residual_norm_loopK'])}"
+                          for n in (f"LT_i_K{K_HIGH}", f"LT_ia_K{K_HIGH}") if n in by)
+    verdict = (f"{NAME}: {'HELD' if held else 'DID NOT HOLD'} at this scale ({hi['steps']} steps, d "
+               f"{s['size']['d_model']}; {'every gap met' if held else 'not met: ' + ', '.join(failed)}): final loss "
+               f"LT@{K_LOW} {fmt(lo['final_train_loss'])}, LT@{K_HIGH} {fmt(hi['final_train_loss'])}, FLT@{K_HIGH} "
+               f"{fmt(flt['final_train_loss'])} (gaps {fmt(head['loss LT@12-LT@3'])} and "
+               f"{fmt(head['loss LT@12-FLT@12'])}, threshold {LOSS_GAP}); ||x(K)|| {fmt(lo['residual_norm_loopK'])}, "
+               f"{fmt(hi['residual_norm_loopK'])}, {fmt(flt['residual_norm_loopK'])} (LT@{K_HIGH} "
+               f"{fmt(head['||x(K)|| LT@12/LT@3'])}x LT@{K_LOW}, {fmt(head['||x(K)|| LT@12/FLT@12'])}x FLT, "
+               f"threshold {NORM_RATIO}x); grad-norm max/median {fmt(lo['grad_spike_ratio'])}, "
+               f"{fmt(hi['grad_spike_ratio'])}, {fmt(flt['grad_spike_ratio'])} (LT@{K_HIGH} / FLT "
+               f"{fmt(head['spikes LT@12/FLT@12'])}, threshold {SPIKE_RATIO})"
+               + (f"; {ablations}" if ablations else ""))
 
     def draw(fig):
-        ax1, ax2, ax3 = fig.subplots(1, 3)
-        for name, r in runs.items():
+        ax1, ax2, ax3, ax4 = fig.subplots(1, 4)
+        for v in vs:
+            r = runs[v.name]
             losses = r.train_losses()
             steps = sorted(losses)
             w = max(1, len(steps) // 25)
-            smooth = [sum(losses[s] for s in steps[max(0, i - w + 1): i + 1]) / len(steps[max(0, i - w + 1): i + 1])
+            smooth = [sum(losses[t] for t in steps[max(0, i - w + 1): i + 1]) / len(steps[max(0, i - w + 1): i + 1])
                       for i in range(len(steps))]
-            ax1.plot(steps, smooth, label=name + (" (diverged)" if r.diverged else ""))
+            ax1.plot(steps, smooth, label=v.name + (" (diverged)" if r.diverged else ""))
             res = r.last_per_loop().get("residual_norm", [])
-            ax2.plot(range(1, len(res) + 1), res, "o-", ms=3, label=name)
+            ax2.plot(range(1, len(res) + 1), res, "o-", ms=3, label=v.name)
             pl = r.per_loop()
-            ax3.plot(sorted(pl), [pl[k]["residual_norm"][-1] for k in sorted(pl)], label=name)
+            ax3.plot(sorted(pl), [pl[k]["residual_norm"][-1] for k in sorted(pl)], label=v.name)
+            gn = r.grad_norms()
+            ax4.plot(sorted(gn), [gn[k] for k in sorted(gn)], lw=0.7, label=v.name)
         ax1.set_xlabel("step")
         ax1.set_ylabel("training loss (moving mean)")
-        ax1.legend()
+        ax1.legend(fontsize=7)
         ax2.set_xlabel("loop k")
-        ax2.set_ylabel("||x(k)|| (mean token norm, last logged step)")
-        ax2.legend()
+        ax2.set_ylabel("||x(k)|| (last logged step)")
+        ax2.set_yscale("log")
         ax3.set_xlabel("step")
-        ax3.set_ylabel(f"||x(K={K})|| over training")
+        ax3.set_ylabel("||x(K)|| over training")
         ax3.set_yscale("log")
-    return ClaimResult(rows, verdict, held, draw, figsize=(13, 3.8))
+        ax4.set_xlabel("step")
+        ax4.set_ylabel("gradient norm (before clipping)")
+        ax4.set_yscale("log")
+    return ClaimResult(rows, verdict, held, draw, figsize=(16, 3.8), headline=head)
