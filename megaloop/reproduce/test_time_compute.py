@@ -25,15 +25,16 @@ for 3000 steps. Expected: the same rise-then-saturate curves, the parity plateau
 """
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 from megaloop.reproduce import recall_norm
-from megaloop.reproduce.recall_norm import load_for_eval, recall_config, scale_of, seeds_of, spread
-from megaloop.reproduce.runner import ClaimResult, Context, Variant, base_config, demo_corpus, train_variants
+from megaloop.reproduce.recall_norm import load_for_eval, recall_config
+from megaloop.reproduce.runner import ClaimResult, Context, Variant, base_config, demo_corpus, fmt, train_variants
 
 NAME = "test_time_compute"
 SUMMARY = ("parity accuracy (recall model, with and without Ouro's exit gate) and demo-corpus NLL vs test-time "
-           "loops, fixed loops vs the KL exit and the exit gate, per seed with a bootstrap noise floor")
+           "loops, fixed loops vs the KL exit and the exit gate, the LM's gains against a bootstrap noise floor")
 RISE = 0.1  # parity: per-position accuracy gain from 1 loop to the plateau at least this
 SATURATE = 0.1  # the gain beyond the training mean R is under this fraction of the gain from 1 to R
 PLATEAU = 0.1  # on the plateau: within this fraction of the looping gain of the best fixed-loop value
@@ -50,7 +51,7 @@ def settings(ctx: Context) -> dict:
     parity["loops"] = sorted(set(range(1, 2 * n + 1)) | {3 * n, 4 * n, 6 * n})
     if ctx.quick:
         lm = {"R": 2, "d_model": 32, "n_heads": 2, "seq": 32, "steps": 10, "batch": 4, "windows": 16}
-    elif scale_of(ctx) == "gpu":
+    elif ctx.scale == "gpu":
         lm = {"R": 4, "d_model": 256, "n_heads": 4, "seq": 256, "steps": 3000, "batch": 32, "windows": 1024}
     else:
         lm = {"R": 3, "d_model": 64, "n_heads": 4, "seq": 64, "steps": 800, "batch": 8, "windows": 512}
@@ -58,20 +59,34 @@ def settings(ctx: Context) -> dict:
     return {"parity": parity, "lm": lm}
 
 
-def _variants(s: dict, data: dict, seed: int) -> list:
+def _variants(s: dict, data: dict) -> list:
     p, lm = s["parity"], s["lm"]
     R = lm["R"]
     return [
-        Variant(f"parity_no_gate_s{seed}", recall_config(p, recall_norm.VARIANTS["recall_outer"], seed)),
-        Variant(f"parity_exit_gate_s{seed}", recall_config(p, recall_norm.VARIANTS["recall_outer"], seed, *GATE)),
-        Variant(f"demo_lm_s{seed}", base_config(
+        Variant("parity_no_gate", recall_config(p, recall_norm.VARIANTS["recall_outer"])),
+        Variant("parity_exit_gate", recall_config(p, recall_norm.VARIANTS["recall_outer"], *GATE)),
+        Variant("demo_lm", base_config(
             model={"vocab_size": data["vocab_size"], "d_model": lm["d_model"], "n_heads": lm["n_heads"],
                    "max_seq_len": lm["seq"], "n_loop": 2, "loops": R, "arch": "flt"},
             loop={"sampling": "poisson", "mean": R, "min": 1, "max": 2 * R},
             data={"data_path": data["data_path"], "split": data["split"], "seq_len": lm["seq"],
                   "tokenizer_type": data["tokenizer_type"], "tokenizer_model": data["tokenizer_model"]},
-            train={"seed": seed, "steps": lm["steps"], "micro_batch_size": lm["batch"], "lr": 3e-3, "min_lr": 3e-4,
+            train={"steps": lm["steps"], "micro_batch_size": lm["batch"], "lr": 3e-3, "min_lr": 3e-4,
                    "warmup_steps": min(20, lm["steps"] // 4), "log_interval": max(1, lm["steps"] // 20)}))]
+
+
+def _recall_norm_run(ctx: Context, variant: Variant):
+    """recall_norm's finished recall + outer norm run of this seed when it trained the same config (the same
+    model, not trained twice), else None."""
+    from megaloop.reproduce.runner import _finished
+    from megaloop.reproduce.seeds import seeded
+
+    run_dir = os.path.join(ctx.runs_dir(ctx.claim_dir(recall_norm.NAME)), "recall_outer")
+    done = _finished(Variant(variant.name, seeded(variant.config, ctx.seed)), run_dir)
+    if done is not None and done.ok:
+        ctx.log(f"{variant.name}: recall_norm's recall_outer run in {run_dir} (same config)")
+        return done
+    return None
 
 
 def _parity_exit(model, task, loops, mode, threshold, num, batch) -> tuple:
@@ -134,127 +149,122 @@ def _curve_verdict(v: dict, R: int, exits: dict) -> dict:
             "ok_exits": ok_exits}
 
 
+def _no(row: dict) -> dict:
+    """A summary row with the columns the other domain fills left as NaN."""
+    cols = ["model", "data", "mode", "threshold", "loops", "avg_loops", "accuracy_position", "nll", "nll_gain_vs_1",
+            "gain_ci_low", "gain_ci_high", "final_train_loss"]
+    return {c: row.get(c, float("nan")) for c in cols}
+
+
 def run(ctx: Context) -> ClaimResult:
+    """One seed (ctx.seed): train the parity models and the demo LM, evaluate them against loops, judge."""
     from megaloop.evaluation.inputs import load_eval_tokens, windows
     from megaloop.tasks import build_task
 
     s = settings(ctx)
     p, lm = s["parity"], s["lm"]
-    seeds = seeds_of(ctx)
     data = demo_corpus(ctx)
-    claim_dir = ctx.claim_dir(NAME)
-    runs = train_variants(ctx, claim_dir, [v for sd in seeds for v in _variants(s, data, sd)])
+    variants = _variants(s, data)
+    shared = _recall_norm_run(ctx, variants[0])
+    runs = train_variants(ctx, ctx.claim_dir(NAME), variants[1:] if shared else variants)
+    if shared:
+        runs["parity_no_gate"] = shared
     task = build_task("parity", length=p["n"], seed=recall_norm.EVAL_SEED)
-    rows, f = [], {}  # f[model, seed] = _curve_verdict(...) plus the LM's bootstrap figures
-    curves = {}  # (model, seed) -> {loops: value}
-    for sd in seeds:
-        for name in ("parity_no_gate", "parity_exit_gate"):
-            r = runs[f"{name}_s{sd}"]
-            model = load_for_eval(r)
-            v = {k: recall_norm.evaluate(model, task, k, p["eval_num"], p["eval_batch"])["accuracy_position"]
-                 for k in p["loops"]}
-            ex = {}
-            for item in EXITS[name]:
-                mode, thr = item.split(":")
-                ex[item] = _parity_exit(model, task, max(p["loops"]), mode, float(thr), p["eval_num"],
-                                        p["eval_batch"])
-            curves[name, sd] = v
-            f[name, sd] = {**_curve_verdict(v, p["R"], {k: (used, acc) for k, (acc, used) in ex.items()}),
-                           "exits": ex}
-            base = {"model": name, "seed": sd, "data": f"parity n={p['n']}", "final_train_loss": r.final_loss()}
-            rows += [{**base, "mode": "fixed", "threshold": "", "loops": k, "avg_loops": float(k),
-                      "accuracy_position": acc, "nll": float("nan"), "nll_gain_vs_1": float("nan"),
-                      "gain_ci_low": float("nan"), "gain_ci_high": float("nan")} for k, acc in v.items()]
-            rows += [{**base, "mode": item.split(":")[0], "threshold": item.split(":")[1], "loops": max(p["loops"]),
-                      "avg_loops": used, "accuracy_position": acc, "nll": float("nan"),
-                      "nll_gain_vs_1": float("nan"), "gain_ci_low": float("nan"), "gain_ci_high": float("nan")}
-                     for item, (acc, used) in ex.items()]
-        r = runs[f"demo_lm_s{sd}"]
+    rows, f, curves = [], {}, {}  # f[model]: the verdict's figures; curves[model] = {loops: value}
+    for name in ("parity_no_gate", "parity_exit_gate"):
+        r = runs[name]
         model = load_for_eval(r)
-        tokens = load_eval_tokens(SimpleNamespace(vocab_size=data["vocab_size"]), data["data_path"][0], None,
-                                  data["split"], max_tokens=lm["windows"] * lm["seq"] + 1)
-        batches = windows(tokens, lm["seq"], lm["windows"], 32)
-        ctx.log(f"demo_lm_s{sd}: NLL of {sum(len(x) for x, _ in batches)} validation windows at "
-                f"{len(lm['loops'])} loop counts")
-        nll = {k: _window_nll(model, batches, k)[0] for k in lm["loops"]}
-        gains = {k: _bootstrap(nll[1] - nll[k]) for k in lm["loops"]}
-        R = lm["R"]
-        late_k = max((k for k in lm["loops"] if k >= R), key=lambda k: float((nll[R] - nll[k]).mean()))
-        late = _bootstrap(nll[R] - nll[late_k])
+        v = {k: recall_norm.evaluate(model, task, k, p["eval_num"], p["eval_batch"])["accuracy_position"]
+             for k in p["loops"]}
         ex = {}
-        for item in EXITS["demo_lm"]:
+        for item in EXITS[name]:
             mode, thr = item.split(":")
-            per, used = _window_nll(model, batches, max(lm["loops"]), mode, float(thr))
-            ex[item] = (used, _bootstrap(nll[1] - per))
-        curves["demo_lm", sd] = {k: float(nll[k].mean()) for k in lm["loops"]}
-        f["demo_lm", sd] = {"gain": gains[R], "late": late, "late_k": late_k, "exits": ex,
-                            "nll1": float(nll[1].mean()), "nllR": float(nll[R].mean())}
-        base = {"model": "demo_lm", "seed": sd, "data": "demo corpus", "final_train_loss": r.final_loss(),
-                "accuracy_position": float("nan")}
-        rows += [{**base, "mode": "fixed", "threshold": "", "loops": k, "avg_loops": float(k),
-                  "nll": float(nll[k].mean()), "nll_gain_vs_1": g[0], "gain_ci_low": g[1], "gain_ci_high": g[2]}
-                 for k, g in gains.items()]
-        rows += [{**base, "mode": item.split(":")[0], "threshold": item.split(":")[1], "loops": max(lm["loops"]),
-                  "avg_loops": used, "nll": float(nll[1].mean()) - g[0], "nll_gain_vs_1": g[0],
-                  "gain_ci_low": g[1], "gain_ci_high": g[2]} for item, (used, g) in ex.items()]
-    cols = ["model", "seed", "data", "mode", "threshold", "loops", "avg_loops", "accuracy_position", "nll",
-            "nll_gain_vs_1", "gain_ci_low", "gain_ci_high", "final_train_loss"]
-    rows = [{c: row[c] for c in cols} for row in rows]
-    held, verdict = _verdict(s, seeds, f)
+            ex[item] = _parity_exit(model, task, max(p["loops"]), mode, float(thr), p["eval_num"], p["eval_batch"])
+        curves[name] = v
+        f[name] = {**_curve_verdict(v, p["R"], {k: (used, acc) for k, (acc, used) in ex.items()}), "exits": ex}
+        base = {"model": name, "data": f"parity n={p['n']}", "final_train_loss": r.final_loss()}
+        rows += [_no({**base, "mode": "fixed", "threshold": "", "loops": k, "avg_loops": float(k),
+                      "accuracy_position": acc}) for k, acc in v.items()]
+        rows += [_no({**base, "mode": item.split(":")[0], "threshold": item.split(":")[1], "loops": max(p["loops"]),
+                      "avg_loops": used, "accuracy_position": acc}) for item, (acc, used) in ex.items()]
+    r = runs["demo_lm"]
+    model = load_for_eval(r)
+    tokens = load_eval_tokens(SimpleNamespace(vocab_size=data["vocab_size"]), data["data_path"][0], None,
+                              data["split"], max_tokens=lm["windows"] * lm["seq"] + 1)
+    batches = windows(tokens, lm["seq"], lm["windows"], 32)
+    ctx.log(f"demo_lm: NLL of {sum(len(x) for x, _ in batches)} validation windows at {len(lm['loops'])} loop counts")
+    nll = {k: _window_nll(model, batches, k)[0] for k in lm["loops"]}
+    gains = {k: _bootstrap(nll[1] - nll[k]) for k in lm["loops"]}
+    R = lm["R"]
+    late_k = max((k for k in lm["loops"] if k >= R), key=lambda k: float((nll[R] - nll[k]).mean()))
+    ex = {}
+    for item in EXITS["demo_lm"]:
+        mode, thr = item.split(":")
+        per, used = _window_nll(model, batches, max(lm["loops"]), mode, float(thr))
+        ex[item] = (used, _bootstrap(nll[1] - per))
+    curves["demo_lm"] = {k: float(nll[k].mean()) for k in lm["loops"]}
+    f["demo_lm"] = {"gain": gains[R], "late": _bootstrap(nll[R] - nll[late_k]), "late_k": late_k, "exits": ex,
+                    "nll1": float(nll[1].mean()), "nllR": float(nll[R].mean())}
+    base = {"model": "demo_lm", "data": "demo corpus", "final_train_loss": r.final_loss()}
+    rows += [_no({**base, "mode": "fixed", "threshold": "", "loops": k, "avg_loops": float(k),
+                  "nll": float(nll[k].mean()), "nll_gain_vs_1": g[0], "gain_ci_low": g[1], "gain_ci_high": g[2]})
+             for k, g in gains.items()]
+    rows += [_no({**base, "mode": item.split(":")[0], "threshold": item.split(":")[1], "loops": max(lm["loops"]),
+                  "avg_loops": used, "nll": float(nll[1].mean()) - g[0], "nll_gain_vs_1": g[0], "gain_ci_low": g[1],
+                  "gain_ci_high": g[2]}) for item, (used, g) in ex.items()]
+    held, verdict, head = _verdict(s, f)
 
     def draw(fig):
         axes = fig.subplots(1, 3)
         for ax, name in zip(axes, ("parity_no_gate", "parity_exit_gate", "demo_lm")):
-            for sd in seeds:
-                v = curves[name, sd]
-                line, = ax.plot(list(v), list(v.values()), "o-", ms=3, label=f"fixed, seed {sd}")
-                for item, got in f[name, sd]["exits"].items():
-                    used, value = (got[1], got[0]) if name != "demo_lm" else (got[0], v[1] - got[1][0])
-                    ax.plot([used], [value], "s", ms=4, color=line.get_color(), alpha=0.6)
+            v = curves[name]
+            ax.plot(list(v), list(v.values()), "o-", ms=3, label="fixed loops")
+            for item, got in f[name]["exits"].items():
+                used, value = (got[1], got[0]) if name != "demo_lm" else (got[0], v[1] - got[1][0])
+                ax.plot([used], [value], "s", ms=5, label=f"{item} (average loops)")
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("test-time loops (squares: exits at their average loops)")
+            ax.set_xlabel("test-time loops")
             ax.set_ylabel("validation NLL" if name == "demo_lm" else "per-position accuracy")
             ax.set_title(name, fontsize=9)
             ax.legend(fontsize=6)
-    return ClaimResult(rows, verdict, held, draw, figsize=(15, 3.8))
+    return ClaimResult(rows, verdict, held, draw, figsize=(15, 3.8), headline=head)
 
 
-def _verdict(s: dict, seeds: list, f: dict) -> tuple:
+def _verdict(s: dict, f: dict) -> tuple:
     p, lm = s["parity"], s["lm"]
-    ok_seed, parts = [], []
-    for sd in seeds:
-        ok = True
-        for name in ("parity_no_gate", "parity_exit_gate"):
-            g = f[name, sd]
-            ok = ok and g["best"] - g["v1"] >= RISE and g["early"] > 0 and g["late"] < SATURATE * g["early"]
-            ok = ok and bool(g["ok_exits"])
-        d = f["demo_lm", sd]
-        ok = ok and d["gain"][1] > 0 and max(0.0, d["late"][2]) < SATURATE * d["gain"][0]
-        ok_seed.append(ok)
-    for name in ("parity_no_gate", "parity_exit_gate"):
-        g = [f[name, sd] for sd in seeds]
-        exits = "; ".join(
-            f"{item} {spread([x['exits'][item][0] for x in g])} at {spread([x['exits'][item][1] for x in g])} loops "
-            f"(on the plateau with fewer loops for {sum(item in x['ok_exits'] for x in g)}/{len(g)} seeds)"
-            for item in EXITS[name])
-        parts.append(f"{name}: accuracy {spread([x['v1'] for x in g])} at 1 loop, {spread([x['vR'] for x in g])} at "
-                     f"R={p['R']}, best {spread([x['best'] for x in g])}, plateau from "
-                     f"{spread([x['to_plateau'] for x in g])} loops, gain beyond R {spread([x['late'] for x in g])}; "
-                     f"exits at {max(p['loops'])} loops: {exits}")
-    d = [f["demo_lm", sd] for sd in seeds]
     R = lm["R"]
+    checks, parts, head = {}, [], {}
+    for name in ("parity_no_gate", "parity_exit_gate"):
+        g = f[name]
+        checks[f"{name} rises"] = g["best"] - g["v1"] >= RISE
+        checks[f"{name} saturates"] = g["early"] > 0 and g["late"] < SATURATE * g["early"]
+        checks[f"{name} exit on the plateau with fewer loops"] = bool(g["ok_exits"])
+        exits = "; ".join(f"{item} {fmt(acc)} at {fmt(used)} loops" + (" (plateau, fewer loops)"
+                                                                        if item in g["ok_exits"] else "")
+                          for item, (acc, used) in g["exits"].items())
+        parts.append(f"{name}: accuracy {fmt(g['v1'])} at 1 loop, {fmt(g['vR'])} at R={p['R']}, best {fmt(g['best'])}, "
+                     f"plateau from {g['to_plateau']} loops, gain beyond R {fmt(g['late'])}; exits at "
+                     f"{max(p['loops'])} loops: {exits}")
+        head[f"{name} acc 1 loop"], head[f"{name} acc best"] = g["v1"], g["best"]
+        head[f"{name} plateau loops"] = float(g["to_plateau"])
+        best_exit = min(g["exits"].items(), key=lambda kv: (kv[0] not in g["ok_exits"], kv[1][1]))
+        head[f"{name} {best_exit[0]} avg loops"] = best_exit[1][1]
+    d = f["demo_lm"]
+    checks["LM gain above the noise floor"] = d["gain"][1] > 0
+    checks["LM saturates"] = max(0.0, d["late"][2]) < SATURATE * d["gain"][0]
     parts.append(
-        f"demo_lm: NLL {spread([x['nll1'] for x in d])} at 1 loop, {spread([x['nllR'] for x in d])} at R={R}; gain "
-        f"1->R {spread([x['gain'][0] for x in d])} nats, 95% lower bound {spread([x['gain'][1] for x in d])} "
-        f"(noise floor: paired bootstrap over {lm['windows']} windows); further gain beyond R "
-        f"{spread([x['late'][0] for x in d])}, 95% upper bound {spread([x['late'][2] for x in d])}; "
-        + ", ".join(f"{item} gain {spread([x['exits'][item][1][0] for x in d])} at "
-                    f"{spread([x['exits'][item][0] for x in d])} loops (not judged)" for item in EXITS["demo_lm"]))
-    held = all(ok_seed)
+        f"demo_lm: NLL {fmt(d['nll1'])} at 1 loop, {fmt(d['nllR'])} at R={R}; gain 1->R {fmt(d['gain'][0])} nats, "
+        f"95% interval [{fmt(d['gain'][1])}, {fmt(d['gain'][2])}] (noise floor: paired bootstrap over "
+        f"{lm['windows']} windows); further gain R->{d['late_k']} {fmt(d['late'][0])}, 95% upper bound "
+        f"{fmt(d['late'][2])}; " + ", ".join(f"{item} gain {fmt(g[0])} at {fmt(used)} loops (not judged)"
+                                             for item, (used, g) in d["exits"].items()))
+    head["LM gain 1->R nats"], head["LM gain 95% low"], head["LM gain beyond R"] = d["gain"][0], d["gain"][1], \
+        d["late"][0]
+    held = all(checks.values())
+    failed = [k for k, ok in checks.items() if not ok]
     verdict = (f"{NAME}: {'HELD' if held else 'DID NOT HOLD'} at this scale (parity n={p['n']} R~Poisson({p['R']}) "
-               f"{p['steps']} steps, {p['eval_num']} examples; demo LM R~Poisson({R}) {lm['steps']} steps; seeds: "
-               f"{', '.join(map(str, seeds))}, figures mean [min, max]; held for {sum(ok_seed)}/{len(seeds)} seeds; "
-               f"rise >= {RISE}, saturation: gain beyond R under {SATURATE:.0%} of 1->R, plateau: within {PLATEAU:.0%} of "
-               f"the looping gain): " + " | ".join(parts))
-    return held, verdict
-
+               f"{p['steps']} steps, {p['eval_num']} examples; demo LM R~Poisson({R}) {lm['steps']} steps; rise >= "
+               f"{RISE}, saturation: gain beyond R under {SATURATE:.0%} of 1->R, plateau: within {PLATEAU:.0%} of the "
+               f"looping gain; {'every check met' if held else 'not met: ' + ', '.join(failed)}): "
+               + " | ".join(parts))
+    return held, verdict, head
