@@ -19,15 +19,16 @@ EXPECTED = {
     # LT at K=3 and K=12, FLT at K=12 (the ablations LT_i, LT_ia only outside --quick)
     "flt_stability": ({"seed", "variant", "loops_K", "final_train_loss", "valid_loss", "residual_norm_loop1",
                        "residual_norm_loopK", "residual_growth", "grad_spike_ratio", "diverged"}, 3),
-    # 4 variants x 4 evaluation lengths (n..4n, n=8) x loops {1, R, 2R, 3R, 4R} (R=2)
-    "recall_norm": ({"variant", "eval_length", "eval_loops", "accuracy_position", "accuracy_sequence"}, 4 * 4 * 5),
+    # 3 variants (internal recall only outside --quick) x lengths n, 2n (n=4) x loops {1, n/2, n, 3n/2, 2n, 3n, 4n, 6n}
+    "recall_norm": ({"variant", "eval_length", "eval_loops", "accuracy_position", "accuracy_sequence",
+                     "relative_step_last", "state_norm_last"}, 3 * 2 * 8),
     "parcae_injection": ({"variant", "injection", "lr", "state_norm_loop1", "state_norm_loopR", "state_growth",
                           "final_train_loss", "injection_spectral_norm"}, 4),
     "lt2_mixers": ({"task", "variant", "loops", "params", "accuracy_position", "accuracy_sequence"}, 8),  # MQAR, S3
-    # demo and parity, each: per model 1..4R fixed loop counts (R=2) + its exits (2 KL for no_gate; 2 KL +
-    # 2 Q-exit for exit_gate)
-    "test_time_compute": ({"variant", "data", "mode", "threshold", "loops", "avg_loops", "ppl",
-                           "accuracy_position"}, 2 * (8 + 2 + 8 + 4)),
+    # parity (n=4) without and with the exit gate: loops 1..2n, 3n, 4n, 6n + exits (2 KL; 2 KL + 3 Q-exit);
+    # demo LM: loops 1..4R (R=2) + 2 KL exits
+    "test_time_compute": ({"model", "data", "mode", "threshold", "loops", "avg_loops", "nll", "nll_gain_vs_1",
+                           "gain_ci_low", "gain_ci_high", "accuracy_position"}, (11 + 2) + (11 + 5) + (8 + 2)),
 }
 
 

@@ -2,158 +2,270 @@
 adaptive exit (Huginn's KL convergence exit, Ouro's learned exit gate "Q-exit") reaches the plateau with
 fewer loops on average than a fixed loop count needs.
 
-Two models per domain, trained with R ~ max(1, Poisson(R)) clipped to 2R (as yaml_configs/demo_cpu.yaml):
-without an exit gate (last-loop loss), and with Ouro's exit gate and exit-weighted loss.
-- demo corpus (FLTs): validation perplexity with tools/eval_loops.py at 1..4R loops, each exit at 4R loops
-  with the average loops it used;
-- prefix parity (recall + outer norm, the recall_norm claim's best variant): per-position exact-match accuracy
-  with megaloop.tasks at 1..4R loops, and with LoopedLM.forward's exits (average loops at the answer positions).
+Models, per seed:
+- parity_no_gate: the recall_norm claim's recall + outer norm model (one bidirectional looped layer, parity
+  n = 8, R ~ Poisson(12) in [4, 24], backprop through 8 loops); parity_exit_gate: the same with Ouro's exit
+  gate and exit-weighted loss. parity_no_gate is recall_norm's recall_outer run of the same seed when that
+  finished with the same config (run recall_norm first), else trained here. Per-position exact match on 512
+  held-out examples at 1..2n, 3n, 4n, 6n loops, and with LoopedLM.forward's exits at 6n loops (average loops
+  at the answer positions).
+- demo_lm: the demo corpus FLT (as yaml_configs/demo_cpu.yaml: R ~ Poisson(3) in [1, 6]); per-window NLL on
+  512 validation windows of 64 tokens at 1..4R loops and with the KL exit. The noise floor is a paired
+  bootstrap over the windows (2000 resamples, 95% interval).
+
+Verdict, for every seed: each parity model's accuracy rises from 1 loop (by >= 0.1) and saturates (the gain
+beyond the training mean R is under 10% of the gain from 1 to R), and one of its exits is on the plateau
+(within 10% of the looping gain of the best fixed count) with fewer average loops than the first fixed count
+on the plateau; the LM's gain from 1 loop to R is above its bootstrap noise floor (95% lower bound > 0) and
+saturates (the 95% upper bound of the further gain beyond R is under 10% of it). The LM's exits are reported
+but not judged: the KL exit compares two loops, so it cannot use fewer than 2, and the demo LM is on its
+plateau at 2 loops.
+
+`--scale gpu` (not run on this machine; about 15 minutes a seed on one H100): the parity models at
+recall_norm's GPU scale (32 bits, R ~ Poisson(32), up to 192 test-time loops) and a d 256 FLT at sequence 256
+for 3000 steps. Expected: the same rise-then-saturate curves, the parity plateau at a few times more loops.
 """
 from __future__ import annotations
 
-import csv
 import os
-import subprocess
+from types import SimpleNamespace
 
-from megaloop.reproduce.runner import (REPO, ClaimResult, Context, Variant, base_config, demo_corpus, fmt,
-                                       load_trained, task_accuracy, task_accuracy_exit, train_variants)
+from megaloop.reproduce import recall_norm
+from megaloop.reproduce.recall_norm import load_for_eval, recall_config
+from megaloop.reproduce.runner import ClaimResult, Context, Variant, base_config, demo_corpus, fmt, train_variants
 
 NAME = "test_time_compute"
-SUMMARY = ("perplexity (demo corpus) and parity accuracy vs test-time loops, fixed loops vs the KL exit and the "
-           "Ouro exit gate")
-SATURATE = 0.1  # gains saturate: the gain from R to 4R is under this fraction of the gain from 1 to R
-# On the plateau: within this fraction of the looping gain (best - value at 1 loop) of the best fixed-loop value,
-# i.e. at least 90% of what more loops can buy is reached.
-PLATEAU = 0.1
-EXITS = {"no_gate": ["kl:1e-2", "kl:1e-3"], "exit_gate": ["kl:1e-2", "kl:1e-3", "q_exit:0.5", "q_exit:0.8"]}
-EVAL_SEED = 99_991
+SUMMARY = ("parity accuracy (recall model, with and without Ouro's exit gate) and demo-corpus NLL vs test-time "
+           "loops, fixed loops vs the KL exit and the exit gate, the LM's gains against a bootstrap noise floor")
+RISE = 0.1  # parity: per-position accuracy gain from 1 loop to the plateau at least this
+SATURATE = 0.1  # the gain beyond the training mean R is under this fraction of the gain from 1 to R
+PLATEAU = 0.1  # on the plateau: within this fraction of the looping gain of the best fixed-loop value
+EXITS = {"parity_no_gate": ["kl:1e-4", "kl:1e-3"],
+         "parity_exit_gate": ["kl:1e-4", "kl:1e-3", "q_exit:0.1", "q_exit:0.2", "q_exit:0.5"],
+         "demo_lm": ["kl:1e-2", "kl:1e-1"]}
 GATE = ({"exit_gate": True}, {"loss": "exit_weighted"})
+BOOTSTRAP = 2000
 
 
 def settings(ctx: Context) -> dict:
+    parity = recall_norm.settings(ctx)
+    n = parity["n"]
+    parity["loops"] = sorted(set(range(1, 2 * n + 1)) | {3 * n, 4 * n, 6 * n})
     if ctx.quick:
-        return {"R": 2, "d_model": 32, "n_heads": 2, "seq": 32, "steps": 10, "batch": 4, "windows": 8,
-                "n": 8, "task_steps": 10, "task_batch": 16, "eval_num": 64}
-    return {"R": 3, "d_model": 64, "n_heads": 4, "seq": 64, "steps": 800, "batch": 8, "windows": 128,
-            "n": 16, "task_steps": 600, "task_batch": 32, "eval_num": 128}
+        lm = {"R": 2, "d_model": 32, "n_heads": 2, "seq": 32, "steps": 10, "batch": 4, "windows": 16}
+    elif ctx.scale == "gpu":
+        lm = {"R": 4, "d_model": 256, "n_heads": 4, "seq": 256, "steps": 3000, "batch": 32, "windows": 1024}
+    else:
+        lm = {"R": 3, "d_model": 64, "n_heads": 4, "seq": 64, "steps": 800, "batch": 8, "windows": 512}
+    lm["loops"] = list(range(1, 4 * lm["R"] + 1))
+    return {"parity": parity, "lm": lm}
 
 
 def _variants(s: dict, data: dict) -> list:
-    R, out = s["R"], []
-    for gate in ("no_gate", "exit_gate"):
-        model, loop = GATE if gate == "exit_gate" else ({}, {})
-        schedule = {"sampling": "poisson", "mean": R, "min": 1, "max": 2 * R, **loop}
-        out.append(Variant(f"demo_{gate}", base_config(
-            model={"vocab_size": data["vocab_size"], "d_model": s["d_model"], "n_heads": s["n_heads"],
-                   "max_seq_len": s["seq"], "n_loop": 2, "loops": R, "arch": "flt", **model},
-            loop=schedule,
-            data={"data_path": data["data_path"], "split": data["split"], "seq_len": s["seq"],
+    p, lm = s["parity"], s["lm"]
+    R = lm["R"]
+    return [
+        Variant("parity_no_gate", recall_config(p, recall_norm.VARIANTS["recall_outer"])),
+        Variant("parity_exit_gate", recall_config(p, recall_norm.VARIANTS["recall_outer"], *GATE)),
+        Variant("demo_lm", base_config(
+            model={"vocab_size": data["vocab_size"], "d_model": lm["d_model"], "n_heads": lm["n_heads"],
+                   "max_seq_len": lm["seq"], "n_loop": 2, "loops": R, "arch": "flt"},
+            loop={"sampling": "poisson", "mean": R, "min": 1, "max": 2 * R},
+            data={"data_path": data["data_path"], "split": data["split"], "seq_len": lm["seq"],
                   "tokenizer_type": data["tokenizer_type"], "tokenizer_model": data["tokenizer_model"]},
-            train={"steps": s["steps"], "micro_batch_size": s["batch"], "lr": 3e-3, "min_lr": 3e-4,
-                   "warmup_steps": min(20, s["steps"] // 4), "log_interval": max(1, s["steps"] // 20)})))
-        out.append(Variant(f"parity_{gate}", base_config(
-            model={"vocab_size": 4, "d_model": s["d_model"], "n_heads": s["n_heads"], "max_seq_len": s["n"] + 1,
-                   "n_loop": 2, "loops": R, "arch": "recurrent", "injection": "add", "normalization": "outer",
-                   **model},
-            loop=schedule,
-            data={"task": "parity", "task_params": {"length": s["n"]}, "seq_len": s["n"] + 1},
-            train={"steps": s["task_steps"], "micro_batch_size": s["task_batch"], "lr": 3e-3, "min_lr": 3e-4,
-                   "log_interval": max(1, s["task_steps"] // 20)})))
-    return out
+            train={"steps": lm["steps"], "micro_batch_size": lm["batch"], "lr": 3e-3, "min_lr": 3e-4,
+                   "warmup_steps": min(20, lm["steps"] // 4), "log_interval": max(1, lm["steps"] // 20)}))]
 
 
-def _eval_loops(ctx: Context, run_dir: str, data: dict, loops: str, exits, windows: int, out_dir: str) -> list:
-    cmd = [ctx.python, os.path.join(REPO, "tools", "eval_loops.py"), "--model", run_dir, "--data",
-           data["data_path"][0], "--split", data["split"], "--loops", loops, "--max-windows", str(windows),
-           "--out-dir", out_dir, "--exits", *exits]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
-    if out.returncode != 0:
-        raise RuntimeError(f"eval_loops.py failed on {run_dir}: {(out.stdout + out.stderr)[-1500:]}")
-    with open(os.path.join(out_dir, "eval_loops.csv"), newline="") as f:
-        return list(csv.DictReader(f))
+def _recall_norm_run(ctx: Context, variant: Variant):
+    """recall_norm's finished recall + outer norm run of this seed when it trained the same config (the same
+    model, not trained twice), else None."""
+    from megaloop.reproduce.runner import _finished
+    from megaloop.reproduce.seeds import seeded
+
+    run_dir = os.path.join(ctx.runs_dir(ctx.claim_dir(recall_norm.NAME)), "recall_outer")
+    done = _finished(Variant(variant.name, seeded(variant.config, ctx.seed)), run_dir)
+    if done is not None and done.ok:
+        ctx.log(f"{variant.name}: recall_norm's recall_outer run in {run_dir} (same config)")
+        return done
+    return None
 
 
-def _measure(ctx, s, data, runs, claim_dir):
-    """rows for summary.csv; fixed[(variant, loops)] = value; exits[(variant, 'kl:1e-3')] = row."""
-    R = s["R"]
-    rows, fixed, exits = [], {}, {}
-    for name, r in runs.items():
-        gate = name.split("_", 1)[1]
-        base = {"variant": name, "data": "demo" if name.startswith("demo") else "parity"}
-        if base["data"] == "demo":
-            ctx.log(f"tools/eval_loops.py on {name}")
-            table = _eval_loops(ctx, r.run_dir, data, f"1-{4 * R}", EXITS[gate], s["windows"],
-                                os.path.join(claim_dir, "eval", name))
-            measured = [(t["mode"], t["threshold"], int(t["loops"]), float(t["avg_loops"]), float(t["ppl"]),
-                         float("nan")) for t in table]
-        else:
-            from megaloop.tasks import build_task
-            model, task = load_trained(r), build_task("parity", length=s["n"], seed=EVAL_SEED)
-            measured = [("fixed", "", k, float(k), float("nan"), task_accuracy(model, task, k, num=s["eval_num"])[1])
-                        for k in range(1, 4 * R + 1)]
-            for item in EXITS[gate]:
-                mode, thr = item.split(":")
-                acc, used = task_accuracy_exit(model, task, 4 * R, mode, float(thr), num=s["eval_num"])
-                measured.append((mode, thr, 4 * R, used, float("nan"), acc))
-        for mode, thr, loops, used, ppl, acc in measured:
-            row = {**base, "mode": mode, "threshold": thr, "loops": loops, "avg_loops": used, "ppl": ppl,
-                   "accuracy_position": acc, "final_train_loss": r.final_loss()}
-            rows.append(row)
-            value = ppl if base["data"] == "demo" else acc
-            if mode == "fixed":
-                fixed[name, loops] = value
-            else:
-                exits[name, f"{mode}:{thr}"] = (used, value)
-    return rows, fixed, exits
+def _parity_exit(model, task, loops, mode, threshold, num, batch) -> tuple:
+    """(per-position accuracy, average loops at the answer positions) with an exit, at most `loops` loops."""
+    import torch
+
+    from megaloop.tasks import exact_match_counts
+
+    device = next(model.parameters()).device
+    right = total = 0
+    used = 0.0
+    with torch.no_grad():
+        for start in range(0, num, batch):
+            pairs = [task.example(i) for i in range(start, min(num, start + batch))]
+            tokens = torch.stack([p[0] for p in pairs]).to(device)
+            labels = torch.stack([p[1] for p in pairs])
+            out = model(tokens, loops=loops, exit=mode, exit_threshold=threshold)
+            _, _, c, d = exact_match_counts(out.logits.cpu(), labels)
+            right, total = right + c, total + d
+            used += float(out.exit_loops.cpu()[labels >= 0].float().sum())
+    return right / total, used / total
+
+
+def _window_nll(model, batches, loops, mode=None, threshold=None) -> tuple:
+    """(per-window mean NLL as a numpy array, average loops per token)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    per, used, count = [], 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            out = model(x.to(device), loops=loops, exit=mode, exit_threshold=threshold)
+            nll = F.cross_entropy(out.logits.float().transpose(1, 2), y.to(device), reduction="none")
+            per.append(nll.mean(1).cpu())
+            used += float(out.exit_loops.float().sum()) if out.exit_loops is not None else loops * y.numel()
+            count += y.numel()
+    return np.asarray(torch.cat(per)), used / count
+
+
+def _bootstrap(diff, seed: int = 0) -> tuple:
+    """(mean, 2.5%, 97.5%) of the mean of paired per-window differences, resampling windows."""
+    import numpy as np
+
+    idx = np.random.default_rng(seed).integers(0, len(diff), size=(BOOTSTRAP, len(diff)))
+    means = diff[idx].mean(1)
+    return float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def _curve_verdict(v: dict, R: int, exits: dict) -> dict:
+    """Rise / saturation / exit-on-plateau figures of one model's fixed-loop curve v[k] (higher is better)."""
+    loops = sorted(v)
+    best = max(v.values())
+    tol = PLATEAU * (best - v[1])
+    to_plateau = min(k for k in loops if v[k] >= best - tol)
+    early, late = v[R] - v[1], max(v[k] for k in loops if k >= R) - v[R]
+    ok_exits = [key for key, (used, value) in exits.items() if value >= best - tol and used < to_plateau]
+    return {"v1": v[1], "vR": v[R], "best": best, "to_plateau": to_plateau, "early": early, "late": late,
+            "ok_exits": ok_exits}
+
+
+def _no(row: dict) -> dict:
+    """A summary row with the columns the other domain fills left as NaN."""
+    cols = ["model", "data", "mode", "threshold", "loops", "avg_loops", "accuracy_position", "nll", "nll_gain_vs_1",
+            "gain_ci_low", "gain_ci_high", "final_train_loss"]
+    return {c: row.get(c, float("nan")) for c in cols}
 
 
 def run(ctx: Context) -> ClaimResult:
+    """One seed (ctx.seed): train the parity models and the demo LM, evaluate them against loops, judge."""
+    from megaloop.evaluation.inputs import load_eval_tokens, windows
+    from megaloop.tasks import build_task
+
     s = settings(ctx)
+    p, lm = s["parity"], s["lm"]
     data = demo_corpus(ctx)
-    R = s["R"]
-    claim_dir = ctx.claim_dir(NAME)
-    runs = train_variants(ctx, claim_dir, _variants(s, data))
-    rows, fixed, exits = _measure(ctx, s, data, runs, claim_dir)
-    loops = list(range(1, 4 * R + 1))
-    parts, saturates, exit_ok = [], {}, {"demo": False, "parity": False}
-    for name in runs:
-        dom = "demo" if name.startswith("demo") else "parity"
-        sign = 1.0 if dom == "parity" else -1.0  # "better" = higher accuracy, lower perplexity
-        v = {k: sign * fixed[name, k] for k in loops}
-        best = max(v.values())
-        early, late = v[R] - v[1], max(v[k] for k in loops if k >= R) - v[R]
-        saturates[name] = early > 0 and late < SATURATE * early
-        tol = PLATEAU * (best - v[1])
-        to_plateau = min(k for k in loops if v[k] >= best - tol)
-        ex = []
-        for (n, key), (used, value) in exits.items():
-            if n != name:
-                continue
-            ok = sign * value >= best - tol and used < to_plateau
-            exit_ok[dom] = exit_ok[dom] or ok
-            ex.append(f"{key} {fmt(value)} at {used:.2f} avg loops{' (plateau, fewer loops)' if ok else ''}")
-        what = "acc" if dom == "parity" else "ppl"
-        trend = "saturates" if saturates[name] else "does not saturate"
-        parts.append(f"{name}: {what} {fmt(fixed[name, 1])} at 1 loop, {fmt(fixed[name, R])} at R={R}, best "
-                     f"{fmt(sign * best)}, plateau from {to_plateau} loops, best change 1->R "
-                     f"{sign * early + 0.0:+.3g} vs R->{4 * R} {sign * late + 0.0:+.3g} ({trend}); " + ", ".join(ex))
-    held = all(saturates.values()) and all(exit_ok.values())
-    verdict = (f"test_time_compute: {'HELD' if held else 'DID NOT HOLD'} at this scale (R~Poisson({R}); demo "
-               f"{s['steps']} steps, parity n={s['n']} {s['task_steps']} steps; saturation: gain R->4R under "
-               f"{SATURATE:.0%} of 1->R; plateau: within {PLATEAU:.0%} of the looping gain of the best): "
-               + " | ".join(parts))
+    variants = _variants(s, data)
+    runs = train_variants(ctx, ctx.claim_dir(NAME), variants[1:])
+    shared = _recall_norm_run(ctx, variants[0])  # looked for after the others trained: recall_norm may be running
+    runs.update({variants[0].name: shared} if shared else train_variants(ctx, ctx.claim_dir(NAME), variants[:1]))
+    task = build_task("parity", length=p["n"], seed=recall_norm.EVAL_SEED)
+    rows, f, curves = [], {}, {}  # f[model]: the verdict's figures; curves[model] = {loops: value}
+    for name in ("parity_no_gate", "parity_exit_gate"):
+        r = runs[name]
+        model = load_for_eval(r)
+        v = {k: recall_norm.evaluate(model, task, k, p["eval_num"], p["eval_batch"])["accuracy_position"]
+             for k in p["loops"]}
+        ex = {}
+        for item in EXITS[name]:
+            mode, thr = item.split(":")
+            ex[item] = _parity_exit(model, task, max(p["loops"]), mode, float(thr), p["eval_num"], p["eval_batch"])
+        curves[name] = v
+        f[name] = {**_curve_verdict(v, p["R"], {k: (used, acc) for k, (acc, used) in ex.items()}), "exits": ex}
+        base = {"model": name, "data": f"parity n={p['n']}", "final_train_loss": r.final_loss()}
+        rows += [_no({**base, "mode": "fixed", "threshold": "", "loops": k, "avg_loops": float(k),
+                      "accuracy_position": acc}) for k, acc in v.items()]
+        rows += [_no({**base, "mode": item.split(":")[0], "threshold": item.split(":")[1], "loops": max(p["loops"]),
+                      "avg_loops": used, "accuracy_position": acc}) for item, (acc, used) in ex.items()]
+    r = runs["demo_lm"]
+    model = load_for_eval(r)
+    tokens = load_eval_tokens(SimpleNamespace(vocab_size=data["vocab_size"]), data["data_path"][0], None,
+                              data["split"], max_tokens=lm["windows"] * lm["seq"] + 1)
+    batches = windows(tokens, lm["seq"], lm["windows"], 32)
+    ctx.log(f"demo_lm: NLL of {sum(len(x) for x, _ in batches)} validation windows at {len(lm['loops'])} loop counts")
+    nll = {k: _window_nll(model, batches, k)[0] for k in lm["loops"]}
+    gains = {k: _bootstrap(nll[1] - nll[k]) for k in lm["loops"]}
+    R = lm["R"]
+    late_k = max((k for k in lm["loops"] if k >= R), key=lambda k: float((nll[R] - nll[k]).mean()))
+    ex = {}
+    for item in EXITS["demo_lm"]:
+        mode, thr = item.split(":")
+        per, used = _window_nll(model, batches, max(lm["loops"]), mode, float(thr))
+        ex[item] = (used, _bootstrap(nll[1] - per))
+    curves["demo_lm"] = {k: float(nll[k].mean()) for k in lm["loops"]}
+    f["demo_lm"] = {"gain": gains[R], "late": _bootstrap(nll[R] - nll[late_k]), "late_k": late_k, "exits": ex,
+                    "nll1": float(nll[1].mean()), "nllR": float(nll[R].mean())}
+    base = {"model": "demo_lm", "data": "demo corpus", "final_train_loss": r.final_loss()}
+    rows += [_no({**base, "mode": "fixed", "threshold": "", "loops": k, "avg_loops": float(k),
+                  "nll": float(nll[k].mean()), "nll_gain_vs_1": g[0], "gain_ci_low": g[1], "gain_ci_high": g[2]})
+             for k, g in gains.items()]
+    rows += [_no({**base, "mode": item.split(":")[0], "threshold": item.split(":")[1], "loops": max(lm["loops"]),
+                  "avg_loops": used, "nll": float(nll[1].mean()) - g[0], "nll_gain_vs_1": g[0], "gain_ci_low": g[1],
+                  "gain_ci_high": g[2]}) for item, (used, g) in ex.items()]
+    held, verdict, head = _verdict(s, f)
 
     def draw(fig):
-        axes = fig.subplots(1, len(runs))
-        for ax, name in zip(axes, runs):
-            ax.plot(loops, [fixed[name, k] for k in loops], "o-", ms=3, label="fixed loops")
-            for (n, key), (used, value) in exits.items():
-                if n == name:
-                    ax.plot([used], [value], "s", label=f"{key} (avg loops)")
-            ax.axvline(R, color="gray", ls="--", lw=1)
+        axes = fig.subplots(1, 3)
+        for ax, name in zip(axes, ("parity_no_gate", "parity_exit_gate", "demo_lm")):
+            v = curves[name]
+            ax.plot(list(v), list(v.values()), "o-", ms=3, label="fixed loops")
+            for item, got in f[name]["exits"].items():
+                used, value = (got[1], got[0]) if name != "demo_lm" else (got[0], v[1] - got[1][0])
+                ax.plot([used], [value], "s", ms=5, label=f"{item} (average loops)")
+            ax.set_xscale("log", base=2)
             ax.set_xlabel("test-time loops")
-            ax.set_ylabel("validation perplexity" if name.startswith("demo") else "per-position accuracy")
+            ax.set_ylabel("validation NLL" if name == "demo_lm" else "per-position accuracy")
             ax.set_title(name, fontsize=9)
             ax.legend(fontsize=6)
-    return ClaimResult(rows, verdict, held, draw, figsize=(15, 3.8))
+    return ClaimResult(rows, verdict, held, draw, figsize=(15, 3.8), headline=head)
+
+
+def _verdict(s: dict, f: dict) -> tuple:
+    p, lm = s["parity"], s["lm"]
+    R = lm["R"]
+    checks, parts, head = {}, [], {}
+    for name in ("parity_no_gate", "parity_exit_gate"):
+        g = f[name]
+        checks[f"{name} rises"] = g["best"] - g["v1"] >= RISE
+        checks[f"{name} saturates"] = g["early"] > 0 and g["late"] < SATURATE * g["early"]
+        checks[f"{name} exit on the plateau with fewer loops"] = bool(g["ok_exits"])
+        exits = "; ".join(f"{item} {fmt(acc)} at {fmt(used)} loops" + (" (plateau, fewer loops)"
+                                                                        if item in g["ok_exits"] else "")
+                          for item, (acc, used) in g["exits"].items())
+        parts.append(f"{name}: accuracy {fmt(g['v1'])} at 1 loop, {fmt(g['vR'])} at R={p['R']}, best {fmt(g['best'])}, "
+                     f"plateau from {g['to_plateau']} loops, gain beyond R {fmt(g['late'])}; exits at "
+                     f"{max(p['loops'])} loops: {exits}")
+        head[f"{name} acc 1 loop"], head[f"{name} acc best"] = g["v1"], g["best"]
+        head[f"{name} plateau loops"] = float(g["to_plateau"])
+        best_exit = min(g["exits"].items(), key=lambda kv: (kv[0] not in g["ok_exits"], kv[1][1]))
+        head[f"{name} best exit avg loops"] = best_exit[1][1]  # the exit on the plateau with the fewest loops
+    d = f["demo_lm"]
+    checks["LM gain above the noise floor"] = d["gain"][1] > 0
+    checks["LM saturates"] = max(0.0, d["late"][2]) < SATURATE * d["gain"][0]
+    parts.append(
+        f"demo_lm: NLL {fmt(d['nll1'])} at 1 loop, {fmt(d['nllR'])} at R={R}; gain 1->R {fmt(d['gain'][0])} nats, "
+        f"95% interval [{fmt(d['gain'][1])}, {fmt(d['gain'][2])}] (noise floor: paired bootstrap over "
+        f"{lm['windows']} windows); further gain R->{d['late_k']} {fmt(d['late'][0])}, 95% upper bound "
+        f"{fmt(d['late'][2])}; " + ", ".join(f"{item} gain {fmt(g[0])} at {fmt(used)} loops (not judged)"
+                                             for item, (used, g) in d["exits"].items()))
+    head["LM gain 1->R nats"], head["LM gain 95% low"], head["LM gain beyond R"] = d["gain"][0], d["gain"][1], \
+        d["late"][0]
+    held = all(checks.values())
+    failed = [k for k, ok in checks.items() if not ok]
+    verdict = (f"{NAME}: {'HELD' if held else 'DID NOT HOLD'} at this scale (parity n={p['n']} R~Poisson({p['R']}) "
+               f"{p['steps']} steps, {p['eval_num']} examples; demo LM R~Poisson({R}) {lm['steps']} steps; rise >= "
+               f"{RISE}, saturation: gain beyond R under {SATURATE:.0%} of 1->R, plateau: within {PLATEAU:.0%} of the "
+               f"looping gain; {'every check met' if held else 'not met: ' + ', '.join(failed)}): "
+               + " | ".join(parts))
+    return held, verdict, head
