@@ -97,3 +97,58 @@ def run_python(args, cwd: str, env: dict, timeout: float = 120) -> subprocess.Co
             raise subprocess.TimeoutExpired([sys.executable, *args], timeout)
         with open(out, errors="replace") as fo, open(err, errors="replace") as fe:
             return subprocess.CompletedProcess([sys.executable, *args], p.exitcode, fo.read(), fe.read())
+
+
+class ForkedPopen:
+    """The part of subprocess.Popen that launchers use (pid, poll, wait, returncode, kill, terminate, send_signal),
+    for `[python, script, *args]` run as start_script runs it; stdout: an open file (stderr goes with it) or None
+    (the caller's stdout)."""
+
+    def __init__(self, args, cwd=None, env=None, stdout=None, stderr=None, **_ignored):
+        script, *rest = [str(a) for a in args[1:]]
+        out = stdout.name if stdout is not None and hasattr(stdout, "name") else "/dev/stdout"
+        if stdout is not None:
+            stdout.flush()
+        self.args = list(args)
+        self._p = start_script(script, rest, dict(env if env is not None else os.environ),
+                               str(cwd or os.getcwd()), out)
+        self.pid = self._p.pid
+
+    @property
+    def returncode(self):
+        return self._p.exitcode
+
+    def poll(self):
+        return self._p.exitcode
+
+    def wait(self, timeout=None):
+        self._p.join(timeout)
+        if self._p.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._p.exitcode
+
+    def send_signal(self, sig):
+        if self._p.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self):
+        self._p.terminate()
+
+    def kill(self):
+        self._p.kill()
+
+
+def forked_run(args, cwd=None, env=None, timeout=None, capture_output=False, text=False, check=False, **_ignored):
+    """subprocess.run for `[python, script, *args]` with capture_output=True and text=True, as run_python."""
+    out = run_python([str(a) for a in args[1:]], cwd=str(cwd or os.getcwd()),
+                     env=dict(env if env is not None else os.environ), timeout=timeout or 3600)
+    if check and out.returncode:
+        raise subprocess.CalledProcessError(out.returncode, args, out.stdout, out.stderr)
+    return out
+
+
+# A stand-in for the `subprocess` module inside code that starts Python scripts (megaloop.reproduce's runner).
+forked_subprocess = type(sys)("forked_subprocess")
+forked_subprocess.__dict__.update(Popen=ForkedPopen, run=forked_run, STDOUT=subprocess.STDOUT, PIPE=subprocess.PIPE,
+                                  TimeoutExpired=subprocess.TimeoutExpired, CompletedProcess=subprocess.CompletedProcess,
+                                  CalledProcessError=subprocess.CalledProcessError)

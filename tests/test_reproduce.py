@@ -32,13 +32,30 @@ EXPECTED = {
 }
 
 
-def _env():
-    return {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+def _run(*args):
+    """`python tools/reproduce.py args...`, run in this process (its main), with the Python processes it starts
+    (each variant's pretrain_looped.py, the demo corpus' tools) forked from tests/preloaded.py's server instead
+    of fresh interpreters."""
+    import contextlib
+    import io
+    import runpy
 
+    from megaloop.reproduce import runner
+    from preloaded import forked_subprocess
 
-def _run(*args, timeout=240):
-    return subprocess.run([sys.executable, TOOL, *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    tool = runpy.run_path(TOOL, run_name="reproduce_tool")
+    out, err = io.StringIO(), io.StringIO()
+    saved = runner.subprocess
+    runner.subprocess = forked_subprocess
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = tool["main"](list(args))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    finally:
+        runner.subprocess = saved
+    return subprocess.CompletedProcess([sys.executable, TOOL, *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +176,7 @@ def test_seeds_each_seed_trains_and_the_verdict_needs_every_seed(tmp_path, monke
     assert [s[:3] for s in seen] == [(1234, 1234, 1234), (1235, 1235, 1235)]
     assert seen[0][3].endswith("runs/seed1234") and seen[1][3].endswith("runs/seed1235")
     assert record["seeds"] == [1234, 1235] and record["held"] is False  # seed 1235 did not hold
-    assert record["verdict"].startswith("flt_stability: DID NOT HOLD at this scale for 1234 only (seeds: 1234, 1235")
+    assert record["verdict"].startswith("flt_stability: DID NOT HOLD at this scale (held for seed 1234 only) (seeds: 1234, 1235")
     assert "loss 2.5 ± 0.5" in record["verdict"] and record["headline"] == {"loss": [2.0, 3.0]}
     d = tmp_path / "flt_stability"
     assert [r["seed"] for r in csv.DictReader(open(d / "summary.csv"))] == ["1234", "1235"]

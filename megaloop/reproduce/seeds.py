@@ -98,8 +98,9 @@ def combine(claim: str, seeds: Sequence[int], results: list):
             names.setdefault(key, []).append(value)
     numbers = "; ".join(f"{k} {fmt_spread(v)}" for k, v in names.items() if len(v) == len(results))
     holds_for = [str(seed) for seed, res in zip(seeds, results) if res.held]
-    verdict = (f"{claim}: {'HELD' if held else 'DID NOT HOLD'} at this scale for "
-               f"{'every seed' if held else ', '.join(holds_for) + ' only' if holds_for else 'no seed'} "
+    which = ("for every seed" if held else
+             f"(held for seed {', '.join(holds_for)} only)" if holds_for else "(held for no seed)")
+    verdict = (f"{claim}: {'HELD' if held else 'DID NOT HOLD'} at this scale {which} "
                f"(seeds: {', '.join(map(str, seeds))}; mean ± spread over seeds"
                f"{': ' + numbers if numbers else ''}) | "
                + " | ".join(f"seed {seed}: {_body(claim, res.verdict)}" for seed, res in zip(seeds, results)))
