@@ -152,6 +152,42 @@ def test_gated_delta_rule_restarts_its_state_at_each_document():
         torch.testing.assert_close(out, ref)
 
 
+def test_fla_varlen_path_cuts_at_documents_and_syncs_once_per_micro_batch():
+    """fla's variable-length call (CUDA only), with a stand-in for fla's chunk kernel that runs megaloop's
+    recurrent rule on each cu_seqlens piece: each document alone; cu_seqlens (a host sync) computed once per
+    doc_ids tensor, not once per GDN layer and loop."""
+    from megaloop.ops import gated_delta as gd
+    g = torch.Generator().manual_seed(1)
+    B, T, H, D = 2, 37, 2, 8
+    q, k = (torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=g, dtype=torch.float64), dim=-1)
+            for _ in range(2))
+    v = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
+    gate = -torch.nn.functional.softplus(torch.randn(B, T, H, generator=g, dtype=torch.float64))
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=g, dtype=torch.float64))
+    seen = []
+
+    def fla_standin(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+        seen.append(cu_seqlens)
+        cuts = cu_seqlens.tolist()
+        pieces = [gd.gated_delta_rule_recurrent(*(x[:, a:b] for x in (q, k, v, g, beta)), scale=scale)[0]
+                  for a, b in zip(cuts[:-1], cuts[1:])]
+        return torch.cat(pieces, dim=1), None
+
+    ids = _doc_ids(T)
+    ref = _per_document(lambda *x: gd.gated_delta_rule_recurrent(*x)[0], ids, q, k, v, gate, beta)
+    for _ in range(3):  # three layers / loops of one micro-batch
+        out, state = gd._fla_varlen(fla_standin, q, k, v, gate, beta, None, ids)
+        torch.testing.assert_close(out, ref)
+        assert state is None
+    assert seen[0] is seen[1] is seen[2]
+    starts = [b * T + t for b in range(B) for t in range(T) if t == 0 or ids[b, t] != ids[b, t - 1]]
+    assert seen[0].tolist() == starts + [B * T]
+    gd._fla_varlen(fla_standin, q, k, v, gate, beta, None, ids.clone())  # the next micro-batch
+    ids[:, 5:] += 1  # (changed in place: row 1 gets a document start at t = 5)
+    gd._fla_varlen(fla_standin, q, k, v, gate, beta, None, ids)
+    assert seen[3] is not seen[0] and seen[4] is not seen[0] and T + 5 in seen[4].tolist()
+
+
 def test_short_conv_does_not_reach_across_a_document_start():
     from megaloop.ops.short_conv import causal_depthwise_conv1d
     g = torch.Generator().manual_seed(1)

@@ -32,6 +32,7 @@ import functools
 import math
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -302,15 +303,31 @@ def _fla_run_for(chunk_fn: Callable) -> Callable:
 def _fla_varlen(chunk_fn, q, k, v, g, beta, scale, doc_ids):
     """Packed documents on fla: its variable-length mode, the (B, T) batch flattened to one row of B*T
     tokens cut at `cu_seqlens` (every row start and document start); each piece starts from a zero state.
-    No final state (None): the mixer never carries one. (The nonzero() is one host sync per call.)"""
+    No final state (None): the mixer never carries one."""
+    B, T = doc_ids.shape
+    flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, g, beta)]
+    o, _ = chunk_fn(*flat, scale=scale, initial_state=None, output_final_state=False,
+                    cu_seqlens=cu_seqlens_of(doc_ids))
+    return o.reshape(B, T, *o.shape[2:]), None
+
+
+_CU_SEQLENS: list = [None, -1, None]  # [weak reference to the last doc_ids tensor, its _version, cu_seqlens]
+
+
+def cu_seqlens_of(doc_ids: torch.Tensor) -> torch.Tensor:
+    """fla's cu_seqlens for the (B, T) document ids: offsets of every row start and document start in the
+    flattened batch, then B*T. Its nonzero() is a host sync, so the result is kept for the doc_ids tensor
+    it came from: the micro-batch's one doc_ids tensor reaches every GDN layer in every loop (and their
+    recomputation), which makes it one sync per micro-batch instead of one per layer and loop."""
+    ref, version, cached = _CU_SEQLENS
+    if ref is not None and ref() is doc_ids and version == doc_ids._version:
+        return cached
     B, T = doc_ids.shape
     starts = document_starts(doc_ids)
     starts[:, 0] = True
-    cu = torch.cat([starts.reshape(-1).nonzero().reshape(-1),
-                    torch.tensor([B * T], device=doc_ids.device)])
-    flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, g, beta)]
-    o, _ = chunk_fn(*flat, scale=scale, initial_state=None, output_final_state=False, cu_seqlens=cu)
-    return o.reshape(B, T, *o.shape[2:]), None
+    cu = torch.cat([starts.reshape(-1).nonzero().reshape(-1), torch.tensor([B * T], device=doc_ids.device)])
+    _CU_SEQLENS[:] = [weakref.ref(doc_ids), doc_ids._version, cu]
+    return cu
 
 
 @functools.lru_cache(maxsize=None)
