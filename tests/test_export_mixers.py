@@ -17,7 +17,7 @@ VARIANTS = {
     "lt2_gdn_dsa": ("lt2_gdn_dsa", None),
     "swa": ("swa", None),
     # FLT: queries (GDN: the q conv stream, DSA: indexer queries too) from the previous loop's h
-    "flt_gdn_dsa": ("lt2_gdn_dsa", ["model.arch=flt"]),
+    "flt_gdn_dsa": ("lt2_gdn_dsa", ["model.arch=flt", "model.injection=none"]),
     # GDN prefill over several chunks; lt_ia: injected queries at layer 0 only; swa beside gdn
     "lt_ia_gdn_swa_chunked": ("lt2_gdn", ["model.arch=lt_ia", "model.mixer=gdn,swa", "model.gdn_chunk_size=16"]),
 }
@@ -166,7 +166,7 @@ def test_exits_with_the_new_mixers(exported):
 
 
 def test_bfloat16_export_verifies_and_decodes(tmp_path):
-    cfg = tiny_config("lt2_gdn_dsa", ["model.arch=flt"])
+    cfg = tiny_config("lt2_gdn_dsa", ["model.arch=flt", "model.injection=none"])
     model = perturbed_model(cfg)
     out = export_hf(model.state_dict(), cfg, cfg.data, tmp_path / "bf16", dtype="bfloat16")  # verify=True
     hf = load_exported(out).to(torch.bfloat16)
