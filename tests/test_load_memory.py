@@ -58,7 +58,36 @@ def ckpt(tmp_path_factory):
     return tag, full
 
 
+def _in_a_fresh_process(fn, *args):
+    """fn(*args) in a process forked from tests/preloaded.py's server: a heap that has not served the pytest
+    process's earlier tests, whose freed memory the allocator would reuse and hide from the growth measured."""
+    from preloaded import context
+    ctx = context()
+    q = ctx.Queue()
+    p = ctx.Process(target=_call, args=(q, fn, args))
+    p.start()
+    try:
+        ok, value = q.get(timeout=300)
+    finally:
+        p.join(30)
+    if not ok:
+        raise AssertionError(value)
+    return value
+
+
+def _call(q, fn, args):
+    import traceback
+    try:
+        q.put((True, fn(*args)))
+    except BaseException:  # noqa: BLE001 - the traceback goes back to the test
+        q.put((False, traceback.format_exc()))
+
+
 def test_resume_on_a_new_tp_layout_holds_the_ranks_share_not_the_whole_state(ckpt):
+    _in_a_fresh_process(_resume_memory, ckpt)
+
+
+def _resume_memory(ckpt):
     from megaloop.checkpoint.relayout import load_training_any_layout
     from megaloop.checkpoint.training_state import TrainingStateReader, load_training_state
     from megaloop.parallel.apply_tp import partition_info_for, shard_state_dict
@@ -90,6 +119,10 @@ def test_resume_on_a_new_tp_layout_holds_the_ranks_share_not_the_whole_state(ckp
 
 
 def test_init_from_reads_the_weights_not_the_optimizer_state_beside_them(ckpt):
+    _in_a_fresh_process(_init_from_memory, ckpt)
+
+
+def _init_from_memory(ckpt):
     from megaloop.checkpoint.init_weights import init_state_dict
     tag, full = ckpt
     weights = 4 * sum(v.numel() for k, v in full.items() if k != "head.weight")

@@ -178,6 +178,12 @@ def _vocab_parallel_ce(rank, state):
                 counts=c.summary())
 
 
+def _scored_loops(cfg, R: int) -> int:
+    """How many loops' outputs go through the LM head and the loss: R under loop.loss: mean, else the last."""
+    assert cfg.loop.loss in ("last", "mean"), cfg.loop.loss
+    return R if cfg.loop.loss == "mean" else 1
+
+
 def _counting(rank, state):
     """Collectives per forward/backward for given R: 2 fwd + 2 bwd all-reduces per layer per loop."""
     out = {}
@@ -191,6 +197,7 @@ def _counting(rank, state):
         m = cfg.model
         out[(name, R, G)] = dict(fwd=c.count("all_reduce", "forward"), bwd=c.count("all_reduce", "backward"),
                                  other=c.count() - c.count("all_reduce"), L=m.n_loop, P=m.n_prelude, C=m.n_coda,
+                                 S=_scored_loops(cfg, R),
                                  fwd_bytes=c.payload_bytes(phase="forward"), bwd_bytes=c.payload_bytes(phase="backward"))
     return out
 
@@ -309,11 +316,11 @@ def test_vocab_parallel_cross_entropy_equals_the_ordinary_one(tp2):
 def test_collective_count_per_forward_backward(tp2):
     for (name, R, G), c in tp2[0]["counting"].items():
         G = R if G is None else G
-        L, P, C = c["L"], c["P"], c["C"]
-        # forward: embedding g + 2 per layer per loop + vocab-parallel CE (max, fused sums)
-        assert c["fwd"] == 1 + 2 * (P + L * R + C) + 2, (name, R, c)
-        # backward: 2 per layer per loop that carries gradients + the LM head's f
-        assert c["bwd"] == 2 * (P + L * G + C) + 1, (name, R, c)
+        L, P, C, S = c["L"], c["P"], c["C"], c["S"]
+        # forward: embedding g + 2 per layer per loop + vocab-parallel CE (max, fused sums) per scored loop
+        assert c["fwd"] == 1 + 2 * (P + L * R + C) + 2 * S, (name, R, c)
+        # backward: 2 per layer per loop that carries gradients + the LM head's f per scored loop
+        assert c["bwd"] == 2 * (P + L * G + C) + S, (name, R, c)
         assert c["other"] == 0, (name, R, c)
 
 

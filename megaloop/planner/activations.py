@@ -292,6 +292,10 @@ def layer_bytes(cfg: Config, z: _Dims, R: int, G: int, mode: str) -> Dict[str, d
         out["loop"]["saved"] += outputs * lin_inputs(z, 1)
     if m.share_outer_final_norm and not z.autocast:  # the last loop's output, saved by the head
         out["head"]["saved"] += z.s * z.d
+    elif per_loss > 1 and not m.n_coda and not getattr(m, "coda_norm", False):
+        # per-loop loss without a coda: the final norm's input on every loop but the last is the next
+        # loop's input, which the loop block already saved (one tensor, counted once)
+        out["head"]["saved"] -= (per_loss - 1) * z.s * z.d
     out["head"]["work"] -= out["head"]["held"]  # the held logits are counted apart (never freed)
     if m.exit_gate:  # the gate's input casts, its sigmoid
         out["head"]["saved"] += G * ((z.c * z.d_full if z.autocast else 0.0) + 8)
