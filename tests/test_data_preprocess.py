@@ -40,6 +40,20 @@ def test_round_trip_text_to_tokens_to_reader(tmp_path):
     assert summary.total_tokens == sum(len(t.encode()) + 1 for t in TEXTS)
 
 
+def test_a_worker_dies_on_sigterm_whatever_handler_the_caller_installed():
+    """Pool.terminate() ends workers with SIGTERM; a forked worker that kept the caller's Python handler (a
+    trainer's stop flag, a test runner's) survived it and was joined forever (seen as a hung CI run)."""
+    import signal
+
+    from megaloop.data.preprocess import _init_worker
+    before = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        _init_worker("byte", None, ["text"], True, np.uint16)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_workers_and_input_kinds_give_identical_output(tmp_path):
     """1 or 2 workers, plain or gzip, one file or a glob of two: the same bytes in input order."""
     records = [{"text": f"doc {i} " + "abc " * (i % 7), "meta": f"m{i}"} for i in range(200)]

@@ -24,6 +24,7 @@ import itertools
 import multiprocessing
 import os
 import resource
+import signal
 import sys
 import threading
 import time
@@ -146,6 +147,10 @@ def _init_worker(tokenizer_type, tokenizer_model, json_keys, append_eod, dtype, 
     # One thread per worker, as sentencepiece's num_threads=1: --workers is the parallelism (Hugging Face
     # tokenizers would otherwise start a thread per core in every worker).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # A forked worker inherits the caller's SIGTERM handler (a trainer's clean-stop flag, a test runner's):
+    # then Pool.terminate()'s SIGTERM does not end it, and a worker blocked on the task queue's lock (whose
+    # holder the same terminate killed) is joined forever. Workers die on SIGTERM.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, eod_token=tokenizer_eod)
     _worker.update(tokenizer=tokenizer, json_keys=list(json_keys), append_eod=append_eod, dtype=np.dtype(dtype))
 
