@@ -263,8 +263,10 @@ def test_pipeline_layers_in_sequence_equal_the_model_with_packed_documents(overr
     for n, p in lm.named_parameters():
         if n in ref_grads:
             torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
-    lm.packing = None  # ... and the masks matter here
-    assert not torch.allclose(lm(tokens, labels=labels, loops=R, grad_loops=G).loss, ref)
+    # ... and the masks matter here (logits: at init the loss is ~ln(vocab) whatever the masks)
+    packed = lm(tokens, loops=R).logits
+    lm.packing = None
+    assert not torch.allclose(lm(tokens, loops=R).logits, packed)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -59,6 +59,12 @@ def test_resume_tp2pp2_as_dp2_zero1(source):
     _check_continues(source, "dp2z1", 2, 1, {"zero_stage": 1})
 
 
+def test_resume_tp2pp2_as_tp2_dp2_zero2(source):
+    # Onto TP 2 x DP 2 with ZeRO 2 (the real engine): each rank reads its TP slice of every parameter and
+    # narrows it to its data-parallel partition of ZeRO 2's flat fp32 buffers; grad_accum 2 -> 1.
+    _check_continues(source, "tp2dp2z2", 4, 1, {"tensor_parallel": 2, "zero_stage": 2})
+
+
 def test_zero0_and_zero1_pipeline_checkpoints_read_to_the_same_state(source):
     """The ZeRO 0 optimizer state has no names (they are rebuilt from the config and the stage's layer
     range); ZeRO 1's has them: both readings of the same training must agree."""

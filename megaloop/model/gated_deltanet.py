@@ -54,19 +54,29 @@ class GatedDeltaNet(nn.Module):
         self.wo = nn.Linear(H * self.head_v_dim, d, bias=False)
         self.wo.is_output_projection = True
         W = cfg.conv_size
-        # Depthwise conv weights (channels, width), one per stream; init like nn.Conv1d's default.
-        bound = 1.0 / math.sqrt(W)
-        self.q_conv = nn.Parameter(torch.empty(H * self.head_k_dim, W).uniform_(-bound, bound))
-        self.k_conv = nn.Parameter(torch.empty(H * self.head_k_dim, W).uniform_(-bound, bound))
-        self.v_conv = nn.Parameter(torch.empty(H * self.head_v_dim, W).uniform_(-bound, bound))
-        # Mamba-2 / GDN decay init: A in [1, 16], dt in [1e-3, 1e-1] (log-uniform), dt_bias = softplus^-1(dt).
-        A = torch.empty(H).uniform_(1, 16)
-        dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1))).clamp_min(1e-4)
-        self.A_log = nn.Parameter(torch.log(A))
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.out_norm_weight = nn.Parameter(torch.ones(self.head_v_dim))
+        # Depthwise conv weights (channels, width), one per stream; values: init_parameter.
+        self.q_conv = nn.Parameter(torch.empty(H * self.head_k_dim, W))
+        self.k_conv = nn.Parameter(torch.empty(H * self.head_k_dim, W))
+        self.v_conv = nn.Parameter(torch.empty(H * self.head_v_dim, W))
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.out_norm_weight = nn.Parameter(torch.empty(self.head_v_dim))
         for p in (self.A_log, self.dt_bias, self.out_norm_weight):
             p.no_weight_decay = True
+
+    def init_parameter(self, name: str, shape, generator) -> torch.Tensor:
+        """Initial values (megaloop/model/initial_values.py): the convs like nn.Conv1d's default; Mamba-2 /
+        GDN's decay init, A in [1, 16] and dt in [1e-3, 1e-1] (log-uniform), dt_bias = softplus^-1(dt)."""
+        if name.endswith("_conv"):
+            bound = 1.0 / math.sqrt(shape[-1])
+            return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+        if name == "A_log":
+            return torch.empty(shape).uniform_(1, 16, generator=generator).log()
+        if name == "dt_bias":
+            dt = torch.exp(torch.empty(shape).uniform_(math.log(1e-3), math.log(1e-1), generator=generator))
+            dt = dt.clamp_min(1e-4)
+            return dt + torch.log(-torch.expm1(-dt))
+        return torch.ones(shape)  # out_norm_weight
 
     def forward(self, x: torch.Tensor, rope=None, q_input: Optional[torch.Tensor] = None):
         B, T, _ = x.shape

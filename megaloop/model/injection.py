@@ -44,10 +44,15 @@ class ParcaeInjection(nn.Module):
         # At init A = 1 and exp(-Delta) = init_decay, i.e. Delta = -ln(init_decay).
         delta0 = -math.log(init_decay)
         dt0 = math.log(math.expm1(delta0))  # softplus^-1
+        self.dt0 = dt0
         self.A_log = _no_decay(nn.Parameter(torch.zeros(d)))
         self.dt_bias = _no_decay(nn.Parameter(torch.full((d,), dt0)))
         self.B = _no_decay(nn.Parameter(torch.eye(d)))
-        self.B.keep_init = True  # init_weights leaves it the identity
+
+    def init_parameter(self, name: str, shape, generator) -> torch.Tensor:
+        """A = 1 (A_log = 0), Delta = -ln(init_decay), B = I (megaloop/model/initial_values.py)."""
+        return {"A_log": lambda: torch.zeros(shape), "dt_bias": lambda: torch.full(shape, self.dt0),
+                "B": lambda: torch.eye(*shape)}[name]()
 
     def coefficients(self):
         delta = F.softplus(self.dt_bias.float())

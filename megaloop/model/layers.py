@@ -33,6 +33,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if scale else None
 
+    def init_parameter(self, name: str, shape, generator) -> torch.Tensor:
+        return torch.ones(shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm_affine(x, self.weight, self.eps)
 

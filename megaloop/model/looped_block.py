@@ -67,15 +67,12 @@ class LoopedBlock(nn.Module):
         self.rho = nn.Parameter(torch.zeros(cfg.max_loops, cfg.d_model)) if cfg.loop_residual_gate else None
         if self.rho is not None:
             self.rho.no_weight_decay = True
-            self.rho.zero_init = True
         # Parcae's W_C between the loop and the coda (identity at init: the coda first sees h(T)).
         self.out_proj = None
         if cfg.injection == "parcae":
             self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
             self.out_proj.weight.no_weight_decay = True
-            self.out_proj.keep_init = True
-            with torch.no_grad():
-                self.out_proj.weight.copy_(torch.eye(cfg.d_model))
+            self.out_proj.identity_init = True  # (megaloop/model/initial_values.py)
         self.activation_checkpointing = "none"  # none | loop | layer; set by the training setup
         # checkpoint_fn(function, *tensors): recomputes `function` in backward. Called with positional
         # tensors only (everything else is bound into `function`), as DeepSpeed's
@@ -88,6 +85,9 @@ class LoopedBlock(nn.Module):
         # noise_generator(seed, step, k * dp_size + dp_rank). None: torch's global RNG (inference).
         self.noise_key: Optional[tuple] = None
         self.noise_draws = 0
+
+    def init_parameter(self, name: str, shape, generator) -> torch.Tensor:
+        return torch.zeros(shape)  # rho: the residual gate starts closed (megaloop/model/initial_values.py)
 
     def set_noise_key(self, seed: int, step: int, dp_rank: int = 0, dp_size: int = 1) -> None:
         """Key the noise start of the next forwards (one per micro-batch, in order) by the optimizer step."""

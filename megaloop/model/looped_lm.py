@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from megaloop.config import ModelConfig
 from megaloop.model.documents import DocumentPacking, document_ids, packed_rope
+from megaloop.model.initial_values import draw_init_seed, initialize_parameters
 from megaloop.model.layers import RMSNorm, TransformerLayer, rope_cache
 from megaloop.model.looped_block import LoopedBlock
 from megaloop.model.value_embeddings import attach_value_embeddings
@@ -35,6 +36,9 @@ class LMOutput:
 class LoopedLM(nn.Module):
     def __init__(self, cfg: ModelConfig, loss: str = "last", exit_entropy_weight: float = 0.05):
         super().__init__()
+        # Drawn first (before any submodule's constructor touches the global generator), so that a model
+        # built on the meta device gets the same init seed as one built on the host.
+        self.init_seed = draw_init_seed()
         self.cfg = cfg
         self.loss_mode = loss
         self.exit_entropy_weight = exit_entropy_weight
@@ -67,30 +71,10 @@ class LoopedLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def init_weights(self):
-        """model.init_scheme: "normal" draws every matrix from N(0, init_std); "nanochat" is the FLT / nanochat
-        reference's init (megaloop/config/recipes.py). zero_init / keep_init marks and zero_init_out apply to both."""
-        std = self.cfg.init_std
-        nanochat = self.cfg.init_scheme == "nanochat"
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                if getattr(module, "keep_init", False):
-                    continue
-                if getattr(module, "zero_init", False) or (
-                        self.cfg.zero_init_out and getattr(module, "is_output_projection", False)):
-                    nn.init.zeros_(module.weight)
-                elif not nanochat:
-                    nn.init.normal_(module.weight, mean=0.0, std=std)
-                elif module is self.embedding:
-                    nn.init.normal_(module.weight, mean=0.0, std=1.0)
-                elif module is self.head:
-                    if not self.cfg.tie_embeddings:  # tied: the embedding's N(0, 1) is the head
-                        nn.init.normal_(module.weight, mean=0.0, std=0.001)
-                else:  # uniform, bound sqrt(3) * std so that its std is 1/sqrt(fan_in) (nanochat)
-                    fan_in = module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
-                    bound = (3.0 / fan_in) ** 0.5
-                    nn.init.uniform_(module.weight, -bound, bound)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+        """Every parameter's initial value, drawn from its own generator keyed by (init_seed, its name):
+        megaloop/model/initial_values.py, which also documents model.init_scheme's rules. Parameters on the
+        meta device are materialised later, per rank's shard (megaloop/parallel/materialize.py)."""
+        initialize_parameters(self)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

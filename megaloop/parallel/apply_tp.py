@@ -82,7 +82,7 @@ from megaloop.parallel.cross_entropy import (VocabParallelCrossEntropy, VocabPar
 from megaloop.parallel.grad_norm import tag_for_deepspeed_norm
 from megaloop.parallel.random import RNGTracker
 from megaloop.parallel.tensor_parallel import (REPLICATED, ColumnParallelLinear, Partition, VocabParallelEmbedding,
-                                               partition_of, tag)
+                                               partition_of, shard_of, tag)
 from megaloop.parallel.tp_plans import TensorParallelError, fork_rng, plan_for
 
 
@@ -292,8 +292,8 @@ def apply_tensor_parallel(model: nn.Module, state_or_group, *, sequence_parallel
     # once by DeepSpeed's grad-norm de-duplication.
     install_tp_grad_hooks(model)
     tag_for_deepspeed_norm(model, comm.rank)
-    if check_replicas and _dist_ready():
-        check_replicated_parameters(model)
+    if check_replicas and _dist_ready() and not any(p.is_meta for p in model.parameters()):
+        check_replicated_parameters(model)  # (a meta-device build checks after megaloop.parallel.materialize)
     return model
 
 
@@ -302,10 +302,11 @@ def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def check_replicated_parameters(model: nn.Module) -> None:
+def check_replicated_parameters(model: nn.Module, comm: Optional[TPComm] = None) -> None:
     """Raise if a replicated parameter differs across TP ranks (the ranks did not build the model from
-    the same seed, or a replicated gradient was not synchronised)."""
-    comm: TPComm = model.tp_comm
+    the same seed, or a replicated gradient was not synchronised). model: a tensor-parallel LoopedLM, or
+    (comm given) one pipeline stage of it."""
+    comm = comm or model.tp_comm
     if comm.size == 1:
         return
     mine = _replicated_checksum(model)
@@ -435,13 +436,4 @@ def merge_tp_shards(shards: List[Dict[str, torch.Tensor]], info: Dict[str, Parti
 def shard_state_dict(full: Dict[str, torch.Tensor], info: Dict[str, Partition], tp_rank: int, tp: int
                      ) -> Dict[str, torch.Tensor]:
     """The inverse of merge_tp_shards: rank tp_rank's state dict from a one-process state dict."""
-    out = {}
-    for name, t in full.items():
-        part = info.get(name, REPLICATED)
-        if not part.sharded:
-            out[name] = t.clone()
-            continue
-        n_shards = tp // part.replicas
-        size = t.shape[part.dim] // n_shards
-        out[name] = t.narrow(part.dim, (tp_rank // part.replicas) * size, size).clone()
-    return out
+    return {name: shard_of(t, info.get(name, REPLICATED), tp_rank, tp).clone() for name, t in full.items()}

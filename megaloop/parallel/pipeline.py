@@ -52,20 +52,30 @@ from megaloop.model.looped_lm import LoopedLM
 
 
 class LayerSource:
-    """Holds the full model while the pipeline is built; each layer takes its submodules from it."""
+    """Holds the full model while the pipeline is built; each layer takes its submodules from it.
+    materializer(lm): where lm was built on the meta device, a megaloop.parallel.materialize.Materializer
+    that gives each layer's parameters their values as DeepSpeed builds this stage's layers."""
 
-    def __init__(self, build_fn):
+    def __init__(self, build_fn, materializer=None):
         self._build_fn = build_fn
-        self._lm = None
+        self._materializer_fn = materializer
+        self._lm = self.materializer = None
 
     @property
     def lm(self):
         if self._lm is None:
             self._lm = self._build_fn()
+            if self._materializer_fn is not None:
+                self.materializer = self._materializer_fn(self._lm)
         return self._lm
 
+    def built(self, module: nn.Module) -> nn.Module:
+        if self.materializer is not None:
+            self.materializer.materialize_module(module)
+        return module
+
     def release(self):
-        self._lm = None
+        self._lm = self.materializer = None
 
 
 class _RopeMixin:
@@ -324,10 +334,19 @@ class PipelineLayer:
     def spec(self, source: LayerSource):
         from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
+        # DeepSpeed builds only this stage's layers: their parameters are materialised as they are built.
+        class Spec(LayerSpec):
+            def build(self, log=False):
+                return source.built(super().build(log))
+
+        class TiedSpec(TiedLayerSpec):
+            def build(self, log=False):
+                return source.built(super().build(log))
+
         if self.tie_key is None:
-            return LayerSpec(self.cls, source, *self.args)
-        return TiedLayerSpec(self.tie_key, self.cls, source, *self.args, forward_fn=self.forward_fn,
-                             tied_weight_attr=["embedding.weight"])
+            return Spec(self.cls, source, *self.args)
+        return TiedSpec(self.tie_key, self.cls, source, *self.args, forward_fn=self.forward_fn,
+                        tied_weight_attr=["embedding.weight"])
 
 
 def pipeline_layers(model_cfg, collect: bool = False) -> List[PipelineLayer]:
@@ -448,10 +467,12 @@ def stage_plan(cfg: Config, num_stages: int, method: Optional[str] = None) -> li
 
 
 def build_pipeline_module(cfg: Config, build_lm, topology, activation_checkpointing: str = "none",
-                          prepare_lm=None):
-    """cfg: the run config; build_lm(): a full LoopedLM with the run's initial weights (called once, on
-    every rank); topology: DeepSpeed's PipeModelDataParallelTopology; prepare_lm(lm): optional hook run
-    on the full model before it is split (e.g. tensor parallelism)."""
+                          prepare_lm=None, device=None, initial_state=None):
+    """cfg: the run config; build_lm(): a full LoopedLM (called once, on every rank), with its weights or
+    on the meta device; topology: DeepSpeed's PipeModelDataParallelTopology; prepare_lm(lm): optional hook
+    run on the full model before it is split (e.g. tensor parallelism). Meta parameters of the stage's
+    layers are materialised on `device` (initial values, or `initial_state`: init.from's full state dict)."""
+    from megaloop.parallel.materialize import Materializer
     collect = cfg.loop.loss != "last"
 
     def _build():
@@ -461,7 +482,7 @@ def build_pipeline_module(cfg: Config, build_lm, topology, activation_checkpoint
             prepare_lm(lm)
         return lm
 
-    source = LayerSource(_build)
+    source = LayerSource(_build, lambda lm: Materializer(lm, device or "cpu", initial_state))
     layers = pipeline_layers(cfg.model, collect)
     specs = [layer.spec(source) for layer in layers]
     weights = layer_flop_weights(cfg, [layer.name for layer in layers])

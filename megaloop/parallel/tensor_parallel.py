@@ -73,6 +73,14 @@ def partition_of(param: torch.Tensor) -> Partition:
     return getattr(param, "tp_partition", REPLICATED)
 
 
+def shard_of(full: torch.Tensor, part: Partition, tp_rank: int, tp: int) -> torch.Tensor:
+    """TP rank tp_rank's shard (a view) of a parameter's full value, as `part` lays it out over tp ranks."""
+    if not part.sharded or tp == 1:
+        return full
+    size = full.shape[part.dim] // (tp // part.replicas)
+    return full.narrow(part.dim, (tp_rank // part.replicas) * size, size)
+
+
 IndexLike = Union[slice, Sequence[int], torch.Tensor]
 
 
@@ -230,11 +238,11 @@ class VocabParallelEmbedding(nn.Module):
 
 def _copy_attrs(src: nn.Module, dst: nn.Module) -> None:
     """Keep the init/optimizer hints the model set on the original module and its weight."""
-    for name in ("is_output_projection", "zero_init", "keep_init"):
+    for name in ("is_output_projection", "zero_init", "identity_init"):
         if hasattr(src, name):
             setattr(dst, name, getattr(src, name))
     w = getattr(src, "weight", None)
     if w is not None:
-        for name in ("no_weight_decay", "zero_init", "keep_init"):
+        for name in ("no_weight_decay", "zero_init", "identity_init"):
             if hasattr(w, name):
                 setattr(dst.weight, name, getattr(w, name))

@@ -58,7 +58,7 @@ def _shard_param(module: nn.Module, name: str, dim: int, index: slice, partition
     old = getattr(module, name)
     new = nn.Parameter(old.data.narrow(dim, index.start, index.stop - index.start).detach().clone(),
                        requires_grad=old.requires_grad)
-    for attr in ("no_weight_decay", "zero_init", "keep_init"):
+    for attr in ("no_weight_decay", "zero_init", "identity_init"):
         if hasattr(old, attr):
             setattr(new, attr, getattr(old, attr))
     setattr(module, name, tag(new, partition))

@@ -1,9 +1,10 @@
 """The DeepSpeed engine of a run: the model built, parallelised and wrapped, with its optimizer.
 
 `build_engine` is the one place that turns a Config and a ParallelState into something to train:
-    build the LoopedLM on the host (seeded: the same weights on every rank) -> move it to the rank's device
-    -> tensor parallelism (megaloop.parallel.apply_tp) -> torch.compile per layer (train.compile)
-    -> the pipeline split (PP > 1) -> DeepSpeed activation checkpointing for the looped block
+    build the LoopedLM on the meta device -> tensor parallelism (megaloop.parallel.apply_tp) -> torch.compile
+    per layer (train.compile) -> the pipeline split (PP > 1) -> each rank's parameters materialised on its
+    device (megaloop.parallel.materialize: seeded, the same weights in any layout) -> DeepSpeed activation
+    checkpointing for the looped block
     -> AdamW + LR schedule (+ megaloop's own clipping where DeepSpeed would not record the norm)
     -> deepspeed.initialize.
 PP = 1 uses `deepspeed.initialize` on the LoopedLM itself (ZeRO 0-3); PP > 1 wraps the model into a
@@ -162,29 +163,40 @@ def build_engine(cfg: Config, state, console, device: str, init_state: Optional[
 
     def build_lm():
         from megaloop.model import build_model
-        torch.manual_seed(t.seed)
-        # Initialised on the host (the same weights on any machine), then moved to this rank's device
-        # before tensor parallelism shards it: TP's set-up collectives (the replica checksum, the
-        # initial-state broadcast) must see device tensors.
-        lm = build_model(cfg)
+        torch.manual_seed(t.seed)  # (the model's init seed: the same weights on every rank and machine)
+        if callable(init_state):
+            # init.convert_mixers fills the whole fresh model's state with the converted source: built whole
+            # on the host, then moved to the device before tensor parallelism shards it.
+            lm = build_model(cfg)
+            lm.load_state_dict(init_state(lm.state_dict()), strict=True)
+            lm = lm.to(device)
+        else:
+            # On the meta device: each rank materialises only the parameters it holds, after tensor
+            # parallelism and the pipeline split (megaloop/parallel/materialize.py): no rank holds the whole model.
+            with torch.device("meta"):
+                lm = build_model(cfg)
         lm.packing = packing  # data.reset_attention_mask / reset_position_ids (before TP / the pipeline split)
-        if init_state is not None:
-            # (init.convert_mixers: a function filling the fresh model's state with the converted source)
-            sd = init_state(lm.state_dict()) if callable(init_state) else init_state
-            lm.load_state_dict(sd, strict=True)
-        return lm.to(device)
+        return lm
 
+    source = None if callable(init_state) else init_state  # init.from: the full state dict (read per tensor)
     if state.pp_size > 1:
         from megaloop.parallel.pipeline import build_pipeline_module, layer_names
-        module = build_pipeline_module(cfg, build_lm, state.topology, t.activation_checkpointing, prepare)
+        module = build_pipeline_module(cfg, build_lm, state.topology, t.activation_checkpointing, prepare,
+                                       device=device, initial_state=source)
         names, parts = layer_names(cfg.model), module.parts
         plan = " | ".join(", ".join(names[parts[s]:parts[s + 1]]) for s in range(state.pp_size))
         console(f"pipeline stages ({p.pipeline_partition}): {plan}")
     else:
+        from megaloop.parallel.materialize import materialize_all
         module = build_lm()
         module.block.activation_checkpointing = t.activation_checkpointing
         if prepare is not None:
             prepare(module)
+        materialize_all(module, device, source)
+    if state.tp_size > 1:  # (the ranks of a TP group must have drawn the same replicated weights)
+        from megaloop.parallel.apply_tp import check_replicated_parameters
+        from megaloop.parallel.comm import TPComm
+        check_replicated_parameters(module, TPComm.coerce(state))
     ckpt_fn, note = deepspeed_checkpoint_fn(t, state, torch.device(device).type)
     if ckpt_fn is not None:
         block = module.block if state.pp_size == 1 else getattr(looped_layer_of(module), "block", None)
