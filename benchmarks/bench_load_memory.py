@@ -16,21 +16,31 @@ built), and the checkpoint's total size and the rank's share of it (its slices o
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 python benchmarks/bench_load_memory.py [--d 1024 --layers 2]
 
 Measured on the 2-core CPU machine, 2026-12-07 (d 1024, 8 heads / 2 kv heads, n_loop 2: 22.5 M parameters;
-"before" = the same script run on main before the sharded read, copied beside main's megaloop/):
+"before" = the same script run on main before the sharded read, copied beside main's megaloop/; the build and
+init.from-onto-a-rank rows were added with the meta-device build, their "before" is the whole build):
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 python benchmarks/bench_load_memory.py --workdir /tmp/blm_big
     checkpoint: TP 2, ZeRO 0, 259 MiB (weights + exp_avg + exp_avg_sq, fp32)
                                      rank share   peak private MiB     peak RSS MiB
     load                                    MiB      now    before      now  before
-    resume TP 2 -> 4, rank 1                 67       80       646      189     649
+    resume TP 2 -> 4, rank 1                 67       67       646      158     649
     resume TP 2 -> 1                        257      258       647      517     650
-    whole state merged (load_training_state)  -      258       646      521     653
-    init.from (full model)                    -       86       259      222     395
+    whole state merged (load_training_state)  -      257       646      520     653
+    init.from state dict                      -        3       259      136     395
+    init.from -> TP 4 rank 1                 22       58     ~186*      152       -
+    build: whole model (before)               -      100         -      103       -
+    build: TP 4 rank 1 (meta)                22       33       100       39     103
+
+    (* the merged TP 2 source, 86 MiB, plus the whole build, 100 MiB)
 
 A resume's growth is the rank's AdamW moments (kept: 2/3 of its share) plus one parameter's slices and
 allocator slack; before, every rank held the files whole and the merged whole state (~2.5x the state).
-init.from holds the merged weights of the TP 2 source (86 MiB) and no longer the optimizer state in the same
-files. Peak RSS adds the mapped pages read (page cache: shared by a node's ranks, reclaimable).
+init.from's state dict merges nothing when it is read (megaloop/checkpoint/lazy_state_dict.py: per tensor, when
+asked) and never reads the optimizer state in the same files. A rank's build (megaloop/parallel/materialize.py)
+holds its own weights (the "rank share" of the build rows: weights only) plus one buffer of the largest
+parameter's size that every full value is drawn into (here an 11 MiB MLP matrix); from init.from's TP 2 source
+the merged values are new tensors, one at a time, and the heap keeps some of them (58 MiB). Peak RSS adds the mapped pages read (page cache: shared by a node's
+ranks, reclaimable).
 """
 from __future__ import annotations
 
@@ -165,6 +175,26 @@ def stand_in_engine(cfg, tp_rank: int, tp: int):
     return SimpleNamespace(engine=engine), state
 
 
+def build_rank(cfg, tp_rank: int, tp: int, source=None):
+    """What the trainer builds on TP rank tp_rank of tp (megaloop.training.engine): the LoopedLM on the meta
+    device, tensor parallelism applied, the rank's parameters materialised on the host (initial values, or
+    `source`: init.from's state dict)."""
+    import torch
+
+    from megaloop.model import build_model
+    from megaloop.parallel.apply_tp import apply_tensor_parallel
+    from megaloop.parallel.comm import TPComm
+    from megaloop.parallel.materialize import materialize_all
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        lm = build_model(cfg)
+    if tp > 1:
+        apply_tensor_parallel(lm, TPComm(None, tp_rank, tp), check_replicas=False, force=True)
+    materialize_all(lm, "cpu", source)
+    return lm
+
+
 def share_bytes(module) -> int:
     """The rank's share of a training state: its weights and both AdamW moments, fp32."""
     return 3 * 4 * sum(p.numel() for p in module.parameters())
@@ -194,10 +224,21 @@ def measure(kind: str, tag: str, d: int, layers: int, tp_new: int, tp_rank: int)
         with PeakMemory() as pm:
             held = load_training_state(tag)
         assert held.adam_step == 3
+    elif kind == "build_whole":
+        from megaloop.model import build_model
+        with PeakMemory() as pm:
+            lm = build_model(cfg)
+    elif kind == "build_rank":
+        with PeakMemory() as pm:
+            lm = build_rank(cfg, tp_rank, tp_new)
+        out["share"] = share_bytes(lm) // 3  # (its weights only)
     else:
         from megaloop.checkpoint.init_weights import init_state_dict
         with PeakMemory() as pm:
             sd, _ = init_state_dict(tag, cfg.model)
+            if kind == "init_from_rank":
+                lm = build_rank(cfg, tp_rank, tp_new, sd)
+                out["share"] = share_bytes(lm) // 3  # (its weights only)
         del sd
     out.update(anon=pm.anon, rss=pm.rss)
     return out
@@ -219,7 +260,9 @@ def main():
     size = sum(f.stat().st_size for f in Path(tag).glob("*.pt"))
     env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")}
     rows = [("resume TP 2 -> 4, rank 1", "resume", 4, 1), ("resume TP 2 -> 1", "resume", 1, 0),
-            ("whole state merged", "merged", 1, 0), ("init.from (full model)", "init_from", 1, 0)]
+            ("whole state merged", "merged", 1, 0), ("init.from state dict", "init_from", 1, 0),
+            ("init.from -> TP 4 rank 1", "init_from_rank", 4, 1),
+            ("build: whole model (before)", "build_whole", 1, 0), ("build: TP 4 rank 1 (meta)", "build_rank", 4, 1)]
     print(f"checkpoint: TP 2, ZeRO 0, {size / MIB:.0f} MiB (weights + exp_avg + exp_avg_sq, fp32)")
     print(f"{'load':32s} {'rank share MiB':>14s} {'peak private MiB':>17s} {'peak RSS MiB':>13s}")
     for label, kind, tp_new, rank in rows:

@@ -8,7 +8,8 @@ instead of merging the whole training state first.
   resume's own loader into a stand-in engine: every rank gets its slices (weights, exp_avg, exp_avg_sq, step),
   and rank 1's private memory grows by about what it keeps (its moments), not by the whole state, which
   the whole-state merge (what every rank built before) does hold;
-- init.from of the same checkpoint reads the weights only (the optimizer state in the same files stays on disk).
+- init.from of the same checkpoint reads the weights only (the optimizer state in the same files stays on disk),
+  one merged tensor at a time: a TP 4 rank holds its shards, not the merged source.
 The in-process measurement and the checkpoint writer are benchmarks/bench_load_memory.py's.
 """
 import pytest
@@ -123,12 +124,56 @@ def test_init_from_reads_the_weights_not_the_optimizer_state_beside_them(ckpt):
 
 
 def _init_from_memory(ckpt):
+    from benchmarks.bench_load_memory import build_rank
     from megaloop.checkpoint.init_weights import init_state_dict
+    from megaloop.parallel.apply_tp import partition_info_for, shard_state_dict
     tag, full = ckpt
     weights = 4 * sum(v.numel() for k, v in full.items() if k != "head.weight")
+    largest = 4 * max(v.numel() for v in full.values())
     init_state_dict(tag, run_config(512, 1, 1).model)  # (imports)
+    # The source's TP 2 shards are merged per tensor when read (megaloop/checkpoint/lazy_state_dict.py): reading
+    # the state dict holds nothing; the files also hold exp_avg and exp_avg_sq (2 x weights), never read.
     with PeakMemory() as pm:
         sd, _ = init_state_dict(tag, run_config(512, 1, 1).model)
+    assert pm.anon < 4 * MIB, pm.anon / MIB
     assert all(torch.equal(sd[k], full[k]) for k in full)
-    # the merged weights (saved on TP 2); the files also hold exp_avg and exp_avg_sq (2 x weights)
-    assert pm.anon < weights + 8 * MIB < 3 * weights, (pm.anon / MIB, weights / MIB)
+    # What rank 1 of a TP 4 run starts from: its shards, holding them plus one parameter's merged value.
+    cfg = run_config(512, 1, 4)
+    sd, _ = init_state_dict(tag, cfg.model)
+    with PeakMemory() as pm:
+        lm = build_rank(cfg, 1, 4, sd)
+    want = shard_state_dict(full, partition_info_for(cfg.model, 4), 1, 4)
+    for n, t in lm.state_dict().items():
+        assert torch.equal(t, want[n]), n
+    # its shards, one merged / drawn parameter and its shard at a time, slack; the old build held the whole
+    # model and the merged source (2 x weights)
+    share = 4 * sum(p.numel() for p in lm.parameters())
+    assert pm.anon < min(share + 2 * largest + 2 * MIB, weights), (pm.anon / MIB, share / MIB, weights / MIB)
+
+
+def test_init_from_a_safetensors_file_reads_one_tensor_at_a_time(ckpt, tmp_path):
+    from megaloop.checkpoint import save_plain
+    tag, full = ckpt
+    path = tmp_path / "model.safetensors"
+    save_plain({k: v for k, v in full.items()}, run_config(512, 1, 1), str(path))
+    _in_a_fresh_process(_init_from_safetensors_memory, full, str(path))
+
+
+def _init_from_safetensors_memory(full, path):
+    from benchmarks.bench_load_memory import build_rank
+    from megaloop.checkpoint.init_weights import init_state_dict
+    from megaloop.parallel.apply_tp import partition_info_for, shard_state_dict
+    weights = 4 * sum(v.numel() for k, v in full.items() if k != "head.weight")
+    largest = 4 * max(v.numel() for v in full.values())
+    cfg = run_config(512, 1, 4)
+    init_state_dict(path, cfg.model)  # (imports)
+    with PeakMemory() as pm:
+        sd, _ = init_state_dict(path, cfg.model)
+    assert pm.anon < 4 * MIB, pm.anon / MIB  # (the old reader held every tensor: the weights)
+    with PeakMemory() as pm:
+        lm = build_rank(cfg, 1, 4, sd)
+    want = shard_state_dict(full, partition_info_for(cfg.model, 4), 1, 4)
+    for n, t in lm.state_dict().items():
+        assert torch.equal(t, want[n]), n
+    share = 4 * sum(p.numel() for p in lm.parameters())
+    assert pm.anon < min(share + 2 * largest + 2 * MIB, weights), (pm.anon / MIB, share / MIB, weights / MIB)

@@ -25,6 +25,7 @@ from typing import Dict, Tuple
 import torch
 
 from megaloop.checkpoint.layout import CheckpointError, is_deepspeed_checkpoint, resolve
+from megaloop.checkpoint.lazy_state_dict import LazyStateDict, shape_of, tie
 from megaloop.checkpoint.plain import plain_file
 from megaloop.checkpoint.reader import expected_shapes, load
 from megaloop.config import ModelConfig
@@ -48,9 +49,9 @@ def check_state_dict(sd: Dict[str, torch.Tensor], mc: ModelConfig, where: str, s
     """`sd` made to match LoopedLM(mc).state_dict() key for key (vocab padding fitted, a tied head
     filled in), or CheckpointError(f"{where}: ...") naming the first offending key."""
     expected = expected_shapes(mc)
-    sd = dict(sd)
+    sd = sd.copy() if isinstance(sd, LazyStateDict) else dict(sd)  # (a lazy state dict: nothing read here)
     if "head.weight" not in sd and "embedding.weight" in sd and source_tied is not False:
-        sd["head.weight"] = sd["embedding.weight"]
+        tie(sd, "head.weight", "embedding.weight")
     missing = [k for k in expected if k not in sd]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -61,17 +62,18 @@ def check_state_dict(sd: Dict[str, torch.Tensor], mc: ModelConfig, where: str, s
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise CheckpointError(f"{where}: tensor '{unknown[0]}'{more} has no place in this run's model (model "
                               f"section differs from the source's: layer counts, mixers, gates?)")
-    out = {}
+    out = sd  # (every key expected, none unknown: checked above)
     for k, shape in expected.items():
-        t = sd[k]
-        if tuple(t.shape) != shape and k in VOCAB_KEYS and tuple(t.shape[1:]) == shape[1:] and \
-                source_vocab == mc.vocab_size and min(t.shape[0], shape[0]) >= mc.vocab_size:
-            t = fit_vocab_rows(t, shape[0])
-        if tuple(t.shape) != shape:
-            raise CheckpointError(f"{where}: '{k}' has shape {tuple(t.shape)} in the source, this run's model "
+        have = shape_of(sd, k)
+        if have != shape and k in VOCAB_KEYS and have[1:] == shape[1:] and \
+                source_vocab == mc.vocab_size and min(have[0], shape[0]) >= mc.vocab_size:
+            out[k] = fit_vocab_rows(sd[k], shape[0])
+            have = shape
+        if have != shape:
+            raise CheckpointError(f"{where}: '{k}' has shape {have} in the source, this run's model "
                                   f"needs {shape}")
-        out[k] = t
-    if mc.tie_embeddings and not torch.equal(out["head.weight"], out["embedding.weight"]):
+    tied = isinstance(out, LazyStateDict) and out.is_alias("head.weight", "embedding.weight")
+    if mc.tie_embeddings and not tied and not torch.equal(out["head.weight"], out["embedding.weight"]):
         raise CheckpointError(f"{where}: 'head.weight' differs from 'embedding.weight' in the source (an untied "
                               f"head), but model.tie_embeddings=true here; set model.tie_embeddings=false")
     return out

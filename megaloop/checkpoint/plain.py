@@ -54,13 +54,15 @@ def plain_file(checkpoint, step: Optional[int] = None) -> Path:
 
 
 def _read(f: Path):
-    """The file's contents as the torch.save form's dict ({"model": tensors, "config": dict} for safetensors)."""
-    from megaloop.checkpoint.safe_load import load_safetensors
+    """The file's contents as the torch.save form's dict ({"model": tensors, "config": dict} for safetensors,
+    whose tensors are read one at a time when asked for: megaloop.checkpoint.lazy_state_dict)."""
+    from megaloop.checkpoint.lazy_state_dict import SafetensorsStateDict
     from megaloop.checkpoint.sharded_read import load_mapped
 
     if f.suffix != ".safetensors":
         return load_mapped(f)
-    tensors, meta = load_safetensors(f)
+    tensors = SafetensorsStateDict(f)
+    meta = tensors.metadata
     obj = {"model": tensors}
     if CONFIG_KEY in meta:
         try:
@@ -71,9 +73,14 @@ def _read(f: Path):
 
 
 def load_plain_state_dict(checkpoint, step: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    from megaloop.checkpoint.lazy_state_dict import SafetensorsStateDict
     f = plain_file(checkpoint, step)
     obj = _read(f)
     if isinstance(obj, dict):
+        if isinstance(obj.get("model"), SafetensorsStateDict):
+            if not obj["model"]:
+                raise CheckpointError(f"{f} holds no tensors")
+            return obj["model"]  # (read per tensor; safetensors holds tensors only)
         for key in ("model", "state_dict", "module"):
             if isinstance(obj.get(key), dict) and obj[key] and all(torch.is_tensor(v) for v in obj[key].values()):
                 return dict(obj[key])

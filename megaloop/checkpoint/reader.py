@@ -22,9 +22,8 @@ torch.save'd file / folder. What a tag folder holds:
 
 Which keys each pipeline layer file holds comes from megaloop.parallel.pipeline.layer_state_keys, the
 same layer list the pipeline is built from (the tied head has no file: the embedding file, layer 00,
-holds `embedding.weight` and `head.weight`). TP shards are merged with
-megaloop.parallel.apply_tp.merge_tp_shards / partition_info_for (the partition convention is
-documented there). Every file and every shard shape is checked before merging; a missing or
+holds `embedding.weight` and `head.weight`). TP shards are merged per tensor as it is read
+(megaloop/checkpoint/lazy_state_dict.py; the partition convention: megaloop.parallel.apply_tp.partition_info_for). Every file and every shard shape is checked before merging; a missing or
 mismatched file raises CheckpointError naming it.
 """
 from __future__ import annotations
@@ -161,7 +160,7 @@ def _require(files: List[Tuple[Path, str]], tag_dir: Path) -> None:
 def _merge(shards: List[Dict[str, torch.Tensor]], info, files: List[str]) -> Dict[str, torch.Tensor]:
     if len(shards) == 1:
         return dict(shards[0])
-    from megaloop.parallel.apply_tp import merge_tp_shards
+    from megaloop.checkpoint.lazy_state_dict import MergedShards
 
     # Replicated tensors must agree across TP ranks (within a kv-replica group for kv_replicated).
     for k, t0 in shards[0].items():
@@ -175,7 +174,7 @@ def _merge(shards: List[Dict[str, torch.Tensor]], info, files: List[str]) -> Dic
                     diff = (a.float() - b.float()).abs().max().item()
                     warnings.warn(f"{k}: replicated across TP ranks but {files[r]} differs from {files[g[0]]} "
                                   f"by up to {diff:.3g}; taking tensor-parallel rank {g[0]}'s copy")
-    return merge_tp_shards(shards, info)
+    return MergedShards(shards, info)  # (merged per tensor when read: see lazy_state_dict.py)
 
 
 def _load_pipeline(ci: CheckpointInfo) -> Dict[str, torch.Tensor]:
@@ -289,8 +288,9 @@ def load_deepspeed_checkpoint(path, step: Optional[int] = None,
 
 
 def _tie_head(sd: Dict[str, torch.Tensor], mc: ModelConfig) -> Dict[str, torch.Tensor]:
+    from megaloop.checkpoint.lazy_state_dict import tie
     if mc.tie_embeddings and "head.weight" not in sd and "embedding.weight" in sd:
-        sd["head.weight"] = sd["embedding.weight"]
+        tie(sd, "head.weight", "embedding.weight")
     return sd
 
 

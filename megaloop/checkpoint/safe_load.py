@@ -118,12 +118,24 @@ def check_folder(folder) -> None:
         check_file(f)
 
 
-def load_safetensors(path):
-    """(tensors, metadata) of a safetensors file (a format that holds no code)."""
+def safetensors_index(path):
+    """({name: shape}, metadata) of a safetensors file, from its header (no tensor read)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError, a truncated file
         raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
+
+
+def read_safetensors_tensor(path, name: str):
+    """One tensor of a safetensors file (its own memory)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.get_tensor(name)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read '{name}' from {path}: {type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]}") from e

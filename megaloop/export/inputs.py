@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Dict, Optional, Union
 
 import torch
@@ -41,7 +42,7 @@ def _model_config(config: Union[Config, ModelConfig, dict]) -> ModelConfig:
 
 def check_state_dict(state_dict: Dict[str, torch.Tensor], mc: ModelConfig) -> None:
     """Raise ExportError naming every missing, unexpected, mis-shaped or non-finite entry."""
-    if not isinstance(state_dict, dict) or not state_dict:
+    if not isinstance(state_dict, Mapping) or not state_dict:  # (a dict, or megaloop.checkpoint's lazy ones)
         raise ExportError("the state dict is empty or not a dict")
     expected = expected_shapes(mc)
     optional = {"head.weight"} if mc.tie_embeddings else set()

@@ -2,12 +2,13 @@
 
 Per rank, the larger of:
 
-  build     4 x all parameters: every rank builds the full LoopedLM in fp32 on the host (seeded: the same
-            weights on any layout) before tensor parallelism cuts its shard and the pipeline keeps its
-            stage (megaloop.training.engine.build_engine); transient, then moved to the accelerator.
-            init.from adds the source's weights while they are copied in: none when the source was
-            saved with TP = 1 (its files are memory-mapped: views, no copy), 4 x all parameters when
-            its TP shards must be merged (megaloop.checkpoint.reader).
+  build     4 x the largest parameter (usually the embedding): each rank builds the LoopedLM on the meta
+            device, applies tensor parallelism and keeps its pipeline stage, then draws each of its
+            parameters at full size on the host, cuts its TP shard and moves it to the accelerator
+            (megaloop.parallel.materialize; the same weights on any layout), one parameter at a time.
+            init.from reads the source the same way, one (merged) parameter at a time from its
+            memory-mapped files (megaloop.checkpoint.lazy_state_dict). On the CPU accelerator the rank's
+            own parameters are host memory too (that is the device); not counted here.
   resume    the rank's own share of the checkpoint: its weights, fp32 master copy and AdamW moments
             (memory.state_bytes without gradients). On the same layout DeepSpeed reads the rank's own
             files whole; on another layout megaloop reads one parameter at a time from the memory-mapped
@@ -23,11 +24,12 @@ from __future__ import annotations
 from megaloop.planner.memory import state_bytes
 
 
-def host_load_bytes(total_params: int, rank_params: int, precision: str, bf16_impl: str, zero_stage: int,
+def host_load_bytes(largest_param: int, rank_params: int, precision: str, bf16_impl: str, zero_stage: int,
                     dp: int, ranks_per_node: int) -> dict:
     """Bytes of host memory per rank and per node at start / resume (see the module docstring).
-    rank_params: the largest (stage, TP rank) parameter count."""
-    build = 4 * total_params
+    largest_param: the model's largest parameter's element count; rank_params: the largest (stage, TP rank)
+    parameter count."""
+    build = 4 * largest_param
     st = state_bytes(rank_params, precision, bf16_impl, zero_stage, dp)
     resume = st.weights + st.master + st.optimizer
     per_rank = max(build, resume)

@@ -128,3 +128,8 @@ def stage_params(cfg: Config, pp: int = None, tp: int = None) -> List[StageParam
 def total_params(cfg: Config) -> int:
     """The one-process model's parameter count (tied weights once)."""
     return meta_model(cfg).num_params()
+
+
+def largest_param(cfg: Config) -> int:
+    """The element count of the model's largest parameter, unsharded (usually the embedding)."""
+    return max(p.numel() for p in meta_model(cfg).parameters())

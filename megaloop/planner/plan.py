@@ -19,7 +19,7 @@ from megaloop.planner.comm import stage_tp_comm
 from megaloop.planner.flops import bubble_fraction, stage_flops, step_estimate
 from megaloop.planner.host import host_load_bytes
 from megaloop.planner.memory import recipe, state_bytes
-from megaloop.planner.params import stage_params, stage_parts, total_params
+from megaloop.planner.params import largest_param, stage_params, stage_parts, total_params
 
 GIB = 1024 ** 3
 
@@ -131,7 +131,8 @@ def make_plan(cfg: Config, world: Optional[int] = None, gpu: GPU = GPUS["h100"],
     tokens = float(t.steps * tokens_per_step if tokens is None else tokens)
     weights = fl["stage_weight"]
     total = _cached(cache, ("total",), lambda: total_params(cfg))
-    host = host_load_bytes(total, max(r["params"] for r in rows), t.precision, t.bf16_impl, p.zero_stage, dp,
+    largest = _cached(cache, ("largest",), lambda: largest_param(cfg))
+    host = host_load_bytes(largest, max(r["params"] for r in rows), t.precision, t.bf16_impl, p.zero_stage, dp,
                            min(world, gpus_per_node or 8))
     plan = {
         "config": {"arch": cfg.model.arch, "precision": recipe(t.precision, t.bf16_impl), "zero_stage": p.zero_stage,
@@ -207,11 +208,11 @@ def _bytes(b: float) -> str:
 
 def _host_line(h: dict) -> str:
     return (f"host memory at start / resume (megaloop/planner/host.py): {h['per_node_bytes'] / GIB:.1f} GiB per node "
-            f"({h['ranks_per_node']} ranks x {h['per_rank_bytes'] / GIB:.2f} GiB): each rank builds the full fp32 "
-            f"model ({h['build_bytes_per_rank'] / GIB:.2f} GiB, transient) and reads at most its own share of a "
-            f"checkpoint ({h['resume_bytes_per_rank'] / GIB:.2f} GiB; another layout: one parameter at a time, "
-            f"memory-mapped); init.from from a checkpoint saved with TP > 1 adds {h['build_bytes_per_rank'] / GIB:.2f}"
-            f" GiB per rank (the merged source); page cache of the files not counted")
+            f"({h['ranks_per_node']} ranks x {h['per_rank_bytes'] / GIB:.2f} GiB): each rank materialises its own "
+            f"parameters one at a time (the largest drawn at full size: {h['build_bytes_per_rank'] / GIB:.2f} GiB, "
+            f"transient; init.from reads its source the same way) and reads at most its own share of a checkpoint "
+            f"({h['resume_bytes_per_rank'] / GIB:.2f} GiB; another layout: one parameter at a time, memory-mapped); "
+            f"page cache of the files not counted")
 
 
 def format_plan(plan: dict) -> str:
