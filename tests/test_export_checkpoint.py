@@ -239,6 +239,26 @@ def test_damaged_pipeline_checkpoint_fails_naming_the_file(runs, tmp_path, capsy
     _fails(tmp_path, capsys, out_dir, "no step 7", f"steps there: {STEPS}", step=7)
 
 
+def test_zero3_weights_are_gathered_per_tensor_as_deepspeed_lays_them_out(runs):
+    # megaloop reads a ZeRO-3 checkpoint one tensor at a time from the memory-mapped files (init.from, export);
+    # DeepSpeed's zero_to_fp32 reads every rank's files whole: both give the same weights.
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from megaloop.checkpoint import load
+    from megaloop.checkpoint.lazy_state_dict import Zero3StateDict
+    out_dir, _, _ = runs("dp2_zero3")
+    tag = out_dir / "checkpoints" / "step_00000003"
+    sd, _ = load(tag)
+    assert isinstance(sd, Zero3StateDict)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ref = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    assert set(sd) == set(ref)
+    for k in ref:
+        assert torch.equal(sd[k], ref[k]), k
+
+
 def test_damaged_zero_checkpoints_fail_naming_the_file(runs, tmp_path, capsys):
     out_dir, _, _ = runs("dp2_zero2")
     root, tag = _copy(out_dir, tmp_path)

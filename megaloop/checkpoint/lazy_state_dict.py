@@ -168,3 +168,66 @@ def tie(sd, key: str, existing: str) -> None:
         sd.alias(key, existing)
     else:
         sd[key] = sd[existing]
+
+
+class Zero3StateDict(LazyStateDict):
+    """The fp32 weights of a ZeRO-3 checkpoint (TP 1, PP 1), each gathered from the data-parallel ranks'
+    memory-mapped files when asked. The layout is DeepSpeed's (deepspeed/utils/zero_to_fp32.py, which reads
+    every rank's files whole): each trainable parameter is split into ceil(numel / dp) elements per rank,
+    the last rank's part padded, and a rank's flat fp32 groups hold its parts in `param_shapes` order; a frozen
+    parameter's parts are in each rank's model states (`frozen_param_fragments`); `shared_params` name tied
+    parameters. model_states / flat_groups: per data-parallel rank, the model-states dict and the list of
+    flat fp32 group tensors of its optimizer file."""
+
+    def __init__(self, model_states: List[dict], flat_groups: List[List[torch.Tensor]], where: str = ""):
+        import math
+        super().__init__()
+        self._states, self._groups = model_states, flat_groups
+        world = len(flat_groups)
+        first = model_states[0]
+        self._trainable: Dict[str, Tuple[int, int, Tuple[int, ...]]] = {}  # name -> (offset, numel per rank, shape)
+        offset = 0
+        for group in first.get("param_shapes") or []:
+            for name, shape in group.items():
+                shape = tuple(shape)
+                per_rank = math.ceil(math.prod(shape) / world)
+                self._trainable[name] = (offset, per_rank, shape)
+                offset += per_rank
+        sizes = [t.numel() for t in flat_groups[0]]
+        if offset != sum(sizes):
+            from megaloop.checkpoint.layout import CheckpointError
+            raise CheckpointError(f"{where}: the ZeRO-3 parameter shapes account for {offset} elements per rank, "
+                                  f"the flat fp32 groups hold {sum(sizes)}: the files do not belong together")
+        self._bounds = [0]
+        for n in sizes:
+            self._bounds.append(self._bounds[-1] + n)
+        self._frozen = {k: tuple(v) for k, v in (first.get("frozen_param_shapes") or {}).items()}
+        self._buffers = {k: first["module"][k] for k in first.get("buffer_names") or []}
+        for name, source in (first.get("shared_params") or {}).items():
+            self.alias(name, source)
+
+    def _names(self):
+        return list(self._buffers) + list(self._frozen) + list(self._trainable)
+
+    def _shape(self, key):
+        if key in self._buffers:
+            return tuple(self._buffers[key].shape)
+        return self._frozen[key] if key in self._frozen else self._trainable[key][2]
+
+    def _read(self, key):
+        import math
+        if key in self._buffers:
+            return self._buffers[key]
+        if key in self._frozen:
+            shape = self._frozen[key]
+            parts = [s["frozen_param_fragments"][key].reshape(-1) for s in self._states]
+            return torch.cat(parts)[:math.prod(shape)].view(shape)
+        offset, per_rank, shape = self._trainable[key]
+        chunks = []
+        for groups in self._groups:  # every rank: its part, from the flat group(s) it lies in
+            lo, hi = offset, offset + per_rank
+            for g, t in enumerate(groups):
+                a, b = max(lo, self._bounds[g]), min(hi, self._bounds[g + 1])
+                if a < b:
+                    chunks.append(t[a - self._bounds[g]:b - self._bounds[g]])
+        return torch.cat(chunks)[:math.prod(shape)].view(shape)

@@ -16,8 +16,9 @@ torch.save'd file / folder. What a tag folder holds:
                                           LoopedLM names: the pipeline layer classes keep them)
     zero_pp_rank_D_mp_rank_MM_model_states.pt, *optim_states.pt
                                           ZeRO-3 (PP = 1, TP = 1): the module holds empty placeholders;
-                                          the weights live in the optimizer partitions (DeepSpeed's
-                                          zero_to_fp32 reassembles them)
+                                          the weights live in the optimizer partitions (gathered per
+                                          tensor, as DeepSpeed's zero_to_fp32 lays them out:
+                                          lazy_state_dict.Zero3StateDict)
     rng_rankNNNNN.pt                      (resume only)
 
 Which keys each pipeline layer file holds comes from megaloop.parallel.pipeline.layer_state_keys, the
@@ -28,9 +29,7 @@ mismatched file raises CheckpointError naming it.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import re
 import warnings
 from pathlib import Path
@@ -128,7 +127,9 @@ def _shard_shapes(mc, tp: int) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, ob
 
 
 def _check_shard(sd, f: Path, want_keys, shapes, what: str) -> Dict[str, torch.Tensor]:
-    if not isinstance(sd, dict):
+    from megaloop.checkpoint.lazy_state_dict import LazyStateDict, shape_of
+    lazy = isinstance(sd, LazyStateDict)
+    if not isinstance(sd, dict) and not lazy:
         raise CheckpointError(f"{f}: not a state dict ({type(sd).__name__}); {what}")
     got, want = set(sd), set(want_keys)
     problems = []
@@ -137,14 +138,15 @@ def _check_shard(sd, f: Path, want_keys, shapes, what: str) -> Dict[str, torch.T
     if got - want:
         problems.append(f"unexpected {', '.join(sorted(got - want)[:8])}")
     for k in sorted(want & got):
-        v = sd[k]
-        if not torch.is_tensor(v):
+        if not lazy and not torch.is_tensor(sd[k]):
             problems.append(f"{k} is not a tensor")
-        elif tuple(v.shape) != shapes[k]:
-            problems.append(f"{k} has shape {tuple(v.shape)}, expected {shapes[k]}")
+        elif shape_of(sd, k) != shapes[k]:
+            problems.append(f"{k} has shape {shape_of(sd, k)}, expected {shapes[k]}")
     if problems:
         raise CheckpointError(f"{f} ({what}) does not match the run config: " + "; ".join(problems)
                               + ". Was the file replaced, or written by another run/layout?")
+    if lazy:  # (every key wanted: nothing read here)
+        return sd
     return {k: sd[k] for k in want_keys}
 
 
@@ -252,18 +254,26 @@ def _load_zero3(ci: CheckpointInfo) -> Dict[str, torch.Tensor]:
         if not list(d.glob(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt")):
             raise CheckpointError(f"checkpoint {d} is missing zero_pp_rank_{r}_mp_rank_00_optim_states.pt (ZeRO-3 "
                                   f"data-parallel rank {r} of {ci.dp}: it holds that rank's partition of the weights)")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from megaloop.checkpoint.safe_load import check_folder
+    from megaloop.checkpoint.lazy_state_dict import Zero3StateDict
+    from megaloop.checkpoint.sharded_read import load_mapped
 
-    check_folder(d)  # zero_to_fp32 unpickles with weights_only=False: nothing in d may name a callable
-    log = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(log):
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(d.parent), tag=d.name)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{d}: DeepSpeed's zero_to_fp32 could not reassemble the ZeRO-3 weights: "
-                              f"{type(e).__name__}: {e}\n{log.getvalue()[-2000:]}") from e
-    sd = {k: v for k, v in sd.items()}
+    states, groups = [], []
+    for r in range(ci.dp):  # (memory-mapped, weights_only: both files read before either is judged)
+        f_model = d / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+        f_optim = sorted(d.glob(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))[0]
+        obj, opt = load_mapped(f_model), load_mapped(f_optim)
+        if not isinstance(obj, dict) or not isinstance(obj.get("param_shapes"), list):
+            raise CheckpointError(f"{f_model} has no ZeRO-3 'param_shapes': not a ZeRO-3 model-states file")
+        osd = opt.get("optimizer_state_dict") if isinstance(opt, dict) else None
+        flat = osd.get("fp32_flat_groups") if isinstance(osd, dict) else None
+        if not isinstance(flat, list) or not all(torch.is_tensor(t) for t in flat):
+            raise CheckpointError(f"{f_optim} has no ZeRO-3 'fp32_flat_groups': not a ZeRO-3 optimizer file")
+        states.append(obj)
+        groups.append(flat)
+    if len({tuple(t.numel() for t in g) for g in groups}) > 1:
+        raise CheckpointError(f"{d}: the ZeRO-3 data-parallel ranks' flat fp32 groups differ in size: the files do "
+                              f"not belong together")
+    sd = Zero3StateDict(states, groups, str(d))  # (read per tensor: megaloop/checkpoint/lazy_state_dict.py)
     shapes = expected_shapes(ci.config.model)
     keys = [k for k in shapes if k in sd or not (k == "head.weight" and ci.config.model.tie_embeddings)]
     return _check_shard(sd, d, keys, shapes, f"ZeRO-3 weights of {ci.dp} data-parallel rank(s)")
