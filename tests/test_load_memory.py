@@ -124,12 +124,8 @@ def test_init_from_reads_the_weights_not_the_optimizer_state_beside_them(ckpt):
 
 
 def _init_from_memory(ckpt):
-    from benchmarks.bench_load_memory import build_rank
     from megaloop.checkpoint.init_weights import init_state_dict
-    from megaloop.parallel.apply_tp import partition_info_for, shard_state_dict
     tag, full = ckpt
-    weights = 4 * sum(v.numel() for k, v in full.items() if k != "head.weight")
-    largest = 4 * max(v.numel() for v in full.values())
     init_state_dict(tag, run_config(512, 1, 1).model)  # (imports)
     # The source's TP 2 shards are merged per tensor when read (megaloop/checkpoint/lazy_state_dict.py): reading
     # the state dict holds nothing; the files also hold exp_avg and exp_avg_sq (2 x weights), never read.
@@ -137,16 +133,25 @@ def _init_from_memory(ckpt):
         sd, _ = init_state_dict(tag, run_config(512, 1, 1).model)
     assert pm.anon < 4 * MIB, pm.anon / MIB
     assert all(torch.equal(sd[k], full[k]) for k in full)
-    # What rank 1 of a TP 4 run starts from: its shards, holding them plus one parameter's merged value.
+    _starts_tp4_rank1_from(tag, full)
+
+
+def _starts_tp4_rank1_from(source, full):
+    """What rank 1 of a TP 4 run starts from with init.from = source: its shards of `full`, holding them plus one
+    merged / drawn parameter and its shard at a time, and slack (the old build held the whole model and the
+    merged source: 2 x weights)."""
+    from benchmarks.bench_load_memory import build_rank
+    from megaloop.checkpoint.init_weights import init_state_dict
+    from megaloop.parallel.apply_tp import partition_info_for, shard_state_dict
+    weights = 4 * sum(v.numel() for k, v in full.items() if k != "head.weight")
+    largest = 4 * max(v.numel() for v in full.values())
     cfg = run_config(512, 1, 4)
-    sd, _ = init_state_dict(tag, cfg.model)
+    sd, _ = init_state_dict(source, cfg.model)
     with PeakMemory() as pm:
         lm = build_rank(cfg, 1, 4, sd)
     want = shard_state_dict(full, partition_info_for(cfg.model, 4), 1, 4)
     for n, t in lm.state_dict().items():
         assert torch.equal(t, want[n]), n
-    # its shards, one merged / drawn parameter and its shard at a time, slack; the old build held the whole
-    # model and the merged source (2 x weights)
     share = 4 * sum(p.numel() for p in lm.parameters())
     assert pm.anon < min(share + 2 * largest + 2 * MIB, weights), (pm.anon / MIB, share / MIB, weights / MIB)
 
@@ -160,20 +165,9 @@ def test_init_from_a_safetensors_file_reads_one_tensor_at_a_time(ckpt, tmp_path)
 
 
 def _init_from_safetensors_memory(full, path):
-    from benchmarks.bench_load_memory import build_rank
     from megaloop.checkpoint.init_weights import init_state_dict
-    from megaloop.parallel.apply_tp import partition_info_for, shard_state_dict
-    weights = 4 * sum(v.numel() for k, v in full.items() if k != "head.weight")
-    largest = 4 * max(v.numel() for v in full.values())
-    cfg = run_config(512, 1, 4)
-    init_state_dict(path, cfg.model)  # (imports)
+    init_state_dict(path, run_config(512, 1, 1).model)  # (imports)
     with PeakMemory() as pm:
-        sd, _ = init_state_dict(path, cfg.model)
+        init_state_dict(path, run_config(512, 1, 1).model)
     assert pm.anon < 4 * MIB, pm.anon / MIB  # (the old reader held every tensor: the weights)
-    with PeakMemory() as pm:
-        lm = build_rank(cfg, 1, 4, sd)
-    want = shard_state_dict(full, partition_info_for(cfg.model, 4), 1, 4)
-    for n, t in lm.state_dict().items():
-        assert torch.equal(t, want[n]), n
-    share = 4 * sum(p.numel() for p in lm.parameters())
-    assert pm.anon < min(share + 2 * largest + 2 * MIB, weights), (pm.anon / MIB, share / MIB, weights / MIB)
+    _starts_tp4_rank1_from(path, full)
