@@ -72,6 +72,25 @@ def test_copied_parameters_equal_and_new_ones_keep_their_own_init(source):
             assert torch.equal(sd[f"block.layers.{i}.mixer.{name}.weight"], src[f"block.layers.{i}.mixer.{name}.weight"])
 
 
+def test_the_trainers_per_tensor_conversion_equals_the_whole_one(source):
+    # The trainer converts per tensor over initial values drawn per tensor (no rank holds the whole model).
+    from megaloop.checkpoint.lazy_state_dict import LazyStateDict
+    from megaloop.parallel.materialize import InitialStateDict, meta_reference
+    _, _, path = source
+    spec = "gdn,dsa,swa,attn"
+    cfg = _cfg(mixer=spec, window=T, dsa_topk=T)
+    fill, _ = converted_init(path, cfg.model, spec)
+    torch.manual_seed(1)
+    whole = dict(fill(build_model(cfg).state_dict()))
+    torch.manual_seed(1)
+    with torch.device("meta"):
+        lm = build_model(cfg)
+    lazy = fill(InitialStateDict(meta_reference(lm)))
+    assert isinstance(lazy, LazyStateDict) and set(lazy) == set(whole)
+    for k in whole:
+        assert torch.equal(lazy[k], whole[k]), k
+
+
 @pytest.mark.parametrize("expand_v", [1.0, 2.0, 0.5])
 def test_gdn_projections_follow_the_rule(source, expand_v):
     src_model, _, _ = source

@@ -29,8 +29,10 @@ The rule, for a layer converted from attention (n_heads H, n_kv_heads Hkv, head 
             GDN's own parameters (short convs q/k/v_conv, decay A_log / dt_bias / w_a, beta w_b, output
             gate w_gate, output norm out_norm_weight) keep their own init.
 "Own init" means the new run's freshly initialised model (train.seed): `converted_init` returns a function
-that takes that model's state dict and fills in everything else, so a converted run's new parameters are
-exactly what a from-scratch run of the same config would start with.
+that takes that model's state dict (the trainer passes the initial values one tensor at a time,
+megaloop.parallel.materialize.initial_state_dict) and returns the converted state, read per tensor, so a
+converted run's new parameters are exactly what a from-scratch run of the same config would start with and
+no rank holds the whole source or model.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from megaloop.config import ConfigError, ModelConfig, mixer_pattern
 from megaloop.config.validation import check_converted_pattern
 from megaloop.checkpoint.init_weights import check_state_dict, init_state_dict_source
 from megaloop.checkpoint.layout import CheckpointError
+from megaloop.checkpoint.lazy_state_dict import LazyStateDict, shape_of
 
 ATTENTION_KEYS = ("wq.weight", "wk.weight", "wv.weight", "wo.weight", "q_norm.weight", "k_norm.weight",
                   "gate.weight")
@@ -84,41 +87,73 @@ def attention_to_gdn(src: Dict[str, torch.Tensor], fresh: Dict[str, torch.Tensor
 
 
 def convert_state_dict(sd: Dict[str, torch.Tensor], source_names: List[str], target_names: List[str],
-                       mc: ModelConfig, fresh: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+                       mc: ModelConfig, fresh: Dict[str, torch.Tensor]) -> "ConvertedStateDict":
     """The run's full state dict: `sd` (checked against the run's model with the source's mixers) with every
     layer whose mixer changes from attention converted (module doc), `fresh` (the run's own init) for the new
-    mixers' own parameters. Keys and shapes are exactly `fresh`'s."""
-    if len(source_names) != len(target_names):
-        raise ConfigError(f"init.convert_mixers names {len(target_names)} looped layers, the source has "
-                          f"{len(source_names)}")
-    out = {k: v for k, v in sd.items() if ".mixer." not in k or not k.startswith("block.layers.")}
-    for i, (old, new) in enumerate(zip(source_names, target_names)):
-        pre = f"block.layers.{i}.mixer."
-        src = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
-        own = {k[len(pre):]: v for k, v in fresh.items() if k.startswith(pre)}
-        if old == new:
-            layer = src
-        elif old != "attn":
-            raise ConfigError(f"init.convert_mixers: looped layer {i} is '{old}' in the source and '{new}' here; "
-                              f"only softmax-attention ('attn') layers convert")
-        elif new == "gdn":
-            layer = attention_to_gdn(src, own, mc)
-        elif new in ("swa", "dsa"):
-            layer = dict(own)
-            layer.update({k: v for k, v in src.items() if k in ATTENTION_KEYS})
-        else:
-            raise ConfigError(f"init.convert_mixers: no rule converts attention into '{new}' (layer {i}); "
-                              f"rules exist for {', '.join(CONVERTIBLE)}")
-        out.update({pre + k: v for k, v in layer.items()})
-    missing = sorted(set(fresh) - set(out))
-    extra = sorted(set(out) - set(fresh))
-    if missing or extra:  # (a bug, not a user error: the rules above cover every key)
-        raise RuntimeError(f"convert_mixers: missing {missing[:3]}, unexpected {extra[:3]}")
-    for k, v in fresh.items():
-        if tuple(out[k].shape) != tuple(v.shape):
-            raise RuntimeError(f"convert_mixers: {k} converted to {tuple(out[k].shape)}, needs {tuple(v.shape)}")
-        out[k] = out[k].to(v.dtype)
-    return out
+    mixers' own parameters. Keys and shapes are exactly `fresh`'s. Read per tensor (a converted layer's mixer
+    at once, when one of its tensors is asked for), so neither `sd` nor `fresh` is read whole."""
+    return ConvertedStateDict(sd, source_names, target_names, mc, fresh)
+
+
+class ConvertedStateDict(LazyStateDict):
+    def __init__(self, sd, source_names: List[str], target_names: List[str], mc: ModelConfig, fresh):
+        super().__init__()
+        if len(source_names) != len(target_names):
+            raise ConfigError(f"init.convert_mixers names {len(target_names)} looped layers, the source has "
+                              f"{len(source_names)}")
+        self._sd, self._fresh, self._mc = sd, fresh, mc
+        self._rules: Dict[str, str] = {}  # converted layer's mixer prefix -> its new mixer
+        keys = {k for k in sd if ".mixer." not in k or not k.startswith("block.layers.")}
+        for i, (old, new) in enumerate(zip(source_names, target_names)):
+            pre = f"block.layers.{i}.mixer."
+            src = {k[len(pre):] for k in sd if k.startswith(pre)}
+            own = {k[len(pre):] for k in fresh if k.startswith(pre)}
+            if old == new:
+                layer = src
+            elif old != "attn":
+                raise ConfigError(f"init.convert_mixers: looped layer {i} is '{old}' in the source and '{new}' "
+                                  f"here; only softmax-attention ('attn') layers convert")
+            elif new == "gdn":
+                layer = own
+            elif new in ("swa", "dsa"):
+                layer = own | {k for k in src if k in ATTENTION_KEYS}
+            else:
+                raise ConfigError(f"init.convert_mixers: no rule converts attention into '{new}' (layer {i}); "
+                                  f"rules exist for {', '.join(CONVERTIBLE)}")
+            if old != new:
+                self._rules[pre] = new
+            keys |= {pre + k for k in layer}
+        missing, extra = sorted(set(fresh) - keys), sorted(keys - set(fresh))
+        if missing or extra:  # (a bug, not a user error: the rules above cover every key)
+            raise RuntimeError(f"convert_mixers: missing {missing[:3]}, unexpected {extra[:3]}")
+        self._layer = (None, None)  # the last converted layer: (prefix, its tensors)
+
+    def _names(self):
+        return list(self._fresh)
+
+    def _shape(self, key):
+        return shape_of(self._fresh, key)
+
+    def _converted_layer(self, pre: str) -> Dict[str, torch.Tensor]:
+        if self._layer[0] != pre:
+            src = {k[len(pre):]: self._sd[k] for k in self._sd if k.startswith(pre)}
+            own = {k[len(pre):]: self._fresh[k] for k in self._fresh if k.startswith(pre)}
+            if self._rules[pre] == "gdn":
+                layer = attention_to_gdn(src, own, self._mc)
+            else:  # swa, dsa: the attention's projections, the new mixer's own extras (the DSA indexer)
+                layer = dict(own)
+                layer.update({k: v for k, v in src.items() if k in ATTENTION_KEYS})
+            self._layer = (pre, layer)
+        return self._layer[1]
+
+    def _read(self, key):
+        pre = key[:key.index(".mixer.") + len(".mixer.")] if ".mixer." in key else None
+        value = self._converted_layer(pre)[key[len(pre):]] if pre in self._rules else self._sd[key]
+        shape = shape_of(self._fresh, key)
+        if tuple(value.shape) != shape:
+            raise RuntimeError(f"convert_mixers: {key} converted to {tuple(value.shape)}, needs {shape}")
+        dtype = torch.float32 if isinstance(self._fresh, LazyStateDict) else self._fresh[key].dtype
+        return value.to(dtype)
 
 
 def converted_init(path, mc: ModelConfig, spec: str) -> Tuple[Callable[[Dict[str, torch.Tensor]], Dict], str]:

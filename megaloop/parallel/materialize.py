@@ -18,6 +18,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 import torch.nn as nn
 
+from megaloop.checkpoint.lazy_state_dict import LazyStateDict
 from megaloop.parallel.tensor_parallel import partition_of, shard_of
 
 
@@ -83,6 +84,32 @@ class Materializer:
 
     def materialize_module(self, module: nn.Module) -> int:
         return self.materialize(module.parameters())
+
+
+class InitialStateDict(LazyStateDict):
+    """The state dict of `ref` (an unsharded LoopedLM, meta device) filled with its initial values, each drawn
+    when asked for (what init.convert_mixers' conversion takes as the run's own init)."""
+
+    def __init__(self, ref: nn.Module):
+        super().__init__()
+        self._ref = ref
+        self._params, first = {}, {}
+        for name, t in ref.state_dict(keep_vars=True).items():
+            if id(t) in first:  # a tied head: the embedding's parameter under a second name
+                self.alias(name, first[id(t)])
+            else:
+                first[id(t)] = name
+                self._params[name] = tuple(t.shape)
+
+    def _names(self):
+        return list(self._params)
+
+    def _shape(self, key):
+        return self._params[key]
+
+    def _read(self, key):
+        from megaloop.model.initial_values import initial_value
+        return initial_value(self._ref, key)
 
 
 def _swap_in(p: nn.Parameter, value: torch.Tensor) -> None:

@@ -162,23 +162,19 @@ def build_engine(cfg: Config, state, console, device: str, init_state: Optional[
     packing = document_packing(cfg)
 
     def build_lm():
+        # On the meta device: each rank materialises only the parameters it holds, after tensor parallelism
+        # and the pipeline split (megaloop/parallel/materialize.py): no rank holds the whole model.
         from megaloop.model import build_model
         torch.manual_seed(t.seed)  # (the model's init seed: the same weights on every rank and machine)
-        if callable(init_state):
-            # init.convert_mixers fills the whole fresh model's state with the converted source: built whole
-            # on the host, then moved to the device before tensor parallelism shards it.
+        with torch.device("meta"):
             lm = build_model(cfg)
-            lm.load_state_dict(init_state(lm.state_dict()), strict=True)
-            lm = lm.to(device)
-        else:
-            # On the meta device: each rank materialises only the parameters it holds, after tensor
-            # parallelism and the pipeline split (megaloop/parallel/materialize.py): no rank holds the whole model.
-            with torch.device("meta"):
-                lm = build_model(cfg)
         lm.packing = packing  # data.reset_attention_mask / reset_position_ids (before TP / the pipeline split)
         return lm
 
-    source = None if callable(init_state) else init_state  # init.from: the full state dict (read per tensor)
+    source = init_state  # init.from: the full state dict (read per tensor), or None: the initial values
+    if callable(init_state):  # init.convert_mixers: the converted source over the run's own initial values
+        from megaloop.parallel.materialize import InitialStateDict, meta_reference
+        source = init_state(InitialStateDict(meta_reference(build_lm())))
     if state.pp_size > 1:
         from megaloop.parallel.pipeline import build_pipeline_module, layer_names
         module = build_pipeline_module(cfg, build_lm, state.topology, t.activation_checkpointing, prepare,
