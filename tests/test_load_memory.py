@@ -115,7 +115,8 @@ def _resume_memory(ckpt):
     assert pm.anon < share + 8 * MIB < whole / 2, (pm.anon / MIB, share / MIB, whole / MIB)
     with PeakMemory() as merged:
         ts = load_training_state(tag)  # the whole state in one process (what every rank held before)
-    assert merged.anon > 0.9 * whole, (merged.anon / MIB, whole / MIB)
+    # (the control: ~the whole state; 0.8 as the heap may already hold some of the memory freed above)
+    assert merged.anon > 0.8 * whole, (merged.anon / MIB, whole / MIB)
     assert torch.equal(ts.exp_avg["embedding.weight"], full["embedding.weight"] + 1)
 
 
