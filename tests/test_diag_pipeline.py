@@ -15,7 +15,7 @@ from dist_utils import run_distributed
 from test_train_support import make_byte_dataset, metrics, tiny_config, write_config
 
 from megaloop.config import load_config
-from megaloop.parallel.pipeline import stage_plan
+from megaloop.parallel.stage_split import stage_plan
 
 STEPS = 4
 MODEL = {"n_prelude": 1, "n_coda": 1, "n_loop": 2, "injection": "parcae", "normalization": "inner",

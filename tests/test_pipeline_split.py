@@ -7,6 +7,7 @@ import torch
 from megaloop.config import load_config
 from megaloop.model import build_model
 from megaloop.parallel import pipeline as pl
+from megaloop.parallel import stage_split
 
 
 def _layers(cfg, lm):
@@ -68,12 +69,12 @@ def test_stage_state_dicts_use_the_model_names():
 
 
 def test_balanced_partition_keeps_stages_non_empty_and_minimises_the_heaviest():
-    assert pl.balanced_partition([0, 0, 100, 1, 10], 2) == [0, 3, 5]
-    assert pl.balanced_partition([1, 1, 1, 1], 4) == [0, 1, 2, 3, 4]
-    parts = pl.balanced_partition([0.001, 0.001, 50, 0.001, 3], 3)
+    assert stage_split.balanced_partition([0, 0, 100, 1, 10], 2) == [0, 3, 5]
+    assert stage_split.balanced_partition([1, 1, 1, 1], 4) == [0, 1, 2, 3, 4]
+    parts = stage_split.balanced_partition([0.001, 0.001, 50, 0.001, 3], 3)
     assert all(b > a for a, b in zip(parts, parts[1:]))
     with pytest.raises(ValueError):
-        pl.balanced_partition([1, 2], 3)
+        stage_split.balanced_partition([1, 2], 3)
 
 
 def test_looped_block_is_one_layer_weighted_by_its_loop_count():
@@ -87,7 +88,7 @@ def test_looped_block_is_one_layer_weighted_by_its_loop_count():
     # n_loop layers x R passes: 2 layers x 4 loops weigh like 8 prelude layers
     assert w4["loop"] == pytest.approx(cfg.model.n_loop * 4 * w4["prelude"])
     # with many loops the block gets a stage of its own; with 4 stages the plan never splits it
-    plan = pl.stage_plan(load_config(None, ["model.n_prelude=2", "model.n_coda=2", "loop.mean=12",
+    plan = stage_split.stage_plan(load_config(None, ["model.n_prelude=2", "model.n_coda=2", "loop.mean=12",
                                             "parallel.pipeline_parallel=3"]), 3)
     assert ["loop"] in plan
     # 'parameters' would weigh the block like n_loop layers and the embedding by its size: different plan

@@ -17,6 +17,7 @@ from dist_utils import run_distributed
 from megaloop.config import ConfigError, load_config
 from megaloop.model import build_model
 from megaloop.parallel import pipeline as pl
+from megaloop.parallel import stage_split
 from megaloop.parallel.apply_tp import partition_info_for
 from megaloop.planner import make_plan, parse_gpu, stage_params, stage_parts, state_bytes
 from megaloop.planner.flops import bubble_fraction
@@ -46,7 +47,7 @@ def _expected(cfg, tp, pp):
     lm = build_model(cfg)
     name_of = {id(p): n for n, p in lm.named_parameters()}
     info = partition_info_for(cfg.model, tp) if tp > 1 else {}
-    plan = pl.stage_plan(cfg, pp)
+    plan = stage_split.stage_plan(cfg, pp)
     fwds = pl.local_layers(lm, cfg.loop.loss != "last")
     out, start = [], 0
     for names in plan:
@@ -115,7 +116,7 @@ def _real_tp_counts(rank, world, cases):
         lm = apply_tensor_parallel(build_model(cfg), dist.group.WORLD)
         fwds = pl.local_layers(lm, cfg.loop.loss != "last")
         counts, start = [], 0
-        for names in pl.stage_plan(cfg, pp):
+        for names in stage_split.stage_plan(cfg, pp):
             seen = {}
             for f in fwds[start:start + len(names)]:
                 module = f if isinstance(f, torch.nn.Module) else f.args[0]

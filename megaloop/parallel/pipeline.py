@@ -26,15 +26,13 @@ Packed documents (LoopedLM.packing): the embedding layer adds the (B, T) documen
 tuple's LAST entry (a long tensor, like the loop counts), dropped by the last layer that needs them (the last
 coda layer, else the looped block); each stage derives RoPE and masks from them (megaloop/model/documents.py).
 
-Every stage builds its pieces from one full LoopedLM created with the run's seed, so PP = N starts from
-exactly the weights of PP = 1 (the full model exists only while the PipelineModule is being built). The
+Every stage takes its pieces from one LoopedLM built with the run's seed (on the meta device in training:
+only the stage's own layers get their values, megaloop/parallel/materialize.py), so PP = N starts from
+exactly the weights of PP = 1. The
 head, the exit gate and the loss run LoopedLM's own methods (output_logits, exit_distribution, loss),
 borrowed by the layer classes that hold those parts.
 
-Stage balance ("loop_weighted"): each layer is weighted by its FLOPs (forward+backward, + recompute), the
-looped block by n_loop x E[R]. DeepSpeed's "parameters" method is wrong for a looped block: it weighs the
-block like n_loop layers although it runs n_loop x R of them, and it weighs the embedding / head by
-their (large) parameter count although the lookup costs nothing.
+Stage balance ("loop_weighted"): megaloop/parallel/stage_split.py.
 """
 from __future__ import annotations
 
@@ -47,7 +45,7 @@ import torch.nn as nn
 
 from megaloop.config import Config
 from megaloop.model.documents import document_ids, packed_rope, repeat_rows
-from megaloop.model.loop_schedule import expected_loop_counts, unpack_loops
+from megaloop.model.loop_schedule import unpack_loops
 from megaloop.model.looped_lm import LoopedLM
 
 
@@ -404,68 +402,6 @@ def layer_state_keys(model_cfg) -> List[Tuple[str, Optional[List[str]]]]:
             for layer, created, _ in build_layers(pipeline_layers(model_cfg), LayerSource(lambda: lm))]
 
 
-def balanced_partition(weights, num_parts: int) -> list:
-    """Contiguous split of `weights` into num_parts non-empty parts minimising the heaviest part
-    (ties: the lighter first parts, i.e. put work late, where the loss is). Returns DeepSpeed's
-    `parts` (num_parts + 1 boundaries)."""
-    n = len(weights)
-    if num_parts > n:
-        raise ValueError(f"cannot split {n} pipeline layers into {num_parts} stages")
-    prefix = [0.0]
-    for w in weights:
-        prefix.append(prefix[-1] + w)
-    INF = float("inf")
-    best = [[INF] * (num_parts + 1) for _ in range(n + 1)]
-    cut = [[0] * (num_parts + 1) for _ in range(n + 1)]
-    best[0][0] = 0.0
-    for i in range(1, n + 1):
-        for j in range(1, min(i, num_parts) + 1):
-            for k in range(j - 1, i):
-                cost = max(best[k][j - 1], prefix[i] - prefix[k])
-                if cost < best[i][j] - 1e-12 * max(1.0, cost):
-                    best[i][j], cut[i][j] = cost, k
-    parts, i = [n], n
-    for j in range(num_parts, 0, -1):
-        i = cut[i][j]
-        parts.append(i)
-    return parts[::-1]
-
-
-def _pipeline_module_class():
-    from deepspeed.pipe import PipelineModule
-
-    class LoopedPipelineModule(PipelineModule):
-        """PipelineModule with the loop-weighted partition (DeepSpeed has no explicit-weights method)."""
-
-        def __init__(self, layers, layer_weights, partition_method, **kwargs):
-            object.__setattr__(self, "_megaloop_weights", list(layer_weights))
-            super().__init__(layers, partition_method=partition_method, **kwargs)
-
-        def _partition_layers(self, method="uniform"):
-            if method != "loop_weighted":
-                return super()._partition_layers(method=method)
-            stage_id = self._topo.get_coord(self.global_rank).pipe
-            self.parts = balanced_partition(self._megaloop_weights, self.num_stages)
-            self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
-
-    return LoopedPipelineModule
-
-
-def layer_flop_weights(cfg: Config, names) -> list:
-    """Each named pipeline layer's share of the step's FLOPs (the looped block weighted by its expected
-    loop counts): what the loop-weighted partition balances, and what the planner reports per stage."""
-    from megaloop.model.flops import pipeline_layer_weights
-
-    return pipeline_layer_weights(cfg, names, *expected_loop_counts(cfg))
-
-
-def stage_plan(cfg: Config, num_stages: int, method: Optional[str] = None) -> list:
-    """Which layer names each stage holds under the loop-weighted partition (for logs and tests)."""
-    names = layer_names(cfg.model)
-    parts = balanced_partition(layer_flop_weights(cfg, names), num_stages)
-    return [names[parts[s]:parts[s + 1]] for s in range(num_stages)]
-
-
 def build_pipeline_module(cfg: Config, build_lm, topology, activation_checkpointing: str = "none",
                           prepare_lm=None, device=None, initial_state=None):
     """cfg: the run config; build_lm(): a full LoopedLM (called once, on every rank), with its weights or
@@ -485,11 +421,12 @@ def build_pipeline_module(cfg: Config, build_lm, topology, activation_checkpoint
     source = LayerSource(_build, lambda lm: Materializer(lm, device or "cpu", initial_state))
     layers = pipeline_layers(cfg.model, collect)
     specs = [layer.spec(source) for layer in layers]
+    from megaloop.parallel.stage_split import layer_flop_weights, looped_pipeline_module_class
     weights = layer_flop_weights(cfg, [layer.name for layer in layers])
     # Token loss: the LM's (tensor parallelism may have swapped in the vocab-parallel one).
     loss_fn = LoopLoss(cfg.loop.loss, source.lm.token_loss_fn, cfg.loop.exit_entropy_weight, collect)
     dynamic = collect  # the stacked per-loop outputs change shape with R (sampled, or eval's R)
-    cls = _pipeline_module_class()
+    cls = looped_pipeline_module_class()
     module = cls(specs, weights, cfg.parallel.pipeline_partition, topology=topology, loss_fn=loss_fn,
                  activation_checkpoint_interval=0, dynamic_shape=dynamic, base_seed=cfg.train.seed)
     source.release()  # only this stage's layers stay alive

@@ -20,6 +20,7 @@ from megaloop.config import Config
 from megaloop.model.flops import head_forward_flops, layer_forward_flops, train_flops_per_token
 from megaloop.model.loop_schedule import expected_loop_counts
 from megaloop.parallel import pipeline as pl
+from megaloop.parallel import stage_split
 
 
 def loop_counts(cfg: Config):
@@ -48,7 +49,7 @@ def stage_flops(cfg: Config, parts: List[int]) -> dict:
     names = pl.layer_names(cfg.model)
     total, grad = loop_counts(cfg)
     model = layer_model_flops(cfg, names, total, grad)
-    weights = pl.layer_flop_weights(cfg, names)
+    weights = stage_split.layer_flop_weights(cfg, names)
     pp = len(parts) - 1
     return {
         "loops_total": total, "loops_grad": grad,

@@ -26,6 +26,7 @@ import torch
 from megaloop.config import Config
 from megaloop.model import build_model
 from megaloop.parallel import pipeline as pl
+from megaloop.parallel import stage_split
 
 
 @dataclass
@@ -79,7 +80,7 @@ def stage_parts(cfg: Config, pp: int, tp: int = 1) -> List[int]:
     method = cfg.parallel.pipeline_partition
     names = pl.layer_names(cfg.model)
     if method == "loop_weighted":
-        return pl.balanced_partition(pl.layer_flop_weights(cfg, names), pp)
+        return stage_split.balanced_partition(stage_split.layer_flop_weights(cfg, names), pp)
     from deepspeed.runtime import utils as ds_utils
 
     if method == "uniform":
