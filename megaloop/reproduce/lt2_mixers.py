@@ -11,8 +11,9 @@ Tasks, sized so that the effect can show (../shared/reference_recipes.md):
 - MQAR (Zoology's associative recall) with capacity pressure: as many key-value pairs as a GDN head's key
   width (d_model / n_heads), so one pass of the d_k x d_v delta-rule state is short of capacity; 3,000 steps of
   batch 16 (Zoology trains ~12.5k steps of 512: megaloop's earlier 400 x 16 left three of four variants at the
-  ln(values) plateau; not yet run to the end on CPU: a looped GDN variant took 9.5 minutes for 150 steps of
-  batch 32 on the shared 2-core machine);
+  ln(values) plateau). Run with seeds 1234, 1235 on 2026-12-07 (1 h 54 min, one core): DID NOT HOLD, every
+  looped variant left the plateau later than the unlooped GDN (looped GDN 0.03 vs 0.19 on MQAR): the whole-
+  stack loop without injection and with the last loop's loss, which collapses the tiny configs too (issue 23);
 - group word problems (state tracking): S3 on CPU (6 elements), S5 at --scale gpu (120 x 120 table, beyond
   20 minutes of 2 CPU cores); answers at positions >= 2 only (position 1 copies the input).
 --scale gpu: MQAR at Zoology's vocabulary (8,192) with 64 pairs at key width 64 (d 128, 2 heads), batch 256,
