@@ -5,8 +5,8 @@ its pipeline stage's layers from it, and only then gives the parameters it holds
 drawn at its full shape on the host (megaloop/model/initial_values.py) or read from the state a run starts
 from (init.from, memory-mapped), cut to the rank's TP shard and moved to the device. Host memory per rank is
 its own shard plus one buffer of the largest parameter's size (the full values are drawn into it, one after
-another), not the whole model;
-the weights are exactly those of the same model built whole in one process and then sharded.
+another), not the whole model; the weights are exactly those of the same model built whole in one process
+and then sharded.
 
 The parameters are swapped in place (torch.utils.swap_tensors): every module sharing one (a tied head) keeps
 seeing the same object, with the attributes tensor parallelism tagged it with and its TP gradient hooks.
@@ -36,31 +36,25 @@ def meta_reference(lm: nn.Module) -> nn.Module:
 class Materializer:
     """Gives the meta parameters of a (possibly tensor-parallel) LoopedLM `lm` their values on `device`.
 
-    source: None (fresh initial values), or a mapping name -> full tensor of the one-process LoopedLM's state
-    dict (init.from; read per parameter, so a memory-mapped state is read only where this rank needs it).
+    source: None (fresh initial values, drawn when a parameter is materialised), or a mapping name -> full
+    tensor of the one-process LoopedLM's state dict (init.from; read per parameter, so a memory-mapped state
+    is read only where this rank needs it).
     """
 
     def __init__(self, lm: nn.Module, device, source: Optional[Mapping[str, torch.Tensor]] = None):
-        self.lm, self.device, self.source = lm, torch.device(device), source
+        self.lm, self.device, self._source = lm, torch.device(device), source
         comm = getattr(lm, "tp_comm", None)
         self.tp_rank, self.tp = (comm.rank, comm.size) if comm is not None else (0, 1)
-        self._ref = None
         self._names = {}
         for name, p in lm.named_parameters():  # (first name wins: a tied head is "embedding.weight")
             self._names.setdefault(id(p), name)
 
     def full_value(self, name: str) -> torch.Tensor:
-        if self.source is not None:
-            if name not in self.source:
-                raise KeyError(f"the initial state has no {name!r}")
-            return self.source[name]
-        if self._ref is None:
-            self._ref = meta_reference(self.lm)
-            # One buffer for every weight matrix's full value, the largest's size: the values drawn and
-            # freed one after another would otherwise fragment the heap between the shards kept.
-            self._scratch = torch.empty(max(p.numel() for p in self._ref.parameters()))
-        from megaloop.model.initial_values import initial_value
-        return initial_value(self._ref, name, self._scratch)
+        if self._source is None:  # (each value is copied out before the next is drawn: one reused buffer)
+            self._source = InitialStateDict(meta_reference(self.lm), reuse_buffer=True)
+        if name not in self._source:
+            raise KeyError(f"the initial state has no {name!r}")
+        return self._source[name]
 
     @torch.no_grad()
     def materialize(self, params: Iterable[nn.Parameter]) -> int:
@@ -88,11 +82,15 @@ class Materializer:
 
 class InitialStateDict(LazyStateDict):
     """The state dict of `ref` (an unsharded LoopedLM, meta device) filled with its initial values, each drawn
-    when asked for (what init.convert_mixers' conversion takes as the run's own init)."""
+    when asked for (what init.convert_mixers' conversion takes as the run's own init). reuse_buffer: weight
+    matrices are drawn into one buffer of the largest parameter's size, so a value read is valid only until
+    the next read (the materialiser copies each one out at once; without it, values drawn and freed one after
+    another fragment the heap between the shards kept)."""
 
-    def __init__(self, ref: nn.Module):
+    def __init__(self, ref: nn.Module, reuse_buffer: bool = False):
         super().__init__()
         self._ref = ref
+        self._scratch = torch.empty(max(p.numel() for p in ref.parameters())) if reuse_buffer else None
         self._params, first = {}, {}
         for name, t in ref.state_dict(keep_vars=True).items():
             if id(t) in first:  # a tied head: the embedding's parameter under a second name
@@ -109,7 +107,7 @@ class InitialStateDict(LazyStateDict):
 
     def _read(self, key):
         from megaloop.model.initial_values import initial_value
-        return initial_value(self._ref, key)
+        return initial_value(self._ref, key, self._scratch)
 
 
 def _swap_in(p: nn.Parameter, value: torch.Tensor) -> None:
