@@ -19,7 +19,7 @@ from test_train_support import REPO, free_port, make_byte_dataset, metrics, rank
 from megaloop.config import ConfigError, load_config
 from megaloop.training.cli import main
 from megaloop.training.distributed import _tasks_on_node, fill_from_slurm, first_host
-from megaloop.training.stopping import LauncherWatchdog, StopFlag, launcher_kind
+from megaloop.training.stopping import LauncherWatchdog, RunStops, StopFlag, launcher_kind
 from megaloop.training.time_limit import EXIT_TIME_LIMIT, Deadline
 
 
@@ -191,7 +191,10 @@ def test_launcher_watchdog_knows_torchrun_and_srun_and_notices_a_dead_parent():
     try:
         flag = StopFlag()
         dog = LauncherWatchdog(flag, child, parent.pid, "the torchrun launcher (pid 1)", interval=0.05)
-        assert not dog.gone()
+        # a rank whose stop was agreed from another rank's request, its own watchdog not having fired yet
+        other = RunStops.__new__(RunStops)
+        other.flag, other.watchdog = StopFlag(), LauncherWatchdog(StopFlag(), child, parent.pid, "the runner (pid 1)")
+        assert not dog.gone() and other.reason() == "a stop request on another rank"
         dog.start()
         time.sleep(0.2)
         assert not flag.code
@@ -201,6 +204,7 @@ def test_launcher_watchdog_knows_torchrun_and_srun_and_notices_a_dead_parent():
         while not flag.code and time.time() < deadline:
             time.sleep(0.05)
         assert flag.code and flag.reason == "the torchrun launcher (pid 1) exited"
+        assert other.reason() == "the runner (pid 1) exited"  # its launcher is gone too: named, not "another rank"
     finally:
         os.kill(child, signal.SIGKILL)
 

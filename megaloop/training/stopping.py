@@ -180,6 +180,16 @@ class RunStops:
         self.agreement.after_step(step)
         return self.agreement.should_stop(step)
 
+    def reason(self) -> str:
+        """Why the agreed stop happened, as this rank can tell. A rank whose own request did not win the race
+        (another rank's watchdog fired first, or that rank got the signal) still names the launcher when its
+        own launcher is gone too: under one runner every rank loses it at once."""
+        if self.flag.reason:
+            return self.flag.reason
+        if self.watchdog is not None and self.watchdog.gone():
+            return f"{self.watchdog.what} exited"
+        return "a stop request on another rank"
+
     def close(self) -> None:
         self.flag.restore()
         if self.watchdog is not None:

@@ -265,7 +265,7 @@ class Trainer:
                 if stopping:
                     self.save(step, consumed, wait=True)
                     time_up = stopping >= TIME_UP  # -> exit code 75 (megaloop/training/time_limit.py)
-                    self.logger.console(f"stopped ({stops.flag.reason or 'a stop request on another rank'}) at "
+                    self.logger.console(f"stopped ({stops.reason()}) at "
                                         f"step {step}; checkpoint saved" + ("; exit code 75" if time_up else ""))
                     write_run_status(self.out_dir, self.rank, "time_limit" if time_up else "stopped", step,
                                      EXIT_TIME_LIMIT if time_up else 0)
