@@ -124,6 +124,11 @@ def test_write_docs_renders_every_result(out_dir, tmp_path):
     for claim in have:
         record = json.loads((out_dir / claim / "result.json").read_text())
         assert record["verdict"] in text and record["command"] in text
+        # which code trained the runs: the commit recorded in each run's status.json, counted
+        codes = [json.loads(p.read_text())["code"] for p in (out_dir / claim / "runs").glob("**/status.json")]
+        assert sum(record["code"].values()) >= 1 and set(record["code"]) <= set(codes)
+        assert "- Trained on megaloop commit: " + ", ".join(
+            f"{sha} ({n} run{'s' if n != 1 else ''})" for sha, n in record["code"].items()) in text
         assert (tmp_path / "docs" / "reproductions" / f"{claim}.png").is_file()
 
 

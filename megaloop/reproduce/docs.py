@@ -35,6 +35,13 @@ def _training(record: dict) -> str:
             f"took {record['train_wall_s']:.0f} s when they ran")
 
 
+def _code(record: dict) -> str:
+    codes = record.get("code")
+    if not codes:  # records written before 2026-12-07 did not say
+        return "not recorded"
+    return ", ".join(f"{sha} ({n} run{'s' if n != 1 else ''})" for sha, n in codes.items())
+
+
 def render_section(record: dict, claim_dir: str, docs_path: str) -> str:
     """The markdown section of one claim's result (figure copied next to the docs when small)."""
     name = record["claim"]
@@ -46,6 +53,7 @@ def render_section(record: dict, claim_dir: str, docs_path: str) -> str:
              f"- Command: `{record['command']}`",
              f"- Date: {record['date']}; wall time {record['wall_s']:.0f} s{_training(record)} (1-minute load "
              f"average at the end: {record['load_avg_1m']}){'; --quick mode' if record['quick'] else ''}",
+             f"- Trained on megaloop commit: {_code(record)}",
              f"- seeds: {', '.join(map(str, seeds))}"
              + ("; the verdict holds only if it holds for every seed; the table shows mean ± spread (half the "
                 "range over the seeds) where the seeds differ, the per-seed rows are in summary.csv"

@@ -36,6 +36,7 @@ class Context:
     reuse: bool = False  # keep a finished run whose config is unchanged instead of training it again
     train_wall_s: float = 0.0  # the variants' training wall times, summed (reused runs: as first measured)
     reused: int = 0  # variants read back instead of trained
+    codes: Dict[str, int] = field(default_factory=dict)  # the megaloop commit that trained each variant: count
     python: str = sys.executable
     verbose: bool = True
     scale: str = "cpu"  # --scale gpu: each claim's GPU-sized settings (~15 minutes of one H100), on the accelerator
@@ -70,6 +71,7 @@ class RunResult:
     returncode: int
     wall_s: float
     rows: List[dict] = field(default_factory=list)
+    code: str = "unknown"  # the megaloop commit that trained it (short sha, "+dirty" with uncommitted changes)
 
     @property
     def diverged(self) -> bool:
@@ -183,7 +185,20 @@ def _finished(variant: Variant, run_dir: str) -> Optional[RunResult]:
         return None
     if not same or status.get("returncode") not in (0, EXIT_NONFINITE):
         return None
-    return RunResult(variant.name, run_dir, status["returncode"], status["wall_s"], _read_metrics(run_dir))
+    return RunResult(variant.name, run_dir, status["returncode"], status["wall_s"], _read_metrics(run_dir),
+                     code=status.get("code", "unknown"))
+
+
+def code_version() -> str:
+    """This checkout's commit (short sha, "+dirty" with uncommitted changes; "unknown" outside git): what a run
+    was trained with. --reuse matches runs by config only, and a code change (the 2026-12-07 per-parameter
+    init) changes what a config trains, so the docs say which code trained each claim's runs."""
+    from megaloop.training.trackers import git_commit
+
+    got = git_commit()
+    if not got:
+        return "unknown"
+    return got["git_commit"][:7] + ("+dirty" if got["git_dirty"] else "")
 
 
 def _start(ctx: Context, variant: Variant, claim_dir: str):
@@ -217,12 +232,14 @@ def train_variants(ctx: Context, claim_dir: str, variants: List[Variant]) -> Dic
 
     variants = [Variant(v.name, seeded(v.config, ctx.seed)) for v in variants]
     pending, running, results = list(variants), [], {}
+    code = code_version()
     if ctx.reuse:
         for v in variants:
             done = _finished(v, os.path.join(ctx.runs_dir(claim_dir), v.name))
             if done is not None:
                 ctx.log(f"{v.name}: reusing the finished run in {done.run_dir}")
                 results[v.name] = done
+                ctx.codes[done.code] = ctx.codes.get(done.code, 0) + 1
                 ctx.train_wall_s += done.wall_s
                 ctx.reused += 1
                 pending.remove(v)
@@ -237,9 +254,9 @@ def train_variants(ctx: Context, claim_dir: str, variants: List[Variant]) -> Dic
                 still.append((v, proc, log, run_dir, t0))
                 continue
             log.close()
-            res = RunResult(v.name, run_dir, proc.returncode, time.time() - t0, _read_metrics(run_dir))
+            res = RunResult(v.name, run_dir, proc.returncode, time.time() - t0, _read_metrics(run_dir), code=code)
             with open(os.path.join(run_dir, "status.json"), "w") as f:
-                json.dump({"returncode": res.returncode, "wall_s": round(res.wall_s, 1)}, f)
+                json.dump({"returncode": res.returncode, "wall_s": round(res.wall_s, 1), "code": code}, f)
             if not (res.ok or res.diverged):
                 with open(os.path.join(run_dir, "train.log")) as f:
                     tail = f.read()[-2500:]
@@ -247,6 +264,7 @@ def train_variants(ctx: Context, claim_dir: str, variants: List[Variant]) -> Dic
                                    f"log {run_dir}/train.log ends:\n{tail}")
             ctx.log(f"{v.name}: {'diverged (non-finite loss)' if res.diverged else 'done'} in {res.wall_s:.1f}s")
             ctx.train_wall_s += res.wall_s
+            ctx.codes[code] = ctx.codes.get(code, 0) + 1
             results[v.name] = res
         running = still
         if running:
@@ -398,7 +416,7 @@ def write_outputs(ctx: Context, claim: str, result: ClaimResult, command: str, w
     plt.close(fig)
     record = {"claim": claim, "command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "quick": ctx.quick, "verdict": result.verdict, "held": result.held, "wall_s": round(wall_s, 1),
-              "train_wall_s": round(ctx.train_wall_s, 1), "reused_runs": ctx.reused,
+              "train_wall_s": round(ctx.train_wall_s, 1), "reused_runs": ctx.reused, "code": dict(ctx.codes),
               "load_avg_1m": round(os.getloadavg()[0], 2), "columns": columns, "seeds": list(ctx.seeds),
               "seed_verdicts": result.seed_verdicts, "headline": result.per_seed,
               "mean_columns": list(result.mean_rows[0]) if result.mean_rows else None}
