@@ -105,6 +105,11 @@ def test_summary_numbers_come_from_the_runs(out_dir):
     for name, row in rows.items():
         with open(d / "runs" / name / "metrics.jsonl") as f:
             per_loop = [json.loads(line)["per_loop"] for line in f if '"per_loop"' in line][-1]
+        with open(d / "runs" / name / "metrics.jsonl") as f:
+            diag = [json.loads(line)["diagnostics"] for line in f if '"diagnostics"' in line][-1]
+        assert float(row["input_dependence"]) == pytest.approx(diag["input_dependence"], rel=1e-4)
+        first, last = (sum(v * v for v in diag["grad_norm"][i]) ** 0.5 for i in (0, -1))
+        assert float(row["grad_loop1_over_loopK"]) == pytest.approx(first / last, rel=1e-4)
         res = per_loop["residual_norm"]
         assert len(res) == int(row["loops_K"])
         assert float(row["residual_norm_loop1"]) == pytest.approx(res[0], rel=1e-4)

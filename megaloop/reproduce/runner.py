@@ -95,6 +95,13 @@ class RunResult:
         pl = self.per_loop()
         return pl[max(pl)] if pl else {}
 
+    def last_diagnostics(self) -> dict:
+        """The last `train.diag_interval` row's fixed-point and per-loop gradient diagnostics
+        (megaloop/training/diagnostics.py: loop_map_spectral_norm, input_dependence, grad_norm[loop][group],
+        ...), {} if the run took none."""
+        rows = [r for r in self.rows if "diagnostics" in r]
+        return rows[-1]["diagnostics"] if rows else {}
+
     def valid_rows(self) -> List[dict]:
         return [r for r in self.rows if "valid_loss" in r]
 
