@@ -12,8 +12,16 @@ Tasks, sized so that the effect can show (../shared/reference_recipes.md):
   width (d_model / n_heads), so one pass of the d_k x d_v delta-rule state is short of capacity; 3,000 steps of
   batch 16 (Zoology trains ~12.5k steps of 512: megaloop's earlier 400 x 16 left three of four variants at the
   ln(values) plateau). Run with seeds 1234, 1235 on 2026-12-07 (1 h 54 min, one core): DID NOT HOLD, every
-  looped variant left the plateau later than the unlooped GDN (looped GDN 0.03 vs 0.19 on MQAR): the whole-
-  stack loop without injection and with the last loop's loss, which collapses the tiny configs too (issue 23);
+  looped variant left the plateau later than the unlooped GDN (looped GDN 0.03 vs 0.19 on MQAR). Probes of
+  the looped GDN block (seed 1234, 3,000 steps; final training loss, plateau ln 64 = 4.16): last-loop loss
+  4.07, per-loop mean loss 4.04, mean loss + additive injection 4.04, the flt_reference recipe 4.16, vs
+  unlooped 3.34 (megaloop recipe) and 3.89 (flt_reference). Looping a causal mixer in depth adds no recall
+  capacity (loop 2 at position t still sees only positions <= t through the same d_k x d_v state), so MQAR
+  may be the wrong test of this claim at any scale. On S3 the recipe decided it (seed 7, 1,500 steps, final
+  training loss, chance ln 6 = 1.79): looped GDN 1.63 (megaloop recipe, last-loop loss), 1.51 (mean loss), 1.25
+  (mean loss + injection) vs unlooped 1.25; under flt_reference looped 0.73 vs unlooped 1.34. So every
+  variant now trains under `model.recipe: flt_reference`, as the other claims do (the FLT repository's
+  nanochat block: without it a looped tiny model collapses, issue 23); the documented run predates this;
 - group word problems (state tracking): S3 on CPU (6 elements), S5 at --scale gpu (120 x 120 table, beyond
   20 minutes of 2 CPU cores); answers at positions >= 2 only (position 1 copies the input).
 --scale gpu: MQAR at Zoology's vocabulary (8,192) with 64 pairs at key width 64 (d 128, 2 heads), batch 256,
@@ -22,8 +30,10 @@ Expected (LT2): looped GDN above unlooped GDN on MQAR and S5, the hybrid within 
 """
 from __future__ import annotations
 
-from megaloop.reproduce.runner import (ClaimResult, Context, Variant, base_config, fmt, load_trained, param_count,
-                                       task_accuracy, train_variants)
+import os
+
+from megaloop.reproduce.runner import (ClaimResult, Context, Variant, base_config, deep_update, fmt, load_trained,
+                                       param_count, task_accuracy, train_variants)
 
 NAME = "lt2_mixers"
 SUMMARY = ("looped GDN vs unlooped GDN vs looped softmax attention (and the GDN/attention hybrid) at equal "
@@ -66,7 +76,8 @@ def _config(s: dict, task: tuple, mixer: str, loops: int, ffn=None) -> dict:
     if "precision" in s:
         train["precision"] = s["precision"]
     return base_config(
-        model={"vocab_size": t.vocab_size, "d_model": s["d_model"], "n_heads": s["n_heads"], "n_loop": 2,
+        model={"recipe": "flt_reference", "vocab_size": t.vocab_size, "d_model": s["d_model"],
+               "n_heads": s["n_heads"], "n_loop": 2,
                "loops": loops, "max_seq_len": t.seq_len, "mixer": mixer, "loop_residual_gate": True,
                "max_loops": 16, "ffn_hidden": ffn},
         loop={"mean": loops, "max": 16},
@@ -76,8 +87,10 @@ def _config(s: dict, task: tuple, mixer: str, loops: int, ffn=None) -> dict:
 
 def _matched_ffn(s, task, mixer, loops, target: int) -> int:
     """The MLP width that brings the `mixer` block's parameter count closest to `target` (it is linear in it)."""
+    from megaloop.config.loading import config_from_dict
+
     base = _config(s, task, mixer, loops)
-    f0 = 64 * -(-8 * s["d_model"] // (3 * 64))  # ModelConfig.ffn_dim's swiglu default
+    f0 = config_from_dict(deep_update(base, {"train": {"output_dir": os.devnull}})).model.ffn_dim  # the recipe's
     p0 = param_count(base)
     slope = (param_count(_config(s, task, mixer, loops, f0 + 64)) - p0) / 64
     return max(8, f0 + round((target - p0) / slope))
