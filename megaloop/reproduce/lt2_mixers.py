@@ -17,9 +17,10 @@ Tasks, sized so that the effect can show (../shared/reference_recipes.md):
   4.07, per-loop mean loss 4.04, mean loss + additive injection 4.04, the flt_reference recipe 4.16, vs
   unlooped 3.34 (megaloop recipe) and 3.89 (flt_reference). Looping a causal mixer in depth adds no recall
   capacity (loop 2 at position t still sees only positions <= t through the same d_k x d_v state), so MQAR
-  may be the wrong test of this claim at any scale. On S3 the recipe decided it (seed 7, 1,500 steps, final
-  training loss, chance ln 6 = 1.79): looped GDN 1.63 (megaloop recipe, last-loop loss), 1.51 (mean loss), 1.25
-  (mean loss + injection) vs unlooped 1.25; under flt_reference looped 0.73 vs unlooped 1.34. So every
+  may be the wrong test of this claim at any scale. On S3 the recipe decided it (seed 7, 1,500 steps,
+  per-position accuracy at positions >= 2 on 512 held-out examples, chance 0.17): looped GDN 0.19 (megaloop
+  recipe, last-loop loss), 0.27 (mean loss), 0.49 (mean loss + injection) vs unlooped 0.36; under
+  flt_reference looped 0.67 (0.72 with mean loss + injection) vs unlooped 0.35. So every
   variant now trains under `model.recipe: flt_reference`, as the other claims do (the FLT repository's
   nanochat block: without it a looped tiny model collapses, issue 23); the documented run predates this;
 - group word problems (state tracking): S3 on CPU (6 elements), S5 at --scale gpu (120 x 120 table, beyond
