@@ -301,3 +301,24 @@ def test_shuffle_seed_permutes_documents_of_every_key_alike(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         run("u", 3)
     assert sorted(os.listdir(tmp_path)) == before  # neither the first pass nor a partial output is left
+
+
+def test_an_output_that_cannot_be_written_fails_before_any_worker_forks(tmp_path, monkeypatch):
+    """The outputs open before the tokenizer pool starts: no pool to tear down on the error path (tearing down
+    a pool whose workers were still starting hung once under load)."""
+    import multiprocessing
+
+    from megaloop.data.indexed_dataset import OutputError
+
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS])
+    forked = []
+    real = multiprocessing.get_context
+    monkeypatch.setattr(multiprocessing, "get_context", lambda *a: forked.append(a) or real(*a))
+    (tmp_path / "afile").write_text("x")  # the output folder's name taken by a file: it cannot be made
+    with pytest.raises(OutputError, match="afile"):
+        preprocess(PreprocessConfig([str(tmp_path / "a.jsonl")], str(tmp_path / "afile" / "sub" / "out"),
+                                    show_progress=False))
+    assert forked == []
+    assert (tmp_path / "afile").read_text() == "x"
+    preprocess(PreprocessConfig([str(tmp_path / "a.jsonl")], str(tmp_path / "ok"), show_progress=False))
+    assert forked  # (the patched context is the one a good run uses)

@@ -304,12 +304,22 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     lines_before: Dict[str, int] = defaultdict(int)  # lines of each file already seen, for line numbers
     worker_cpu: List[float] = []
 
-    # fork is cheap and safe here (no threads yet); fall back to spawn where fork does not exist.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = multiprocessing.get_context(method).Pool(
-        config.workers, initializer=_init_worker,
-        initargs=(config.tokenizer_type, config.tokenizer_model, keys, config.append_eod, dtype, config.tokenizer_eod))
+    # The outputs open before the workers fork: an output that cannot be written fails with no pool to tear
+    # down (terminating a pool whose workers are still starting could hang under load: CI, 2026-12-07).
     writers: Dict[str, IndexedDatasetWriter] = {}
+    try:
+        for key, prefix in outputs.items():
+            writers[key] = IndexedDatasetWriter(first_pass_prefix(prefix, config.shuffle_seed), dtype)
+        # fork is cheap and safe here (no threads yet); fall back to spawn where fork does not exist.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool = multiprocessing.get_context(method).Pool(
+            config.workers, initializer=_init_worker,
+            initargs=(config.tokenizer_type, config.tokenizer_model, keys, config.append_eod, dtype,
+                      config.tokenizer_eod))
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
     progress = _Progress(total_bytes, config.log_interval, config.show_progress)
     # Pool.imap reads its input eagerly; this bounds the units in flight (gzip units carry data).
     in_flight = threading.Semaphore(4 * config.workers)
@@ -323,8 +333,6 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
             yield unit
 
     try:
-        for key, prefix in outputs.items():
-            writers[key] = IndexedDatasetWriter(first_pass_prefix(prefix, config.shuffle_seed), dtype)
         for result in pool.imap(tokenize_unit, bounded_units()):
             in_flight.release()
             for line_no, category, detail in result.skipped:
