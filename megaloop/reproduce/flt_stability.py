@@ -16,7 +16,8 @@ loop map's spectral norm, and the gradient reaching loop 1 over that reaching lo
 contributions to the block's gradient, all groups: what the reference's check.sh logs per loop). An
 exploratory run (seed 7, 300 steps) showed the mechanism at this scale: LT@12's loop map is contractive
 (spectral norm ~0.2), its final state nearly ignores the input (0.014 vs 0.67 for FLT@12) and loop 1 gets
-~1e-12 of loop K's gradient: a vanishing gradient and an input-independent fixed point, not spikes. At --scale gpu LT_i@12 and LT_ia@12 (the paper's ablations, one config field apart) are trained too and
+~1e-12 of loop K's gradient: a vanishing gradient and an input-independent fixed point, not spikes.
+At --scale gpu LT_i@12 and LT_ia@12 (the paper's ablations, one config field apart) are trained too and
 reported, not judged.
 
 All variants use the FLT reference recipe (`model.recipe: flt_reference`: the FLT repository's nanochat block

@@ -31,10 +31,8 @@ Expected (LT2): looped GDN above unlooped GDN on MQAR and S5, the hybrid within 
 """
 from __future__ import annotations
 
-import os
-
-from megaloop.reproduce.runner import (ClaimResult, Context, Variant, base_config, deep_update, fmt, load_trained,
-                                       param_count, task_accuracy, train_variants)
+from megaloop.reproduce.runner import (ClaimResult, Context, Variant, base_config, fmt, load_trained, param_count,
+                                       resolved_config, task_accuracy, train_variants)
 
 NAME = "lt2_mixers"
 SUMMARY = ("looped GDN vs unlooped GDN vs looped softmax attention (and the GDN/attention hybrid) at equal "
@@ -88,10 +86,8 @@ def _config(s: dict, task: tuple, mixer: str, loops: int, ffn=None) -> dict:
 
 def _matched_ffn(s, task, mixer, loops, target: int) -> int:
     """The MLP width that brings the `mixer` block's parameter count closest to `target` (it is linear in it)."""
-    from megaloop.config.loading import config_from_dict
-
     base = _config(s, task, mixer, loops)
-    f0 = config_from_dict(deep_update(base, {"train": {"output_dir": os.devnull}})).model.ffn_dim  # the recipe's
+    f0 = resolved_config(base).model.ffn_dim  # the recipe's default width
     p0 = param_count(base)
     slope = (param_count(_config(s, task, mixer, loops, f0 + 64)) - p0) / 64
     return max(8, f0 + round((target - p0) / slope))

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -36,7 +37,7 @@ class Context:
     reuse: bool = False  # keep a finished run whose config is unchanged instead of training it again
     train_wall_s: float = 0.0  # the variants' training wall times, summed (reused runs: as first measured)
     reused: int = 0  # variants read back instead of trained
-    codes: Dict[str, int] = field(default_factory=dict)  # the megaloop commit that trained each variant: count
+    codes: Counter = field(default_factory=Counter)  # the megaloop commit that trained each variant: count
     python: str = sys.executable
     verbose: bool = True
     scale: str = "cpu"  # --scale gpu: each claim's GPU-sized settings (~15 minutes of one H100), on the accelerator
@@ -246,7 +247,7 @@ def train_variants(ctx: Context, claim_dir: str, variants: List[Variant]) -> Dic
             if done is not None:
                 ctx.log(f"{v.name}: reusing the finished run in {done.run_dir}")
                 results[v.name] = done
-                ctx.codes[done.code] = ctx.codes.get(done.code, 0) + 1
+                ctx.codes[done.code] += 1
                 ctx.train_wall_s += done.wall_s
                 ctx.reused += 1
                 pending.remove(v)
@@ -271,7 +272,7 @@ def train_variants(ctx: Context, claim_dir: str, variants: List[Variant]) -> Dic
                                    f"log {run_dir}/train.log ends:\n{tail}")
             ctx.log(f"{v.name}: {'diverged (non-finite loss)' if res.diverged else 'done'} in {res.wall_s:.1f}s")
             ctx.train_wall_s += res.wall_s
-            ctx.codes[code] = ctx.codes.get(code, 0) + 1
+            ctx.codes[code] += 1
             results[v.name] = res
         running = still
         if running:
@@ -373,13 +374,18 @@ def task_accuracy_exit(model, task, loops: int, exit: str, threshold: float, num
     return right / total, loop_sum / total
 
 
+def resolved_config(config: dict):
+    """The validated Config a variant's config dict trains with (recipe applied), without an output folder."""
+    from megaloop.config.loading import config_from_dict
+
+    return config_from_dict(deep_update(config, {"train": {"output_dir": os.devnull}}))
+
+
 def param_count(config: dict) -> int:
     """Parameters of the model a config builds (megaloop.model.build_model), without training it."""
-    from megaloop.config.loading import config_from_dict
     from megaloop.model import build_model
 
-    cfg = config_from_dict(deep_update(config, {"train": {"output_dir": os.devnull}}))
-    return build_model(cfg).num_params()
+    return build_model(resolved_config(config)).num_params()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def _recall_norm_run(ctx: Context, variant: Variant):
     done = _finished(Variant(variant.name, seeded(variant.config, ctx.seed)), run_dir)
     if done is not None and done.ok:
         ctx.log(f"{variant.name}: recall_norm's recall_outer run in {run_dir} (same config)")
-        ctx.codes[done.code] = ctx.codes.get(done.code, 0) + 1  # (docs: which code trained the runs)
+        ctx.codes[done.code] += 1  # (docs: which code trained the runs)
         return done
     return None
 
