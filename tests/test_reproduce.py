@@ -205,3 +205,54 @@ def test_seeds_each_seed_trains_and_the_verdict_needs_every_seed(tmp_path, monke
 def test_bad_seeds_flag_is_one_line():
     out = _run("flt_stability", "--seeds", "12a")
     assert out.returncode == 2 and "--seeds '12a'" in out.stderr and "Traceback" not in out.stderr
+
+
+def _planned_variants(claim: str, scale: str) -> list:
+    """The variants a claim would train at `scale`, collected without training or building the demo corpus
+    (the claim's train_variants stops the claim at its first call; the data paths are stand-ins)."""
+    import megaloop.reproduce as rep
+    from megaloop.reproduce.runner import Context
+
+    class Planned(Exception):
+        pass
+
+    got = []
+
+    def collect(ctx, claim_dir, variants):
+        got.extend(variants)
+        raise Planned
+
+    mod = rep.claim_module(claim)
+    data = {"data_path": ["/nonexistent/demo_text_document"], "tokenizer_type": "sentencepiece",
+            "tokenizer_model": "/nonexistent/spm.model", "vocab_size": 4096, "split": "95,5,0"}
+    saved = {k: getattr(mod, k) for k in ("train_variants", "demo_corpus") if hasattr(mod, k)}
+    mod.train_variants = collect
+    if "demo_corpus" in saved:
+        mod.demo_corpus = lambda ctx: data
+    try:
+        mod.run(Context("/nonexistent", scale=scale, verbose=False))
+    except Planned:
+        pass
+    finally:
+        for k, v in saved.items():
+            setattr(mod, k, v)
+    return got
+
+
+@pytest.mark.parametrize("claim", CLAIMS)
+def test_gpu_scale_is_its_own_larger_setting_and_every_config_validates(claim):
+    """--scale gpu has never run here: each claim's GPU-sized variant configs must validate on CPU (a config
+    error must not spend device time), and none may train as its CPU variant does (a claim without GPU
+    settings used to run its CPU ones under --scale gpu); the GPU runs see at least as many tokens."""
+    from megaloop.reproduce.runner import resolved_config
+
+    def shape(v):
+        c = resolved_config(v.config)
+        return (c.model.d_model, c.train.steps, c.train.micro_batch_size, c.data.seq_len, c.model.loops)
+
+    cpu, gpu = (_planned_variants(claim, scale) for scale in ("cpu", "gpu"))
+    assert cpu and gpu
+    cpu_shapes, gpu_shapes = [shape(v) for v in cpu], [shape(v) for v in gpu]
+    assert not set(gpu_shapes) & set(cpu_shapes), (claim, gpu_shapes)
+    tokens = lambda shapes: sum(steps * batch * seq for _, steps, batch, seq, _ in shapes)  # noqa: E731
+    assert tokens(gpu_shapes) >= tokens(cpu_shapes)

@@ -56,7 +56,7 @@ def settings(ctx: Context) -> dict:
                           "eval_iters": 2, "warmup_steps": 4, "diag_interval": 6},
                 "lr": 3e-3, "runs": [("LT", K_LOW), ("LT", K_HIGH), ("FLT", K_HIGH)]}
     runs = [("LT", K_LOW), ("LT", K_HIGH), ("FLT", K_HIGH)]
-    if getattr(ctx, "scale", "cpu") == "gpu":
+    if ctx.scale == "gpu":
         runs += [("LT_i", K_HIGH), ("LT_ia", K_HIGH)]
         return {"size": {"d_model": 384, "n_heads": 3, "n_loop": 6, "max_seq_len": 512},
                 "train": {"steps": 300, "micro_batch_size": 32, "log_interval": 10, "eval_interval": 300,

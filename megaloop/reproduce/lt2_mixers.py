@@ -51,7 +51,7 @@ def settings(ctx: Context) -> dict:
         return {"R": 2, "d_model": 32, "n_heads": 2, "batch": 8, "eval_num": 32, "lr": 3e-3, "warmup": 2,
                 "tasks": {"mqar": ("mqar", {"num_kv_pairs": 4, "num_keys": 16, "num_values": 16}, 6, 0),
                           "s3": ("state_tracking", {"group": "S3", "length": 8}, 6, 2)}}
-    if getattr(ctx, "scale", "cpu") == "gpu":
+    if ctx.scale == "gpu":
         return {"R": 4, "d_model": 128, "n_heads": 2, "batch": 256, "eval_num": 1024, "lr": 1e-3, "warmup": 100,
                 "precision": "bf16",
                 "tasks": {"mqar": ("mqar", {"num_kv_pairs": 64, "num_keys": 4096, "num_values": 4096}, 3000, 0),

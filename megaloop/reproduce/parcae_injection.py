@@ -6,6 +6,13 @@ Variants: injection add vs parcae, each at two learning rates, everything else a
 state, gradients through the last 4 loops), R fixed and large, on the demo corpus. Measured from the
 trainer's metrics.jsonl: the per-loop recurrent state norm ||h(t)|| at the last logged step (its growth over the
 second half of the loops, ||h(R)|| / ||h(R/2)||), the last loop's state norm over training, and the loss.
+
+--scale gpu (not run on a GPU by this project yet): d 256, 4 heads, sequence 256, batch 32, R = 32 with
+gradients through the last 4 loops, 1,000 steps in bf16 on the 16 MB demo corpus, the same two learning
+rates; sized for about 15 minutes of one H100 for the four variants per seed (an estimate: at this width a
+step is bound by kernel launches, ~0.1 s for 32 loops of 2 layers, not by FLOPs). Expected, as in the Parcae
+paper: additive injection's state grows with the loop count (or the run diverges at lr 1e-2), Parcae's
+stays bounded with max|Abar| < 1.
 """
 from __future__ import annotations
 
@@ -21,6 +28,9 @@ GROWTH = 1.25
 def settings(ctx: Context) -> dict:
     if ctx.quick:
         return {"R": 8, "lrs": (3e-3, 1e-2), "d_model": 32, "n_heads": 2, "seq": 32, "steps": 8, "batch": 4}
+    if ctx.scale == "gpu":
+        return {"R": 32, "lrs": (3e-3, 1e-2), "d_model": 256, "n_heads": 4, "seq": 256, "steps": 1000, "batch": 32,
+                "precision": "bf16"}
     return {"R": 16, "lrs": (3e-3, 1e-2), "d_model": 64, "n_heads": 4, "seq": 64, "steps": 300, "batch": 8}
 
 
@@ -40,7 +50,7 @@ def run(ctx: Context) -> ClaimResult:
                 data={"data_path": data["data_path"], "split": data["split"], "seq_len": s["seq"],
                       "tokenizer_type": data["tokenizer_type"], "tokenizer_model": data["tokenizer_model"]},
                 train={"steps": s["steps"], "micro_batch_size": s["batch"], "lr": lr, "min_lr": lr / 10,
-                       "log_interval": max(1, s["steps"] // 20)})
+                       "log_interval": max(1, s["steps"] // 20), "precision": s.get("precision", "fp32")})
             vs.append(Variant(f"{inj}_lr{lr:g}", cfg))
     runs = train_variants(ctx, ctx.claim_dir(NAME), vs)
     rows = []
