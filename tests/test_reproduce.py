@@ -24,7 +24,8 @@ EXPECTED = {
                      "relative_step_last", "state_norm_last"}, 3 * 2 * 8),
     "parcae_injection": ({"variant", "injection", "lr", "state_norm_loop1", "state_norm_loopR", "state_growth",
                           "final_train_loss", "injection_spectral_norm"}, 4),
-    "lt2_mixers": ({"task", "variant", "loops", "params", "accuracy_position", "accuracy_sequence"}, 8),  # MQAR, S3
+    "lt2_mixers": ({"task", "variant", "loops", "params", "accuracy_position", "accuracy_sequence",
+                    "input_dependence"}, 8),  # MQAR, S3
     # parity (n=4) without and with the exit gate: loops 1..2n, 3n, 4n, 6n + exits (2 KL; 2 KL + 3 Q-exit);
     # demo LM: loops 1..4R (R=2) + 2 KL exits
     "test_time_compute": ({"model", "data", "mode", "threshold", "loops", "avg_loops", "nll", "nll_gain_vs_1",
@@ -81,6 +82,8 @@ def test_quick_mode_writes_summary_figure_and_verdict(claim, out_dir):
     columns, n_rows = EXPECTED[claim]
     assert columns <= set(rows[0]), sorted(set(rows[0]))
     assert len(rows) == n_rows
+    if claim == "lt2_mixers":  # reported, not judged: measured for every variant
+        assert all(0 < float(r["input_dependence"]) < float("inf") for r in rows), rows
     png = (d / "figure.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     verdicts = [line for line in out.stdout.splitlines() if line.startswith(f"{claim}: ")]

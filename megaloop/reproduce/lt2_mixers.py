@@ -93,6 +93,20 @@ def _matched_ffn(s, task, mixer, loops, target: int) -> int:
     return max(8, f0 + round((target - p0) / slope))
 
 
+def _input_dependence(model, task, loops: int, num: int = 32) -> float:
+    """megaloop.model.fixed_point.input_dependence of a trained variant on `num` held-out examples at `loops`:
+    how much its final state still depends on the input (near 0: the loop collapsed onto a fixed point that
+    ignores it, as flt_stability's LT at K = 12 does). Reported, not judged."""
+    import torch
+
+    from megaloop.model.fixed_point import input_dependence
+
+    if model is None:
+        return float("nan")
+    tokens = torch.stack([task.example(i)[0] for i in range(num)]).to(next(model.parameters()).device)
+    return float(input_dependence(model, tokens, loops))
+
+
 def run(ctx: Context) -> ClaimResult:
     from megaloop.tasks import build_task
 
@@ -107,7 +121,7 @@ def run(ctx: Context) -> ClaimResult:
             params_of[label, name] = param_count(cfg)
             vs.append(Variant(f"{label}_{name}", cfg))
     runs = train_variants(ctx, ctx.claim_dir(NAME), vs)
-    rows, acc, curve = [], {}, {}
+    rows, acc, curve, dep = [], {}, {}, {}
     curve_loops = sorted({1, max(1, R // 2), R, 3 * R // 2, 2 * R})
     for label, (task, tp, steps, first) in s["tasks"].items():
         t = build_task(task, seed=EVAL_SEED, **tp)
@@ -117,11 +131,12 @@ def run(ctx: Context) -> ClaimResult:
             loops = R if looped else 1
             seq, pos = task_accuracy(model, t, loops, num=s["eval_num"], min_position=first)
             acc[label, name] = pos
+            dep[label, name] = _input_dependence(model, t, loops)
             curve[label, name] = [task_accuracy(model, t, k, num=s["eval_num"], min_position=first)[1]
                                   for k in curve_loops]
             rows.append({"task": label, "variant": name, "mixer": mixer, "loops": loops, "steps": steps,
                          "params": params_of[label, name], "accuracy_position": pos, "accuracy_sequence": seq,
-                         "final_train_loss": r.final_loss(), "diverged": int(r.diverged),
+                         "input_dependence": dep[label, name], "final_train_loss": r.final_loss(), "diverged": int(r.diverged),
                          "train_wall_s": round(r.wall_s, 1)})
     tasks = list(s["tasks"])
     helps = {t: acc[t, "gdn_looped"] >= acc[t, "gdn_unlooped"] + HELPS for t in tasks}
@@ -136,7 +151,9 @@ def run(ctx: Context) -> ClaimResult:
     parts = [f"{t} ({s['tasks'][t][2]} steps): GDN looped {fmt(acc[t, 'gdn_looped'])} vs unlooped "
              f"{fmt(acc[t, 'gdn_unlooped'])} ({'looping helps' if helps[t] else 'looping does not help'}, margin "
              f"{HELPS}), hybrid {fmt(acc[t, 'hybrid_looped'])} vs attention {fmt(acc[t, 'attn_looped'])} "
-             f"({'matches' if matches[t] else 'does not match'}, tolerance {MATCH})" for t in tasks]
+             f"({'matches' if matches[t] else 'does not match'}, tolerance {MATCH}); not judged, input dependence "
+             f"of the final state (GDN looped / unlooped / attention / hybrid) "
+             + " / ".join(fmt(dep[t, n]) for n in MIXERS) for t in tasks]
     verdict = (f"{NAME}: {'HELD' if held else 'DID NOT HOLD'} at this scale (R={R}, d {s['d_model']}, per-position "
                f"accuracy on {s['eval_num']} held-out examples, ~{params_of[tasks[0], 'gdn_looped']:,} parameters "
                f"on {tasks[0]}): " + "; ".join(parts))
