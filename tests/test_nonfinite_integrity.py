@@ -189,3 +189,58 @@ def test_resume_skips_a_damaged_latest_for_the_previous_intact_tag(runs):
         json.dump(m, f)
     assert "no checksums" in verify_tag(tag) and verify_tag(tag) is None  # (said once)
     assert _finite(tag)
+
+
+def _verify_on_ranks(rank, world, paths):
+    """verified_by_rank0 of each path on this rank: (files this rank hashed, the verify its loader gets, the
+    error message or None)."""
+    from megaloop.checkpoint import integrity
+
+    out = []
+    real = integrity.file_digest
+    try:
+        for path in paths:
+            hashed = []
+            integrity.file_digest = lambda p: (hashed.append(p), real(p))[1]
+            try:
+                verify, error = integrity.verified_by_rank0(path, verify=True, rank=rank, world=world), None
+            except integrity.CheckpointError as e:
+                verify, error = None, str(e)
+            out.append((len(hashed), verify, error))
+    finally:
+        integrity.file_digest = real
+    return out
+
+
+def test_a_checkpoint_every_rank_reads_is_hashed_on_rank_0_only_and_its_verdict_reaches_every_rank(tmp_path):
+    """init.from and the distillation teacher are read whole by every rank: rank 0 alone re-hashes the tag
+    (before: every rank did, world x the bytes) and a damaged tag is refused on every rank with rank 0's
+    message; a path that is not a megaloop checkpoint has nothing to check; one rank verifies in its loader."""
+    from dist_utils import run_distributed
+
+    from megaloop.checkpoint.integrity import checksum_tag, verified_by_rank0
+    from megaloop.checkpoint.layout import COMPLETE
+
+    tag = tmp_path / "step_00000001"
+    tag.mkdir()
+    for i in range(3):
+        (tag / f"mp_rank_0{i}_model_states.pt").write_bytes(os.urandom(4096))
+    (tag / COMPLETE).write_text(json.dumps({"step": 1, "consumed_samples": 0, "finite": True,
+                                            "checksums": checksum_tag(tag, 0, 1)}))
+    damaged = tmp_path / "damaged" / "step_00000001"
+    shutil.copytree(tag, damaged)
+    shard = damaged / "mp_rank_01_model_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 1
+    shard.write_bytes(bytes(data))
+    plain = tmp_path / "model.pt"
+    plain.write_bytes(b"not a checkpoint folder")
+
+    r0, r1 = run_distributed(_verify_on_ranks, world_size=2, args=([str(tag), str(damaged), str(plain)],),
+                             timeout=120)
+    assert r0[0] == (3, False, None) and r1[0] == (0, False, None)  # intact: hashed once, loaders skip it
+    assert r1[1][0] == 0 and r0[1][2] == r1[1][2] and "mp_rank_01_model_states.pt" in r1[1][2]
+    assert "does not match its checksum" in r1[1][2]
+    assert r0[2] == r1[2] == (0, False, None)  # no checksums to check: the loader's own errors stand
+    assert verified_by_rank0(str(tag), verify=True, rank=0, world=1) is True  # one rank: its loader checks
+    assert verified_by_rank0(str(tag), verify=False, rank=0, world=2) is False  # (no collective: off)

@@ -156,11 +156,12 @@ class ConvertedStateDict(LazyStateDict):
         return value.to(dtype)
 
 
-def converted_init(path, mc: ModelConfig, spec: str) -> Tuple[Callable[[Dict[str, torch.Tensor]], Dict], str]:
+def converted_init(path, mc: ModelConfig, spec: str,
+                   verify: bool = True) -> Tuple[Callable[[Dict[str, torch.Tensor]], Dict], str]:
     """(fill, note) for a run converting `path`'s attention layers: the source is read and checked now (a
     CheckpointError / ConfigError naming the problem), and `fill(fresh_state_dict)` later returns the run's
     full state dict, `fresh_state_dict` being the run's freshly initialised model (own init of new parts)."""
-    sd, src_cfg, source = init_state_dict_source(path)
+    sd, src_cfg, source = init_state_dict_source(path, verify)
     sm = src_cfg.model
     check_converted_pattern(spec, mc)
     if sm.n_loop != mc.n_loop:

@@ -79,23 +79,25 @@ def check_state_dict(sd: Dict[str, torch.Tensor], mc: ModelConfig, where: str, s
     return out
 
 
-def init_state_dict(path, mc: ModelConfig) -> Tuple[Dict[str, torch.Tensor], str]:
-    """(state dict for LoopedLM(mc), a note naming what was read) from `path` (see the module doc)."""
-    sd, src_cfg, source = init_state_dict_source(path)
+def init_state_dict(path, mc: ModelConfig, verify: bool = True) -> Tuple[Dict[str, torch.Tensor], str]:
+    """(state dict for LoopedLM(mc), a note naming what was read) from `path` (see the module doc); verify: a
+    checkpoint's checksums are checked first (megaloop.checkpoint.integrity)."""
+    sd, src_cfg, source = init_state_dict_source(path, verify)
     sm = src_cfg.model
     sd = check_state_dict(sd, mc, f"init.from {source}", sm.vocab_size, sm.tie_embeddings)
     return sd, f"initialised the weights from {source} (weights only: fresh optimizer, step 0)"
 
 
-def init_state_dict_source(path):
-    """(the source's full state dict, its run config, the file or tag folder read), unchecked."""
+def init_state_dict_source(path, verify: bool = True):
+    """(the source's full state dict, its run config, the file or tag folder read), unchecked (verify: the
+    checksums of a checkpoint tag are, as in megaloop.checkpoint.load)."""
     source = Path(path)
     if not source.exists():
         raise _refuse(path, "does not exist (name a run folder, a checkpoint root, a step_N folder or an "
                             "imported model folder)")
     try:
         source = resolve(source) if is_deepspeed_checkpoint(source) else plain_file(source)
-        sd, src_cfg = load(source)
+        sd, src_cfg = load(source, verify=verify)
     except CheckpointError as e:
         raise _refuse(path, str(e)) from e
     return sd, src_cfg, source

@@ -7,8 +7,10 @@ all, in parallel), rank 0 gathers the digests and records them in the completene
     megaloop_complete.json  {"step": .., "consumed_samples": .., "finite": true,
                              "checksums": {"algorithm": "xxh3_64", "files": {"<name>": [size, "<hex>"]}}}
 
-Reading (resume, export, eval, consolidate, init.from): `verify_tag` re-hashes every recorded file and
-refuses a tag whose file is missing, has another size or another digest, in one line naming the file.
+Reading (resume, export, eval, consolidate, init.from, a distillation teacher): `verify_tag` re-hashes every
+recorded file and refuses a tag whose file is missing, has another size or another digest, in one line naming
+the file. In a training job rank 0 alone re-hashes and every rank gets its verdict (`resolve_intact_agreed`,
+`verified_by_rank0`): one read pass in all, not one per rank.
 A tag saved before megaloop recorded checksums still loads (one note: it is not verified).
 `resolve_intact` is layout.resolve plus verification: for a run folder or checkpoint root a damaged tag
 is skipped (with a note naming it and why) and the previous complete, intact tag is taken.
@@ -18,10 +20,10 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from megaloop.checkpoint.layout import (COMPLETE, LATEST, CheckpointError, complete_tags, is_tag_dir, marker,
-                                        resolve, root_of, tag_step)
+from megaloop.checkpoint.layout import (COMPLETE, LATEST, CheckpointError, complete_tags, is_deepspeed_checkpoint,
+                                        is_tag_dir, marker, resolve, root_of, tag_step)
 
 ALGORITHM = "xxh3_64"
 _WINDOW = 256 << 20  # (a multiple of mmap.ALLOCATIONGRANULARITY)
@@ -139,22 +141,52 @@ def resolve_intact(path, step: Optional[int] = None, *, required: bool = True,
     raise CheckpointError(f"no intact checkpoint in {root_of(path)}: " + "; ".join(notes))
 
 
-def resolve_intact_agreed(path, *, required: bool, verify: bool, rank: int, world: int):
-    """Collective: resolve_intact(path) on rank 0 only (one read of the checkpoint, not one per rank),
-    broadcast to every rank: (tag | None, notes), or the same CheckpointError on every rank."""
+def agreed_on_rank0(fn: Callable[[], Any], *, rank: int, world: int) -> Any:
+    """Collective: fn() on rank 0 only (one read of a checkpoint, not one per rank), its result broadcast to
+    every rank, or the same CheckpointError raised on every rank."""
     result = None
     if rank == 0:
         try:
-            tag, notes = resolve_intact(path, required=required, verify=verify)
-            result = (None, None if tag is None else str(tag), notes)
+            result = (None, fn())
         except CheckpointError as e:
-            result = (str(e), None, [])
+            result = (str(e), None)
     if world > 1:
         import torch.distributed as tdist
         box = [result]
         tdist.broadcast_object_list(box, src=0)
         result = box[0]
-    error, tag, notes = result
+    error, value = result
     if error is not None:
         raise CheckpointError(error)
+    return value
+
+
+def resolve_intact_agreed(path, *, required: bool, verify: bool, rank: int, world: int):
+    """Collective: resolve_intact(path) on rank 0 only, broadcast to every rank: (tag | None, notes), or the
+    same CheckpointError on every rank."""
+    def on_rank0():
+        tag, notes = resolve_intact(path, required=required, verify=verify)
+        return None if tag is None else str(tag), notes
+
+    tag, notes = agreed_on_rank0(on_rank0, rank=rank, world=world)
     return (None if tag is None else Path(tag)), notes
+
+
+def verified_by_rank0(path, *, verify: bool, rank: int, world: int) -> bool:
+    """Collective, before every rank reads the whole checkpoint `path` names (init.from, a distillation
+    teacher): with several ranks, rank 0 checks the checksums of its tag (one read pass in all, not one per
+    rank; the note for a tag without checksums printed there) and every rank gets the verdict, the same
+    CheckpointError everywhere for a damaged tag. Returns the `verify` each rank passes to its loader: False
+    once rank 0 has checked (a path that is not a megaloop checkpoint has no checksums: its loader's own
+    errors stay as they are); one rank verifies in its loader as before."""
+    if not verify or world <= 1:
+        return verify
+
+    def on_rank0():
+        if Path(path).exists() and is_deepspeed_checkpoint(path):
+            note = verify_tag(resolve(path))
+            if note:
+                print(note, file=sys.stderr, flush=True)
+
+    agreed_on_rank0(on_rank0, rank=rank, world=world)
+    return False

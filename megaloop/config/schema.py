@@ -319,8 +319,9 @@ class TrainConfig:
     harness_tasks: list = field(default_factory=list)  # lm-eval task names (or a local task's name)
     harness_include_path: Optional[str] = None  # a folder of your own lm-eval task YAMLs
     harness_limit: Optional[int] = None  # at most this many examples per task (None: all)
-    # check a checkpoint's files against the checksums recorded when it was saved before resuming from it
-    # (one read pass; a damaged tag is skipped for the previous intact one); false: huge trusted checkpoints
+    # check a checkpoint's files against the checksums recorded when it was saved before reading it (resume: a
+    # damaged tag is skipped for the previous intact one; init.from, the distillation teacher: refused); one
+    # read pass, on rank 0 only; false: huge trusted checkpoints
     verify_checkpoints: bool = True
     # a step with non-finite gradients is skipped (weights and AdamW state unchanged) and counted; this many
     # skipped in a row stop the run (exit code 3) naming the newest good checkpoint

@@ -91,12 +91,14 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tenso
 class Distiller:
     """The frozen teacher of a run and the distillation loss of each student micro-batch."""
 
-    def __init__(self, cfg: Config, module, device, console=print):
+    def __init__(self, cfg: Config, module, device, console=print, rank: int = 0, world: int = 1):
         from megaloop.checkpoint import CheckpointError, load_model
+        from megaloop.checkpoint.integrity import verified_by_rank0
         dc, t = cfg.train.distill, cfg.train
         self.cfg, self.dc = cfg, dc
-        try:
-            teacher, tcfg = load_model(dc.teacher)
+        try:  # (collective: every rank reads the teacher, rank 0 alone checks its checksums)
+            verify = verified_by_rank0(dc.teacher, verify=t.verify_checkpoints, rank=rank, world=world)
+            teacher, tcfg = load_model(dc.teacher, verify=verify)
         except (CheckpointError, FileNotFoundError, OSError) as exc:
             raise ConfigError(f"train.distill.teacher={dc.teacher!r}: {exc}") from exc
         if tcfg.model.vocab_size != cfg.model.vocab_size:

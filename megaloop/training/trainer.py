@@ -102,7 +102,7 @@ class Trainer:
         # Continue a run (train.load, or this output folder's own checkpoint) or start one, from
         # init.from's weights if set (weights only; never re-applied on a resume).
         self.resume_tag = self._resume_tag()
-        init_state, self.init_note = initial_weights(cfg) if self.resume_tag is None else (None, None)
+        init_state, self.init_note = initial_weights(cfg, self.rank, self.world) if self.resume_tag is None else (None, None)
         self.te = build_engine(cfg, st, console, acc.current_device_name(), init_state)
         del init_state
         self.engine, self.module = self.te.engine, self.te.module
@@ -114,7 +114,7 @@ class Trainer:
         self.distiller = None
         if t.distill.teacher:  # (re-loaded on every start: a resume recomputes the same losses)
             from megaloop.training.distill import Distiller
-            self.distiller = Distiller(cfg, self.module, acc.current_device_name(), console)
+            self.distiller = Distiller(cfg, self.module, acc.current_device_name(), console, self.rank, self.world)
         self.diagnostics = None  # train.diag_interval: megaloop/training/diagnostics.py (None: off, no cost)
         if t.diag_interval:
             from megaloop.training.diagnostics import TrainingDiagnostics
