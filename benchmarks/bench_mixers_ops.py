@@ -2,9 +2,13 @@
 
     .venv/bin/python benchmarks/bench_mixers_ops.py [--lengths 512 1024 2048 4096 8192]
 
-Mixers (B=1, H=4, D=32 by default, float32, on CPU or whatever device --device names):
+    .venv/bin/python benchmarks/bench_mixers_ops.py --device cuda --dtype bfloat16 --lengths 2048 8192 32768
+
+Mixers (B=1, H=4, D=32 by default, float32 unless --dtype, on CPU or whatever device --device names):
   softmax  F.scaled_dot_product_attention(is_causal=True)          O(T^2) time
-  gdn      megaloop.ops.gated_delta_rule_chunked (chunk 64)          O(T) time
+  gdn      megaloop.ops.gated_delta_rule (chunk 64), the dispatcher training uses (--gdn-kernel, default
+           auto): on CPU exactly gated_delta_rule_chunked; on a GPU flash-linear-attention when it passes
+           its probe, else the chunked form under torch.compile (the kernel taken is printed)   O(T) time
   swa      megaloop.ops.sliding_window_attention (window 256)        O(T w)
   dsa      lightning indexer top-k (no grad) + top-k sparse attention (topk 256)
            O(T^2) blockwise indexer (Hi=4, Di=16, cheap per pair; top-k over the keys above a
@@ -12,6 +16,10 @@ Mixers (B=1, H=4, D=32 by default, float32, on CPU or whatever device --device n
            + O(T k) attention with a recomputing backward (on CPU: sampled_addmm scores and
            embedding_bag weighted sums, key-side gradients over the key-sorted selection)
   dsa-attn the DSA attention alone, given the selected indices
+
+On an accelerator (--device cuda, ...) the device is synchronized (DeepSpeed's accelerator abstraction) before
+the clock starts and after each backward (kernels run asynchronously: without it the time is the launch
+time), and "peak MB" is the device allocator's peak over one pass above what was allocated before it.
 
 What is measured, per (mixer, T), in fresh subprocesses so allocations do not leak between runs:
   time      best (minimum) wall-clock of `reps` forward+backward passes after one warm-up pass,
@@ -67,14 +75,14 @@ def build(mixer: str, T: int, args):
     import torch.nn.functional as F
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from megaloop.ops.gated_delta import gated_delta_rule_chunked
+    from megaloop.ops.gated_delta import gated_delta_rule
     from megaloop.ops.lightning_indexer import lightning_indexer_topk
     from megaloop.ops.sliding_window import sliding_window_attention
     from megaloop.ops.sparse_attention import sparse_attention_from_indices
 
     torch.manual_seed(0)
     device, B, H, D = args.device, 1, args.heads, args.head_dim
-    dtype = torch.float32
+    dtype = getattr(torch, args.dtype)
 
     if mixer == "gdn":
         q = F.normalize(torch.randn(B, T, H, D, device=device, dtype=dtype), dim=-1)
@@ -85,7 +93,7 @@ def build(mixer: str, T: int, args):
         inputs = [q, k, v, g, beta]
 
         def forward(q, k, v, g, beta):
-            return gated_delta_rule_chunked(q, k, v, g, beta, chunk_size=args.chunk_size)[0]
+            return gated_delta_rule(q, k, v, g, beta, chunk_size=args.chunk_size, kernel=args.gdn_kernel)[0]
     else:
         Hkv = args.kv_heads or H
         inputs = [torch.randn(B, h, T, D, device=device, dtype=dtype) for h in (H, Hkv, Hkv)]
@@ -113,29 +121,60 @@ def build(mixer: str, T: int, args):
     return forward, [x.requires_grad_(True) for x in inputs]
 
 
+def accelerator_for(device: str):
+    """DeepSpeed's accelerator when `device` is not the CPU (None on CPU, where kernels run synchronously and
+    memory is measured as RSS); refuses a device that is not the accelerator's."""
+    import torch
+
+    if torch.device(device).type == "cpu":
+        return None
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() != torch.device(device).type:
+        raise SystemExit(f"--device {device}: DeepSpeed's accelerator is {acc.device_name()!r} "
+                         f"(DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR', 'unset')}); run where that device is")
+    return acc
+
+
 def run_worker(mixer: str, T: int, args) -> dict:
     import torch
+
+    acc = accelerator_for(args.device)
+    sync = acc.synchronize if acc is not None else (lambda: None)
 
     def forward_backward(forward, leaves):
         for x in leaves:
             x.grad = None
         out = forward(*leaves)
         out.backward(torch.ones_like(out))
+        sync()
 
     # One small run first: thread pools, kernel dispatch tables and allocator arenas are set up
     # there, so the peak-RSS growth below is the length-T run's own memory.
     forward_backward(*build(mixer, 256, args))
     forward, leaves = build(mixer, T, args)
 
+    kernel = {}
+    if mixer == "gdn":  # (after the runs above: the dispatcher has made and cached its choice)
+        from megaloop.ops.gated_delta import kernel_in_use
+
+        kernel = {"kernel": kernel_in_use(args.gdn_kernel, args.device, getattr(torch, args.dtype), args.head_dim,
+                                          args.head_dim)}
     if args.measure == "memory":
-        if _reset_peak_rss():  # peak of this pass alone, whatever ran before (e.g. building inputs)
+        if acc is not None:  # the device allocator's peak over one pass, above what was allocated before it
+            before = acc.memory_allocated()
+            acc.reset_peak_memory_stats()
+            forward_backward(forward, leaves)
+            peak_kib = (acc.max_memory_allocated() - before) / 1024
+        elif _reset_peak_rss():  # peak of this pass alone, whatever ran before (e.g. building inputs)
             rss_before = _rss_kib("VmRSS")
             forward_backward(forward, leaves)
-            rss_after = _rss_kib("VmHWM")
+            peak_kib = _rss_kib("VmHWM") - rss_before
         else:  # growth of the process's lifetime peak: a lower bound if set-up peaked higher
             rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
             forward_backward(forward, leaves)
-            rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
 
         # Saved-for-backward bytes, on a separate forward whose graph is then dropped.
         input_storages = {x.untyped_storage().data_ptr() for x in leaves}
@@ -150,19 +189,20 @@ def run_worker(mixer: str, T: int, args) -> dict:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = forward(*leaves)
         del out
-        return {"saved_mb": sum(saved.values()) / 2**20, "peak_mb": (rss_after - rss_before) / 1024}
+        return {"saved_mb": sum(saved.values()) / 2**20, "peak_mb": peak_kib / 1024, **kernel}
 
-    forward_backward(forward, leaves)  # warm-up
+    forward_backward(forward, leaves)  # warm-up (also torch.compile's, for a compiled GDN)
     times = []
     for _ in range(args.reps):
+        sync()
         start = time.perf_counter()
         forward_backward(forward, leaves)
         times.append(time.perf_counter() - start)
     # The minimum, not the median: on a shared machine interference only ever adds time.
-    return {"time_ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times)}
+    return {"time_ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times), **kernel}
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--mixers", nargs="+", default=MIXERS, choices=MIXERS)
@@ -177,9 +217,16 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--gdn-kernel", choices=["auto", "fla", "torch"], default="auto",
+                        help="megaloop.ops.gated_delta_rule's kernel (as model.gdn_kernel)")
     parser.add_argument("--worker", nargs=2, metavar=("MIXER", "T"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=["time", "memory"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
 
     if args.worker:
         if args.threads:
@@ -205,7 +252,7 @@ def main():
     results = {}
     import torch
 
-    print(f"B=1 H={args.heads} Hkv={args.kv_heads or args.heads} D={args.head_dim} float32 on {args.device}, torch {torch.__version__}, "
+    print(f"B=1 H={args.heads} Hkv={args.kv_heads or args.heads} D={args.head_dim} {args.dtype} on {args.device}, torch {torch.__version__}, "
           f"{args.threads or torch.get_num_threads()} threads; fwd+bwd, best of {args.reps}; "
           f"gdn chunk {args.chunk_size}, swa window {args.window}, dsa topk {args.topk} "
           f"(indexer {args.indexer_heads} heads x {args.indexer_dim})")
@@ -215,7 +262,8 @@ def main():
         for mixer in args.mixers:
             r = {**worker(mixer, T, "time", os.environ), **worker(mixer, T, "memory", memory_env)}
             results[mixer, T] = r
-            print(f"{mixer:>9} {T:>6} {r['time_ms']:>9.1f} {r['median_ms']:>9.1f} {r['saved_mb']:>9.1f} {r['peak_mb']:>8.1f}", flush=True)
+            print(f"{mixer:>9} {T:>6} {r['time_ms']:>9.1f} {r['median_ms']:>9.1f} {r['saved_mb']:>9.1f} {r['peak_mb']:>8.1f}"
+                  + (f"  (GDN kernel: {r['kernel']})" if "kernel" in r else ""), flush=True)
 
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     if "softmax" in args.mixers:

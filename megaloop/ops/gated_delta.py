@@ -449,6 +449,21 @@ def select_gdn_kernel(kernel: str, device, dtype: torch.dtype, head_k_dim: int, 
     return choice
 
 
+def _eager_torch_path(kernel: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """gated_delta_rule's shortcut: the torch chunked form, eagerly, without a lookup or probe (CPU by default)."""
+    return (kernel == "torch" or (kernel == "auto" and fla_device_supported(device, dtype) is not None)) \
+        and not _want_compile(device, None)
+
+
+def kernel_in_use(kernel: str, device, dtype: torch.dtype, head_k_dim: int, head_v_dim: int) -> str:
+    """The name of what `gated_delta_rule(..., kernel=kernel)` runs for tensors of this device / dtype / head
+    dims: "torch", "torch+compile" or "fla" (its first call for a combination probes, as the dispatcher's)."""
+    device = torch.device(device)
+    if _eager_torch_path(kernel, device, dtype):
+        return "torch"
+    return select_gdn_kernel(kernel, device, dtype, head_k_dim, head_v_dim).name
+
+
 _DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                 "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
                 "float32": torch.float32, "float": torch.float32, "fp64": torch.float64, "float64": torch.float64}
@@ -491,8 +506,7 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     is exactly `gated_delta_rule_chunked`. doc_ids (B, T): packed documents, each starting from a zero
     state (fla: its cu_seqlens mode, and no final state is returned).
     """
-    if (kernel == "torch" or (kernel == "auto" and fla_device_supported(q.device, q.dtype) is not None)) \
-            and not _want_compile(q.device, None):
+    if _eager_torch_path(kernel, q.device, q.dtype):
         return _torch_run(q, k, v, g, beta, initial_state, scale, chunk_size, doc_ids)  # CPU: no lookup, no probe
     choice = select_gdn_kernel(kernel, q.device, q.dtype, q.shape[-1], v.shape[-1])
     if doc_ids is None:
