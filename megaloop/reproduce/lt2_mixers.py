@@ -11,18 +11,23 @@ Tasks, sized so that the effect can show (../shared/reference_recipes.md):
 - MQAR (Zoology's associative recall) with capacity pressure: as many key-value pairs as a GDN head's key
   width (d_model / n_heads), so one pass of the d_k x d_v delta-rule state is short of capacity; 3,000 steps of
   batch 16 (Zoology trains ~12.5k steps of 512: megaloop's earlier 400 x 16 left three of four variants at the
-  ln(values) plateau). Run with seeds 1234, 1235 on 2026-12-07 (1 h 54 min, one core): DID NOT HOLD, every
-  looped variant left the plateau later than the unlooped GDN (looped GDN 0.03 vs 0.19 on MQAR). Probes of
-  the looped GDN block (seed 1234, 3,000 steps; final training loss, plateau ln 64 = 4.16): last-loop loss
-  4.07, per-loop mean loss 4.04, mean loss + additive injection 4.04, the flt_reference recipe 4.16, vs
-  unlooped 3.34 (megaloop recipe) and 3.89 (flt_reference). Looping a causal mixer in depth adds no recall
-  capacity (loop 2 at position t still sees only positions <= t through the same d_k x d_v state), so MQAR
-  may be the wrong test of this claim at any scale. On S3 the recipe decided it (seed 7, 1,500 steps,
-  per-position accuracy at positions >= 2 on 512 held-out examples, chance 0.17): looped GDN 0.19 (megaloop
-  recipe, last-loop loss), 0.27 (mean loss), 0.49 (mean loss + injection) vs unlooped 0.36; under
-  flt_reference looped 0.67 (0.72 with mean loss + injection) vs unlooped 0.35. So every
-  variant now trains under `model.recipe: flt_reference`, as the other claims do (the FLT repository's
-  nanochat block: without it a looped tiny model collapses, issue 23); the documented run predates this;
+  ln(values) plateau). What this budget (48k examples, 0.4% of Zoology's) shows, seed 1234, per-position
+  accuracy on 512 held-out examples (chance 1/64), input dependence of the final state (reported per variant):
+  under LT2's loop (the standard LT: the whole block looped, no input injection) the looped GDN and the
+  hybrid collapse within 100 steps onto an input-independent fixed point (input dependence 0.02, loop-map
+  spectral norm 0.13-0.30 at lr 1e-3 and 3e-4: flt_stability's LT at K = 12 fails the same way) and stay at
+  chance (0.015) while the unlooped GDN reaches 0.087 (input dependence 0.64); looped attention does not
+  collapse (0.94). Probes of the loop: additive injection escapes the collapse after ~700 steps (input
+  dependence 0.05 -> 0.66, loss 4.12 at 1,000 steps), the FLT loop (model.arch: flt) never enters it (0.44-0.82)
+  but looping still does not help there: looped GDN 0.123 vs the same block once 0.126 (loss 3.78 vs 3.80).
+  Earlier probes (megaloop recipe): last-loop loss 4.07, per-loop mean 4.04, mean + injection 4.04 vs unlooped
+  3.34. LT2's argument (loop t adds rank-1 updates to a new state: rank-T memory) needs the looped block to
+  learn recall at all, which this budget does not give it: MQAR stays in the claim as measured, and is the
+  --scale gpu task. On S3 the recipe decided it (seed 7, 1,500 steps, per-position accuracy at positions >= 2
+  on 512 held-out examples, chance 0.17): looped GDN 0.19 (megaloop recipe, last-loop loss), 0.27 (mean loss),
+  0.49 (mean loss + injection) vs unlooped 0.36; under flt_reference looped 0.67 (0.72 with mean loss +
+  injection) vs unlooped 0.35. So every variant trains under `model.recipe: flt_reference`, as the other
+  claims do (the FLT repository's nanochat block: without it a looped tiny model collapses, issue 23);
 - group word problems (state tracking): S3 on CPU (6 elements), S5 at --scale gpu (120 x 120 table, beyond
   20 minutes of 2 CPU cores); answers at positions >= 2 only (position 1 copies the input).
 --scale gpu: MQAR at Zoology's vocabulary (8,192) with 64 pairs at key width 64 (d 128, 2 heads), batch 256,
