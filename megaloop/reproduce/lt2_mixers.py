@@ -30,6 +30,13 @@ Tasks, sized so that the effect can show (../shared/reference_recipes.md):
   claims do (the FLT repository's nanochat block: without it a looped tiny model collapses, issue 23);
 - group word problems (state tracking): S3 on CPU (6 elements), S5 at --scale gpu (120 x 120 table, beyond
   20 minutes of 2 CPU cores); answers at positions >= 2 only (position 1 copies the input).
+Run with seeds 1234, 1235 on 2026-12-07 (all variants under flt_reference; 2 h 18 min of training, one core,
+the other busy): DID NOT HOLD for either seed. MQAR: looped GDN 0.015 / 0.032 vs unlooped 0.087 / 0.096, the
+looped GDN and hybrid collapsed on both seeds (input dependence 0.02-0.05 vs 0.64 / 0.98 unlooped). S3: seed
+1234 shows the effect (looped GDN 0.748 vs unlooped 0.355, input dependence 3.2; 0.92 at 6 test-time loops;
+hybrid 0.545 vs attention 0.48), seed 1235 does not (0.374 vs 0.42) and its looped GDN is near collapse there
+too (input dependence 0.096 vs 1.47 unlooped). So at this scale the standard LT loop that LT2 uses decides
+the claim, not the mixer: where it does not collapse looping helps GDN strongly, and it collapses often.
 --scale gpu: MQAR at Zoology's vocabulary (8,192) with 64 pairs at key width 64 (d 128, 2 heads), batch 256,
 and S5 at length 32; sized for ~15 minutes of one H100 per seed, not yet run on a GPU by this project.
 Expected (LT2): looped GDN above unlooped GDN on MQAR and S5, the hybrid within 0.05 of looped attention.
