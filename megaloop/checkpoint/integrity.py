@@ -143,13 +143,16 @@ def resolve_intact(path, step: Optional[int] = None, *, required: bool = True,
 
 def agreed_on_rank0(fn: Callable[[], Any], *, rank: int, world: int) -> Any:
     """Collective: fn() on rank 0 only (one read of a checkpoint, not one per rank), its result broadcast to
-    every rank, or the same CheckpointError raised on every rank."""
+    every rank, or the same CheckpointError raised on every rank (an OSError there too: a rank that raised
+    alone would leave the others waiting in the broadcast)."""
     result = None
     if rank == 0:
         try:
             result = (None, fn())
         except CheckpointError as e:
             result = (str(e), None)
+        except OSError as e:
+            result = (f"cannot read the checkpoint: {e}", None)
     if world > 1:
         import torch.distributed as tdist
         box = [result]
