@@ -37,6 +37,9 @@ looped GDN and hybrid collapsed on both seeds (input dependence 0.02-0.05 vs 0.6
 hybrid 0.545 vs attention 0.48), seed 1235 does not (0.374 vs 0.42) and its looped GDN is near collapse there
 too (input dependence 0.096 vs 1.47 unlooped). So at this scale the standard LT loop that LT2 uses decides
 the claim, not the mixer: where it does not collapse looping helps GDN strongly, and it collapses often.
+An exploratory S3-only run with every variant on the FLT loop (model.arch: flt, which never collapsed here;
+not LT2's architecture, so not the protocol) held for both seeds: looped GDN 0.769 / 0.541 vs unlooped 0.371 /
+0.398, hybrid 0.516 / 0.49 vs attention 0.299 / 0.377, input dependence 0.7-1.8 for every variant.
 --scale gpu: MQAR at Zoology's vocabulary (8,192) with 64 pairs at key width 64 (d 128, 2 heads), batch 256,
 and S5 at length 32; sized for ~15 minutes of one H100 per seed, not yet run on a GPU by this project.
 Expected (LT2): looped GDN above unlooped GDN on MQAR and S5, the hybrid within 0.05 of looped attention.
