@@ -95,10 +95,7 @@ echo "== summary ($OUT)"
 "$PY" -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not installed"
 "$PY" -c "import fla; print('fla', getattr(fla, '__version__', '?'))" 2>/dev/null || echo "fla: not installed"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+for name in "${!STATUS[@]}"; do echo "$name: ${STATUS[$name]}"; done | sort
 failed=0
-for name in "${!STATUS[@]}"; do
-  echo "$name: ${STATUS[$name]}"
-  case "${STATUS[$name]}" in ok*) ;; *) failed=1 ;; esac
-done | sort
 for name in "${!STATUS[@]}"; do case "${STATUS[$name]}" in ok*) ;; *) failed=1 ;; esac; done
 exit $failed
