@@ -259,3 +259,21 @@ def test_gpu_scale_is_its_own_larger_setting_and_every_config_validates(claim):
     assert not set(gpu_shapes) & set(cpu_shapes), (claim, gpu_shapes)
     tokens = lambda shapes: sum(steps * batch * seq for _, steps, batch, seq, _ in shapes)  # noqa: E731
     assert tokens(gpu_shapes) >= tokens(cpu_shapes)
+
+
+def test_test_time_compute_judges_each_exit_against_its_papers_baseline():
+    """The KL exit (Huginn) is judged against the training mean R, the Q-exit (Ouro) against the first fixed
+    count on the plateau; an exit of the other kind is reported but never makes the verdict; the comparison
+    with the fixed-loop curve at the exit's own average loops is interpolated between counts."""
+    from megaloop.reproduce.test_time_compute import _curve_verdict
+
+    curve = {1: 0.6, 2: 0.7, 3: 0.8, 4: 0.9, 5: 0.97, 6: 0.99, 12: 1.0, 24: 1.0}  # plateau (>= 0.96) from 5
+    exits = {"kl:1e-4": (5.5, 0.975), "kl:1e-3": (4.0, 0.92), "q_exit:0.1": (4.5, 0.98)}
+    huginn = _curve_verdict(curve, 12, exits, ("kl", "R"))
+    assert huginn["to_plateau"] == 5 and huginn["bound"] == 12
+    assert huginn["ok_exits"] == ["kl:1e-4"]  # kl:1e-3 is off the plateau; the Q-exit is not this model's exit
+    assert abs(huginn["vs_fixed"]["kl:1e-4"] - (0.975 - 0.98)) < 1e-9  # halfway between 0.97 and 0.99
+    ouro = _curve_verdict(curve, 12, exits, ("q_exit", "fixed"))
+    assert ouro["bound"] == 5 and ouro["ok_exits"] == ["q_exit:0.1"]
+    assert _curve_verdict(curve, 12, {"q_exit:0.2": (5.0, 0.99)}, ("q_exit", "fixed"))["ok_exits"] == []
+    assert _curve_verdict(curve, 12, {"kl:1e-5": (12.0, 1.0)}, ("kl", "R"))["ok_exits"] == []
