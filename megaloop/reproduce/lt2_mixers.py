@@ -90,8 +90,12 @@ def _config(s: dict, task: tuple, mixer: str, loops: int, ffn=None) -> dict:
     if "precision" in s:
         train["precision"] = s["precision"]
     return base_config(
-        model={"recipe": "flt_reference", "vocab_size": t.vocab_size, "d_model": s["d_model"],
-               "n_heads": s["n_heads"], "n_loop": 2,
+        # LT2's loop (chili-lab/LT2, a Meta Lingua fork): the pre-norm block F(h) = h' + FFN(h'),
+        # h' = h + Mixer(h), applied T times in succession, so the residual stream runs through every loop with
+        # no norm between loops (model.normalization: inner); the norm between loops (outer) is the FLT
+        # reference's baseline LT, not LT2's.
+        model={"recipe": "flt_reference", "normalization": "inner", "vocab_size": t.vocab_size,
+               "d_model": s["d_model"], "n_heads": s["n_heads"], "n_loop": 2,
                "loops": loops, "max_seq_len": t.seq_len, "mixer": mixer, "loop_residual_gate": True,
                "max_loops": 16, "ffn_hidden": ffn},
         loop={"mean": loops, "max": 16},
