@@ -277,3 +277,18 @@ def test_test_time_compute_judges_each_exit_against_its_papers_baseline():
     assert ouro["bound"] == 5 and ouro["ok_exits"] == ["q_exit:0.1"]
     assert _curve_verdict(curve, 12, {"q_exit:0.2": (5.0, 0.99)}, ("q_exit", "fixed"))["ok_exits"] == []
     assert _curve_verdict(curve, 12, {"kl:1e-5": (12.0, 1.0)}, ("kl", "R"))["ok_exits"] == []
+
+
+@pytest.mark.parametrize("scale", ["cpu", "gpu"])
+def test_lt2_mixers_trains_lt2s_loop(scale):
+    """Every lt2_mixers variant is LT2's loop: the whole block looped with the zero-init per-loop residual
+    gate, no input injection and no norm between loops (the reference's pre-norm block applied T times in
+    succession); the outer norm is the FLT reference's baseline LT, not LT2's."""
+    from megaloop.reproduce.runner import resolved_config
+
+    variants = _planned_variants("lt2_mixers", scale)
+    assert len(variants) == 8
+    for v in variants:
+        m = resolved_config(v.config).model
+        assert (m.arch, m.injection, m.normalization, m.loop_residual_gate) == ("recurrent", "none", "inner", True), \
+            v.name
