@@ -26,6 +26,16 @@ vs attention 0.532 / 0.411. MQAR: no variant learns it at this budget (per-posit
 chance 0.016), and there looping does not help GDN (0.061 / 0.071 vs 0.087 / 0.096) while the hybrid matches
 attention. No variant collapsed (input dependence 2.0-8.5). The unlooped runs match the earlier ones to every
 digit (at one loop the two norm placements coincide).
+Is there a CPU-sized MQAR on which looping helps GDN? Probed after that run with benchmarks/bench_mqar_learning.py
+(seed 7, not a reported seed; batch 32, the claim's block and parameter matching; accuracy per position, chance
+1/values): 8 pairs of 32 keys / 32 values at key width 8 (d 64, 8 heads), lr 1e-3, 1,500 steps: unlooped GDN
+0.221, looped attention 0.128; the same at lr 3e-3: unlooped GDN 0.201 at 1,000 steps, looped GDN 0.060 at 600;
+4 pairs of 16 / 16 at key width 4 (d 32, 8 heads), lr 3e-3, 3,000 steps: unlooped GDN 0.322 / 0.717 / 0.857 at
+steps 500 / 1,500 / 3,000, looped GDN 0.207 / 0.523 / 0.560 (looped attention 0.354 at 1,500 steps of a
+1,500-step run). At every size tried the looped GDN learned more slowly than the same block run once, and none
+left the unlooped GDN short of capacity (it kept climbing): at this budget MQAR measures learning speed, where
+looping costs, not recall capacity, where LT2 finds it helps. So the protocol was not changed; MQAR's effect is
+left to --scale gpu (Zoology's sizes).
 History: until 2026-12-07 this claim put a norm between loops (`normalization: outer`, the FLT reference's
 baseline LT, not LT2's loop). Under it the looped GDN and hybrid collapsed onto an input-independent fixed
 point in 5 of 8 runs (input dependence 0.01-0.10; within 100 steps on MQAR at lr 1e-3 and 3e-4), as
