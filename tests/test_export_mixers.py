@@ -17,9 +17,12 @@ VARIANTS = {
     "lt2_gdn_dsa": ("lt2_gdn_dsa", None),
     "swa": ("swa", None),
     # FLT: queries (GDN: the q conv stream, DSA: indexer queries too) from the previous loop's h
-    "flt_gdn_dsa": ("lt2_gdn_dsa", ["model.arch=flt", "model.injection=none"]),
+    "flt_gdn_dsa": ("lt2_gdn_dsa", ["model.arch=flt", "model.normalization=outer"]),
     # GDN prefill over several chunks; lt_ia: injected queries at layer 0 only; swa beside gdn
-    "lt_ia_gdn_swa_chunked": ("lt2_gdn", ["model.arch=lt_ia", "model.mixer=gdn,swa", "model.gdn_chunk_size=16"]),
+    "lt_ia_gdn_swa_chunked": ("lt2_gdn", ["model.arch=lt_ia", "model.normalization=outer", "model.mixer=gdn,swa",
+                                          "model.gdn_chunk_size=16"]),
+    # input injection and a norm between loops (how lt2_gdn_dsa.yaml shipped until LT2's own loop)
+    "gdn_dsa_inject_outer": ("lt2_gdn_dsa", ["model.injection=add", "model.normalization=outer"]),
 }
 NAMES = list(VARIANTS)
 T_FULL, T_PREFILL = 40, 30
@@ -166,7 +169,7 @@ def test_exits_with_the_new_mixers(exported):
 
 
 def test_bfloat16_export_verifies_and_decodes(tmp_path):
-    cfg = tiny_config("lt2_gdn_dsa", ["model.arch=flt", "model.injection=none"])
+    cfg = tiny_config("lt2_gdn_dsa", ["model.arch=flt", "model.normalization=outer"])
     model = perturbed_model(cfg)
     out = export_hf(model.state_dict(), cfg, cfg.data, tmp_path / "bf16", dtype="bfloat16")  # verify=True
     hf = load_exported(out).to(torch.bfloat16)

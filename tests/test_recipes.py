@@ -67,11 +67,15 @@ def test_saved_config_reads_back_the_same_after_the_table_changes(tmp_path, monk
 def test_the_baseline_lt_looped_in_training_is_warned_about():
     assert "model.injection: add" in recipes.collapse_warning(load_config(TINY))
     assert recipes.collapse_warning(load_config(TINY, ["loop.mean=1", "model.loops=1"])) is None
-    # lt2_gates collapsed as well on the last loop's loss; it ships with the per-loop loss, which kept it near R = 1
-    assert recipes.collapse_warning(load_config("yaml_configs/tiny/lt2_gates.yaml", ["loop.loss=last"]))
+    # lt2_gates collapsed as well on the last loop's loss with a norm between loops; it ships in LT2's own loop
+    # (no norm between loops, normalization inner), which kept it near R = 1 on the last loop's loss
+    assert recipes.collapse_warning(load_config("yaml_configs/tiny/lt2_gates.yaml", ["model.normalization=outer"]))
     assert recipes.collapse_warning(load_config("yaml_configs/tiny/lt2_gates.yaml")) is None
+    assert load_config("yaml_configs/tiny/lt2_gates.yaml").loop.loss == "last"
     assert recipes.collapse_warning(load_config(TINY, ["loop.loss=mean"])) is None
-    for other in ("flt", "inject_add", "ouro", "plain"):
+    assert recipes.collapse_warning(load_config(TINY, ["model.normalization=inner"])) is None
+    assert recipes.collapse_warning(load_config("yaml_configs/tiny/ouro.yaml", ["loop.loss=last"]))
+    for other in ("flt", "inject_add", "ouro", "plain", "lt2_gdn", "lt2_gdn_dsa", "lt2_hybrid"):
         assert recipes.collapse_warning(load_config(f"yaml_configs/tiny/{other}.yaml")) is None, other
 
 
