@@ -159,8 +159,8 @@ def run(ctx: Context) -> ClaimResult:
                                   for k in curve_loops]
             rows.append({"task": label, "variant": name, "mixer": mixer, "loops": loops, "steps": steps,
                          "params": params_of[label, name], "accuracy_position": pos, "accuracy_sequence": seq,
-                         "input_dependence": dep[label, name], "final_train_loss": r.final_loss(), "diverged": int(r.diverged),
-                         "train_wall_s": round(r.wall_s, 1)})
+                         "input_dependence": dep[label, name], "final_train_loss": r.final_loss(),
+                         "diverged": int(r.diverged), "train_wall_s": round(r.wall_s, 1)})
     tasks = list(s["tasks"])
     helps = {t: acc[t, "gdn_looped"] >= acc[t, "gdn_unlooped"] + HELPS for t in tasks}
     matches = {t: acc[t, "hybrid_looped"] >= acc[t, "attn_looped"] - MATCH for t in tasks}
