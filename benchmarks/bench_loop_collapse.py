@@ -111,6 +111,9 @@ def main(argv=None) -> int:
             cfg = load_config(os.path.join(ROOT, "yaml_configs/tiny", name + ".yaml"),
                               [f"model.recipe={recipe}", *args.set])
             R = cfg.model.loops
+            if R <= 1:
+                print(f"{name:18s} {recipe:15s} {R:3d}  (trains at R = 1: nothing to compare)", flush=True)
+                continue
             t0 = time.time()
             pairs = [tuple(train(cfg, loops, data, args.steps, args.lr, seed=seed) for loops in (R, 1))
                      for seed in seeds]
