@@ -34,10 +34,10 @@ Is there a CPU-sized MQAR on which looping helps GDN? Probed after that run with
 steps 500 / 1,500 / 3,000, looped GDN 0.207 / 0.523 / 0.560 (looped attention 0.354 at 1,500 steps of a
 1,500-step run). At every size tried the looped GDN learned more slowly than the same block run once, and none
 left the unlooped GDN short of capacity (it kept climbing): at this budget MQAR measures learning speed, where
-looping costs, not recall capacity, where LT2 finds it helps. Zoology takes each model's best lr; at the 4-pair
-size (1,500 steps) that widens the gap: unlooped GDN 0.323 / 0.717 / 0.872 at lr 1e-3 / 3e-3 / 1e-2, looped GDN
-0.252 / 0.364 (at 1,000) / 0.280. So the protocol was not changed; MQAR's effect is left to --scale gpu
-(Zoology's sizes).
+looping costs, not recall capacity, where this claim expects it to help. Zoology takes each model's best lr;
+at the 4-pair size (1,500 steps) that widens the gap: unlooped GDN 0.323 / 0.717 / 0.872 at lr 1e-3 / 3e-3 /
+1e-2, looped GDN 0.252 / 0.364 (at 1,000) / 0.280. So the protocol was not changed; MQAR's effect is left to
+--scale gpu (Zoology's sizes).
 History: until 2026-12-07 this claim put a norm between loops (`normalization: outer`, the FLT reference's
 baseline LT, not LT2's loop). Under it the looped GDN and hybrid collapsed onto an input-independent fixed
 point in 5 of 8 runs (input dependence 0.01-0.10; within 100 steps on MQAR at lr 1e-3 and 3e-4), as
