@@ -151,6 +151,8 @@ BAD_VALUES = {
     "train.beta1": ("1.5", "[0, 1)"),
     "train.beta2": ("1.0", "[0, 1)"),
     "train.eps": ("0", "> 0"),
+    "train.muon_lr": ("0", "> 0"),
+    "train.muon_momentum": ("1", "[0, 1)"),
     "train.grad_clip": ("-1", ">= 0"),
     "train.log_interval": ("0", "> 0"),
     "train.eval_interval": ("-1", ">= 0"),

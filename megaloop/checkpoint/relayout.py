@@ -47,6 +47,8 @@ def supported_change(saved_cfg, cfg, then_zero: int, now_zero: int) -> Optional[
     now_zero) on another layout, else why not (one clause)."""
     for zero, c, when in ((then_zero, saved_cfg, "the checkpoint"), (now_zero, cfg, "this run")):
         t = c.train
+        if getattr(t, "optimizer", "adamw") == "muon":
+            return f"train.optimizer=muon ({when}): its momentum buffers are not carried across layouts"
         if zero == 3:
             return f"ZeRO 3 ({when}) keeps its parameters partitioned in a form this loader does not rebuild"
         if zero == 0 and not _plain_optimizer(zero, t.precision, t.bf16_impl):

@@ -292,6 +292,12 @@ class TrainConfig:
     bf16_impl: str = "autocast"
     # AdamW kernel: auto (fused on CUDA / XPU, foreach elsewhere) | fused | foreach | for_loop
     optimizer_impl: str = "auto"
+    # adamw | muon: Muon (torch.optim.Muon: orthogonalised Nesterov momentum, lr scaled by sqrt(max(1, rows/cols)))
+    # for the layers' 2-D weight matrices, AdamW at train.lr for embeddings, head and 1-D parameters; the same
+    # schedule and train.weight_decay for both (megaloop/training/optim.py). ZeRO 0, fp32 weights, TP 1.
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02  # Muon's peak learning rate (the schedule scales it as it scales train.lr)
+    muon_momentum: float = 0.95
     activation_checkpointing: str = "none"  # none | loop | layer
     # torch.compile each transformer layer (not the loop: no recompile per R); see megaloop/model/compile.py
     compile: bool = False

@@ -51,6 +51,7 @@ NUMERIC_RANGES = {
     "train.min_lr": _GE0, "train.warmup_steps": _GE0, "train.wsd_decay_fraction": (0, 1, False, True),
     "train.weight_decay": _GE0, "train.beta1": _UNIT_HALF_OPEN, "train.beta2": _UNIT_HALF_OPEN,
     "train.eps": _GT0, "train.grad_clip": _GE0,  # 0 = no clipping
+    "train.muon_lr": _GT0, "train.muon_momentum": _UNIT_HALF_OPEN,
     "train.log_interval": _GT0, "train.eval_interval": _GE0, "train.eval_iters": _GE0,
     "train.save_interval": _GE0, "train.keep_checkpoints": _GE0, "train.max_consecutive_skips": _GT0,
     "train.loss_scale": _GE0, "train.initial_scale_power": (0, 64, True, True), "train.peak_flops": _GT0,
@@ -65,6 +66,25 @@ NUMERIC_RANGES = {
     "parallel.tensor_parallel": _GT0, "parallel.pipeline_parallel": _GT0, "parallel.zero_stage": (0, 3, True, True),
 }
 
+
+
+def _check_optimizer(t, p) -> None:
+    _choice(t.optimizer, ("adamw", "muon"), "train.optimizer")
+    if t.optimizer != "muon":
+        return
+    if p.tensor_parallel > 1:
+        raise ConfigError(f"train.optimizer=muon with parallel.tensor_parallel={p.tensor_parallel}: Muon "
+                          f"orthogonalises each whole weight matrix, and a TP rank holds a shard (orthogonalising "
+                          f"shards is another optimizer, not TP=1's); use tensor_parallel 1 (pipeline and data "
+                          f"parallelism work)")
+    if p.zero_stage != 0:
+        raise ConfigError(f"train.optimizer=muon with parallel.zero_stage={p.zero_stage}: ZeRO hands the optimizer "
+                          f"flat partitions, not matrices; use zero_stage 0")
+    if not (t.precision == "fp32" or (t.precision == "bf16" and t.bf16_impl == "autocast")):
+        raise ConfigError(f"train.optimizer=muon with train.precision={t.precision!r}"
+                          + (f" (bf16_impl {t.bf16_impl!r})" if t.precision == "bf16" else "")
+                          + ": DeepSpeed wraps the optimizer there in its own mixed-precision optimizer; use fp32 or "
+                          "bf16 with bf16_impl autocast")
 
 def _range_text(low, high, low_in, high_in) -> str:
     if low is not None and high is not None:
@@ -225,6 +245,7 @@ def validate(cfg: Config) -> None:
     _choice(t.precision, ("fp32", "bf16", "fp16"), "train.precision")
     _choice(t.bf16_impl, ("autocast", "master_weights"), "train.bf16_impl")
     _choice(t.optimizer_impl, ("auto", "fused", "foreach", "for_loop"), "train.optimizer_impl")
+    _check_optimizer(t, p)
     _choice(t.activation_checkpointing, ("none", "loop", "layer"), "train.activation_checkpointing")
     _choice(t.compile_mode, ("default", "max-autotune-no-cudagraphs"), "train.compile_mode")
     if t.compile and p.zero_stage == 3:

@@ -7,7 +7,7 @@ pipeline_step  one optimizer step through DeepSpeed's pipeline engine
 progress     tokens, FLOPs, tokens seen and ETA between logging steps
 engine       the model built, parallelised (TP, compile, pipeline) and wrapped by deepspeed.initialize
 ds_config    the DeepSpeed config built from megaloop's config; layouts DeepSpeed cannot run are refused
-optim        AdamW groups and kernels, learning-rate schedules
+optim        AdamW (or Muon + AdamW) groups and kernels, learning-rate schedules
 data         training / validation batches with their loop counts, the tokenizer of a run
 evaluation   validation / test sets at each train.eval_loops R and train.eval_exits exit, records per (set, R)
 harness      train.harness_interval: lm-evaluation-harness on the current weights

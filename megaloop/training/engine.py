@@ -252,7 +252,8 @@ def build_engine(cfg: Config, state, console, device: str, init_state: Optional[
     if collapse:
         console(f"warning: {collapse}")
     recipe = {"bf16": f"bf16 ({t.bf16_impl})"}.get(t.precision, t.precision)
-    console(f"precision {recipe}, AdamW {optimizer_kernel(t.optimizer_impl, device_type)}"
+    console(f"precision {recipe}, {'Muon + ' if t.optimizer == 'muon' else ''}AdamW "
+            f"{optimizer_kernel(t.optimizer_impl, device_type)}"
             f"{', torch.compile per layer' if t.compile else ''}")
     # Kernel choices, made (and probed) now on every rank, so a fallback warns before step 1.
     from megaloop.ops.fused import describe_norm_choice

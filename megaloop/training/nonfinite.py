@@ -18,7 +18,8 @@ Who skips (DeepSpeed 0.19 already does where it owns the optimizer step; megaloo
   * foreach / for_loop AdamW (the CPU default): one device->host read of the flag per step (free on CPU;
     benchmarks/bench_nonfinite_skip.py measures it on a GPU); a skipped step drops the gradients before
     AdamW runs (it then touches no parameter) and sets `optimizer.overflow`, so DeepSpeed counts it and
-    holds the LR schedule as on its own paths.
+    holds the LR schedule as on its own paths. `train.optimizer: muon` (optim.MuonAdamW, AdamW inside it fused
+    or not) takes this path too: neither torch's Muon nor AdamW touches a parameter without a gradient.
 The skip flag of each step is read with the losses on the trainer's settle steps (one transfer).
 """
 from __future__ import annotations

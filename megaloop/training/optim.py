@@ -1,9 +1,18 @@
-"""AdamW with weight-decay groups, and the learning-rate schedules (warmup + cosine, warmup-stable-decay).
+"""AdamW (or Muon + AdamW) with weight-decay groups, and the learning-rate schedules (warmup + cosine,
+warmup-stable-decay).
 
 No weight decay for: 1-D parameters (norm scales, biases, per-channel vectors), anything named *bias,
 and every parameter the model marks with `p.no_weight_decay = True` (Parcae's A_log, dt_bias, B, W_C;
 LT2's rho). torch.optim.AdamW (fused on GPUs, see `optimizer_kernel`) runs everywhere and is handed to
-deepspeed.initialize as an optimizer object (ZeRO accepts it with `zero_allow_untested_optimizer`)."""
+deepspeed.initialize as an optimizer object (ZeRO accepts it with `zero_allow_untested_optimizer`).
+
+train.optimizer=muon (the optimizer of the FLT reference's nanochat and of modded-nanogpt): the 2-D weight
+matrices of the transformer layers (`muon_parameter`) take Muon, i.e. Nesterov momentum orthogonalised by
+Newton-Schulz iterations, scaled by sqrt(max(1, rows / cols)) (DeepSpeed's `MuonWithAuxAdam`, whose momentum
+ignores a non-finite gradient), at train.muon_lr with train.muon_momentum; embeddings, the output head and
+every 1-D parameter stay on AdamW at train.lr. Both follow the same schedule (each group's own peak times
+lr_at / train.lr). Validation keeps it to the layouts where megaloop owns the step (ZeRO 0, fp32 weights)
+and every matrix is whole on its rank (TP 1): orthogonalising TP shards separately is another optimizer."""
 from __future__ import annotations
 
 import math
@@ -15,20 +24,32 @@ from megaloop.config import TrainConfig
 from megaloop.model.weight_decay import is_no_decay  # noqa: F401  (the rule; also imported from here by tests)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, held=(), hold_steps: int = 0) -> list:
+def muon_parameter(name: str, p: torch.nn.Parameter) -> bool:
+    """Whether train.optimizer=muon gives this parameter Muon: a 2-D weight matrix of a layer. Embeddings
+    (token, value embeddings), the output head and everything 1-D or marked no-decay stay on AdamW, as in
+    the Muon references (their updates are not matrix-shaped maps between hidden states)."""
+    leaf = name.split(".")[-2] if "." in name else name
+    return (p.dim() == 2 and not is_no_decay(name, p) and "embed" not in name and leaf != "head"
+            and not name.startswith("head."))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, held=(), hold_steps: int = 0,
+                 muon: bool = False) -> list:
     """AdamW groups: decay / no decay; with `held` (parameter names) and hold_steps > 0, those parameters go
-    into groups of their own whose learning rate is 0 for the first hold_steps steps (train.trainable)."""
+    into groups of their own whose learning rate is 0 for the first hold_steps steps (train.trainable).
+    With `muon`, the Muon matrices (`muon_parameter`) form groups of their own first, named "muon"."""
     buckets, seen = {}, set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        key = ("no_decay" if is_no_decay(name, p) else "decay", hold_steps if name in held else 0)
+        kind = ("muon" if muon and muon_parameter(name, p) else "no_decay" if is_no_decay(name, p) else "decay")
+        key = (kind, hold_steps if name in held else 0)
         buckets.setdefault(key, []).append(p)
     groups = []
-    for kind in ("decay", "no_decay"):
+    for kind in ("muon", "decay", "no_decay"):
         for hold in sorted({h for k, h in buckets if k == kind}):
-            group = {"params": buckets[(kind, hold)], "weight_decay": weight_decay if kind == "decay" else 0.0,
+            group = {"params": buckets[(kind, hold)], "weight_decay": weight_decay if kind != "no_decay" else 0.0,
                      "name": kind}
             if hold:
                 group["hold_steps"] = hold
@@ -47,12 +68,65 @@ def optimizer_kernel(impl: str, device_type: str) -> str:
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig, device_type: str = "cpu", held=(),
                     hold_steps: int = 0) -> torch.optim.Optimizer:
-    groups = param_groups(model, t.weight_decay, held, hold_steps)
+    muon = t.optimizer == "muon"
+    groups = param_groups(model, t.weight_decay, held, hold_steps, muon=muon)
     for g in groups:
-        g["decay"] = g.pop("name") == "decay"  # (kept in the state: apply_schedule finds the decay group)
+        kind = g.pop("name")
+        g["decay"] = kind != "no_decay"  # (kept in the state: apply_schedule finds the decay groups)
+        if muon:
+            g["use_muon"] = kind == "muon"
     kernel = optimizer_kernel(t.optimizer_impl, device_type)
     flags = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[kernel]
+    if muon:
+        return MuonAdamW(groups, t, flags)
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, **flags)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """One optimizer object (what DeepSpeed and the checkpoints see) over torch.optim.Muon for the groups
+    marked `use_muon` and torch.optim.AdamW for the others. The two inner optimizers share this one's
+    group dicts and state, so the LR scheduler, `apply_schedule`, the pre-step hooks (megaloop's clip and
+    non-finite skip: a parameter without a gradient is left untouched by both) and state_dict act on all."""
+
+    def __init__(self, groups: list, t: TrainConfig, adamw_flags: dict):
+        for g in groups:
+            g.setdefault("lr", t.muon_lr if g["use_muon"] else t.lr)
+            if g["use_muon"]:
+                g.setdefault("momentum", t.muon_momentum)
+        super().__init__(groups, {})
+        self._muon_kwargs = {"lr": t.muon_lr, "momentum": t.muon_momentum, "nesterov": True,
+                             "adjust_lr_fn": "original", "weight_decay": t.weight_decay}
+        self._adamw_kwargs = {"lr": t.lr, "betas": (t.beta1, t.beta2), "eps": t.eps, **adamw_flags}
+        self._link()
+
+    def _link(self) -> None:
+        """(Re)build the inner optimizers on this one's current group dicts and state."""
+        muon = [g for g in self.param_groups if g["use_muon"]]
+        adamw = [g for g in self.param_groups if not g["use_muon"]]
+        self.muon = torch.optim.Muon([dict(g) for g in muon], **self._muon_kwargs) if muon else None
+        self.adamw = torch.optim.AdamW([dict(g) for g in adamw], **self._adamw_kwargs) if adamw else None
+        for inner, mine in ((self.muon, muon), (self.adamw, adamw)):
+            if inner is not None:
+                for theirs, g in zip(inner.param_groups, mine):  # their defaults (nesterov, amsgrad, ...)
+                    for k, v in theirs.items():
+                        g.setdefault(k, v)
+                inner.param_groups = mine  # the same dicts: lr / betas / weight decay set here reach them
+                inner.state = self.state
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)  # (new group dicts and state: link the inner optimizers again)
+        self._link()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for inner in (self.muon, self.adamw):
+            if inner is not None:
+                inner.step()
+        return loss
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -105,12 +179,20 @@ def apply_schedule(engine, t: TrainConfig) -> None:
         for lam in sched.lr_lambdas:
             if isinstance(lam, _Multiplier):
                 lam.params = _Multiplier(t, lam.params.get("hold_steps", 0)).params
-        sched.base_lrs = [t.lr for _ in sched.base_lrs]
+        sched.base_lrs = [peak_lr(g, t) for g in opt.param_groups]
         for group, lr in zip(opt.param_groups, sched.get_lr()):
             group["lr"] = lr
         sched._last_lr = [g["lr"] for g in opt.param_groups]
     for group in opt.param_groups:
-        group["betas"] = (t.beta1, t.beta2)
-        group["eps"] = t.eps
-        if group.get("decay", group.get("weight_decay", 0.0) != 0.0):  # the decay group; the other stays 0
+        if group.get("use_muon"):
+            group["momentum"] = t.muon_momentum
+        else:
+            group["betas"] = (t.beta1, t.beta2)
+            group["eps"] = t.eps
+        if group.get("decay", group.get("weight_decay", 0.0) != 0.0):  # the decay groups; the other stays 0
             group["weight_decay"] = t.weight_decay
+
+
+def peak_lr(group: dict, t: TrainConfig) -> float:
+    """The learning rate the schedule scales for this group: train.muon_lr for Muon's, train.lr otherwise."""
+    return t.muon_lr if group.get("use_muon") else t.lr

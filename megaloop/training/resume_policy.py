@@ -37,7 +37,8 @@ APPLIED_PREFIXES = ("loop.", "init.",  # init.*: applied when a run starts, neve
                     "data.valid_data_path", "data.test_data_path")  # validation / test sets (a mapping: keys)
 APPLIED = {
     "train.steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.lr_schedule", "train.wsd_decay_fraction",
-    "train.weight_decay", "train.beta1", "train.beta2", "train.eps", "train.grad_clip",
+    "train.weight_decay", "train.beta1", "train.beta2", "train.eps", "train.grad_clip", "train.muon_lr",
+    "train.muon_momentum",
     "train.log_interval", "train.eval_interval", "train.eval_iters", "train.eval_loops", "train.save_interval",
     "train.keep_checkpoints", "train.async_save", "train.verify_checkpoints", "train.max_consecutive_skips",
     "train.output_dir", "train.load", "train.auto_resume", "train.tensorboard",
