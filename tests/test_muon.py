@@ -192,3 +192,19 @@ def test_a_resumed_run_continues_the_uninterrupted_one(trained):
     assert "resum" in text.lower()
     a, b = train_losses(whole), train_losses(part)
     assert all(abs(a[s] - b[s]) < 1e-5 for s in (4, 5, 6)), (a, b)
+
+
+def test_flt_stability_trains_with_the_reference_optimizer_and_schedule(tmp_path):
+    """The claim's protocol (megaloop/reproduce/flt_stability.py): the FLT reference's Muon, no warm-up and a
+    20% warm-down to 0, at every scale; spikes count after the shared early transient."""
+    from megaloop.reproduce import flt_stability
+    from megaloop.reproduce.runner import Context
+    from megaloop.training.optim import lr_at
+    for ctx in (Context(str(tmp_path)), Context(str(tmp_path), quick=True), Context(str(tmp_path), scale="gpu")):
+        t = flt_stability.settings(ctx)["train"]
+        assert t["optimizer"] == "muon" and t["warmup_steps"] == 0 and t["weight_decay"] == 0.0
+        cfg = _cfg(**{k: v for k, v in t.items() if k in flt_stability.REFERENCE_OPTIMIZER}, steps=t["steps"],
+                   lr=3e-3)
+        assert lr_at(0, cfg.train) == 3e-3 and lr_at(int(0.8 * t["steps"]) - 1, cfg.train) == 3e-3
+        assert lr_at(t["steps"] - 1, cfg.train) == 0.0
+    assert flt_stability.spike_window_start(flt_stability.settings(Context(str(tmp_path)))["train"]) == 20
