@@ -178,6 +178,8 @@ def trained(tmp_path_factory):
 def test_two_pipeline_stages_give_the_one_stage_losses(trained):
     one, text = trained("pp1")
     assert "Muon + AdamW" in text
+    from test_train_support import metrics
+    assert max(r["lr"] for r in metrics(one) if "loss" in r) == pytest.approx(3e-3)  # train.lr's scale, not Muon's
     two, _ = trained("pp2", world=2, parallel={"pipeline_parallel": 2})
     a, b = train_losses(one), train_losses(two)
     assert sorted(a) == sorted(b) == list(range(1, 7))

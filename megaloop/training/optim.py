@@ -193,6 +193,16 @@ def apply_schedule(engine, t: TrainConfig) -> None:
             group["weight_decay"] = t.weight_decay
 
 
+def logged_lr(lrs: list, optimizer, t: TrainConfig) -> float:
+    """The learning rate the logs show, on train.lr's scale: the first AdamW group's (with Muon, group 0 may
+    be a Muon group at train.muon_lr's scale; then its lr scaled back)."""
+    groups = getattr(optimizer, "param_groups", None) or []
+    for lr, g in zip(lrs, groups):
+        if not g.get("use_muon"):
+            return lr
+    return lrs[0] * t.lr / t.muon_lr if groups and groups[0].get("use_muon") else lrs[0]
+
+
 def peak_lr(group: dict, t: TrainConfig) -> float:
     """The learning rate the schedule scales for this group: train.muon_lr for Muon's, train.lr otherwise."""
     return t.muon_lr if group.get("use_muon") else t.lr

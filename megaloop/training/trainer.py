@@ -29,7 +29,7 @@ from megaloop.training.faults import FaultPlan
 from megaloop.training.nonfinite import SkipLedger, step_skipped
 from megaloop.training.pipeline_step import pipeline_train_batch
 from megaloop.training.init_from import initial_weights
-from megaloop.training.optim import apply_schedule
+from megaloop.training.optim import apply_schedule, logged_lr
 from megaloop.training.peers import PeerWatch
 from megaloop.training.profiling import StepProfiler
 from megaloop.training.progress import Progress
@@ -240,7 +240,8 @@ class Trainer:
                 consumed += global_batch
                 r_mean = progress.after_step(rs)
                 self.profiler.after_step(step)
-                pending.append({"step": step, "loss": loss, "lr": self.engine.get_lr()[0], "R": rs,
+                lr = logged_lr(self.engine.get_lr(), self.engine.optimizer, t)  # (train.lr's scale)
+                pending.append({"step": step, "loss": loss, "lr": lr, "R": rs,
                                 "grad_norm": self.grad_norm(), "loss_scale": self.te.loss_scale(), "skipped": skipped,
                                 **stage_fields(t.stage)})
                 if self.distiller is not None:  # [final-loop KL, per-loop KLs during the warm-up] (device)
