@@ -173,6 +173,32 @@ def test_zero_shards_over_dp():
     assert state_bytes(P, "fp32", zero_stage=1, dp=1).total == 16 * P
 
 
+@pytest.mark.parametrize("pp", [1, 2])
+def test_muon_state_is_one_momentum_per_muon_matrix_as_the_built_optimizer_holds(pp):
+    """train.optimizer=muon: per stage, the planner's Muon elements are the ones the real optimizer puts in
+    its Muon groups, and they cost 4 bytes of optimizer state instead of AdamW's 8."""
+    from megaloop.training.optim import build_optimizer
+    cfg = load_config(os.path.join(ROOT, "yaml_configs", "tiny", "lt.yaml"),
+                      ["train.optimizer=muon", "model.n_prelude=1", "model.tie_embeddings=false",
+                       f"parallel.pipeline_parallel={pp}", "parallel.zero_stage=0"])
+    lm = build_model(cfg)
+    opt = build_optimizer(lm, cfg.train)
+    muon = sum(p.numel() for g in opt.param_groups if g["use_muon"] for p in g["params"])
+    stages = stage_params(cfg)
+    assert sum(sp.muon_params for sp in stages) == muon > 0
+    for sp in stages:
+        held = state_bytes(sp.params, "fp32", muon_params=sp.muon_params)
+        assert held.optimizer == 8 * sp.params - 4 * sp.muon_params
+    plan = make_plan(cfg, gpu=parse_gpu("h100"), world=pp)
+    adamw = make_plan(load_config(os.path.join(ROOT, "yaml_configs", "tiny", "lt.yaml"),
+                                  ["model.n_prelude=1", "model.tie_embeddings=false",
+                                   f"parallel.pipeline_parallel={pp}", "parallel.zero_stage=0"]),
+                      gpu=parse_gpu("h100"), world=pp)
+    saved = sum(r["memory_bytes"]["optimizer"] for r in adamw["ranks"]) - sum(
+        r["memory_bytes"]["optimizer"] for r in plan["ranks"])
+    assert saved == 4 * muon
+
+
 def test_plan_throughput_arithmetic():
     cfg = load_config(os.path.join(ROOT, "yaml_configs", "flt_350m_8gpu.yaml"))
     plan = make_plan(cfg, world=16, gpu=parse_gpu("a100"), mfu=0.5)

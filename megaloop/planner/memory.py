@@ -14,6 +14,7 @@ ZeRO over the DP group (dp = world / (tp x pp)); sharded bytes are ceil(elements
   stage 1: + the fp32 master copy and the AdamW moments;
   stage 2: + the gradients (and the fp32 gradient accumulation buffer);
   stage 3: + the weights.
+train.optimizer=muon: the Muon matrices hold one fp32 momentum (4 bytes) instead of AdamW's two moments.
 Not counted: DeepSpeed's communication buckets, allocator fragmentation, CUDA context, activations.
 """
 from __future__ import annotations
@@ -55,8 +56,9 @@ def _shard(n: int, dp: int) -> int:
 
 
 def state_bytes(params: int, precision: str = "fp32", bf16_impl: str = "autocast", zero_stage: int = 0,
-                dp: int = 1) -> MemoryBytes:
-    """Bytes one rank holds for `params` elements (its stage's TP shard) under the recipe and ZeRO."""
+                dp: int = 1, muon_params: int = 0) -> MemoryBytes:
+    """Bytes one rank holds for `params` elements (its stage's TP shard) under the recipe and ZeRO;
+    `muon_params` of them on Muon (one momentum, half of AdamW's state)."""
     key = recipe(precision, bf16_impl)
     if key not in BYTES:
         raise ValueError(f"unknown precision recipe {key!r} (known: {', '.join(BYTES)})")
@@ -67,5 +69,6 @@ def state_bytes(params: int, precision: str = "fp32", bf16_impl: str = "autocast
     n_opt = _shard(params, dp) if opt_sharded else params
     n_grad = _shard(params, dp) if zero_stage >= 2 else params
     n_w = _shard(params, dp) if zero_stage >= 3 else params
+    n_muon = _shard(muon_params, dp) if opt_sharded else muon_params
     return MemoryBytes(weights=w * n_w, grads=g * n_grad, master=m * n_opt, grad_accum=a * n_grad,
-                       optimizer=o * n_opt)
+                       optimizer=o * n_opt - (o // 2) * n_muon)

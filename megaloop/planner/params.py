@@ -27,6 +27,7 @@ from megaloop.config import Config
 from megaloop.model import build_model
 from megaloop.parallel import pipeline as pl
 from megaloop.parallel import stage_split
+from megaloop.training.optim import muon_parameter
 
 
 @dataclass
@@ -37,6 +38,7 @@ class StageParams:
     params: int  # elements of the distinct parameters this (stage, TP rank) holds
     by_layer: Dict[str, int] = field(default_factory=dict)  # "name[i]" -> elements it holds (tied: once)
     names: List[str] = field(default_factory=list)  # LoopedLM parameter names (tied: the first name)
+    muon_params: int = 0  # elements of those that train.optimizer=muon gives Muon (optim.muon_parameter)
 
 
 def meta_model(cfg: Config, tp: int = 1, tp_rank: int = 0):
@@ -106,7 +108,7 @@ def stage_params(cfg: Config, pp: int = None, tp: int = None) -> List[StageParam
         layers = built_layers(cfg, lm)
         counters = {}
         for s in range(pp):
-            seen, by_layer, lnames, pnames = set(), {}, [], []
+            seen, by_layer, lnames, pnames, muon = set(), {}, [], [], 0
             for layer, module in layers[parts[s]:parts[s + 1]]:
                 i = counters.get(layer.name, 0) if layer.name in ("prelude", "coda") else None
                 if i is not None:
@@ -119,9 +121,10 @@ def stage_params(cfg: Config, pp: int = None, tp: int = None) -> List[StageParam
                     seen.add(id(p))
                     n += p.numel()
                     pnames.append(pname.get(id(p), "?"))
+                    muon += p.numel() if muon_parameter(pnames[-1], p) else 0
                 by_layer[key] = n
                 lnames.append(layer.name)
-            out.append(StageParams(s, r, lnames, sum(by_layer.values()), by_layer, pnames))
+            out.append(StageParams(s, r, lnames, sum(by_layer.values()), by_layer, pnames, muon))
     out.sort(key=lambda x: (x.stage, x.tp_rank))
     return out
 

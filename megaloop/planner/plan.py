@@ -101,7 +101,8 @@ def make_plan(cfg: Config, world: Optional[int] = None, gpu: GPU = GPUS["h100"],
     rows = []
     micro = t.grad_accum_steps  # micro-batches per pipeline per step
     for sp in _cached(cache, ("params", tp, tuple(parts)), lambda: stage_params(cfg, pp, tp)):
-        mem = state_bytes(sp.params, t.precision, t.bf16_impl, p.zero_stage, dp)
+        mem = state_bytes(sp.params, t.precision, t.bf16_impl, p.zero_stage, dp,
+                          sp.muon_params if t.optimizer == "muon" else 0)
         names = stage_names(cfg, parts[sp.stage], parts[sp.stage + 1])
         in_flight = min(pp - sp.stage, micro)
         tied = 0
