@@ -55,6 +55,18 @@ def test_muon_takes_the_layer_matrices_and_adamw_the_embeddings_head_and_vectors
     assert {g["lr"] for g in opt.param_groups if not g["use_muon"]} == {1e-3}
 
 
+def test_one_row_maps_and_no_decay_matrices_stay_on_adamw():
+    from megaloop.training.optim import muon_parameter
+    w = torch.nn.Parameter(torch.zeros(8, 4))
+    marked = torch.nn.Parameter(torch.zeros(8, 4))
+    marked.no_weight_decay = True  # (Parcae's B, W_C)
+    assert muon_parameter("block.layers.0.mlp.w1.weight", w)
+    assert not muon_parameter("exit_gate.weight", torch.nn.Parameter(torch.zeros(1, 4)))  # Ouro's exit gate
+    assert not muon_parameter("block.injection.B", marked)
+    assert not muon_parameter("value_embeddings.0.weight", w) and not muon_parameter("head.weight", w)
+    assert not muon_parameter("block.layers.0.attn_norm.weight", torch.nn.Parameter(torch.zeros(4)))
+
+
 def test_steps_match_torch_muon_and_adamw_built_by_hand_and_survive_a_state_dict_round_trip():
     from megaloop.training.optim import build_optimizer
     cfg = _cfg(weight_decay=0.1)

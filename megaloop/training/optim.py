@@ -6,13 +6,13 @@ and every parameter the model marks with `p.no_weight_decay = True` (Parcae's A_
 LT2's rho). torch.optim.AdamW (fused on GPUs, see `optimizer_kernel`) runs everywhere and is handed to
 deepspeed.initialize as an optimizer object (ZeRO accepts it with `zero_allow_untested_optimizer`).
 
-train.optimizer=muon (the optimizer of the FLT reference's nanochat and of modded-nanogpt): the 2-D weight
-matrices of the transformer layers (`muon_parameter`) take Muon, i.e. Nesterov momentum orthogonalised by
-Newton-Schulz iterations, scaled by sqrt(max(1, rows / cols)) (DeepSpeed's `MuonWithAuxAdam`, whose momentum
-ignores a non-finite gradient), at train.muon_lr with train.muon_momentum; embeddings, the output head and
-every 1-D parameter stay on AdamW at train.lr. Both follow the same schedule (each group's own peak times
-lr_at / train.lr). Validation keeps it to the layouts where megaloop owns the step (ZeRO 0, fp32 weights)
-and every matrix is whole on its rank (TP 1): orthogonalising TP shards separately is another optimizer."""
+train.optimizer=muon (the optimizer of the FLT reference's nanochat and of modded-nanogpt): the weight
+matrices of the layers (`muon_parameter`) take torch.optim.Muon, i.e. Nesterov momentum orthogonalised by
+Newton-Schulz iterations, the step scaled by sqrt(max(1, rows / cols)), at train.muon_lr with
+train.muon_momentum; embeddings, the output head and every 1-D parameter stay on AdamW at train.lr. Both
+follow the same schedule (each group's own peak times lr_at / train.lr). Validation keeps it to the layouts
+where megaloop owns the step (ZeRO 0, fp32 weights) and every matrix is whole on its rank (TP 1):
+orthogonalising TP shards separately is another optimizer."""
 from __future__ import annotations
 
 import math
@@ -25,12 +25,12 @@ from megaloop.model.weight_decay import is_no_decay  # noqa: F401  (the rule; al
 
 
 def muon_parameter(name: str, p: torch.nn.Parameter) -> bool:
-    """Whether train.optimizer=muon gives this parameter Muon: a 2-D weight matrix of a layer. Embeddings
-    (token, value embeddings), the output head and everything 1-D or marked no-decay stay on AdamW, as in
-    the Muon references (their updates are not matrix-shaped maps between hidden states)."""
-    leaf = name.split(".")[-2] if "." in name else name
-    return (p.dim() == 2 and not is_no_decay(name, p) and "embed" not in name and leaf != "head"
-            and not name.startswith("head."))
+    """Whether train.optimizer=muon gives this parameter Muon: a weight matrix of a layer (2-D, both sides
+    > 1). Embeddings (token, value embeddings), the output head, one-row maps (Ouro's exit gate) and
+    everything 1-D or marked no-decay stay on AdamW, as in the Muon references (they are lookups or
+    read-outs, not maps between hidden states)."""
+    owner = name.split(".")[-2] if "." in name else ""
+    return p.dim() == 2 and min(p.shape) > 1 and not is_no_decay(name, p) and "embed" not in name and owner != "head"
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, held=(), hold_steps: int = 0,
