@@ -14,7 +14,7 @@
 # Steps: 1 demo corpus (the Python standard library's sources; no download) -> 2 byte-level Megatron
 # dataset (tools/preprocess_data.py) -> 3 FLT 350M (yaml_configs/flt_350m_8gpu.yaml on one GPU: bf16
 # autocast, per-loop activation checkpointing, ZeRO 0, micro-batch 8 x 2048, R = 4) without and 4 with
-# train.compile -> 5 LT2 GDN + DSA hybrid (yaml_configs/smoke_lt2_hybrid.yaml) -> 6 export to Hugging Face
+# train.compile, then once more with train.optimizer=muon -> 5 LT2 GDN + DSA hybrid (yaml_configs/smoke_lt2_hybrid.yaml) -> 6 export to Hugging Face
 # (tools/export_hf.py, checked against megaloop's logits) -> 7 reload the exported folder with transformers
 # and generate a few tokens (tools/generate.py) -> 8 the table. Throughput and MFU are the median of the
 # console's logged intervals after the first (the first holds start-up and compilation).
@@ -150,6 +150,9 @@ train flt350m_eager "${FLT[@]}" train.compile=false
 [ "$KEEP" = 1 ] || rm -rf "$OUT/flt350m_eager/checkpoints"
 train flt350m_compile "${FLT[@]}" train.compile=true
 [ "$KEEP" = 1 ] || rm -rf "$OUT/flt350m_compile/checkpoints"
+# the FLT reference's optimizer (train.optimizer=muon: torch.optim.Muon for the matrices), eager
+train flt350m_muon "${FLT[@]}" train.compile=false train.optimizer=muon
+[ "$KEEP" = 1 ] || rm -rf "$OUT/flt350m_muon/checkpoints"
 
 echo "== 5/8: LT2 GDN + DSA hybrid"
 train lt2_hybrid yaml_configs/smoke_lt2_hybrid.yaml "$HYBRID_STEPS" ${HYBRID_SHAPE[@]+"${HYBRID_SHAPE[@]}"}

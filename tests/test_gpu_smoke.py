@@ -1,5 +1,5 @@
-"""scripts/gpu_smoke.sh --tiny on CPU: the GPU smoke script's every step (data, FLT eager and compiled,
-LT2 GDN + DSA hybrid, HF export, reload + generate, the results table) with tiny shapes, so the script
+"""scripts/gpu_smoke.sh --tiny on CPU: the GPU smoke script's every step (data, FLT eager and compiled and
+with Muon, LT2 GDN + DSA hybrid, HF export, reload + generate, the results table) with tiny shapes, so the script
 the GPU users run does not rot."""
 import os
 import re
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ("flt350m_eager", "flt350m_compile", "lt2_hybrid")
+RUNS = ("flt350m_eager", "flt350m_compile", "flt350m_muon", "lt2_hybrid")
 
 
 @pytest.mark.timeout(420)
@@ -44,6 +44,7 @@ def test_gpu_smoke_tiny(tmp_path):
     # both FLT runs start from the same seed and data: the compiled layers compute the same losses
     assert abs(float(rows["flt350m_eager"][6]) - float(rows["flt350m_compile"][6])) < 0.05
     assert re.search(r"torch\.compile speed-up \(FLT\): [\d.]+x", proc.stdout)
+    assert "Muon + AdamW" in (out / "logs" / "flt350m_muon.log").read_text()
     # the artifacts the script promises
     assert (out / "lt2_hybrid" / "hf" / "config.json").is_file()
     assert (out / "flt350m_eager" / "metrics.jsonl").is_file()
