@@ -222,3 +222,12 @@ def test_flt_stability_trains_with_the_reference_optimizer_and_schedule(tmp_path
         assert lr_at(0, cfg.train) == 3e-3 and lr_at(int(0.8 * t["steps"]) - 1, cfg.train) == 3e-3
         assert lr_at(t["steps"] - 1, cfg.train) == 0.0
     assert flt_stability.spike_window_start(flt_stability.settings(Context(str(tmp_path)))["train"]) == 20
+
+
+def test_two_data_parallel_ranks_give_one_rank_with_double_accumulation(trained):
+    """ZeRO 0: the gradients are all-reduced over DP, then every replica takes the same Muon step."""
+    single, _ = trained("accum2", train={"grad_accum_steps": 2})
+    dp2, _ = trained("dp2", world=2, train={"grad_accum_steps": 1})
+    a, b = train_losses(single), train_losses(dp2)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
